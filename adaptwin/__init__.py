@@ -1,0 +1,43 @@
+"""adaptwin: make transformers small and fast while keeping them accurate.
+
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.45))
+    adaptwin.save(small, "out/"); same = adaptwin.load("out/")
+"""
+
+from adaptwin import architectures as _architectures  # noqa: F401  (registers the built-in adapters)
+from adaptwin import compressors as _compressors  # noqa: F401  (registers the built-in compressors)
+from adaptwin.architectures import ArchitectureAdapter, AttentionSite, LinearSite
+from adaptwin.compress import CompressionRecord, compress, compression_record
+from adaptwin.compressors import Compressor
+from adaptwin.config import CompressionConfig
+from adaptwin.io import load, read_meta, save
+from adaptwin.registry import (
+    get_architecture,
+    get_compressor,
+    list_architectures,
+    list_compressors,
+    register_architecture,
+    register_compressor,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchitectureAdapter",
+    "AttentionSite",
+    "CompressionConfig",
+    "CompressionRecord",
+    "Compressor",
+    "LinearSite",
+    "compress",
+    "compression_record",
+    "get_architecture",
+    "get_compressor",
+    "list_architectures",
+    "list_compressors",
+    "load",
+    "read_meta",
+    "register_architecture",
+    "register_compressor",
+    "save",
+]

@@ -1,0 +1,134 @@
+"""`compress(model, config)`: find sites with the model's adapter, plan ranks, replace modules.
+
+The result carries a `CompressionRecord` (``model.adaptwin_record``) with everything `save` needs to
+rebuild it later without the original weights, and the per-module parameter accounting that
+`adaptwin inspect` prints.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from adaptwin.config import CompressionConfig, PlanItem, plan_ranks
+from adaptwin.registry import get_architecture, get_compressor
+
+RECORD_ATTR = "adaptwin_record"
+
+
+@dataclass
+class CompressionRecord:
+    """What was replaced, how, and the parameter accounting (JSON-able through `to_dict`)."""
+
+    architecture: str
+    config: dict[str, Any]
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {compressor, spec}
+    sites: list[dict[str, Any]] = field(default_factory=list)  # one row per compressed site
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "config": self.config, "modules": self.modules,
+                "sites": self.sites}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressionRecord:
+        try:
+            return cls(d["architecture"], d["config"], dict(d["modules"]), list(d["sites"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"compression record is malformed: missing or bad field {e}") from None
+
+    def summary(self) -> dict[str, Any]:
+        """Totals per component and overall: targeted parameters before/after and the fraction removed."""
+        per: dict[str, dict[str, int]] = {}
+        for row in self.sites:
+            c = per.setdefault(row["component"], {"params_before": 0, "params_after": 0})
+            c["params_before"] += row["params_before"]
+            c["params_after"] += row["params_after"]
+        out = {}
+        for name, c in {**per, "total": {k: sum(p[k] for p in per.values())
+                                         for k in ("params_before", "params_after")}}.items():
+            before = c["params_before"]
+            out[name] = {**c, "compression": (1 - c["params_after"] / before) if before else 0.0}
+        return out
+
+
+def _submodule_setter(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = False) -> nn.Module:
+    """Compress a supported model; the original is left untouched unless ``inplace=True``.
+
+    Args:
+        model: a Hugging Face model (or any model whose ``config.model_type`` has a registered adapter).
+        config: what to compress and how much; see `CompressionConfig`.
+        inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory).
+
+    Returns:
+        The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression.
+    """
+    if not isinstance(config, CompressionConfig):
+        raise TypeError(f"config must be an adaptwin.CompressionConfig, got {type(config).__name__}")
+    from adaptwin.architectures import model_type_of
+
+    model_type = model_type_of(model)
+    adapter = get_architecture(model_type)
+    if getattr(model, RECORD_ATTR, None) is not None:
+        raise ValueError("this model is already compressed by adaptwin; compress the original instead")
+    components = config.components or adapter.components
+    unknown = [c for c in components if c not in adapter.components]
+    if unknown:
+        raise ValueError(f"unknown components {unknown} for {model_type}; allowed: {list(adapter.components)}")
+    methods = {"attention": get_compressor(config.attention_method), "ffn": get_compressor(config.ffn_method)}
+    for kind, comp in methods.items():
+        if comp.site_kind != kind:
+            raise ValueError(f"compressor {comp.name!r} compresses {comp.site_kind} sites, not {kind} sites")
+
+    sites = [("attention", s) for s in adapter.attention_sites(model) if s.component in components]
+    sites += [("ffn", s) for s in adapter.ffn_sites(model) if s.component in components]
+    if not sites:
+        raise ValueError(f"no compressible modules found in components {list(components)} of {model_type}")
+    items = [
+        PlanItem(s.path, s.component, kind, methods[kind].full_rank(s), s.params(),
+                 (lambda r, l, s=s, c=methods[kind]: c.param_count(s, r, l, config)))
+        for kind, s in sites
+    ]
+    plan = plan_ranks(config, items)
+    for (kind, site), item in zip(sites, items):  # refuse bad ranks before copying anything
+        if plan.get(item.name) is not None:
+            methods[kind].check(site, *plan[item.name], config)
+
+    small = model if inplace else copy.deepcopy(model)
+    by_path = {s.path: (kind, s) for kind, s in (("attention", x) for x in adapter.attention_sites(small))}
+    by_path.update({s.path: ("ffn", s) for s in adapter.ffn_sites(small)})
+    record = CompressionRecord(model_type, config.to_dict())
+    for item in items:
+        ranks = plan.get(item.name)
+        if ranks is None:
+            continue
+        kind, site = by_path[item.name]
+        comp = methods[kind]
+        replacements = comp.compress(site, ranks[0], ranks[1], config, adapter)
+        for path, (module, spec) in replacements.items():
+            _submodule_setter(small, path, module)
+            record.modules[path] = {"compressor": comp.name, "spec": spec}
+        record.sites.append({
+            "path": item.name, "component": item.component, "kind": kind, "compressor": comp.name,
+            "rank": ranks[0], "lora_rank": ranks[1], "full_rank": item.full_rank,
+            "params_before": item.params_before, "params_after": item.params_at(*ranks),
+            "modules": sorted(replacements),
+        })
+    if not record.sites:
+        raise ValueError("the plan leaves every module uncompressed (all ranks None); nothing to do")
+    setattr(small, RECORD_ATTR, record)
+    return small.eval()
+
+
+def compression_record(model: nn.Module) -> CompressionRecord:
+    record = getattr(model, RECORD_ATTR, None)
+    if record is None:
+        raise ValueError("this model was not compressed by adaptwin (no adaptwin_record); call adaptwin.compress")
+    return record

@@ -1,0 +1,48 @@
+"""The interface every compressor implements (registered with `adaptwin.register_compressor`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torch import nn
+
+
+class Compressor(ABC):
+    """Turns one site found by an architecture adapter into replacement modules.
+
+    ``site_kind`` says which sites it takes: ``"attention"`` (`AttentionSite`) or ``"ffn"``
+    (`LinearSite`). A compressor must be able to rebuild its modules empty from the JSON ``spec`` it
+    returned, so a saved model loads without the original weights.
+    """
+
+    name: ClassVar[str]
+    site_kind: ClassVar[str]
+
+    @abstractmethod
+    def full_rank(self, site: Any) -> int:
+        """The rank at which compression is exact (the planner's upper bound)."""
+
+    @abstractmethod
+    def param_count(self, site: Any, rank: int, lora_rank: int, config: Any) -> int:
+        """Parameters of the site's replacement at this rank, without building it."""
+
+    def check(self, site: Any, rank: int, lora_rank: int, config: Any) -> None:
+        """Raise ``ValueError`` (naming the module and the allowed values) if the site cannot take this rank."""
+        full = self.full_rank(site)
+        if rank > full:
+            raise ValueError(f"{site.path}: rank {rank} exceeds the full rank {full}; allowed: 1..{full}")
+
+    @abstractmethod
+    def compress(
+        self, site: Any, rank: int, lora_rank: int, config: Any, adapter: Any
+    ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+        """``{module path: (new module, JSON spec to rebuild it)}`` for this site."""
+
+    @abstractmethod
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        """An empty module (parameters on the meta device are fine) from a spec returned by `compress`."""
+
+    def describe(self, spec: dict[str, Any]) -> str:
+        """Short human description of a spec for `adaptwin inspect` (e.g. ranks)."""
+        return ", ".join(f"{k}={v}" for k, v in spec.items() if "rank" in k)

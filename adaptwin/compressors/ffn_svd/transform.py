@@ -1,0 +1,56 @@
+"""FFN matrices (fc1/fc2, gate/up/down) by independent truncated SVD concatenated with LoRA factors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptwin.architectures.base import LinearSite
+from adaptwin.compressors.base import Compressor
+from adaptwin.compressors.factorize import lora_init, matrix_factors
+from adaptwin.compressors.ffn_svd.layer import LowRankLinear
+
+
+class SVDCompressor(Compressor):
+    name = "svd"
+    site_kind = "ffn"
+
+    def full_rank(self, site: LinearSite) -> int:
+        return min(site.linear.weight.shape)
+
+    def check(self, site: LinearSite, rank: int, lora_rank: int, config: Any) -> None:
+        out_f, in_f = site.linear.weight.shape
+        if rank > min(out_f, in_f):
+            raise ValueError(f"{site.path}: ffn_rank {rank} exceeds the matrix rank {min(out_f, in_f)} "
+                             f"({out_f}x{in_f}); allowed: 1..{min(out_f, in_f)}")
+
+    def param_count(self, site: LinearSite, rank: int, lora_rank: int, config: Any) -> int:
+        out_f, in_f = site.linear.weight.shape
+        return (rank + lora_rank) * (in_f + out_f) + (out_f if site.linear.bias is not None else 0)
+
+    def compress(self, site, rank, lora_rank, config, adapter):
+        weight, bias = site.linear.weight, site.linear.bias
+        out_f, in_f = weight.shape
+        self.check(site, rank, lora_rank, config)
+        left, right = matrix_factors(weight, rank)  # (out, r), (in, r)
+        if lora_rank:
+            right = torch.cat([right, lora_init(right, lora_rank, config.seed, site.path)], 1)
+            left = torch.cat([left, torch.zeros(out_f, lora_rank, dtype=torch.float64)], 1)
+        spec = {"in_features": in_f, "out_features": out_f, "rank": rank, "lora_rank": lora_rank,
+                "bias": bias is not None}
+        module = self.build(spec).to_empty(device=weight.device).to(weight.dtype)
+        with torch.no_grad():
+            module.in_factor.copy_(right.T)
+            module.out_factor.copy_(left)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return {site.path: (module, spec)}
+
+    def build(self, spec: dict[str, Any]) -> nn.Module:
+        with torch.device("meta"):
+            return LowRankLinear(**spec)
+
+    def describe(self, spec: dict[str, Any]) -> str:
+        return f"r={spec['rank']}+{spec['lora_rank']}"

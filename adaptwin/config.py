@@ -1,0 +1,253 @@
+"""`CompressionConfig` and rank planning.
+
+This room knows ranks and parameter counts, never models or kernels: the planner works on abstract
+`PlanItem`s (a name, a component, a kind, a full rank and a parameter-count function) that the
+compression driver builds from an architecture adapter's sites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+_OVERRIDE_KEYS = ("attention_rank", "attention_lora_rank", "ffn_rank", "ffn_lora_rank")
+_TWINS = ("qk", "vo")
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress and how much.
+
+    Either give ``ratio`` (the fraction of the targeted parameters to remove, planned with the paper's
+    split) or explicit ranks; not both.
+
+    Args:
+        ratio: fraction in (0, 1) of the targeted parameters (attention projections and FFN linears
+            of the selected components) to remove. Each component is planned on its own so that each
+            loses ``ratio`` of its targeted parameters.
+        attention_rank: spectral rank r_a of every product twin (per head). ``None`` leaves attention
+            uncompressed (when no ``ratio`` is given).
+        attention_lora_rank: LoRA rank l_a concatenated to every twin's factors (per head).
+        ffn_rank: spectral rank r_f of every FFN matrix.
+        ffn_lora_rank: LoRA rank l_f of every FFN matrix.
+        components: which components to compress (``("encoder",)``, ``("decoder",)``...); ``None``
+            compresses every component the architecture adapter knows.
+        twins: which product twins to form: ``"qk"`` (W_Qᵀ·W_K) and/or ``"vo"`` (W_Vᵀ·W_Oᵀ).
+            Rotary models (Llama) allow only ``("vo",)``.
+        overrides: ``{name pattern: {key: rank or None}}`` applied after planning; patterns are
+            fnmatch globs matched against module paths (e.g. ``"model.encoder.layers.0.*"``); keys are
+            ``attention_rank``, ``attention_lora_rank``, ``ffn_rank``, ``ffn_lora_rank``; a ``None``
+            rank leaves the matched modules uncompressed. A pattern that matches nothing is an error.
+        attention_factor: attention's compression factor relative to the FFN's (paper: 0.7).
+        attention_lora_fraction: l_a / (r_a + l_a) when planning from ``ratio`` (paper 4:1 → 0.2).
+        ffn_lora_fraction: l_f / (r_f + l_f) when planning from ``ratio`` (paper 9:1 → 0.1).
+        attention_method: registered compressor for attention sites.
+        ffn_method: registered compressor for FFN linear sites.
+        seed: seed of the LoRA factors' random initialisation (compression is deterministic).
+    """
+
+    ratio: float | None = None
+    attention_rank: int | None = None
+    attention_lora_rank: int | None = None
+    ffn_rank: int | None = None
+    ffn_lora_rank: int | None = None
+    components: tuple[str, ...] | None = None
+    twins: tuple[str, ...] = _TWINS
+    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    attention_factor: float = 0.7
+    attention_lora_fraction: float = 0.2
+    ffn_lora_fraction: float = 0.1
+    attention_method: str = "product_twin"
+    ffn_method: str = "svd"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.components is not None:
+            if isinstance(self.components, str):
+                self.components = (self.components,)
+            self.components = tuple(self.components)
+            if not self.components:
+                raise ValueError("components must name at least one component, or be None for all")
+        if isinstance(self.twins, str):
+            self.twins = (self.twins,)
+        self.twins = tuple(self.twins)
+        bad = [t for t in self.twins if t not in _TWINS]
+        if bad or not self.twins or len(set(self.twins)) != len(self.twins):
+            raise ValueError(f"twins must be a non-empty subset of {_TWINS} without repeats, got {self.twins}")
+        ranks = {k: getattr(self, k) for k in _OVERRIDE_KEYS}
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise ValueError(f"ratio must be a number in (0, 1), got {self.ratio!r}")
+            if not 0.0 < float(self.ratio) < 1.0:
+                raise ValueError(f"ratio must lie strictly between 0 and 1 (fraction removed), got {self.ratio}")
+            self.ratio = float(self.ratio)
+            given = [k for k, v in ranks.items() if v is not None]
+            if given:
+                raise ValueError(f"give either ratio or explicit ranks, not both (ratio={self.ratio}, {given})")
+        elif self.attention_rank is None and self.ffn_rank is None and not self.overrides:
+            raise ValueError("nothing to compress: give ratio=..., or attention_rank=... and/or ffn_rank=...")
+        for k, v in ranks.items():
+            _check_rank(k, v)
+        if self.attention_rank is None and self.attention_lora_rank:
+            raise ValueError("attention_lora_rank needs attention_rank (LoRA is concatenated to the SVD factors)")
+        if self.ffn_rank is None and self.ffn_lora_rank:
+            raise ValueError("ffn_lora_rank needs ffn_rank (LoRA is concatenated to the SVD factors)")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides must be a dict {{pattern: {{key: rank}}}}, got {type(self.overrides).__name__}")
+        for pattern, values in self.overrides.items():
+            if not isinstance(pattern, str) or not pattern:
+                raise ValueError(f"override patterns must be non-empty strings, got {pattern!r}")
+            if not isinstance(values, dict) or not values:
+                raise ValueError(f"override {pattern!r} must map some of {_OVERRIDE_KEYS} to ranks")
+            for k, v in values.items():
+                if k not in _OVERRIDE_KEYS:
+                    raise ValueError(f"override {pattern!r}: unknown key {k!r}; allowed: {_OVERRIDE_KEYS}")
+                _check_rank(f"override {pattern!r} {k}", v)
+        if not 0.0 < self.attention_factor <= 2.0:
+            raise ValueError(f"attention_factor must be in (0, 2], got {self.attention_factor}")
+        for name in ("attention_lora_fraction", "ffn_lora_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["components"] = list(self.components) if self.components is not None else None
+        d["twins"] = list(self.twins)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressionConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a CompressionConfig is stored as a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CompressionConfig fields {unknown}; allowed: {sorted(known)}")
+        d = dict(d)
+        for key in ("components", "twins"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number or None, got {value!r}")
+    floor = 0 if "lora" in name else 1
+    if value < floor:
+        raise ValueError(f"{name} must be >= {floor}, got {value}")
+
+
+@dataclass
+class PlanItem:
+    """One compressible site, as the planner sees it.
+
+    ``params_at(rank, lora_rank)`` is the site's parameter count when compressed at that rank; the
+    planner never looks inside.
+    """
+
+    name: str
+    component: str
+    kind: str  # "attention" or "ffn"
+    full_rank: int
+    params_before: int
+    params_at: Callable[[int, int], int]
+
+
+def _split(width: int, lora_fraction: float) -> tuple[int, int]:
+    lora = int(round(width * lora_fraction))
+    lora = min(lora, width - 1)  # keep at least one spectral direction
+    return width - lora, lora
+
+
+def _widths_at(items: Sequence[PlanItem], keep: float) -> list[int]:
+    return [min(it.full_rank, max(1, int(round(keep * it.full_rank)))) for it in items]
+
+
+def _solve_keep(items: Sequence[PlanItem], fractions: Callable[[PlanItem], float], budget: int) -> list[int]:
+    """Widths (one scalar keep-fraction scaled per item) whose total parameter count is nearest ``budget``."""
+
+    def total(keep: float) -> int:
+        return sum(it.params_at(*_split(w, fractions(it))) for it, w in zip(items, _widths_at(items, keep)))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # the count is a monotone step function of keep: bisect to the step edge
+        mid = (lo + hi) / 2
+        if total(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    best = min((lo, hi), key=lambda k: abs(total(k) - budget))
+    return _widths_at(items, best)
+
+
+def plan_ranks(config: CompressionConfig, items: Sequence[PlanItem]) -> dict[str, tuple[int, int] | None]:
+    """Assign ``(rank, lora_rank)`` (or ``None``: leave alone) to each item.
+
+    From ``ratio``: per component, the FFN keeps a fraction ``k_f`` and attention ``1 - 0.7·(1 - k_f)``
+    of its full rank (the paper's split), the continuous solution fixes attention's widths, then the
+    FFN widths are searched so the component's achieved parameter count lands nearest the target.
+    """
+    plan: dict[str, tuple[int, int] | None] = {}
+    if config.ratio is not None:
+        frac = {"attention": config.attention_lora_fraction, "ffn": config.ffn_lora_fraction}
+        for component in dict.fromkeys(it.component for it in items):
+            group = [it for it in items if it.component == component]
+            att = [it for it in group if it.kind == "attention"]
+            ffn = [it for it in group if it.kind == "ffn"]
+            before = sum(it.params_before for it in group)
+            budget = int(round((1.0 - config.ratio) * before))
+            a_before = sum(it.params_before for it in att)
+            f_before = sum(it.params_before for it in ffn)
+            # removed = ratio·(A + F) = A·c_a + F·c_f with c_a = factor·c_f
+            c_f = config.ratio * before / (config.attention_factor * a_before + f_before)
+            if ffn and c_f >= 1.0:
+                raise ValueError(
+                    f"ratio {config.ratio} is not reachable for component {component!r} with attention at "
+                    f"{config.attention_factor}x the FFN's compression; lower ratio or raise attention_factor"
+                )
+            if att and ffn:
+                att_widths = _widths_at(att, 1.0 - config.attention_factor * c_f)
+                a_after = sum(it.params_at(*_split(w, frac["attention"])) for it, w in zip(att, att_widths))
+                ffn_widths = _solve_keep(ffn, lambda it: frac["ffn"], budget - a_after)
+            elif att:
+                att_widths, ffn_widths = _solve_keep(att, lambda it: frac["attention"], budget), []
+            else:
+                att_widths, ffn_widths = [], _solve_keep(ffn, lambda it: frac["ffn"], budget)
+            for it, w in zip(att, att_widths):
+                plan[it.name] = _split(w, frac["attention"])
+            for it, w in zip(ffn, ffn_widths):
+                plan[it.name] = _split(w, frac["ffn"])
+    else:
+        for it in items:
+            rank = config.attention_rank if it.kind == "attention" else config.ffn_rank
+            lora = config.attention_lora_rank if it.kind == "attention" else config.ffn_lora_rank
+            plan[it.name] = None if rank is None else (rank, lora or 0)
+
+    for pattern, values in config.overrides.items():
+        matched = [it for it in items if fnmatch.fnmatchcase(it.name, pattern)]
+        if not matched:
+            names = ", ".join(it.name for it in items[:6]) + (", ..." if len(items) > 6 else "")
+            raise ValueError(f"override pattern {pattern!r} matches no compressible module; modules are: {names}")
+        for it in matched:
+            keys = ("attention_rank", "attention_lora_rank") if it.kind == "attention" else ("ffn_rank", "ffn_lora_rank")
+            if not any(k in values for k in keys):
+                continue
+            rank, lora = plan.get(it.name) or (None, 0)
+            if keys[0] in values:
+                rank = values[keys[0]]
+            if keys[1] in values:
+                lora = values[keys[1]] or 0
+            if rank is None and lora:
+                raise ValueError(f"override {pattern!r} gives {keys[1]} without {keys[0]} for {it.name}")
+            plan[it.name] = None if rank is None else (rank, lora)
+    return plan

@@ -1,0 +1,224 @@
+"""Save and load compressed models: one safetensors file plus ``adaptwin.json``, written atomically.
+
+Layout of a save directory::
+
+    adaptwin.json        format version, model class + HF config, CompressionConfig, the replaced
+                         modules with the spec each compressor needs to rebuild them, the per-site
+                         accounting, and the weights file's size and SHA-256
+    model.safetensors    every parameter and persistent buffer; tied tensors stored once
+    (other files)        tokenizer / feature-extractor files passed through ``extra_files``
+
+Loading rebuilds the skeleton from the config with parameters on the meta device, swaps in empty
+compressed modules, and assigns the tensors (one copy in memory). Anything truncated, tampered with,
+or mismatched is refused with an error that names the problem; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from adaptwin.compress import RECORD_ATTR, CompressionRecord, _submodule_setter, compression_record
+from adaptwin.registry import get_architecture, get_compressor
+
+FORMAT = "adaptwin"
+FORMAT_VERSION = 1
+CONFIG_NAME = "adaptwin.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tensors that share memory (tied embeddings) once; return ``{alias: stored name}``."""
+    seen: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t.detach().contiguous()
+    return unique, aliases
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str | os.PathLike] = (),
+         overwrite: bool = True) -> Path:
+    """Write a compressed model to directory ``path`` atomically (a temporary folder, then a rename).
+
+    Args:
+        model: a model returned by `adaptwin.compress`.
+        path: target directory; an existing adaptwin save there is replaced, any other non-empty
+            directory is refused.
+        extra_files: files copied beside the weights (tokenizer, preprocessor config, ...).
+        overwrite: allow replacing an existing adaptwin save directory.
+    """
+    record = compression_record(model)
+    adapter = get_architecture(record.architecture)
+    target = Path(path)
+    if target.exists():
+        if not target.is_dir():
+            raise ValueError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not (target / CONFIG_NAME).exists():
+            raise ValueError(f"{target} is a non-empty directory that is not an adaptwin save; choose another path")
+        if (target / CONFIG_NAME).exists() and not overwrite:
+            raise ValueError(f"{target} already holds an adaptwin save; pass overwrite=True to replace it")
+    extras = [Path(p) for p in extra_files]
+    for p in extras:
+        if not p.is_file():
+            raise ValueError(f"extra file {p} does not exist")
+        if p.name in (CONFIG_NAME, WEIGHTS_NAME):
+            raise ValueError(f"extra file {p} would overwrite {p.name}")
+
+    tensors, aliases = _dedup_tied(model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
+        with open(tmp / WEIGHTS_NAME, "rb+") as f:
+            os.fsync(f.fileno())
+        for p in extras:
+            shutil.copyfile(p, tmp / p.name)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": adapter.model_record(model),
+            "compression": record.to_dict(),
+            "aliases": aliases,
+            "weights": {"file": WEIGHTS_NAME, "bytes": (tmp / WEIGHTS_NAME).stat().st_size,
+                        "sha256": _sha256(tmp / WEIGHTS_NAME), "tensors": len(tensors)},
+            "summary": record.summary(),
+        }
+        _fsync_write(tmp / CONFIG_NAME, json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+        if target.exists():  # swap: old -> trash, new -> target, drop trash
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, trash / "old")
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``adaptwin.json`` of a save directory (no weights are read)."""
+    root = Path(path)
+    cfg = root / CONFIG_NAME
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
+    if not cfg.is_file():
+        raise ValueError(f"{root} is not an adaptwin save: {CONFIG_NAME} is missing")
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg} is not valid JSON (truncated or edited?): {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg} is not an adaptwin config (format field {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg} has format_version {meta.get('format_version')!r}; this adaptwin reads "
+                         f"{FORMAT_VERSION}")
+    for key in ("model", "compression", "weights", "aliases"):
+        if key not in meta:
+            raise ValueError(f"{cfg} lacks the {key!r} section")
+    return meta
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by `save`, without the original weights.
+
+    Args:
+        path: the save directory.
+        device: where to put the tensors.
+        verify: check the weights file's SHA-256 against ``adaptwin.json`` (catches truncation and edits).
+    """
+    root = Path(path)
+    meta = read_meta(root)
+    record = CompressionRecord.from_dict(meta["compression"])
+    adapter = get_architecture(record.architecture)
+    weights = root / meta["weights"].get("file", WEIGHTS_NAME)
+    if not weights.is_file():
+        raise ValueError(f"{root}: weights file {weights.name} is missing")
+    size = weights.stat().st_size
+    if size != meta["weights"].get("bytes"):
+        raise ValueError(f"{weights} has {size} bytes, adaptwin.json records {meta['weights'].get('bytes')} "
+                         "(truncated or replaced)")
+    if verify and _sha256(weights) != meta["weights"].get("sha256"):
+        raise ValueError(f"{weights} does not match the SHA-256 recorded in adaptwin.json (modified or corrupt)")
+
+    model = adapter.build_empty(meta["model"])
+    for mpath, entry in record.modules.items():
+        try:
+            model.get_submodule(mpath)
+        except AttributeError:
+            raise ValueError(f"saved module path {mpath!r} does not exist in the rebuilt model") from None
+        module = get_compressor(entry["compressor"]).build(entry["spec"])
+        _submodule_setter(model, mpath, module)
+
+    expected = model.state_dict(keep_vars=True)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                state[name] = f.get_tensor(name)
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{weights} is not a readable safetensors file: {e}") from None
+    for alias, name in meta["aliases"].items():
+        if name not in state:
+            raise ValueError(f"tied tensor {alias!r} points at {name!r}, which is not in {weights.name}")
+        state[alias] = state[name]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{root} does not match its model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}"
+                         f", unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{root}: tensor shapes do not match the model (name, stored, expected): {bad[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, alias_of in meta["aliases"].items():  # re-tie shared tensors to one Parameter
+        parent, _, leaf = name.rpartition(".")
+        src_parent, _, src_leaf = alias_of.rpartition(".")
+        src = getattr(model.get_submodule(src_parent), src_leaf)
+        setattr(model.get_submodule(parent), leaf, src)
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise ValueError(f"{root}: no stored values for {still_meta[:5]}")
+    model.to(device)
+    setattr(model, RECORD_ATTR, record)
+    return model.eval()

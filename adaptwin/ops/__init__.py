@@ -1,0 +1,6 @@
+"""Operations the compressed modules call. Each has a pure-PyTorch reference that is the test oracle
+and the fallback on every device; fused backends (C++ / Triton / CUDA) plug in behind the same names."""
+
+from adaptwin.ops.attention import attend
+
+__all__ = ["attend"]

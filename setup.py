@@ -1,0 +1,39 @@
+"""Build script. The pure-Python package always installs; native kernels under ``csrc/`` are optional.
+
+The C++ extension is built only when torch's ``cpp_extension`` and a compiler are usable and
+``csrc/cpu`` holds sources; any failure there leaves a working pure-PyTorch install (the reference
+ops are the fallback). Build with ``pip install --no-build-isolation .`` so the installed torch is
+used instead of a fresh download.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("ADAPTWIN_NO_EXTENSION") == "1":
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if not sources or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # torch not importable in this build environment
+        return [], {}
+    ext = CppExtension(
+        "adaptwin._C",
+        sources,
+        extra_compile_args=["-O3", "-fopenmp", "-march=native"],
+        extra_link_args=["-fopenmp"],
+        optional=True,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
