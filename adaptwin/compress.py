@@ -93,7 +93,7 @@ def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = Fal
         raise ValueError(f"no compressible modules found in components {list(components)} of {model_type}")
     items = [
         PlanItem(s.path, s.component, kind, methods[kind].full_rank(s), s.params(),
-                 (lambda r, l, s=s, c=methods[kind]: c.param_count(s, r, l, config)))
+                 (lambda r, lora, s=s, c=methods[kind]: c.param_count(s, r, lora, config)))
         for kind, s in sites
     ]
     plan = plan_ranks(config, items)
