@@ -7,7 +7,7 @@
 from adaptwin import architectures as _architectures  # noqa: F401  (registers the built-in adapters)
 from adaptwin import compressors as _compressors  # noqa: F401  (registers the built-in compressors)
 from adaptwin.architectures import ArchitectureAdapter, AttentionSite, LinearSite
-from adaptwin.compress import CompressionRecord, compress, compression_record
+from adaptwin.compress import CompressionRecord, Plan, compress, compression_record, plan
 from adaptwin.compressors import Compressor
 from adaptwin.config import CompressionConfig
 from adaptwin.io import load, read_meta, save
@@ -31,6 +31,8 @@ __all__ = [
     "LinearSite",
     "compress",
     "compression_record",
+    "plan",
+    "Plan",
     "get_architecture",
     "get_compressor",
     "list_architectures",

@@ -59,17 +59,19 @@ def _submodule_setter(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = False) -> nn.Module:
-    """Compress a supported model; the original is left untouched unless ``inplace=True``.
+@dataclass
+class Plan:
+    """The ranks `compress` would use, with the predicted accounting, computed without changing anything."""
 
-    Args:
-        model: a Hugging Face model (or any model whose ``config.model_type`` has a registered adapter).
-        config: what to compress and how much; see `CompressionConfig`.
-        inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory).
+    architecture: str
+    rows: list[dict[str, Any]]  # as CompressionRecord.sites, for every site the plan compresses
+    skipped: list[str]  # sites left uncompressed (rank None)
 
-    Returns:
-        The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression.
-    """
+    def summary(self) -> dict[str, Any]:
+        return CompressionRecord(self.architecture, {}, sites=self.rows).summary()
+
+
+def _prepare(model: nn.Module, config: CompressionConfig):
     if not isinstance(config, CompressionConfig):
         raise TypeError(f"config must be an adaptwin.CompressionConfig, got {type(config).__name__}")
     from adaptwin.architectures import model_type_of
@@ -86,9 +88,21 @@ def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = Fal
     for kind, comp in methods.items():
         if comp.site_kind != kind:
             raise ValueError(f"compressor {comp.name!r} compresses {comp.site_kind} sites, not {kind} sites")
+    return model_type, adapter, components, methods
 
+
+def _sites(adapter: Any, model: nn.Module, components: tuple[str, ...]) -> list[tuple[str, Any]]:
     sites = [("attention", s) for s in adapter.attention_sites(model) if s.component in components]
-    sites += [("ffn", s) for s in adapter.ffn_sites(model) if s.component in components]
+    return sites + [("ffn", s) for s in adapter.ffn_sites(model) if s.component in components]
+
+
+def plan(model: nn.Module, config: CompressionConfig) -> Plan:
+    """Plan ranks for ``model`` (works on a meta-device model: no weights are read) and check them.
+
+    Raises ``ValueError`` for anything `compress` would refuse, before any work is done.
+    """
+    model_type, adapter, components, methods = _prepare(model, config)
+    sites = _sites(adapter, model, components)
     if not sites:
         raise ValueError(f"no compressible modules found in components {list(components)} of {model_type}")
     items = [
@@ -96,33 +110,48 @@ def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = Fal
                  (lambda r, lora, s=s, c=methods[kind]: c.param_count(s, r, lora, config)))
         for kind, s in sites
     ]
-    plan = plan_ranks(config, items)
-    for (kind, site), item in zip(sites, items):  # refuse bad ranks before copying anything
-        if plan.get(item.name) is not None:
-            methods[kind].check(site, *plan[item.name], config)
-
-    small = model if inplace else copy.deepcopy(model)
-    by_path = {s.path: (kind, s) for kind, s in (("attention", x) for x in adapter.attention_sites(small))}
-    by_path.update({s.path: ("ffn", s) for s in adapter.ffn_sites(small)})
-    record = CompressionRecord(model_type, config.to_dict())
-    for item in items:
-        ranks = plan.get(item.name)
-        if ranks is None:
+    ranks = plan_ranks(config, items)
+    rows, skipped = [], []
+    for (kind, site), item in zip(sites, items):
+        if ranks.get(item.name) is None:
+            skipped.append(item.name)
             continue
-        kind, site = by_path[item.name]
+        rank, lora = ranks[item.name]
+        methods[kind].check(site, rank, lora, config)  # refuse bad ranks before copying anything
+        rows.append({
+            "path": item.name, "component": item.component, "kind": kind, "compressor": methods[kind].name,
+            "rank": rank, "lora_rank": lora, "full_rank": item.full_rank,
+            "params_before": item.params_before, "params_after": item.params_at(rank, lora),
+        })
+    if not rows:
+        raise ValueError("the plan leaves every module uncompressed (all ranks None); nothing to do")
+    return Plan(model_type, rows, skipped)
+
+
+def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = False) -> nn.Module:
+    """Compress a supported model; the original is left untouched unless ``inplace=True``.
+
+    Args:
+        model: a Hugging Face model (or any model whose ``config.model_type`` has a registered adapter).
+        config: what to compress and how much; see `CompressionConfig`.
+        inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory).
+
+    Returns:
+        The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression.
+    """
+    planned = plan(model, config)
+    model_type, adapter, components, methods = _prepare(model, config)
+    small = model if inplace else copy.deepcopy(model)
+    by_path = {s.path: (kind, s) for kind, s in _sites(adapter, small, components)}
+    record = CompressionRecord(model_type, config.to_dict())
+    for row in planned.rows:
+        kind, site = by_path[row["path"]]
         comp = methods[kind]
-        replacements = comp.compress(site, ranks[0], ranks[1], config, adapter)
+        replacements = comp.compress(site, row["rank"], row["lora_rank"], config, adapter)
         for path, (module, spec) in replacements.items():
             _submodule_setter(small, path, module)
             record.modules[path] = {"compressor": comp.name, "spec": spec}
-        record.sites.append({
-            "path": item.name, "component": item.component, "kind": kind, "compressor": comp.name,
-            "rank": ranks[0], "lora_rank": ranks[1], "full_rank": item.full_rank,
-            "params_before": item.params_before, "params_after": item.params_at(*ranks),
-            "modules": sorted(replacements),
-        })
-    if not record.sites:
-        raise ValueError("the plan leaves every module uncompressed (all ranks None); nothing to do")
+        record.sites.append({**row, "modules": sorted(replacements)})
     setattr(small, RECORD_ATTR, record)
     return small.eval()
 

@@ -247,7 +247,7 @@ def plan_ranks(config: CompressionConfig, items: Sequence[PlanItem]) -> dict[str
                 rank = values[keys[0]]
             if keys[1] in values:
                 lora = values[keys[1]] or 0
-            if rank is None and lora:
+            if rank is None and values.get(keys[1]):
                 raise ValueError(f"override {pattern!r} gives {keys[1]} without {keys[0]} for {it.name}")
             plan[it.name] = None if rank is None else (rank, lora)
     return plan

@@ -1,0 +1,101 @@
+"""CompressionConfig validation and the rank planner's arithmetic (no models needed)."""
+
+import json
+
+import pytest
+
+from adaptwin.config import CompressionConfig, PlanItem, plan_ranks
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 0.0}, "strictly between 0 and 1"),
+        ({"ratio": 1.0}, "strictly between 0 and 1"),
+        ({"ratio": -0.2}, "strictly between 0 and 1"),
+        ({"ratio": "0.4"}, "must be a number"),
+        ({"ratio": True}, "must be a number"),
+        ({"ratio": 0.4, "attention_rank": 8}, "either ratio or explicit ranks"),
+        ({}, "nothing to compress"),
+        ({"attention_rank": 0}, "attention_rank must be >= 1"),
+        ({"attention_rank": 2.5}, "whole number"),
+        ({"ffn_rank": 8, "ffn_lora_rank": -1}, "ffn_lora_rank must be >= 0"),
+        ({"attention_lora_rank": 4, "ffn_rank": 8}, "attention_lora_rank needs attention_rank"),
+        ({"ratio": 0.4, "twins": ("qk", "kv")}, "twins must be a non-empty subset"),
+        ({"ratio": 0.4, "twins": ()}, "twins must be a non-empty subset"),
+        ({"ratio": 0.4, "components": ()}, "at least one component"),
+        ({"ratio": 0.4, "overrides": {"*": {"rank": 3}}}, "unknown key 'rank'"),
+        ({"ratio": 0.4, "overrides": {"*": {}}}, "must map some of"),
+        ({"ratio": 0.4, "overrides": {"*": {"ffn_rank": 0}}}, "must be >= 1"),
+        ({"ratio": 0.4, "attention_lora_fraction": 1.0}, "attention_lora_fraction"),
+    ],
+)
+def test_bad_config_names_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(**kwargs)
+
+
+def test_config_round_trips_through_json():
+    cfg = CompressionConfig(attention_rank=16, attention_lora_rank=4, ffn_rank=160, ffn_lora_rank=16,
+                            components=("encoder",), overrides={"*.layers.0.*": {"ffn_rank": None}})
+    again = CompressionConfig.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown CompressionConfig fields"):
+        CompressionConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def _items(n_layers=4, d=384, heads=6, ffn=1536, component="encoder"):
+    dh = d // heads
+    att = lambda r, lora: 4 * d * heads * (r + lora) + heads * (r + lora) + d  # noqa: E731  q,k,v,o + biases
+    fc = lambda r, lora, i, o: (r + lora) * (i + o) + o  # noqa: E731
+    items = []
+    for i in range(n_layers):
+        items.append(PlanItem(f"{component}.{i}.attn", component, "attention", dh, 4 * d * d + 3 * d, att))
+        items.append(PlanItem(f"{component}.{i}.fc1", component, "ffn", d, d * ffn + ffn,
+                              lambda r, lora: fc(r, lora, d, ffn)))
+        items.append(PlanItem(f"{component}.{i}.fc2", component, "ffn", d, d * ffn + d,
+                              lambda r, lora: fc(r, lora, ffn, d)))
+    return items
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.35, 0.45, 0.5, 0.6])
+def test_ratio_plan_hits_target_with_paper_split(ratio):
+    items = _items() + _items(component="decoder")
+    plan = plan_ranks(CompressionConfig(ratio=ratio), items)
+    for component in ("encoder", "decoder"):
+        group = [it for it in items if it.component == component]
+        before = sum(it.params_before for it in group)
+        after = sum(it.params_at(*plan[it.name]) for it in group)
+        # The plan's granularity is one FFN rank step (0.1 % of the component here): 1 % is the promise.
+        assert abs((1 - after / before) - ratio) < 0.01
+        att = [it for it in group if it.kind == "attention"]
+        ffn = [it for it in group if it.kind == "ffn"]
+        r_a, l_a = plan[att[0].name]
+        r_f, l_f = plan[ffn[0].name]
+        c_a = 1 - (r_a + l_a) / att[0].full_rank
+        c_f = 1 - (r_f + l_f) * (384 + 1536) / (384 * 1536)
+        # attention removes ~0.7x what the FFN removes (rounding of the 64-wide heads: ±1/64)
+        assert abs(c_a - 0.7 * c_f) < 1.5 / 64 + 0.02
+        assert round((r_a + l_a) / 5) == l_a  # 4:1 spectral:LoRA
+        assert round((r_f + l_f) / 10) == l_f  # 9:1
+
+
+def test_explicit_ranks_and_overrides():
+    items = _items(n_layers=2)
+    cfg = CompressionConfig(attention_rank=16, attention_lora_rank=4, ffn_rank=100,
+                            overrides={"encoder.0.*": {"attention_rank": None, "ffn_rank": 50}})
+    plan = plan_ranks(cfg, items)
+    assert plan["encoder.0.attn"] is None
+    assert plan["encoder.0.fc1"] == (50, 0) and plan["encoder.0.fc2"] == (50, 0)
+    assert plan["encoder.1.attn"] == (16, 4) and plan["encoder.1.fc1"] == (100, 0)
+
+
+def test_override_matching_nothing_is_an_error():
+    cfg = CompressionConfig(ffn_rank=8, overrides={"decoder.*": {"ffn_rank": 4}})
+    with pytest.raises(ValueError, match="matches no compressible module"):
+        plan_ranks(cfg, _items(n_layers=1))
+
+
+def test_unreachable_ratio_is_an_error():
+    with pytest.raises(ValueError, match="not reachable"):
+        plan_ranks(CompressionConfig(ratio=0.99, attention_factor=0.1), _items(n_layers=1))

@@ -1,0 +1,158 @@
+"""save/load: identical outputs, atomic writes, and clear refusals of damaged or mismatched directories."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+import adaptwin
+from adaptwin import io as aio
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=16)
+    return BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def small(bert):
+    return adaptwin.compress(bert, adaptwin.CompressionConfig(attention_rank=4, attention_lora_rank=2, ffn_rank=8))
+
+
+def _out(model):
+    ids = torch.arange(2 * 10).reshape(2, 10) % 50
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def test_round_trip_identical(small, tmp_path):
+    extra = tmp_path / "tokenizer_config.json"
+    extra.write_text("{}")
+    out = adaptwin.save(small, tmp_path / "m", extra_files=[extra])
+    assert sorted(os.listdir(out)) == ["adaptwin.json", "model.safetensors", "tokenizer_config.json"]
+    again = adaptwin.load(out)
+    assert torch.equal(_out(again), _out(small))
+    assert again.adaptwin_record.to_dict() == small.adaptwin_record.to_dict()
+    assert not any(p.is_meta for p in again.parameters())
+
+
+def test_accounting_matches_the_modules(small, bert):
+    # The record's predicted counts are what the modules really hold, so reported compression is exact.
+    record = small.adaptwin_record
+    after = sum(p.numel() for path in record.modules for p in small.get_submodule(path).parameters())
+    assert after == sum(row["params_after"] for row in record.sites)
+    before_total = sum(p.numel() for p in bert.parameters())
+    now_total = sum(p.numel() for p in small.parameters())
+    assert before_total - now_total == sum(r["params_before"] - r["params_after"] for r in record.sites)
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=16)).eval()
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.4))
+    adaptwin.save(small, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "adaptwin.json").read_text())
+    assert meta["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    again = adaptwin.load(tmp_path / "g")
+    assert again.lm_head.weight is again.transformer.wte.weight
+    ids = torch.arange(12)[None] % 40
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, small(ids).logits)
+
+
+def test_save_refuses_foreign_dir_and_dense_model(small, bert, tmp_path):
+    foreign = tmp_path / "docs"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not an adaptwin save"):
+        adaptwin.save(small, foreign)
+    assert os.listdir(foreign) == ["notes.txt"]
+    with pytest.raises(ValueError, match="not compressed by adaptwin"):
+        adaptwin.save(bert, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+
+
+def test_failed_save_leaves_previous_save_intact(small, tmp_path, monkeypatch):
+    target = adaptwin.save(small, tmp_path / "m")
+    before = {p: (target / p).read_bytes() for p in os.listdir(target)}
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(aio, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        adaptwin.save(small, target)
+    assert {p: (target / p).read_bytes() for p in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left behind
+
+
+@pytest.fixture
+def saved(small, tmp_path):
+    return adaptwin.save(small, tmp_path / "m")
+
+
+def test_truncated_weights_refused(saved):
+    w = saved / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        adaptwin.load(saved)
+
+
+def test_tampered_weights_refused(saved):
+    w = saved / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        adaptwin.load(saved)
+
+
+def test_mismatched_config_refused(saved):
+    cfg = saved / "adaptwin.json"
+    meta = json.loads(cfg.read_text())
+    path = next(p for p, e in meta["compression"]["modules"].items() if e["compressor"] == "svd")
+    meta["compression"]["modules"][path]["spec"]["rank"] += 1
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="shapes do not match"):
+        adaptwin.load(saved)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (None, "not valid JSON"),  # truncated file
+        (lambda m: m.update(format_version=99), "format_version 99"),
+        (lambda m: m.update(format="other"), "not an adaptwin config"),
+        (lambda m: m.pop("weights"), "lacks the 'weights' section"),
+        (lambda m: m["compression"].update(architecture="nope"), "unsupported model type 'nope'"),
+        (lambda m: m["model"].update({"class": "os.system"}), "not a transformers model class"),
+    ],
+)
+def test_damaged_config_refused(saved, edit, message):
+    cfg = saved / "adaptwin.json"
+    if edit is None:
+        cfg.write_text(cfg.read_text()[:50])
+    else:
+        meta = json.loads(cfg.read_text())
+        edit(meta)
+        cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=message):
+        adaptwin.load(saved)
+
+
+def test_missing_files_refused(saved, tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        adaptwin.load(tmp_path / "absent")
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        adaptwin.load(saved)
+    (saved / "adaptwin.json").unlink()
+    with pytest.raises(ValueError, match="adaptwin.json is missing"):
+        adaptwin.load(saved)
