@@ -97,7 +97,8 @@ class CompressionConfig:
         if self.ffn_rank is None and self.ffn_lora_rank:
             raise ValueError("ffn_lora_rank needs ffn_rank (LoRA is concatenated to the SVD factors)")
         if not isinstance(self.overrides, dict):
-            raise ValueError(f"overrides must be a dict {{pattern: {{key: rank}}}}, got {type(self.overrides).__name__}")
+            got = type(self.overrides).__name__
+            raise ValueError(f"overrides must be a dict {{pattern: {{key: rank}}}}, got {got}")
         for pattern, values in self.overrides.items():
             if not isinstance(pattern, str) or not pattern:
                 raise ValueError(f"override patterns must be non-empty strings, got {pattern!r}")
@@ -239,7 +240,7 @@ def plan_ranks(config: CompressionConfig, items: Sequence[PlanItem]) -> dict[str
             names = ", ".join(it.name for it in items[:6]) + (", ..." if len(items) > 6 else "")
             raise ValueError(f"override pattern {pattern!r} matches no compressible module; modules are: {names}")
         for it in matched:
-            keys = ("attention_rank", "attention_lora_rank") if it.kind == "attention" else ("ffn_rank", "ffn_lora_rank")
+            keys = _OVERRIDE_KEYS[:2] if it.kind == "attention" else _OVERRIDE_KEYS[2:]
             if not any(k in values for k in keys):
                 continue
             rank, lora = plan.get(it.name) or (None, 0)

@@ -11,11 +11,30 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
 from adaptwin.ops import attend
 from adaptwin.registry import get_architecture
+
+try:  # transformers >= 5 gathers `output_attentions` with forward hooks keyed by the original class
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # older releases return weights through the call chain instead
+    _active_collector = None
+
+
+def _weights_sink(cross: bool) -> list[torch.Tensor] | None:
+    """The list HF is collecting attention probabilities into for this call, or None when none is wanted.
+
+    HF installs its capture hooks only on instances of the family's own attention class (e.g.
+    ``WhisperAttention``), so a replaced module is invisible to them and ``output_attentions=True``
+    would silently return an empty tuple; the module appends its own probabilities instead.
+    """
+    collected = _active_collector.get() if _active_collector is not None else None
+    if not collected:
+        return None
+    return collected.get("cross_attentions" if cross else "attentions")
 
 
 class TwinAttention(nn.Module):
@@ -44,6 +63,7 @@ class TwinAttention(nn.Module):
         scaling: float,
         is_causal: bool = False,
         dropout: float = 0.0,
+        out_dropout: float = 0.0,
         layer_idx: int | None = None,
         rotary: bool = False,
         qk_rank: int | None = None,
@@ -58,6 +78,7 @@ class TwinAttention(nn.Module):
         self.num_key_value_groups = num_heads // num_kv_heads
         self.qk_width, self.v_width = qk_width, v_width
         self.scaling, self.is_causal, self.dropout = scaling, is_causal, dropout
+        self.out_dropout = out_dropout  # dropout the original applies after its own output projection
         self.layer_idx, self.rotary = layer_idx, rotary
         # Spectral rows come first in every head's block, LoRA rows after (fine-tuning reads these).
         self.qk_rank, self.qk_lora_rank = qk_rank, qk_lora_rank
@@ -116,13 +137,18 @@ class TwinAttention(nn.Module):
             if cache is not None:  # the cache holds rank-space keys/values: (r+l)/d_h of the dense cache
                 k, v = cache.update(k, v, self.layer_idx)
 
+        sink = _weights_sink(cross)
+        is_causal = kwargs.get("is_causal")  # HF lets a caller override the module's flag per call
         out, weights = attend(
             q, k, v, mask, scale,
-            is_causal=self.is_causal and not cross,
+            is_causal=(self.is_causal if is_causal is None else bool(is_causal)) and not cross,
             dropout=self.dropout if self.training else 0.0,
-            need_weights=bool(kwargs.get("output_attentions")),
+            need_weights=sink is not None or bool(kwargs.get("output_attentions")),
         )  # (B, T, H, v_width)
+        if sink is not None:
+            sink.append(weights)
         out = out.reshape(batch, length, self.num_heads * self.v_width)
         if self.o_proj is not None:
             out = self.o_proj(out)
+            out = F.dropout(out, p=self.out_dropout, training=self.training)  # GPT-2's resid_dropout
         return out, weights
