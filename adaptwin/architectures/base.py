@@ -60,7 +60,8 @@ class AttentionSite:
     is_causal: bool = False
     cross: bool = False
     rotary: bool = False
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the attention probabilities (training only)
+    out_dropout: float = 0.0  # applied inside the module after the output projection (GPT-2's resid_dropout)
     out_path: str | None = None  # where o lives when it is not inside `path` (BERT's output.dense)
     layer_idx: int | None = None  # index into the KV cache
 

@@ -47,7 +47,7 @@ class GPT2Adapter(ArchitectureAdapter):
                 q=conv1d(attn.c_attn, 0, d), k=conv1d(attn.c_attn, d, 2 * d), v=conv1d(attn.c_attn, 2 * d, 3 * d),
                 o=conv1d(attn.c_proj), num_heads=attn.num_heads, num_kv_heads=attn.num_heads,
                 head_dim=attn.head_dim, scaling=float(attn.scaling), is_causal=True,
-                dropout=float(attn.attn_dropout.p), layer_idx=attn.layer_idx,
+                dropout=float(attn.attn_dropout.p), out_dropout=float(attn.resid_dropout.p), layer_idx=attn.layer_idx,
             ))
         return sites
 

@@ -46,4 +46,5 @@ def lora_init(like: torch.Tensor, cols: int, seed: int, name: str) -> torch.Tens
     """
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     rms = like.pow(2).mean().sqrt().item() if like.numel() else 1.0
-    return torch.randn(like.shape[0], cols, generator=gen, dtype=torch.float64) * (rms or 1.0)
+    noise = torch.randn(like.shape[0], cols, generator=gen, dtype=torch.float64)  # CPU: same draw on any device
+    return noise.to(like.device) * (rms or 1.0)

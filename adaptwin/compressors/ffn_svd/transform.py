@@ -37,7 +37,7 @@ class SVDCompressor(Compressor):
         left, right = matrix_factors(weight, rank)  # (out, r), (in, r)
         if lora_rank:
             right = torch.cat([right, lora_init(right, lora_rank, config.seed, site.path)], 1)
-            left = torch.cat([left, torch.zeros(out_f, lora_rank, dtype=torch.float64)], 1)
+            left = torch.cat([left, left.new_zeros(out_f, lora_rank)], 1)
         spec = {"in_features": in_f, "out_features": out_f, "rank": rank, "lora_rank": lora_rank,
                 "bias": bias is not None}
         module = self.build(spec).to_empty(device=weight.device).to(weight.dtype)

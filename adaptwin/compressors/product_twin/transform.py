@@ -139,6 +139,7 @@ class ProductTwinCompressor(Compressor):
             "scaling": float(site.scaling),
             "is_causal": site.is_causal,
             "dropout": float(site.dropout),
+            "out_dropout": float(site.out_dropout),
             "layer_idx": site.layer_idx,
             "rotary": site.rotary,
             "qk_rank": rank if "qk" in twins else None,
