@@ -148,7 +148,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cfg} is not valid JSON (truncated or edited?): {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg} is not an adaptwin config (a JSON object is expected, got {type(meta).__name__})")
+    if meta.get("format") != FORMAT:
         raise ValueError(f"{cfg} is not an adaptwin config (format field {meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cfg} has format_version {meta.get('format_version')!r}; this adaptwin reads "

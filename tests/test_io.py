@@ -131,6 +131,7 @@ def test_mismatched_config_refused(saved):
         (lambda m: m.update(format_version=99), "format_version 99"),
         (lambda m: m.update(format="other"), "not an adaptwin config"),
         (lambda m: m.pop("weights"), "lacks the 'weights' section"),
+        (lambda m: (m.clear(), m.update(x=[1, 2])), "format field None"),
         (lambda m: m["compression"].update(architecture="nope"), "unsupported model type 'nope'"),
         (lambda m: m["model"].update({"class": "os.system"}), "not a transformers model class"),
     ],

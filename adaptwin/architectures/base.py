@@ -111,8 +111,21 @@ class ArchitectureAdapter:
 
     # Saving and rebuilding: Hugging Face models by default.
     def model_record(self, model: nn.Module) -> dict[str, Any]:
-        """What `build_empty` needs to rebuild ``model``'s skeleton (JSON-able)."""
-        return {"class": type(model).__name__, "config": model.config.to_dict()}
+        """What `build_empty` needs to rebuild ``model``'s skeleton (JSON-able).
+
+        Beside the config: the attention implementation (``config.to_dict`` drops it, and a model
+        loaded for ``output_attentions`` must stay ``eager`` in its uncompressed modules) and the
+        generation config (a checkpoint's own ``generation_config.json`` - Whisper's language and task
+        tokens, forced ids, alignment heads - is not derivable from the model config).
+        """
+        record: dict[str, Any] = {"class": type(model).__name__, "config": model.config.to_dict()}
+        attn = getattr(model.config, "_attn_implementation", None)
+        if isinstance(attn, str):
+            record["attn_implementation"] = attn
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            record["generation_config"] = generation.to_dict()
+        return record
 
     def build_empty(self, record: dict[str, Any]) -> nn.Module:
         """The model's skeleton from `model_record`, parameters on the meta device (no memory)."""
@@ -127,8 +140,19 @@ class ArchitectureAdapter:
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"saved config has unknown model_type {model_type!r}")
         config = CONFIG_MAPPING[model_type].from_dict(cfg)
+        if record.get("attn_implementation"):
+            config._attn_implementation = record["attn_implementation"]
         with meta_parameters():
             model = cls(config)
+        if record.get("generation_config") is not None and getattr(model, "generation_config", None) is not None:
+            from transformers import GenerationConfig
+
+            saved = record["generation_config"]
+            generation = GenerationConfig.from_dict(saved)
+            for key, value in saved.items():  # from_dict drops extra keys of a config made from the model's
+                if not hasattr(generation, key):
+                    setattr(generation, key, value)
+            model.generation_config = generation
         return model.eval()
 
 

@@ -3,7 +3,10 @@
 QK twin (per query head h, key head g): M_h = [W_Qhᵀ; b_Qhᵀ]·W_Kg, a (d+1)×d matrix — the homogeneous
 row folds the query bias exactly. The key bias adds q·b_K, constant over keys, which softmax ignores,
 so it is dropped. VO twin (per key/value head g and its output heads h): N_hᵀ = W_Oh·W_Vg; the value
-bias folds into the output bias, b_O' = b_O + Σ_h W_Oh·b_Vg, because softmax rows sum to 1.
+bias folds into the output bias, b_O' = b_O + Σ_h W_Oh·b_Vg, because softmax rows sum to 1. (A query
+masked against every key - a left-padding position under SDPA, which returns zeros there - therefore
+outputs b_O' where the original outputs b_O; no real token attends to such a position, so it never
+reaches a real output.)
 Heads that share a key/value head (grouped-query attention) are factored jointly, so the sharing stays.
 """
 

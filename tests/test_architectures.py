@@ -1,0 +1,430 @@
+"""The battery every architecture adapter must pass, one parametrised row per family (tests/tiny_models.py).
+
+Tolerances. "Exact" means a relative Frobenius error of at most 1e-5 in fp32 (EXACT_REL): the factors are
+computed in fp64 and rounded to fp32 once (relative 6e-8 per entry), and rank space sums the same
+products in another order, so the measured full-rank error through two layers is 2e-7..8e-7 on every
+row; 1e-5 keeps a >10x margin while any real mistake (a dropped bias, a wrong scale, a transposed head)
+costs more than 1e-2 here, because the weights are re-initialised with std 0.2-0.3.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+from tiny_models import ROW_BY_NAME, ROWS, Row
+from torch import nn
+
+import adaptwin
+from adaptwin.compressors import TwinAttention
+
+EXACT_REL = 1e-5  # see the module docstring
+
+rows = pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny (32-wide): a second intra-op thread buys nothing, and on a shared 2-core
+    # machine it spin-waits for the other workers' cores (compress took 4.3 s with 2 threads vs 0.03 s
+    # with 1 under load). Restored afterwards so other modules keep their setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def original(name: str, attn_implementation: str = "sdpa") -> nn.Module:
+    """One tiny model per row and attention implementation; tests never modify it (test_original_untouched)."""
+    return ROW_BY_NAME[name].build(attn_implementation)
+
+
+@functools.cache
+def reference(name: str) -> torch.Tensor:
+    row = ROW_BY_NAME[name]
+    with torch.no_grad():
+        return row.output(original(name)(**row.inputs()))
+
+
+def run(row: Row, model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return row.output(model(**row.inputs()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def full_rank(row: Row, lora: int = 0) -> adaptwin.CompressionConfig:
+    return adaptwin.CompressionConfig(attention_rank=row.head_dim, attention_lora_rank=lora, ffn_rank=row.d_model,
+                                      ffn_lora_rank=lora, twins=row.twins)
+
+
+def twin_modules(model: nn.Module) -> dict[str, TwinAttention]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TwinAttention)}
+
+
+def layout(model: nn.Module) -> dict[str, str]:
+    # Class names, not classes: parametrised modules (wav2vec2's weight-normed positional conv) get a
+    # fresh class per instance.
+    return {n: type(m).__name__ for n, m in model.named_modules()}
+
+
+def attention_sites(model: nn.Module):
+    return adaptwin.get_architecture(model.config.model_type).attention_sites(model)
+
+
+def test_every_builtin_architecture_has_a_row() -> None:
+    # A built-in adapter (or a model type added to one) without a row would skip the whole battery.
+    builtin = {t for t in adaptwin.list_architectures()
+               if type(adaptwin.get_architecture(t)).__module__.startswith("adaptwin.architectures.")}
+    assert builtin <= set(ROW_BY_NAME), f"no tiny model for {sorted(builtin - set(ROW_BY_NAME))}"
+    assert all(original(row.name).config.model_type == row.name for row in ROWS)
+
+
+# --------------------------------------------------------------------------------------- 1. full-rank exact
+
+@rows
+@pytest.mark.parametrize("lora", [0, 2], ids=["lora0", "lora2"])
+def test_full_rank_is_exact(row: Row, lora: int) -> None:
+    # LoRA's partner factor starts at zero, so concatenating it must not move the output either.
+    small = adaptwin.compress(original(row.name), full_rank(row, lora))
+    assert twin_modules(small), "no attention module was replaced"
+    assert rel_err(run(row, small), reference(row.name)) <= EXACT_REL
+
+
+# -------------------------------------------------------------------------------- 2. error falls with rank
+
+@rows
+@pytest.mark.parametrize("kind", ["attention", "ffn"])
+def test_error_falls_with_rank(row: Row, kind: str) -> None:
+    fractions = (1 / 8, 1 / 4, 1 / 2, 3 / 4, 1)
+    errors = []
+    for f in fractions:
+        if kind == "attention":
+            cfg = adaptwin.CompressionConfig(attention_rank=max(1, round(f * row.head_dim)), twins=row.twins)
+        else:
+            cfg = adaptwin.CompressionConfig(ffn_rank=round(f * row.d_model), twins=row.twins)
+        errors.append(rel_err(run(row, adaptwin.compress(original(row.name), cfg)), reference(row.name)))
+    assert all(a > b for a, b in zip(errors, errors[1:])), f"error does not fall with rank: {errors}"
+    # Measured at 1/8 of the full rank: 0.64..1.2 for attention, 0.77..1.2 for the FFN on these rows; a
+    # floor of 0.05 proves the low-rank model is really lossy (a no-op compression would read ~1e-7).
+    assert errors[0] > 0.05
+    assert errors[-1] <= EXACT_REL
+
+
+# ------------------------------------------------------------------------------ 3. the original is untouched
+
+@rows
+def test_original_untouched(row: Row) -> None:
+    model = original(row.name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    cfg = adaptwin.CompressionConfig(attention_rank=row.head_dim // 2, attention_lora_rank=1,
+                                     ffn_rank=row.d_model // 2, ffn_lora_rank=1, twins=row.twins)
+    small = adaptwin.compress(model, cfg)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "compress changed the original's tensors"
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert not twin_modules(model) and twin_modules(small)
+    assert getattr(model, "adaptwin_record", None) is None
+    # Nothing is shared either: training the compressed copy must not reach back into the original.
+    originals = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in originals for p in small.parameters())
+
+
+# ------------------------------------------------------------------------------------ 4. save/load round trip
+
+@rows
+def test_save_load_round_trip(row: Row, tmp_path) -> None:
+    # A lossy rank with LoRA, so the round trip carries non-trivial factors and the LoRA split.
+    cfg = adaptwin.CompressionConfig(attention_rank=row.head_dim // 2, attention_lora_rank=1,
+                                     ffn_rank=row.d_model // 2, ffn_lora_rank=2, twins=row.twins)
+    small = adaptwin.compress(original(row.name), cfg)
+    adaptwin.save(small, tmp_path / row.name)
+    same = adaptwin.load(tmp_path / row.name)
+    # Same tensors, same modules, same kernels on the same CPU: the outputs must be bit-identical.
+    assert (run(row, same) - run(row, small)).abs().max().item() == 0
+    assert same.adaptwin_record.to_dict() == small.adaptwin_record.to_dict()
+    assert layout(same) == layout(small)
+    if row.generate is not None:
+        with torch.no_grad():
+            assert torch.equal(row.generate(same).sequences, row.generate(small).sequences)
+
+
+def test_save_load_keeps_generation_config_and_attention_implementation(tmp_path) -> None:
+    # A checkpoint's generation config (Whisper's language/task tokens) is not derivable from its model
+    # config, and an eager model must stay eager: its uncompressed modules (here the decoder) would
+    # otherwise run SDPA after loading and stop returning attention probabilities.
+    model = copy.deepcopy(original("whisper", "eager"))
+    model.generation_config.lang_to_id = {"<|en|>": 60}
+    model.generation_config.no_timestamps_token_id = 63
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=4, components=("encoder",)))
+    adaptwin.save(small, tmp_path / "whisper")
+    same = adaptwin.load(tmp_path / "whisper")
+    assert same.generation_config.to_dict() == small.generation_config.to_dict()
+    assert same.config._attn_implementation == "eager"
+    row = ROW_BY_NAME["whisper"]
+    with torch.no_grad():
+        ref, out = small(**row.inputs(), output_attentions=True), same(**row.inputs(), output_attentions=True)
+    for key in ("encoder_attentions", "decoder_attentions", "cross_attentions"):
+        assert len(out[key]) == len(ref[key]) == 2, key
+        assert all(torch.equal(a, b) for a, b in zip(out[key], ref[key]))
+
+
+# ------------------------------------------------------------------------------------------- 5. generation
+
+def assert_same_generation(ref, out) -> None:
+    assert torch.equal(out.sequences, ref.sequences), f"{out.sequences.tolist()} != {ref.sequences.tolist()}"
+    assert len(out.scores) == len(ref.scores)
+    scale = max(s[s.isfinite()].abs().max().item() for s in ref.scores)
+    for a, b in zip(out.scores, ref.scores):
+        # Per-step logits carry the forward pass's error (EXACT_REL relative, measured 1e-6) through
+        # at most 10 cached steps; suppressed tokens are -inf in both (assert_close matches infinities).
+        torch.testing.assert_close(a, b, rtol=0, atol=EXACT_REL * scale)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.generate is not None], ids=lambda r: r.name)
+def test_generate_matches_at_full_rank(row: Row) -> None:
+    model = original(row.name)
+    small = adaptwin.compress(model, full_rank(row))
+    components = {s["component"] for s in small.adaptwin_record.sites}
+    assert components == set(adaptwin.get_architecture(row.name).components)  # Whisper: encoder AND decoder
+    with torch.no_grad():
+        ref, out = row.generate(model), row.generate(small)
+    new = ref.sequences[:, -len(ref.scores):]
+    # Guard the test's meaning: a model stuck on one token would make equality trivial.
+    assert len(set(new.flatten().tolist())) >= 4, f"degenerate tiny model: {new.tolist()}"
+    assert_same_generation(ref, out)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.generate is not None], ids=lambda r: r.name)
+def test_rank_space_cache_matches_no_cache(row: Row) -> None:
+    # At full rank the cache is d_h wide either way; only a narrower width (r + l = 5 < 8) shows that the
+    # cache really holds rank-space keys/values and that cached decoding reads them back correctly.
+    r, lora = row.head_dim // 2, 1
+    small = adaptwin.compress(original(row.name), adaptwin.CompressionConfig(
+        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
+    gen = torch.Generator().manual_seed(14)
+    with torch.no_grad():  # as after fine-tuning: the LoRA factors no longer cancel
+        for tw in twin_modules(small).values():
+            for p in tw.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        cache = small(**row.inputs(), use_cache=True).past_key_values
+    self_cache = getattr(cache, "self_attention_cache", cache)
+    keys, values = self_cache.layers[0].keys, self_cache.layers[0].values
+    assert values.shape[-1] == r + lora
+    assert keys.shape[-1] == (r + lora if "qk" in row.twins else row.head_dim)
+    if hasattr(cache, "cross_attention_cache"):
+        assert cache.cross_attention_cache.layers[0].values.shape[-1] == r + lora
+
+    with torch.no_grad():
+        ref, out = row.generate(small, use_cache=True), row.generate(small, use_cache=False)
+    assert_same_generation(ref, out)
+
+
+def test_whisper_cross_attention_is_compressed() -> None:
+    small = adaptwin.compress(original("whisper"), full_rank(ROW_BY_NAME["whisper"]))
+    paths = set(twin_modules(small))
+    assert any(p.endswith("encoder_attn") for p in paths)
+    assert any(".encoder." in p for p in paths) and any(".decoder." in p and "self_attn" in p for p in paths)
+
+
+# ------------------------------------------------------------------------------------ 6. bias folding
+
+def test_biases_fold_exactly() -> None:
+    """Large query/key/value biases: the key bias is dropped, the query bias kept in the homogeneous
+    row, the value bias folded into the output bias, and the full-rank output is still exact."""
+    row = ROW_BY_NAME["bert"]
+    model = copy.deepcopy(original("bert"))
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for site in attention_sites(model):
+            for lin in (site.q, site.k, site.v):
+                lin.bias.copy_(3.0 * torch.randn(lin.bias.shape, generator=gen))  # 15x the weights' std
+    ref = run(row, model)
+
+    # The query and value biases matter (so folding them is tested, not ignored): dropping either
+    # moves the output by far more than EXACT_REL.
+    for which in ("q", "v"):
+        ablated = copy.deepcopy(model)
+        with torch.no_grad():
+            for site in attention_sites(ablated):
+                getattr(site, which).bias.zero_()
+        assert rel_err(run(row, ablated), ref) > 1e-2
+
+    small = adaptwin.compress(model, full_rank(row))
+    for site in attention_sites(model):
+        tw = small.get_submodule(site.path)
+        assert tw.k_proj.bias is None  # q·b_K is constant over keys; softmax ignores it
+        assert tw.q_proj.bias is not None and tw.q_proj.bias.abs().max() > 0
+        assert tw.v_proj.bias is None  # folded into the output bias (softmax rows sum to 1)
+        assert small.get_submodule(site.out_path).bias is not None
+    assert rel_err(run(row, small), ref) <= EXACT_REL
+
+
+# -------------------------------------------------------------------------------------------- 7. scaling
+
+@rows
+def test_scaling_is_the_original(row: Row) -> None:
+    model = original(row.name)
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=2, twins=row.twins))
+    for path, tw in twin_modules(small).items():
+        assert tw.scaling == model.get_submodule(path).scaling  # never 1/sqrt(r + l)
+
+
+def test_gpt2_residual_dropout_is_kept_in_training() -> None:
+    # GPT-2 applies resid_dropout inside its attention module, after c_proj; the replacement must too,
+    # or layer-wise fine-tuning trains a different function. With p = 1 the attention branch is
+    # exactly zero in the original, so the train-mode outputs must match without any RNG alignment.
+    row = ROW_BY_NAME["gpt2"]
+    model = copy.deepcopy(original("gpt2"))
+    for name, module in model.named_modules():  # every other dropout off: the outputs are deterministic
+        if isinstance(module, nn.Dropout):
+            module.p = 1.0 if name.endswith("attn.resid_dropout") else 0.0
+    small = adaptwin.compress(model, full_rank(row))
+    model.train(), small.train()
+    assert rel_err(run(row, small), run(row, model)) <= EXACT_REL
+
+
+def truncate(m: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def dense_twin_attention(site, x: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+    """Dense fp64 oracle of one compressed self-attention block: per head the rank-``rank`` SVD of
+    M_h = [W_Qhᵀ; b_Qhᵀ]·W_Kh ((d+1)×d) and of N_h = W_Oh·W_Vh (d_out×d), scores [x, 1]·M_h·xᵀ·scale, and
+    the output bias b_O + Σ_h W_Oh·b_Vh."""
+    h, dh = site.num_heads, site.head_dim
+    x = x.double()[0]  # (T, d)
+    xh = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)  # (T, d+1)
+    wq, wk, wv, wo = (p.weight.double() for p in (site.q, site.k, site.v, site.o))
+    bq = site.q.bias.double() if site.q.bias is not None else torch.zeros(h * dh, dtype=x.dtype)
+    out = site.o.bias.double() + wo @ site.v.bias.double()  # (d_out,)
+    for i in range(h):
+        rows = slice(i * dh, (i + 1) * dh)
+        m = truncate(torch.cat([wq[rows].T, bq[rows][None]], 0) @ wk[rows], rank)  # (d+1, d)
+        n = truncate(wo[:, rows] @ wv[rows], rank)  # (d_out, d)
+        probs = torch.softmax(xh @ m @ x.T * scale, dim=-1)  # (T, T)
+        out = out + probs @ x @ n.T  # (T, d_out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["whisper", "wav2vec2"])  # query pre-scaled (Whisper) and scaled in SDPA
+def test_rank_space_matches_dense_truncated_products(name: str) -> None:
+    model = original(name)
+    site = attention_sites(model)[0]  # encoder layer 0 self-attention
+    rank = 3  # < head_dim 8, and 1/sqrt(3) is far from 1/sqrt(8)
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=rank))
+    tw = small.get_submodule(site.path)
+    assert math.isclose(site.scaling, site.head_dim**-0.5, rel_tol=1e-12)
+
+    # The module's factors multiply back to the optimal rank-r products (Eckart–Young), per head.
+    p = torch.cat([tw.q_proj.weight.T, tw.q_proj.bias[None]], 0).double()  # (d+1, H·r)
+    q = tw.k_proj.weight.T.double()  # (d, H·r)
+    wq, bq, wk = site.q.weight.double(), site.q.bias.double(), site.k.weight.double()
+    for i in range(site.num_heads):
+        cols, rows = slice(i * rank, (i + 1) * rank), slice(i * site.head_dim, (i + 1) * site.head_dim)
+        m_ref = truncate(torch.cat([wq[rows].T, bq[rows][None]], 0) @ wk[rows], rank)
+        assert rel_err(p[:, cols] @ q[:, cols].T, m_ref) <= EXACT_REL
+
+    x = torch.randn(1, 11, site.hidden_size, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        out = tw(x)[0][0]  # (T, d_out)
+    assert rel_err(out, dense_twin_attention(site, x, rank, site.scaling)) <= EXACT_REL
+    # The oracle discriminates: the same products scaled by 1/sqrt(r) are far off.
+    assert rel_err(out, dense_twin_attention(site, x, rank, 1 / math.sqrt(rank))) > 1e-2
+
+
+# ---------------------------------------------------------------------------------- 8. rank-space widths
+
+@rows
+def test_attention_computes_in_rank_space(row: Row) -> None:
+    model = original(row.name)
+    r, lora = row.head_dim // 2, 1
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=r, attention_lora_rank=lora,
+                                                                twins=row.twins))
+    w = r + lora
+    sites = attention_sites(model)
+    assert set(twin_modules(small)) == {s.path for s in sites}
+    for site in sites:
+        tw = small.get_submodule(site.path)
+        out = tw.o_proj if site.out_path is None else small.get_submodule(site.out_path)
+        twinned = []
+        if "qk" in row.twins:
+            assert tw.q_proj.out_features == site.num_heads * w
+            assert tw.k_proj.out_features == site.num_kv_heads * w
+            twinned += [tw.q_proj, tw.k_proj]
+        if "vo" in row.twins:
+            assert tw.v_proj.out_features == site.num_kv_heads * w
+            assert out.in_features == site.num_heads * w
+            twinned += [tw.v_proj, out]
+        # Every twinned projection is thin: its narrow side is the rank space (H·(r+l) = 20 < H·d_h = 32).
+        for lin in twinned:
+            assert min(lin.weight.shape) < site.num_heads * site.head_dim
+        if set(row.twins) == {"qk", "vo"}:  # no d×d matrix survives anywhere in the module
+            d = site.hidden_size
+            assert all(p.shape != (d, d) for p in [*tw.parameters(), out.weight])
+
+
+# ------------------------------------------------------------------------------- 9. grouped-query attention
+
+def test_grouped_query_attention_keeps_sharing() -> None:
+    row = ROW_BY_NAME["llama"]
+    model = original("llama")
+    sites = attention_sites(model)
+    assert all(s.num_kv_heads < s.num_heads for s in sites)  # the row really is GQA
+    for lora in (0, 2):
+        small = adaptwin.compress(model, full_rank(row, lora))
+        for site in sites:
+            tw = small.get_submodule(site.path)
+            assert tw.v_proj.out_features == site.num_kv_heads * (row.head_dim + lora)  # one value head per group
+            assert tw.o_proj.in_features == site.num_heads * (row.head_dim + lora)
+            assert tw.num_key_value_groups == site.num_heads // site.num_kv_heads
+        assert rel_err(run(row, small), reference("llama")) <= EXACT_REL
+
+
+# ------------------------------------------------------------------------------------- 10. output_attentions
+
+@pytest.mark.parametrize("name", ["bert", "whisper"])  # padding mask; encoder, decoder and cross attention
+def test_output_attentions_eager(name: str) -> None:
+    row = ROW_BY_NAME[name]
+    model = original(name, "eager")
+    with torch.no_grad():
+        # First, so HF installs its capture hooks on the original's modules; compress deep-copies them,
+        # and the copy must still record each layer once (a replaced module carries no hook).
+        ref = model(**row.inputs(), output_attentions=True)
+        small = adaptwin.compress(model, full_rank(row))
+        out = small(**row.inputs(), output_attentions=True)
+    keys = [k for k in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions")
+            if ref.get(k)]
+    assert keys
+    for key in keys:
+        assert len(out[key]) == len(ref[key]), key
+        for a, b in zip(out[key], ref[key]):
+            assert a.shape == b.shape
+            # Probabilities: an fp32 softmax row of n <= 25 entries sums to 1 within ~n·6e-8 = 1.5e-6.
+            torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), rtol=0, atol=1e-5)
+            assert rel_err(a, b) <= EXACT_REL
+    if name == "bert":  # the padded keys of the second sequence get no probability
+        mask = row.inputs()["attention_mask"]
+        assert all(a[1, :, :, mask[1] == 0].abs().max() == 0 for a in out["attentions"])
+
+
+# ------------------------------------------------------------------------------------ 11. rotary forbids QK
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_qk_twin_on_rotary_model_is_refused(inplace: bool) -> None:
+    model = copy.deepcopy(original("llama")) if inplace else original("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"rotary.*twins=\('vo',\)"):
+        adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=4), inplace=inplace)
+    assert not twin_modules(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert getattr(model, "adaptwin_record", None) is None
