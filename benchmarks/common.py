@@ -1,0 +1,219 @@
+"""Timing and reporting helpers shared by the benchmark scripts.
+
+Timings are wall-clock medians with p20/p80 over repeats. Providers are timed *interleaved* (one call of
+each per round, start rotating): on a shared machine the load of other processes then falls on every
+provider alike, and the ratios stay meaningful even when the absolute times drift. The CPU time other
+processes took during the run is measured from /proc/stat and written beside the timings, so a reader
+can tell a quiet run from a contended one.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+# One header for every benchmark's CSV; a benchmark leaves the fields it has no use for empty.
+CSV_FIELDS = (
+    "benchmark", "shape", "dtype", "provider",
+    "p20_ms", "p50_ms", "p80_ms", "repeats", "ratio_p50",
+    "gflop", "gflop_ratio", "rel_err",
+    "device", "threads", "other_load", "torch", "transformers", "adaptwin", "timestamp",
+)
+# Rows with the same values here are the same measurement: a new run replaces them in the CSV.
+ROW_KEY = ("benchmark", "shape", "dtype", "provider", "device", "threads")
+
+
+@dataclass
+class Timing:
+    """Wall-clock samples of one provider, in seconds."""
+
+    samples: list[float] = field(default_factory=list)
+
+    def quantile_ms(self, q: float) -> float:
+        """Linear-interpolated quantile ``q`` in [0, 1], in milliseconds."""
+        if not self.samples:
+            raise ValueError("no samples were taken")
+        s = sorted(self.samples)
+        pos = q * (len(s) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(s) - 1)
+        return 1e3 * (s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+    @property
+    def p20(self) -> float:
+        return self.quantile_ms(0.2)
+
+    @property
+    def p50(self) -> float:
+        return self.quantile_ms(0.5)
+
+    @property
+    def p80(self) -> float:
+        return self.quantile_ms(0.8)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 2
+) -> dict[str, Timing]:
+    """Time each callable ``repeats`` times, one call of each per round.
+
+    Every provider is first called ``warmup`` times (allocator, oneDNN primitive caches, lazy init). The
+    order within a round rotates, so no provider always runs right after the same neighbour.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    out = {name: Timing() for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            out[name].samples.append(time.perf_counter() - t0)
+    return out
+
+
+class OtherLoad:
+    """Average number of cores busy with *other* processes between `start` and `stop` (Linux only).
+
+    Total busy jiffies from /proc/stat minus this process's CPU time; None where /proc/stat is missing.
+    """
+
+    def __init__(self) -> None:
+        self._t0: tuple[float, float, float] | None = None
+        self.value: float | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()[1:]
+        except OSError:
+            return None
+        ticks = [int(x) for x in fields]
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+        busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> OtherLoad:
+        busy = self._busy_seconds()
+        self._t0 = None if busy is None else (busy, time.process_time(), time.perf_counter())
+        return self
+
+    def stop(self) -> float | None:
+        busy = self._busy_seconds()
+        if self._t0 is None or busy is None:
+            return None
+        busy0, own0, wall0 = self._t0
+        wall = time.perf_counter() - wall0
+        other = (busy - busy0) - (time.process_time() - own0)
+        self.value = max(0.0, other / wall) if wall > 0 else None
+        return self.value
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_string(device: str = "cpu") -> str:
+    """E.g. ``cpu: AMD EPYC (2 of 2 cores, AVX512)``."""
+    if device == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads of {os.cpu_count()} cores, {cap})"
+    return f"{device}: {torch.cuda.get_device_name()}" if device.startswith("cuda") else device
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import adaptwin
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "adaptwin": adaptwin.__version__}
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> Path:
+    """Merge ``rows`` into the CSV at ``path`` atomically (temp file + rename in the same folder).
+
+    Existing rows with the same `ROW_KEY` are replaced, others kept; a file with a different header is
+    replaced whole. Floats are written with 6 significant digits.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
+    unknown = {k for r in rows for k in r} - set(CSV_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown CSV fields {sorted(unknown)}; allowed: {list(CSV_FIELDS)}")
+    new = [{k: _fmt(r.get(k, "")) for k in CSV_FIELDS} for r in rows]
+    keys = {tuple(r[k] for k in ROW_KEY) for r in new}
+    old: list[dict[str, str]] = []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) == CSV_FIELDS:
+                old = [r for r in reader if tuple(r[k] for k in ROW_KEY) not in keys]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(old + new)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain fixed-width table (right-aligned numbers, left-aligned text)."""
+    cells = [[str(h) for h in header]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if j and _numeric(c) else c.ljust(w) for c, w in zip(row, widths)))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s.rstrip("x%"))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,410 @@
+"""Whisper encoder on CPU: dense HF encoder vs adaptwin (ratio 0.5, encoder only) vs an unfused low-rank baseline.
+
+    python -m benchmarks.whisper_encoder_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--repeats N]
+        [--providers dense,adaptwin,adaptwin_nopad,unfused] [--threads 2] [--profile]
+        [--out results/whisper_encoder_speed.csv]
+
+Encoders are built from `WhisperConfig` with random weights (no hub access); the input is 30 s of audio,
+input_features (1, 80, 3000), i.e. 1500 positions after the stride-2 convolution. Providers, timed
+interleaved in one run and compared like with like (each dtype against the dense encoder in that dtype):
+
+* ``dense``: the Hugging Face encoder, ``attn_implementation="sdpa"``.
+* ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",)))``.
+  Attention runs in rank space (per-head width r + l), FFN matrices as two thin GEMMs.
+* ``adaptwin_nopad``: the same compressed encoder with `attend`'s CPU width padding switched off (SDPA
+  then runs at head width r + l as is), to show what that padding buys.
+* ``unfused``: the *same factors* used naively: every call multiplies each head's twins back into the
+  d×d products M_h = P_hᵀQ_h and N_h = V_hᵀO_hᵀ and attends with per-head width d (queries x·M_h, keys
+  x, values x·N_h, heads summed), and every FFN multiplies its factors back into the dense out×in
+  weight. Same math as ``adaptwin`` (it is the correctness reference: 2e-7 to 3e-7 relative in fp32), but
+  QKᵀ and AV cost H times the dense encoder's: what compressing the parameters alone buys in time.
+
+FLOPs are counted from the shapes each module actually sees (forward hooks): GEMM and convolution
+multiply-adds ×2 (projections, QKᵀ, AV, FFN, convolutions, the baseline's rebuilds), at the widths the
+model defines (not counting `attend`'s zero padding); softmax, GELU and LayerNorm are left out. That
+work does not shrink with the ranks, so the time ratio stays above the FLOP ratio by about its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import WhisperConfig, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+import adaptwin
+from adaptwin.compressors.ffn_svd.layer import LowRankLinear
+from adaptwin.compressors.product_twin.layer import TwinAttention
+from adaptwin.ops import attention
+from benchmarks.common import (
+    OtherLoad,
+    device_string,
+    format_table,
+    now_utc,
+    time_interleaved,
+    versions,
+    write_rows,
+)
+
+BENCHMARK = "whisper_encoder_speed"
+PROVIDERS = ("dense", "adaptwin", "adaptwin_nopad", "unfused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
+# Measured 2.1e-7 (tiny) and 3.2e-7 (base); 1e-4 leaves room for other BLAS builds and still catches a
+# wrong head split, bias fold or scale, which give errors of order 1.
+REL_TOL_FP32 = 1e-4
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """A Whisper encoder's shape; ``positions`` after the stride-2 conv, so 2·positions mel frames in."""
+
+    name: str
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    mel_bins: int = 80
+    positions: int = 1500
+
+    @property
+    def frames(self) -> int:
+        return 2 * self.positions
+
+    def label(self) -> str:
+        return f"{self.name}:d{self.d_model}-L{self.layers}-H{self.heads}-f{self.ffn}-T{self.positions}"
+
+
+SHAPES = {
+    "tiny": EncoderShape("tiny", d_model=384, layers=4, heads=6, ffn=1536),
+    "base": EncoderShape("base", d_model=512, layers=6, heads=8, ffn=2048),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The unfused low-rank baseline
+
+
+class UnfusedTwinAttention(nn.Module):
+    """A `TwinAttention`'s factors applied through per-head d×d products rebuilt on every call.
+
+    Per head h: M_h = P_hᵀ·Q_h (d×d) from the query/key factors, N_h = V_hᵀ·O_hᵀ (d×d_out) from the
+    value/output factors; out = Σ_h softmax(s·(x·M_h + b_P,h·Q_h)·xᵀ)·(x·N_h) + b_O + Σ_h O_h·b_V,h.
+    A key bias would add q·b_K, constant over keys, which softmax ignores, so it is dropped.
+    Self-attention without mask only (the Whisper encoder's case).
+    """
+
+    def __init__(self, twin: TwinAttention) -> None:
+        super().__init__()
+        if twin.num_kv_heads != twin.num_heads or twin.o_proj is None:
+            raise ValueError("the unfused baseline covers multi-head attention with its own output projection")
+        h, w, wv = twin.num_heads, twin.qk_width, twin.v_width
+        d = twin.q_proj.in_features
+        d_out = twin.o_proj.out_features
+        self.num_heads, self.scaling = h, twin.scaling
+        self.q_factor = nn.Parameter(twin.q_proj.weight.detach().view(h, w, d).clone())  # (H, w, d) P_h
+        self.k_factor = nn.Parameter(twin.k_proj.weight.detach().view(h, w, d).clone())  # (H, w, d) Q_h
+        self.v_factor = nn.Parameter(twin.v_proj.weight.detach().view(h, wv, d).clone())  # (H, wv, d) V_h
+        o = twin.o_proj.weight.detach().view(d_out, h, wv).permute(1, 2, 0)  # (H, wv, d_out) O_hᵀ
+        self.o_factor = nn.Parameter(o.contiguous())
+        self.q_bias = _param_or_none(twin.q_proj.bias, (h, 1, w))  # (H, 1, w)
+        self.v_bias = _param_or_none(twin.v_proj.bias, (h, 1, wv))  # (H, 1, wv)
+        self.o_bias = _param_or_none(twin.o_proj.bias, (d_out,))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs: object) -> tuple[torch.Tensor, None]:
+        if attention_mask is not None:
+            raise ValueError("the unfused baseline is for the unmasked encoder")
+        b, t, d = hidden_states.shape
+        m = torch.matmul(self.q_factor.transpose(1, 2), self.k_factor)  # (H, d, d)
+        n = torch.matmul(self.v_factor.transpose(1, 2), self.o_factor)  # (H, d, d_out)
+        x = hidden_states.unsqueeze(1)  # (B, 1, T, d)
+        q = torch.matmul(x, m)  # (B, H, T, d)
+        if self.q_bias is not None:
+            q = q + torch.matmul(self.q_bias, self.k_factor)  # (H, 1, d)
+        k = x.expand(b, self.num_heads, t, d)  # (B, H, T, d): the keys are x itself
+        v = torch.matmul(x, n)  # (B, H, T, d_out)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling).sum(1)  # (B, T, d_out)
+        if self.v_bias is not None:  # softmax rows sum to 1: the value bias passes straight through
+            out = out + torch.matmul(self.v_bias, self.o_factor).sum(0)
+        if self.o_bias is not None:
+            out = out + self.o_bias
+        return out, None
+
+    def flops(self, tokens: int, batch: int) -> dict[str, int]:
+        h, w, d = self.q_factor.shape
+        wv, d_out = self.o_factor.shape[1:]
+        return {
+            "rebuild": 2 * h * d * d * w + 2 * h * d * wv * d_out,
+            "proj": 2 * batch * tokens * h * d * (d + d_out),
+            "qk": 2 * batch * h * tokens * tokens * d,
+            "av": 2 * batch * h * tokens * tokens * d_out,
+        }
+
+
+class UnfusedLowRankLinear(nn.Module):
+    """A `LowRankLinear` whose dense out×in weight is rebuilt from the factors on every call."""
+
+    def __init__(self, lr: LowRankLinear) -> None:
+        super().__init__()
+        self.in_factor = nn.Parameter(lr.in_factor.detach().clone())  # (k, in)
+        self.out_factor = nn.Parameter(lr.out_factor.detach().clone())  # (out, k)
+        self.bias = None if lr.bias is None else nn.Parameter(lr.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.out_factor @ self.in_factor, self.bias)
+
+    def flops(self, tokens: int, batch: int) -> dict[str, int]:
+        k, d_in = self.in_factor.shape
+        d_out = self.out_factor.shape[0]
+        return {"rebuild": 2 * d_out * k * d_in, "ffn": 2 * batch * tokens * d_in * d_out}
+
+
+def _param_or_none(t: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach().reshape(shape).clone())
+
+
+def unfuse(encoder: nn.Module) -> nn.Module:
+    """A copy of a compressed encoder with every twin and low-rank linear replaced by its unfused form."""
+    out = copy.deepcopy(encoder)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, (TwinAttention, LowRankLinear)):
+            parent, _, leaf = name.rpartition(".")
+            new = UnfusedTwinAttention(module) if isinstance(module, TwinAttention) else UnfusedLowRankLinear(module)
+            setattr(out.get_submodule(parent) if parent else out, leaf, new)
+    return out
+
+
+class NoPadding(nn.Module):
+    """Runs a compressed encoder with `attend`'s CPU width padding switched off."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        saved = attention._sdpa_width
+        attention._sdpa_width = lambda q, k, v: None
+        try:
+            return self.encoder(*args, **kwargs)
+        finally:
+            attention._sdpa_width = saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, FLOPs, timing
+
+
+def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> dict[str, nn.Module]:
+    """fp32 encoders of every provider in `PROVIDERS`, in eval mode."""
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        d_model=shape.d_model, encoder_layers=shape.layers, encoder_attention_heads=shape.heads,
+        encoder_ffn_dim=shape.ffn, decoder_layers=1, decoder_attention_heads=shape.heads,
+        decoder_ffn_dim=shape.ffn, num_mel_bins=shape.mel_bins, max_source_positions=shape.positions,
+        attn_implementation="sdpa",
+    )
+    model = WhisperModel(config).eval()
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",)))
+    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_nopad": NoPadding(small.encoder)}
+    encoders["unfused"] = unfuse(small.encoder).eval()
+    return encoders
+
+
+def count_flops(encoder: nn.Module, features: torch.Tensor) -> dict[str, int]:
+    """GEMM/conv FLOPs (2 per multiply-add) of one forward, by kind, from the shapes the modules see."""
+    totals: dict[str, int] = defaultdict(int)
+    hooks = []
+
+    def add(kind: str, n: int) -> None:
+        totals[kind] += int(n)
+
+    def on(module: nn.Module, fn: Callable[[nn.Module, tuple, dict], None]) -> None:
+        hooks.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    for name, module in encoder.named_modules():
+        kind = "ffn" if ".fc" in name else "proj"
+        if isinstance(module, (UnfusedTwinAttention, UnfusedLowRankLinear)):
+            def unfused(m: nn.Module, a: tuple, k: dict) -> None:
+                b, t = hidden(a, k).shape[:2]
+                for key, n in m.flops(t, b).items():
+                    add(key, n)
+
+            on(module, unfused)
+        elif isinstance(module, LowRankLinear):
+            on(module, lambda m, a, k, kind=kind: add(
+                kind, 2 * a[0].numel() // m.in_features * (m.rank + m.lora_rank) * (m.in_features + m.out_features)))
+        elif isinstance(module, nn.Linear):
+            on(module, lambda m, a, k, kind=kind: add(kind, 2 * a[0].numel() * m.out_features))
+        elif isinstance(module, nn.Conv1d):
+            hooks.append(module.register_forward_hook(lambda m, a, out: add(
+                "conv", 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0])))
+        elif isinstance(module, (WhisperAttention, TwinAttention)):
+            if isinstance(module, WhisperAttention):
+                dq = dv = module.head_dim
+            else:
+                dq, dv = module.qk_width, module.v_width
+
+            def attn(m: nn.Module, a: tuple, k: dict, dq: int = dq, dv: int = dv) -> None:
+                b, t = hidden(a, k).shape[:2]
+                add("qk", 2 * b * m.num_heads * t * t * dq)
+                add("av", 2 * b * m.num_heads * t * t * dv)
+
+            on(module, attn)
+    try:
+        with torch.inference_mode():
+            encoder(features)
+    finally:
+        for h in hooks:
+            h.remove()
+    totals["total"] = sum(totals.values())
+    return dict(totals)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).norm() / ref.norm())
+
+
+def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repeats: int, warmup: int,
+              seed: int = 0) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """Time every provider at every dtype; returns CSV rows and the FLOP breakdown per provider."""
+    encoders = build_encoders(shape, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    features = torch.randn(1, shape.mel_bins, shape.frames, generator=gen)
+    flops = {p: count_flops(encoders[p], features) for p in providers}
+    with torch.inference_mode():  # fp32 references: dense for dense, the unfused rebuild for the low-rank paths
+        ref = {"dense": encoders["dense"](features).last_hidden_state,
+               "lowrank": encoders["unfused"](features).last_hidden_state}
+    rows = []
+    device, vers, threads = device_string(), versions(), torch.get_num_threads()
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        encs = {p: copy.deepcopy(encoders[p]).to(dtype) for p in providers}
+        x = features.to(dtype)
+        with torch.inference_mode():
+            errs = {p: rel_err(encs[p](x).last_hidden_state, ref["dense" if p == "dense" else "lowrank"])
+                    for p in providers}
+            if dname == "fp32" and "adaptwin" in errs and errs["adaptwin"] > REL_TOL_FP32:
+                raise RuntimeError(f"{shape.name}: adaptwin differs from the unfused rebuild of its own factors by "
+                                   f"{errs['adaptwin']:.2e} relative (> {REL_TOL_FP32:.0e}); the fast path is wrong")
+            load = OtherLoad().start()
+            timings = time_interleaved({p: (lambda e=encs[p], x=x: e(x)) for p in providers},
+                                       repeats=repeats, warmup=warmup)
+            other = load.stop()
+        base = timings["dense"].p50 if "dense" in timings else None
+        for p in providers:
+            t = timings[p]
+            rows.append({
+                "benchmark": BENCHMARK, "shape": shape.label(), "dtype": dname, "provider": p,
+                "p20_ms": t.p20, "p50_ms": t.p50, "p80_ms": t.p80, "repeats": repeats,
+                "ratio_p50": t.p50 / base if base else None,
+                "gflop": flops[p]["total"] / 1e9,
+                "gflop_ratio": flops[p]["total"] / flops["dense"]["total"] if "dense" in flops else None,
+                "rel_err": errs[p], "device": device, "threads": threads,
+                "other_load": other, **vers, "timestamp": now_utc(),
+            })
+        del encs
+    return rows, flops
+
+
+def profile_shape(shape: EncoderShape, dname: str, providers: list[str], rows: int = 15) -> None:
+    """Print torch.profiler's top operators (self CPU time) of each provider: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encoders = build_encoders(shape)
+    x = torch.randn(1, shape.mel_bins, shape.frames).to(DTYPES[dname])
+    for p in providers:
+        enc = copy.deepcopy(encoders[p]).to(DTYPES[dname])
+        with torch.inference_mode():
+            enc(x)
+            enc(x)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(3):
+                    enc(x)
+        print(f"\n== profile {shape.name} {dname} {p} (3 calls) ==")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def print_report(rows: list[dict], flops: dict[str, dict[str, dict[str, int]]]) -> None:
+    table = []
+    for r in rows:
+        table.append([r["shape"].split(":")[0], r["dtype"], r["provider"], r["p20_ms"], r["p50_ms"], r["p80_ms"],
+                      _x(r["ratio_p50"]), r["gflop"], _x(r["gflop_ratio"]), f"{r['rel_err']:.1e}",
+                      "" if r["other_load"] is None else f"{r['other_load']:.2f}"])
+    print(format_table(["shape", "dtype", "provider", "p20 ms", "p50 ms", "p80 ms", "time/dense", "GFLOP",
+                        "FLOP/dense", "rel err", "other load"], table))
+    print("\nrel err: vs the fp32 dense encoder (dense) or the fp32 unfused rebuild of the same factors (low-rank)."
+          "\nother load: cores busy with other processes during the timing (of "
+          f"{torch.get_num_threads()} threads used here).")
+    kinds = ["conv", "proj", "qk", "av", "ffn", "rebuild", "total"]
+    ftable = [[s, p] + [f[p].get(k, 0) / 1e9 for k in kinds] for s, f in flops.items() for p in f]
+    print("\nGFLOP per forward by kind (2 per multiply-add; softmax/GELU/LayerNorm not counted):")
+    print(format_table(["shape", "provider", *kinds], ftable))
+
+
+def _x(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="tiny,base", help=f"comma-separated, from {sorted(SHAPES)}")
+    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
+    ap.add_argument("--repeats", type=int, default=15, help="timed calls per provider (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/whisper_encoder_speed.csv")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    args = ap.parse_args(argv)
+
+    def pick(text: str, allowed, what: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            ap.error(f"unknown {what} {bad}; allowed: {sorted(allowed)}")
+        return items
+
+    shapes = pick(args.shapes, SHAPES, "shapes")
+    dtypes = pick(args.dtypes, DTYPES, "dtypes")
+    providers = pick(args.providers, PROVIDERS, "providers")
+    if "dense" not in providers:
+        ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
+    torch.set_num_threads(args.threads)
+    print(f"{device_string()}, torch {torch.__version__}")
+
+    rows: list[dict] = []
+    flops: dict[str, dict[str, dict[str, int]]] = {}
+    for name in shapes:
+        shape = SHAPES[name]
+        print(f"timing {shape.label()} ({', '.join(dtypes)}; {args.repeats} repeats)...", flush=True)
+        shape_rows, flops[name] = run_shape(shape, dtypes, providers, args.repeats, args.warmup)
+        rows += shape_rows
+        if args.profile:
+            for d in dtypes:
+                profile_shape(shape, d, [p for p in providers if p != "unfused"])
+    print()
+    print_report(rows, flops)
+    path = write_rows(args.out, rows)
+    print(f"\nwrote {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
