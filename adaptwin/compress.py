@@ -101,6 +101,10 @@ def plan(model: nn.Module, config: CompressionConfig) -> Plan:
 
     Raises ``ValueError`` for anything `compress` would refuse, before any work is done.
     """
+    return _plan(model, config)[0]
+
+
+def _plan(model: nn.Module, config: CompressionConfig):
     model_type, adapter, components, methods = _prepare(model, config)
     sites = _sites(adapter, model, components)
     if not sites:
@@ -125,7 +129,7 @@ def plan(model: nn.Module, config: CompressionConfig) -> Plan:
         })
     if not rows:
         raise ValueError("the plan leaves every module uncompressed (all ranks None); nothing to do")
-    return Plan(model_type, rows, skipped)
+    return Plan(model_type, rows, skipped), adapter, components, methods
 
 
 def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = False) -> nn.Module:
@@ -139,8 +143,8 @@ def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = Fal
     Returns:
         The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression.
     """
-    planned = plan(model, config)
-    model_type, adapter, components, methods = _prepare(model, config)
+    planned, adapter, components, methods = _plan(model, config)
+    model_type = planned.architecture
     small = model if inplace else copy.deepcopy(model)
     by_path = {s.path: (kind, s) for kind, s in _sites(adapter, small, components)}
     record = CompressionRecord(model_type, config.to_dict())
