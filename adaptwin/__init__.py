@@ -10,6 +10,8 @@ from adaptwin.architectures import ArchitectureAdapter, AttentionSite, LinearSit
 from adaptwin.compress import CompressionRecord, Plan, compress, compression_record, plan
 from adaptwin.compressors import Compressor
 from adaptwin.config import CompressionConfig
+from adaptwin.finetune import FinetuneConfig, FinetuneReport
+from adaptwin.finetune import run_finetune as finetune
 from adaptwin.io import load, read_meta, save
 from adaptwin.registry import (
     get_architecture,
@@ -27,10 +29,13 @@ __all__ = [
     "AttentionSite",
     "CompressionConfig",
     "CompressionRecord",
+    "FinetuneConfig",
+    "FinetuneReport",
     "Compressor",
     "LinearSite",
     "compress",
     "compression_record",
+    "finetune",
     "plan",
     "Plan",
     "get_architecture",

@@ -8,6 +8,7 @@ rebuild it later without the original weights, and the per-module parameter acco
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +28,16 @@ class CompressionRecord:
     config: dict[str, Any]
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {compressor, spec}
     sites: list[dict[str, Any]] = field(default_factory=list)  # one row per compressed site
+    finetune: dict[str, Any] | None = None  # FinetuneConfig and per-layer results, when fine-tuned
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "config": self.config, "modules": self.modules,
-                "sites": self.sites}
+                "sites": self.sites, "finetune": self.finetune}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressionRecord:
         try:
-            return cls(d["architecture"], d["config"], dict(d["modules"]), list(d["sites"]))
+            return cls(d["architecture"], d["config"], dict(d["modules"]), list(d["sites"]), d.get("finetune"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"compression record is malformed: missing or bad field {e}") from None
 
@@ -132,32 +134,73 @@ def _plan(model: nn.Module, config: CompressionConfig):
     return Plan(model_type, rows, skipped), adapter, components, methods
 
 
-def compress(model: nn.Module, config: CompressionConfig, *, inplace: bool = False) -> nn.Module:
+# The fine-tuning ablations that change how the factors start (paper, Table 3), as (r, l) -> (r', l').
+_MODE_RANKS = {
+    "all": lambda r, lora: (r, lora),
+    "lora_only": lambda r, lora: (r, lora),
+    "spectral": lambda r, lora: (r + lora, 0),  # rank r+l SVD, no LoRA
+    "lora_scratch": lambda r, lora: (0, r + lora),  # rank r+l LoRA from scratch, no SVD
+}
+
+
+def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterable[Any] | None = None,
+             finetune: Any = None, inplace: bool = False) -> nn.Module:
     """Compress a supported model; the original is left untouched unless ``inplace=True``.
 
     Args:
         model: a Hugging Face model (or any model whose ``config.model_type`` has a registered adapter).
         config: what to compress and how much; see `CompressionConfig`.
-        inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory).
+        calibration: batches of model inputs (dicts passed as ``model(**batch)``); when given, every
+            compressed layer is then fine-tuned alone to reproduce the original layer (Eq. 9).
+        finetune: an `adaptwin.FinetuneConfig` (epochs, mode, init, run_dir...); defaults apply when
+            ``calibration`` is given without it. ``init="whiten"`` and the ``spectral``/``lora_scratch``
+            modes also change how the factors are initialised.
+        inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory;
+            not allowed with calibration, which needs the original as the target).
 
     Returns:
-        The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression.
+        The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression
+        (and ``model.adaptwin_finetune``, the per-layer report, when fine-tuned).
     """
+    from adaptwin.finetune import FinetuneConfig, collect_stats, run_finetune
+
+    if finetune is not None and calibration is None:
+        raise ValueError("finetune=... needs calibration=... (the batches to fine-tune on)")
+    if calibration is not None:
+        if inplace:
+            raise ValueError("inplace=True cannot be combined with calibration: the original is the target")
+        finetune = finetune or FinetuneConfig()
+        if not isinstance(finetune, FinetuneConfig):
+            raise TypeError(f"finetune must be an adaptwin.FinetuneConfig, got {type(finetune).__name__}")
+        calibration = list(calibration)
     planned, adapter, components, methods = _plan(model, config)
     model_type = planned.architecture
+    stats: dict[str, Any] = {}
+    if finetune is not None and finetune.init == "whiten":
+        sites = [s for _, s in _sites(adapter, model, components)]
+        stats = collect_stats(model, [s for s in sites if s.path in {r["path"] for r in planned.rows}],
+                              calibration)
     small = model if inplace else copy.deepcopy(model)
     by_path = {s.path: (kind, s) for kind, s in _sites(adapter, small, components)}
     record = CompressionRecord(model_type, config.to_dict())
+    mode = finetune.mode if finetune is not None else "all"
     for row in planned.rows:
         kind, site = by_path[row["path"]]
         comp = methods[kind]
-        replacements = comp.compress(site, row["rank"], row["lora_rank"], config, adapter)
+        row["rank"], row["lora_rank"] = _MODE_RANKS[mode](row["rank"], row["lora_rank"])
+        extra = {"stats": stats[site.path]} if site.path in stats else {}
+        replacements = comp.compress(site, row["rank"], row["lora_rank"], config, adapter, **extra)
         for path, (module, spec) in replacements.items():
             _submodule_setter(small, path, module)
             record.modules[path] = {"compressor": comp.name, "spec": spec}
         record.sites.append({**row, "modules": sorted(replacements)})
     setattr(small, RECORD_ATTR, record)
-    return small.eval()
+    small.eval()
+    if calibration is not None:
+        report = run_finetune(model, small, calibration, finetune)
+        record.finetune = {"config": finetune.to_dict(), **report.to_dict()}
+        small.adaptwin_finetune = report
+    return small
 
 
 def compression_record(model: nn.Module) -> CompressionRecord:

@@ -109,6 +109,28 @@ class ArchitectureAdapter:
     def ffn_sites(self, model: nn.Module) -> list[LinearSite]:
         raise NotImplementedError
 
+    def layer_paths(self, model: nn.Module) -> list[tuple[str, str]]:
+        """``(path, component)`` of each transformer layer, the unit that layer-wise fine-tuning trains.
+
+        By default a layer is the deepest module holding all sites that share a component and layer index
+        (e.g. ``model.encoder.layers.3`` for its self_attn, fc1 and fc2); adapters may override.
+        """
+        groups: dict[tuple[str, int], list[str]] = {}
+        for site in [*self.attention_sites(model), *self.ffn_sites(model)]:
+            groups.setdefault((site.component, site.layer), []).append(site.path)
+        out = []
+        for (component, _), paths in groups.items():
+            parts = [p.split(".") for p in paths]
+            common = []
+            for level in zip(*parts):
+                if len(set(level)) > 1:
+                    break
+                common.append(level[0])
+            if len(paths) > 1 and len(common) == min(len(p) for p in parts):
+                common = common[:-1]  # one site path is a prefix of another: the layer is its parent
+            out.append((".".join(common), component))
+        return out
+
     # Saving and rebuilding: Hugging Face models by default.
     def model_record(self, model: nn.Module) -> dict[str, Any]:
         """What `build_empty` needs to rebuild ``model``'s skeleton (JSON-able).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 
@@ -42,6 +43,13 @@ class Compressor(ABC):
     @abstractmethod
     def build(self, spec: dict[str, Any]) -> nn.Module:
         """An empty module (parameters on the meta device are fine) from a spec returned by `compress`."""
+
+    def lora_mask(self, module: nn.Module, spec: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        """Per trainable parameter name of ``module``: a bool mask of its LoRA entries (None: no LoRA part).
+
+        Fine-tuning uses it for the "LoRA factors only" ablation. The default says the module has no LoRA.
+        """
+        return {name: None for name, _ in module.named_parameters()}
 
     def describe(self, spec: dict[str, Any]) -> str:
         """Short human description of a spec for `adaptwin inspect` (e.g. ranks)."""

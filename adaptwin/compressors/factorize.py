@@ -45,6 +45,7 @@ def lora_init(like: torch.Tensor, cols: int, seed: int, name: str) -> torch.Tens
     The partner factor starts at zero, so the compressed layer starts exactly at the SVD approximation.
     """
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
-    rms = like.pow(2).mean().sqrt().item() if like.numel() else 1.0
+    # Match the spectral factor's scale; with no spectral part (LoRA from scratch) use 1/sqrt(fan-in).
+    rms = like.pow(2).mean().sqrt().item() if like.numel() else like.shape[0] ** -0.5
     noise = torch.randn(like.shape[0], cols, generator=gen, dtype=torch.float64)  # CPU: same draw on any device
     return noise.to(like.device) * (rms or 1.0)

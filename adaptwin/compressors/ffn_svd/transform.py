@@ -52,5 +52,13 @@ class SVDCompressor(Compressor):
         with torch.device("meta"):
             return LowRankLinear(**spec)
 
+    def lora_mask(self, module: nn.Module, spec: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        lora = torch.arange(spec["rank"] + spec["lora_rank"]) >= spec["rank"]  # last lora_rank directions
+        masks = {"in_factor": lora[:, None].expand_as(module.in_factor),
+                 "out_factor": lora[None, :].expand_as(module.out_factor)}
+        if module.bias is not None:
+            masks["bias"] = torch.zeros_like(module.bias, dtype=torch.bool)
+        return masks
+
     def describe(self, spec: dict[str, Any]) -> str:
         return f"r={spec['rank']}+{spec['lora_rank']}"

@@ -154,7 +154,8 @@ class ProductTwinCompressor(Compressor):
         out = {site.path: (module, spec)}
         if site.out_path:
             out_spec = {"module": "output", "in_features": h * v_width, "out_features": site.out_size,
-                        "bias": o_bias is not None}
+                        "bias": o_bias is not None, "v_width": v_width,
+                        "vo_rank": rank if "vo" in twins else None}
             out_module = self.build(out_spec).to_empty(device=device).to(dtype)
             out[site.out_path] = (out_module, out_spec)
             o_target = out_module
@@ -167,6 +168,34 @@ class ProductTwinCompressor(Compressor):
                 if b is not None:
                     lin.bias.copy_(b)
         return out
+
+    def lora_mask(self, module: nn.Module, spec: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        def per_head(blocks: int, width: int, rank: int | None) -> torch.Tensor:
+            pos = torch.arange(width).repeat(blocks)  # position inside each head's block
+            return pos >= (width if rank is None else rank)  # LoRA directions follow the spectral ones
+
+        masks: dict[str, torch.Tensor | None] = {}
+        if spec.get("module") == "output":  # BERT's separate output factor: columns per head
+            cols = per_head(spec["in_features"] // spec["v_width"], spec["v_width"], spec["vo_rank"])
+            masks["weight"] = cols[None, :].expand_as(module.weight)
+            if module.bias is not None:
+                masks["bias"] = torch.zeros_like(module.bias, dtype=torch.bool)
+            return masks
+        h, hkv = spec["num_heads"], spec["num_kv_heads"]
+        qk = (spec["qk_width"], spec["qk_rank"])
+        vo = (spec["v_width"], spec["vo_rank"])
+        for name, blocks, (width, rank) in (("q_proj", h, qk), ("k_proj", hkv, qk), ("v_proj", hkv, vo)):
+            rows = per_head(blocks, width, rank)
+            lin = getattr(module, name)
+            masks[f"{name}.weight"] = rows[:, None].expand_as(lin.weight)
+            if lin.bias is not None:
+                masks[f"{name}.bias"] = rows.clone()
+        if module.o_proj is not None:
+            cols = per_head(h, *vo)
+            masks["o_proj.weight"] = cols[None, :].expand_as(module.o_proj.weight)
+            if module.o_proj.bias is not None:
+                masks["o_proj.bias"] = torch.zeros_like(module.o_proj.bias, dtype=torch.bool)
+        return masks
 
     def build(self, spec: dict[str, Any]) -> nn.Module:
         spec = dict(spec)
