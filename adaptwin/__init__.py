@@ -12,6 +12,7 @@ from adaptwin.compressors import Compressor
 from adaptwin.config import CompressionConfig
 from adaptwin.finetune import FinetuneConfig, FinetuneReport
 from adaptwin.finetune import run_finetune as finetune
+from adaptwin.finetune.select import select_layers
 from adaptwin.io import load, read_meta, save
 from adaptwin.registry import (
     get_architecture,
@@ -47,4 +48,5 @@ __all__ = [
     "register_architecture",
     "register_compressor",
     "save",
+    "select_layers",
 ]

@@ -1,6 +1,8 @@
 """The ``adaptwin`` command: compress a Hugging Face model folder, inspect a save, list what is registered.
 
     adaptwin compress MODEL_DIR --out DIR --ratio 0.45
+    adaptwin compress MODEL_DIR --out DIR --ratio 0.45 --calib DATA --epochs 40 [--keep-size 0.6]
+    torchrun --nproc-per-node N -m adaptwin compress ...      (fine-tuned layers spread over N ranks)
     adaptwin inspect DIR [--json]
     adaptwin list [--json]
 
@@ -22,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
+# Flags that are FinetuneConfig fields of the same name; None (not given) keeps the config's default.
+_FINETUNE_FIELDS = ("epochs", "lr", "mode", "init", "sequential", "holdout", "patience", "storage",
+                    "storage_dtype", "run_dir")
+_CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_error")
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_LENGTH = 128
 
 # Files a tokenizer, feature extractor or generation loop needs beside the weights; copied into the save.
 EXTRA_FILE_PATTERNS = (
@@ -30,6 +38,9 @@ EXTRA_FILE_PATTERNS = (
     "preprocessor_config.json", "processor_config.json", "feature_extractor_config.json",
     "generation_config.json", "chat_template.json", "chat_template.jinja",
 )
+# A tokenizer's vocabulary lives in one of these (tokenizer_config.json alone holds none).
+_VOCABULARY_FILES = ("tokenizer.json", "vocab*", "merges.txt", "tokenizer.model", "spiece.model",
+                     "sentencepiece*.model", "*.tiktoken")
 _RANK_FLAGS = ("attention_rank", "attention_lora_rank", "ffn_rank", "ffn_lora_rank")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -71,6 +82,9 @@ def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from adaptwin import __version__
+    from adaptwin.finetune.config import INITS, MODES, STORAGE_DTYPES, STORAGES, FinetuneConfig
+
+    d = FinetuneConfig()  # the defaults the help names
 
     parser = argparse.ArgumentParser(
         prog="adaptwin",
@@ -96,7 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--override", action="append", default=[], metavar="PATTERN=key:val,...",
                    help="per-module ranks after planning, e.g. 'model.encoder.layers.0.*=ffn_rank:none' "
                    f"(keys: {', '.join(_RANK_FLAGS)}; repeatable)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the LoRA factors' initialisation (default 0)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the LoRA factors' initialisation and of "
+                   "fine-tuning's shuffling (default 0)")
+
+    f = c.add_argument_group("layer-wise fine-tuning (Eq. 9; needs --calib)")
+    f.add_argument("--calib", metavar="DATA", help="calibration text: a UTF-8 file, one example per line, "
+                   "tokenised with MODEL_DIR's tokenizer; every compressed layer is then trained to reproduce "
+                   "the original layer's outputs")
+    f.add_argument("--epochs", type=int, metavar="N",
+                   help=f"passes over the calibration batches per layer (default {d.epochs})")
+    f.add_argument("--lr", type=float, metavar="LR", help=f"Adam learning rate (default {d.lr:g})")
+    f.add_argument("--mode", choices=MODES, help="ablation: all (SVD + LoRA trainable, default), spectral "
+                   "(rank r+l SVD, no LoRA), lora_scratch (rank r+l LoRA from scratch), lora_only (only LoRA trains)")
+    f.add_argument("--init", choices=INITS, help="factor initialisation: svd of the weights (default) or whiten "
+                   "(SVD of the activation-whitened product, from the calibration data)")
+    f.add_argument("--sequential", action="store_true", default=None, help="layer i learns from the already "
+                   "fine-tuned layers' outputs (one process; default: independent layers, as in the paper)")
+    f.add_argument("--holdout", type=float, metavar="F",
+                   help=f"fraction of batches held out for early stopping (default {d.holdout:g})")
+    f.add_argument("--patience", type=int, metavar="N", help="epochs without held-out improvement before a "
+                   f"layer stops; 0 disables (default {d.patience})")
+    f.add_argument("--storage", choices=STORAGES, help="keep captured activations in memory (default) or on "
+                   "disk (under --run-dir/activations, else a temporary folder)")
+    f.add_argument("--storage-dtype", choices=STORAGE_DTYPES, help="dtype of the stored activations "
+                   "(default float32; float16/bfloat16 halve the bytes)")
+    f.add_argument("--run-dir", metavar="DIR", help="checkpoint every finished layer here; the same command "
+                   "after a kill resumes from them")
+    f.add_argument("--batch-size", type=int, metavar="N",
+                   help=f"calibration examples per batch (default {DEFAULT_BATCH_SIZE})")
+    f.add_argument("--max-length", type=int, metavar="N",
+                   help=f"tokens per example, longer ones are truncated (default {DEFAULT_MAX_LENGTH})")
+    f.add_argument("--keep-size", type=float, metavar="F", help="after fine-tuning, revert the layers with the "
+                   "most error per parameter saved to the original until at most F of the targeted parameters "
+                   "are kept (F in (0, 1])")
+    f.add_argument("--max-error", type=float, metavar="E", help="after fine-tuning, revert every layer whose "
+                   "relative output error exceeds E")
 
     i = sub.add_parser("inspect", help="show what a save directory holds (reads adaptwin.json only)",
                        description="Per-site ranks and parameter counts of an adaptwin save; no weights are loaded.")
@@ -207,29 +255,217 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _finetune_from_args(args: argparse.Namespace, world: int):
+    """The FinetuneConfig the flags ask for (None without --calib); bad values fail before any loading."""
+    given = [k for k in _CALIB_ONLY if getattr(args, k) is not None]
+    if args.calib is None:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --calib DATA (the text to fine-tune on)")
+        return None
+    from adaptwin import FinetuneConfig
+    from adaptwin.finetune.select import check_budget
+
+    for flag in ("batch_size", "max_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.keep_size is not None or args.max_error is not None:
+        check_budget(args.keep_size, args.max_error)
+    if args.sequential and world > 1:
+        raise UsageError("--sequential trains layers one after another; run it in one process, not torchrun")
+    kwargs = {k: getattr(args, k) for k in _FINETUNE_FIELDS if getattr(args, k) is not None}
+    if args.storage == "disk":  # the real folder is made in cmd_compress; this validates the rest now
+        kwargs["storage_dir"] = str(Path(args.run_dir) / "activations") if args.run_dir else "(temporary)"
+    return FinetuneConfig(seed=args.seed, **kwargs)
+
+
+def read_calibration_text(path: str) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 file: one calibration example per line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--calib {path} {'is not a file' if p.exists() else 'does not exist'} "
+                         "(expected a UTF-8 text file, one example per line)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--calib {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"--calib {path} is empty: expected one example per line")
+    return lines
+
+
+def calibration_batches(model, source: str, lines: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """``lines`` tokenised with the model's own tokenizer into padded batches (with attention_mask)."""
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    speech = "calibration data for speech models arrives with the speech issue"
+    takes = getattr(model, "main_input_name", "input_ids")
+    if takes != "input_ids":
+        raise UsageError(f"{type(model).__name__} takes {takes}, not text, and --calib reads text; {speech}")
+    folder = Path(source)
+    # Without a vocabulary file transformers builds an empty tokenizer that maps every word to [UNK].
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in _VOCABULARY_FILES):
+        raise UsageError(f"MODEL_DIR {source} has no tokenizer (none of {', '.join(_VOCABULARY_FILES)}) to read "
+                         f"--calib text with; add its tokenizer files ({speech})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"MODEL_DIR {source} has no usable tokenizer to read --calib text with "
+                         f"({_one_line(e)}); add its tokenizer files ({speech})") from None
+    if getattr(tokenizer, "pad_token", None) is None:  # GPT-2 / Llama ship none; the mask hides padding anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise UsageError(f"the tokenizer of {source} has no pad, eos or unk token to pad batches with")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:  # e.g. 512 for BERT: past it positions run out
+        max_length = limit
+    accepted = inspect.signature(model.forward).parameters
+    batches = []
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        if enc["input_ids"].shape[-1] == 0:
+            raise UsageError(f"the tokenizer of {source} turns lines {i + 1}-{i + len(enc['input_ids'])} of --calib "
+                             "into no tokens at all; is it the model's own tokenizer?")
+        batches.append({k: v for k, v in enc.items() if k in accepted})
+    return batches
+
+
+class EpochProgress:
+    """The ``progress(layer, epoch, epochs, loss)`` callback of fine-tuning, drawn on stderr.
+
+    On a terminal (one process): a tqdm bar per layer over its epochs, with ETA and the last epoch's
+    training loss. Otherwise (a log file, or torchrun ranks whose bars would overwrite each other):
+    one line per finished layer.
+    """
+
+    def __init__(self, layers: Sequence[str], rank: int = 0, world: int = 1) -> None:
+        self.index = {p: i for i, p in enumerate(layers, 1)}
+        self.total = len(layers)
+        self.stream = sys.stderr
+        self.bars = world == 1 and self.stream.isatty()
+        self.prefix = f"[rank {rank}] " if world > 1 else ""
+        self.layer: str | None = None
+        self.bar: Any = None
+        self.epoch, self.epochs, self.loss, self.start = 0, 0, float("nan"), 0.0
+
+    def __call__(self, layer: str, epoch: int, epochs: int, loss: float) -> None:
+        if layer != self.layer:
+            self.close()
+            self.layer, self.start = layer, time.perf_counter()
+            if self.bars:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=epochs, desc=f"{layer} ({self._position()})", unit="epoch",
+                                file=self.stream, dynamic_ncols=True)
+        self.epoch, self.epochs, self.loss = epoch, epochs, loss
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
+            self.bar.update(1)
+
+    def _position(self) -> str:
+        return f"{self.index.get(self.layer, '?')}/{self.total}"
+
+    def close(self) -> None:
+        if self.layer is None:
+            return
+        early = self.epoch < self.epochs
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss={self.loss:.3g}{', stopped early' if early else ''}")
+            self.bar.close()
+        else:
+            epochs = f"{self.epoch}/{self.epochs} epochs (stopped early)" if early else f"{self.epoch} epochs"
+            print(f"{self.prefix}fine-tuned {self.layer} ({self._position()}): {epochs}, "
+                  f"train loss {self.loss:.3g}, {time.perf_counter() - self.start:.1f} s",
+                  file=self.stream, flush=True)
+        self.layer, self.bar = None, None
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size: torch.distributed's once initialised, torchrun's env before."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    try:
+        return _compress(args)
+    finally:  # under torchrun, fine-tuning joined a process group; leave it cleanly
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import contextlib
+    import dataclasses
+    import tempfile
+
     import adaptwin
 
     config = _config_from_args(args)  # bad ratios, ranks, twins and overrides fail here, in milliseconds
+    rank, world = _rank_world()
+    finetune = _finetune_from_args(args, world)  # and bad fine-tuning flags
+    lines = read_calibration_text(args.calib) if finetune is not None else None
     local = _resolve_model(args.model)
     out = Path(args.out).expanduser()
     _check_out_dir(out, local)
     source = str(local) if local is not None else args.model
+    say = _note if rank == 0 else (lambda msg: None)
 
     _disable_progress_bars()
     t0 = time.perf_counter()
-    _note(f"loading {source} ...")
+    say(f"loading {source} ...")
     model = load_model(source)
     t1 = time.perf_counter()
-    _note(f"compressing {type(model).__name__} ({model.config.model_type}) ...")
-    small = adaptwin.compress(model, config, inplace=True)
+    with contextlib.ExitStack() as stack:
+        if finetune is None:
+            say(f"compressing {type(model).__name__} ({model.config.model_type}) ...")
+            small = adaptwin.compress(model, config, inplace=True)
+        else:
+            planned = adaptwin.plan(model, config)  # refuse an impossible --keep-size before training
+            if args.keep_size is not None:
+                from adaptwin.finetune.select import check_keep_size
+
+                total = planned.summary()["total"]
+                check_keep_size(args.keep_size, total["params_after"] / total["params_before"])
+            batches = calibration_batches(model, source, lines, args.batch_size or DEFAULT_BATCH_SIZE,
+                                          args.max_length or DEFAULT_MAX_LENGTH)
+            if finetune.storage == "disk" and finetune.run_dir is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptwin-activations-"))
+                finetune = dataclasses.replace(finetune, storage_dir=tmp)
+            adapter = adaptwin.get_architecture(planned.architecture)
+            layers = [p for p, _ in adapter.layer_paths(model)
+                      if any(r["path"].startswith(p + ".") for r in planned.rows)]
+            progress = EpochProgress(layers, rank, world)
+            say(f"compressing {type(model).__name__} ({model.config.model_type}) and fine-tuning {len(layers)} "
+                f"layers on {len(lines)} examples in {len(batches)} batches"
+                + (f", spread over {world} ranks" if world > 1 else "") + " ...")
+            try:
+                small = adaptwin.compress(model, config, calibration=batches, finetune=finetune, progress=progress)
+            finally:
+                progress.close()
+    if rank != 0:  # every rank holds the whole fine-tuned model; one writes it and reports
+        return 0
+    record = adaptwin.compression_record(small)
+    summary = record.summary()  # before any selection: what compressing every planned site achieved
+    selection = None
+    if finetune is not None and (args.keep_size is not None or args.max_error is not None):
+        from adaptwin.finetune.select import select_layers
+
+        small = select_layers(small, model, keep_size=args.keep_size, max_error=args.max_error, inplace=True)
+        selection = small.adaptwin_selection
     t2 = time.perf_counter()
     extras = extra_files(local) if local is not None else _hub_extra_files(args.model)
     adaptwin.save(small, out, extra_files=extras)
     t3 = time.perf_counter()
 
-    record = adaptwin.compression_record(small)
-    summary = record.summary()
     print(f"{type(small).__name__} ({record.architecture}) -> {out}")
     rows = [(name, _fmt_int(s["params_before"]), _fmt_int(s["params_after"]), f"{100 * s['compression']:.1f} %")
             for name, s in summary.items()]
@@ -240,11 +476,59 @@ def cmd_compress(args: argparse.Namespace) -> int:
               f"(of attention + FFN parameters in {', '.join(n for n in summary if n != 'total')})")
     else:
         print("explicit ranks (no target ratio)")
+    if finetune is not None:
+        print()
+        print(_finetune_summary(finetune, small.adaptwin_finetune, len(batches), selection))
     written = sorted(p for p in out.iterdir() if p.is_file())
     size = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} files, {_fmt_bytes(size)}: {', '.join(p.name for p in written)}")
-    print(f"time: load {t1 - t0:.1f} s, compress {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
+    step = "compress + fine-tune" if finetune is not None else "compress"
+    print(f"time: load {t1 - t0:.1f} s, {step} {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
     return 0
+
+
+def _finetune_summary(cfg, report, n_batches: int, selection) -> str:
+    """The per-layer error table (relative output error on held-out batches) and what selection did."""
+    n_val = max(1, round(cfg.holdout * n_batches)) if cfg.holdout > 0 and n_batches >= 2 else 0
+    lines = [f"fine-tuning: mode {cfg.mode}, init {cfg.init}, lr {cfg.lr:g}, up to {cfg.epochs} epochs"
+             f"{f' (patience {cfg.patience})' if cfg.patience and n_val else ''}, {n_batches} batches "
+             f"({n_batches - n_val} train, {n_val} held out), "
+             f"{'sequential' if cfg.sequential else 'independent'} layers, seed {cfg.seed}"]
+    reverted = set(selection.reverted) if selection is not None else set()
+    rows = []
+    for r in report.layers:
+        status = "reverted" if r.path in reverted else ""
+        if r.path in report.resumed:
+            status = ", ".join(filter(None, ["resumed", status]))
+        rows.append((r.path, f"{r.error_before:.4f}", f"{r.error_after:.4f}", str(r.epochs), str(r.best_epoch),
+                     f"{r.seconds:.1f}", status))
+    header = ("layer", "rel. error before", "after", "epochs", "best epoch", "seconds", "status")
+    if not any(row[-1] for row in rows):
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    lines.append(_table(header, rows, right=(1, 2, 3, 4, 5)))
+    if report.layers:
+        before = sum(r.error_before for r in report.layers) / len(report.layers)
+        after = sum(r.error_after for r in report.layers) / len(report.layers)
+        lines.append(f"mean relative output error {before:.4f} -> {after:.4f} (held-out batches, per layer alone)")
+    where = f"on disk ({cfg.storage_dtype})" if cfg.storage == "disk" else f"in memory ({cfg.storage_dtype})"
+    lines.append(f"captured activations: peak {_fmt_bytes(report.capture_bytes)} {where}"
+                 + (f"; {len(report.resumed)} layer(s) resumed from {cfg.run_dir}" if report.resumed else ""))
+    if selection is not None:
+        budget = ", ".join(f"{k} {v:g}" for k, v in (("keep_size", selection.keep_size),
+                                                      ("max_error", selection.max_error)) if v is not None)
+        if selection.reverted:
+            what = f"reverted {len(selection.reverted)} layer(s) to the original: {', '.join(selection.reverted)}"
+        else:
+            why = [w for w, on in (("every layer's error is within max_error", selection.max_error is not None),
+                                   ("no layer fits keep_size's spare room", selection.keep_size is not None)) if on]
+            what = f"nothing reverted ({' and '.join(why)})"
+        lines.append(f"selection ({budget}): {what}")
+        lines.append(f"  targeted parameters kept {_fmt_int(selection.params_kept)} of "
+                     f"{_fmt_int(selection.params_original)} ({100 * selection.keep_fraction:.1f} %, "
+                     f"{100 * (1 - selection.keep_fraction):.1f} % removed; every layer compressed: "
+                     f"{100 * selection.keep_fraction_before:.1f} % kept); worst compressed layer's error "
+                     f"{selection.max_kept_error:.4f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -285,9 +569,20 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "sites": sites,
             "components": components,
             "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
+            "finetune": _finetune_data(comp.get("finetune")),
         }
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{directory}: adaptwin.json is malformed (bad or missing field {e})") from None
+
+
+def _finetune_data(ft: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fine-tuning settings, per-layer errors and layer selection recorded in a save (None if not fine-tuned)."""
+    if not ft:
+        return None
+    keys = ("path", "error_before", "error_after", "epochs", "best_epoch", "reverted")
+    return {"config": ft.get("config", {}), "layers": [{k: row.get(k, False if k == "reverted" else None)
+                                                        for k in keys} for row in ft.get("layers", [])],
+            "selection": ft.get("selection")}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -311,6 +606,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(("component", "sites", "params before", "params after", "removed"), rows, right=(1, 2, 3, 4)))
     w = data["weights"]
     print(f"weights: {w['file']}, {_fmt_int(w['bytes'])} bytes ({_fmt_bytes(w['bytes'])}), {w['tensors']} tensors")
+    ft = data["finetune"]
+    if ft is not None:
+        c, layers = ft["config"], ft["layers"]
+        errors = [(r["error_before"], r["error_after"]) for r in layers if r["error_after"] is not None]
+        span = (f"; relative output error per layer {min(b for b, _ in errors):.4f}-{max(b for b, _ in errors):.4f}"
+                f" -> {min(a for _, a in errors):.4f}-{max(a for _, a in errors):.4f}") if errors else ""
+        print(f"fine-tuned {len(layers)} layers: mode {c.get('mode')}, init {c.get('init')}, lr {c.get('lr')}, "
+              f"up to {c.get('epochs')} epochs{span}")
+        sel = ft["selection"]
+        if sel:
+            budget = ", ".join(f"{k} {sel[k]:g}" for k in ("keep_size", "max_error") if sel.get(k) is not None)
+            print(f"selection ({budget}): {len(sel['reverted'])} layer(s) reverted to the original "
+                  f"({', '.join(sel['reverted']) or 'none'}); targeted parameters kept {_fmt_int(sel['params_kept'])} "
+                  f"of {_fmt_int(sel['params_original'])} ({100 * sel['keep_fraction']:.1f} %)")
     return 0
 
 

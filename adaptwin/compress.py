@@ -8,7 +8,7 @@ rebuild it later without the original weights, and the per-module parameter acco
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +144,8 @@ _MODE_RANKS = {
 
 
 def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterable[Any] | None = None,
-             finetune: Any = None, inplace: bool = False) -> nn.Module:
+             finetune: Any = None, inplace: bool = False,
+             progress: Callable[[str, int, int, float], None] | None = None) -> nn.Module:
     """Compress a supported model; the original is left untouched unless ``inplace=True``.
 
     Args:
@@ -157,6 +158,8 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
             modes also change how the factors are initialised.
         inplace: replace modules in ``model`` itself instead of a deep copy (saves one copy of memory;
             not allowed with calibration, which needs the original as the target).
+        progress: called as ``progress(layer, epoch, epochs, loss)`` after every fine-tuning epoch
+            (progress bars; only used with ``calibration``).
 
     Returns:
         The compressed model, in eval mode, with ``model.adaptwin_record`` describing the compression
@@ -197,7 +200,7 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
     setattr(small, RECORD_ATTR, record)
     small.eval()
     if calibration is not None:
-        report = run_finetune(model, small, calibration, finetune)
+        report = run_finetune(model, small, calibration, finetune, progress=progress)
         record.finetune = {"config": finetune.to_dict(), **report.to_dict()}
         small.adaptwin_finetune = report
     return small

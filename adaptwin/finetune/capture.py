@@ -12,7 +12,8 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,29 @@ from torch import nn
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """JSON structure of ``obj`` with tensors replaced by ``{"__t": index}`` into ``tensors``."""
+def _flatten(obj: Any, tensors: list[torch.Tensor], index: dict[int, int] | None = None) -> Any:
+    """JSON structure of ``obj`` with tensors replaced by ``{"__t": index}`` into ``tensors``.
+
+    A tensor that appears twice is stored once (safetensors refuses tensors that share memory). A dense
+    tensor whose strides are a permutation of contiguous ones (Whisper's encoder states are (B, T, d)
+    with T innermost) is stored contiguous in that order with ``"perm"``, so it reads back with its
+    original strides: kernels see the same layout as in the captured forward, and disk storage trains
+    bit-identically to memory storage.
+    """
+    index = {} if index is None else index
     if isinstance(obj, torch.Tensor):
-        tensors.append(obj)
-        return {"__t": len(tensors) - 1}
+        if id(obj) not in index:
+            index[id(obj)] = len(tensors)
+            tensors.append(obj)
+        node: dict[str, Any] = {"__t": index[id(obj)]}
+        order = _stride_order(obj)
+        if order is not None:
+            node["perm"] = order
+        return node
     if isinstance(obj, (tuple, list)):
-        return {"__seq": [_flatten(x, tensors) for x in obj], "tuple": isinstance(obj, tuple)}
+        return {"__seq": [_flatten(x, tensors, index) for x in obj], "tuple": isinstance(obj, tuple)}
     if isinstance(obj, dict):
-        return {"__map": {str(k): _flatten(v, tensors) for k, v in obj.items()}}
+        return {"__map": {str(k): _flatten(v, tensors, index) for k, v in obj.items()}}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise ValueError(
@@ -41,10 +56,26 @@ def _flatten(obj: Any, tensors: list[torch.Tensor]) -> Any:
     )
 
 
+def _stride_order(t: torch.Tensor) -> list[int] | None:
+    """Dimension order (outermost first) that makes ``t`` contiguous, when it is a non-trivial permutation."""
+    if t.ndim < 2 or t.is_contiguous():
+        return None
+    order = sorted(range(t.ndim), key=lambda d: -t.stride(d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _to_file(t: torch.Tensor) -> torch.Tensor:
+    order = _stride_order(t)
+    return (t.permute(order) if order is not None else t).contiguous()
+
+
 def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(node, dict):
         if "__t" in node:
-            return tensors[f"t{node['__t']}"]
+            t = tensors[f"t{node['__t']}"]
+            if "perm" in node:  # stored as t.permute(perm): undo it (argsort of perm)
+                t = t.permute(sorted(range(t.ndim), key=node["perm"].__getitem__))
+            return t
         if "__seq" in node:
             seq = [_unflatten(x, tensors) for x in node["__seq"]]
             return tuple(seq) if node["tuple"] else seq
@@ -63,14 +94,40 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
+def _tensor_key(t: torch.Tensor) -> tuple | None:
+    """Identity of a tensor's current contents: where it lives, its layout, and its version counter (bumped
+    by every in-place change, so a tensor the model rescales in place between two layers is stored anew).
+    None for inference-mode tensors, which have no version counter: those are never shared."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device,
+            version)
+
+
 class ActivationStore:
     """Per layer and batch: ``(args, kwargs, output)`` of one recorded call.
+
+    Every stored tensor is the store's own copy (never a view into the model's buffers). Within one
+    calibration forward (`sharing`), a tensor that several layers receive - layer i's output is layer
+    i+1's input, one mask or rotary table serves every layer, the encoder states every decoder layer -
+    is copied once and shared, so memory holds ~(L+1) hidden states per batch, not 2L.
+
+    Floating tensors wider than the storage dtype are stored in it, unless that would turn finite values
+    into infinities: an additive mask at ``finfo(float32).min`` becomes -inf in float16 *and* bfloat16
+    (both round -3.4e38 past their largest finite value), which turns a fully masked query row from a
+    uniform softmax into NaN or zeros; such tensors (and activations beyond float16's 65504) stay exact.
 
     Args:
         storage: ``"memory"`` or ``"disk"``.
         dtype: storage dtype name for floating tensors (``"float32"``, ``"float16"``, ``"bfloat16"``);
             they are returned in ``compute_dtype``.
         directory: where ``"disk"`` storage writes (one ``.safetensors`` per layer and batch).
+        compute_dtype: the dtype `get` returns floating tensors in (the model's).
+
+    ``nbytes`` is what is held now: for memory, the bytes of the distinct tensor storages the store
+    references; for disk, the size of its files. ``peak_nbytes`` is the most it ever held.
     """
 
     def __init__(self, storage: str = "memory", dtype: str = "float32", directory: str | os.PathLike | None = None,
@@ -86,37 +143,85 @@ class ActivationStore:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._memory: dict[tuple[str, int], tuple[Any, Any, torch.Tensor]] = {}
-        self._files: dict[tuple[str, int], Path] = {}
+        self._files: dict[tuple[str, int], tuple[Path, int]] = {}
+        self._versions: dict[tuple[str, int], list[int]] = {}  # of the stored tensors, to catch in-place changes
+        self._held: dict[int, list[int]] = {}  # storage data_ptr -> [records referencing it, bytes]
+        self._shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nbytes = 0
+        self.peak_nbytes = 0
 
-    def _store_cast(self, t: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def sharing(self) -> Iterator[None]:
+        """Within this block (one forward), a tensor recorded again is stored once.
+
+        The sources are kept alive until the block ends, so a freed tensor's address cannot be reused
+        by a new one and be mistaken for it.
+        """
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        return t.to(self.dtype) if t.is_floating_point() else t
+        key = _tensor_key(t) if self._shared is not None else None
+        if key is not None and key in self._shared:
+            return self._shared[key][1]
+        out = None
+        if t.is_floating_point() and t.element_size() > self.dtype.itemsize:
+            low = t.to(self.dtype)
+            if torch.equal(torch.isfinite(low), torch.isfinite(t)):  # see the class docstring
+                out = low
+        if out is None:
+            out = t.clone()  # own copy; dense tensors keep their strides (preserve_format)
+        if key is not None:
+            self._shared[key] = (t, out)
+        return out
 
     def add(self, layer: str, batch: int, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         """Record (or replace) one call."""
+        self.put(layer, batch, self.keep((tuple(args), dict(kwargs))), self.keep(output))
+
+    def keep(self, obj: Any) -> Any:
+        """``obj`` with every tensor replaced by the store's copy of it (in the storage dtype)."""
+        return _map_tensors(obj, self._cast)
+
+    def put(self, layer: str, batch: int, call: tuple[tuple, dict], output: torch.Tensor) -> None:
+        """Record one call whose tensors `keep` already copied: ``call = keep((args, kwargs))``."""
         self._forget((layer, batch))
-        record = _map_tensors((tuple(args), dict(kwargs), output), self._store_cast)
+        record = (*call, output)
         if self.storage == "memory":
-            self.nbytes += _nbytes(record)
             self._memory[(layer, batch)] = record
-            return
-        tensors: list[torch.Tensor] = []
-        structure = _flatten(record, tensors)
-        path = self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}.{batch}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({f"t{i}": t.contiguous() for i, t in enumerate(tensors)}, str(tmp),
-                  metadata={"structure": json.dumps(structure)})
-        os.replace(tmp, path)
-        self.nbytes += path.stat().st_size
-        self._files[(layer, batch)] = path
+            self._versions[(layer, batch)] = [t._version for t in _leaves(record)]
+            for ptr, size in _storages(record).items():
+                held = self._held.setdefault(ptr, [0, size])
+                held[0] += 1
+                if held[0] == 1:
+                    self.nbytes += size
+        else:
+            tensors: list[torch.Tensor] = []
+            structure = _flatten(record, tensors)
+            path = self.directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}.{batch}.safetensors"
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({f"t{i}": _to_file(t) for i, t in enumerate(tensors)}, str(tmp),
+                      metadata={"structure": json.dumps(structure)})
+            os.replace(tmp, path)
+            size = path.stat().st_size
+            self.nbytes += size
+            self._files[(layer, batch)] = (path, size)
+        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
 
     def get(self, layer: str, batch: int) -> tuple[tuple, dict, torch.Tensor]:
-        """The recorded call, floating tensors in ``compute_dtype``."""
+        """The recorded call, floating tensors in ``compute_dtype`` (not to be modified in place)."""
         if self.storage == "memory":
             record = self._memory[(layer, batch)]
+            if [t._version for t in _leaves(record)] != self._versions[(layer, batch)]:
+                raise RuntimeError(f"the stored call of {layer} (batch {batch}) was modified in place, by the "
+                                   "layer itself or by its caller; a layer trained alone must not change its "
+                                   "inputs in place")
         else:
-            with safe_open(str(self._files[(layer, batch)]), framework="pt") as f:
+            with safe_open(str(self._files[(layer, batch)][0]), framework="pt") as f:
                 structure = json.loads(f.metadata()["structure"])
                 record = _unflatten(structure, {k: f.get_tensor(k) for k in f.keys()})
         args, kwargs, output = _map_tensors(
@@ -134,21 +239,22 @@ class ActivationStore:
 
     def _forget(self, key: tuple[str, int]) -> None:
         if key in self._memory:
-            self.nbytes -= _nbytes(self._memory.pop(key))
+            del self._versions[key]
+            for ptr in _storages(self._memory.pop(key)):
+                held = self._held[ptr]
+                held[0] -= 1
+                if held[0] == 0:
+                    self.nbytes -= held[1]
+                    del self._held[ptr]
         elif key in self._files:
-            path = self._files.pop(key)
-            self.nbytes -= path.stat().st_size
+            path, size = self._files.pop(key)
+            self.nbytes -= size
             path.unlink(missing_ok=True)
 
 
-def _nbytes(record: Any) -> int:
-    seen: set[int] = set()
-    total = 0
-    for t in _leaves(record):
-        if t.untyped_storage().data_ptr() not in seen:  # shared tensors (one mask for all layers) once
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def _storages(record: Any) -> dict[int, int]:
+    """``{storage data_ptr: bytes}`` of the distinct storages ``record``'s tensors live in."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _leaves(record)}
 
 
 def _leaves(obj: Any) -> Iterable[torch.Tensor]:
@@ -187,25 +293,35 @@ def capture(model: nn.Module, layers: Iterable[str], batches: Iterable[Any], sto
     """
     state = {"batch": -1}
     seen: set[str] = set()
+    pending: dict[str, tuple[tuple, dict]] = {}
     handles = []
 
-    def hook_for(path: str):
-        def hook(module, args, kwargs, output):
+    def pre_hook_for(path: str):
+        def pre_hook(module, args, kwargs):  # copy the inputs before the layer runs: it may change them in place
             if path in seen:
                 raise ValueError(f"layer {path} ran twice in one forward; layer-wise capture needs one call")
             seen.add(path)
-            store.add(path, state["batch"], args, kwargs, first_output(output) if record_outputs else
-                      torch.empty(0))
+            pending[path] = store.keep((tuple(args), dict(kwargs)))
+        return pre_hook
+
+    def hook_for(path: str):
+        def hook(module, args, kwargs, output):
+            out = store.keep(first_output(output)) if record_outputs else torch.empty(0)
+            store.put(path, state["batch"], pending.pop(path), out)
         return hook
 
     for path in layers:
-        handles.append(model.get_submodule(path).register_forward_hook(hook_for(path), with_kwargs=True))
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(pre_hook_for(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(hook_for(path), with_kwargs=True))
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 state["batch"] = i
                 seen.clear()
-                run(model, batch)
+                with store.sharing():
+                    run(model, batch)
+                pending.clear()  # a layer whose forward raised leaves its inputs here
     finally:
         for h in handles:
             h.remove()

@@ -53,26 +53,45 @@ class FinetuneConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs must be a whole number >= 0, got {self.epochs!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("epochs", "patience", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         for name, allowed in (("mode", MODES), ("init", INITS), ("storage", STORAGES),
                               ("storage_dtype", STORAGE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"patience must be a whole number >= 0, got {self.patience!r}")
+        if (isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float))
+                or not 0.0 <= self.holdout < 1.0):
+            raise ValueError(f"holdout must be a number in [0, 1) (the fraction of batches held out), "
+                             f"got {self.holdout!r}")
+        for name in ("sequential", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.storage == "disk" and not self.storage_dir:
             raise ValueError("storage='disk' needs storage_dir (a folder for the captured activations)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """Inverse of `to_dict` (e.g. ``record.finetune["config"]`` of a saved model)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a FinetuneConfig is stored as a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown FinetuneConfig fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
     def fingerprint(self) -> dict[str, Any]:
-        """The fields that change the trained weights (a resumed run must match them)."""
+        """The fields that change the trained weights (a resumed run must match them).
+
+        Storage and its folder are left out: disk storage trains bit-identically to memory storage.
+        """
         d = self.to_dict()
         for k in ("progress", "storage", "storage_dir", "run_dir"):
             d.pop(k)

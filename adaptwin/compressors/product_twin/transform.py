@@ -8,6 +8,17 @@ masked against every key - a left-padding position under SDPA, which returns zer
 outputs b_O' where the original outputs b_O; no real token attends to such a position, so it never
 reaches a real output.)
 Heads that share a key/value head (grouped-query attention) are factored jointly, so the sharing stays.
+
+With calibration statistics (``stats``) both twins are factored in the activation-whitened space, so
+truncation minimises the error of what the twin computes rather than of its weights. QK: the scores
+x̃_q·M̃_h·x_kᵀ, whitened by the query inputs' homogeneous Gram and the key inputs' centred one (a
+key-side error along the mean key shifts every score of a query equally, which softmax ignores). VO:
+the head outputs c_h·W_Ohᵀ, whitened by the Gram of the attention-mixed values c_h = A_h·X·W_Vhᵀ that
+the output projection receives (``stats["o"]``, value bias removed) - not by the unmixed inputs': many
+heads put most of their weight on a few tokens ([CLS], [SEP], punctuation) whose values are far from
+typical. On all-MiniLM-L6-v2 at ratio 0.45 (no fine-tuning) the embedding cosine is 0.758 with the
+mixed values' Gram, 0.743 with the unmixed inputs' and 0.685 with the unmixed centred one plus a bias
+correction (exact for the mean of all tokens, wrong for a query that attends to one atypical token).
 """
 
 from __future__ import annotations
@@ -19,12 +30,59 @@ from torch import nn
 
 from adaptwin.architectures.base import AttentionSite
 from adaptwin.compressors.base import Compressor
-from adaptwin.compressors.factorize import lora_init, product_factors
+from adaptwin.compressors.factorize import (
+    centred_gram,
+    gram_root,
+    inner_whitened_factors,
+    lora_init,
+    product_factors,
+    whitened_product_factors,
+)
 from adaptwin.compressors.product_twin.layer import TwinAttention
 
 
 def _heads(t: torch.Tensor, n: int) -> list[torch.Tensor]:
     return list(t.chunk(n, dim=0))
+
+
+def _whitened_twins(site: AttentionSite, stats: dict[str, torch.Tensor]):
+    """``(qk_factors, vo_factors)`` that factor in the whitened space of the calibration inputs."""
+    h, hkv, dh = site.num_heads, site.num_kv_heads, site.head_dim
+    group = h // hkv
+    device = site.v.weight.device
+    stats = {k: v.to(device, torch.float64) for k, v in stats.items()}
+    kv_cov, _ = centred_gram(stats["kv"])
+    q_root, k_root = gram_root(stats["x"]), gram_root(kv_cov)  # (d+1, d+1), (d_kv, d_kv)
+
+    def qk_factors(lefts, shared, r):
+        return whitened_product_factors(lefts, shared, r, q_root, k_root)
+
+    if "o" not in stats:  # statistics without the output projection's input: weight by the unmixed values
+        v_root = gram_root(stats["kv"][:-1, :-1])
+
+        def vo_factors(lefts, shared, r, g):
+            return whitened_product_factors(lefts, shared, r, None, v_root)
+
+        return qk_factors, vo_factors
+    # Gram of c − b_V = A·X·W_Vᵀ (rows of A sum to 1): [I, −b_V]·G_o·[I, −b_V]ᵀ, (H·dh, H·dh).
+    b_v = torch.zeros(hkv * dh, dtype=torch.float64, device=device) if site.v.bias is None else site.v.bias.double()
+    eye = torch.eye(h * dh, dtype=torch.float64, device=device)
+    unbias = torch.cat([eye, -_to_heads(b_v, hkv, group)[:, None]], 1)  # (H·dh, H·dh+1)
+    mixed = unbias @ stats["o"] @ unbias.T
+    # Heads sharing a value head (GQA) share its factor, so they get one weighting: their Grams' sum.
+    roots = [gram_root(sum(mixed[i * dh:(i + 1) * dh, i * dh:(i + 1) * dh]
+                           for i in range(g * group, (g + 1) * group))) for g in range(hkv)]  # (dh, dh)
+
+    def vo_factors(lefts, shared, r, g):
+        return inner_whitened_factors(lefts, shared, r, roots[g])
+
+    return qk_factors, vo_factors
+
+
+def _to_heads(per_kv_head: torch.Tensor, num_kv_heads: int, group: int) -> torch.Tensor:
+    """(Hkv·w,) values per key/value head -> (H·w,), each repeated for the ``group`` heads sharing it."""
+    w = per_kv_head.shape[0] // num_kv_heads
+    return per_kv_head.view(num_kv_heads, 1, w).expand(num_kv_heads, group, w).reshape(-1)
 
 
 class ProductTwinCompressor(Compressor):
@@ -63,7 +121,7 @@ class ProductTwinCompressor(Compressor):
             n += sum(t.numel() for t in (site.v.weight, site.v.bias, site.o.weight, site.o.bias) if t is not None)
         return n
 
-    def compress(self, site, rank, lora_rank, config, adapter):
+    def compress(self, site, rank, lora_rank, config, adapter, stats=None):
         twins = config.twins
         self.check(site, rank, lora_rank, config)
         h, hkv, dh = site.num_heads, site.num_kv_heads, site.head_dim
@@ -71,6 +129,8 @@ class ProductTwinCompressor(Compressor):
         dtype, device = site.q.weight.dtype, site.q.weight.device
         width = rank + lora_rank
         seed = config.seed
+        qk_factors, vo_factors = _whitened_twins(site, stats) if stats is not None else (
+            product_factors, lambda lefts, shared, r, g: product_factors(lefts, shared, r))
 
         if "qk" in twins:
             wq, bq = site.q.weight.double(), site.q.bias
@@ -79,7 +139,7 @@ class ProductTwinCompressor(Compressor):
             k_heads = _heads(site.k.weight.double(), hkv)  # (dh, d_kv)
             q_rows, k_rows = [], []
             for g in range(hkv):
-                a, b = product_factors(q_heads[g * group : (g + 1) * group], k_heads[g], rank)
+                a, b = qk_factors(q_heads[g * group : (g + 1) * group], k_heads[g], rank)
                 b_rows = [b.T]  # (rank, d_kv)
                 if lora_rank:
                     b_rows.append(torch.zeros(lora_rank, b.shape[0], dtype=torch.float64))
@@ -103,7 +163,7 @@ class ProductTwinCompressor(Compressor):
             v_heads = _heads(site.v.weight.double(), hkv)  # (dh, d_kv)
             v_rows, o_cols = [], [None] * h
             for g in range(hkv):
-                a, b = product_factors(o_heads[g * group : (g + 1) * group], v_heads[g], rank)
+                a, b = vo_factors(o_heads[g * group : (g + 1) * group], v_heads[g], rank, g)
                 rows = [b.T]  # (rank, d_kv): value factor of this KV head
                 if lora_rank:
                     rows.append(lora_init(b, lora_rank, seed, f"{site.path}.v.{g}").T)
@@ -119,8 +179,8 @@ class ProductTwinCompressor(Compressor):
                 if site.o.bias is not None:
                     o_bias += site.o.bias.double()
                 if site.v.bias is not None:
-                    b_v = site.v.bias.double().view(hkv, 1, dh).expand(hkv, group, dh).reshape(h * dh)
-                    o_bias += wo @ b_v  # Σ_h W_Oh·b_V(g(h)): softmax rows sum to 1
+                    # Σ_h W_Oh·b_V(g(h)): softmax rows sum to 1
+                    o_bias += wo @ _to_heads(site.v.bias.double(), hkv, group)
         else:
             v_weight, v_bias, v_width = site.v.weight, site.v.bias, dh
             o_weight, o_bias = site.o.weight, site.o.bias

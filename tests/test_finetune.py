@@ -1,0 +1,543 @@
+"""Layer-wise fine-tuning (Eq. 9) on the tiny models: capture, training, ablation modes, storage, save/load.
+
+Every check recomputes what it judges from the models themselves (fresh captures of the original, the
+untrained compressed copy) instead of trusting the report the fine-tuner returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from tiny_models import ROW_BY_NAME
+from torch import nn
+
+import adaptwin
+from adaptwin.compressors import LowRankLinear, TwinAttention
+from adaptwin.finetune import ActivationStore, FinetuneConfig, capture, run_finetune
+from adaptwin.finetune.capture import first_output
+from adaptwin.finetune.config import MODES
+
+FT_ROWS = ("bert", "whisper", "gpt2", "llama")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second thread only spin-waits for other workers' cores on a shared 2-core machine
+    # (a 5-epoch BERT run took 17 s with 2 threads vs 0.18 s with 1 under load). Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def original(name: str, attn_implementation: str = "sdpa") -> nn.Module:
+    return ROW_BY_NAME[name].build(attn_implementation)  # never modified (compress copies)
+
+
+def calibration(name: str, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` distinct batches shaped like the row's inputs, each with padding so masks reach the layers."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if name == "whisper":
+            dmask = torch.ones(2, 7, dtype=torch.long)
+            dmask[1, 5:] = 0  # right-padded decoder row: decoder layers get a 4-D mask
+            out.append({"input_features": torch.randn(2, 16, 50, generator=gen),
+                        "decoder_input_ids": torch.randint(3, 64, (2, 7), generator=gen),
+                        "decoder_attention_mask": dmask})
+        else:
+            ids = torch.randint(3, 100, (2, 9), generator=gen)
+            mask = torch.ones(2, 9, dtype=torch.long)
+            if name == "bert":
+                mask[1, 6:] = 0  # right padding
+            else:
+                ids[1, :3], mask[1, :3] = 0, 0  # left padding, as for generation
+            out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def config(name: str, **kw) -> adaptwin.CompressionConfig:
+    return adaptwin.CompressionConfig(ratio=kw.pop("ratio", 0.5), twins=ROW_BY_NAME[name].twins, **kw)
+
+
+def layer_paths(small: nn.Module, model: nn.Module) -> list[str]:
+    """The layers of ``model`` that ``small`` (its compressed copy) compressed; found on the original."""
+    record = adaptwin.compression_record(small)
+    adapter = adaptwin.get_architecture(record.architecture)
+    return [p for p, _ in adapter.layer_paths(model) if any(m.startswith(p + ".") for m in record.modules)]
+
+
+def rel_errors(model: nn.Module, store: ActivationStore, paths: list[str], ids: list[int]) -> dict[str, float]:
+    """Relative output error of each of ``model``'s layers on the stored calls (inputs and targets)."""
+    out = {}
+    with torch.no_grad():
+        for path in paths:
+            num = den = 0.0
+            for b in ids:
+                args, kwargs, target = store.get(path, b)
+                y = first_output(model.get_submodule(path)(*args, **kwargs))
+                num += (y.double() - target.double()).pow(2).sum().item()
+                den += target.double().pow(2).sum().item()
+            out[path] = (num / den) ** 0.5
+    return out
+
+
+def leaves(obj) -> list[torch.Tensor | None]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for x in obj for t in leaves(x)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in leaves(obj[k])]
+    return []
+
+
+def same_call(a, b) -> bool:
+    la, lb = leaves(a), leaves(b)
+    return len(la) == len(lb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(la, lb))
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+@pytest.mark.parametrize("name", FT_ROWS)
+def test_capture_replays_exactly(name):
+    """The original layer run on the captured (args, kwargs) gives the captured output bit for bit."""
+    model = original(name)
+    adapter = adaptwin.get_architecture(model.config.model_type)
+    paths = [p for p, _ in adapter.layer_paths(model)]
+    store = ActivationStore()
+    batches = calibration(name, 2)
+    assert capture(model, paths, batches, store) == 2
+    with torch.no_grad():
+        for path in paths:
+            for b in range(2):
+                args, kwargs, target = store.get(path, b)
+                out = first_output(model.get_submodule(path)(*args, **kwargs))
+                assert torch.equal(out, target), (path, b)
+    if name == "whisper":  # decoder layers: cross-attention states and the padding mask are part of the call
+        with torch.no_grad():
+            enc = model.model.encoder(batches[0]["input_features"]).last_hidden_state
+        for path in [p for p in paths if ".decoder." in p]:
+            call = leaves(store.get(path, 0)[:2])
+            assert any(t.shape == enc.shape and torch.equal(t, enc) for t in call), path
+            masks = [t for t in call if t.ndim == 4]
+            assert masks and not bool(masks[0].all()), f"{path}: the decoder padding mask was not captured"
+
+
+def test_capture_keeps_masks_exact_in_half_storage():
+    """An eager additive mask holds finfo(float32).min; in float16 (or bfloat16) that rounds to -inf and a
+    fully masked (left-padded) query row turns from a uniform softmax into NaN. Such tensors stay float32."""
+    model = original("gpt2", "eager")
+    batches = calibration("gpt2", 1)
+    ref, half = ActivationStore(), ActivationStore(dtype="float16")
+    capture(model, ["transformer.h.0"], batches, ref)
+    capture(model, ["transformer.h.0"], batches, half)
+    (args32, kw32, _), (args16, kw16, _) = ref.get("transformer.h.0", 0), half.get("transformer.h.0", 0)
+    mask32 = [t for t in leaves((args32, kw32)) if t.ndim == 4]
+    mask16 = [t for t in leaves((args16, kw16)) if t.ndim == 4]
+    assert mask32 and mask32[0].dtype == torch.float32 and bool((mask32[0] == torch.finfo(torch.float32).min).any())
+    assert torch.equal(mask16[0], mask32[0])
+    stored = half._memory[("transformer.h.0", 0)]
+    assert stored[0][0].dtype == torch.float16 and stored[2].dtype == torch.float16  # hidden states are halved
+    # float16 rounding only: relative 2^-11 per entry
+    assert (args16[0] - args32[0]).abs().max() <= 2**-11 * args32[0].abs().max()
+
+
+def test_store_nbytes_counts_bytes_held():
+    """nbytes = distinct bytes really held, counted here from the shapes: per batch, BERT's 2 layers need
+    the 3 hidden states (in_0, out_0 = in_1, out_1; shared, not copied twice) and one bool mask
+    (2, 1, 9, 9) that both layers receive. float16 halves the hidden states; the bool mask stays."""
+    model = original("bert")
+    paths = ["encoder.layer.0", "encoder.layer.1"]
+    n, hidden, mask = 3, 2 * 9 * 32, 2 * 9 * 9
+    for dtype, size in (("float32", 4), ("float16", 2), ("bfloat16", 2)):
+        store = ActivationStore(dtype=dtype)
+        capture(model, paths, calibration("bert", n), store)
+        assert store.nbytes == n * (3 * hidden * size + mask), dtype
+        store.drop(paths[0])  # out_0 is still layer 1's input: only in_0 is freed
+        assert store.nbytes == n * (2 * hidden * size + mask), dtype
+        store.drop(paths[1])
+        assert store.nbytes == 0 and store.peak_nbytes == n * (3 * hidden * size + mask)
+
+
+class Doubling(nn.Linear):
+    """A layer that doubles its input in place before using it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.mul_(2.0))
+
+
+class InPlace(nn.Module):
+    """Layer 0's output is rescaled in place by the model; layer 1 changes its own input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(8, 8), Doubling(8, 8)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers[0](x)
+        h.mul_(3.0)
+        return self.layers[1](h)
+
+
+def test_store_holds_its_own_copies():
+    """Calls are stored as they happened: a layer's output as it returned it (the model rescales it in
+    place afterwards), a layer's inputs as they arrived (the layer changes them in place while running).
+    A stored call changed in place after capture is refused rather than silently trained on."""
+    torch.manual_seed(0)
+    model, store = InPlace(), ActivationStore()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        h0 = model.layers[0](x)
+        out = model.layers[1](3.0 * h0)
+    capture(model, ["layers.0", "layers.1"], [x.clone()], store, run=lambda m, b: m(b))
+    assert torch.equal(store.get("layers.0", 0)[2], h0)
+    args, _, target = store.get("layers.1", 0)
+    assert torch.equal(args[0], 3.0 * h0) and torch.equal(target, out)
+    with torch.no_grad():
+        assert torch.equal(model.layers[1](args[0].clone()), target)
+        model.layers[1](args[0])  # changes the stored tensor
+    with pytest.raises(RuntimeError, match="modified in place"):
+        store.get("layers.1", 0)
+
+
+def test_disk_store_nbytes_is_file_sizes(tmp_path):
+    store = ActivationStore("disk", "float16", tmp_path / "act")
+    capture(original("whisper"), ["model.encoder.layers.0", "model.decoder.layers.0"], calibration("whisper", 2),
+            store)
+    files = list((tmp_path / "act").iterdir())
+    assert len(files) == 4 and store.nbytes == sum(f.stat().st_size for f in files)
+    assert not [f for f in files if not f.name.endswith(".safetensors")]  # no temporaries left
+    store.drop("model.encoder.layers.0")
+    store.drop("model.decoder.layers.0")
+    assert store.nbytes == 0 and not list((tmp_path / "act").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+# Ceiling for the held-out error after 25 epochs relative to the untrained compressed layer's. Measured
+# ratios: bert 0.43/0.30, whisper 0.61/0.59 (encoder) 0.80/0.52 (decoder), gpt2 0.67/0.65, llama 0.88/0.91
+# (only its VO twin and FFN are compressed, and 8 training batches of 18 tokens generalise least there;
+# lr 1e-3 and 2e-3 give the same 0.88/0.91). A trainer that does not train scores 1.0.
+LOWERS = 0.95
+
+
+@pytest.mark.parametrize("name", FT_ROWS)
+def test_finetune_lowers_every_layers_heldout_error(name):
+    model, batches = original(name), calibration(name, 10)
+    ft = FinetuneConfig(epochs=25, lr=3e-3, holdout=0.2, patience=0, progress=False)  # batches 8, 9 held out
+    tuned = adaptwin.compress(model, config(name), calibration=batches, finetune=ft)
+    untuned = adaptwin.compress(model, config(name))
+    paths = layer_paths(tuned, model)
+    assert paths and len(paths) == len(tuned.adaptwin_finetune.layers)
+    store = ActivationStore()
+    capture(model, paths, batches, store)  # the original's held-out calls: inputs and targets
+    before = rel_errors(untuned, store, paths, [8, 9])
+    after = rel_errors(tuned, store, paths, [8, 9])
+    for r in tuned.adaptwin_finetune.layers:
+        assert after[r.path] < LOWERS * before[r.path], (r.path, before[r.path], after[r.path])
+        assert r.error_before == pytest.approx(before[r.path], rel=1e-5)  # the report tells the truth
+        assert r.error_after == pytest.approx(after[r.path], rel=1e-5)
+        assert r.epochs == 25 and r.flops > 0 and r.seconds >= 0
+    if name == "whisper":
+        assert {p.split(".")[1] for p in paths} == {"encoder", "decoder"}
+    assert tuned.adaptwin_record.finetune["config"] == ft.to_dict()
+
+
+def whisper_modes(mode: str, epochs: int, **cfg) -> nn.Module:
+    ranks = dict(attention_rank=4, attention_lora_rank=2, ffn_rank=10, ffn_lora_rank=3)
+    ranks.update(cfg)
+    return adaptwin.compress(original("whisper"), adaptwin.CompressionConfig(**ranks),
+                             calibration=calibration("whisper", 6),
+                             finetune=FinetuneConfig(epochs=epochs, lr=3e-3, mode=mode, holdout=0.34, patience=0,
+                                                     progress=False))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_train(mode):
+    tuned = whisper_modes(mode, 15)
+    layers = tuned.adaptwin_finetune.layers
+    assert len(layers) == 4
+    for r in layers:
+        assert r.error_after < 0.97 * r.error_before, (mode, r.path, r.error_before, r.error_after)
+
+
+def test_spectral_mode_is_rank_r_plus_l_svd_without_lora():
+    spectral = whisper_modes("spectral", 0)
+    plain = adaptwin.compress(original("whisper"), adaptwin.CompressionConfig(
+        attention_rank=6, attention_lora_rank=0, ffn_rank=13, ffn_lora_rank=0))
+    for row in spectral.adaptwin_record.sites:
+        assert row["lora_rank"] == 0 and row["rank"] == (6 if row["kind"] == "attention" else 13), row
+    for spec in (e["spec"] for e in spectral.adaptwin_record.modules.values()):
+        assert spec.get("lora_rank", 0) == spec.get("qk_lora_rank", 0) == spec.get("vo_lora_rank", 0) == 0
+    a, b = params(spectral), params(plain)  # epochs=0: exactly the rank-(r+l) factorisation
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert spectral.adaptwin_record.finetune["config"]["mode"] == "spectral"
+
+
+def test_lora_scratch_starts_from_rank_zero():
+    start = whisper_modes("lora_scratch", 0)
+    for row in start.adaptwin_record.sites:
+        assert row["rank"] == 0 and row["lora_rank"] == (6 if row["kind"] == "attention" else 13), row
+    for path in start.adaptwin_record.modules:
+        m = start.get_submodule(path)
+        if isinstance(m, LowRankLinear):
+            assert m.rank == 0 and not m.out_factor.any() and m.in_factor.abs().min() > 0  # zero·random: 0
+        else:
+            assert isinstance(m, TwinAttention) and m.qk_rank == m.vo_rank == 0
+            assert not m.k_proj.weight.any() and not m.o_proj.weight.any() and m.q_proj.weight.any()
+
+
+def lora_entries(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Which entries of each parameter are LoRA, from the module's own ranks (not the compressor's mask)."""
+    if isinstance(module, LowRankLinear):
+        lora = torch.arange(module.rank + module.lora_rank) >= module.rank
+        out = {"in_factor": lora[:, None].expand_as(module.in_factor),
+               "out_factor": lora[None, :].expand_as(module.out_factor)}
+    else:
+        def block(n, width, rank):
+            return (torch.arange(width) >= (width if rank is None else rank)).repeat(n)
+
+        qk = block(module.num_heads, module.qk_width, module.qk_rank)
+        kk = block(module.num_kv_heads, module.qk_width, module.qk_rank)
+        vv = block(module.num_kv_heads, module.v_width, module.vo_rank)
+        oo = block(module.num_heads, module.v_width, module.vo_rank)
+        out = {"q_proj.weight": qk[:, None].expand_as(module.q_proj.weight),
+               "k_proj.weight": kk[:, None].expand_as(module.k_proj.weight),
+               "v_proj.weight": vv[:, None].expand_as(module.v_proj.weight),
+               "o_proj.weight": oo[None, :].expand_as(module.o_proj.weight)}
+        if module.q_proj.bias is not None:
+            out["q_proj.bias"] = qk
+    return {n: out.get(n, torch.zeros_like(p, dtype=torch.bool)) for n, p in module.named_parameters()}
+
+
+def test_lora_only_changes_only_lora_entries():
+    start, tuned = whisper_modes("lora_only", 0), whisper_modes("lora_only", 10)
+    p0, p1 = params(start), params(tuned)
+    inside = set()
+    for path in tuned.adaptwin_record.modules:
+        module = tuned.get_submodule(path)
+        assert (module.lora_rank if isinstance(module, LowRankLinear) else module.qk_lora_rank) > 0
+        for name, lora in lora_entries(module).items():
+            key = f"{path}.{name}"
+            inside.add(key)
+            assert torch.equal(p0[key][~lora], p1[key][~lora]), f"{key}: a non-LoRA entry changed"
+            if lora.any():
+                assert not torch.equal(p0[key][lora], p1[key][lora]), f"{key}: LoRA entries did not train"
+    assert all(torch.equal(p0[k], p1[k]) for k in p0 if k not in inside)  # norms, embeddings, biases
+    assert all(r.error_after < r.error_before for r in tuned.adaptwin_finetune.layers)
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def storage_run(tmp_path, storage: str, dtype: str) -> nn.Module:
+    ft = FinetuneConfig(epochs=8, lr=3e-3, holdout=0.34, patience=0, storage=storage, storage_dtype=dtype,
+                        storage_dir=str(tmp_path / f"{storage}-{dtype}"), progress=False)
+    return adaptwin.compress(original("whisper"), config("whisper"), calibration=calibration("whisper", 6),
+                             finetune=ft)
+
+
+# Half-precision storage rounds every stored activation once (relative unit roundoff u = 2^-11 for float16,
+# 2^-8 for bfloat16); training on the rounded data moves the weights by a small multiple of u relative to
+# how far training moved them. Measured ‖W_half − W_32‖ / ‖W_32 − W_0‖ on this run: 2.0e-3 (float16,
+# memory and disk) and 9.3e-3 (bfloat16), i.e. 4.0u and 2.4u; the bound 10u keeps a 2.5x margin while a
+# store that fed the trainer wrong inputs or targets moves them by O(1).
+HALF_U = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def test_storage_gives_the_same_training(tmp_path):
+    init = params(adaptwin.compress(original("whisper"), config("whisper")))
+    ref = params(storage_run(tmp_path, "memory", "float32"))
+    disk = params(storage_run(tmp_path, "disk", "float32"))
+    assert all(torch.equal(ref[k], disk[k]) for k in ref), "disk float32 storage must train bit-identically"
+    moved = sum((ref[k] - init[k]).double().pow(2).sum() for k in ref) ** 0.5
+    assert moved > 0
+    for storage, dtype in (("memory", "float16"), ("memory", "bfloat16"), ("disk", "bfloat16")):
+        half = params(storage_run(tmp_path, storage, dtype))
+        diff = sum((half[k] - ref[k]).double().pow(2).sum() for k in ref) ** 0.5
+        assert diff / moved < 10 * HALF_U[dtype], (storage, dtype, float(diff / moved))
+    assert not list((tmp_path / "disk-float32").iterdir())  # trained layers' activations are deleted
+
+
+# ---------------------------------------------------------------------------------------------- sequential
+
+def test_sequential_trains_on_compressed_model_inputs():
+    model, batches = original("whisper"), calibration("whisper", 4)
+    small = adaptwin.compress(model, config("whisper"))
+    paths = layer_paths(small, model)
+    seen: dict[str, list] = {p: [] for p in paths}
+    hooks = [small.get_submodule(p).register_forward_pre_hook(
+        lambda m, a, k, p=p: seen[p].append((a, k)), with_kwargs=True) for p in paths]
+    run_finetune(model, small, batches, FinetuneConfig(epochs=3, sequential=True, holdout=0.25, progress=False))
+    for h in hooks:
+        h.remove()
+    orig, comp = ActivationStore(), ActivationStore()
+    capture(model, paths, batches, orig)
+    capture(small, paths, batches, comp)  # the trained compressed model: layer i's inputs are fixed once j < i are
+    for i, path in enumerate(paths):
+        calls = seen[path]
+        assert len(calls) >= 3 * 3  # 3 epochs over 3 training batches (+ evaluations)
+        for b in range(4):
+            assert any(same_call(c, comp.get(path, b)[:2]) for c in calls), (path, b)
+            assert any(same_call(c, orig.get(path, b)[:2]) for c in calls) == (i == 0), (path, b)
+
+
+# ---------------------------------------------------------------------------------------- early stopping
+
+def test_early_stopping_stops_and_keeps_the_best_epoch():
+    model, batches = original("bert"), calibration("bert", 6)
+    small = adaptwin.compress(model, config("bert"))
+    store = ActivationStore()
+    capture(model, layer_paths(small, model), batches, store)
+    errors: dict[str, list[float]] = {}
+
+    def progress(path, epoch, epochs, loss):  # the held-out error of every epoch, computed here
+        errors.setdefault(path, []).append(rel_errors(small, store, [path], [4, 5])[path])
+
+    # lr 0.05 overfits 4 training batches within a few epochs, so the held-out error turns up
+    ft = FinetuneConfig(epochs=200, lr=0.05, holdout=0.34, patience=3, progress=False)
+    report = run_finetune(model, small, batches, ft, progress=progress)
+    final = rel_errors(small, store, layer_paths(small, model), [4, 5])
+    for r in report.layers:
+        errs = errors[r.path]
+        assert r.epochs == len(errs) < 200, "did not stop early"
+        best = min(range(len(errs)), key=errs.__getitem__)
+        assert r.best_epoch == best + 1 >= 2 and r.epochs == r.best_epoch + 3  # patience 3 after the best
+        assert final[r.path] == pytest.approx(errs[best], rel=1e-6) == r.error_after  # the best is kept
+
+
+def test_holdout_never_takes_every_batch():
+    report = run_finetune(original("bert"), adaptwin.compress(original("bert"), config("bert")),
+                          calibration("bert", 2), FinetuneConfig(epochs=2, holdout=0.9, progress=False))
+    assert all(r.epochs == 2 for r in report.layers)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("mode", "lora", "('all', 'spectral', 'lora_scratch', 'lora_only')"),
+    ("init", "pca", "('svd', 'whiten')"),
+    ("storage", "gpu", "('memory', 'disk')"),
+    ("storage_dtype", "int8", "('float32', 'float16', 'bfloat16')"),
+    ("epochs", -1, ">= 0"),
+    ("epochs", 2.5, ">= 0"),
+    ("patience", True, ">= 0"),
+    ("seed", -3, ">= 0"),
+    ("lr", 0.0, "positive"),
+    ("lr", True, "positive"),
+    ("holdout", 1.0, "[0, 1)"),
+    ("holdout", "0.1", "[0, 1)"),
+    ("sequential", "yes", "True or False"),
+])
+def test_bad_config_values_are_refused(field, value, allowed):
+    with pytest.raises(ValueError, match=field) as e:
+        FinetuneConfig(**{field: value})
+    assert allowed in str(e.value) and repr(value) in str(e.value)
+
+
+def test_config_round_trips_and_refuses_unknown_fields():
+    ft = FinetuneConfig(epochs=3, mode="spectral", storage="disk", storage_dir="x", run_dir="r")
+    assert FinetuneConfig.from_dict(json.loads(json.dumps(ft.to_dict()))) == ft
+    with pytest.raises(ValueError, match="unknown FinetuneConfig fields \\['epoch'\\]"):
+        FinetuneConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="storage_dir"):
+        FinetuneConfig(storage="disk")
+    assert "storage" not in ft.fingerprint() and "run_dir" not in ft.fingerprint()
+
+
+# ------------------------------------------------------------------------------------------ save and load
+
+def test_save_load_keeps_fine_tuned_weights_and_record(tmp_path):
+    ft = FinetuneConfig(epochs=3, holdout=0.34, progress=False)
+    tuned = adaptwin.compress(original("whisper"), config("whisper"), calibration=calibration("whisper", 3),
+                              finetune=ft)
+    adaptwin.save(tuned, tmp_path / "s")
+    back = adaptwin.load(tmp_path / "s")
+    a, b = tuned.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rec = back.adaptwin_record.finetune
+    assert rec == json.loads(json.dumps(tuned.adaptwin_record.finetune))
+    assert FinetuneConfig.from_dict(rec["config"]) == ft and len(rec["layers"]) == 4
+    x = ROW_BY_NAME["whisper"].inputs()
+    with torch.no_grad():
+        assert torch.equal(tuned(**x).logits, back(**x).logits)
+
+
+# ------------------------------------------------------------------------------------------------ flops
+
+def test_flops_count_attention_and_factors():
+    """One training step of a compressed Whisper encoder layer, counted by hand: every matmul of the forward
+    (2 FLOPs per multiply-add), and a backward that computes weight gradients for all trainable factors
+    and input gradients for all but the first projections (their input needs none). Fails if CPU attention
+    (which torch's counter does not know) is left out."""
+    small = whisper_modes("all", 0)
+    layer = small.model.encoder.layers[0]
+    att, fc1, fc2 = layer.self_attn, layer.fc1, layer.fc2
+    from adaptwin.finetune.trainer import _FlopCounter
+
+    x = torch.randn(2, 25, 32)
+    with torch.no_grad():
+        y = first_output(layer(x, None))
+    count = _FlopCounter(layer)
+    n, t, h = 2 * 25, 25, att.num_heads
+    proj_fwd = 2 * n * 32 * h * (2 * att.qk_width + att.v_width) + 2 * n * h * att.v_width * 32
+    att_fwd = 2 * 2 * 2 * h * t * t * att.qk_width  # q·kᵀ and p·v (qk_width == v_width here)
+    k1, k2 = fc1.rank + fc1.lora_rank, fc2.rank + fc2.lora_rank
+    ffn_fwd = 2 * n * (32 * k1 + k1 * 64) + 2 * n * (64 * k2 + k2 * 32)
+    assert count((x, None), {}, None) == proj_fwd + att_fwd + ffn_fwd
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    for m in (att, fc1, fc2):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    # backward: q/k/v projections need only weight grads (their input, a LayerNorm output of a frozen
+    # norm on a captured input, needs none); o_proj and both FFN factor pairs need both; attention 2.5x
+    qkv_fwd = 2 * n * 32 * h * (2 * att.qk_width + att.v_width)
+    backward = qkv_fwd + 2 * (proj_fwd - qkv_fwd) + 2.5 * att_fwd + 2 * ffn_fwd
+    assert count((x, None), {}, y) == proj_fwd + att_fwd + ffn_fwd + backward
+    assert all(p.grad is None for p in layer.parameters())  # counting leaves no gradients behind
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+@pytest.fixture
+def benchmarks_path(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the scripts set their own
+
+
+def test_throughput_benchmark_runs(tmp_path, benchmarks_path, capsys):
+    """Smoke run at a toy size (1 layer, 20 positions): it trains, counts FLOPs, writes its CSV."""
+    import csv
+
+    from benchmarks import finetune_throughput
+
+    out = tmp_path / "t.csv"
+    assert finetune_throughput.main(["--samples", "3", "--epochs", "1", "--positions", "20", "--layers", "1",
+                                     "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert {r["provider"] for r in rows} == {"matmul", *finetune_throughput.PROVIDERS}
+    assert all(float(r["gflop"]) > 0 for r in rows)
+    assert "of fp32 mm" in capsys.readouterr().out
+
+
+def test_modes_benchmark_runs(tmp_path, benchmarks_path, monkeypatch, capsys):
+    """Smoke run on the random tiny BERT (the fallback without the MiniLM package), 1 epoch."""
+    from benchmarks import finetune_modes
+
+    monkeypatch.setattr(finetune_modes, "load_model", finetune_modes.random_bert)
+    assert finetune_modes.main(["--epochs", "1", "--threads", "1", "--out", str(tmp_path / "m.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "RANDOM" in text and all(label in text for label, _, _ in finetune_modes.CONFIGS)
