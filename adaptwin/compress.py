@@ -183,10 +183,16 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
         sites = [s for _, s in _sites(adapter, model, components)]
         stats = collect_stats(model, [s for s in sites if s.path in {r["path"] for r in planned.rows}],
                               calibration)
+    mode = finetune.mode if finetune is not None else "all"
+    for row in planned.rows:  # the spectral ablation folds LoRA into the SVD: it must still fit the full rank
+        rank = _MODE_RANKS[mode](row["rank"], row["lora_rank"])[0]
+        if rank > row["full_rank"]:
+            raise ValueError(f"{row['path']}: mode {mode!r} makes rank {row['rank']} + LoRA {row['lora_rank']} "
+                             f"an SVD of rank {rank}, above the full rank {row['full_rank']}; "
+                             "lower the ranks or pick another mode")
     small = model if inplace else copy.deepcopy(model)
     by_path = {s.path: (kind, s) for kind, s in _sites(adapter, small, components)}
     record = CompressionRecord(model_type, config.to_dict())
-    mode = finetune.mode if finetune is not None else "all"
     for row in planned.rows:
         kind, site = by_path[row["path"]]
         comp = methods[kind]
