@@ -23,6 +23,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adaptwin.progress import EpochProgress
+from adaptwin.sources import (
+    UsageError,
+    calibration_batches,
+    extra_files,
+    hub_extra_files,
+    load_model,
+    note,
+    one_line,
+    read_calibration_text,
+    resolve_model,
+)
+
 EXIT_USAGE = 2
 # Flags that are FinetuneConfig fields of the same name; None (not given) keeps the config's default.
 _FINETUNE_FIELDS = ("epochs", "lr", "mode", "init", "sequential", "holdout", "patience", "storage",
@@ -31,22 +44,7 @@ _CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 128
 
-# Files a tokenizer, feature extractor or generation loop needs beside the weights; copied into the save.
-EXTRA_FILE_PATTERNS = (
-    "tokenizer*.json", "tokenizer.model", "vocab*", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "spiece.model", "sentencepiece*.model", "*.tiktoken", "normalizer.json",
-    "preprocessor_config.json", "processor_config.json", "feature_extractor_config.json",
-    "generation_config.json", "chat_template.json", "chat_template.jinja",
-)
-# A tokenizer's vocabulary lives in one of these (tokenizer_config.json alone holds none).
-_VOCABULARY_FILES = ("tokenizer.json", "vocab*", "merges.txt", "tokenizer.model", "spiece.model",
-                     "sentencepiece*.model", "*.tiktoken")
 _RANK_FLAGS = ("attention_rank", "attention_lora_rank", "ffn_rank", "ffn_lora_rank")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for (reported in one line, exit status 2)."""
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -184,65 +182,6 @@ def _check_out_dir(out: Path, model_dir: Path | None) -> None:
                              "choose a new or empty directory")
 
 
-def _resolve_model(name: str) -> Path | None:
-    """The local folder for MODEL_DIR, or None when it is a hub id; raises for a missing local folder."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UsageError(f"MODEL_DIR {name} is a file; pass the folder holding config.json")
-        if not (path / "config.json").is_file():
-            raise UsageError(f"MODEL_DIR {name} has no config.json; pass a Hugging Face model folder "
-                             "(written by save_pretrained)")
-        return path
-    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
-        raise UsageError(f"MODEL_DIR {name} does not exist (expected a local model folder or a hub id like org/name)")
-    return None
-
-
-def extra_files(folder: Path) -> list[Path]:
-    """Tokenizer / feature-extractor / generation files in ``folder`` (never the weights or config)."""
-    found: dict[str, Path] = {}
-    for pattern in EXTRA_FILE_PATTERNS:
-        for p in sorted(folder.glob(pattern)):
-            if p.is_file() and p.name not in ("adaptwin.json", "model.safetensors"):
-                found[p.name] = p
-    return sorted(found.values())
-
-
-def _hub_extra_files(repo_id: str) -> list[Path]:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return extra_files(Path(snapshot_download(repo_id, allow_patterns=list(EXTRA_FILE_PATTERNS))))
-    except Exception as e:  # the model loaded; missing tokenizer files are worth a warning, not a failure
-        _note(f"warning: could not fetch tokenizer files of {repo_id}: {_one_line(e)}")
-        return []
-
-
-def load_model(source: str):
-    """Load a Hugging Face model in fp32 with the class its config names, falling back to AutoModel."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    from adaptwin import get_architecture
-
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"cannot read the model config of {source}: {_one_line(e)}") from None
-    get_architecture(config.model_type)  # unsupported model types stop here, before any weights are read
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
-        cls = AutoModel
-    try:
-        model = cls.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the model weights of {source}: {_one_line(e)}") from None
-    return model.float().eval()
-
-
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
@@ -278,111 +217,6 @@ def _finetune_from_args(args: argparse.Namespace, world: int):
     return FinetuneConfig(seed=args.seed, **kwargs)
 
 
-def read_calibration_text(path: str) -> list[str]:
-    """Non-empty, stripped lines of a UTF-8 file: one calibration example per line."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UsageError(f"--calib {path} {'is not a file' if p.exists() else 'does not exist'} "
-                         "(expected a UTF-8 text file, one example per line)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--calib {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        raise UsageError(f"--calib {path} is empty: expected one example per line")
-    return lines
-
-
-def calibration_batches(model, source: str, lines: list[str], batch_size: int, max_length: int) -> list[dict]:
-    """``lines`` tokenised with the model's own tokenizer into padded batches (with attention_mask)."""
-    import inspect
-
-    from transformers import AutoTokenizer
-
-    speech = "calibration data for speech models arrives with the speech issue"
-    takes = getattr(model, "main_input_name", "input_ids")
-    if takes != "input_ids":
-        raise UsageError(f"{type(model).__name__} takes {takes}, not text, and --calib reads text; {speech}")
-    folder = Path(source)
-    # Without a vocabulary file transformers builds an empty tokenizer that maps every word to [UNK].
-    if folder.is_dir() and not any(any(folder.glob(p)) for p in _VOCABULARY_FILES):
-        raise UsageError(f"MODEL_DIR {source} has no tokenizer (none of {', '.join(_VOCABULARY_FILES)}) to read "
-                         f"--calib text with; add its tokenizer files ({speech})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"MODEL_DIR {source} has no usable tokenizer to read --calib text with "
-                         f"({_one_line(e)}); add its tokenizer files ({speech})") from None
-    if getattr(tokenizer, "pad_token", None) is None:  # GPT-2 / Llama ship none; the mask hides padding anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if tokenizer.pad_token is None:
-            raise UsageError(f"the tokenizer of {source} has no pad, eos or unk token to pad batches with")
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < max_length:  # e.g. 512 for BERT: past it positions run out
-        max_length = limit
-    accepted = inspect.signature(model.forward).parameters
-    batches = []
-    for i in range(0, len(lines), batch_size):
-        enc = tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        if enc["input_ids"].shape[-1] == 0:
-            raise UsageError(f"the tokenizer of {source} turns lines {i + 1}-{i + len(enc['input_ids'])} of --calib "
-                             "into no tokens at all; is it the model's own tokenizer?")
-        batches.append({k: v for k, v in enc.items() if k in accepted})
-    return batches
-
-
-class EpochProgress:
-    """The ``progress(layer, epoch, epochs, loss)`` callback of fine-tuning, drawn on stderr.
-
-    On a terminal (one process): a tqdm bar per layer over its epochs, with ETA and the last epoch's
-    training loss. Otherwise (a log file, or torchrun ranks whose bars would overwrite each other):
-    one line per finished layer.
-    """
-
-    def __init__(self, layers: Sequence[str], rank: int = 0, world: int = 1) -> None:
-        self.index = {p: i for i, p in enumerate(layers, 1)}
-        self.total = len(layers)
-        self.stream = sys.stderr
-        self.bars = world == 1 and self.stream.isatty()
-        self.prefix = f"[rank {rank}] " if world > 1 else ""
-        self.layer: str | None = None
-        self.bar: Any = None
-        self.epoch, self.epochs, self.loss, self.start = 0, 0, float("nan"), 0.0
-
-    def __call__(self, layer: str, epoch: int, epochs: int, loss: float) -> None:
-        if layer != self.layer:
-            self.close()
-            self.layer, self.start = layer, time.perf_counter()
-            if self.bars:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=epochs, desc=f"{layer} ({self._position()})", unit="epoch",
-                                file=self.stream, dynamic_ncols=True)
-        self.epoch, self.epochs, self.loss = epoch, epochs, loss
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3g}", refresh=False)
-            self.bar.update(1)
-
-    def _position(self) -> str:
-        return f"{self.index.get(self.layer, '?')}/{self.total}"
-
-    def close(self) -> None:
-        if self.layer is None:
-            return
-        early = self.epoch < self.epochs
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss={self.loss:.3g}{', stopped early' if early else ''}")
-            self.bar.close()
-        else:
-            epochs = f"{self.epoch}/{self.epochs} epochs (stopped early)" if early else f"{self.epoch} epochs"
-            print(f"{self.prefix}fine-tuned {self.layer} ({self._position()}): {epochs}, "
-                  f"train loss {self.loss:.3g}, {time.perf_counter() - self.start:.1f} s",
-                  file=self.stream, flush=True)
-        self.layer, self.bar = None, None
-
-
 def _rank_world() -> tuple[int, int]:
     """This process's rank and the world size: torch.distributed's once initialised, torchrun's env before."""
     import torch.distributed as dist
@@ -413,11 +247,11 @@ def _compress(args: argparse.Namespace) -> int:
     rank, world = _rank_world()
     finetune = _finetune_from_args(args, world)  # and bad fine-tuning flags
     lines = read_calibration_text(args.calib) if finetune is not None else None
-    local = _resolve_model(args.model)
+    local = resolve_model(args.model)
     out = Path(args.out).expanduser()
     _check_out_dir(out, local)
     source = str(local) if local is not None else args.model
-    say = _note if rank == 0 else (lambda msg: None)
+    say = note if rank == 0 else (lambda msg: None)
 
     _disable_progress_bars()
     t0 = time.perf_counter()
@@ -462,7 +296,7 @@ def _compress(args: argparse.Namespace) -> int:
         small = select_layers(small, model, keep_size=args.keep_size, max_error=args.max_error, inplace=True)
         selection = small.adaptwin_selection
     t2 = time.perf_counter()
-    extras = extra_files(local) if local is not None else _hub_extra_files(args.model)
+    extras = extra_files(local) if local is not None else hub_extra_files(args.model)
     adaptwin.save(small, out, extra_files=extras)
     t3 = time.perf_counter()
 
@@ -660,15 +494,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
     return "\n".join([line(header), " " * indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.split())
-
-
-def _note(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _disable_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -692,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"adaptwin {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"adaptwin {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("adaptwin: interrupted", file=sys.stderr)

@@ -157,7 +157,7 @@ def run(ratio: float = RATIO, threads: int = THREADS, epochs: int = FINETUNE_EPO
     from transformers.utils import logging as hf_logging
 
     import adaptwin
-    from adaptwin.cli import extra_files
+    from adaptwin.sources import extra_files
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(WORK_THREADS)

@@ -37,6 +37,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from adaptwin.finetune.config import MODES  # noqa: E402
+
 BENCHMARK = "minilm_finetune"
 RATIO = 0.45
 PROVIDERS = ("svd", "whiten", "svd+ft", "whiten+ft")
@@ -48,10 +50,10 @@ EPOCHS = 40
 LR = 1e-3
 BATCH = 16
 MAX_LENGTH = 128
-CSV_FIELDS = ("benchmark", "provider", "init", "epochs", "lr", "batch", "sequential", "ratio", "cos_mean", "cos_min",
-              "cos_calibration", "layer_err_before", "layer_err_after", "seconds", "calibration_sentences",
+CSV_FIELDS = ("benchmark", "provider", "init", "mode", "epochs", "lr", "batch", "sequential", "ratio", "cos_mean",
+              "cos_min", "cos_calibration", "layer_err_before", "layer_err_after", "seconds", "calibration_sentences",
               "eval_sentences", "threads", "torch", "transformers", "adaptwin", "timestamp")
-ROW_KEY = ("benchmark", "provider", "epochs", "lr", "batch", "sequential", "ratio", "threads")
+ROW_KEY = ("benchmark", "provider", "mode", "epochs", "lr", "batch", "sequential", "ratio", "threads")
 
 
 def sentences(name: str) -> list[str]:
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=LR, help="Adam learning rate")
     parser.add_argument("--batch", type=int, default=BATCH, help="calibration sentences per batch")
     parser.add_argument("--patience", type=int, default=5, help="early-stopping patience (0: off)")
+    parser.add_argument("--mode", default="all", choices=MODES,
+                        help="FinetuneConfig.mode; 'spectral' also changes the rows without fine-tuning (rank r+l "
+                             "factors, no zero-started LoRA directions)")
     parser.add_argument("--sequential", action="store_true",
                         help="train each layer on the outputs of the already fine-tuned layers before it")
     parser.add_argument("--threads", type=int, default=2)
@@ -191,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         init = provider.split("+")[0]
         epochs = args.epochs if provider.endswith("+ft") else 0
         r = run_one(model, calibration, reference, evaluation, init, epochs, args.lr, patience=args.patience,
-                    sequential=args.sequential and bool(epochs))
+                    sequential=args.sequential and bool(epochs), mode=args.mode)
         if args.layers and epochs:
             print(f"\n{provider}: per-layer relative output error on the held-out calibration batches\n"
                   f"{r['report'].table()}\n")
-        rows.append({**common, "provider": provider, "init": init, "epochs": epochs, "lr": args.lr if epochs else "",
+        rows.append({**common, "provider": provider, "init": init, "mode": args.mode, "epochs": epochs,
+                     "lr": args.lr if epochs else "",
                      "sequential": args.sequential and bool(epochs),
                      **{k: v for k, v in r.items() if k != "report"},
                      "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -205,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(f"\nall-MiniLM-L6-v2, CompressionConfig(ratio={RATIO}), calibration {len(calib_text)} sentences "
           f"in batches of {args.batch}, evaluation {len(eval_text)} held-out sentences, "
-          f"{'sequential' if args.sequential else 'independent'} layer-wise fine-tuning, {args.threads} threads")
+          f"{'sequential' if args.sequential else 'independent'} layer-wise fine-tuning, mode {args.mode}, "
+          f"{args.threads} threads")
     header = (f"{'provider':<10} {'epochs':>6} {'lr':>7} {'cos mean':>9} {'cos min':>8} {'cos calib':>9} "
               f"{'layer err':>16} {'seconds':>8}")
     print(header + "\n" + "-" * len(header))

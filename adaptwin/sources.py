@@ -1,0 +1,150 @@
+"""Where models and calibration text come from: local folders or hub ids, their tokenizer files, text files.
+
+Shared by the CLI commands (compress, eval) and the demo. Problems with what the user passed raise
+`UsageError` with one line that names the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+# Files a tokenizer, feature extractor or generation loop needs beside the weights; copied into the save.
+EXTRA_FILE_PATTERNS = (
+    "tokenizer*.json", "tokenizer.model", "vocab*", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "spiece.model", "sentencepiece*.model", "*.tiktoken", "normalizer.json",
+    "preprocessor_config.json", "processor_config.json", "feature_extractor_config.json",
+    "generation_config.json", "chat_template.json", "chat_template.jinja",
+)
+# A tokenizer's vocabulary lives in one of these (tokenizer_config.json alone holds none).
+_VOCABULARY_FILES = ("tokenizer.json", "vocab*", "merges.txt", "tokenizer.model", "spiece.model",
+                     "sentencepiece*.model", "*.tiktoken")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (reported in one line, exit status 2)."""
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_model(name: str) -> Path | None:
+    """The local folder for MODEL_DIR, or None when it is a hub id; raises for a missing local folder."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"MODEL_DIR {name} is a file; pass the folder holding config.json")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"MODEL_DIR {name} has no config.json; pass a Hugging Face model folder "
+                             "(written by save_pretrained)")
+        return path
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UsageError(f"MODEL_DIR {name} does not exist (expected a local model folder or a hub id like org/name)")
+    return None
+
+
+def extra_files(folder: Path) -> list[Path]:
+    """Tokenizer / feature-extractor / generation files in ``folder`` (never the weights or config)."""
+    found: dict[str, Path] = {}
+    for pattern in EXTRA_FILE_PATTERNS:
+        for p in sorted(folder.glob(pattern)):
+            if p.is_file() and p.name not in ("adaptwin.json", "model.safetensors"):
+                found[p.name] = p
+    return sorted(found.values())
+
+
+def hub_extra_files(repo_id: str) -> list[Path]:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return extra_files(Path(snapshot_download(repo_id, allow_patterns=list(EXTRA_FILE_PATTERNS))))
+    except Exception as e:  # the model loaded; missing tokenizer files are worth a warning, not a failure
+        note(f"warning: could not fetch tokenizer files of {repo_id}: {one_line(e)}")
+        return []
+
+
+def load_model(source: str):
+    """Load a Hugging Face model in fp32 with the class its config names, falling back to AutoModel."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    from adaptwin import get_architecture
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"cannot read the model config of {source}: {one_line(e)}") from None
+    get_architecture(config.model_type)  # unsupported model types stop here, before any weights are read
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        cls = AutoModel
+    try:
+        model = cls.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the model weights of {source}: {one_line(e)}") from None
+    return model.float().eval()
+
+
+def read_calibration_text(path: str) -> list[str]:
+    """Non-empty, stripped lines of a UTF-8 file: one calibration example per line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"--calib {path} {'is not a file' if p.exists() else 'does not exist'} "
+                         "(expected a UTF-8 text file, one example per line)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--calib {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"--calib {path} is empty: expected one example per line")
+    return lines
+
+
+def calibration_batches(model, source: str, lines: list[str], batch_size: int, max_length: int) -> list[dict]:
+    """``lines`` tokenised with the model's own tokenizer into padded batches (with attention_mask)."""
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    speech = "calibration data for speech models arrives with the speech issue"
+    takes = getattr(model, "main_input_name", "input_ids")
+    if takes != "input_ids":
+        raise UsageError(f"{type(model).__name__} takes {takes}, not text, and --calib reads text; {speech}")
+    folder = Path(source)
+    # Without a vocabulary file transformers builds an empty tokenizer that maps every word to [UNK].
+    if folder.is_dir() and not any(any(folder.glob(p)) for p in _VOCABULARY_FILES):
+        raise UsageError(f"MODEL_DIR {source} has no tokenizer (none of {', '.join(_VOCABULARY_FILES)}) to read "
+                         f"--calib text with; add its tokenizer files ({speech})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"MODEL_DIR {source} has no usable tokenizer to read --calib text with "
+                         f"({one_line(e)}); add its tokenizer files ({speech})") from None
+    if getattr(tokenizer, "pad_token", None) is None:  # GPT-2 / Llama ship none; the mask hides padding anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise UsageError(f"the tokenizer of {source} has no pad, eos or unk token to pad batches with")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:  # e.g. 512 for BERT: past it positions run out
+        max_length = limit
+    accepted = inspect.signature(model.forward).parameters
+    batches = []
+    for i in range(0, len(lines), batch_size):
+        enc = tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        if enc["input_ids"].shape[-1] == 0:
+            raise UsageError(f"the tokenizer of {source} turns lines {i + 1}-{i + len(enc['input_ids'])} of --calib "
+                             "into no tokens at all; is it the model's own tokenizer?")
+        batches.append({k: v for k, v in enc.items() if k in accepted})
+    return batches
