@@ -25,16 +25,7 @@ EXACT_REL = 1e-5  # see the module docstring
 
 rows = pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny (32-wide): a second intra-op thread buys nothing, and on a shared 2-core
-    # machine it spin-waits for the other workers' cores (compress took 4.3 s with 2 threads vs 0.03 s
-    # with 1 under load). Restored afterwards so other modules keep their setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

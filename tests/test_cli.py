@@ -22,15 +22,7 @@ from adaptwin.cli import main, parse_override
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", "the", "cat", "sat", "on"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny layers gain nothing from intra-op threads, and on a shared 2-core machine OpenMP threads that
-    spin waiting for a busy core made a 2-epoch fine-tuning run take 8-18 s instead of 0.3 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args: str | Path) -> tuple[int, str, str]:

@@ -22,15 +22,7 @@ from adaptwin.finetune.config import MODES
 
 FT_ROWS = ("bert", "whisper", "gpt2", "llama")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only spin-waits for other workers' cores on a shared 2-core machine
-    # (a 5-epoch BERT run took 17 s with 2 threads vs 0.18 s with 1 under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

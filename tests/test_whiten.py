@@ -30,14 +30,7 @@ from adaptwin.finetune import FinetuneConfig, collect_stats
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only spin-waits for other workers' cores on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
