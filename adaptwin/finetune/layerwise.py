@@ -33,7 +33,7 @@ from torch import nn
 from adaptwin.compress import compression_record
 from adaptwin.finetune.capture import ActivationStore, capture, run_model
 from adaptwin.finetune.config import FinetuneConfig
-from adaptwin.finetune.trainer import LayerResult, layer_seed, train_layer
+from adaptwin.finetune.trainer import LayerResult, layer_seed, token_masks, train_layer
 from adaptwin.registry import get_architecture, get_compressor
 
 
@@ -195,8 +195,9 @@ def finetune(
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration data is empty: give at least one batch")
-    layers = [p for p, _ in adapter.layer_paths(original)
-              if any(m.startswith(p + ".") for m in record.modules)]
+    components = {p: c for p, c in adapter.layer_paths(original)
+                  if any(m.startswith(p + ".") for m in record.modules)}
+    layers = list(components)
     n_val = max(1, round(cfg.holdout * len(batches))) if cfg.holdout > 0 and len(batches) >= 2 else 0
     n_val = min(n_val, len(batches) - 1)  # keep at least one batch to train on (holdout=0.9 of 2 batches)
     train_ids, val_ids = list(range(len(batches) - n_val)), list(range(len(batches) - n_val, len(batches)))
@@ -287,7 +288,8 @@ def finetune(
                 bar.set_postfix_str(f"{path} epoch {epoch}/{cfg.epochs} loss {loss:.3g}")
 
         result = train_layer(layer, path, store, train_ids, val_ids, masks, epochs=cfg.epochs, lr=cfg.lr,
-                             patience=cfg.patience, seed=layer_seed(cfg.seed, path), on_epoch=on_epoch)
+                             patience=cfg.patience, seed=layer_seed(cfg.seed, path), on_epoch=on_epoch,
+                             token_masks=token_masks(batches, components[path]))
         store.drop(path)
         results[path] = result
         ck = checkpoint(path)

@@ -3,6 +3,10 @@
 The layer runs in eval mode (no dropout: the target is the deterministic original output) with
 gradients on its compressed modules only; LayerNorms and anything left dense stay frozen. A held-out
 slice of the calibration batches picks the best epoch (early stopping).
+
+Padding tokens are left out of the loss and of the reported error when the calibration batch says which
+they are (see `token_masks`): padded keys are masked out of every score and padded positions' outputs are
+discarded downstream, so fitting them spends the factors' capacity on values nothing reads.
 """
 
 from __future__ import annotations
@@ -91,18 +95,51 @@ class _FlopCounter:
         return self.cache[key]
 
 
+def token_masks(batches: list[Any], component: str) -> list[list[torch.Tensor]]:
+    """Per calibration batch, the masks that may say which of a layer's positions are real tokens.
+
+    From a dict batch: ``attention_mask``, and first ``decoder_attention_mask`` for a decoder layer of an
+    encoder-decoder model. `train_layer` uses the first one shaped like the layer output's (B, T); none
+    matches for inputs that are not tokens (Whisper's mel frames), and then every position counts.
+    """
+    keys = ("decoder_attention_mask", "attention_mask") if component == "decoder" else ("attention_mask",)
+    return [[b[k] for k in keys if isinstance(b, dict) and isinstance(b.get(k), torch.Tensor) and b[k].ndim == 2]
+            for b in batches]
+
+
+def _weights(target: torch.Tensor, candidates: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """(B, T, 1) 0/1 weights of the real tokens of ``target`` (B, T, ...), or None when all count."""
+    for m in candidates or ():
+        if target.ndim >= 3 and tuple(m.shape) == tuple(target.shape[:2]):
+            if bool((m != 0).all()):
+                return None
+            return (m != 0).to(target.dtype).to(target.device).reshape(*m.shape, *[1] * (target.ndim - 2))
+    return None
+
+
+def _masked_mse(out: torch.Tensor, target: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return F.mse_loss(out, target)
+    per_token = target[0, 0].numel() if target.ndim >= 3 else 1
+    return ((out - target).pow(2) * w).sum() / (w.sum() * per_token).clamp(min=1)
+
+
 def _rel_error(layer: nn.Module, store: ActivationStore, path: str, ids: list[int],
-               count: _FlopCounter) -> tuple[float, float]:
-    """Relative output error over ``ids`` and the FLOPs spent; one host sync, at the end."""
+               count: _FlopCounter, masks: list[list[torch.Tensor]] | None = None) -> tuple[float, float]:
+    """Relative output error over ``ids`` (real tokens only) and the FLOPs spent; one host sync, at the end."""
     num = den = 0.0
     flops = 0.0
     for b in ids:
         args, kwargs, target = store.get(path, b)
         flops += count(args, kwargs, None)
+        w = _weights(target, masks[b] if masks else None)
         with torch.inference_mode():
             out = first_output(layer(*args, **kwargs))
-            num = num + (out.double() - target.double()).pow(2).sum()  # stays on the layer's device
-            den = den + target.double().pow(2).sum()
+            err, ref = (out.double() - target.double()).pow(2), target.double().pow(2)
+            if w is not None:
+                err, ref = err * w, ref * w
+            num = num + err.sum()  # stays on the layer's device
+            den = den + ref.sum()
     num, den = float(num), float(den)
     return ((num / den) ** 0.5 if den > 0 else 0.0), flops
 
@@ -120,6 +157,7 @@ def train_layer(
     patience: int,
     seed: int,
     on_epoch: Callable[[int, float], None] | None = None,
+    token_masks: list[list[torch.Tensor]] | None = None,
 ) -> LayerResult:
     """Fine-tune ``layer`` in place on its captured calls; it ends at its best evaluated epoch.
 
@@ -135,6 +173,8 @@ def train_layer(
         patience: epochs without improvement of the evaluated error before stopping; 0 disables.
         seed: seeds the shuffling (and torch's global generator, restored afterwards).
         on_epoch: called with (epoch, mean training loss) after each epoch (progress bars).
+        token_masks: per batch index, candidate token masks (see `token_masks`); positions they mark as
+            padding are left out of the loss and the error. None: every position counts.
     """
     if not train_ids:
         raise ValueError(f"{path}: no training batches (all calibration batches are held out)")
@@ -163,7 +203,7 @@ def train_layer(
     try:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)  # nothing in an eval-mode layer should draw, but if it does: reproducibly
-            error_before, flops = _rel_error(layer, store, path, eval_ids, count)
+            error_before, flops = _rel_error(layer, store, path, eval_ids, count, token_masks)
             best = (error_before, 0, {n: p.detach().clone() for n, p in params.items() if n in masks})
             gen = torch.Generator().manual_seed(seed)
             opt = torch.optim.Adam(trainable, lr=lr) if trainable else None
@@ -174,13 +214,14 @@ def train_layer(
                     args, kwargs, target = store.get(path, train_ids[i])
                     flops += count(args, kwargs, target)
                     out = first_output(layer(*args, **kwargs))
-                    loss = F.mse_loss(out, target)
+                    w = _weights(target, token_masks[train_ids[i]] if token_masks else None)
+                    loss = _masked_mse(out, target, w)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     total = total.to(loss.device) + loss.detach()
                 train_loss = total.item() / len(train_ids)
-                err, spent = _rel_error(layer, store, path, eval_ids, count)
+                err, spent = _rel_error(layer, store, path, eval_ids, count, token_masks)
                 flops += spent
                 if err < best[0]:
                     best, stale = (err, epoch, {n: p.detach().clone() for n, p in params.items() if n in masks}), 0
