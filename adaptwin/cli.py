@@ -5,6 +5,7 @@
     torchrun --nproc-per-node N -m adaptwin compress ...      (fine-tuned layers spread over N ranks)
     adaptwin inspect DIR [--json]
     adaptwin list [--json]
+    adaptwin eval MODEL_DIR --data PATH [--json]      (word error rate; see adaptwin/speech/cli.py)
 
 This room parses arguments and prints; the maths lives behind the public API. User errors (bad ranks,
 missing folders, unsupported models, a DIR that is not an adaptwin save) end with one line on stderr
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -35,6 +37,8 @@ from adaptwin.sources import (
     read_calibration_text,
     resolve_model,
 )
+from adaptwin.speech.cli import add_parser as add_eval_parser
+from adaptwin.speech.cli import cmd_eval
 
 EXIT_USAGE = 2
 # Flags that are FinetuneConfig fields of the same name; None (not given) keeps the config's default.
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Hugging Face transformers with AdaPTwin product twins (arXiv 2406.08904).",
     )
     parser.add_argument("--version", action="version", version=f"adaptwin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,inspect,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,inspect,list,eval}")
 
     c = sub.add_parser("compress", help="compress a model folder (or hub id) and save it",
                        description="Compress a Hugging Face model and save weights, config and tokenizer files.")
@@ -110,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(keys: {', '.join(_RANK_FLAGS)}; repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed of the LoRA factors' initialisation and of "
                    "fine-tuning's shuffling (default 0)")
+    q = c.add_argument_group("quantisation of the low-rank factors (with --calib: trained fake-quantised)")
+    q.add_argument("--quantization", choices=("nf4", "int8"), help="store the factors packed: nf4 (4-bit "
+                   "NormalFloat, bitsandbytes' layout) or int8 (absmax); default: not quantised")
+    q.add_argument("--quant-blocksize", type=int, metavar="N", help="elements per scale (nf4: even, default 64; "
+                   "int8: default one scale per row)")
+    q.add_argument("--double-quant", action="store_true", help="nf4: quantise the block scales too (8-bit)")
+    q.add_argument("--quantize-lora", action="store_true", help="quantise the LoRA directions too (default: "
+                   "kept in the model's dtype)")
 
     f = c.add_argument_group("layer-wise fine-tuning (Eq. 9; needs --calib)")
     f.add_argument("--calib", metavar="DATA", help="calibration text: a UTF-8 file, one example per line, "
@@ -144,13 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-error", type=float, metavar="E", help="after fine-tuning, revert every layer whose "
                    "relative output error exceeds E")
 
-    i = sub.add_parser("inspect", help="show what a save directory holds (reads adaptwin.json only)",
+    i = sub.add_parser("inspect", help="show what a save directory holds (reads adaptwin.json and the "
+                       "weights header only)",
                        description="Per-site ranks and parameter counts of an adaptwin save; no weights are loaded.")
     i.add_argument("dir", metavar="DIR", help="an adaptwin save directory")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     ls = sub.add_parser("list", help="registered compressors and architectures")
     ls.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_eval_parser(sub)
     return parser
 
 
@@ -165,7 +179,8 @@ def _config_from_args(args: argparse.Namespace):
     if args.twins is not None:
         kwargs["twins"] = args.twins
     return CompressionConfig(ratio=args.ratio, components=args.components, overrides=overrides,
-                             seed=args.seed, **kwargs)
+                             seed=args.seed, quantization=args.quantization, quant_blocksize=args.quant_blocksize,
+                             double_quant=args.double_quant, quantize_lora=args.quantize_lora, **kwargs)
 
 
 def _check_out_dir(out: Path, model_dir: Path | None) -> None:
@@ -369,7 +384,8 @@ def _finetune_summary(cfg, report, n_batches: int, selection) -> str:
 
 
 def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
-    """Everything `adaptwin inspect` shows, from ``adaptwin.json`` alone (the weights are not opened)."""
+    """Everything `adaptwin inspect` shows, from ``adaptwin.json`` and the weights file's header (no weights
+    are read)."""
     from adaptwin import read_meta
 
     meta = read_meta(directory)
@@ -395,6 +411,7 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
         for c in components.values():
             c["compression"] = 1 - c["params_after"] / c["params_before"] if c["params_before"] else 0.0
         weights = meta["weights"]
+        modules = _module_storage(directory, comp["modules"])
         return {
             "path": str(Path(directory)),
             "architecture": comp["architecture"],
@@ -403,10 +420,35 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "sites": sites,
             "components": components,
             "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
+            "modules": modules,
             "finetune": _finetune_data(comp.get("finetune")),
         }
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{directory}: adaptwin.json is malformed (bad or missing field {e})") from None
+
+
+def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per compressed module: parameters it represents, bytes stored and bits per parameter (weights header).
+
+    A quantised module's parameters are its factors' logical count (recorded at packing); any other
+    module's are the elements it stores.
+    """
+    from adaptwin.io import read_tensor_layout
+
+    layout = read_tensor_layout(directory)
+    rows = []
+    for path, entry in modules.items():
+        mine = [v for name, v in layout.items() if name.startswith(path + ".")]
+        nbytes = sum(b for _, _, b in mine)
+        params = entry["spec"].get("params") if entry["compressor"] == "quantized" else None
+        if params is None:
+            params = sum(math.prod(shape) for _, shape, _ in mine)
+        rows.append({"path": path, "compressor": entry["compressor"],
+                     "format": (entry["spec"].get("format") or {}).get("kind", "") if entry["compressor"] == "quantized"
+                     else ",".join(sorted({dtype for dtype, _, _ in mine})),
+                     "params": int(params), "bytes": int(nbytes),
+                     "bits_per_param": 8 * nbytes / params if params else 0.0})
+    return rows
 
 
 def _finetune_data(ft: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -438,6 +480,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows = [(name, str(c["sites"]), _fmt_int(c["params_before"]), _fmt_int(c["params_after"]),
              f"{100 * c['compression']:.1f} %") for name, c in data["components"].items()]
     print(_table(("component", "sites", "params before", "params after", "removed"), rows, right=(1, 2, 3, 4)))
+    print()
+    mods = data["modules"]
+    rows = [(m["path"], m["format"], _fmt_int(m["params"]), _fmt_int(m["bytes"]), f"{m['bits_per_param']:.2f}")
+            for m in mods]
+    params, nbytes = sum(m["params"] for m in mods), sum(m["bytes"] for m in mods)
+    rows.append(("total (compressed modules)", "", _fmt_int(params), _fmt_int(nbytes),
+                 f"{8 * nbytes / params:.2f}" if params else "-"))
+    print(_table(("module", "stored as", "params", "bytes", "bits/param"), rows, right=(2, 3, 4)))
     w = data["weights"]
     print(f"weights: {w['file']}, {_fmt_int(w['bytes'])} bytes ({_fmt_bytes(w['bytes'])}), {w['tensors']} tensors")
     ft = data["finetune"]
@@ -500,7 +550,7 @@ def _disable_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-_COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list}
+_COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list, "eval": cmd_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

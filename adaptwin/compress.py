@@ -203,12 +203,19 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
             _submodule_setter(small, path, module)
             record.modules[path] = {"compressor": comp.name, "spec": spec}
         record.sites.append({**row, "modules": sorted(replacements)})
+    fmt = config.quant_format()
+    if fmt is not None:  # factors become fake-quantised (trained so, Eq. 10), then packed below
+        from adaptwin.compressors.quantized import pack_modules, quantize_modules
+
+        quantize_modules(small, record.modules, fmt, config.quantize_lora)
     setattr(small, RECORD_ATTR, record)
     small.eval()
     if calibration is not None:
         report = run_finetune(model, small, calibration, finetune, progress=progress)
         record.finetune = {"config": finetune.to_dict(), **report.to_dict()}
         small.adaptwin_finetune = report
+    if fmt is not None:
+        pack_modules(small, record.modules)
     return small
 
 

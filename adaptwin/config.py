@@ -48,6 +48,13 @@ class CompressionConfig:
         attention_method: registered compressor for attention sites.
         ffn_method: registered compressor for FFN linear sites.
         seed: seed of the LoRA factors' random initialisation (compression is deterministic).
+        quantization: store the low-rank factors packed: ``"nf4"`` (4-bit NormalFloat, bitsandbytes'
+            layout) or ``"int8"`` (symmetric absmax); ``None`` keeps them in the model's dtype. With
+            calibration, fine-tuning trains them with fake quantisation (Eq. 10) before packing.
+        quant_blocksize: elements per scale. NF4: an even number, default 64. int8: default ``None``
+            is one scale per row (per rank direction); a number gives blocks of that many elements.
+        double_quant: NF4 only: quantise the block scales too (8-bit, blocks of 256; QLoRA).
+        quantize_lora: quantise the LoRA directions as well; by default they stay in the model's dtype.
     """
 
     ratio: float | None = None
@@ -64,6 +71,10 @@ class CompressionConfig:
     attention_method: str = "product_twin"
     ffn_method: str = "svd"
     seed: int = 0
+    quantization: str | None = None
+    quant_blocksize: int | None = None
+    double_quant: bool = False
+    quantize_lora: bool = False
 
     def __post_init__(self) -> None:
         if self.components is not None:
@@ -113,6 +124,29 @@ class CompressionConfig:
         for name in ("attention_lora_fraction", "ffn_lora_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self.quant_format()  # validates quantization, quant_blocksize, double_quant
+        if not isinstance(self.quantize_lora, bool):
+            raise ValueError(f"quantize_lora must be True or False, got {self.quantize_lora!r}")
+        if self.quantize_lora and self.quantization is None:
+            raise ValueError("quantize_lora=True needs quantization='nf4' or 'int8'")
+
+    def quant_format(self) -> Any:
+        """The `adaptwin.quant.QuantFormat` the factors are stored in, or None when not quantised."""
+        from adaptwin.quant import FORMATS, QuantFormat
+
+        if self.quantization is None:
+            if self.quant_blocksize is not None or self.double_quant:
+                raise ValueError("quant_blocksize and double_quant need quantization='nf4' or 'int8'")
+            return None
+        if self.quantization not in FORMATS:
+            raise ValueError(f"quantization must be one of {FORMATS} or None, got {self.quantization!r}")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be True or False, got {self.double_quant!r}")
+        default = 64 if self.quantization == "nf4" else 0
+        if self.quantization == "int8" and self.quant_blocksize == 0:
+            raise ValueError("int8 quant_blocksize must be a whole number > 0, or None for one scale per row")
+        blocksize = default if self.quant_blocksize is None else self.quant_blocksize
+        return QuantFormat(self.quantization, blocksize, self.double_quant)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -161,6 +161,27 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def read_tensor_layout(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """``{tensor name: (safetensors dtype, shape, bytes)}`` of a save's weights, from the file header only."""
+    meta = read_meta(path)
+    weights = Path(path) / meta["weights"].get("file", WEIGHTS_NAME)
+    try:
+        with open(weights, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= min(100 << 20, weights.stat().st_size - 8):
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            out[name] = (info["dtype"], tuple(info["shape"]), int(end) - int(start))
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{weights} has no readable safetensors header ({e})") from None
+
+
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild a model saved by `save`, without the original weights.
 

@@ -1,0 +1,12 @@
+"""Quantised low-rank factors (NF4 / int8) on top of the product-twin and FFN-SVD compressors."""
+
+from adaptwin.compressors.quantized.layer import QuantLinear, QuantLowRankLinear, fake_quantize
+from adaptwin.compressors.quantized.transform import (
+    QuantizedCompressor,
+    logical_params,
+    pack_modules,
+    quantize_modules,
+)
+
+__all__ = ["QuantLinear", "QuantLowRankLinear", "QuantizedCompressor", "fake_quantize", "logical_params",
+           "pack_modules", "quantize_modules"]

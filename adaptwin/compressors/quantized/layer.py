@@ -1,0 +1,226 @@
+"""Low-rank modules whose factors live packed (NF4 / int8), with a fake-quantised training state.
+
+Each module has two states:
+
+* **master** (quantisation-aware training, Eq. 10): the factors are fp `nn.Parameter`s with the *same
+  names and shapes* as in the module it replaces (``weight``, ``in_factor``, ``out_factor``), so the
+  layer-wise fine-tuner, its LoRA masks and its checkpoints work unchanged. The forward pass uses
+  ``dequantize(quantize(W))`` of those factors, with a straight-through gradient to W.
+* **packed** (after `pack`, and what `adaptwin.load` builds): the quantised directions are uint8/int8
+  buffers plus float32 scales; the fp master copies are gone. LoRA directions kept in higher precision
+  are a small fp `nn.Parameter` ``<factor>_lora``.
+
+Both states call the one op `torch.ops.adaptwin.rank_linear` in the same order, so the packed module
+computes bit for bit what the master module computed with the weights it was packed from.
+
+Every factor is handled *direction-major* (k, n): one row per rank direction (for an output factor,
+stored (out, k), that is its transpose), so quantisation blocks run along a single direction.
+Directions are grouped per head: ``blocks`` groups of ``width`` directions, the first ``rank`` of each
+spectral, the rest LoRA (the layout `TwinAttention` and `LowRankLinear` use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptwin.ops.rank_linear import rank_linear
+from adaptwin.quant import QuantFormat
+
+
+class _FakeQuant(torch.autograd.Function):
+    """dequantize(quantize(w)) forward, identity backward (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+        return fmt.dequantize(fmt.quantize(w), tuple(w.shape), w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def fake_quantize(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """The values ``w`` takes once packed in ``fmt`` (same dtype), with a straight-through gradient."""
+    return _FakeQuant.apply(w, fmt)
+
+
+class _Factor:
+    """One factor: its direction-major shape (k, n), how it is stored, which directions are quantised."""
+
+    def __init__(self, name: str, k: int, n: int, transposed: bool, blocks: int, width: int,
+                 rank: int | None, quantize_lora: bool) -> None:
+        if blocks * width != k:
+            raise ValueError(f"factor {name}: {blocks} blocks of {width} directions do not make its {k} directions")
+        self.name, self.k, self.n, self.transposed = name, k, n, transposed
+        self.blocks, self.width = blocks, width
+        # rank None: no spectral/LoRA split is known (all directions are quantised)
+        self.rank = width if rank is None or quantize_lora else rank
+        self.lora = width - self.rank  # LoRA directions per block kept in higher precision
+        pos = torch.arange(k, device="cpu") % width  # index tensors stay on the CPU, even under a meta context
+        self.idx_q = torch.nonzero(pos < self.rank).flatten()  # (blocks·rank,)
+        self.idx_l = torch.nonzero(pos >= self.rank).flatten()  # (blocks·lora,)
+
+    @property
+    def split(self) -> bool:
+        return self.lora > 0
+
+    @property
+    def q_shape(self) -> list[int]:
+        return [self.blocks * self.rank, self.n]
+
+    @property
+    def l_shape(self) -> list[int]:
+        return [self.blocks * self.lora, self.n]
+
+    def master_shape(self) -> tuple[int, int]:
+        return (self.n, self.k) if self.transposed else (self.k, self.n)
+
+
+class _QuantModule(nn.Module):
+    """Shared storage logic: master Parameters or packed buffers for each `_Factor`."""
+
+    def _setup(self, fmt: QuantFormat, factors: list[_Factor], packed: bool) -> None:
+        self.fmt = fmt
+        self._factors = {f.name: f for f in factors}
+        self.packed = packed
+        for f in factors:
+            if packed:
+                self._make_packed(f, None)
+            else:
+                self.register_parameter(f.name, nn.Parameter(torch.empty(f.master_shape())))
+
+    def _make_packed(self, f: _Factor, stored: dict[str, torch.Tensor] | None, lora: torch.Tensor | None = None,
+                     device: Any = None, dtype: torch.dtype | None = None) -> None:
+        if f.rank:
+            for key, (shape, dt) in self.fmt.layout(tuple(f.q_shape)).items():
+                value = stored[key] if stored is not None else torch.empty(shape, dtype=dt, device=device)
+                self.register_buffer(f"{f.name}_{key}", value)
+        if f.split:
+            value = lora if lora is not None else torch.empty(f.l_shape, device=device, dtype=dtype)
+            self.register_parameter(f"{f.name}_lora", nn.Parameter(value))
+
+    def _direction_major(self, f: _Factor) -> torch.Tensor:
+        w = getattr(self, f.name)
+        return w.t() if f.transposed else w  # (k, n)
+
+    def _parts(self, f: _Factor) -> tuple[tuple | None, torch.Tensor | None]:
+        """``(op arguments of the quantised directions or None, fp LoRA directions (k_l, n) or None)``."""
+        if self.packed:
+            q = None
+            if f.rank:
+                stored = {key: getattr(self, f"{f.name}_{key}") for key in self.fmt.layout(tuple(f.q_shape))}
+                q = (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
+            return q, (getattr(self, f"{f.name}_lora") if f.split else None)
+        w = self._direction_major(f)  # (k, n)
+        if not f.split:
+            return (fake_quantize(w, self.fmt), None, "fp", 0, f.q_shape), None
+        idx_q, idx_l = f.idx_q.to(w.device), f.idx_l.to(w.device)
+        q = (fake_quantize(w[idx_q], self.fmt), None, "fp", 0, f.q_shape) if f.rank else None
+        return q, w[idx_l]
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Quantise the master factors into packed buffers (bit-identical to what fake quantisation used)."""
+        if self.packed:
+            return
+        for f in self._factors.values():
+            w = self._direction_major(f).detach()
+            device, dtype = w.device, w.dtype
+            stored = self.fmt.quantize(w[f.idx_q.to(device)] if f.split else w) if f.rank else None
+            lora = w[f.idx_l.to(device)].clone() if f.split else None
+            del self._parameters[f.name]
+            self._make_packed(f, stored, lora, device, dtype)
+        self.packed = True
+
+    def storage(self) -> tuple[int, int]:
+        """``(logical parameters, bytes stored)``: the factors' full (k, n) counts plus the bias; every
+        stored tensor's bytes (codes, scales, fp LoRA directions, bias)."""
+        params = sum(f.k * f.n for f in self._factors.values())
+        bias = getattr(self, "bias", None)
+        params += bias.numel() if bias is not None else 0
+        return params, sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+
+class QuantLinear(_QuantModule):
+    """An `nn.Linear` that holds one rank-space factor of `TwinAttention` (or BERT's output factor).
+
+    Args:
+        in_features, out_features, bias: as `nn.Linear`.
+        role: ``"in"``: the weight (k, in) maps into rank space, one row per direction (q/k/v
+            projections); ``"out"``: the weight (out, k) maps out of it, one column per direction.
+        blocks, width, rank: directions come in ``blocks`` heads of ``width``, the first ``rank`` of
+            each spectral, the rest LoRA (``rank=None``: all quantised).
+        fmt: the storage format; quantize_lora: quantise the LoRA directions too (else keep them fp).
+        packed: build in the packed state (empty buffers, for loading) instead of the master state.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, role: str, blocks: int, width: int,
+                 rank: int | None, fmt: QuantFormat, quantize_lora: bool, packed: bool) -> None:
+        super().__init__()
+        if role not in ("in", "out"):
+            raise ValueError(f"QuantLinear role must be 'in' or 'out', got {role!r}")
+        self.in_features, self.out_features, self.role = in_features, out_features, role
+        k, n = (out_features, in_features) if role == "in" else (in_features, out_features)
+        self._setup(fmt, [_Factor("weight", k, n, role == "out", blocks, width, rank, quantize_lora)], packed)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self._factors["weight"]
+        q, lora = self._parts(f)
+        none = (None, None, "fp", 0, [])
+        if self.role == "in":
+            if not f.split:
+                return rank_linear(x, *q, *none, self.bias)
+            parts = []
+            if q is not None:
+                parts.append(rank_linear(x, *q, *none, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
+            parts.append(rank_linear(x, lora, None, "fp", 0, f.l_shape, *none, None).unflatten(-1, (f.blocks, f.lora)))
+            y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
+            return y + self.bias if self.bias is not None else y
+        if not f.split:
+            return rank_linear(x, *none, *q, self.bias)
+        h = x.unflatten(-1, (f.blocks, f.width))  # (..., H, width)
+        y = rank_linear(h[..., f.rank:].flatten(-2), *none, lora, None, "fp", 0, f.l_shape, None if q else self.bias)
+        if q is not None:
+            y = rank_linear(h[..., :f.rank].flatten(-2), *none, *q, self.bias) + y
+        return y
+
+    def extra_repr(self) -> str:
+        f = self._factors["weight"]
+        return (f"in={self.in_features}, out={self.out_features}, role={self.role}, {self.fmt.kind}"
+                f"(blocksize={self.fmt.blocksize}, double_quant={self.fmt.double_quant}), "
+                f"quantised directions {f.blocks}x{f.rank}, fp {f.blocks}x{f.lora}, packed={self.packed}")
+
+
+class QuantLowRankLinear(_QuantModule):
+    """`LowRankLinear` (y = x·Uᵀ·Vᵀ + b) with U (k, in) and V (out, k) quantised; see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, lora_rank: int = 0, bias: bool = True, *,
+                 fmt: QuantFormat, quantize_lora: bool, packed: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.lora_rank = rank, lora_rank
+        k = rank + lora_rank
+        self._setup(fmt, [_Factor("in_factor", k, in_features, False, 1, k, rank, quantize_lora),
+                          _Factor("out_factor", k, out_features, True, 1, k, rank, quantize_lora)], packed)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
+        f = self._factors["in_factor"]
+        y = None
+        if f.split:  # LoRA directions in higher precision: a second rank-l product
+            y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
+                            None if qa else self.bias)
+        if qa is not None:
+            main = rank_linear(x, *qa, *qb, self.bias)
+            y = main if y is None else main + y
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, lora_rank={self.lora_rank}, "
+                f"{self.fmt.kind}(blocksize={self.fmt.blocksize}, double_quant={self.fmt.double_quant}), "
+                f"lora {'quantised' if not self._factors['in_factor'].split else 'fp'}, packed={self.packed}")

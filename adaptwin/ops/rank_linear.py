@@ -1,0 +1,131 @@
+"""``torch.ops.adaptwin.rank_linear``: y = (x·Aᵀ)·B + bias with A and B stored plain, NF4-packed or int8.
+
+Schema (declared once here; C++/Triton/CUDA backends register kernels for exactly this op)::
+
+    adaptwin::rank_linear(Tensor x,
+                          Tensor? a, Tensor? a_scale, str a_format, int a_blocksize, SymInt[] a_shape,
+                          Tensor? b, Tensor? b_scale, str b_format, int b_blocksize, SymInt[] b_shape,
+                          Tensor? bias) -> Tensor
+
+Both factors are stored *direction-major*: one row per rank direction, so a block of scales never mixes
+two directions (the SVD's directions differ in norm by orders of magnitude).
+
+    x        (..., in) floating; any number of leading dims (batched, or batch-1 decode (1, 1, in)).
+    a        in factor A, logical shape a_shape = (k, in): h = x·Aᵀ, (..., k). None: h = x (then b is given).
+    b        out factor B, logical shape b_shape = (k, out): y = h·B, (..., out). None: y = h.
+    bias     (out,) or None, added last.
+    *_format "fp": the tensor is the factor itself (any float dtype; *_scale None, *_blocksize ignored)
+             "nf4": uint8 (ceil(k·n/2),) two codes per byte, *_scale float32 absmax (ceil(k·n/blocksize),)
+                    (double-quantised scales are expanded by the caller: ceil(k·n/64) floats)
+             "int8": int8 (k, n), *_scale float32: per row (k,) when *_blocksize is 0, else per flat block
+    returns  (..., out) in x's dtype. Factors are dequantised in float32 and cast to x's dtype before each
+             GEMM (the layouts are in `adaptwin.quant.nf4` / `adaptwin.quant.int8`).
+
+The reference implementation (every device) dequantises with `adaptwin.quant.dequantize` (vectorised:
+a gather and a broadcast multiply, no loop over blocks) and runs two GEMMs; the dense out×in matrix is
+never formed. Autograd: gradients flow to x, to "fp" factors and to bias; packed codes get none (a
+quantised layer trains through fp master factors with fake quantisation, see
+`adaptwin.compressors.quantized`).
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adaptwin import quant
+
+FORMATS = ("fp", *quant.FORMATS)
+
+
+def _factor(t: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Sequence[int],
+            dtype: torch.dtype) -> Tensor:
+    """The (k, n) factor in ``dtype``."""
+    if fmt == "fp":
+        return t.to(dtype)
+    return quant.dequantize(t, scale, fmt, blocksize, tuple(int(s) for s in shape), dtype)
+
+
+def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a_shape: Sequence[int],
+           b: Tensor | None, b_scale: Tensor | None, b_format: str, b_shape: Sequence[int]) -> int:
+    """Validate the arguments; return the output width."""
+    if a is None and b is None:
+        raise ValueError("rank_linear needs at least one factor (a or b)")
+    width = x.shape[-1]
+    for name, t, scale, fmt, shape in (("a", a, a_scale, a_format, a_shape), ("b", b, b_scale, b_format, b_shape)):
+        if t is None:
+            continue
+        if fmt not in FORMATS:
+            raise ValueError(f"rank_linear: {name}_format must be one of {FORMATS}, got {fmt!r}")
+        if len(shape) != 2:
+            raise ValueError(f"rank_linear: {name}_shape must be (k, features), got {list(shape)}")
+        if fmt == "fp" and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"rank_linear: fp factor {name} has shape {tuple(t.shape)}, {name}_shape says "
+                             f"{list(shape)}")
+        if fmt != "fp" and scale is None:
+            raise ValueError(f"rank_linear: {fmt} factor {name} needs {name}_scale")
+        if name == "a":
+            if shape[1] != width:
+                raise ValueError(f"rank_linear: x has {width} features, factor a expects {shape[1]}")
+            width = shape[0]
+        elif shape[0] != width:
+            raise ValueError(f"rank_linear: factor b has rank {shape[0]}, its input has {width} features")
+        else:
+            width = shape[1]
+    return width
+
+
+@torch.library.custom_op("adaptwin::rank_linear", mutates_args=())
+def rank_linear(
+    x: Tensor,
+    a: Tensor | None, a_scale: Tensor | None, a_format: str, a_blocksize: int, a_shape: Sequence[int],
+    b: Tensor | None, b_scale: Tensor | None, b_format: str, b_blocksize: int, b_shape: Sequence[int],
+    bias: Tensor | None,
+) -> Tensor:
+    _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    h = x if a is None else F.linear(x, _factor(a, a_scale, a_format, a_blocksize, a_shape, x.dtype))  # (..., k)
+    if b is None:
+        return h + bias if bias is not None else h.clone() if a is None else h
+    return F.linear(h, _factor(b, b_scale, b_format, b_blocksize, b_shape, x.dtype).t(), bias)  # (..., out)
+
+
+@rank_linear.register_fake
+def _(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
+    out = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    return x.new_empty((*x.shape[:-1], out))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias = inputs
+    ctx.save_for_backward(x, a, a_scale, b, b_scale)
+    ctx.meta = (a_format, a_blocksize, tuple(a_shape), b_format, b_blocksize, tuple(b_shape), bias is not None)
+
+
+def _backward(ctx, gy: Tensor):
+    x, a, a_scale, b, b_scale = ctx.saved_tensors
+    a_format, a_blocksize, a_shape, b_format, b_blocksize, b_shape, has_bias = ctx.meta
+    need = ctx.needs_input_grad
+    dtype = x.dtype
+    A = None if a is None else _factor(a, a_scale, a_format, a_blocksize, a_shape, dtype)  # (k, in)
+    h = x if A is None else F.linear(x, A)  # (..., k), recomputed rather than saved
+    g_a = g_b = g_bias = None
+    if has_bias and need[11]:
+        g_bias = gy.reshape(-1, gy.shape[-1]).sum(0)
+    if b is not None:
+        B = _factor(b, b_scale, b_format, b_blocksize, b_shape, dtype)  # (k, out)
+        if b_format == "fp" and need[6]:
+            g_b = (h.reshape(-1, h.shape[-1]).t() @ gy.reshape(-1, gy.shape[-1])).to(b.dtype)  # (k, out)
+        gh = F.linear(gy, B)  # (..., k)
+    else:
+        gh = gy
+    if A is not None:
+        if a_format == "fp" and need[1]:
+            g_a = (gh.reshape(-1, gh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(a.dtype)  # (k, in)
+        gx = gh @ A if need[0] else None  # (..., in)
+    else:
+        gx = gh if need[0] else None
+    return gx, g_a, None, None, None, None, g_b, None, None, None, None, g_bias
+
+
+rank_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,237 @@
+"""`adaptwin eval` end to end on a tiny random Whisper (dense and compressed), and transcribe()'s batching.
+
+The model is random, so its WER means nothing; what is checked is that the command runs on both kinds of
+folder, that its numbers agree with each other (WER = (S + D + I) / N, speakers and utterances sum to the
+totals) and that bad input ends in one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptwin.cli import main
+from adaptwin.speech.audio import write_wav
+from adaptwin.speech.datasets import Utterance
+from adaptwin.speech.evaluate import generate_kwargs, transcribe
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+         "nine"]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A word-level Whisper as the digit recogniser writes it: 1 s windows of 16 mel bins, 14 words."""
+    from tiny_models import reinit
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("whisper-words")
+    cfg = WhisperConfig(vocab_size=len(WORDS), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        num_mel_bins=16, max_source_positions=50, max_target_positions=16, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None,
+                        suppress_tokens=None)
+    torch.manual_seed(0)
+    # std 0.3 rather than HF's 0.02: the decoder then emits words for some clips instead of stopping at once.
+    reinit(WhisperForConditionalGeneration(cfg), seed=1, std=0.3).save_pretrained(d)
+    WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1,
+                            n_fft=400).save_pretrained(d)
+    tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Six clips from two speakers at three sampling rates; one (1.4 s) is longer than the 1 s window."""
+    d = tmp_path_factory.mktemp("clips")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (rate, seconds) in enumerate([(8000, 0.4), (16000, 0.7), (22050, 1.4), (16000, 0.3), (8000, 0.9),
+                                         (44100, 0.5)]):
+        t = np.arange(round(rate * seconds)) / rate
+        x = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        write_wav(d / "wav" / f"c{i}.wav", x, rate)
+        text = " ".join(WORDS[4 + (i + k) % 10] for k in range(1 + i % 3))
+        rows.append({"audio": f"wav/c{i}.wav", "text": text, "speaker": "ann" if i % 2 else "bob"})
+    path = d / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    path = tmp_path / "normalizer.json"
+    path.write_text(json.dumps({"colour": "color"}))
+    return path
+
+
+def check_report(data: dict, utterances: int) -> None:
+    """The JSON line's figures agree with each other."""
+    n = data["reference_words"]
+    assert n > 0 and data["utterances"] == utterances == len(data["per_utterance"])
+    assert data["wer"] == pytest.approx((data["substitutions"] + data["deletions"] + data["insertions"]) / n)
+    assert data["ci_low"] <= data["wer"] <= data["ci_high"] and data["ci_level"] == 0.95
+    for key in ("substitutions", "deletions", "insertions", "reference_words"):
+        assert sum(r[key] for r in data["per_utterance"]) == data[key]
+        assert sum(s[key] for s in data["per_speaker"].values()) == data[key]
+    assert sum(s["utterances"] for s in data["per_speaker"].values()) == utterances
+    for s in data["per_speaker"].values():
+        assert s["wer"] == pytest.approx((s["substitutions"] + s["deletions"] + s["insertions"])
+                                         / s["reference_words"])
+    assert all(isinstance(r["hypothesis"], str) for r in data["per_utterance"])
+
+
+def test_eval_dense_and_compressed(model_dir, manifest, table, tmp_path):
+    rc, out, err = run_cli("eval", model_dir, "--data", manifest, "--json", "--normalizer", table,
+                           "--max-new-tokens", "4", "--batch-size", "4")
+    assert rc == 0, err
+    dense = json.loads(out.strip().splitlines()[-1])
+    check_report(dense, 6)
+    assert dense["normalizer"] == str(table) and dense["truncated"] == 1
+    assert sorted(dense["per_speaker"]) == ["ann", "bob"]
+    assert dense["per_utterance"][0]["reference"] == "zero"  # manifest order is kept
+    hyps = [r["normalised_hypothesis"] for r in dense["per_utterance"]]
+    assert any(hyps), "the random model should say something for some clip; the S/I counts are then exercised"
+
+    rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "small", "--ratio", "0.3")
+    assert rc == 0, err
+    assert (tmp_path / "small" / "preprocessor_config.json").is_file()
+    runs = []
+    for _ in range(2):  # greedy decoding: the same words every time
+        rc, out, err = run_cli("eval", tmp_path / "small", "--data", manifest, "--json", "--max-new-tokens", "4")
+        assert rc == 0, err
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        check_report(runs[-1], 6)
+    assert runs[0]["per_utterance"] == runs[1]["per_utterance"]
+
+    rc, out, err = run_cli("eval", tmp_path / "small", "--data", manifest, "--max-new-tokens", "4")
+    assert rc == 0, err
+    assert f"WER {100 * runs[0]['wer']:.2f} %" in out and "95 % CI" in out
+    assert "1 clip(s) are longer than the feature extractor's 1 s window" in out
+    assert any(line.split()[:2] == ["ann", "3"] for line in out.splitlines())  # speaker, utterances
+
+
+def test_eval_selects_speaker_and_limit(model_dir, manifest):
+    rc, out, err = run_cli("eval", model_dir, "--data", manifest, "--json", "--speaker", "ann", "--limit", "2",
+                           "--max-new-tokens", "2", "--threads", "2")
+    assert rc == 0, err
+    assert torch.get_num_threads() == 1  # the module's setting is back after the command
+    data = json.loads(out.strip().splitlines()[-1])
+    check_report(data, 2)
+    assert list(data["per_speaker"]) == ["ann"] and [r["audio"][-6:] for r in data["per_utterance"]] == [
+        "c1.wav", "c3.wav"]
+
+
+def assert_user_error(rc: int, err: str, expected: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert lines and expected in lines[-1], err
+    assert lines[-1].startswith(("adaptwin eval: error:", "usage:")) or "error: argument" in lines[-1]
+
+
+def test_eval_bad_input(model_dir, manifest, tmp_path):
+    def fails(*args, expected: str) -> None:
+        rc, out, err = run_cli("eval", *args)
+        assert_user_error(rc, err, expected)
+        assert out == ""
+
+    fails(model_dir, "--data", tmp_path / "none", expected="none does not exist")
+    fails(model_dir, "--data", manifest, "--speaker", "zed", expected="--speaker 'zed' has no utterances")
+    fails(model_dir, "--data", manifest, "--batch-size", "0", expected="expected a whole number >= 1, got 0")
+    fails(model_dir, "--data", manifest, "--normalizer", tmp_path / "n.json", expected="n.json does not exist")
+    fails(tmp_path / "nomodel", "--data", manifest, expected="nomodel does not exist")
+    for missing, expected in (("preprocessor_config.json", "has no feature extractor"),
+                              ("tokenizer.json", "has no tokenizer")):
+        bare = tmp_path / f"no-{missing}"
+        shutil.copytree(model_dir, bare)
+        (bare / missing).unlink()
+        fails(bare, "--data", manifest, expected=expected)
+
+
+# ---------------------------------------------------------------------------------------------- transcribe
+
+
+class StubModel(torch.nn.Module):
+    """Records what generate() is given and answers with one word per call, so order and batching show."""
+
+    main_input_name = "input_features"
+
+    def __init__(self, **generation_config):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.generation_config = type("GenerationConfig", (), generation_config)()
+        self.calls: list[tuple[tuple[int, ...], torch.dtype, dict]] = []
+
+    def generate(self, input_features, **kwargs):
+        self.calls.append((tuple(input_features.shape), input_features.dtype, kwargs))
+        word = WORDS.index("zero") + len(self.calls)  # call k answers WORDS[4 + k]
+        return torch.tensor([[1, word, 2]] * input_features.shape[0])
+
+
+def test_transcribe_batches_in_order(tmp_path):
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400)
+    utts = [Utterance(str(i), write_wav(tmp_path / f"{i}.wav", 0.1 * np.ones(800 + 400 * i), 8000), "x", "s")
+            for i in range(5)]
+    model = StubModel()
+    texts = transcribe(model, fe, tokenizer(), utts, batch_size=2, max_new_tokens=3)
+    assert texts == ["one", "one", "two", "two", "three"]
+    assert [c[0] for c in model.calls] == [(2, 16, 100), (2, 16, 100), (1, 16, 100)]  # padded to the 1 s window
+    assert all(c[1] == torch.float64 for c in model.calls)  # features follow the model's dtype
+    assert model.calls[0][2] == {"do_sample": False, "num_beams": 1, "max_new_tokens": 3}  # no pad token known
+
+    english = StubModel(lang_to_id={"<|en|>": 50259, "<|de|>": 50261})
+    transcribe(english, fe, tokenizer(), utts[:1])
+    assert english.calls[0][2] == {"do_sample": False, "num_beams": 1, "language": "en", "task": "transcribe"}
+    assert generate_kwargs(StubModel(lang_to_id={"<|de|>": 1})) == {"do_sample": False, "num_beams": 1}
+    # A pad token apart from the end token is never a word: suppressed, beside what the config suppresses.
+    assert generate_kwargs(StubModel(pad_token_id=0, eos_token_id=2, suppress_tokens=[7]))["suppress_tokens"] == [0, 7]
+    assert "suppress_tokens" not in generate_kwargs(StubModel(pad_token_id=2, eos_token_id=2))  # as in Whisper
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        transcribe(model, fe, tokenizer(), utts, batch_size=0)
+
+
+def test_english_multilingual_whisper_transcribes(tmp_path):
+    """A generation config that knows <|en|> (as real multilingual Whisper's does) gets language="en",
+    task="transcribe" through Whisper's own generate(), which then checks the ids it is given."""
+    from tiny_models import whisper
+    from transformers import WhisperFeatureExtractor
+
+    model = whisper()  # 16 mel bins, 50 input frames, 64 tokens
+    gc = model.generation_config
+    gc.lang_to_id, gc.task_to_id = {"<|de|>": 59, "<|en|>": 60}, {"transcribe": 61, "translate": 62}
+    gc.no_timestamps_token_id, gc.is_multilingual = 63, True
+    fe = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=320, chunk_length=1, n_fft=400)
+    utts = [Utterance(str(i), write_wav(tmp_path / f"{i}.wav", 0.2 * np.sin(np.arange(4000 * (i + 1)) / 9), 16000),
+                      "x", "s") for i in range(3)]
+    texts = transcribe(model, fe, tokenizer(), utts, batch_size=2, max_new_tokens=4)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert transcribe(model, fe, tokenizer(), utts, batch_size=3, max_new_tokens=4) == texts  # batching-invariant
