@@ -153,32 +153,37 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> Path:
+def write_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]], *,
+               fields: Sequence[str] = CSV_FIELDS, key: Sequence[str] = ROW_KEY) -> Path:
     """Merge ``rows`` into the CSV at ``path`` atomically (temp file + rename in the same folder).
 
-    Existing rows with the same `ROW_KEY` are replaced, others kept; a file with a different header is
-    replaced whole. Floats are written with 6 significant digits.
+    Existing rows with the same ``key`` fields are replaced, others kept; a file with a different header is
+    replaced whole. Floats are written with 6 significant digits. ``fields``/``key`` default to the timing
+    benchmarks' `CSV_FIELDS`/`ROW_KEY`; a benchmark that measures something else passes its own.
     """
+    fields, key = tuple(fields), tuple(key)
+    if not set(key) <= set(fields):
+        raise ValueError(f"key fields {sorted(set(key) - set(fields))} are not among the CSV fields {list(fields)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = list(rows)
-    unknown = {k for r in rows for k in r} - set(CSV_FIELDS)
+    unknown = {k for r in rows for k in r} - set(fields)
     if unknown:
-        raise ValueError(f"unknown CSV fields {sorted(unknown)}; allowed: {list(CSV_FIELDS)}")
-    new = [{k: _fmt(r.get(k, "")) for k in CSV_FIELDS} for r in rows]
-    keys = {tuple(r[k] for k in ROW_KEY) for r in new}
+        raise ValueError(f"unknown CSV fields {sorted(unknown)}; allowed: {list(fields)}")
+    new = [{k: _fmt(r.get(k, "")) for k in fields} for r in rows]
+    keys = {tuple(r[k] for k in key) for r in new}
     old: list[dict[str, str]] = []
     if path.exists():
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) == CSV_FIELDS:
-                old = [r for r in reader if tuple(r[k] for k in ROW_KEY) not in keys]
+            if tuple(reader.fieldnames or ()) == fields:
+                old = [r for r in reader if tuple(r[k] for k in key) not in keys]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
         with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(old + new)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
