@@ -52,8 +52,9 @@ BATCH = 16
 MAX_LENGTH = 128
 CSV_FIELDS = ("benchmark", "provider", "init", "mode", "epochs", "lr", "batch", "sequential", "ratio", "cos_mean",
               "cos_min", "cos_calibration", "layer_err_before", "layer_err_after", "seconds", "calibration_sentences",
-              "eval_sentences", "threads", "torch", "transformers", "adaptwin", "timestamp")
-ROW_KEY = ("benchmark", "provider", "mode", "epochs", "lr", "batch", "sequential", "ratio", "threads")
+              "calibration_tokens", "eval_sentences", "threads", "torch", "transformers", "adaptwin", "timestamp")
+ROW_KEY = ("benchmark", "provider", "mode", "epochs", "lr", "batch", "sequential", "ratio", "threads",
+           "calibration_sentences")
 
 
 def sentences(name: str) -> list[str]:
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequential", action="store_true",
                         help="train each layer on the outputs of the already fine-tuned layers before it")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra-calib", metavar="PATH",
+                        help="more calibration text, one sentence per line, added to the shipped sentences "
+                             "(e.g. from python -m benchmarks.stdlib_text)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
     parser.add_argument("--layers", action="store_true", help="print the per-layer fine-tuning tables")
     parser.add_argument("--out", default=f"results/{BENCHMARK}.csv")
@@ -181,13 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, tokenizer = load()
     calib_text, eval_text = sentences("calibration_sentences.txt"), sentences("eval_sentences.txt")
+    if args.extra_calib:
+        extra = [line.strip() for line in Path(args.extra_calib).read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        if not extra:
+            raise SystemExit(f"--extra-calib {args.extra_calib} holds no sentences")
+        calib_text = calib_text + extra
     shared = set(calib_text) & set(eval_text)
     if shared:
         raise SystemExit(f"calibration and evaluation sentences overlap: {sorted(shared)[:3]}")
     calibration = tokenise(tokenizer, calib_text, args.batch, bucket=True)
     evaluation = tokenise(tokenizer, eval_text, 32)
     reference = embed(model, evaluation)
-    common = {"benchmark": BENCHMARK, "batch": args.batch, "ratio": RATIO, "threads": args.threads,
+    common = {"benchmark": BENCHMARK, "batch": args.batch, "calibration_tokens": sum(
+              int(b["attention_mask"].sum()) for b in calibration), "ratio": RATIO, "threads": args.threads,
               "calibration_sentences": len(calib_text), "eval_sentences": len(eval_text),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "adaptwin": adaptwin.__version__}
