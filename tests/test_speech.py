@@ -387,3 +387,13 @@ def test_wer_input_errors():
         wer_report(["a", "b"], ["a", "b"], ["s"])
     with pytest.raises(ValueError, match="level must be in"):
         wer_report(["a"], ["a"], level=95)
+
+
+def test_basic_normalizer_keeps_spoken_numbers_as_words():
+    from adaptwin.speech.wer import BasicNormalizer, english_normalizer, wer_report
+
+    basic, english = BasicNormalizer(), english_normalizer(path=None)
+    assert basic("Seven, three NINE!") == "seven three nine"
+    assert english("seven three nine") != "seven three nine"  # the English one rewrites them as digits
+    r = wer_report(["seven three nine"], ["seven two nine"], normalizer=basic, resamples=10)
+    assert (r.substitutions, r.reference_words) == (1, 3) and r.wer == pytest.approx(1 / 3)

@@ -49,8 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=8, metavar="N", help="clips per generate call (default 8)")
     e.add_argument("--limit", type=_positive, metavar="N", help="score only the first N utterances (after --speaker)")
     e.add_argument("--speaker", metavar="NAME", help="score only this speaker's utterances")
-    e.add_argument("--normalizer", metavar="PATH", help="Whisper spelling table (normalizer.json); default: "
-                   "MODEL_DIR/normalizer.json, else the shared data folder's whisper-assets/english.json, else none")
+    e.add_argument("--normalizer", metavar="PATH|basic",
+                   help="Whisper spelling table (normalizer.json); default: MODEL_DIR/normalizer.json, else the shared "
+                        "data folder's whisper-assets/english.json, else none. 'basic': Whisper's basic normaliser "
+                        "(lower case, no punctuation) instead of the English one, which rewrites spoken numbers as "
+                        "digits ('seven three' -> '73', one word)")
     e.add_argument("--max-new-tokens", type=_positive, metavar="N",
                    help="most tokens generated per clip (default: the model's generation config)")
     e.add_argument("--threads", type=_positive, metavar="N", help="torch intra-op threads (default: torch's); on a "
@@ -108,10 +111,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import adaptwin.speech.evaluate as ev
     from adaptwin.speech.datasets import load_dataset
-    from adaptwin.speech.wer import english_normalizer
+    from adaptwin.speech.wer import BasicNormalizer, english_normalizer
 
     utterances = select(load_dataset(args.data), args.speaker, args.limit, args.data)  # cheap checks first
-    normalizer = english_normalizer(Path(args.model).expanduser(), args.normalizer)
+    normalizer = (BasicNormalizer() if args.normalizer == "basic"
+                  else english_normalizer(Path(args.model).expanduser(), args.normalizer))
     hf_logging.disable_progress_bar()
     verbosity, threads = hf_logging.get_verbosity(), torch.get_num_threads()
     hf_logging.set_verbosity_error()  # generate()'s advice about max_length is noise in a report
@@ -135,7 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"WER {100 * r.wer:.2f} %  (S {r.substitutions}, D {r.deletions}, I {r.insertions} / N {r.reference_words}); "
           f"{100 * r.ci_level:.0f} % CI {100 * r.ci_low:.2f}-{100 * r.ci_high:.2f} % "
           f"(bootstrap over utterances, {r.resamples} resamples, seed {r.seed})")
-    print(f"text normaliser: Whisper English, spelling table {r.normalizer}")
+    kind = "" if r.normalizer.startswith("basic") else "Whisper English, spelling table "
+    print(f"text normaliser: {kind}{r.normalizer}")
     rows = [(s, str(v["utterances"]), str(v["reference_words"]), "-" if v["wer"] is None else f"{100 * v['wer']:.2f} %",
              str(v["substitutions"]), str(v["deletions"]), str(v["insertions"])) for s, v in r.per_speaker.items()]
     print(_table(("speaker", "utterances", "words", "WER", "S", "D", "I"), rows, right=(1, 2, 3, 4, 5, 6)))

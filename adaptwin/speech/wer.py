@@ -45,6 +45,25 @@ class TextNormalizer:
         return f"TextNormalizer({len(self.spelling)} spellings from {self.source})"
 
 
+class BasicNormalizer:
+    """Whisper's ``BasicTextNormalizer``: lower case, punctuation and bracketed asides removed, and nothing
+    else — numbers stay words. For vocabularies where the English normaliser would change the unit being
+    counted (it turns "seven three nine" into "739", one word)."""
+
+    source = "basic (lower case, punctuation removed; no number or spelling rules)"
+
+    def __init__(self) -> None:
+        from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+        self._normalize = BasicTextNormalizer()
+
+    def __call__(self, text: str) -> str:
+        return " ".join(self._normalize(text).split())
+
+    def __repr__(self) -> str:
+        return "BasicNormalizer()"
+
+
 def english_normalizer(model_dir: str | os.PathLike | None = None,
                        path: str | os.PathLike | None = None) -> TextNormalizer:
     """Whisper's English normaliser with the first spelling table found among:

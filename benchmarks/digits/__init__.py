@@ -1,0 +1,45 @@
+"""The benchmark speech recogniser: a Whisper-architecture model trained from scratch on spoken digits.
+
+    python -m benchmarks.digits.make_sets --data ../shared/data/fsdd --out results/digits/sets
+    python -m benchmarks.digits.train --data ../shared/data/fsdd --out results/digits/model
+    adaptwin eval results/digits/model --data results/digits/sets/test.jsonl
+
+No pretrained Whisper checkpoint can be had on the project's machines, so the dense-vs-compressed WER
+benchmarks use this model: real recordings (FSDD), held-out takes, and a size with something to remove.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_dir"]
+
+
+class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out) as tmp: ...``
+    """A temporary folder beside ``target`` that replaces ``target`` (by rename) when the block succeeds.
+
+    On an exception the temporary folder is removed and ``target`` is left as it was.
+    """
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target).expanduser().resolve()
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
+            os.rename(self.target, trash / "old")
+            os.rename(self.tmp, self.target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.target)

@@ -1,0 +1,345 @@
+"""Train the benchmark recogniser: a Whisper-architecture model, from scratch, on spoken digit sequences.
+
+    python -m benchmarks.digits.train --data ../shared/data/fsdd --out results/digits/model [--steps N] [--seed S]
+
+Training draws fresh sequences every step (1-5 digits of one speaker, takes 0-39 of all five speakers; see
+`benchmarks.digits.data`), so no two batches repeat. The run is deterministic for a given seed on one
+machine: one seeded generator drives the data, torch's seed the weights, and CPU kernels run with
+``torch.use_deterministic_algorithms``. At the end the model transcribes held-out sequences (takes 40-49,
+the same draws as make_sets' test.jsonl) and the word error rate is printed per speaker.
+
+The output folder is what ``adaptwin eval DIR --data test.jsonl`` and ``adaptwin compress`` read:
+config.json + model.safetensors, generation_config.json, preprocessor_config.json (a WhisperFeatureExtractor
+with a 6 s window) and a word-level tokenizer (the ten digit words and four specials), plus train_log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.digits import atomic_dir
+from benchmarks.digits.data import (
+    DIGIT_WORDS,
+    SAMPLING_RATE,
+    SPEAKERS,
+    TEST_TAKES,
+    TRAIN_TAKES,
+    ClipBank,
+    draw_sequence,
+    scan_fsdd,
+)
+
+EOT, SOT, PAD, UNK = "<|endoftext|>", "<|startoftranscript|>", "<pad>", "<unk>"
+SPECIALS = (EOT, SOT, PAD, UNK)
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + DIGIT_WORDS)}
+
+CHUNK_SECONDS = 6  # the feature window; every draw is at most data.MAX_SECONDS = 5.8 s long
+# A 20 ms hop (Whisper: 10 ms) halves the encoder's positions to 150 for a 6 s window: on the shared 2-core
+# CPU a step of 32 utterances took ~12 s at 300 positions and ~4 s at 150 (d_model 256, 4+2 layers).
+HOP_LENGTH = 320
+N_FFT = 400
+MAX_TOKENS = 1 + 5 + 1  # start + at most five digits + end
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    d_model: int
+    heads: int
+    encoder_layers: int
+    decoder_layers: int
+    ffn_mult: int = 4
+
+
+SIZES = {
+    # head_dim 64 as in every Whisper; 4 encoder layers give the compressors attention and FFN to work on.
+    "base": ModelSize(d_model=256, heads=4, encoder_layers=4, decoder_layers=2),
+    # For tests only: trains in seconds, recognises nothing.
+    "tiny": ModelSize(d_model=64, heads=1, encoder_layers=1, decoder_layers=1, ffn_mult=2),
+}
+
+
+def build_tokenizer():
+    """The word-level tokenizer: ``"seven three"`` <-> ``[11, 7]``; specials are skipped when decoding."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel(dict(VOCAB), unk_token=UNK))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SOT, eos_token=EOT, pad_token=PAD, unk_token=UNK,
+                                   model_max_length=MAX_TOKENS)
+
+
+def build_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=80, sampling_rate=SAMPLING_RATE, hop_length=HOP_LENGTH,
+                                   chunk_length=CHUNK_SECONDS, n_fft=N_FFT)
+
+
+def build_model(size: ModelSize, source_positions: int):
+    """A randomly initialised WhisperForConditionalGeneration over the digit vocabulary, with its generation config."""
+    import torch
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    if size.d_model % size.heads:
+        raise ValueError(f"d_model {size.d_model} is not a multiple of heads {size.heads}")
+    config = WhisperConfig(
+        vocab_size=len(VOCAB), num_mel_bins=80, d_model=size.d_model,
+        encoder_layers=size.encoder_layers, decoder_layers=size.decoder_layers,
+        encoder_attention_heads=size.heads, decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.ffn_mult * size.d_model, decoder_ffn_dim=size.ffn_mult * size.d_model,
+        max_source_positions=source_positions, max_target_positions=16,
+        pad_token_id=VOCAB[PAD], bos_token_id=VOCAB[SOT], eos_token_id=VOCAB[EOT], decoder_start_token_id=VOCAB[SOT],
+        # Whisper's defaults name ids of its 51k-token vocabulary; here they would index past the embedding.
+        suppress_tokens=None, begin_suppress_tokens=None,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=True,
+    )
+    model = WhisperForConditionalGeneration(config)
+    # Whisper's init (normal, std 0.02) leaves the stem's output at std 0.04 against 0.62 for the sinusoidal
+    # positions added to it (measured on a batch of digit sequences), so at first the encoder hears mostly
+    # where a frame is, not what is in it; a run so initialised sat at the unigram loss for 100+ steps.
+    # He init for the two GELU convolutions brings the stem to std 0.67.
+    with torch.no_grad():
+        for conv in (model.model.encoder.conv1, model.model.encoder.conv2):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            conv.bias.zero_()
+    # No language, task or timestamp tokens: generate() then starts every transcript with <|startoftranscript|>
+    # alone. No suppress_tokens: the trained model puts no mass on the specials, and an untrained or damaged
+    # one should show its errors in the WER rather than have them masked.
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=VOCAB[SOT], bos_token_id=VOCAB[SOT], eos_token_id=VOCAB[EOT], pad_token_id=VOCAB[PAD],
+        max_length=MAX_TOKENS, do_sample=False, num_beams=1,
+    )
+    return model
+
+
+class Batches:
+    """Training batches drawn from one seeded generator: (features (B, 80, frames), labels (B, L) with -100 pad)."""
+
+    def __init__(self, clips, seed: int, feature_extractor, tokenizer):
+        self.rng = np.random.default_rng([int(seed), 1])
+        self.bank = ClipBank([c for c in clips if c.take in TRAIN_TAKES])
+        self.pools = {}
+        for s in SPEAKERS:
+            pool = [[c for c in self.bank.audio if c.speaker == s and c.digit == d] for d in range(len(DIGIT_WORDS))]
+            if any(not p for p in pool):
+                raise ValueError(f"speaker {s} lacks a digit among takes {TRAIN_TAKES[0]}-{TRAIN_TAKES[-1]}")
+            self.pools[s] = [sorted(p) for p in pool]
+        self.fe = feature_extractor
+        self.tok = tokenizer
+
+    def draw(self, batch_size: int, max_digits: int = 5):
+        """(features (B, 80, frames), labels (B, L), frame targets (B, frames // 2)) for ``batch_size`` draws."""
+        import torch
+
+        seqs = [draw_sequence(self.rng, self.pools[SPEAKERS[int(self.rng.integers(len(SPEAKERS)))]],
+                              self.bank.durations, max_digits=max_digits) for _ in range(batch_size)]
+        audio = [self.bank.render(q) for q in seqs]
+        feats = self.fe(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")["input_features"]
+        ids = [self.tok(q.text, add_special_tokens=False)["input_ids"] + [VOCAB[EOT]] for q in seqs]
+        width = max(len(i) for i in ids)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)  # (B, L)
+        for row, i in enumerate(ids):
+            labels[row, : len(i)] = torch.tensor(i)
+        # The encoder's position j hears samples [j, j + 1) * 2 * hop (two mel frames, conv2's stride 2);
+        # its target is the digit whose clip holds the middle of that span, else 0 (silence).
+        positions = feats.shape[-1] // 2
+        span = 2 * self.fe.hop_length
+        mids = np.arange(positions) * span + span // 2  # (P,) sample index
+        frames = torch.zeros((batch_size, positions), dtype=torch.long)  # (B, P)
+        for row, q in enumerate(seqs):
+            start = 0
+            for gap, clip in zip(q.gaps, q.clips):
+                start += gap
+                end = start + len(self.bank.audio[clip])
+                frames[row, torch.from_numpy((mids >= start) & (mids < end))] = clip.digit + 1
+                start = end
+        return torch.from_numpy(np.ascontiguousarray(feats)), labels, frames
+
+
+ALIGN_WEIGHT = 0.5
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 5 % of it at ``steps``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speaker: int, seed: int,
+                batch_size: int = 50) -> dict:
+    """Greedy transcripts of the held-out sequences (make_sets' test draws, takes 40-49) and per-speaker WER."""
+    import torch
+
+    from adaptwin.speech.wer import wer_report
+    from benchmarks.digits.make_sets import heldout_sequences
+
+    clips = scan_fsdd(data)
+    bank = ClipBank([c for c in clips if c.take in TEST_TAKES])
+    seqs = [q for s in SPEAKERS for q in heldout_sequences(clips, s, per_speaker, seed, bank.durations)]
+    hyps: list[str] = []
+    model.eval()
+    for start in range(0, len(seqs), batch_size):
+        part = seqs[start:start + batch_size]
+        feats = feature_extractor([bank.render(q) for q in part], sampling_rate=SAMPLING_RATE,
+                                  return_tensors="pt")["input_features"]
+        with torch.inference_mode():
+            out = model.generate(input_features=feats)
+        hyps += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    report = wer_report([q.text for q in seqs], hyps, [q.speaker for q in seqs], resamples=200, seed=seed)
+    return {"wer": report.wer, "ci": list(report.ci), "words": report.reference_words,
+            "per_speaker": {s: v["wer"] for s, v in report.per_speaker.items()},
+            "examples": [{"reference": q.text, "hypothesis": h}
+                         for q, h in list(zip(seqs, hyps))[:: max(1, len(seqs) // 8)]]}
+
+
+def train(data: str | Path, out: str | Path, *, steps: int = 1000, seed: int = 0, batch_size: int = 16,
+          lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
+          log_every: int = 10) -> dict:
+    """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
+    import torch
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    if steps < 1 or batch_size < 1 or threads < 1 or eval_per_speaker < 0:
+        raise ValueError(f"steps, batch_size and threads must be >= 1 and eval_per_speaker >= 0, got {steps}, "
+                         f"{batch_size}, {threads}, {eval_per_speaker}")
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(data, out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, size=size, threads=threads,
+                      eval_per_speaker=eval_per_speaker, log_every=log_every)
+    finally:  # a caller (a test, a notebook) gets its own settings back
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+
+
+def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every) -> dict:
+    import torch
+
+    from benchmarks.common import OtherLoad
+
+    torch.manual_seed(seed)
+
+    tokenizer = build_tokenizer()
+    fe = build_feature_extractor()
+    frames = fe.nb_max_frames
+    if frames % 2:
+        raise ValueError(f"the feature window gives {frames} frames; Whisper's stride-2 encoder needs an even count")
+    model = build_model(SIZES[size], frames // 2)
+    n_params = sum(p.numel() for p in model.parameters())
+    clips = scan_fsdd(data)
+    batches = Batches(clips, seed, fe, tokenizer)
+    print(f"model: {size} {asdict(SIZES[size])}, {n_params / 1e6:.2f} M parameters, {frames} input frames "
+          f"({CHUNK_SECONDS} s, hop {HOP_LENGTH / SAMPLING_RATE * 1e3:.0f} ms); {steps} steps of {batch_size}, "
+          f"{threads} threads", flush=True)
+
+    # An auxiliary head on the encoder, trained beside the decoder and dropped at save time (the saved model is
+    # a plain Whisper): it classifies every encoder position as silence or one of the ten digits, targets
+    # that the synthesis knows for free. With the decoder's loss alone, and with a CTC head in its place,
+    # three runs sat at the unigram loss (2.1) for 130+ steps: nothing told the encoder what a digit sounds
+    # like until cross-attention had found where the digits are.
+    align_head = torch.nn.Linear(model.config.d_model, len(DIGIT_WORDS) + 1)  # (d) -> silence + 10 digits
+    params = list(model.named_parameters()) + [(f"align.{n}", p) for n, p in align_head.named_parameters()]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed_positions" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed_positions" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = max(1, min(40, steps // 10))
+    load = OtherLoad().start()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    history = []
+    model.train()
+    running = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        # Curriculum: the first tenth of the steps hear at most two digits, an easy start for the alignment.
+        feats, labels, frames = batches.draw(batch_size, max_digits=2 if step < steps // 10 else 5)
+        fwd = model(input_features=feats, labels=labels)
+        align = torch.nn.functional.cross_entropy(align_head(fwd.encoder_last_hidden_state).flatten(0, 1),
+                                                  frames.flatten())
+        loss = fwd.loss + ALIGN_WEIGHT * align
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        now = (fwd.loss.item(), align.item())  # decoder cross-entropy (the model's own loss), frame loss
+        running = now if running is None else tuple(0.9 * r + 0.1 * x for r, x in zip(running, now))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            el = time.perf_counter() - t0
+            history.append({"step": step + 1, "loss": round(running[0], 4), "frame_loss": round(running[1], 4),
+                            "elapsed_s": round(el, 1)})
+            print(f"step {step + 1:5d}/{steps}  loss {running[0]:.4f}  frames {running[1]:.4f}  "
+                  f"lr {opt.param_groups[0]['lr']:.2e}  elapsed {el:7.1f} s  {(step + 1) / el:.3f} steps/s", flush=True)
+    train_s = time.perf_counter() - t0
+    other = load.stop()
+    own_cores = (time.process_time() - cpu0) / train_s
+    print(f"trained {steps} steps in {train_s:.1f} s ({steps / train_s:.3f} steps/s); this process used "
+          f"{own_cores:.2f} cores on average, other processes {other if other is None else round(other, 2)} cores",
+          flush=True)
+
+    log = {"size": size, "model": asdict(SIZES[size]), "parameters": n_params, "steps": steps, "seed": seed,
+           "batch_size": batch_size, "lr": lr, "threads": threads, "train_seconds": round(train_s, 1),
+           "steps_per_second": round(steps / train_s, 4), "own_cores": round(own_cores, 2),
+           "other_load_cores": None if other is None else round(other, 2), "history": history,
+           "torch": torch.__version__}
+    if eval_per_speaker:
+        t1 = time.perf_counter()
+        log["heldout"] = heldout_wer(model, fe, tokenizer, data, eval_per_speaker, seed)
+        log["heldout"]["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        h = log["heldout"]
+        print(f"held-out WER (takes {TEST_TAKES[0]}-{TEST_TAKES[-1]}, {eval_per_speaker} sequences per speaker, "
+              f"{h['words']} words): {100 * h['wer']:.2f} % [{100 * h['ci'][0]:.2f}, {100 * h['ci'][1]:.2f}]")
+        for s, w in h["per_speaker"].items():
+            print(f"  {s:>10}: {100 * w:.2f} %")
+        for ex in h["examples"]:
+            print(f"  ref: {ex['reference']:<35} hyp: {ex['hypothesis']}")
+
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+        fe.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {Path(out).expanduser().resolve()}")
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.digits.train", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="the FSDD folder of {digit}_{speaker}_{take}.wav files")
+    p.add_argument("--out", required=True, help="model folder to write (replaced atomically if it exists)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--size", default="base", choices=sorted(SIZES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-per-speaker", type=int, default=100,
+                   help="held-out sequences per speaker for the final WER (0: skip)")
+    args = p.parse_args(argv)
+    try:
+        train(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+              size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The digit benchmark's data synthesis, evaluation sets and training script (benchmarks/digits/).
+
+Reads the Free Spoken Digit Dataset in ../shared/data/fsdd and skips where it is absent. The training run
+here is a 3-step run of the tiny size: it checks that the folder written reloads through the Auto classes
+and transcribes, not that the model recognises anything (the real run is minutes, see train.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.digits.data import (
+    CALIB_TAKES,
+    DIGIT_WORDS,
+    MAX_SECONDS,
+    SAMPLING_RATE,
+    SPEAKERS,
+    TEST_TAKES,
+    TRAIN_TAKES,
+    ClipBank,
+    draw_sequences,
+    scan_fsdd,
+)
+from benchmarks.digits.make_sets import calib_sequences, heldout_sequences, write_sets
+
+FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
+
+
+@pytest.fixture(scope="module")
+def clips():
+    if not FSDD.is_dir():
+        pytest.skip(f"{FSDD} is absent (the shared data folder is only on the project's machines)")
+    return scan_fsdd(FSDD)
+
+
+def test_splits_are_disjoint():
+    assert set(TRAIN_TAKES).isdisjoint(TEST_TAKES)
+    assert set(CALIB_TAKES) <= set(TRAIN_TAKES)
+    assert sorted(TRAIN_TAKES + TEST_TAKES) == list(range(50))
+
+
+def test_synthesis_is_deterministic(clips):
+    a = draw_sequences(clips, "lucas", TRAIN_TAKES, 40, seed=3)
+    b = draw_sequences(clips, "lucas", TRAIN_TAKES, 40, seed=3)
+    c = draw_sequences(clips, "lucas", TRAIN_TAKES, 40, seed=4)
+    assert a == b
+    assert a != c
+    bank = ClipBank({clip for q in a for clip in q.clips})
+    np.testing.assert_array_equal(bank.render(a[0]), ClipBank(a[0].clips).render(a[0]))
+    lengths = {len(q.clips) for q in a}
+    assert lengths <= set(range(1, 6)) and len(lengths) > 1  # 1-5 digits, not all the same length
+    for q in a:
+        audio = bank.render(q)
+        assert q.text == " ".join(DIGIT_WORDS[c.digit] for c in q.clips)
+        assert {c.speaker for c in q.clips} == {"lucas"}  # one voice per sequence
+        assert all(800 <= g <= 4000 for g in q.gaps[1:])  # 0.05-0.25 s at 16 kHz
+        assert audio.dtype == np.float32 and len(audio) / SAMPLING_RATE <= MAX_SECONDS
+
+
+def test_takes_never_mix(clips):
+    for s in SPEAKERS:
+        takes = {t for q in heldout_sequences(clips, s, 60, seed=0) for t in q.takes}
+        assert takes <= set(TEST_TAKES) and len(takes) > 5
+        train = {t for q in draw_sequences(clips, s, TRAIN_TAKES, 60, seed=0) for t in q.takes}
+        assert train <= set(TRAIN_TAKES)
+    calib = calib_sequences(clips, 60, seed=0)
+    assert {q.speaker for q in calib} == {"jackson"}
+    assert {t for q in calib for t in q.takes} <= set(CALIB_TAKES)
+
+
+def test_training_batches_use_training_takes_only(clips):
+    from benchmarks.digits.train import VOCAB, Batches, build_feature_extractor, build_tokenizer
+
+    batches = Batches(clips, 0, build_feature_extractor(), build_tokenizer())
+    assert {c.take for c in batches.bank.audio} == set(TRAIN_TAKES)
+    feats, labels, frames = batches.draw(3)
+    assert tuple(feats.shape) == (3, 80, 300) and tuple(frames.shape) == (3, 150)
+    assert ((labels == -100) | ((labels >= 0) & (labels < 14))).all()
+    for row in range(3):
+        digits = [int(t) - VOCAB["zero"] for t in labels[row] if t >= VOCAB["zero"]]
+        # The frame targets name the same digits in the same order (runs of one digit value, silences between).
+        runs = [int(v) - 1 for i, v in enumerate(frames[row]) if v > 0 and (i == 0 or frames[row, i - 1] != v)]
+        assert runs == digits
+
+
+def test_bad_input(tmp_path, clips):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_fsdd(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="holds no"):
+        scan_fsdd(tmp_path)
+    with pytest.raises(ValueError, match="unknown speaker 'alice'"):
+        draw_sequences(clips, "alice", TEST_TAKES, 1, seed=0)
+    with pytest.raises(ValueError, match="has no clip"):
+        draw_sequences(clips, "george", (99,), 1, seed=0)
+
+
+def test_manifests(tmp_path, clips):
+    from adaptwin.speech.audio import load_audio
+    from adaptwin.speech.datasets import load_dataset
+
+    meta = write_sets(FSDD, tmp_path / "sets", per_speaker=3, calib=4, seed=5)
+    out = tmp_path / "sets"
+    assert meta == json.loads((out / "sets.json").read_text())
+    test = load_dataset(out / "test.jsonl")
+    assert len(test) == 3 * len(SPEAKERS) and {u.speaker for u in test} == set(SPEAKERS)
+    for s in SPEAKERS:
+        assert [u.id for u in load_dataset(out / f"test_{s}.jsonl")] == [u.id for u in test if u.speaker == s]
+    calib = load_dataset(out / "jackson_calib.jsonl")
+    assert len(calib) == 4 and {u.speaker for u in calib} == {"jackson"}
+    for line in (out / "test.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        assert not Path(row["audio"]).is_absolute() and set(row["takes"]) <= set(TEST_TAKES)
+        assert set(row["text"].split()) <= set(DIGIT_WORDS) and len(row["takes"]) == len(row["text"].split())
+    expected = heldout_sequences(clips, "george", 3, seed=5)
+    george = [u for u in test if u.speaker == "george"]
+    assert [u.text for u in george] == [q.text for q in expected]
+    audio = load_audio(george[0].audio, SAMPLING_RATE)
+    reference = ClipBank(expected[0].clips).render(expected[0])
+    assert len(audio) == len(reference)
+    assert np.abs(audio - reference).max() < 1.5 / 32767  # 16-bit rounding only
+    # The same seed writes byte-identical manifests.
+    write_sets(FSDD, tmp_path / "again", per_speaker=3, calib=4, seed=5)
+    for name in ("test.jsonl", "jackson_calib.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_tokenizer_round_trip():
+    from benchmarks.digits.train import VOCAB, build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok("seven three nine", add_special_tokens=False)["input_ids"]
+    assert ids == [VOCAB["seven"], VOCAB["three"], VOCAB["nine"]]
+    padded = [VOCAB["<|startoftranscript|>"], *ids, VOCAB["<|endoftext|>"], VOCAB["<pad>"]]
+    assert tok.batch_decode([padded], skip_special_tokens=True) == ["seven three nine"]
+
+
+def test_tiny_training_run_reloads_and_generates(tmp_path, clips):
+    import torch
+    from transformers import AutoFeatureExtractor, AutoTokenizer, WhisperForConditionalGeneration
+
+    from benchmarks.digits.train import train
+
+    threads = torch.get_num_threads()
+    log = train(FSDD, tmp_path / "model", steps=3, batch_size=4, size="tiny", threads=1, eval_per_speaker=1,
+                log_every=1)
+    assert torch.get_num_threads() == threads  # settings restored for the caller
+    out = tmp_path / "model"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
+                 "tokenizer.json", "tokenizer_config.json", "train_log.json"):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    assert [h["step"] for h in log["history"]] == [1, 2, 3] and all(np.isfinite(h["loss"]) for h in log["history"])
+    assert set(log["heldout"]["per_speaker"]) == set(SPEAKERS)
+
+    model = WhisperForConditionalGeneration.from_pretrained(out)
+    fe = AutoFeatureExtractor.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert 2 * model.config.max_source_positions == fe.nb_max_frames
+    q = heldout_sequences(clips, "nicolas", 2, seed=0)
+    bank = ClipBank({c for s in q for c in s.clips})
+    feats = fe([bank.render(s) for s in q], sampling_rate=SAMPLING_RATE, return_tensors="pt")["input_features"]
+    with torch.inference_mode():
+        ids = model.generate(input_features=feats)
+    assert ids.shape[0] == 2 and ids.shape[1] <= model.generation_config.max_length + 1
+    for text in tok.batch_decode(ids, skip_special_tokens=True):
+        assert set(text.split()) <= set(DIGIT_WORDS)
