@@ -22,16 +22,20 @@ def _extensions():
     if not sources or shutil.which(os.environ.get("CXX", "c++")) is None:
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # torch not importable in this build environment
         return [], {}
-    ext = CppExtension(
-        "adaptwin._C",
-        sources,
-        extra_compile_args=["-O3", "-fopenmp", "-march=native"],
-        extra_link_args=["-fopenmp"],
-        optional=True,
-    )
+    # No -march=native: the library must load on any x86-64 CPU. The AVX-512 loops carry their own
+    # target attribute and are chosen at run time (csrc/cpu/cpu_features.h).
+    cxx = ["-O3", "-fopenmp"]
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if cuda_sources and torch.version.cuda and CUDA_HOME and os.environ.get("ADAPTWIN_NO_CUDA") != "1":
+        ext = CUDAExtension("adaptwin._C", sources + cuda_sources, extra_link_args=["-fopenmp"], optional=True,
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
+    else:
+        ext = CppExtension("adaptwin._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
+                           optional=True)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

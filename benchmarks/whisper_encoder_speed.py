@@ -11,8 +11,12 @@ interleaved in one run and compared like with like (each dtype against the dense
 * ``dense``: the Hugging Face encoder, ``attn_implementation="sdpa"``.
 * ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",)))``.
   Attention runs in rank space (per-head width r + l), FFN matrices as two thin GEMMs.
-* ``adaptwin_nopad``: the same compressed encoder with `attend`'s CPU width padding switched off (SDPA
-  then runs at head width r + l as is), to show what that padding buys.
+  Inference attention runs ``torch.ops.adaptwin.attention``: the CPU C++ flash kernel where
+  ``adaptwin._C`` is built (`make install`), else the SDPA reference.
+* ``adaptwin_sdpa``: the same compressed encoder with the op's SDPA reference (zero-padded to a fast
+  CPU width) in place of the C++ kernel: what the fused kernel buys.
+* ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
+  width r + l as is), to show what the padding buys.
 * ``unfused``: the *same factors* used naively: every call multiplies each head's twins back into the
   d×d products M_h = P_hᵀQ_h and N_h = V_hᵀO_hᵀ and attends with per-head width d (queries x·M_h, keys
   x, values x·N_h, heads summed), and every FFN multiplies its factors back into the dense out×in
@@ -55,7 +59,7 @@ from benchmarks.common import (
 )
 
 BENCHMARK = "whisper_encoder_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_nopad", "unfused")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
 # Measured 2.1e-7 (tiny) and 3.2e-7 (base); 1e-4 leaves room for other BLAS builds and still catches a
@@ -183,20 +187,29 @@ def unfuse(encoder: nn.Module) -> nn.Module:
     return out
 
 
-class NoPadding(nn.Module):
-    """Runs a compressed encoder with `attend`'s CPU width padding switched off."""
+class ReferenceOps(nn.Module):
+    """Runs a compressed encoder with `attend` calling the op's SDPA reference instead of the dispatcher
+    (which picks the C++ kernel where ``adaptwin._C`` is built); ``pad=False`` also switches off the
+    reference's CPU width padding."""
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, pad: bool = True) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.pad = encoder, pad
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        saved = attention._sdpa_width
-        attention._sdpa_width = lambda q, k, v: None
+        saved = attention._sdpa_width, attention._run_op
+        if not self.pad:
+            attention._sdpa_width = lambda q, k, v: None
+        attention._run_op = attention.attention_reference
         try:
             return self.encoder(*args, **kwargs)
         finally:
-            attention._sdpa_width = saved
+            attention._sdpa_width, attention._run_op = saved
+
+
+def NoPadding(encoder: nn.Module) -> nn.Module:  # noqa: N802 (kept name: the provider it builds)
+    """The SDPA reference at head width r + l as is (no CPU width padding)."""
+    return ReferenceOps(encoder, pad=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +227,8 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
     )
     model = WhisperModel(config).eval()
     small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",)))
-    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_nopad": NoPadding(small.encoder)}
+    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_sdpa": ReferenceOps(small.encoder),
+                "adaptwin_nopad": NoPadding(small.encoder)}
     encoders["unfused"] = unfuse(small.encoder).eval()
     return encoders
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import adaptwin.ops  # noqa: F401 - declares torch.ops.adaptwin.* (counted below)
 from adaptwin.finetune.capture import ActivationStore, first_output
 
 
@@ -53,11 +54,20 @@ def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **k
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
+def _adaptwin_attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """``adaptwin::attention`` (the rank-space attention op that evaluation forwards run): q·kᵀ and p·v.
+    FlopCounterMode passes the tensors' shapes."""
+    b, h, t, dq = q
+    return 2 * b * h * t * k[-2] * (dq + v[-1])
+
+
 # torch's FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel SDPA runs on
-# CPU; without these, a Whisper-tiny encoder layer at T = 1500 reports 7.2 of its 14.7 GFLOP per step.
+# CPU, nor adaptwin's own attention op; without these, a Whisper-tiny encoder layer at T = 1500 reports
+# 7.2 of its 14.7 GFLOP per step.
 _EXTRA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    torch.ops.adaptwin.attention: _adaptwin_attention_flops,
 }
 
 

@@ -1,13 +1,34 @@
 """Multi-head attention on per-head widths that need not match (rank space: q/k width r+l, v width r'+l').
 
-Reference implementation on SDPA; it follows Hugging Face's mask conventions so a compressed module
-can take whatever mask the model built (None, boolean "attend" mask, or additive float mask).
+``torch.ops.adaptwin.attention`` (declared once here; the CPU C++ kernel in ``csrc/cpu/attention.cpp``,
+the CUDA one in ``csrc/cuda`` and the Triton one in ``kernels/attention.py`` register for exactly this
+schema)::
+
+    adaptwin::attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal) -> Tensor
+
+    q        (B, H, T, Dq)   queries in rank space (Dq = r + l, any width: 20, 26, 40, 52, ...), any strides
+    k        (B, Hkv, S, Dq) keys; H a multiple of Hkv (grouped-query attention); S may differ from T
+                             (cross-attention: queries from the decoder, keys/values from the encoder, or
+                             a rank-space KV cache)
+    v        (B, Hkv, S, Dv) values; Dv (= r' + l') may differ from Dq
+    mask     None, bool broadcastable to (B, H, T, S) with True = attend, or float additive of that shape
+    scale    multiplier of q·kᵀ (the original model's, never a default)
+    is_causal  key j is visible to query i only when j <= i (top-left aligned, as SDPA)
+    returns  (B, T, H, Dv) contiguous, q's dtype: the layout the output projection reads. A query whose
+             keys are all masked gets zeros (as SDPA's CPU kernels).
+
+The reference (every device; fallback when no fused kernel is built) is SDPA with the CPU width padding
+below. Fused kernels are flash-style: online softmax over key tiles, so no T×S matrix reaches memory.
+Autograd: gradients to q, k and v (explicit softmax backward, which does form the T×S probabilities;
+`attend` keeps training calls on SDPA's own autograd). `attend` is the module-facing wrapper: it
+follows Hugging Face's mask conventions and routes inference calls to the op.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 # CPU SDPA (the flash kernel) wants one head width for q, k and v (else it falls back to the math path,
 # which materialises every T×S score matrix), and its blocked GEMMs are markedly slower at some widths.
@@ -74,8 +95,11 @@ def attend(
     Returns:
         (B, T, H, Dv) output (transposed for the output projection) and the weights or None.
 
-    On CPU, for T·S >= 256², the SDPA path zero-pads q, k and v to one head width that its flash
-    kernel runs fast at (see `_cpu_width`); exact, and it keeps SDPA on that kernel when Dq != Dv.
+    Inference calls (no dropout, no gradient needed, no weights) go to ``torch.ops.adaptwin.attention``,
+    whose backend the dispatcher picks (C++ / CUDA / Triton kernel, or the SDPA reference); training
+    calls use SDPA and its autograd directly. On CPU, for T·S >= 256², the SDPA path zero-pads q, k and v
+    to one head width that its flash kernel runs fast at (see `_cpu_width`); exact, and it keeps SDPA on
+    that kernel when Dq != Dv.
     """
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(
@@ -99,13 +123,99 @@ def attend(
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         weights = F.dropout(weights, p=dropout, training=dropout > 0)
         return torch.matmul(weights, v).transpose(1, 2), weights
+    if dropout == 0.0 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return _run_op(q, k, v, mask, float(scale), causal), None  # (B, T, H, Dv)
+    return _sdpa(q, k, v, mask, scale, causal, dropout).transpose(1, 2), None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
+          dropout: float = 0.0) -> Tensor:
+    """SDPA on (B, H, T, D) heads, zero-padded to a fast width on CPU; returns (B, H, T, Dv)."""
     dv = v.shape[-1]
     width = _sdpa_width(q, k, v)
     if width is not None:
         q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)  # (B, H|Hkv, T|S, width)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale, enable_gqa=groups > 1
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )  # (B, H, T, width)
-    if width is not None:
-        out = out[..., :dv]  # (B, H, T, Dv)
-    return out.transpose(1, 2), None
+    return out[..., :dv] if width is not None else out  # (B, H, T, Dv)
+
+
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be 4-D (B, H, T|S, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
+    (b, h, _, dq), (bk, hkv, s, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
+    if bk != b or bv != b or dk != dq or hv != hkv or sv != s:
+        raise ValueError(f"attention: shapes do not match: q {tuple(q.shape)} (B, H, T, Dq), k {tuple(k.shape)} "
+                         f"(B, Hkv, S, Dq), v {tuple(v.shape)} (B, Hkv, S, Dv)")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"attention: query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    if mask is not None and mask.dim() > 4:
+        raise ValueError(f"attention: mask must broadcast to (B, H, T, S), got shape {tuple(mask.shape)}")
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                        is_causal: bool) -> Tensor:
+    """The op's reference: SDPA (width-padded on CPU) -> (B, T, H, Dv) contiguous."""
+    _check_attention(q, k, v, mask)
+    return _sdpa(q, k, v, mask, scale, is_causal).transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("adaptwin::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
+    return attention_reference(q, k, v, mask, scale, is_causal)
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, is_causal):
+    _check_attention(q, k, v, mask)
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]))
+
+
+def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, scale: float, is_causal: bool) -> Tensor:
+    """softmax(q·kᵀ·scale + mask) in float32 (float64 for float64 inputs), (B, H, T, S); fully masked rows
+    are 0 (as the op's output)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    dt = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale  # (B, H, T, S)
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dt)
+    p = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
+
+def _attention_setup(ctx, inputs, output) -> None:
+    q, k, v, mask, scale, is_causal = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale, ctx.is_causal = scale, is_causal
+
+
+def _attention_backward(ctx, g: Tensor):
+    q, k, v, mask = ctx.saved_tensors
+    groups = q.shape[1] // k.shape[1]
+    p = _probabilities(q, k, mask, ctx.scale, ctx.is_causal)  # (B, H, T, S), recomputed rather than saved
+    dt = p.dtype
+    go = g.transpose(1, 2).to(dt)  # (B, H, T, Dv)
+    vf = v.to(dt).repeat_interleave(groups, dim=1) if groups > 1 else v.to(dt)
+    kf = k.to(dt).repeat_interleave(groups, dim=1) if groups > 1 else k.to(dt)
+    gv = p.transpose(-1, -2) @ go  # (B, H, S, Dv)
+    gp = go @ vf.transpose(-1, -2)  # (B, H, T, S)
+    gs = p * (gp - (gp * p).sum(-1, keepdim=True)) * ctx.scale  # (B, H, T, S)
+    gq = gs @ kf  # (B, H, T, Dq)
+    gk = gs.transpose(-1, -2) @ q.to(dt)  # (B, H, S, Dq)
+    if groups > 1:  # sum the query heads that share each key/value head
+        gk = gk.unflatten(1, (k.shape[1], groups)).sum(2)
+        gv = gv.unflatten(1, (v.shape[1], groups)).sum(2)
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+# What `attend` calls for inference: the op (the dispatcher picks the C++ / CUDA / Triton kernel or the
+# reference). A module global so that a benchmark can point it at `attention_reference` to compare.
+_run_op = torch.ops.adaptwin.attention

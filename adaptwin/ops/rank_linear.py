@@ -21,6 +21,11 @@ two directions (the SVD's directions differ in norm by orders of magnitude).
     returns  (..., out) in x's dtype. Factors are dequantised in float32 and cast to x's dtype before each
              GEMM (the layouts are in `adaptwin.quant.nf4` / `adaptwin.quant.int8`).
 
+Backends: the CPU C++ kernel (``csrc/cpu/rank_linear.cpp``: for at most 8 rows of x, e.g. batch-1
+decoding, the packed codes are decoded 512 at a time into L1 and consumed at once, x·Aᵀ stays in cache;
+more rows dequantise each factor once and run two GEMMs), CUDA C++ (``csrc/cuda``) and Triton
+(``kernels/rank_linear.py``) register for this op; `adaptwin.ops.backends` loads them.
+
 The reference implementation (every device) dequantises with `adaptwin.quant.dequantize` (vectorised:
 a gather and a broadcast multiply, no loop over blocks) and runs two GEMMs; the dense out×in matrix is
 never formed. Autograd: gradients flow to x, to "fp" factors and to bias; packed codes get none (a
@@ -76,6 +81,20 @@ def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a
     return width
 
 
+def rank_linear_reference(
+    x: Tensor,
+    a: Tensor | None, a_scale: Tensor | None, a_format: str, a_blocksize: int, a_shape: Sequence[int],
+    b: Tensor | None, b_scale: Tensor | None, b_format: str, b_blocksize: int, b_shape: Sequence[int],
+    bias: Tensor | None,
+) -> Tensor:
+    """The op's reference implementation (the oracle of the fused kernels' tests and their fallback)."""
+    _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    h = x if a is None else F.linear(x, _factor(a, a_scale, a_format, a_blocksize, a_shape, x.dtype))  # (..., k)
+    if b is None:
+        return h + bias if bias is not None else h.clone() if a is None else h
+    return F.linear(h, _factor(b, b_scale, b_format, b_blocksize, b_shape, x.dtype).t(), bias)  # (..., out)
+
+
 @torch.library.custom_op("adaptwin::rank_linear", mutates_args=())
 def rank_linear(
     x: Tensor,
@@ -83,11 +102,8 @@ def rank_linear(
     b: Tensor | None, b_scale: Tensor | None, b_format: str, b_blocksize: int, b_shape: Sequence[int],
     bias: Tensor | None,
 ) -> Tensor:
-    _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
-    h = x if a is None else F.linear(x, _factor(a, a_scale, a_format, a_blocksize, a_shape, x.dtype))  # (..., k)
-    if b is None:
-        return h + bias if bias is not None else h.clone() if a is None else h
-    return F.linear(h, _factor(b, b_scale, b_format, b_blocksize, b_shape, x.dtype).t(), bias)  # (..., out)
+    return rank_linear_reference(x, a, a_scale, a_format, a_blocksize, a_shape,
+                                 b, b_scale, b_format, b_blocksize, b_shape, bias)
 
 
 @rank_linear.register_fake

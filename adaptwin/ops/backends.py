@@ -1,0 +1,73 @@
+"""Which fused kernels back the ``adaptwin`` ops here; loaded once, when `adaptwin.ops` is imported.
+
+* ``adaptwin._C`` (built by setup.py from ``csrc/cpu`` and, where torch has CUDA, ``csrc/cuda``)
+  registers C++ kernels for the CPU / CUDA dispatch keys with ``TORCH_LIBRARY_IMPL(adaptwin, ...)``;
+  importing it is all it takes. Absent or unloadable (no compiler at install, another torch ABI): the
+  reference implementations run, with a warning only in the second case.
+* Triton kernels (``kernels/``) are registered for CUDA tensors when triton is importable and no CUDA
+  C++ kernel was built. Nothing here touches CUDA at import time.
+
+Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+_STATE: dict[str, object] = {}
+OPS = ("adaptwin::attention", "adaptwin::rank_linear")
+
+
+def load() -> dict[str, object]:
+    """Load the optional backends once; returns ``{"cpp": bool, "triton": bool, "error": str | None}``."""
+    if _STATE:
+        return _STATE
+    _STATE.update(cpp=False, triton=False, error=None)
+    if os.environ.get("ADAPTWIN_NO_EXTENSION") != "1":
+        try:
+            importlib.import_module("adaptwin._C")
+            _STATE["cpp"] = True
+        except ModuleNotFoundError:
+            pass  # built without a compiler: the reference runs
+        except (ImportError, OSError) as err:  # present but unloadable (e.g. built against another torch)
+            _STATE["error"] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"adaptwin: native kernels not loaded ({_STATE['error']}); using the PyTorch reference "
+                          "ops. Rebuild with `pip install --no-build-isolation -e .`.", stacklevel=2)
+    if importlib.util.find_spec("triton") is not None:
+        _STATE["triton"] = _register_triton()
+    return _STATE
+
+
+def has_kernel(op: str, device: str) -> bool:
+    """Whether a non-reference kernel is registered for ``op`` (e.g. "adaptwin::attention") on ``device``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _register_triton() -> bool:
+    """Register the Triton kernels for CUDA tensors (lazily imported on first call); False if C++ has CUDA."""
+    if any(has_kernel(op, "cuda") for op in OPS):
+        return False
+    from adaptwin.ops.attention import attention
+    from adaptwin.ops.rank_linear import rank_linear
+
+    def attention_cuda(q, k, v, mask, scale, is_causal):
+        from kernels.attention import attention as triton_attention
+
+        return triton_attention(q, k, v, mask, scale, is_causal)
+
+    def rank_linear_cuda(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
+                         b_shape, bias):
+        from kernels.rank_linear import rank_linear as triton_rank_linear
+
+        return triton_rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format,
+                                  b_blocksize, b_shape, bias)
+
+    attention.register_kernel("cuda")(attention_cuda)
+    rank_linear.register_kernel("cuda")(rank_linear_cuda)
+    return True

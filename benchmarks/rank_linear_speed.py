@@ -1,0 +1,153 @@
+"""Batch-1 rank-r linear with NF4 factors vs dense fp32 F.linear on CPU (decoding-shaped: x is (1, in)).
+
+    python -m benchmarks.rank_linear_speed [--sizes 384,768,1536,3072] [--repeats 30] [--threads 2]
+        [--out results/rank_linear_speed.csv]
+
+For each (in, out) the rank is the one that halves the parameters (r·(in + out) = in·out / 2, the
+compression ratio 0.5 of the encoder benchmark). Providers, timed interleaved in one run:
+
+* ``dense``: ``F.linear(x, W)`` with W (out, in) float32: the original layer.
+* ``nf4``: ``torch.ops.adaptwin.rank_linear`` with both factors NF4 (blocksize 64): the C++ decode path
+  where ``adaptwin._C`` is built, else the reference.
+* ``int8``: the same op with per-row int8 factors.
+* ``nf4_reference``: the op's pure-PyTorch reference on the NF4 factors (dequantise, then two GEMMs).
+* ``lowrank_fp32``: two F.linear with float32 factors (low rank, no quantisation).
+
+Batch-1 linear layers are memory-bound: the table also gives the weight bytes each provider reads and
+the GB/s that makes. Each sample times ``--inner`` calls (the calls take microseconds). The CPU is shared
+with other processes, so timings are noisy; the ``other load`` column says how busy it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from adaptwin import quant
+from adaptwin.ops import backends
+from adaptwin.ops.rank_linear import rank_linear_reference
+from benchmarks.common import (
+    OtherLoad,
+    Timing,
+    device_string,
+    format_table,
+    now_utc,
+    time_interleaved,
+    versions,
+    write_rows,
+)
+
+BENCHMARK = "rank_linear_speed"
+PROVIDERS = ("dense", "nf4", "int8", "nf4_reference", "lowrank_fp32")
+
+
+def half_rank(n_in: int, n_out: int) -> int:
+    """The rank whose two factors hold half the dense parameters."""
+    return max(1, round(n_in * n_out / (2 * (n_in + n_out))))
+
+
+def _args(fmt: quant.QuantFormat, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
+    sa, sb = fmt.quantize(a), fmt.quantize(b)
+    return (sa["qweight"], fmt.scale(sa), fmt.kind, fmt.blocksize, list(a.shape),
+            sb["qweight"], fmt.scale(sb), fmt.kind, fmt.blocksize, list(b.shape), bias)
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    r = half_rank(n_in, n_out)
+    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    a = s[:r, None].sqrt() * vh[:r]  # (r, in)
+    b = (u[:, :r] * s[:r].sqrt()).t().contiguous()  # (r, out)
+    bias = torch.randn(n_out, generator=gen)
+    x = torch.randn(1, n_in, generator=gen)
+    nf4 = _args(quant.QuantFormat("nf4", 64), a, b, bias)
+    int8 = _args(quant.QuantFormat("int8", 0), a, b, bias)
+    bt = b.t().contiguous()  # (out, r) for F.linear
+    op = torch.ops.adaptwin.rank_linear
+
+    def rep(fn):
+        def run():
+            for _ in range(inner):
+                fn()
+        return run
+
+    fns = {
+        "dense": rep(lambda: F.linear(x, w, bias)),
+        "nf4": rep(lambda: op(x, *nf4)),
+        "int8": rep(lambda: op(x, *int8)),
+        "nf4_reference": rep(lambda: rank_linear_reference(x, *nf4)),
+        "lowrank_fp32": rep(lambda: F.linear(F.linear(x, a), bt, bias)),
+    }
+    weight_bytes = {"dense": _nbytes(w, bias), "nf4": _nbytes(*nf4[:2], *nf4[5:7], bias),
+                    "int8": _nbytes(*int8[:2], *int8[5:7], bias), "nf4_reference": _nbytes(*nf4[:2], *nf4[5:7], bias),
+                    "lowrank_fp32": _nbytes(a, bt, bias)}
+    ref = F.linear(x.double(), w.double(), bias.double())
+    errs = {p: float((fn_out - ref).norm() / ref.norm()) for p, fn_out in (
+        ("dense", F.linear(x, w, bias).double()), ("nf4", op(x, *nf4).double()), ("int8", op(x, *int8).double()),
+        ("nf4_reference", rank_linear_reference(x, *nf4).double()),
+        ("lowrank_fp32", F.linear(F.linear(x, a), bt, bias).double()))}
+    with torch.inference_mode():
+        load = OtherLoad().start()
+        timings = time_interleaved(fns, repeats=repeats, warmup=3)
+        other = load.stop()
+    timings = {p: Timing([s / inner for s in t.samples]) for p, t in timings.items()}
+    rows = []
+    dense = timings["dense"].p50
+    for p in fns:
+        t = timings[p]
+        rows.append({
+            "benchmark": BENCHMARK, "shape": f"{n_in}x{n_out}:r{r}", "dtype": "fp32", "provider": p,
+            "p20_ms": t.p20, "p50_ms": t.p50, "p80_ms": t.p80, "repeats": repeats, "ratio_p50": t.p50 / dense,
+            "gflop": 2 * (n_in * n_out if p == "dense" else r * (n_in + n_out)) / 1e9,
+            "rel_err": errs[p], "device": device_string(), "threads": torch.get_num_threads(),
+            "other_load": other, **versions(), "timestamp": now_utc(), "_bytes": weight_bytes[p],
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="384,768,1536,3072", help="comma-separated square sizes d (d x d layers)")
+    ap.add_argument("--ffn", action="store_true", help="also time the FFN shapes d x 4d and 4d x d")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--inner", type=int, default=20, help="calls per timed sample")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/rank_linear_speed.csv")
+    args = ap.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        ap.error(f"--sizes must be comma-separated whole numbers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 1:
+        ap.error("--sizes needs at least one size >= 1")
+    torch.set_num_threads(args.threads)
+    kernels = "C++ kernel" if backends.has_kernel("adaptwin::rank_linear", "cpu") else "reference (no adaptwin._C)"
+    print(f"{device_string()}, torch {torch.__version__}, rank_linear on CPU: {kernels}")
+    shapes = [(d, d) for d in sizes] + ([(d, 4 * d) for d in sizes] + [(4 * d, d) for d in sizes] if args.ffn else [])
+    rows: list[dict] = []
+    for n_in, n_out in shapes:
+        print(f"timing {n_in}x{n_out}...", flush=True)
+        rows += run_size(n_in, n_out, args.repeats, args.inner)
+    table = [[r["shape"], r["provider"], r["p20_ms"] * 1e3, r["p50_ms"] * 1e3, r["p80_ms"] * 1e3,
+              f"{r['ratio_p50']:.3f}x", f"{1 / r['ratio_p50']:.2f}x", r["_bytes"] / 1e6,
+              r["_bytes"] / (r["p50_ms"] * 1e-3) / 1e9, f"{r['rel_err']:.1e}", f"{r['other_load']:.2f}"]
+             for r in rows]
+    print(format_table(["shape", "provider", "p20 us", "p50 us", "p80 us", "time/dense", "speed-up", "weight MB",
+                        "GB/s", "rel err", "other load"], table))
+    print("\nrel err: vs the float64 dense layer (includes the rank truncation and quantisation error of the "
+          "factors, the same for every low-rank provider up to rounding).")
+    path = write_rows(args.out, [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    print(f"\nwrote {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

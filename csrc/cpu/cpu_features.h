@@ -1,0 +1,68 @@
+// Runtime CPU-feature dispatch shared by the CPU kernels.
+//
+// The extension is compiled for a portable x86-64 baseline (no -march=native: a wheel built on an
+// AVX-512 machine must still load on an AVX2 one). The hot loops exist twice: an AVX-512 version
+// compiled with `__attribute__((target("avx512f")))` and a plain C++ version; `has_avx512()` picks one
+// once per process (the "avx512f" bit of cpuid, via GCC/Clang's __builtin_cpu_supports).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ADAPTWIN_X86 1
+#include <immintrin.h>
+#define ADAPTWIN_AVX512 __attribute__((target("avx512f")))
+#else
+#define ADAPTWIN_X86 0
+#endif
+
+namespace adaptwin {
+
+inline bool has_avx512() {
+#if ADAPTWIN_X86
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// bitsandbytes' NF4 code book (adaptwin.quant.nf4.NF4_CODE): quantiles of N(0, 1) scaled to [-1, 1].
+constexpr float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+#if ADAPTWIN_X86
+// exp(x) for 16 floats: 2^n · p(r) with x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes
+// expf coefficients), scaled with vscalefps. Max relative error ~2 ulp over [-87, 88]; inputs below
+// -87.3 give 0 (softmax scores minus their row max are <= 0, and -inf must give exactly 0).
+ADAPTWIN_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 r2 = _mm512_mul_ps(r, r);
+  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 out = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(out, under, _mm512_setzero_ps());
+}
+
+ADAPTWIN_AVX512 inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+#endif
+
+}  // namespace adaptwin

@@ -1,0 +1,452 @@
+// CPU kernel of adaptwin::rank_linear (schema and layouts: adaptwin/ops/rank_linear.py).
+//
+// y = (x·Aᵀ)·B + bias with A (k, in) and B (k, out) stored "fp", "nf4" or "int8", direction-major.
+// * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding): the packed factors are read once
+//   and decoded chunk by chunk into an L1 buffer (512 floats) that is consumed at once; h = x·Aᵀ
+//   ((rows, k) floats) stays in cache between the two products and no fp32 copy of a factor is made.
+//   This is memory-bound: an NF4 factor is 1/8 of its fp32 bytes.
+// * Batched path: each quantised factor is dequantised once to fp32 (parallel over directions) and the
+//   two products run as ATen GEMMs; the dequantisation is O(k·n) against the GEMMs' O(rows·k·n).
+// All arithmetic is float32 (x is upcast); the result is cast to x's dtype.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+
+namespace adaptwin {
+namespace {
+
+constexpr int64_t kGemvRows = 8;   // rows of x up to which the decode path runs
+constexpr int64_t kChunk = 512;    // floats decoded at a time (2 KiB, stays in L1)
+// Factor elements per parallel task. One thread decodes and FMAs ~3 G NF4 elements/s (3072x768 factor:
+// 0.34 ms), so a task of 256k elements is ~0.1 ms: below that, waking a second thread costs more than
+// it saves, and on a loaded machine a 2-thread region waited 12-16 ms for a core (measured at load 8).
+constexpr int64_t kGrainElems = 1 << 18;
+
+struct Factor {
+  const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes (fp factors: `keep` only)
+  const float* scale = nullptr;
+  std::string format;
+  int64_t blocksize = 0;
+  int64_t k = 0, n = 0;
+  at::Tensor keep;  // owns converted storage
+  at::Tensor keep_scale;
+};
+
+// --- decoding of elements [e0, e0 + len) of the flat (k, n) factor into out -----------------------
+
+void nf4_scalar(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = e0 + i;
+    const uint8_t byte = p[e >> 1];
+    const int code = (e & 1) ? (byte & 0xF) : (byte >> 4);
+    out[i] = kNF4[code] * absmax[e / bs];
+  }
+}
+
+#if ADAPTWIN_X86
+// 32 codes (16 bytes) -> 32 floats in element order (high nibble first), times s.
+ADAPTWIN_AVX512 inline void nf4_32(const uint8_t* p, __m512 lut, __m512 s, float* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i lo = _mm_and_si128(v, low4);
+  const __m512 a = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+  const __m512 b = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+  _mm512_storeu_ps(out, _mm512_mul_ps(a, s));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(b, s));
+}
+
+ADAPTWIN_AVX512 void nf4_avx512(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len,
+                                float* out) {
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  int64_t i = 0;
+  if (e0 & 1) {  // odd start: one low nibble, then byte-aligned
+    nf4_scalar(p, absmax, bs, e0, 1, out);
+    i = 1;
+  }
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t block = e / bs;
+    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
+    const __m512 s = _mm512_set1_ps(absmax[block]);
+    int64_t j = 0;
+    for (; j + 32 <= seg; j += 32) nf4_32(p + ((e + j) >> 1), lut, s, out + i + j);
+    if (j < seg) nf4_scalar(p, absmax, bs, e + j, seg - j, out + i + j);
+    i += seg;
+  }
+}
+#endif
+
+void int8_scalar(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len, float* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = e0 + i;
+    out[i] = static_cast<float>(q[e]) * scale[bs == 0 ? e / n : e / bs];
+  }
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0,
+                                 int64_t len, float* out) {
+  const int64_t group = bs == 0 ? n : bs;  // elements per scale
+  int64_t i = 0;
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t g = e / group;
+    const int64_t seg = std::min(len - i, (g + 1) * group - e);
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    int64_t j = 0;
+    for (; j + 16 <= seg; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + e + j));
+      _mm512_storeu_ps(out + i + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+    }
+    for (; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * scale[g];
+    i += seg;
+  }
+}
+#endif
+
+// Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
+// itself, or into buf after decoding.
+const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, float* buf) {
+  const int64_t e0 = r * f.n + c0;
+  if (f.format == "nf4") {
+#if ADAPTWIN_X86
+    if (has_avx512()) {
+      nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
+    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+    return buf;
+  }
+#if ADAPTWIN_X86
+  if (has_avx512()) {
+    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+#endif
+  int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+  return buf;
+}
+
+// --- dot and axpy over float32 ----------------------------------------------------------------------
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without -ffast-math
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+void axpy_scalar(float* y, float alpha, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+ADAPTWIN_AVX512 void axpy_avx512(float* y, float alpha, const float* x, int64_t n) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return dot_avx512(a, b, n);
+#endif
+  return dot_scalar(a, b, n);
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return axpy_avx512(y, alpha, x, n);
+#endif
+  axpy_scalar(y, alpha, x, n);
+}
+
+// --- fused NF4 decode + product for one row of x (batch-1 decoding), AVX-512 ---------------------------
+// When every row of the factor starts on a byte and on a scale block, and blocks hold whole groups of 32
+// codes (n % blocksize == 0, blocksize % 32 == 0: true for d = 384..3072 with the default 64), the codes
+// are decoded straight into registers and consumed there: no L1 round trip through a buffer. At
+// 3072x768 (1 thread) the buffered path ran 0.34 ms per factor.
+
+bool fused_ok(const Factor& f) {
+  return f.format == "nf4" && f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 inline void nf4_32_raw(const uint8_t* p, __m512 lut, __m512& a, __m512& b) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i lo = _mm_and_si128(v, low4);
+  a = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+  b = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+}
+
+// h[r] = A[r, :]·x for r in [r0, r1)
+ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  const uint8_t* codes = static_cast<const uint8_t*>(f.data);
+  const int64_t blocks = f.n / f.blocksize;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* p = codes + r * f.n / 2;
+    const float* scale = f.scale + r * blocks;
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      const int64_t c0 = blk * f.blocksize;
+      for (int64_t c = c0; c < c0 + f.blocksize; c += 32) {
+        __m512 a, b;
+        nf4_32_raw(p + c / 2, lut, a, b);
+        acc0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + c), acc0);
+        acc1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + c + 16), acc1);
+      }
+      tot = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scale[blk]), tot);
+    }
+    h[r] = _mm512_reduce_add_ps(tot);
+  }
+}
+
+// y[c0:c1] += h·B[:, c0:c1]; c0 and c1 are multiples of 32. 128 output columns live in 8 registers
+// across all k directions.
+ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  const uint8_t* codes = static_cast<const uint8_t*>(f.data);
+  for (int64_t c = c0; c < c1; c += 128) {
+    const int groups = static_cast<int>(std::min<int64_t>(128, c1 - c) / 32);
+    __m512 acc[8];
+    for (int g = 0; g < 2 * groups; ++g) acc[g] = _mm512_loadu_ps(y + c + 16 * g);
+    for (int64_t r = 0; r < f.k; ++r) {
+      const int64_t e = r * f.n + c;
+      for (int g = 0; g < groups; ++g) {
+        const __m512 coef = _mm512_set1_ps(h[r] * f.scale[(e + 32 * g) / f.blocksize]);
+        __m512 a, b;
+        nf4_32_raw(codes + (e + 32 * g) / 2, lut, a, b);
+        acc[2 * g] = _mm512_fmadd_ps(coef, a, acc[2 * g]);
+        acc[2 * g + 1] = _mm512_fmadd_ps(coef, b, acc[2 * g + 1]);
+      }
+    }
+    for (int g = 0; g < 2 * groups; ++g) _mm512_storeu_ps(y + c + 16 * g, acc[g]);
+  }
+}
+#endif
+
+// --- the two products -------------------------------------------------------------------------------
+
+// h (rows, k) = x (rows, in) · Aᵀ, decoding each direction of A once for all rows.
+void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
+#if ADAPTWIN_X86
+  if (rows == 1 && has_avx512() && fused_ok(a)) {
+    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) { nf4_gemv_in_fused(a, x, h, r0, r1); });
+    return;
+  }
+#endif
+  at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(kChunk);
+    std::vector<float> acc(rows);
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t c = 0; c < a.n; c += kChunk) {
+        const int64_t len = std::min(kChunk, a.n - c);
+        const float* w = row_chunk(a, r, c, len, buf.data());
+        for (int64_t m = 0; m < rows; ++m) acc[m] += dot(w, x + m * a.n + c, len);
+      }
+      for (int64_t m = 0; m < rows; ++m) h[m * a.k + r] = acc[m];
+    }
+  });
+}
+
+// y (rows, out) += h (rows, k) · B, each task owning a range of output columns (no write sharing).
+void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
+  const int64_t grain = std::max<int64_t>(64, kGrainElems / std::max<int64_t>(b.k, 1));
+#if ADAPTWIN_X86
+  if (rows == 1 && has_avx512() && fused_ok(b)) {
+    const int64_t groups = b.n / 32;  // tasks own whole groups of 32 columns
+    at::parallel_for(0, groups, std::max<int64_t>(1, grain / 32), [&](int64_t g0, int64_t g1) {
+      nf4_gemv_out_fused(b, h, y, 32 * g0, 32 * g1);
+    });
+    return;
+  }
+#endif
+  at::parallel_for(0, b.n, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(kChunk);
+    for (int64_t c = c0; c < c1; c += kChunk) {
+      const int64_t len = std::min(kChunk, c1 - c);
+      for (int64_t r = 0; r < b.k; ++r) {
+        const float* w = row_chunk(b, r, c, len, buf.data());
+        for (int64_t m = 0; m < rows; ++m) axpy(y + m * b.n + c, h[m * b.k + r], w, len);
+      }
+    }
+  });
+}
+
+// The whole factor as a float32 (k, n) tensor.
+at::Tensor dequantize(const Factor& f) {
+  auto out = at::empty({f.k, f.n}, at::kFloat);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, f.k, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f.n, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < f.n; c += kChunk) {
+        const int64_t len = std::min(kChunk, f.n - c);
+        float* d = dst + r * f.n + c;
+        const float* w = row_chunk(f, r, c, len, d);
+        if (w != d) std::copy(w, w + len, d);
+      }
+  });
+  return out;
+}
+
+Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& scale,
+                   const std::string& format, int64_t blocksize, c10::SymIntArrayRef shape_sym) {
+  Factor f;
+  TORCH_CHECK_VALUE(format == "fp" || format == "nf4" || format == "int8", "rank_linear: ", name,
+              "_format must be one of ('fp', 'nf4', 'int8'), got '", format, "'");
+  TORCH_CHECK_VALUE(shape_sym.size() == 2, "rank_linear: ", name, "_shape must be (k, features), got ", shape_sym.size(),
+              " values");
+  f.format = format;
+  f.blocksize = blocksize;
+  f.k = shape_sym[0].expect_int();
+  f.n = shape_sym[1].expect_int();
+  const at::Tensor& w = *t;
+  TORCH_CHECK_VALUE(w.device().is_cpu(), "rank_linear (CPU kernel): factor ", name, " is on ", w.device());
+  if (format == "fp") {
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == f.k && w.size(1) == f.n, "rank_linear: fp factor ", name,
+                " has shape ", w.sizes(), ", ", name, "_shape says [", f.k, ", ", f.n, "]");
+    f.keep = w;  // used through ATen GEMMs only, converted to the compute dtype there
+    return f;
+  }
+  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", format, " factor ", name, " needs ", name, "_scale");
+  const int64_t numel = f.k * f.n;
+  if (format == "nf4") {
+    TORCH_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0, "rank_linear: NF4 blocksize must be an even whole number >= 2,"
+                " got ", blocksize);
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kByte && w.dim() == 1 && w.numel() == (numel + 1) / 2,
+                "rank_linear: NF4 data must be uint8 of shape (", (numel + 1) / 2, ",) for ", numel, " values, got ",
+                w.scalar_type(), " ", w.sizes());
+    const int64_t blocks = (numel + blocksize - 1) / blocksize;
+    TORCH_CHECK_VALUE(scale->dim() == 1 && scale->numel() == blocks, "rank_linear: NF4 absmax must have shape (", blocks,
+                ",) for ", numel, " values in blocks of ", blocksize, ", got ", scale->sizes());
+  } else {
+    TORCH_CHECK_VALUE(blocksize >= 0, "rank_linear: int8 blocksize must be 0 (per row) or > 0, got ", blocksize);
+    TORCH_CHECK_VALUE(w.scalar_type() == at::kChar && w.dim() == 2 && w.size(0) == f.k && w.size(1) == f.n,
+                "rank_linear: int8 data must be int8 of shape (", f.k, ", ", f.n, "), got ", w.scalar_type(), " ",
+                w.sizes());
+    const int64_t groups = blocksize == 0 ? f.k : (numel + blocksize - 1) / blocksize;
+    TORCH_CHECK_VALUE(scale->numel() == groups, "rank_linear: int8 scale must have ", groups, " values, got ",
+                scale->numel());
+  }
+  f.keep = w.contiguous();
+  f.data = f.keep.data_ptr();
+  f.keep_scale = scale->to(at::kFloat).contiguous();
+  f.scale = f.keep_scale.data_ptr<float>();
+  return f;
+}
+
+at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& a,
+                           const std::optional<at::Tensor>& a_scale, c10::string_view a_format, c10::SymInt a_blocksize,
+                           c10::SymIntArrayRef a_shape, const std::optional<at::Tensor>& b,
+                           const std::optional<at::Tensor>& b_scale, c10::string_view b_format, c10::SymInt b_blocksize,
+                           c10::SymIntArrayRef b_shape, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(a.has_value() || b.has_value(), "rank_linear needs at least one factor (a or b)");
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "rank_linear: x must be floating, got ", x.scalar_type());
+  const int64_t in = x.size(-1);
+  const int64_t rows = in == 0 ? 0 : x.numel() / in;
+  at::Tensor x32 = x.to(at::kFloat).reshape({rows, in}).contiguous();
+  int64_t width = in;
+  Factor fa, fb;
+  if (a.has_value()) {
+    fa = make_factor("a", a, a_scale, std::string(a_format), a_blocksize.expect_int(), a_shape);
+    TORCH_CHECK_VALUE(fa.n == in, "rank_linear: x has ", in, " features, factor a expects ", fa.n);
+    width = fa.k;
+  }
+  if (b.has_value()) {
+    fb = make_factor("b", b, b_scale, std::string(b_format), b_blocksize.expect_int(), b_shape);
+    TORCH_CHECK_VALUE(fb.k == width, "rank_linear: factor b has rank ", fb.k, ", its input has ", width, " features");
+    width = fb.n;
+  }
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->numel() == width, "rank_linear: bias has ", bias->numel(), " values, the output has ", width);
+  const bool gemv = rows <= kGemvRows;
+  if (x.scalar_type() == at::kDouble) {  // float64: factors dequantised in float32, then products in float64
+    auto full = [](const Factor& f) { return (f.format == "fp" ? f.keep : dequantize(f)).to(at::kDouble); };
+    at::Tensor y = x.reshape({rows, in});
+    if (a.has_value()) y = at::mm(y, full(fa).t());
+    if (b.has_value()) y = at::mm(y, full(fb));
+    if (bias.has_value()) y = y + bias->to(at::kDouble);
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = width;
+    return y.reshape(shape).clone();
+  }
+
+  at::Tensor h = x32;  // (rows, k)
+  if (a.has_value()) {
+    if (fa.format == "fp") {
+      h = at::mm(x32, fa.keep.to(at::kFloat).t());
+    } else if (gemv) {
+      h = at::empty({rows, fa.k}, at::kFloat);
+      gemv_in(fa, x32.data_ptr<float>(), rows, h.data_ptr<float>());
+    } else {
+      h = at::mm(x32, dequantize(fa).t());
+    }
+  }
+  at::Tensor y = h;  // (rows, out)
+  bool bias_done = false;
+  if (b.has_value()) {
+    if (fb.format == "fp") {
+      y = at::mm(h, fb.keep.to(at::kFloat));
+    } else if (gemv) {
+      // start from the bias (saves a pass over y); the final add below is then skipped
+      // (a fresh tensor: with one row, expand().contiguous() would alias the caller's bias)
+      y = at::empty({rows, fb.n}, at::kFloat);
+      if (bias.has_value())
+        y.copy_(bias->reshape({1, fb.n}).expand({rows, fb.n}));
+      else
+        y.zero_();
+      gemv_out(fb, h.data_ptr<float>(), rows, y.data_ptr<float>());
+      bias_done = bias.has_value();
+    } else {
+      y = at::mm(h, dequantize(fb));
+    }
+  }
+  if (bias.has_value() && !bias_done) y = y + bias->to(at::kFloat);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = width;
+  at::Tensor out = y.reshape(shape).to(x.scalar_type());
+  // never alias x (a lone identity-like call must still return a fresh tensor, as the op promises)
+  return out.is_same(x) || out.data_ptr() == x.data_ptr() ? out.clone() : out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaptwin, CPU, m) { m.impl("rank_linear", &rank_linear_cpu); }
+
+}  // namespace adaptwin

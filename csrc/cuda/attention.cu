@@ -1,0 +1,129 @@
+// CUDA kernel of adaptwin::attention (schema: adaptwin/ops/attention.py), registered for the CUDA key.
+//
+// Simple and exact rather than tuned: one thread per query row walks the keys with an online softmax
+// (running max, running sum, rescaled accumulator in registers), so no T×S matrix is stored. Widths up
+// to 256 (template bound MAXD; rank-space heads are 20-64 wide). The tuned GPU path is the Triton
+// kernel (kernels/attention.py), used when this library is built without CUDA. float32 accumulation.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+
+namespace adaptwin {
+namespace {
+
+struct Strides4 {
+  int64_t s[4];
+};
+
+template <typename scalar_t, typename mask_t, int MAXD>
+__global__ void attention_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                 const scalar_t* __restrict__ v, const mask_t* __restrict__ mask,
+                                 scalar_t* __restrict__ out, Strides4 qs, Strides4 ks, Strides4 vs, Strides4 ms,
+                                 int B, int H, int Hkv, int T, int S, int Dq, int Dv, float scale, bool causal,
+                                 bool has_mask, bool mask_bool) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // over B·H·T
+  if (row >= static_cast<int64_t>(B) * H * T) return;
+  const int i = row % T;
+  const int h = (row / T) % H;
+  const int b = row / (static_cast<int64_t>(T) * H);
+  const int hk = h / (H / Hkv);
+  float qr[MAXD], acc[MAXD];
+  const scalar_t* qi = q + b * qs.s[0] + h * qs.s[1] + i * qs.s[2];
+  for (int d = 0; d < Dq; ++d) qr[d] = static_cast<float>(qi[d * qs.s[3]]) * scale;
+  for (int d = 0; d < Dv; ++d) acc[d] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  const int end = causal ? min(S, i + 1) : S;
+  for (int j = 0; j < end; ++j) {
+    const scalar_t* kj = k + b * ks.s[0] + hk * ks.s[1] + j * ks.s[2];
+    float s = 0.f;
+    for (int d = 0; d < Dq; ++d) s += qr[d] * static_cast<float>(kj[d * ks.s[3]]);
+    if (has_mask) {
+      const mask_t mv = mask[b * ms.s[0] + h * ms.s[1] + i * ms.s[2] + j * ms.s[3]];
+      if (mask_bool) {
+        if (!static_cast<bool>(mv)) continue;
+      } else {
+        s += static_cast<float>(mv);
+      }
+    }
+    if (s == -INFINITY) continue;
+    const float m_new = fmaxf(m, s);
+    const float alpha = __expf(m - m_new);  // 0 on the first visible key (m = -inf)
+    const float p = __expf(s - m_new);
+    l = l * alpha + p;
+    const scalar_t* vj = v + b * vs.s[0] + hk * vs.s[1] + j * vs.s[2];
+    for (int d = 0; d < Dv; ++d) acc[d] = acc[d] * alpha + p * static_cast<float>(vj[d * vs.s[3]]);
+    m = m_new;
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;  // fully masked rows give 0, as the reference
+  scalar_t* o = out + ((static_cast<int64_t>(b) * T + i) * H + h) * Dv;
+  for (int d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+}
+
+Strides4 strides(const at::Tensor& t) {
+  Strides4 s;
+  for (int d = 0; d < 4; ++d) s.s[d] = t.stride(d);
+  return s;
+}
+
+template <typename scalar_t, int MAXD>
+void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m, bool has_mask,
+            at::Tensor& out, double scale, bool causal) {
+  const int B = q.size(0), H = q.size(1), T = q.size(2), Dq = q.size(3);
+  const int Hkv = k.size(1), S = k.size(2), Dv = v.size(3);
+  const int64_t rows = static_cast<int64_t>(B) * H * T;
+  const int threads = 128;
+  const dim3 grid((rows + threads - 1) / threads);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Strides4 ms = has_mask ? strides(m) : Strides4{{0, 0, 0, 0}};
+  if (has_mask && m.scalar_type() == at::kBool) {
+    attention_kernel<scalar_t, bool, MAXD><<<grid, threads, 0, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m.data_ptr<bool>(),
+        out.data_ptr<scalar_t>(), strides(q), strides(k), strides(v), ms, B, H, Hkv, T, S, Dq, Dv,
+        static_cast<float>(scale), causal, true, true);
+  } else {
+    const float* mp = has_mask ? m.data_ptr<float>() : nullptr;
+    attention_kernel<scalar_t, float, MAXD><<<grid, threads, 0, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), mp, out.data_ptr<scalar_t>(),
+        strides(q), strides(k), strides(v), ms, B, H, Hkv, T, S, Dq, Dv, static_cast<float>(scale), causal,
+        has_mask, false);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D (B, H, T|S, D)");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (", q.size(1),
+                    ") must be a multiple of key heads (", k.size(1), ")");
+  const int64_t width = std::max(q.size(3), v.size(3));
+  TORCH_CHECK_VALUE(width <= 256, "attention (CUDA C++ kernel): head widths up to 256, got ", width);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options());
+  if (out.numel() == 0) return out;
+  at::Tensor m;
+  const bool has_mask = mask.has_value();
+  if (has_mask) {
+    m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
+    m = m.expand({q.size(0), q.size(1), q.size(2), k.size(2)});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "adaptwin_attention_cuda", [&] {
+    const at::Tensor kk = k.to(q.scalar_type()), vv = v.to(q.scalar_type());
+    if (width <= 64)
+      launch<scalar_t, 64>(q, kk, vv, m, has_mask, out, scale, is_causal);
+    else if (width <= 128)
+      launch<scalar_t, 128>(q, kk, vv, m, has_mask, out, scale, is_causal);
+    else
+      launch<scalar_t, 256>(q, kk, vv, m, has_mask, out, scale, is_causal);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaptwin, CUDA, m) { m.impl("attention", &attention_cuda); }
+
+}  // namespace adaptwin

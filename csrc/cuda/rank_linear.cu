@@ -1,0 +1,134 @@
+// CUDA kernel of adaptwin::rank_linear (schema and layouts: adaptwin/ops/rank_linear.py), CUDA key.
+//
+// Each product (x·Aᵀ, then h·B) is one launch in which every thread computes one output element and
+// decodes the factor's codes it needs in registers (NF4: nibble -> code book in constant memory ->
+// times the block's absmax; int8: code times its row / block scale). Weight element (kk, nn) of a
+// product is flat element kk·s_k + nn·s_n of the direction-major factor. Exact and simple; the tiled
+// GPU path is the Triton kernel (kernels/rank_linear.py). float32 accumulation; h is kept in float32.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <string>
+
+namespace adaptwin {
+namespace {
+
+__constant__ float kNF4Cuda[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+enum Format { kFp = 0, kNF4 = 1, kInt8 = 2 };
+
+__device__ __forceinline__ float decode(const void* w, const float* scale, int format, int64_t e, int64_t rowlen,
+                                        int64_t bs) {
+  if (format == kNF4) {
+    const uint8_t byte = static_cast<const uint8_t*>(w)[e >> 1];
+    const int code = (e & 1) ? (byte & 0xF) : (byte >> 4);
+    return kNF4Cuda[code] * scale[e / bs];
+  }
+  if (format == kInt8)
+    return static_cast<float>(static_cast<const int8_t*>(w)[e]) * scale[bs == 0 ? e / rowlen : e / bs];
+  return static_cast<const float*>(w)[e];
+}
+
+template <typename in_t, typename out_t>
+__global__ void product_kernel(const in_t* __restrict__ x, const void* __restrict__ w, const float* __restrict__ scale,
+                               const float* __restrict__ bias, out_t* __restrict__ out, int64_t M, int64_t N,
+                               int64_t K, int64_t s_k, int64_t s_n, int64_t rowlen, int64_t bs, int format) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= M * N) return;
+  const int64_t m = idx / N, n = idx % N;
+  float acc = 0.f;
+  for (int64_t kk = 0; kk < K; ++kk)
+    acc += static_cast<float>(x[m * K + kk]) * decode(w, scale, format, kk * s_k + n * s_n, rowlen, bs);
+  if (bias != nullptr) acc += bias[n];
+  out[idx] = static_cast<out_t>(acc);
+}
+
+struct Factor {
+  at::Tensor data, scale;
+  int format = kFp;
+  int64_t bs = 0, k = 0, n = 0;
+};
+
+Factor make_factor(const char* name, const at::Tensor& t, const std::optional<at::Tensor>& scale,
+                   const std::string& fmt, int64_t bs, c10::SymIntArrayRef shape) {
+  TORCH_CHECK_VALUE(fmt == "fp" || fmt == "nf4" || fmt == "int8", "rank_linear: ", name,
+                    "_format must be one of ('fp', 'nf4', 'int8'), got '", fmt, "'");
+  TORCH_CHECK_VALUE(shape.size() == 2, "rank_linear: ", name, "_shape must be (k, features)");
+  Factor f;
+  f.k = shape[0].expect_int();
+  f.n = shape[1].expect_int();
+  f.bs = bs;
+  if (fmt == "fp") {
+    f.data = t.to(at::kFloat).contiguous();
+    return f;
+  }
+  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", fmt, " factor ", name, " needs ", name, "_scale");
+  TORCH_CHECK_VALUE(fmt != "nf4" || (bs >= 2 && bs % 2 == 0), "rank_linear: NF4 blocksize must be even >= 2");
+  f.format = fmt == "nf4" ? kNF4 : kInt8;
+  f.data = t.contiguous();
+  f.scale = scale->to(at::kFloat).contiguous();
+  return f;
+}
+
+// x (M, K) float32 times the factor (Aᵀ when transposed) -> (M, N) in out_dtype.
+at::Tensor product(const at::Tensor& x, const Factor& f, bool transposed, const std::optional<at::Tensor>& bias,
+                   at::ScalarType out_dtype) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t N = transposed ? f.k : f.n;
+  TORCH_CHECK_VALUE(K == (transposed ? f.n : f.k), "rank_linear: inner sizes do not match (", K, " vs ",
+                    transposed ? f.n : f.k, ")");
+  const int64_t s_k = transposed ? 1 : f.n, s_n = transposed ? f.n : 1;
+  at::Tensor out = at::empty({M, N}, x.options().dtype(out_dtype));
+  if (out.numel() == 0) return out;
+  at::Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const int threads = 256;
+  const int64_t blocks = (M * N + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "adaptwin_rank_linear_cuda", [&] {
+    product_kernel<float, scalar_t><<<blocks, threads, 0, stream>>>(
+        x.data_ptr<float>(), f.data.data_ptr(), f.scale.defined() ? f.scale.data_ptr<float>() : nullptr,
+        b32.defined() ? b32.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), M, N, K, s_k, s_n, f.n,
+        f.bs, f.format);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor rank_linear_cuda(const at::Tensor& x, const std::optional<at::Tensor>& a,
+                            const std::optional<at::Tensor>& a_scale, c10::string_view a_format,
+                            c10::SymInt a_blocksize, c10::SymIntArrayRef a_shape, const std::optional<at::Tensor>& b,
+                            const std::optional<at::Tensor>& b_scale, c10::string_view b_format,
+                            c10::SymInt b_blocksize, c10::SymIntArrayRef b_shape,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(a.has_value() || b.has_value(), "rank_linear needs at least one factor (a or b)");
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t in = x.size(-1);
+  at::Tensor h = x.to(at::kFloat).reshape({-1, in}).contiguous();
+  int64_t width = in;
+  if (a.has_value()) {
+    Factor fa = make_factor("a", *a, a_scale, std::string(a_format), a_blocksize.expect_int(), a_shape);
+    h = product(h, fa, true, b.has_value() ? std::optional<at::Tensor>() : bias, at::kFloat);
+    width = fa.k;
+  }
+  if (b.has_value()) {
+    Factor fb = make_factor("b", *b, b_scale, std::string(b_format), b_blocksize.expect_int(), b_shape);
+    h = product(h, fb, false, bias, at::kFloat);
+    width = fb.n;
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = width;
+  return h.reshape(shape).to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaptwin, CUDA, m) { m.impl("rank_linear", &rank_linear_cuda); }
+
+}  // namespace adaptwin

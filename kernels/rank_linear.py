@@ -1,0 +1,117 @@
+"""Triton kernels for ``torch.ops.adaptwin.rank_linear`` (schema: `adaptwin.ops.rank_linear`).
+
+y = (x·Aᵀ)·B + bias, each product one launch of a GEMM whose weight is decoded in registers from its
+stored format (fp / NF4 / int8): the weight element (kk, nn) of a product is element kk·s_k + nn·s_n of
+the flat direction-major factor, so one kernel serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out,
+s_n = 1). Rows of x beyond one use tl.dot tiles; a single row (batch-1 decoding) uses a GEMV kernel
+that reduces over K with elementwise products (a 16-row dot tile would be 15/16 padding). The factors'
+codes are read once per output tile, never expanded in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
+
+
+@triton.jit
+def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS, FORMAT: tl.constexpr):
+    """float32 values of flat elements ``e`` of a factor (rows of ROWLEN, scale blocks of BS)."""
+    if FORMAT == 0:
+        w = tl.load(w_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    elif FORMAT == 1:
+        byte = tl.load(w_ptr + e // 2, mask=ok, other=0).to(tl.int32)
+        nib = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # high nibble first
+        w = tl.load(code_ptr + nib, mask=ok, other=0.0) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
+    else:
+        group = tl.where(BS == 0, e // ROWLEN, e // tl.maximum(BS, 1))  # per row (BS 0) or per flat block
+        w = tl.load(w_ptr + e, mask=ok, other=0).to(tl.float32) * tl.load(scale_ptr + group, mask=ok, other=0.0)
+    return w
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN, BS,
+                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                    other=0.0).to(tl.float32)  # (BM, BK)
+        ok = (rk[:, None] < K) & (rn[None, :] < N)
+        w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
+        acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k, s_n, ROWLEN, BS,
+                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)  # (BK,)
+        ok = (rk[:, None] < K) & (rn[None, :] < N)
+        w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
+        acc += tl.sum(x[:, None] * w, 0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, blocksize: int,
+             shape: tuple[int, int], transposed: bool, bias: torch.Tensor | None, out_dtype: torch.dtype
+             ) -> torch.Tensor:
+    """x (M, K) times the factor: Aᵀ (transposed=True, A of shape (N, K)) or B ((K, N)) -> (M, N)."""
+    rows, cols = shape
+    M, K = x.shape
+    N = rows if transposed else cols
+    s_k, s_n = (1, cols) if transposed else (cols, 1)
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    code = torch.tensor(_nf4_code(), dtype=torch.float32, device=x.device)
+    w = w.contiguous()
+    sc = scale.float().contiguous() if scale is not None else code
+    b = bias if bias is not None else code
+    fmt_id = _FORMATS[fmt]
+    if M == 1:
+        _gemv_kernel[(triton.cdiv(N, 64),)](x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize,
+                                            FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=64, BLOCK_K=64)
+    else:
+        grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+        _gemm_kernel[grid](x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize,
+                           FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+    return out
+
+
+def _nf4_code() -> tuple[float, ...]:
+    from adaptwin.quant.nf4 import NF4_CODE
+
+    return NF4_CODE
+
+
+def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
+    """Launcher with the op's signature (see `adaptwin.ops.rank_linear`); float32 accumulation, x's dtype out."""
+    from adaptwin.ops.rank_linear import _check
+
+    width = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    lead = x.shape[:-1]
+    h = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+    if a is not None:
+        a_shape = (int(a_shape[0]), int(a_shape[1]))
+        h = _product(h, a, a_scale, a_format, a_blocksize, a_shape, True, bias if b is None else None,
+                     torch.float32 if b is not None else x.dtype)  # (M, k); h stays float32 between products
+    if b is not None:
+        b_shape = (int(b_shape[0]), int(b_shape[1]))
+        h = _product(h, b, b_scale, b_format, b_blocksize, b_shape, False, bias, x.dtype)  # (M, out)
+    return h.reshape(*lead, width).to(x.dtype)

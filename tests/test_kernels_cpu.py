@@ -1,0 +1,253 @@
+"""The CPU C++ kernels of ``torch.ops.adaptwin.*`` against the pure-PyTorch references.
+
+Criterion (flash-attention's rule): on fresh random inputs, the kernel's error against a float64 run of
+the reference is at most twice the reference's own error at the input precision. Sizes are odd on
+purpose (T = 1, 59, 1500; d = 384, 431; ranks 1-64, mostly not powers of two). The kernels come from
+``adaptwin._C`` (built by ``make install`` / ``pip install --no-build-isolation -e .``); without it these
+tests skip, and test_kernel_build.py (slow) checks that the sources build.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from adaptwin import quant
+from adaptwin.ops import backends
+from adaptwin.ops.attention import attention_reference
+from adaptwin.ops.rank_linear import rank_linear_reference
+
+pytestmark = pytest.mark.skipif(
+    not (backends.has_kernel("adaptwin::attention", "cpu") and backends.has_kernel("adaptwin::rank_linear", "cpu")),
+    reason="adaptwin._C is not built (run `make install`); the reference ops are in use",
+)
+
+
+def seed(case: tuple) -> int:
+    """A seed fixed per case (Python's hash() of strings changes from run to run)."""
+    return zlib.crc32(repr(case).encode())
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-300))
+
+
+def assert_within_twice(out: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor) -> None:
+    """Kernel error <= 2 x reference error, both against float64. The reference error is floored at one
+    ulp of the output dtype: with rank 1 the output is one rounded dot product times a vector, and the
+    reference's error there can be near 0 by luck (the ratio reached 3x over 30 seeds at 1e-7 errors)."""
+    err, ref_err = rel_err(out, ref64), rel_err(ref, ref64)
+    floor = torch.finfo(out.dtype).eps
+    assert torch.isfinite(out).all()
+    assert err <= 2 * max(ref_err, floor), f"kernel error {err:.3e} > 2 x reference error {ref_err:.3e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+# (B, H, Hkv, T, S, Dq, Dv, causal, mask): widths 1..64, odd lengths, GQA, cross-attention (T != S)
+ATTENTION_CASES = [
+    (1, 6, 6, 59, 59, 26, 20, False, None),
+    (2, 3, 3, 59, 59, 20, 26, False, "bool"),
+    (1, 2, 2, 1, 1500, 20, 20, False, "float_keys"),  # decoding step against a long (rank-space) cache
+    (1, 2, 2, 3, 77, 13, 13, False, "bool_keys"),  # T below the query-vectorised path's threshold
+    (1, 2, 1, 123, 123, 52, 39, True, None),  # causal + GQA
+    (2, 4, 2, 77, 50, 17, 9, False, "float"),  # cross-attention with a full additive mask
+    (1, 2, 2, 40, 40, 1, 64, True, None),
+    (1, 1, 1, 1500, 1500, 40, 52, False, None),
+    (1, 2, 2, 37, 301, 64, 3, False, "bool_keys"),
+]
+
+
+def _mask(kind: str | None, b: int, h: int, t: int, s: int, gen: torch.Generator) -> torch.Tensor | None:
+    if kind is None:
+        return None
+    if kind == "bool":
+        return torch.rand(b, h, t, s, generator=gen) > 0.3
+    if kind == "bool_keys":  # padding mask: the last keys of each sequence hidden
+        keep = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        keep[..., s - s // 3:] = False
+        return keep
+    if kind == "float_keys":
+        return torch.randn(b, 1, 1, s, generator=gen)
+    return torch.randn(b, 1, t, s, generator=gen)
+
+
+def _to(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_attention_matches_reference(case, dtype):
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case))
+    # queries/keys ~N(0, 1) at scale 1/sqrt(dq): attention neither uniform nor one-hot
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    lo = [x.to(dtype) for x in (q, k, v)]
+    ref = attention_reference(*lo, _to(mask, dtype), scale, causal)
+    out = torch.ops.adaptwin.attention(*lo, _to(mask, dtype), scale, causal)
+    assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.is_contiguous()
+    assert_within_twice(out, ref, ref64)
+
+
+def test_attention_takes_strided_heads():
+    """q/k/v as the projections produce them: (B, T, H·w) viewed as (B, H, T, w), not contiguous."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 59, 3 * 26, generator=gen)
+    q = x.view(2, 59, 3, 26).transpose(1, 2)
+    out = torch.ops.adaptwin.attention(q, q, q, None, 0.2, False)
+    torch.testing.assert_close(out, attention_reference(q.contiguous(), q.contiguous(), q.contiguous(), None, 0.2,
+                                                        False), rtol=2e-5, atol=2e-6)
+
+
+def test_attention_fully_masked_rows_are_zero():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 20, generator=gen) for n in (40, 33, 33))
+    keep = torch.rand(1, 2, 40, 33, generator=gen) > 0.5
+    keep[:, :, 5] = False
+    out = torch.ops.adaptwin.attention(q, k, v, keep, 0.2, False)
+    assert (out[:, 5] == 0).all()
+    torch.testing.assert_close(out, attention_reference(q, k, v, keep, 0.2, False), rtol=2e-5, atol=2e-6)
+
+
+def test_attention_bad_shapes_name_the_problem():
+    q = torch.randn(1, 3, 5, 8)
+    with pytest.raises(ValueError, match="multiple of key"):
+        torch.ops.adaptwin.attention(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, 1.0, False)
+
+
+# --------------------------------------------------------------------------------------------------
+# rank_linear
+
+
+def _factor(fmt: str, blocksize: int, w: torch.Tensor) -> tuple:
+    """Op arguments (data, scale, format, blocksize, shape) of a (k, n) factor in ``fmt``."""
+    if fmt == "fp":
+        return w, None, "fp", 0, list(w.shape)
+    f = quant.QuantFormat(fmt, blocksize)
+    stored = f.quantize(w)
+    return stored["qweight"], f.scale(stored), fmt, blocksize, list(w.shape)
+
+
+NONE = (None, None, "fp", 0, [])
+# (rows, in, rank, out, format, blocksize): rows <= 8 take the decode path, more the dequantise+GEMM one;
+# one row of NF4 with widths a multiple of the blocksize (itself of 32) takes the fused register decode;
+# 384/1536 with blocksize 64 take the vectorised decoders, 431/433 and blocksize 6 the unaligned ones.
+LINEAR_CASES = [
+    (1, 384, 96, 384, "nf4", 64),
+    (1, 431, 37, 433, "nf4", 64),
+    (1, 384, 1, 1536, "nf4", 64),
+    (1, 416, 29, 480, "nf4", 32),  # fused decode with a partial 128-column chunk (480 = 3·128 + 96)
+    (3, 431, 20, 384, "nf4", 6),
+    (59, 431, 52, 384, "nf4", 64),
+    (1, 384, 64, 431, "int8", 0),
+    (2, 431, 13, 384, "int8", 64),
+    (59, 384, 40, 1536, "int8", 0),
+    (1, 1536, 27, 384, "int8", 48),
+    (1, 431, 33, 384, "fp", 0),
+    (59, 384, 3, 431, "fp", 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_matches_reference(case, dtype):
+    rows, n_in, rank, n_out, fmt, bs = case
+    gen = torch.Generator().manual_seed(seed(case))
+    a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
+    b = torch.randn(rank, n_out, generator=gen) / rank**0.5
+    bias = torch.randn(n_out, generator=gen)
+    x = torch.randn(1, rows, n_in, generator=gen)
+    fa, fb = _factor(fmt, bs, a), _factor(fmt, bs, b)
+    ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
+    if fmt == "fp":
+        fa, fb = (fa[0].to(dtype), *fa[1:]), (fb[0].to(dtype), *fb[1:])
+    ref = rank_linear_reference(x.to(dtype), *fa, *fb, bias.to(dtype))
+    out = torch.ops.adaptwin.rank_linear(x.to(dtype), *fa, *fb, bias.to(dtype))
+    assert out.shape == (1, rows, n_out) and out.dtype == dtype
+    assert_within_twice(out, ref, ref64)
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_rank_linear_one_factor(rows, which):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(29, 431, generator=gen)
+    f = _factor("nf4", 64, w)
+    if which == "a":
+        x = torch.randn(rows, 431, generator=gen)
+        args = (x, *f, *NONE, None)
+    else:
+        x = torch.randn(rows, 29, generator=gen)
+        args = (x, *NONE, *f, torch.randn(431, generator=gen))
+    ref64 = rank_linear_reference(args[0].double(), *args[1:-1], None if args[-1] is None else args[-1].double())
+    assert_within_twice(torch.ops.adaptwin.rank_linear(*args), rank_linear_reference(*args), ref64)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_rank_linear_leaves_inputs_alone(rows):
+    """No input is written (the decode path starts its output from the bias: it must copy it)."""
+    gen = torch.Generator().manual_seed(8)
+    fa, fb = _factor("nf4", 64, torch.randn(7, 384, generator=gen)), _factor("nf4", 64, torch.randn(7, 384))
+    x, bias = torch.randn(rows, 384, generator=gen), torch.randn(384, generator=gen)
+    args = (x, *fa, *fb, bias)
+    before = [t.clone() if isinstance(t, torch.Tensor) else t for t in args]
+    first = torch.ops.adaptwin.rank_linear(*args)
+    torch.testing.assert_close(torch.ops.adaptwin.rank_linear(*args), first, rtol=0, atol=0)
+    for t, t0 in zip(args, before):
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, t0)
+    torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, args)
+
+
+def test_rank_linear_bad_input_names_the_problem():
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="'fp', 'nf4', 'int8'"):
+        torch.ops.adaptwin.rank_linear(x, torch.zeros(8, dtype=torch.uint8), torch.ones(1), "nf3", 64, [4, 64],
+                                       *NONE, None)
+    with pytest.raises(ValueError, match="64 features, factor a expects 32"):
+        torch.ops.adaptwin.rank_linear(x, *_factor("nf4", 64, torch.randn(4, 32)), *NONE, None)
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck: schema, fake tensors, autograd registration, AOT dispatch, with the C++ kernels active
+
+
+def test_opcheck_attention():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, d, generator=gen) for n, d in ((19, 12), (23, 12), (23, 7)))
+    keep = torch.rand(1, 1, 19, 23, generator=gen) > 0.2
+    torch.library.opcheck(torch.ops.adaptwin.attention.default, (q, k, v, keep, 0.3, False))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k[:, :, :19], v[:, :, :19]))
+    torch.library.opcheck(torch.ops.adaptwin.attention.default, (qg, kg, vg, None, 0.3, True))
+
+
+def test_opcheck_rank_linear():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 40, generator=gen)
+    fa, fb = _factor("nf4", 64, torch.randn(6, 40, generator=gen)), _factor("int8", 0, torch.randn(6, 24))
+    torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, (x, *fa, *fb, torch.randn(24)))
+    x1 = torch.randn(1, 40, generator=gen)
+    torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, (x1, *fa, *fb, None))
+
+
+def test_attention_gradients_match_sdpa():
+    """The op's backward (explicit softmax derivative) against SDPA's autograd, with GQA and a mask."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, n, 21, d, generator=gen, dtype=torch.float64) for n, d in ((4, 10), (2, 10), (2, 6)))
+    keep = torch.rand(2, 1, 21, 21, generator=gen) > 0.3
+    keep[..., 0] = True
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = torch.ops.adaptwin.attention(*leaves, keep, 0.4, False)
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves2, attn_mask=keep, scale=0.4, enable_gqa=True)
+    grads2 = torch.autograd.grad(ref.transpose(1, 2).square().sum(), leaves2)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2)

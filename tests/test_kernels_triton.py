@@ -1,0 +1,113 @@
+"""The Triton kernels (kernels/) against the references, on CPU under TRITON_INTERPRET=1, in float32.
+
+Same criterion as test_kernels_cpu.py: error against float64 at most twice the reference's. The
+interpreter runs each program in numpy, so sizes are kept moderate (it is a correctness check of the
+indexing, masking and online softmax; speed is for a GPU). On a GPU the same launchers run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptwin.ops.attention import attention_reference
+from adaptwin.ops.rank_linear import rank_linear_reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_kernels_cpu import NONE, _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+
+# TRITON_INTERPRET must be set before triton is first imported (its standard library is decorated at
+# import), so the cases below run in a child pytest that starts with it; in this process they skip.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 child process")
+
+
+def test_triton_kernels_under_interpreter():
+    """Run this module's cases in a child with TRITON_INTERPRET=1 and require them all to pass."""
+    if INTERPRETING:
+        pytest.skip("already the interpreter process")
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (optional: `pip install triton --no-deps`)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The Triton launchers (interpreted: this fixture only exists in the child process)."""
+    import kernels.attention
+    import kernels.rank_linear
+
+    return {"attention": kernels.attention, "rank_linear": kernels.rank_linear}
+
+
+ATTENTION_CASES = [
+    (1, 2, 2, 59, 59, 26, 20, False, None),
+    (2, 2, 1, 33, 47, 20, 52, False, "bool"),
+    (1, 2, 2, 1, 150, 13, 13, False, "float_keys"),
+    (1, 2, 2, 45, 45, 40, 9, True, None),
+    (1, 1, 1, 37, 61, 1, 64, False, "float"),
+    (1, 1, 1, 20, 20, 17, 17, False, "bool_keys"),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_triton_attention(tk, case):
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    ref = attention_reference(q, k, v, mask, scale, causal)
+    out = tk["attention"].attention(q, k, v, mask, scale, causal)
+    assert out.shape == (b, t, h, dv)
+    assert_within_twice(out, ref, ref64)
+
+
+LINEAR_CASES = [
+    (1, 384, 20, 431, "nf4", 64),
+    (1, 431, 37, 384, "int8", 0),
+    (5, 431, 13, 384, "nf4", 6),
+    (17, 384, 52, 431, "int8", 64),
+    (3, 100, 9, 61, "fp", 0),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_triton_rank_linear(tk, case):
+    rows, n_in, rank, n_out, fmt, bs = case
+    gen = torch.Generator().manual_seed(seed(case))
+    a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
+    b = torch.randn(rank, n_out, generator=gen) / rank**0.5
+    bias = torch.randn(n_out, generator=gen)
+    x = torch.randn(rows, n_in, generator=gen)
+    fa, fb = _factor(fmt, bs, a), _factor(fmt, bs, b)
+    ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
+    ref = rank_linear_reference(x, *fa, *fb, bias)
+    out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias)
+    assert_within_twice(out, ref, ref64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", [1, 4])
+def test_triton_rank_linear_one_factor(tk, rows):
+    gen = torch.Generator().manual_seed(7)
+    fa = _factor("nf4", 64, torch.randn(11, 96, generator=gen))
+    x, bias = torch.randn(rows, 96, generator=gen), torch.randn(11, generator=gen)
+    args = (x, *fa, *NONE, bias)
+    ref64 = rank_linear_reference(x.double(), *fa, *NONE, bias.double())
+    assert_within_twice(tk["rank_linear"].rank_linear(*args), rank_linear_reference(*args), ref64)
