@@ -9,6 +9,7 @@ from adaptwin import compressors as _compressors  # noqa: F401  (registers the b
 from adaptwin.architectures import ArchitectureAdapter, AttentionSite, LinearSite
 from adaptwin.compress import CompressionRecord, Plan, compress, compression_record, plan
 from adaptwin.compressors import Compressor
+from adaptwin.compressors.pqm import AdaptReport, adapt
 from adaptwin.config import CompressionConfig
 from adaptwin.finetune import FinetuneConfig, FinetuneReport
 from adaptwin.finetune import run_finetune as finetune
@@ -26,6 +27,7 @@ from adaptwin.registry import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptReport",
     "ArchitectureAdapter",
     "AttentionSite",
     "CompressionConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "FinetuneReport",
     "Compressor",
     "LinearSite",
+    "adapt",
     "compress",
     "compression_record",
     "finetune",

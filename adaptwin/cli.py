@@ -6,6 +6,7 @@
     adaptwin inspect DIR [--json]
     adaptwin list [--json]
     adaptwin eval MODEL_DIR --data PATH [--json]      (word error rate; see adaptwin/speech/cli.py)
+    adaptwin adapt MODEL_DIR --data PATH --out DIR    (PQM speaker adaptation; see adaptwin/speech/adapt_cli.py)
 
 This room parses arguments and prints; the maths lives behind the public API. User errors (bad ranks,
 missing folders, unsupported models, a DIR that is not an adaptwin save) end with one line on stderr
@@ -37,6 +38,8 @@ from adaptwin.sources import (
     read_calibration_text,
     resolve_model,
 )
+from adaptwin.speech.adapt_cli import add_parser as add_adapt_parser
+from adaptwin.speech.adapt_cli import cmd_adapt
 from adaptwin.speech.cli import add_parser as add_eval_parser
 from adaptwin.speech.cli import cmd_eval
 
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Hugging Face transformers with AdaPTwin product twins (arXiv 2406.08904).",
     )
     parser.add_argument("--version", action="version", version=f"adaptwin {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,inspect,list,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,inspect,list,eval,adapt}")
 
     c = sub.add_parser("compress", help="compress a model folder (or hub id) and save it",
                        description="Compress a Hugging Face model and save weights, config and tokenizer files.")
@@ -165,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered compressors and architectures")
     ls.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_eval_parser(sub)
+    add_adapt_parser(sub)
     return parser
 
 
@@ -421,6 +425,7 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "components": components,
             "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
             "modules": modules,
+            "shared": _shared_data(meta["aliases"]),
             "finetune": _finetune_data(comp.get("finetune")),
         }
     except (KeyError, TypeError, AttributeError) as e:
@@ -440,15 +445,24 @@ def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> li
     for path, entry in modules.items():
         mine = [v for name, v in layout.items() if name.startswith(path + ".")]
         nbytes = sum(b for _, _, b in mine)
-        params = entry["spec"].get("params") if entry["compressor"] == "quantized" else None
+        packed = isinstance(entry["spec"].get("format"), dict)  # "quantized" and "pqm" record format and params
+        params = entry["spec"].get("params") if packed else None
         if params is None:
             params = sum(math.prod(shape) for _, shape, _ in mine)
         rows.append({"path": path, "compressor": entry["compressor"],
-                     "format": (entry["spec"].get("format") or {}).get("kind", "") if entry["compressor"] == "quantized"
+                     "format": entry["spec"]["format"].get("kind", "") if packed
                      else ",".join(sorted({dtype for dtype, _, _ in mine})),
                      "params": int(params), "bytes": int(nbytes),
                      "bits_per_param": 8 * nbytes / params if params else 0.0})
     return rows
+
+
+def _shared_data(aliases: dict[str, str]) -> list[dict[str, Any]]:
+    """Tensors stored once and used under several names (tied embeddings, residual groups' shared matrices)."""
+    users: dict[str, list[str]] = {}
+    for alias, stored in aliases.items():
+        users.setdefault(stored, []).append(alias)
+    return [{"stored": k, "also": sorted(v)} for k, v in sorted(users.items())]
 
 
 def _finetune_data(ft: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -488,6 +502,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows.append(("total (compressed modules)", "", _fmt_int(params), _fmt_int(nbytes),
                  f"{8 * nbytes / params:.2f}" if params else "-"))
     print(_table(("module", "stored as", "params", "bytes", "bits/param"), rows, right=(2, 3, 4)))
+    if data["shared"]:
+        print("\nshared tensors (stored once, used by every module listed; counted in the first):")
+        print(_table(("stored as", "also used as"), [(s["stored"], ", ".join(s["also"])) for s in data["shared"]],
+                     indent=2))
     w = data["weights"]
     print(f"weights: {w['file']}, {_fmt_int(w['bytes'])} bytes ({_fmt_bytes(w['bytes'])}), {w['tensors']} tensors")
     ft = data["finetune"]
@@ -524,7 +542,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps({"compressors": compressors, "architectures": architectures}, indent=1))
         return 0
     print("compressors:")
-    print(_table(("name", "sites"), [(c["name"], str(c["site_kind"])) for c in compressors], indent=2))
+    print(_table(("name", "sites"), [(c["name"], "/".join(c["site_kind"]) if isinstance(c["site_kind"], tuple)
+                                      else str(c["site_kind"])) for c in compressors], indent=2))
     print("architectures (HF model_type):")
     print(_table(("model_type", "components", "adapter"),
                  [(a["model_type"], ",".join(a["components"]), a["adapter"]) for a in architectures], indent=2))
@@ -550,7 +569,7 @@ def _disable_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-_COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list, "eval": cmd_eval}
+_COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list, "eval": cmd_eval, "adapt": cmd_adapt}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

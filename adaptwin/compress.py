@@ -88,8 +88,9 @@ def _prepare(model: nn.Module, config: CompressionConfig):
         raise ValueError(f"unknown components {unknown} for {model_type}; allowed: {list(adapter.components)}")
     methods = {"attention": get_compressor(config.attention_method), "ffn": get_compressor(config.ffn_method)}
     for kind, comp in methods.items():
-        if comp.site_kind != kind:
-            raise ValueError(f"compressor {comp.name!r} compresses {comp.site_kind} sites, not {kind} sites")
+        kinds = comp.site_kind if isinstance(comp.site_kind, tuple) else (comp.site_kind,)  # a tuple: several
+        if kind not in kinds:
+            raise ValueError(f"compressor {comp.name!r} compresses {'/'.join(kinds)} sites, not {kind} sites")
     return model_type, adapter, components, methods
 
 
@@ -194,11 +195,14 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
     by_path = {s.path: (kind, s) for kind, s in _sites(adapter, small, components)}
     record = CompressionRecord(model_type, config.to_dict())
     for row in planned.rows:
+        row["rank"], row["lora_rank"] = _MODE_RANKS[mode](row["rank"], row["lora_rank"])
+    joint = _compress_joint(small, planned.rows, by_path, methods, config, adapter, stats)
+    for row in planned.rows:
         kind, site = by_path[row["path"]]
         comp = methods[kind]
-        row["rank"], row["lora_rank"] = _MODE_RANKS[mode](row["rank"], row["lora_rank"])
         extra = {"stats": stats[site.path]} if site.path in stats else {}
-        replacements = comp.compress(site, row["rank"], row["lora_rank"], config, adapter, **extra)
+        replacements = (joint[site.path] if site.path in joint
+                        else comp.compress(site, row["rank"], row["lora_rank"], config, adapter, **extra))
         for path, (module, spec) in replacements.items():
             _submodule_setter(small, path, module)
             record.modules[path] = {"compressor": comp.name, "spec": spec}
@@ -217,6 +221,22 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
     if fmt is not None:
         pack_modules(small, record.modules)
     return small
+
+
+def _compress_joint(model: nn.Module, rows: list[dict[str, Any]], by_path: dict[str, tuple[str, Any]],
+                    methods: dict[str, Any], config: CompressionConfig, adapter: Any,
+                    stats: dict[str, Any]) -> dict[str, dict[str, tuple[nn.Module, dict[str, Any]]]]:
+    """Replacements from compressors that factor many sites together (``compress_group``; e.g. residual's
+    weights shared across layers): ``{site path: {module path: (module, spec)}}``. ``model`` is only read."""
+    out: dict[str, dict[str, tuple[nn.Module, dict[str, Any]]]] = {}
+    for comp in {id(c): c for c in methods.values()}.values():
+        if not hasattr(comp, "compress_group"):
+            continue
+        members = [(by_path[r["path"]][1], r["rank"], r["lora_rank"]) for r in rows if methods[r["kind"]] is comp]
+        if members:
+            mine = {s.path: stats[s.path] for s, _, _ in members if s.path in stats}
+            out.update(comp.compress_group(model, members, config, adapter, stats=mine))
+    return out
 
 
 def compression_record(model: nn.Module) -> CompressionRecord:

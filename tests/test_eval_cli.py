@@ -7,8 +7,6 @@ totals) and that bad input ends in one line and exit status 2.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -16,55 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_speech import WORDS, run_cli, save_model_dir, tokenizer
 
-from adaptwin.cli import main
 from adaptwin.speech.audio import write_wav
 from adaptwin.speech.datasets import Utterance
 from adaptwin.speech.evaluate import generate_kwargs, transcribe
 
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-         "nine"]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A word-level Whisper as the digit recogniser writes it: 1 s windows of 16 mel bins, 14 words."""
-    from tiny_models import reinit
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    d = tmp_path_factory.mktemp("whisper-words")
-    cfg = WhisperConfig(vocab_size=len(WORDS), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        num_mel_bins=16, max_source_positions=50, max_target_positions=16, pad_token_id=0,
-                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None,
-                        suppress_tokens=None)
-    torch.manual_seed(0)
     # std 0.3 rather than HF's 0.02: the decoder then emits words for some clips instead of stopping at once.
-    reinit(WhisperForConditionalGeneration(cfg), seed=1, std=0.3).save_pretrained(d)
-    WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1,
-                            n_fft=400).save_pretrained(d)
-    tokenizer().save_pretrained(d)
-    return d
+    return save_model_dir(tmp_path_factory.mktemp("whisper-words"), d_model=32, std=0.3)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,13 @@ Independent mode (the paper's) trains every layer on the original model's inputs
 independent and can be spread over torch.distributed ranks (``torchrun --nproc-per-node N``; gloo on
 CPU, NCCL on GPUs): rank r trains layers r, r+N, ... and every rank assembles all of them from the
 run directory. Sequential mode trains layer i on the outputs of the already trained layers before it.
-Each finished layer is written atomically to ``run_dir``; a rerun of the same command skips it, and
-because every layer has its own seed a killed-and-resumed run ends with the same weights (bit for bit
-on CPU; tests/test_resume.py kills runs with SIGKILL to check). ``run_dir/run.json`` fingerprints what
-the weights depend on - the original's weights, the calibration data, the compression and fine-tuning
-settings - and a run directory of any other run is refused.
+Layers whose compressed modules share a parameter (the residual compressor's per-group matrix) are
+trained together as one unit, on the sum of their losses, each on its own captured call; the shared tensor
+gets the gradients of all of them. Each finished layer (or group) is written atomically to ``run_dir``; a
+rerun of the same command skips it, and because every layer has its own seed a killed-and-resumed run
+ends with the same weights (bit for bit on CPU; tests/test_resume.py kills runs with SIGKILL to check).
+``run_dir/run.json`` fingerprints what the weights depend on - the original's weights, the calibration
+data, the compression and fine-tuning settings - and a run directory of any other run is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adaptwin.compress import compression_record
-from adaptwin.finetune.capture import ActivationStore, capture, run_model
+from adaptwin.finetune.capture import ActivationStore, capture, first_output, run_model
 from adaptwin.finetune.config import FinetuneConfig
 from adaptwin.finetune.trainer import LayerResult, layer_seed, token_masks, train_layer
 from adaptwin.registry import get_architecture, get_compressor
@@ -170,6 +172,78 @@ def _layer_masks(compressed: nn.Module, layer_path: str, mode: str) -> dict[str,
     return masks
 
 
+class _Group(nn.Module):
+    """Layers that share parameters, trained as one.
+
+    Called with each member's captured call ``(args, kwargs)``, it returns the members' outputs
+    concatenated on the batch dimension. Against the concatenated targets the mean squared error is the
+    members' summed error over the group's token count (the same equal-size sum up to 1/K, which Adam
+    ignores), and the relative error `train_layer` reports is the group's.
+    """
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(layers)
+        self.training = all(m.training for m in layers)  # train_layer restores this mode on the members
+
+    def forward(self, *calls: tuple[tuple, dict]) -> torch.Tensor:
+        return torch.cat([first_output(m(*a, **k)) for m, (a, k) in zip(self.members, calls)], 0)  # (K·B, T, d)
+
+
+class _GroupStore:
+    """A view of an `ActivationStore` serving a `_Group`: per batch, every member's call and their targets."""
+
+    def __init__(self, store: ActivationStore, paths: list[str]) -> None:
+        self.store, self.paths = store, paths
+
+    def get(self, name: str, batch: int) -> tuple[tuple, dict, torch.Tensor]:
+        calls, targets = [], []
+        for path in self.paths:
+            args, kwargs, target = self.store.get(path, batch)
+            calls.append((args, kwargs))
+            targets.append(target)
+        return tuple(calls), {}, torch.cat(targets, 0)
+
+
+def _shared_groups(compressed: nn.Module, layers: list[str]) -> list[list[str]]:
+    """``layers`` partitioned into groups of layers whose compressed modules share a parameter, in order."""
+    root = list(range(len(layers)))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    seen: dict[int, int] = {}
+    for i, path in enumerate(layers):
+        layer = compressed.get_submodule(path)
+        for name in _layer_masks(compressed, path, "all"):
+            key = id(layer.get_parameter(name))
+            if key in seen:
+                root[find(i)] = find(seen[key])
+            else:
+                seen[key] = i
+    groups: dict[int, list[str]] = {}
+    for i, path in enumerate(layers):
+        groups.setdefault(find(i), []).append(path)
+    return sorted(groups.values(), key=lambda g: layers.index(g[0]))
+
+
+def _group_masks(group: _Group, member_masks: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    """The members' trainable masks under the group's parameter names (a shared parameter named once)."""
+    names = {id(p): n for n, p in group.named_parameters()}
+    out: dict[str, torch.Tensor | None] = {}
+    for member, masks in zip(group.members, member_masks):
+        for name, mask in masks.items():
+            key = names[id(member.get_parameter(name))]
+            if key in out:
+                out[key] = None if out[key] is None or mask is None else out[key] | mask
+            else:
+                out[key] = mask
+    return out
+
+
 def finetune(
     original: nn.Module,
     compressed: nn.Module,
@@ -198,6 +272,11 @@ def finetune(
     components = {p: c for p, c in adapter.layer_paths(original)
                   if any(m.startswith(p + ".") for m in record.modules)}
     layers = list(components)
+    units = {"+".join(g): g for g in _shared_groups(compressed, layers)}  # trained together: shared parameters
+    joint = [u for u, g in units.items() if len(g) > 1]
+    if joint and cfg.sequential:
+        raise ValueError(f"sequential fine-tuning trains one layer at a time, but {joint[0]} share parameters "
+                         "(residual groups) and must be trained together; use sequential=False")
     n_val = max(1, round(cfg.holdout * len(batches))) if cfg.holdout > 0 and len(batches) >= 2 else 0
     n_val = min(n_val, len(batches) - 1)  # keep at least one batch to train on (holdout=0.9 of 2 batches)
     train_ids, val_ids = list(range(len(batches) - n_val)), list(range(len(batches) - n_val, len(batches)))
@@ -219,6 +298,8 @@ def finetune(
         fingerprint = {"architecture": record.architecture, "compression": record.config,
                        "finetune": cfg.fingerprint(), "layers": layers, "calibration": _data_digest(batches),
                        "weights": _weights_digest(original)}
+        if joint:
+            fingerprint["groups"] = joint
         run_file = run_dir / "run.json"
         if rank == 0:
             _remove_stale(run_dir)  # before any rank writes (the barrier below)
@@ -231,12 +312,20 @@ def finetune(
     def checkpoint(path: str) -> Path | None:
         return None if run_dir is None else run_dir / "layers" / f"{_safe(path)}.safetensors"
 
+    def unit(name: str) -> tuple[nn.Module, dict[str, torch.Tensor | None]]:
+        """The module a unit trains (one layer, or a `_Group`) and its trainable masks."""
+        paths = units[name]
+        if len(paths) == 1:
+            return compressed.get_submodule(paths[0]), _layer_masks(compressed, paths[0], cfg.mode)
+        group = _Group([compressed.get_submodule(p) for p in paths])
+        return group, _group_masks(group, [_layer_masks(compressed, p, cfg.mode) for p in paths])
+
     def load_checkpoint(path: str) -> LayerResult | None:
         ck = checkpoint(path)
         if ck is None or not ck.exists():
             return None
-        expected = {n: p for n, p in compressed.get_submodule(path).named_parameters()
-                    if n in _layer_masks(compressed, path, cfg.mode)}
+        module, trainable = unit(path)
+        expected = {n: p for n, p in module.named_parameters() if n in trainable}
         try:
             with safe_open(str(ck), framework="pt") as f:
                 meta = json.loads(f.metadata()["result"])
@@ -259,7 +348,7 @@ def finetune(
     report = FinetuneReport()
     store = ActivationStore(cfg.storage, cfg.storage_dtype, cfg.storage_dir,
                             compute_dtype=next(compressed.parameters()).dtype)
-    mine = [p for i, p in enumerate(layers) if i % world == rank]
+    mine = [p for i, p in enumerate(units) if i % world == rank]
     results: dict[str, LayerResult] = {}
     for path in mine:
         done = load_checkpoint(path)
@@ -267,8 +356,8 @@ def finetune(
             results[path] = done
             report.resumed.append(path)
     todo = [p for p in mine if p not in results]
-    if todo:
-        capture(original, todo, batches, store, run=run)  # inputs and targets from the original
+    if todo:  # inputs and targets from the original
+        capture(original, [p for u in todo for p in units[u]], batches, store, run=run)
     bar = _progress_bar(cfg, progress, len(todo), rank)
     for path in todo:
         if cfg.sequential and path != layers[0]:
@@ -278,8 +367,12 @@ def finetune(
                 args, kwargs, _ = inputs.get(path, b)
                 store.add(path, b, args, kwargs, store.get(path, b)[2])
             del inputs
-        layer = compressed.get_submodule(path)
-        masks = _layer_masks(compressed, path, cfg.mode)
+        layer, masks = unit(path)
+        members = units[path]
+        source, marks = store, token_masks(batches, components[members[0]])
+        if len(members) > 1:  # each member on its own call; the padding masks repeat along the stacked batch
+            source = _GroupStore(store, members)
+            marks = [[torch.cat([m] * len(members), 0) for m in ms] for ms in marks]
 
         def on_epoch(epoch: int, loss: float, path: str = path) -> None:
             if progress is not None:
@@ -287,10 +380,11 @@ def finetune(
             if bar is not None:
                 bar.set_postfix_str(f"{path} epoch {epoch}/{cfg.epochs} loss {loss:.3g}")
 
-        result = train_layer(layer, path, store, train_ids, val_ids, masks, epochs=cfg.epochs, lr=cfg.lr,
+        result = train_layer(layer, path, source, train_ids, val_ids, masks, epochs=cfg.epochs, lr=cfg.lr,
                              patience=cfg.patience, seed=layer_seed(cfg.seed, path), on_epoch=on_epoch,
-                             token_masks=token_masks(batches, components[path]))
-        store.drop(path)
+                             token_masks=marks)
+        for member in members:
+            store.drop(member)
         results[path] = result
         ck = checkpoint(path)
         if ck is not None:
@@ -303,7 +397,7 @@ def finetune(
     report.capture_bytes = store.peak_nbytes
     if world > 1:
         dist.barrier()
-        for path in layers:
+        for path in units:
             if path not in results:
                 loaded = load_checkpoint(path)
                 if loaded is None:
@@ -313,7 +407,7 @@ def finetune(
             dist.barrier()  # every rank has read every layer
             if rank == 0:
                 shutil.rmtree(run_dir, ignore_errors=True)
-    report.layers = [results[p] for p in layers]
+    report.layers = [results[p] for p in units]
     return report
 
 

@@ -1,0 +1,97 @@
+"""`NF4LoRALinear`: a frozen NF4-packed ``nn.Linear`` plus a trainable low-rank (LoRA) update.
+
+    y = x·Ŵᵀ + b + (alpha / r)·(x·Aᵀ)·B        Ŵ = dequantize(NF4(W)), frozen; A (r, in), B (r, out)
+
+Both terms are calls of the one op `torch.ops.adaptwin.rank_linear`: the base as a single NF4 factor
+(``a`` = the packed (out, in) weight, ``b`` = None; its codes are decoded per call, the dense matrix is
+never kept), the update as two fp factors. The LoRA factors are stored *direction-major* like the op
+takes them, one row per rank direction: ``lora_A`` (r, in) and ``lora_B`` (r, out) (PEFT's ``lora_B`` is
+our ``lora_B.T``). ``lora_B`` starts at zero, so a fresh module computes exactly the NF4 base.
+
+Only ``lora_A`` and ``lora_B`` are Parameters; the packed codes, scales and the bias are buffers, so
+``module.parameters()`` is exactly what speaker adaptation trains.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptwin.ops.rank_linear import rank_linear
+from adaptwin.quant import QuantFormat
+
+_NONE = (None, None, "fp", 0, [])  # an absent factor in rank_linear's argument order
+
+
+class NF4LoRALinear(nn.Module):
+    """See the module docstring.
+
+    Args:
+        in_features, out_features, bias: as `nn.Linear`.
+        rank: LoRA rank r (1-4 for PQM; any r >= 1 works here).
+        scaling: alpha / r, the factor on the LoRA update.
+        fmt: the base weight's storage format (NF4, `adaptwin.quant.QuantFormat`).
+
+    Built empty (buffers uninitialised); fill it with `from_linear` or by loading a state dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, scaling: float,
+                 fmt: QuantFormat, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"NF4LoRALinear rank must be a whole number >= 1, got {rank!r}")
+        self.in_features, self.out_features, self.rank, self.scaling, self.fmt = (
+            in_features, out_features, rank, float(scaling), fmt)
+        for key, (shape, dt) in fmt.layout((out_features, in_features)).items():
+            self.register_buffer(f"weight_{key}", torch.empty(shape, dtype=dt))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.empty(rank, out_features, dtype=dtype))  # (r, out)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int, scaling: float, fmt: QuantFormat,
+                    generator: torch.Generator) -> NF4LoRALinear:
+        """Pack ``linear``'s weight, copy its bias, draw A ~ U(±1/sqrt(in)) (PEFT's default), set B = 0."""
+        w = linear.weight.detach()  # (out, in)
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None, rank, scaling, fmt)
+        for key, value in fmt.quantize(w).items():
+            setattr(new, f"weight_{key}", value)
+        if linear.bias is not None:
+            new.bias = linear.bias.detach().clone()
+        bound = linear.in_features ** -0.5
+        a = (torch.rand(rank, linear.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        new.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        new.lora_B = nn.Parameter(torch.zeros(rank, linear.out_features, device=w.device, dtype=w.dtype))
+        return new
+
+    def base_args(self) -> tuple:
+        """rank_linear's arguments for the frozen base as factor ``a``."""
+        stored = {key: getattr(self, f"weight_{key}") for key in self.fmt.layout((self.out_features,
+                                                                                   self.in_features))}
+        return (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize,
+                [self.out_features, self.in_features])
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frozen base Ŵ (out, in) as ``dtype`` (for tests and inspection; forward never forms it)."""
+        stored = {key: getattr(self, f"weight_{key}") for key in self.fmt.layout((self.out_features,
+                                                                                   self.in_features))}
+        return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = rank_linear(x, *self.base_args(), *_NONE, self.bias)  # (..., out)
+        update = rank_linear(x, self.lora_A, None, "fp", 0, [self.rank, self.in_features],
+                             self.lora_B, None, "fp", 0, [self.rank, self.out_features], None)  # (..., out)
+        return y + self.scaling * update
+
+    def storage(self) -> tuple[int, int]:
+        """``(logical parameters, bytes stored)``: out·in + bias + r·(in + out); every stored tensor's bytes."""
+        params = self.out_features * self.in_features + self.rank * (self.in_features + self.out_features)
+        params += self.bias.numel() if self.bias is not None else 0
+        return params, sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"{self.fmt.kind}(blocksize={self.fmt.blocksize}, double_quant={self.fmt.double_quant}), "
+                f"lora_rank={self.rank}, scaling={self.scaling:g}")

@@ -1,0 +1,62 @@
+"""A tiny word-level Whisper, its tokenizer and feature extractor, and a CLI runner, for the speech tests."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from adaptwin.cli import main
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+         "nine"]
+
+
+def run_cli(*args: str | Path) -> tuple[int, str, str]:
+    """``adaptwin ARGS`` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def tokenizer():
+    """Word-level: one id per word of `WORDS`, as the digit recogniser's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def feature_extractor():
+    """1 s windows of 16 mel bins."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400)
+
+
+def whisper(d_model: int = 64, std: float = 0.1, seed: int = 1):
+    """A word-level Whisper over `WORDS`: 1 + 1 layers, 4 heads, 50 source positions, random weights of ``std``."""
+    from tiny_models import reinit
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=len(WORDS), d_model=d_model, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+                        decoder_ffn_dim=2 * d_model, num_mel_bins=16, max_source_positions=50,
+                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None)
+    torch.manual_seed(0)
+    return reinit(WhisperForConditionalGeneration(cfg), seed=seed, std=std)
+
+
+def save_model_dir(d: Path, **kwargs) -> Path:
+    """`whisper(**kwargs)` with its feature extractor and tokenizer, saved into ``d``."""
+    whisper(**kwargs).save_pretrained(d)
+    feature_extractor().save_pretrained(d)
+    tokenizer().save_pretrained(d)
+    return d
