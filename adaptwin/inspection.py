@@ -1,0 +1,179 @@
+"""``adaptwin inspect``: what a save directory holds, read from adaptwin.json and the weights file's header.
+
+Also the small table and number formatters the other commands print with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RANK_FLAGS = ("attention_rank", "attention_lora_rank", "ffn_rank", "ffn_lora_rank")
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = (), indent: int = 0) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return " " * indent + "  ".join(parts).rstrip()
+
+    return "\n".join([line(header), " " * indent + "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
+    """Everything `adaptwin inspect` shows, from ``adaptwin.json`` and the weights file's header (no weights
+    are read)."""
+    from adaptwin import read_meta
+
+    meta = read_meta(directory)
+    comp = meta["compression"]
+    try:
+        sites = []
+        for row in comp["sites"]:
+            before, after = int(row["params_before"]), int(row["params_after"])
+            sites.append({
+                "path": row["path"], "component": row["component"], "kind": row["kind"],
+                "compressor": row["compressor"], "rank": row["rank"], "lora_rank": row["lora_rank"],
+                "full_rank": row.get("full_rank"), "params_before": before, "params_after": after,
+                "compression": 1 - after / before if before else 0.0,
+            })
+        components: dict[str, dict[str, Any]] = {}
+        for s in sites:
+            c = components.setdefault(s["component"], {"sites": 0, "params_before": 0, "params_after": 0})
+            c["sites"] += 1
+            c["params_before"] += s["params_before"]
+            c["params_after"] += s["params_after"]
+        components["total"] = {k: sum(c[k] for c in components.values())
+                               for k in ("sites", "params_before", "params_after")}
+        for c in components.values():
+            c["compression"] = 1 - c["params_after"] / c["params_before"] if c["params_before"] else 0.0
+        weights = meta["weights"]
+        modules = _module_storage(directory, comp["modules"])
+        return {
+            "path": str(Path(directory)),
+            "architecture": comp["architecture"],
+            "model_class": meta["model"].get("class"),
+            "config": comp["config"],
+            "sites": sites,
+            "components": components,
+            "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
+            "modules": modules,
+            "shared": _shared_data(meta["aliases"]),
+            "finetune": _finetune_data(comp.get("finetune")),
+        }
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{directory}: adaptwin.json is malformed (bad or missing field {e})") from None
+
+
+def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per compressed module: parameters it represents, bytes stored and bits per parameter (weights header).
+
+    A quantised module's parameters are its factors' logical count (recorded at packing); any other
+    module's are the elements it stores.
+    """
+    from adaptwin.io import read_tensor_layout
+
+    layout = read_tensor_layout(directory)
+    rows = []
+    for path, entry in modules.items():
+        mine = [v for name, v in layout.items() if name.startswith(path + ".")]
+        nbytes = sum(b for _, _, b in mine)
+        packed = isinstance(entry["spec"].get("format"), dict)  # "quantized" and "pqm" record format and params
+        params = entry["spec"].get("params") if packed else None
+        if params is None:
+            params = sum(math.prod(shape) for _, shape, _ in mine)
+        rows.append({"path": path, "compressor": entry["compressor"],
+                     "format": entry["spec"]["format"].get("kind", "") if packed
+                     else ",".join(sorted({dtype for dtype, _, _ in mine})),
+                     "params": int(params), "bytes": int(nbytes),
+                     "bits_per_param": 8 * nbytes / params if params else 0.0})
+    return rows
+
+
+def _shared_data(aliases: dict[str, str]) -> list[dict[str, Any]]:
+    """Tensors stored once and used under several names (tied embeddings, residual groups' shared matrices)."""
+    users: dict[str, list[str]] = {}
+    for alias, stored in aliases.items():
+        users.setdefault(stored, []).append(alias)
+    return [{"stored": k, "also": sorted(v)} for k, v in sorted(users.items())]
+
+
+def _finetune_data(ft: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fine-tuning settings, per-layer errors and layer selection recorded in a save (None if not fine-tuned)."""
+    if not ft:
+        return None
+    keys = ("path", "error_before", "error_after", "epochs", "best_epoch", "reverted")
+    return {"config": ft.get("config", {}), "layers": [{k: row.get(k, False if k == "reverted" else None)
+                                                        for k in keys} for row in ft.get("layers", [])],
+            "selection": ft.get("selection")}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    data = inspect_data(args.dir)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    cfg = data["config"]
+    plan = (f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else
+            "ranks " + ", ".join(f"{k}={cfg.get(k)}" for k in RANK_FLAGS if cfg.get(k) is not None))
+    if cfg.get("overrides"):
+        plan += f", {len(cfg['overrides'])} override(s)"
+    print(f"{data['path']}: {data['model_class']} ({data['architecture']}), {plan}, "
+          f"twins {','.join(cfg.get('twins') or [])}")
+    rows = [(s["path"], s["compressor"], f"{s['rank']}+{s['lora_rank']}", _fmt_int(s["params_before"]),
+             _fmt_int(s["params_after"]), f"{100 * s['compression']:.1f} %") for s in data["sites"]]
+    print(_table(("module", "compressor", "r+l", "params before", "params after", "removed"), rows, right=(2, 3, 4, 5)))
+    print()
+    rows = [(name, str(c["sites"]), _fmt_int(c["params_before"]), _fmt_int(c["params_after"]),
+             f"{100 * c['compression']:.1f} %") for name, c in data["components"].items()]
+    print(_table(("component", "sites", "params before", "params after", "removed"), rows, right=(1, 2, 3, 4)))
+    print()
+    mods = data["modules"]
+    rows = [(m["path"], m["format"], _fmt_int(m["params"]), _fmt_int(m["bytes"]), f"{m['bits_per_param']:.2f}")
+            for m in mods]
+    params, nbytes = sum(m["params"] for m in mods), sum(m["bytes"] for m in mods)
+    rows.append(("total (compressed modules)", "", _fmt_int(params), _fmt_int(nbytes),
+                 f"{8 * nbytes / params:.2f}" if params else "-"))
+    print(_table(("module", "stored as", "params", "bytes", "bits/param"), rows, right=(2, 3, 4)))
+    if data["shared"]:
+        print("\nshared tensors (stored once, used by every module listed; counted in the first):")
+        print(_table(("stored as", "also used as"), [(s["stored"], ", ".join(s["also"])) for s in data["shared"]],
+                     indent=2))
+    w = data["weights"]
+    print(f"weights: {w['file']}, {_fmt_int(w['bytes'])} bytes ({_fmt_bytes(w['bytes'])}), {w['tensors']} tensors")
+    ft = data["finetune"]
+    if ft is not None:
+        c, layers = ft["config"], ft["layers"]
+        errors = [(r["error_before"], r["error_after"]) for r in layers if r["error_after"] is not None]
+        span = (f"; relative output error per layer {min(b for b, _ in errors):.4f}-{max(b for b, _ in errors):.4f}"
+                f" -> {min(a for _, a in errors):.4f}-{max(a for _, a in errors):.4f}") if errors else ""
+        print(f"fine-tuned {len(layers)} layers: mode {c.get('mode')}, init {c.get('init')}, lr {c.get('lr')}, "
+              f"up to {c.get('epochs')} epochs{span}")
+        sel = ft["selection"]
+        if sel:
+            budget = ", ".join(f"{k} {sel[k]:g}" for k in ("keep_size", "max_error") if sel.get(k) is not None)
+            print(f"selection ({budget}): {len(sel['reverted'])} layer(s) reverted to the original "
+                  f"({', '.join(sel['reverted']) or 'none'}); targeted parameters kept {_fmt_int(sel['params_kept'])} "
+                  f"of {_fmt_int(sel['params_original'])} ({100 * sel['keep_fraction']:.1f} %)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- list
