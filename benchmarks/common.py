@@ -222,3 +222,16 @@ def _numeric(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def save_figure(fig, out: str | os.PathLike[str]) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file + rename in the same folder), then close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

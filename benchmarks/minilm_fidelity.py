@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 
 from adaptwin.finetune import FinetuneConfig  # noqa: E402
 from benchmarks import minilm_finetune as mf  # noqa: E402
-from benchmarks.common import OtherLoad, format_table, now_utc, versions, write_rows  # noqa: E402
+from benchmarks.common import OtherLoad, format_table, now_utc, save_figure, versions, write_rows  # noqa: E402
 
 BENCHMARK = "minilm_fidelity"
 RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -185,13 +185,7 @@ def plot(csv_path: str | Path, out: str | Path) -> Path:
     fig.suptitle(f"all-MiniLM-L6-v2 (real weights): {r0['eval_sentences']} held-out sentences, calibration on "
                  f"{r0['calibration_sentences']}", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def _ratios(text: str) -> list[float]:

@@ -26,9 +26,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything comes from the installed package; never the network
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from importlib import resources  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -128,29 +126,10 @@ def run_one(model: nn.Module, calibration: list[dict], reference: torch.Tensor, 
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """Merge ``rows`` into the CSV at ``path`` (same `ROW_KEY` replaced), atomically: temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {k: (lambda v: f"{v:.6g}" if isinstance(v, float) else str(v)) for k in CSV_FIELDS}
-    new = [{k: fmt[k](r.get(k, "")) for k in CSV_FIELDS} for r in rows]
-    keys = {tuple(r[k] for k in ROW_KEY) for r in new}
-    old = []
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if tuple(reader.fieldnames or ()) == CSV_FIELDS:
-                old = [r for r in reader if tuple(r[k] for k in ROW_KEY) not in keys]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(old + new)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """Merge ``rows`` into the CSV at ``path`` (same `ROW_KEY` replaced), atomically."""
+    from benchmarks.common import write_rows
+
+    return write_rows(path, rows, fields=CSV_FIELDS, key=ROW_KEY)
 
 
 def main(argv: list[str] | None = None) -> int:

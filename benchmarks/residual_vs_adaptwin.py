@@ -45,7 +45,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import OtherLoad, format_table, now_utc, versions, write_rows  # noqa: E402
+from benchmarks.common import OtherLoad, format_table, now_utc, save_figure, versions, write_rows  # noqa: E402
 
 BENCHMARK = "residual_vs_adaptwin"
 GROUPS = (2, 3)
@@ -182,13 +182,7 @@ def plot(csv_path: str | Path, out: str | Path) -> Path:
     ax.legend(fontsize=7)
     ax.set_title(f"{rows[0]['task']}: ResidualTransformer sharing vs AdaPTwin at equal parameter count", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def _ints(text: str) -> list[int]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import format_table, now_utc, versions, write_rows
+from benchmarks.common import format_table, now_utc, save_figure, versions, write_rows
 
 RESULTS = Path("results")
 FIELDS = ("benchmark", "setting", "method", "seed", "speaker", "wer", "errors", "words", "params", "params_dense",
@@ -278,11 +278,7 @@ def plot(summary: list[dict[str, Any]], target: str, out: Path, name: str) -> Pa
     ax.set_title(f"digit recogniser: {name}")
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
