@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant-blocksize", type=int, metavar="N", help="elements per scale (nf4: even, default 64; "
                    "int8: default one scale per row)")
     q.add_argument("--double-quant", action="store_true", help="nf4: quantise the block scales too (8-bit)")
+    q.add_argument("--quantize-embeddings", action="store_true", help="store the token embedding (and an output "
+                   "head tied to it) packed in the same format; position embeddings stay fp")
     q.add_argument("--quantize-lora", action="store_true", help="quantise the LoRA directions too (default: "
                    "kept in the model's dtype)")
 
@@ -184,7 +186,8 @@ def _config_from_args(args: argparse.Namespace):
         kwargs["twins"] = args.twins
     return CompressionConfig(ratio=args.ratio, components=args.components, overrides=overrides,
                              seed=args.seed, quantization=args.quantization, quant_blocksize=args.quant_blocksize,
-                             double_quant=args.double_quant, quantize_lora=args.quantize_lora, **kwargs)
+                             double_quant=args.double_quant, quantize_lora=args.quantize_lora,
+                             quantize_embeddings=args.quantize_embeddings, **kwargs)
 
 
 def _check_out_dir(out: Path, model_dir: Path | None) -> None:

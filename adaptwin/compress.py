@@ -220,7 +220,24 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
         small.adaptwin_finetune = report
     if fmt is not None:
         pack_modules(small, record.modules)
+    embedding_fmt = _embedding_format(config, methods)
+    if embedding_fmt is not None:  # after fine-tuning: the table is frozen, layers are trained on the original's
+        from adaptwin.compressors.quantized import quantize_embeddings
+
+        quantize_embeddings(small, record.modules, embedding_fmt)
     return small
+
+
+def _embedding_format(config: CompressionConfig, methods: dict[str, Any]) -> Any:
+    """The format the token embedding is packed in: the factors' with ``quantize_embeddings``, else one a
+    compressor asks for through an ``embedding_format(config)`` method (pqm's option), else None."""
+    if config.quantize_embeddings:
+        return config.quant_format()
+    for comp in {id(c): c for c in methods.values()}.values():
+        fmt = comp.embedding_format(config) if hasattr(comp, "embedding_format") else None
+        if fmt is not None:
+            return fmt
+    return None
 
 
 def _compress_joint(model: nn.Module, rows: list[dict[str, Any]], by_path: dict[str, tuple[str, Any]],

@@ -55,6 +55,9 @@ class CompressionConfig:
             is one scale per row (per rank direction); a number gives blocks of that many elements.
         double_quant: NF4 only: quantise the block scales too (8-bit, blocks of 256; QLoRA).
         quantize_lora: quantise the LoRA directions as well; by default they stay in the model's dtype.
+        quantize_embeddings: also store the input token embedding packed in the same format (and an output
+            head tied to it, sharing the packed table); needs ``quantization``. Position embeddings stay in
+            the model's dtype. See `adaptwin.compressors.quantized.embedding`.
         method_options: per-method settings, ``{registered compressor name: {option: value}}``, read and
             validated by that compressor (e.g. ``{"residual": {"group_size": 3}}``; see its config class).
     """
@@ -77,6 +80,7 @@ class CompressionConfig:
     quant_blocksize: int | None = None
     double_quant: bool = False
     quantize_lora: bool = False
+    quantize_embeddings: bool = False
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,12 @@ class CompressionConfig:
             raise ValueError(f"quantize_lora must be True or False, got {self.quantize_lora!r}")
         if self.quantize_lora and self.quantization is None:
             raise ValueError("quantize_lora=True needs quantization='nf4' or 'int8'")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(f"quantize_embeddings must be True or False, got {self.quantize_embeddings!r}")
+        if self.quantize_embeddings and self.quantization is None:
+            raise ValueError("quantize_embeddings=True needs quantization='nf4' or 'int8' (the format the embedding "
+                             "is stored in; with the pqm compressor use method_options={'pqm': "
+                             "{'quantize_embeddings': True}})")
         if not isinstance(self.method_options, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, dict) for k, v in self.method_options.items()):
             raise ValueError("method_options must be a dict {compressor name: {option: value}}, "

@@ -101,7 +101,8 @@ def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> li
         if params is None:
             params = sum(math.prod(shape) for _, shape, _ in mine)
         rows.append({"path": path, "compressor": entry["compressor"],
-                     "format": entry["spec"]["format"].get("kind", "") if packed
+                     "format": entry["spec"]["format"].get("kind", "") + (" (tied)" if entry["spec"].get("tied_to")
+                                                                          else "") if packed
                      else ",".join(sorted({dtype for dtype, _, _ in mine})),
                      "params": int(params), "bytes": int(nbytes),
                      "bits_per_param": 8 * nbytes / params if params else 0.0})
@@ -147,8 +148,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(_table(("component", "sites", "params before", "params after", "removed"), rows, right=(1, 2, 3, 4)))
     print()
     mods = data["modules"]
-    rows = [(m["path"], m["format"], _fmt_int(m["params"]), _fmt_int(m["bytes"]), f"{m['bits_per_param']:.2f}")
-            for m in mods]
+    rows = [(m["path"], m["format"], _fmt_int(m["params"]), _fmt_int(m["bytes"]),
+             f"{m['bits_per_param']:.2f}" if m["params"] else "-") for m in mods]
     params, nbytes = sum(m["params"] for m in mods), sum(m["bytes"] for m in mods)
     rows.append(("total (compressed modules)", "", _fmt_int(params), _fmt_int(nbytes),
                  f"{8 * nbytes / params:.2f}" if params else "-"))

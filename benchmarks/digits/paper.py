@@ -11,9 +11,12 @@
   target speaker and of the other speakers (pooled, and each) on held-out takes 40-49, mean ± standard
   deviation over seeds (the seed draws the calibration order, the held-out split and the shuffling);
   compression time and parameters.
-- figure2: WER as successive encoder layers are compressed (layers 0..k-1, fixed ranks: those the 50 %
-  encoder plan gives), fine-tuned.
-- table3: the four fine-tuning strategies of the fine-tuning issue (`FinetuneConfig.mode`) at 50 % encoder.
+- figure2: WER as successive encoder layers are compressed (layers 0..k-1, fixed ranks: those the
+  ``--setting`` plan gives, default the 50 % encoder plan), fine-tuned; a line plot.
+- table3: the four fine-tuning strategies of the fine-tuning issue (`FinetuneConfig.mode`) at ``--setting``
+  (default 50 % encoder).
+- ``encoder75`` (75 % of the encoder's attention + FFN parameters) goes beyond the paper, to where plain
+  compression loses accuracy and fine-tuning has something to win back.
 
 Each writes results/digits_<name>.csv (atomically, rows merged by key) and a PNG, and prints a table.
 Any Whisper-architecture folder with a feature extractor and tokenizer works as ``--model``; the target
@@ -42,6 +45,7 @@ KEY = ("benchmark", "setting", "method", "seed", "speaker")
 SETTINGS = {  # name -> CompressionConfig keyword arguments
     "encoder50": {"ratio": 0.5, "components": ("encoder",)},
     "whole45": {"ratio": 0.45},
+    "encoder75": {"ratio": 0.75, "components": ("encoder",)},  # beyond the paper: where compression hurts
 }
 METHODS = ("svd", "whiten", "svd+ft", "whiten+ft")
 MODES = ("all", "spectral", "lora_scratch", "lora_only")
@@ -178,7 +182,11 @@ def figure2(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
     import adaptwin
     from adaptwin.registry import get_architecture
 
-    plan = adaptwin.plan(bench.dense, adaptwin.CompressionConfig(**SETTINGS["encoder50"]))
+    base = SETTINGS[args.setting]
+    if base.get("components") != ("encoder",):
+        raise ValueError(f"figure2 compresses encoder layers; --setting must be an encoder setting, got {args.setting}")
+    plan = adaptwin.plan(bench.dense, adaptwin.CompressionConfig(**base))
+    label = "" if args.setting == "encoder50" else f"{args.setting}:"  # encoder50 keeps its historical keys
     ranks = {}
     for row in plan.rows:
         prefix = "attention" if row["kind"] == "attention" else "ffn"
@@ -186,14 +194,14 @@ def figure2(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
         ranks.setdefault(f"{prefix}_lora_rank", row["lora_rank"])
     layers = [p for p, c in get_architecture(plan.architecture).layer_paths(bench.dense) if c == "encoder"]
     dense = n_params(bench.dense)
-    rows = rows_for("figure2", "layers0", "dense", 0, bench.score(bench.dense), dense, dense, 0.0, args)
+    rows = rows_for("figure2", f"{label}layers0", "dense", 0, bench.score(bench.dense), dense, dense, 0.0, args)
     setting = {"components": ("encoder",), **ranks}
     for k in range(1, len(layers) + 1):
         keep = {f"{p}.*": {"attention_rank": None, "ffn_rank": None} for p in layers[k:]}
         for seed in args.seeds:
             small, seconds = compress(bench, setting, args.figure_method, seed, args.epochs, args.lr, overrides=keep)
-            new = rows_for("figure2", f"layers{k}", args.figure_method, seed, bench.score(small), n_params(small),
-                           dense, seconds, args)
+            new = rows_for("figure2", f"{label}layers{k}", args.figure_method, seed, bench.score(small),
+                           n_params(small), dense, seconds, args)
             rows += new
             _say(f"encoder layers 0..{k - 1} compressed, seed {seed}: target {_wer(new, bench.target):.2%}, "
                  f"others {_wer(new, 'others'):.2%}")
@@ -205,8 +213,8 @@ def table3(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = rows_for("table3", "dense", "dense", 0, bench.score(bench.dense), dense, dense, 0.0, args)
     for mode in MODES:
         for seed in args.seeds:
-            small, seconds = compress(bench, SETTINGS["encoder50"], "svd+ft", seed, args.epochs, args.lr, mode=mode)
-            new = rows_for("table3", "encoder50", mode, seed, bench.score(small), n_params(small), dense, seconds,
+            small, seconds = compress(bench, SETTINGS[args.setting], "svd+ft", seed, args.epochs, args.lr, mode=mode)
+            new = rows_for("table3", args.setting, mode, seed, bench.score(small), n_params(small), dense, seconds,
                            args)
             rows += new
             _say(f"mode {mode} seed {seed}: target {_wer(new, bench.target):.2%}, others {_wer(new, 'others'):.2%}")
@@ -281,6 +289,29 @@ def plot(summary: list[dict[str, Any]], target: str, out: Path, name: str) -> Pa
     return save_figure(fig, out)
 
 
+def plot_layers(summary: list[dict[str, Any]], target: str, out: Path, name: str) -> Path | None:
+    """Figure 2 as lines: WER (mean ± sd over seeds) against the number of compressed encoder layers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("matplotlib is not installed (pip install -e '.[bench]'): no PNG")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for who, style in ((target, "o-"), ("others", "s--")):
+        pts = sorted((int(g["setting"].rpartition("layers")[2]), g["wer"][who]) for g in summary)
+        ax.errorbar([k for k, _ in pts], [w[0] * 100 for _, w in pts], yerr=[w[1] * 100 for _, w in pts],
+                    fmt=style, capsize=3, label=who)
+    ax.set_xlabel("encoder layers compressed (0 = dense)")
+    ax.set_ylabel("WER %")
+    ax.set_title(f"digit recogniser: {name} ({summary[-1]['method']})")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", choices=("table1", "figure2", "table3", "all"))
@@ -294,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settings", default="encoder50,whole45", help=f"table1: subset of {','.join(SETTINGS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"table1: subset of {','.join(METHODS)}")
     parser.add_argument("--figure-method", default="svd+ft", choices=METHODS)
+    parser.add_argument("--setting", default="encoder50", choices=sorted(SETTINGS),
+                        help="figure2 (ranks of this plan, an encoder setting) and table3: the compression setting")
     parser.add_argument("--limit", type=int, default=None, help="test utterances per speaker (smoke runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default=str(RESULTS))
@@ -324,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(bench.calib)} {args.target} utterances (takes 0-29), {args.epochs} epochs, lr {args.lr}, "
               f"seeds {args.seeds}")
         print_summary(summary, args.target)
-        png = plot(summary, args.target, out_dir / f"digits_{name}.png", name)
+        draw = plot_layers if name == "figure2" else plot
+        png = draw(summary, args.target, out_dir / f"digits_{name}.png", name)
         print(f"wrote {csv}" + (f" and {png}" if png else ""))
     return 0
 

@@ -19,7 +19,8 @@ TARGETS = ("attention", "ffn")
 
 def quantize(model: nn.Module, lora_rank: int = 4, *, targets: tuple[str, ...] = TARGETS,
              components: tuple[str, ...] | None = None, blocksize: int = 64, double_quant: bool = False,
-             alpha: float | None = None, seed: int = 0, inplace: bool = False) -> nn.Module:
+             alpha: float | None = None, seed: int = 0, inplace: bool = False,
+             quantize_embeddings: bool = False) -> nn.Module:
     """PQM-quantise ``model``: every targeted linear becomes an NF4 base plus a zero-started rank-r LoRA.
 
     Args:
@@ -27,7 +28,7 @@ def quantize(model: nn.Module, lora_rank: int = 4, *, targets: tuple[str, ...] =
         lora_rank: r, one of 1-4.
         targets: ``"attention"`` and/or ``"ffn"``: which sites' linears are replaced.
         components: e.g. ``("encoder",)``; None: every component the adapter knows.
-        blocksize, double_quant, alpha: see `PQMConfig`. seed: the LoRA A factors' draw.
+        blocksize, double_quant, alpha, quantize_embeddings: see `PQMConfig`. seed: the LoRA A factors' draw.
         inplace: replace modules in ``model`` itself instead of a deep copy.
 
     Returns the model as `adaptwin.compress` does (``adaptwin_record`` set, eval mode): `adaptwin.save`-able.
@@ -41,13 +42,13 @@ def quantize(model: nn.Module, lora_rank: int = 4, *, targets: tuple[str, ...] =
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise ValueError(f"pqm targets must be a non-empty subset of {TARGETS}, got {targets!r}")
-    options = PQMConfig(blocksize, double_quant, alpha)
+    options = PQMConfig(blocksize, double_quant, alpha, quantize_embeddings)
     config = CompressionConfig(
         attention_rank=lora_rank if "attention" in targets else None,
         ffn_rank=lora_rank if "ffn" in targets else None,
         attention_method="pqm", ffn_method="pqm", components=components, seed=seed,
         method_options={"pqm": {"blocksize": options.blocksize, "double_quant": options.double_quant,
-                                "alpha": options.alpha}})
+                                "alpha": options.alpha, "quantize_embeddings": options.quantize_embeddings}})
     return compress(model, config, inplace=inplace)
 
 

@@ -32,17 +32,22 @@ class PQMConfig:
         double_quant: quantise the block scales too (8-bit, blocks of 256; QLoRA's double quantisation).
         alpha: LoRA scaling numerator: the update is ``(alpha / rank)·x·Aᵀ·B``. ``None`` means alpha = rank
             (scaling 1), so the learning rate alone sets the adapter's step size at every rank.
+        quantize_embeddings: also store the input token embedding (and a head tied to it) in the base's NF4
+            format (`adaptwin.compressors.quantized.embedding`); frozen, like the base.
     """
 
     blocksize: int = 64
     double_quant: bool = False
     alpha: float | None = None
+    quantize_embeddings: bool = False
 
     def __post_init__(self) -> None:
         self.quant_format()  # validates blocksize and double_quant with quant's own messages
         if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
                                        or not self.alpha > 0):
             raise ValueError(f"pqm alpha must be a number > 0 or None (= the LoRA rank), got {self.alpha!r}")
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(f"pqm quantize_embeddings must be True or False, got {self.quantize_embeddings!r}")
 
     def quant_format(self) -> QuantFormat:
         if not isinstance(self.double_quant, bool):

@@ -4,6 +4,8 @@ Targets are the sites the architecture adapter names: the attention projections 
 cross-attention) and the FFN matrices. Everything else stays dense, as in the paper and in QLoRA:
 embeddings (tied to Whisper's output projection, so quantising them would also quantise the logits),
 the convolutional stem, positional tables and norms — together a few percent of a Whisper's weights.
+The option ``quantize_embeddings`` packs the token embedding too (and the head tied to it, sharing the
+table), for the smallest file; see `adaptwin.compressors.quantized.embedding`.
 
 Select it with ``CompressionConfig(attention_method="pqm", ffn_method="pqm", attention_rank=r,
 ffn_rank=r)``, where the "rank" is the LoRA rank (1-4; PQM has no low-rank truncation), or with
@@ -92,6 +94,11 @@ class PQMCompressor(Compressor):
             raise ValueError(f"{site.path}: for pqm, attention_rank/ffn_rank is the LoRA rank; leave "
                              f"attention_lora_rank/ffn_lora_rank unset (got {lora_rank})")
         check_lora_rank(rank, f"{site.path}: pqm LoRA rank (attention_rank/ffn_rank)")
+
+    def embedding_format(self, config: Any) -> QuantFormat | None:
+        """The format `adaptwin.compress` packs the token embedding in (None: the option is off)."""
+        opts = self.options(config)
+        return opts.quant_format() if opts.quantize_embeddings else None
 
     def param_count(self, site: Any, rank: int, lora_rank: int, config: Any) -> int:
         return sum(_params(lin, rank) for lin in _matrices(site).values())

@@ -1,5 +1,11 @@
 """Quantised low-rank factors (NF4 / int8) on top of the product-twin and FFN-SVD compressors."""
 
+from adaptwin.compressors.quantized.embedding import (
+    EmbeddingCompressor,
+    QuantEmbedding,
+    QuantTiedLinear,
+    quantize_embeddings,
+)
 from adaptwin.compressors.quantized.layer import QuantLinear, QuantLowRankLinear, fake_quantize
 from adaptwin.compressors.quantized.transform import (
     QuantizedCompressor,
@@ -8,5 +14,6 @@ from adaptwin.compressors.quantized.transform import (
     quantize_modules,
 )
 
-__all__ = ["QuantLinear", "QuantLowRankLinear", "QuantizedCompressor", "fake_quantize", "logical_params",
-           "pack_modules", "quantize_modules"]
+__all__ = ["EmbeddingCompressor", "QuantEmbedding", "QuantLinear", "QuantLowRankLinear", "QuantTiedLinear",
+           "QuantizedCompressor", "fake_quantize", "logical_params", "pack_modules", "quantize_embeddings",
+           "quantize_modules"]

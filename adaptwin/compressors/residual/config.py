@@ -29,7 +29,8 @@ class ResidualConfig:
         diagonal: give each layer its own diagonal d_i (min(out, in) values).
         init: ``"alternating"`` (block-coordinate descent on Σ‖W_i − S − L_i − D_i‖², starting from the
             mean) or ``"mean"`` (S = mean of the W_i, L_i = truncated SVD of W_i − S, D_i the diagonal of
-            what is left: the naive initialisation).
+            what is left: the naive initialisation). With ``FinetuneConfig(init="whiten")`` both minimise
+            the output error on the calibration inputs instead, Σ‖X_i (W_i − Ŵ_i)ᵀ‖² (see `residual_factors`).
         iterations: most alternating sweeps.
         tol: stop when a sweep lowers the total squared weight error by less than this fraction of it. On
             all-MiniLM-L6-v2 the sweeps gain little (adjacent pretrained layers share little), so 1e-3 ends
@@ -53,7 +54,10 @@ class ResidualConfig:
         if not isinstance(self.diagonal, bool):
             raise ValueError(f"residual diagonal must be True or False, got {self.diagonal!r}")
         if self.init not in INITS:
-            raise ValueError(f"residual init must be one of {INITS}, got {self.init!r}")
+            hint = (" (the data-aware fit is chosen with FinetuneConfig(init='whiten') and calibration data: it "
+                    "minimises the output error, starting as 'mean' or sweeping as 'alternating')"
+                    if self.init == "whiten" else "")
+            raise ValueError(f"residual init must be one of {INITS}, got {self.init!r}{hint}")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"residual iterations must be a whole number >= 0, got {self.iterations!r}")
         if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:

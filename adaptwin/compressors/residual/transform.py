@@ -12,9 +12,13 @@ GPT-2's fused ``c_attn``). Accounting: the first layer of a group carries S, eve
 diagonal and bias, so the per-site counts add up to the stored parameters exactly.
 
 What combines: residual attention and/or FFN with any other method on the other kind (e.g. residual FFN +
-product-twin attention), LoRA ranks, every fine-tuning mode except ``sequential``. Refused with an error:
-quantisation (the packed formats take factors, not a shared dense matrix), ``init="whiten"`` (the groups
-are fitted to the weights), ``ratio`` planning (give ranks), and groups whose layers are not all compressed.
+product-twin attention), LoRA ranks, every fine-tuning mode except ``sequential``, and
+``FinetuneConfig(init="whiten")``: with calibration statistics each group is fitted to minimise the error of
+its matrices' outputs on their own layers' inputs (q on the query input, k/v on the key/value input, o on
+the attention-mixed values, each FFN matrix on its input; centred where a bias takes the mean, which the
+bias then absorbs: b_i' = b_i + (W_i − Ŵ_i)·μ_i). Refused with an error: quantisation (the packed formats
+take factors, not a shared dense matrix), ``ratio`` planning (give ranks), and groups whose layers are not
+all compressed.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from torch import nn
 
 from adaptwin.architectures.base import AttentionSite, Linear, LinearSite
 from adaptwin.compressors.base import Compressor
-from adaptwin.compressors.factorize import lora_init
+from adaptwin.compressors.factorize import centred_gram, lora_init
 from adaptwin.compressors.residual.config import ResidualConfig
 from adaptwin.compressors.residual.init import residual_factors
 from adaptwin.compressors.residual.layer import ResidualLinear
 
 _PROJECTIONS = ("q", "k", "v", "o")
+_STATS_KEY = {"q": "x", "k": "kv", "v": "kv", "o": "o"}  # which `collect_stats` Gram weights each projection
 
 
 def _matrices(site: Any) -> dict[str, Linear]:
@@ -91,9 +96,7 @@ class ResidualCompressor(Compressor):
         """Replacements for every member site ``(site, rank, lora_rank)``: ``{site path: {module path: (module,
         spec)}}``, modules of one group holding one shared Parameter. ``model`` is only read."""
         opts = self.options(config)
-        if stats:
-            raise ValueError("the residual compressor fits its groups to the weights; FinetuneConfig(init='whiten') "
-                             "is not supported for residual sites, use init='svd'")
+        stats = stats or {}
         for site, rank, lora in members:
             self.check(site, rank, lora, config)
         # Every layer index of each (component, kind) in the model: a group must be complete.
@@ -119,31 +122,45 @@ class ResidualCompressor(Compressor):
                 raise ValueError(f"residual: {component} {kind} layers {expected} form one group (K={k}) but only "
                                  f"{got} are compressed; compress every layer of a group (check overrides) or "
                                  "change group_size")
-            self._group(rows, opts, config, out)
+            self._group(rows, opts, config, out, [stats.get(r[0].path) for r in rows])
         return out
 
-    def _group(self, rows: list, opts: ResidualConfig, config: Any, out: dict) -> None:
+    def _group(self, rows: list, opts: ResidualConfig, config: Any, out: dict, stats: list) -> None:
         lins = [r[3] for r in rows]
         weights = [lin.weight for lin in lins]
         ranks = [r[4] for r in rows]
+        keys = [_STATS_KEY[r[1]] if isinstance(r[0], AttentionSite) else "x" for r in rows]  # FFN: its own input
+        grams = means = None
+        if all(st is not None and key in st for st, key in zip(stats, keys)):  # FinetuneConfig(init="whiten")
+            moments = [st[key].to(weights[0].device, torch.float64) for st, key in zip(stats, keys)]
+            if lins[0].bias is not None:  # the bias takes the mean's share: weight by the centred moment
+                grams, means = map(list, zip(*(centred_gram(g) for g in moments)))
+            else:  # nothing absorbs the mean: the uncentred moment, per token as the centred one
+                grams = [g[:-1, :-1] / g[-1, -1].clamp_min(1.0) for g in moments]
         fac = residual_factors(weights, ranks, diagonal=opts.diagonal, method=opts.init,
-                               iterations=opts.iterations, tol=opts.tol)
+                               iterations=opts.iterations, tol=opts.tol, grams=grams)
         ref = weights[0]
         shared = nn.Parameter(fac.shared.to(ref.device, ref.dtype))
         paths = [r[2] for r in rows]
         for j, ((site, _, mpath, lin, rank, lora), left, right) in enumerate(zip(rows, fac.lefts, fac.rights)):
             out_f, in_f = lin.weight.shape
+            bias = lin.bias
+            if means is not None:  # b' = b + (W − Ŵ)·μ: the output error along the mean input goes to the bias
+                approx = fac.shared + left @ right.T
+                if fac.diags is not None:
+                    approx[:len(fac.diags[j]), :len(fac.diags[j])] += torch.diag(fac.diags[j])
+                bias = lin.bias.double() + (lin.weight.double() - approx) @ means[j]
             if lora:
                 right = torch.cat([right, lora_init(right, lora, config.seed, mpath)], 1)
                 left = torch.cat([left, left.new_zeros(out_f, lora)], 1)
             spec = {"in_features": in_f, "out_features": out_f, "rank": rank, "lora_rank": lora,
                     "diagonal": opts.diagonal, "bias": lin.bias is not None, "group": paths, "index": j,
                     "init": opts.init, "init_error": {"mean": fac.error_mean, opts.init: fac.error},
-                    "sweeps": fac.sweeps}
+                    "init_error_of": "outputs" if fac.whitened else "weights", "sweeps": fac.sweeps}
             module = ResidualLinear(in_f, out_f, rank, lora, opts.diagonal, lin.bias is not None, shared=shared)
             with torch.no_grad():
                 for name, value in (("in_factor", right.T), ("out_factor", left),
-                                    ("diag", fac.diags[j] if fac.diags is not None else None), ("bias", lin.bias)):
+                                    ("diag", fac.diags[j] if fac.diags is not None else None), ("bias", bias)):
                     if value is not None:
                         value = value.detach().to(ref.device, ref.dtype)  # contiguous, as a loaded save is
                         setattr(module, name, nn.Parameter(value.clone(memory_format=torch.contiguous_format)))
