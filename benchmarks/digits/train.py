@@ -206,7 +206,7 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
                          for q, h in list(zip(seqs, hyps))[:: max(1, len(seqs) // 8)]]}
 
 
-def train(data: str | Path, out: str | Path, *, steps: int = 1000, seed: int = 0, batch_size: int = 16,
+def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
           log_every: int = 10) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.digits.train", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="the FSDD folder of {digit}_{speaker}_{take}.wav files")
     p.add_argument("--out", required=True, help="model folder to write (replaced atomically if it exists)")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
