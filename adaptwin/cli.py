@@ -1,6 +1,6 @@
 """The ``adaptwin`` command: compress a Hugging Face model folder, inspect a save, list what is registered.
 
-    adaptwin compress MODEL_DIR --out DIR --ratio 0.45
+    adaptwin compress MODEL_DIR --out DIR --ratio 0.45      (see adaptwin/compress_cli.py)
     adaptwin compress MODEL_DIR --out DIR --ratio 0.45 --calib DATA --epochs 40 [--keep-size 0.6]
     torchrun --nproc-per-node N -m adaptwin compress ...      (fine-tuned layers spread over N ranks)
     adaptwin inspect DIR [--json]
@@ -18,78 +18,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from adaptwin.inspection import RANK_FLAGS as _RANK_FLAGS
-from adaptwin.inspection import _fmt_bytes, _fmt_int, _table, cmd_inspect, inspect_data  # noqa: F401
-from adaptwin.progress import EpochProgress
-from adaptwin.sources import (
-    UsageError,
-    calibration_batches,
-    extra_files,
-    hub_extra_files,
-    load_model,
-    note,
-    one_line,
-    read_calibration_text,
-    resolve_model,
-)
+from adaptwin.compress_cli import add_parser as add_compress_parser
+from adaptwin.compress_cli import cmd_compress, parse_override  # noqa: F401 - parse_override: public here too
+from adaptwin.inspection import _table, cmd_inspect, inspect_data  # noqa: F401 - inspect_data: public here too
+from adaptwin.sources import one_line
 from adaptwin.speech.adapt_cli import add_parser as add_adapt_parser
 from adaptwin.speech.adapt_cli import cmd_adapt
 from adaptwin.speech.cli import add_parser as add_eval_parser
 from adaptwin.speech.cli import cmd_eval
 
 EXIT_USAGE = 2
-# Flags that are FinetuneConfig fields of the same name; None (not given) keeps the config's default.
-_FINETUNE_FIELDS = ("epochs", "lr", "mode", "init", "sequential", "holdout", "patience", "storage",
-                    "storage_dtype", "run_dir")
-_CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_error")
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_LENGTH = 128
-
 
 
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. encoder,decoder")
-    return items
-
-
-def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
-    """``"PATTERN=key:val,key:val"`` → ``(PATTERN, {key: int or None})``; ``none`` leaves a module alone."""
-    pattern, sep, body = text.rpartition("=")
-    if not sep or not pattern or not body:
-        raise UsageError(f"--override {text!r} must look like PATTERN=key:val[,key:val...], "
-                         f"e.g. 'encoder.layer.0.*=attention_rank:8,attention_lora_rank:2'")
-    values: dict[str, int | None] = {}
-    for item in body.split(","):
-        key, sep, val = (s.strip() for s in item.partition(":"))
-        key = key.replace("-", "_")
-        if not sep or key not in _RANK_FLAGS:
-            raise UsageError(f"--override {text!r}: {item!r} is not key:val with key one of {list(_RANK_FLAGS)}")
-        if val.lower() == "none":
-            values[key] = None
-        elif re.fullmatch(r"\d+", val):
-            values[key] = int(val)
-        else:
-            raise UsageError(f"--override {text!r}: {key} must be a whole number or 'none', got {val!r}")
-    return pattern, values
-
-
 def build_parser() -> argparse.ArgumentParser:
     from adaptwin import __version__
-    from adaptwin.finetune.config import INITS, MODES, STORAGE_DTYPES, STORAGES, FinetuneConfig
-
-    d = FinetuneConfig()  # the defaults the help names
 
     parser = argparse.ArgumentParser(
         prog="adaptwin",
@@ -98,69 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"adaptwin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{compress,inspect,list,eval,adapt}")
 
-    c = sub.add_parser("compress", help="compress a model folder (or hub id) and save it",
-                       description="Compress a Hugging Face model and save weights, config and tokenizer files.")
-    c.add_argument("model", metavar="MODEL_DIR", help="local Hugging Face model folder, or a hub id")
-    c.add_argument("--out", required=True, metavar="DIR", help="save directory (created; an old adaptwin save "
-                   "there is replaced, any other non-empty folder is refused)")
-    c.add_argument("--ratio", type=float, help="fraction in (0, 1) of the targeted parameters to remove, "
-                   "planned per component with attention at 0.7x the FFN's compression")
-    for flag in _RANK_FLAGS:
-        c.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N",
-                       help=f"explicit {flag.replace('_', ' ')} (instead of --ratio)")
-    c.add_argument("--components", type=_csv, metavar="LIST", help="components to compress, e.g. encoder,decoder "
-                   "(default: all the architecture has)")
-    c.add_argument("--twins", type=_csv, metavar="LIST", help="product twins to form: qk,vo (default); "
-                   "rotary models (llama) need vo")
-    c.add_argument("--override", action="append", default=[], metavar="PATTERN=key:val,...",
-                   help="per-module ranks after planning, e.g. 'model.encoder.layers.0.*=ffn_rank:none' "
-                   f"(keys: {', '.join(_RANK_FLAGS)}; repeatable)")
-    c.add_argument("--seed", type=int, default=0, help="seed of the LoRA factors' initialisation and of "
-                   "fine-tuning's shuffling (default 0)")
-    q = c.add_argument_group("quantisation of the low-rank factors (with --calib: trained fake-quantised)")
-    q.add_argument("--quantization", choices=("nf4", "int8"), help="store the factors packed: nf4 (4-bit "
-                   "NormalFloat, bitsandbytes' layout) or int8 (absmax); default: not quantised")
-    q.add_argument("--quant-blocksize", type=int, metavar="N", help="elements per scale (nf4: even, default 64; "
-                   "int8: default one scale per row)")
-    q.add_argument("--double-quant", action="store_true", help="nf4: quantise the block scales too (8-bit)")
-    q.add_argument("--quantize-embeddings", action="store_true", help="store the token embedding (and an output "
-                   "head tied to it) packed in the same format; position embeddings stay fp")
-    q.add_argument("--quantize-lora", action="store_true", help="quantise the LoRA directions too (default: "
-                   "kept in the model's dtype)")
-
-    f = c.add_argument_group("layer-wise fine-tuning (Eq. 9; needs --calib)")
-    f.add_argument("--calib", metavar="DATA", help="calibration text: a UTF-8 file, one example per line, "
-                   "tokenised with MODEL_DIR's tokenizer; every compressed layer is then trained to reproduce "
-                   "the original layer's outputs")
-    f.add_argument("--epochs", type=int, metavar="N",
-                   help=f"passes over the calibration batches per layer (default {d.epochs})")
-    f.add_argument("--lr", type=float, metavar="LR", help=f"Adam learning rate (default {d.lr:g})")
-    f.add_argument("--mode", choices=MODES, help="ablation: all (SVD + LoRA trainable, default), spectral "
-                   "(rank r+l SVD, no LoRA), lora_scratch (rank r+l LoRA from scratch), lora_only (only LoRA trains)")
-    f.add_argument("--init", choices=INITS, help="factor initialisation: svd of the weights (default) or whiten "
-                   "(SVD of the activation-whitened product, from the calibration data)")
-    f.add_argument("--sequential", action="store_true", default=None, help="layer i learns from the already "
-                   "fine-tuned layers' outputs (one process; default: independent layers, as in the paper)")
-    f.add_argument("--holdout", type=float, metavar="F",
-                   help=f"fraction of batches held out for early stopping (default {d.holdout:g})")
-    f.add_argument("--patience", type=int, metavar="N", help="epochs without held-out improvement before a "
-                   f"layer stops; 0 disables (default {d.patience})")
-    f.add_argument("--storage", choices=STORAGES, help="keep captured activations in memory (default) or on "
-                   "disk (under --run-dir/activations, else a temporary folder)")
-    f.add_argument("--storage-dtype", choices=STORAGE_DTYPES, help="dtype of the stored activations "
-                   "(default float32; float16/bfloat16 halve the bytes)")
-    f.add_argument("--run-dir", metavar="DIR", help="checkpoint every finished layer here; the same command "
-                   "after a kill resumes from them")
-    f.add_argument("--batch-size", type=int, metavar="N",
-                   help=f"calibration examples per batch (default {DEFAULT_BATCH_SIZE})")
-    f.add_argument("--max-length", type=int, metavar="N",
-                   help=f"tokens per example, longer ones are truncated (default {DEFAULT_MAX_LENGTH})")
-    f.add_argument("--keep-size", type=float, metavar="F", help="after fine-tuning, revert the layers with the "
-                   "most error per parameter saved to the original until at most F of the targeted parameters "
-                   "are kept (F in (0, 1])")
-    f.add_argument("--max-error", type=float, metavar="E", help="after fine-tuning, revert every layer whose "
-                   "relative output error exceeds E")
-
+    add_compress_parser(sub)
     i = sub.add_parser("inspect", help="show what a save directory holds (reads adaptwin.json and the "
                        "weights header only)",
                        description="Per-site ranks and parameter counts of an adaptwin save; no weights are loaded.")
@@ -174,208 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---------------------------------------------------------------------------------------------- compress
-
-
-def _config_from_args(args: argparse.Namespace):
-    from adaptwin import CompressionConfig
-
-    overrides = dict(parse_override(text) for text in args.override)
-    kwargs: dict[str, Any] = {k: getattr(args, k) for k in _RANK_FLAGS if getattr(args, k) is not None}
-    if args.twins is not None:
-        kwargs["twins"] = args.twins
-    return CompressionConfig(ratio=args.ratio, components=args.components, overrides=overrides,
-                             seed=args.seed, quantization=args.quantization, quant_blocksize=args.quant_blocksize,
-                             double_quant=args.double_quant, quantize_lora=args.quantize_lora,
-                             quantize_embeddings=args.quantize_embeddings, **kwargs)
-
-
-def _check_out_dir(out: Path, model_dir: Path | None) -> None:
-    """Refuse a target `save` would refuse, before spending minutes on compression."""
-    from adaptwin.io import CONFIG_NAME
-
-    if model_dir is not None and out.resolve() == model_dir.resolve():
-        raise UsageError(f"--out {out} is the model folder itself; choose a new directory")
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-            raise UsageError(f"--out {out} is a non-empty directory that is not an adaptwin save; "
-                             "choose a new or empty directory")
-
-
-def _finetune_from_args(args: argparse.Namespace, world: int):
-    """The FinetuneConfig the flags ask for (None without --calib); bad values fail before any loading."""
-    given = [k for k in _CALIB_ONLY if getattr(args, k) is not None]
-    if args.calib is None:
-        if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} needs --calib DATA (the text to fine-tune on)")
-        return None
-    from adaptwin import FinetuneConfig
-    from adaptwin.finetune.select import check_budget
-
-    for flag in ("batch_size", "max_length"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.keep_size is not None or args.max_error is not None:
-        check_budget(args.keep_size, args.max_error)
-    if args.sequential and world > 1:
-        raise UsageError("--sequential trains layers one after another; run it in one process, not torchrun")
-    kwargs = {k: getattr(args, k) for k in _FINETUNE_FIELDS if getattr(args, k) is not None}
-    if args.storage == "disk":  # the real folder is made in cmd_compress; this validates the rest now
-        kwargs["storage_dir"] = str(Path(args.run_dir) / "activations") if args.run_dir else "(temporary)"
-    return FinetuneConfig(seed=args.seed, **kwargs)
-
-
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the world size: torch.distributed's once initialised, torchrun's env before."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def cmd_compress(args: argparse.Namespace) -> int:
-    try:
-        return _compress(args)
-    finally:  # under torchrun, fine-tuning joined a process group; leave it cleanly
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _compress(args: argparse.Namespace) -> int:
-    import contextlib
-    import dataclasses
-    import tempfile
-
-    import adaptwin
-
-    config = _config_from_args(args)  # bad ratios, ranks, twins and overrides fail here, in milliseconds
-    rank, world = _rank_world()
-    finetune = _finetune_from_args(args, world)  # and bad fine-tuning flags
-    lines = read_calibration_text(args.calib) if finetune is not None else None
-    local = resolve_model(args.model)
-    out = Path(args.out).expanduser()
-    _check_out_dir(out, local)
-    source = str(local) if local is not None else args.model
-    say = note if rank == 0 else (lambda msg: None)
-
-    _disable_progress_bars()
-    t0 = time.perf_counter()
-    say(f"loading {source} ...")
-    model = load_model(source)
-    t1 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if finetune is None:
-            say(f"compressing {type(model).__name__} ({model.config.model_type}) ...")
-            small = adaptwin.compress(model, config, inplace=True)
-        else:
-            planned = adaptwin.plan(model, config)  # refuse an impossible --keep-size before training
-            if args.keep_size is not None:
-                from adaptwin.finetune.select import check_keep_size
-
-                total = planned.summary()["total"]
-                check_keep_size(args.keep_size, total["params_after"] / total["params_before"])
-            batches = calibration_batches(model, source, lines, args.batch_size or DEFAULT_BATCH_SIZE,
-                                          args.max_length or DEFAULT_MAX_LENGTH)
-            if finetune.storage == "disk" and finetune.run_dir is None:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptwin-activations-"))
-                finetune = dataclasses.replace(finetune, storage_dir=tmp)
-            adapter = adaptwin.get_architecture(planned.architecture)
-            layers = [p for p, _ in adapter.layer_paths(model)
-                      if any(r["path"].startswith(p + ".") for r in planned.rows)]
-            progress = EpochProgress(layers, rank, world)
-            say(f"compressing {type(model).__name__} ({model.config.model_type}) and fine-tuning {len(layers)} "
-                f"layers on {len(lines)} examples in {len(batches)} batches"
-                + (f", spread over {world} ranks" if world > 1 else "") + " ...")
-            try:
-                small = adaptwin.compress(model, config, calibration=batches, finetune=finetune, progress=progress)
-            finally:
-                progress.close()
-    if rank != 0:  # every rank holds the whole fine-tuned model; one writes it and reports
-        return 0
-    record = adaptwin.compression_record(small)
-    summary = record.summary()  # before any selection: what compressing every planned site achieved
-    selection = None
-    if finetune is not None and (args.keep_size is not None or args.max_error is not None):
-        from adaptwin.finetune.select import select_layers
-
-        small = select_layers(small, model, keep_size=args.keep_size, max_error=args.max_error, inplace=True)
-        selection = small.adaptwin_selection
-    t2 = time.perf_counter()
-    extras = extra_files(local) if local is not None else hub_extra_files(args.model)
-    adaptwin.save(small, out, extra_files=extras)
-    t3 = time.perf_counter()
-
-    print(f"{type(small).__name__} ({record.architecture}) -> {out}")
-    rows = [(name, _fmt_int(s["params_before"]), _fmt_int(s["params_after"]), f"{100 * s['compression']:.1f} %")
-            for name, s in summary.items()]
-    print(_table(("component", "params before", "params after", "removed"), rows, right=(1, 2, 3)))
-    if config.ratio is not None:
-        achieved = summary["total"]["compression"]
-        print(f"target {100 * config.ratio:.1f} % removed, achieved {100 * achieved:.2f} % "
-              f"(of attention + FFN parameters in {', '.join(n for n in summary if n != 'total')})")
-    else:
-        print("explicit ranks (no target ratio)")
-    if finetune is not None:
-        print()
-        print(_finetune_summary(finetune, small.adaptwin_finetune, len(batches), selection))
-    written = sorted(p for p in out.iterdir() if p.is_file())
-    size = sum(p.stat().st_size for p in written)
-    print(f"wrote {len(written)} files, {_fmt_bytes(size)}: {', '.join(p.name for p in written)}")
-    step = "compress + fine-tune" if finetune is not None else "compress"
-    print(f"time: load {t1 - t0:.1f} s, {step} {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
-    return 0
-
-
-def _finetune_summary(cfg, report, n_batches: int, selection) -> str:
-    """The per-layer error table (relative output error on held-out batches) and what selection did."""
-    n_val = max(1, round(cfg.holdout * n_batches)) if cfg.holdout > 0 and n_batches >= 2 else 0
-    lines = [f"fine-tuning: mode {cfg.mode}, init {cfg.init}, lr {cfg.lr:g}, up to {cfg.epochs} epochs"
-             f"{f' (patience {cfg.patience})' if cfg.patience and n_val else ''}, {n_batches} batches "
-             f"({n_batches - n_val} train, {n_val} held out), "
-             f"{'sequential' if cfg.sequential else 'independent'} layers, seed {cfg.seed}"]
-    reverted = set(selection.reverted) if selection is not None else set()
-    rows = []
-    for r in report.layers:
-        status = "reverted" if r.path in reverted else ""
-        if r.path in report.resumed:
-            status = ", ".join(filter(None, ["resumed", status]))
-        rows.append((r.path, f"{r.error_before:.4f}", f"{r.error_after:.4f}", str(r.epochs), str(r.best_epoch),
-                     f"{r.seconds:.1f}", status))
-    header = ("layer", "rel. error before", "after", "epochs", "best epoch", "seconds", "status")
-    if not any(row[-1] for row in rows):
-        header, rows = header[:-1], [row[:-1] for row in rows]
-    lines.append(_table(header, rows, right=(1, 2, 3, 4, 5)))
-    if report.layers:
-        before = sum(r.error_before for r in report.layers) / len(report.layers)
-        after = sum(r.error_after for r in report.layers) / len(report.layers)
-        lines.append(f"mean relative output error {before:.4f} -> {after:.4f} (held-out batches, per layer alone)")
-    where = f"on disk ({cfg.storage_dtype})" if cfg.storage == "disk" else f"in memory ({cfg.storage_dtype})"
-    lines.append(f"captured activations: peak {_fmt_bytes(report.capture_bytes)} {where}"
-                 + (f"; {len(report.resumed)} layer(s) resumed from {cfg.run_dir}" if report.resumed else ""))
-    if selection is not None:
-        budget = ", ".join(f"{k} {v:g}" for k, v in (("keep_size", selection.keep_size),
-                                                      ("max_error", selection.max_error)) if v is not None)
-        if selection.reverted:
-            what = f"reverted {len(selection.reverted)} layer(s) to the original: {', '.join(selection.reverted)}"
-        else:
-            why = [w for w, on in (("every layer's error is within max_error", selection.max_error is not None),
-                                   ("no layer fits keep_size's spare room", selection.keep_size is not None)) if on]
-            what = f"nothing reverted ({' and '.join(why)})"
-        lines.append(f"selection ({budget}): {what}")
-        lines.append(f"  targeted parameters kept {_fmt_int(selection.params_kept)} of "
-                     f"{_fmt_int(selection.params_original)} ({100 * selection.keep_fraction:.1f} %, "
-                     f"{100 * (1 - selection.keep_fraction):.1f} % removed; every layer compressed: "
-                     f"{100 * selection.keep_fraction_before:.1f} % kept); worst compressed layer's error "
-                     f"{selection.max_kept_error:.4f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- inspect
+# ---------------------------------------------------------------------------------------------- list
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -399,14 +84,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                  [(a["model_type"], ",".join(a["components"]), a["adapter"]) for a in architectures], indent=2))
     return 0
 
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _disable_progress_bars() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 _COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list, "eval": cmd_eval, "adapt": cmd_adapt}

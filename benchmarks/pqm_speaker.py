@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("benchmark", "model", "speaker", "utterances", "words", "wer", "ci_low", "ci_high", "substitutions",
           "deletions", "insertions", "rel_vs_nf4", "rel_vs_fp32", "target", "adapt_utterances", "lora_rank",
-          "epochs", "lr", "loss_before", "loss_after", "val_loss_before", "val_loss", "eval_seconds", "threads",
-          "torch", "transformers", "adaptwin", "timestamp")
+          "epochs", "lr", "loss_before", "loss_after", "val_loss_before", "val_loss", "best_epoch", "eval_seconds",
+          "threads", "torch", "transformers", "adaptwin", "timestamp")
 KEY = ("benchmark", "model", "speaker", "target", "adapt_utterances", "lora_rank")
 MODELS = ("fp32", "nf4", "nf4+lora")
 
@@ -134,18 +134,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     for lr in args.lr:
         pqm = copy.deepcopy(base)
         report = adaptwin.adapt(pqm, batches, epochs=args.epochs, lr=lr, seed=args.seed,
+                                eval_batches=val_batches or None,
                                 progress=lambda e, n, loss: print(f"  adapt epoch {e}/{n}: loss {loss:.4f}",
                                                                   flush=True))
         val_loss = val_loss_of(pqm)
         print(f"adapted on {len(calib)} {args.target} utterances, lr {lr:g}: loss {report.loss_before:.4f} -> "
               f"{report.loss_after:.4f} in {report.seconds:.0f} s; held-out {args.target} loss "
-              f"{'-' if val_loss is None else f'{val_before:.4f} -> {val_loss:.4f}'} over {len(val)} utterances",
+              f"{'-' if val_loss is None else f'{val_before:.4f} -> {val_loss:.4f}'} over {len(val)} utterances"
+              f"{'' if report.best_epoch is None else f' (kept epoch {report.best_epoch}; 0 = not adapted)'}",
               flush=True)
         if best is None or (val_loss is not None and val_loss < best[1]):
             best = (lr, val_loss, report, pqm)
     lr, val_loss, report, pqm = best
     adapt_info = {"loss_before": report.loss_before, "loss_after": report.loss_after, "val_loss_before": val_before,
-                  "val_loss": val_loss}
+                  "val_loss": val_loss, "best_epoch": report.best_epoch}
     score("nf4+lora", pqm)
 
     meta = {"benchmark": "pqm_speaker", "target": args.target, "adapt_utterances": len(calib),

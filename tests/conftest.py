@@ -18,3 +18,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny BERT model folder with its tokenizer files (tests/tiny_cli.py), for the command-line tests."""
+    from tiny_cli import save_bert_dir
+
+    return save_bert_dir(tmp_path_factory.mktemp("bert"))

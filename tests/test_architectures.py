@@ -1,4 +1,5 @@
 """The battery every architecture adapter must pass, one parametrised row per family (tests/tiny_models.py).
+Rank-space computation and grouped-query attention: tests/test_rank_space.py.
 
 Tolerances. "Exact" means a relative Frobenius error of at most 1e-5 in fp32 (EXACT_REL): the factors are
 computed in fp64 and rounded to fp32 once (relative 6e-8 per entry), and rank space sums the same
@@ -10,63 +11,30 @@ costs more than 1e-2 here, because the weights are re-initialised with std 0.2-0
 from __future__ import annotations
 
 import copy
-import functools
-import math
 
 import pytest
 import torch
-from tiny_models import ROW_BY_NAME, ROWS, Row
+from tiny_models import (
+    EXACT_REL,
+    ROW_BY_NAME,
+    ROWS,
+    Row,
+    attention_sites,
+    full_rank,
+    layout,
+    original,
+    reference,
+    rel_err,
+    run,
+    twin_modules,
+)
 from torch import nn
 
 import adaptwin
-from adaptwin.compressors import TwinAttention
-
-EXACT_REL = 1e-5  # see the module docstring
 
 rows = pytest.mark.parametrize("row", ROWS, ids=lambda r: r.name)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@functools.cache
-def original(name: str, attn_implementation: str = "sdpa") -> nn.Module:
-    """One tiny model per row and attention implementation; tests never modify it (test_original_untouched)."""
-    return ROW_BY_NAME[name].build(attn_implementation)
-
-
-@functools.cache
-def reference(name: str) -> torch.Tensor:
-    row = ROW_BY_NAME[name]
-    with torch.no_grad():
-        return row.output(original(name)(**row.inputs()))
-
-
-def run(row: Row, model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return row.output(model(**row.inputs()))
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def full_rank(row: Row, lora: int = 0) -> adaptwin.CompressionConfig:
-    return adaptwin.CompressionConfig(attention_rank=row.head_dim, attention_lora_rank=lora, ffn_rank=row.d_model,
-                                      ffn_lora_rank=lora, twins=row.twins)
-
-
-def twin_modules(model: nn.Module) -> dict[str, TwinAttention]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, TwinAttention)}
-
-
-def layout(model: nn.Module) -> dict[str, str]:
-    # Class names, not classes: parametrised modules (wav2vec2's weight-normed positional conv) get a
-    # fresh class per instance.
-    return {n: type(m).__name__ for n, m in model.named_modules()}
-
-
-def attention_sites(model: nn.Module):
-    return adaptwin.get_architecture(model.config.model_type).attention_sites(model)
 
 
 def test_every_builtin_architecture_has_a_row() -> None:
@@ -281,104 +249,6 @@ def test_gpt2_residual_dropout_is_kept_in_training() -> None:
     small = adaptwin.compress(model, full_rank(row))
     model.train(), small.train()
     assert rel_err(run(row, small), run(row, model)) <= EXACT_REL
-
-
-def truncate(m: torch.Tensor, rank: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
-
-
-def dense_twin_attention(site, x: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
-    """Dense fp64 oracle of one compressed self-attention block: per head the rank-``rank`` SVD of
-    M_h = [W_Qhᵀ; b_Qhᵀ]·W_Kh ((d+1)×d) and of N_h = W_Oh·W_Vh (d_out×d), scores [x, 1]·M_h·xᵀ·scale, and
-    the output bias b_O + Σ_h W_Oh·b_Vh."""
-    h, dh = site.num_heads, site.head_dim
-    x = x.double()[0]  # (T, d)
-    xh = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)  # (T, d+1)
-    wq, wk, wv, wo = (p.weight.double() for p in (site.q, site.k, site.v, site.o))
-    bq = site.q.bias.double() if site.q.bias is not None else torch.zeros(h * dh, dtype=x.dtype)
-    out = site.o.bias.double() + wo @ site.v.bias.double()  # (d_out,)
-    for i in range(h):
-        rows = slice(i * dh, (i + 1) * dh)
-        m = truncate(torch.cat([wq[rows].T, bq[rows][None]], 0) @ wk[rows], rank)  # (d+1, d)
-        n = truncate(wo[:, rows] @ wv[rows], rank)  # (d_out, d)
-        probs = torch.softmax(xh @ m @ x.T * scale, dim=-1)  # (T, T)
-        out = out + probs @ x @ n.T  # (T, d_out)
-    return out
-
-
-@pytest.mark.parametrize("name", ["whisper", "wav2vec2"])  # query pre-scaled (Whisper) and scaled in SDPA
-def test_rank_space_matches_dense_truncated_products(name: str) -> None:
-    model = original(name)
-    site = attention_sites(model)[0]  # encoder layer 0 self-attention
-    rank = 3  # < head_dim 8, and 1/sqrt(3) is far from 1/sqrt(8)
-    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=rank))
-    tw = small.get_submodule(site.path)
-    assert math.isclose(site.scaling, site.head_dim**-0.5, rel_tol=1e-12)
-
-    # The module's factors multiply back to the optimal rank-r products (Eckart–Young), per head.
-    p = torch.cat([tw.q_proj.weight.T, tw.q_proj.bias[None]], 0).double()  # (d+1, H·r)
-    q = tw.k_proj.weight.T.double()  # (d, H·r)
-    wq, bq, wk = site.q.weight.double(), site.q.bias.double(), site.k.weight.double()
-    for i in range(site.num_heads):
-        cols, rows = slice(i * rank, (i + 1) * rank), slice(i * site.head_dim, (i + 1) * site.head_dim)
-        m_ref = truncate(torch.cat([wq[rows].T, bq[rows][None]], 0) @ wk[rows], rank)
-        assert rel_err(p[:, cols] @ q[:, cols].T, m_ref) <= EXACT_REL
-
-    x = torch.randn(1, 11, site.hidden_size, generator=torch.Generator().manual_seed(13))
-    with torch.no_grad():
-        out = tw(x)[0][0]  # (T, d_out)
-    assert rel_err(out, dense_twin_attention(site, x, rank, site.scaling)) <= EXACT_REL
-    # The oracle discriminates: the same products scaled by 1/sqrt(r) are far off.
-    assert rel_err(out, dense_twin_attention(site, x, rank, 1 / math.sqrt(rank))) > 1e-2
-
-
-# ---------------------------------------------------------------------------------- 8. rank-space widths
-
-@rows
-def test_attention_computes_in_rank_space(row: Row) -> None:
-    model = original(row.name)
-    r, lora = row.head_dim // 2, 1
-    small = adaptwin.compress(model, adaptwin.CompressionConfig(attention_rank=r, attention_lora_rank=lora,
-                                                                twins=row.twins))
-    w = r + lora
-    sites = attention_sites(model)
-    assert set(twin_modules(small)) == {s.path for s in sites}
-    for site in sites:
-        tw = small.get_submodule(site.path)
-        out = tw.o_proj if site.out_path is None else small.get_submodule(site.out_path)
-        twinned = []
-        if "qk" in row.twins:
-            assert tw.q_proj.out_features == site.num_heads * w
-            assert tw.k_proj.out_features == site.num_kv_heads * w
-            twinned += [tw.q_proj, tw.k_proj]
-        if "vo" in row.twins:
-            assert tw.v_proj.out_features == site.num_kv_heads * w
-            assert out.in_features == site.num_heads * w
-            twinned += [tw.v_proj, out]
-        # Every twinned projection is thin: its narrow side is the rank space (H·(r+l) = 20 < H·d_h = 32).
-        for lin in twinned:
-            assert min(lin.weight.shape) < site.num_heads * site.head_dim
-        if set(row.twins) == {"qk", "vo"}:  # no d×d matrix survives anywhere in the module
-            d = site.hidden_size
-            assert all(p.shape != (d, d) for p in [*tw.parameters(), out.weight])
-
-
-# ------------------------------------------------------------------------------- 9. grouped-query attention
-
-def test_grouped_query_attention_keeps_sharing() -> None:
-    row = ROW_BY_NAME["llama"]
-    model = original("llama")
-    sites = attention_sites(model)
-    assert all(s.num_kv_heads < s.num_heads for s in sites)  # the row really is GQA
-    for lora in (0, 2):
-        small = adaptwin.compress(model, full_rank(row, lora))
-        for site in sites:
-            tw = small.get_submodule(site.path)
-            assert tw.v_proj.out_features == site.num_kv_heads * (row.head_dim + lora)  # one value head per group
-            assert tw.o_proj.in_features == site.num_heads * (row.head_dim + lora)
-            assert tw.num_key_value_groups == site.num_heads // site.num_kv_heads
-        assert rel_err(run(row, small), reference("llama")) <= EXACT_REL
 
 
 # ------------------------------------------------------------------------------------- 10. output_attentions

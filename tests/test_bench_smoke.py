@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/whisper_encoder_speed.py at a toy size: it builds, checks, times once and writes
 its CSV. No speed assertion (a 2-core shared CI machine cannot support one). Also benchmarks/minilm_fidelity.py
-on a few real sentences, its neighbour-overlap metric, and the CSV merge of benchmarks/common.py."""
+on a few real sentences, its neighbour-overlap metric, and the CSV merge of benchmarks/common.py; the
+fine-tuning benchmarks (finetune_throughput.py, finetune_modes.py) at toy sizes."""
 
 from __future__ import annotations
 
@@ -146,3 +147,28 @@ def test_minilm_fidelity_smoke(tmp_path, capsys):
         assert fidelity.main(["--plot-only", "--out", str(out), "--png", str(png)]) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert out.with_suffix(".png").exists()  # the full run drew one too
+
+
+# ------------------------------------------------------------------------------------- fine-tuning benchmarks
+
+def test_finetune_throughput_benchmark_runs(tmp_path, capsys):
+    """Smoke run at a toy size (1 layer, 20 positions): it trains, counts FLOPs, writes its CSV."""
+    from benchmarks import finetune_throughput
+
+    out = tmp_path / "t.csv"
+    assert finetune_throughput.main(["--samples", "3", "--epochs", "1", "--positions", "20", "--layers", "1",
+                                     "--repeats", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert {r["provider"] for r in rows} == {"matmul", *finetune_throughput.PROVIDERS}
+    assert all(float(r["gflop"]) > 0 for r in rows)
+    assert "of fp32 mm" in capsys.readouterr().out
+
+
+def test_finetune_modes_benchmark_runs(tmp_path, monkeypatch, capsys):
+    """Smoke run on the random tiny BERT (the fallback without the MiniLM package), 1 epoch."""
+    from benchmarks import finetune_modes
+
+    monkeypatch.setattr(finetune_modes, "load_model", finetune_modes.random_bert)
+    assert finetune_modes.main(["--epochs", "1", "--threads", "1", "--out", str(tmp_path / "m.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "RANDOM" in text and all(label in text for label, _, _ in finetune_modes.CONFIGS)

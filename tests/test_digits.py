@@ -3,6 +3,7 @@
 Reads the Free Spoken Digit Dataset in ../shared/data/fsdd and skips where it is absent. The training run
 here is a 3-step run of the tiny size: it checks that the folder written reloads through the Auto classes
 and transcribes, not that the model recognises anything (the real run is minutes, see train.py).
+The crossover and residual benchmarks run end to end on tiny random recognisers and synthetic audio.
 """
 
 from __future__ import annotations
@@ -225,3 +226,69 @@ def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
     assert "crossover, jackson" in printed and "fp32 ratio 0.4" in printed
     assert out.with_suffix(".png").stat().st_size > 1000
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # atomic writes left nothing behind
+
+
+# ------------------------------------------------------------------------------- residual benchmark rows
+
+
+def _digit_bench_dirs(root):
+    """A 3-encoder-layer word-level Whisper (tiny_speech's vocabulary and features) and test / calibration
+    manifests of noise clips for two speakers: what `benchmarks.digits.residual` reads."""
+    import tiny_speech as ts
+    import torch
+    from tiny_models import reinit
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from adaptwin.speech.audio import write_wav
+
+    cfg = WhisperConfig(vocab_size=len(ts.WORDS), d_model=32, encoder_layers=3, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        num_mel_bins=16, max_source_positions=50, max_target_positions=16, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None,
+                        suppress_tokens=None)
+    torch.manual_seed(0)
+    model_dir, sets = root / "model", root / "sets"
+    reinit(WhisperForConditionalGeneration(cfg), seed=2, std=0.2).save_pretrained(model_dir)
+    ts.feature_extractor().save_pretrained(model_dir)
+    ts.tokenizer().save_pretrained(model_dir)
+    (sets / "wavs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = {"test": [], "jackson_calib": []}
+    for name, speakers, n in (("test", ("jackson", "lucas"), 2), ("jackson_calib", ("jackson",), 8)):
+        for s in speakers:
+            for i in range(n):
+                wav = f"wavs/{name}_{s}_{i}.wav"
+                write_wav(sets / wav, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+                rows[name].append({"audio": wav, "text": " ".join(ts.WORDS[4 + (i + j) % 10] for j in range(2)),
+                                   "speaker": s, "id": f"{name}_{s}_{i}"})
+    for name, lines in rows.items():
+        (sets / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return model_dir, sets
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_digits_residual_benchmark_rows(tmp_path, capsys):
+    """benchmarks.digits.residual on a tiny recogniser: a row per speaker and method, AdaPTwin at the residual's
+    size, the whitened fit's lower output error, a CSV, a PNG and the printed table."""
+    import csv
+
+    from benchmarks.digits.residual import main
+
+    model_dir, sets = _digit_bench_dirs(tmp_path)
+    out, png = tmp_path / "r.csv", tmp_path / "r.png"
+    pytest.importorskip("matplotlib")
+    assert main(["--model", str(model_dir), "--sets", str(sets), "--groups", "2", "--ranks", "4", "--epochs", "1",
+                 "--batch", "4", "--out", str(out), "--png", str(png)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["method"], r["speaker"]): r for r in rows}
+    methods = ["dense", "residual", "residual-whiten", "residual+ft", "adaptwin", "adaptwin+ft"]
+    assert sorted({r["method"] for r in rows}) == sorted(methods)
+    assert {r["speaker"] for r in rows} == {"jackson", "lucas", "others"}
+    res, ada = by[("residual", "jackson")], by[("adaptwin", "jackson")]
+    # d = 32, K = 2 over 3 layers (groups {0, 1}, {2}): the shared S halves layers 0-1 only
+    assert 1.0 < float(res["size_factor"]) < 2.0 and float(res["encoder_factor"]) > 1.0
+    assert float(ada["size_factor"]) == pytest.approx(float(res["size_factor"]), rel=0.05)  # equal parameter count
+    assert float(by[("residual-whiten", "jackson")]["output_err"]) < float(res["output_err"])
+    assert all(0.0 <= float(r["wer"]) for r in rows) and png.stat().st_size > 0
+    assert "residual-whiten" in capsys.readouterr().out

@@ -153,6 +153,32 @@ def test_adaptation_lowers_the_loss_and_trains_only_lora(manifest):
     assert all(torch.equal(a, b) for a, b in zip(lora_parameters(small), lora_parameters(again)))
 
 
+def test_held_out_selection_keeps_the_best_epoch(manifest):
+    """With eval_batches the factors of the epoch with the lowest held-out loss are restored (0 = untouched)."""
+    utts = load_dataset(manifest)
+    small = quantize(whisper(), 4, seed=0)
+    fe, tok = feature_extractor(), tokenizer()
+    train = speech_batches(small, fe, tok, utts[:8], 4)
+    held = speech_batches(small, fe, tok, utts[8:], 4)
+    start = [p.detach().clone() for p in lora_parameters(small)]
+    report = adaptwin.adapt(small, train, epochs=6, lr=1e-2, seed=0, eval_batches=held)
+    assert len(report.eval_losses) == 7 and report.best_epoch == min(range(7), key=report.eval_losses.__getitem__)
+    with torch.no_grad():  # the model now computes the kept epoch's held-out loss
+        now = sum(float(small(**b).loss) for b in held) / len(held)
+    assert now == pytest.approx(report.eval_losses[report.best_epoch], rel=1e-5)
+    # Held-out transcripts that training only moves away from (every label one fixed word; measured: loss
+    # 2.627 before, 2.657 after epoch 1) leave the factors exactly as they came: epoch 0 is kept.
+    wrong = [{**b, "labels": b["labels"].masked_fill(b["labels"] != -100, 5)} for b in held]
+    again = quantize(whisper(), 4, seed=0)
+    bad = adaptwin.adapt(again, train, epochs=3, lr=1e-2, seed=0, eval_batches=wrong, patience=1)
+    assert bad.best_epoch == 0 and len(bad.eval_losses) == 2  # patience 1: stopped after the first bad epoch
+    assert all(torch.equal(a, b) for a, b in zip(start, lora_parameters(again)))
+    with pytest.raises(ValueError, match="patience must be a whole number >= 1 and needs eval_batches"):
+        adaptwin.adapt(again, train, epochs=1, patience=2)
+    with pytest.raises(ValueError, match="eval_batches is empty"):
+        adaptwin.adapt(again, train, epochs=1, eval_batches=[])
+
+
 def test_save_load_round_trip(manifest, tmp_path):
     small = quantize(whisper(), 2, double_quant=True)
     batches = batches_of(small, manifest)
@@ -195,9 +221,12 @@ def test_cli_adapt_end_to_end(model_dir, manifest, tmp_path):
     rc, _, err = run_cli("eval", out, "--data", manifest, "--json", "--max-new-tokens", "3")
     assert rc == 0, err
     rc, stdout, err = run_cli("adapt", out, "--data", manifest, "--out", tmp_path / "again", "--limit", "4",
-                              "--epochs", "1", "--json")
+                              "--holdout", "4", "--epochs", "2", "--json")
     assert rc == 0, err
-    assert json.loads(stdout.strip().splitlines()[-1])["utterances"] == 4
+    data = json.loads(stdout.strip().splitlines()[-1])
+    assert data["utterances"] == 4 and len(data["eval_losses"]) == 3 and data["best_epoch"] in (0, 1, 2)
+    rc, _, err = run_cli("adapt", out, "--data", manifest, "--out", tmp_path / "x", "--limit", "10", "--holdout", "4")
+    assert rc == 2 and "--holdout 4 needs --limit and 4 utterances after the first 10" in err
 
 
 def test_cli_adapt_errors(model_dir, manifest, tmp_path):

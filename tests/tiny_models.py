@@ -9,12 +9,16 @@ gains near 1. A new architecture gets the whole battery in tests/test_architectu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+import adaptwin
+from adaptwin.compressors import TwinAttention
 
 
 def reinit(model: nn.Module, seed: int, std: float, bias_std: float = 0.1) -> nn.Module:
@@ -217,3 +221,87 @@ ROWS: list[Row] = [
 ]
 
 ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+# ------------------------------------------------------------------------- calibration, for fine-tuning tests
+
+FT_ROWS = ("bert", "whisper", "gpt2", "llama")  # the rows `calibration` makes batches for
+
+
+def calibration(name: str, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` distinct batches shaped like the row's inputs, each with padding so masks reach the layers."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        if name == "whisper":
+            dmask = torch.ones(2, 7, dtype=torch.long)
+            dmask[1, 5:] = 0  # right-padded decoder row: decoder layers get a 4-D mask
+            out.append({"input_features": torch.randn(2, 16, 50, generator=gen),
+                        "decoder_input_ids": torch.randint(3, 64, (2, 7), generator=gen),
+                        "decoder_attention_mask": dmask})
+        else:
+            ids = torch.randint(3, 100, (2, 9), generator=gen)
+            mask = torch.ones(2, 9, dtype=torch.long)
+            if name == "bert":
+                mask[1, 6:] = 0  # right padding
+            else:
+                ids[1, :3], mask[1, :3] = 0, 0  # left padding, as for generation
+            out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def leaves(obj) -> list[torch.Tensor | None]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for x in obj for t in leaves(x)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in leaves(obj[k])]
+    return []
+
+
+# ----------------------------------------------------------------- the architecture battery's shared checks
+# (tests/test_architectures.py and tests/test_rank_space.py)
+
+EXACT_REL = 1e-5  # "exact": relative Frobenius error in fp32; why 1e-5, see tests/test_architectures.py
+
+
+@functools.cache
+def original(name: str, attn_implementation: str = "sdpa") -> nn.Module:
+    """One tiny model per row and attention implementation; tests never modify it (test_original_untouched)."""
+    return ROW_BY_NAME[name].build(attn_implementation)
+
+
+@functools.cache
+def reference(name: str) -> torch.Tensor:
+    row = ROW_BY_NAME[name]
+    with torch.no_grad():
+        return row.output(original(name)(**row.inputs()))
+
+
+def run(row: Row, model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return row.output(model(**row.inputs()))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def full_rank(row: Row, lora: int = 0) -> adaptwin.CompressionConfig:
+    return adaptwin.CompressionConfig(attention_rank=row.head_dim, attention_lora_rank=lora, ffn_rank=row.d_model,
+                                      ffn_lora_rank=lora, twins=row.twins)
+
+
+def twin_modules(model: nn.Module) -> dict[str, TwinAttention]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TwinAttention)}
+
+
+def layout(model: nn.Module) -> dict[str, str]:
+    # Class names, not classes: parametrised modules (wav2vec2's weight-normed positional conv) get a
+    # fresh class per instance.
+    return {n: type(m).__name__ for n, m in model.named_modules()}
+
+
+def attention_sites(model: nn.Module):
+    return adaptwin.get_architecture(model.config.model_type).attention_sites(model)

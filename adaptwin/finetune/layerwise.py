@@ -15,10 +15,8 @@ data, the compression and fine-tuning settings - and a run directory of any othe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -29,11 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from adaptwin.compress import compression_record
 from adaptwin.finetune.capture import ActivationStore, capture, first_output, run_model
+from adaptwin.finetune.checkpoint import check_run, data_digest, remove_stale, safe_name, weights_digest, write_atomic
 from adaptwin.finetune.config import FinetuneConfig
 from adaptwin.finetune.trainer import LayerResult, layer_seed, token_masks, train_layer
 from adaptwin.registry import get_architecture, get_compressor
@@ -66,92 +64,6 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _safe(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", path)
-
-
-def _data_digest(batches: list[Any]) -> str:
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, (list, tuple)):
-            for x in obj:
-                feed(x)
-        else:
-            h.update(repr(obj).encode())
-
-    feed(batches)
-    return h.hexdigest()
-
-
-def _weights_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes): the run's starting point."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-_TMP = ".tmp-"  # prefix of files being written; never a checkpoint, removed when a run starts
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (the directory entry), where the platform allows opening a directory."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, tensors: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> None:
-    """Write ``path`` (safetensors with ``meta`` as JSON, or a JSON file when ``tensors`` is None) atomically.
-
-    Written under a temporary name in the same folder, flushed to disk, then renamed: a reader (or a
-    resumed run) sees the whole file or none. A process killed mid-write leaves only the temporary,
-    which `_remove_stale` deletes and nothing ever loads.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP}{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if tensors is None:
-            Path(tmp).write_text(json.dumps(meta, indent=1))
-        else:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={"result": json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _remove_stale(run_dir: Path) -> None:
-    for folder in (run_dir, run_dir / "layers"):
-        for leftover in folder.glob(f"{_TMP}*"):
-            leftover.unlink(missing_ok=True)
 
 
 def _layer_masks(compressed: nn.Module, layer_path: str, mode: str) -> dict[str, torch.Tensor | None]:
@@ -296,21 +208,21 @@ def finetune(
     if run_dir is not None:
         (run_dir / "layers").mkdir(parents=True, exist_ok=True)
         fingerprint = {"architecture": record.architecture, "compression": record.config,
-                       "finetune": cfg.fingerprint(), "layers": layers, "calibration": _data_digest(batches),
-                       "weights": _weights_digest(original)}
+                       "finetune": cfg.fingerprint(), "layers": layers, "calibration": data_digest(batches),
+                       "weights": weights_digest(original)}
         if joint:
             fingerprint["groups"] = joint
         run_file = run_dir / "run.json"
         if rank == 0:
-            _remove_stale(run_dir)  # before any rank writes (the barrier below)
+            remove_stale(run_dir)  # before any rank writes (the barrier below)
             if not run_file.exists():
-                _write_atomic(run_file, None, fingerprint)
+                write_atomic(run_file, None, fingerprint)
         if world > 1:
             dist.barrier()
-        _check_run(run_file, fingerprint)
+        check_run(run_file, fingerprint)
 
     def checkpoint(path: str) -> Path | None:
-        return None if run_dir is None else run_dir / "layers" / f"{_safe(path)}.safetensors"
+        return None if run_dir is None else run_dir / "layers" / f"{safe_name(path)}.safetensors"
 
     def unit(name: str) -> tuple[nn.Module, dict[str, torch.Tensor | None]]:
         """The module a unit trains (one layer, or a `_Group`) and its trainable masks."""
@@ -389,7 +301,7 @@ def finetune(
         ck = checkpoint(path)
         if ck is not None:
             trained = dict(layer.named_parameters())
-            _write_atomic(ck, {n: trained[n] for n in masks}, result.to_dict())
+            write_atomic(ck, {n: trained[n] for n in masks}, result.to_dict())
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -409,17 +321,6 @@ def finetune(
                 shutil.rmtree(run_dir, ignore_errors=True)
     report.layers = [results[p] for p in units]
     return report
-
-
-def _check_run(run_file: Path, fingerprint: dict[str, Any]) -> None:
-    try:
-        previous = json.loads(run_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{run_file} is unreadable ({e}); use a new run_dir") from None
-    diff = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-    if diff:
-        raise ValueError(f"run_dir {run_file.parent} holds a different run (differs in {diff}); "
-                         "use a new run_dir, or the same model, data and settings to resume it")
 
 
 def _progress_bar(cfg: FinetuneConfig, progress: Any, layers: int, rank: int) -> Any:

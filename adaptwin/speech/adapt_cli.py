@@ -63,6 +63,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     a.add_argument("--speaker", metavar="NAME", help="adapt on this speaker's utterances only")
     a.add_argument("--limit", type=_positive, metavar="N", help="use the first N utterances (after --speaker; PQM "
                    "adapts on 20-30)")
+    a.add_argument("--holdout", type=_positive, metavar="N", help="hold out the N utterances after the adaptation "
+                   "ones (after --speaker and --limit) and keep the epoch with the lowest loss on them (epoch 0 = not "
+                   "adapted is a candidate)")
     a.add_argument("--lora-rank", type=_rank, metavar="R", help=f"LoRA rank 1-4 when MODEL_DIR is dense (default "
                    f"{DEFAULT_LORA_RANK}); a PQM save keeps its own")
     a.add_argument("--epochs", type=_positive, default=DEFAULT_EPOCHS, metavar="N",
@@ -141,7 +144,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from adaptwin.compressors.pqm import NF4LoRALinear, is_pqm, quantize
     from adaptwin.speech.datasets import load_dataset
 
-    utterances = select(load_dataset(args.data), args.speaker, args.limit, args.data)  # cheap checks first
+    pool = select(load_dataset(args.data), args.speaker, None, args.data)  # cheap checks first
+    utterances = pool[:args.limit] if args.limit else pool
+    held_out = []
+    if args.holdout:
+        held_out = pool[len(utterances):len(utterances) + args.holdout]
+        if len(held_out) < args.holdout or not args.limit:
+            raise UsageError(f"--holdout {args.holdout} needs --limit and {args.holdout} utterances after the "
+                             f"first {args.limit or len(pool)}; {args.data} has {len(pool)}"
+                             f"{f' of speaker {args.speaker}' if args.speaker else ''}")
     folder, out = Path(args.model).expanduser(), Path(args.out).expanduser()
     _check_out(out, folder)
     hf_logging.disable_progress_bar()
@@ -169,7 +180,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         note(f"adapting on {len(utterances)} utterances from {args.data} in {len(batches)} batches, "
              f"{args.epochs} epochs, lr {args.lr:g} ...")
-        report = adaptwin.adapt(model, batches, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        held = speech_batches(model, feature_extractor, tokenizer, held_out, args.batch_size) if held_out else None
+        report = adaptwin.adapt(model, batches, epochs=args.epochs, lr=args.lr, seed=args.seed, eval_batches=held,
                                 progress=lambda e, n, loss: note(f"  epoch {e}/{n}  loss {loss:.4f}"))
         t2 = time.perf_counter()
         adaptwin.save(model, out, extra_files=extra_files(folder))
@@ -186,5 +198,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"{args.model} adapted on {len(utterances)} utterances ({', '.join(speakers)}) -> {out}")
     print(f"loss {report.loss_before:.4f} -> {report.loss_after:.4f} (mean over the adaptation batches), "
           f"{report.steps} steps, {report.trainable_params:,} LoRA parameters trained")
+    if report.best_epoch is not None:
+        print(f"held-out loss by epoch ({len(held_out)} utterances): "
+              f"{', '.join(f'{v:.4f}' for v in report.eval_losses)}; kept epoch {report.best_epoch} (0 = not adapted)")
     print(f"time: load {t1 - t0:.1f} s, adapt {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
     return 0

@@ -7,6 +7,11 @@ Each batch is a dict of model inputs that includes the labels, so ``model(**batc
 own training loss (Whisper: ``{"input_features", "labels"}``, token cross-entropy). Optional LoRA
 pre-training on multi-speaker data (PQM's second stage) is the same call on other batches.
 
+With ``eval_batches`` (held-out utterances of the same speaker) the loss on them is measured before training
+and after every epoch, and the LoRA factors of the best epoch are restored at the end; epoch 0 (no
+adaptation) is a candidate, so adapting on 20-30 utterances never leaves the model worse on held-out data
+than it started. ``patience`` stops after that many epochs without a new best.
+
 Determinism: the model stays in eval mode (no dropout), the batch order is shuffled from ``seed`` with a
 private generator, and the global RNG is left as it was; on CPU the same call gives the same factors.
 """
@@ -34,6 +39,8 @@ class AdaptReport:
     steps: int = 0
     trainable_params: int = 0
     seconds: float = 0.0
+    eval_losses: list[float] = field(default_factory=list)  # held-out loss before training, then per epoch
+    best_epoch: int | None = None  # the epoch whose factors were kept (0: none, the model as it came)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +85,8 @@ def _mean_loss(model: nn.Module, batches: list) -> float:
 
 def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int = 10, lr: float = 1e-3,
           seed: int = 0, shuffle: bool = True, max_grad_norm: float | None = 1.0,
-          progress: Callable[[int, int, float], None] | None = None) -> AdaptReport:
+          progress: Callable[[int, int, float], None] | None = None,
+          eval_batches: Iterable[Mapping[str, Any]] | None = None, patience: int | None = None) -> AdaptReport:
     """Train the LoRA factors of ``model``'s PQM modules on ``batches`` with Adam; everything else stays frozen.
 
     Args:
@@ -88,12 +96,24 @@ def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int
         shuffle: visit the batches in a new seeded order each epoch (else in the given order).
         max_grad_norm: clip the LoRA gradients' global norm to this (None: no clipping).
         progress: called as ``progress(epoch, epochs, mean training loss)`` after every epoch.
+        eval_batches: held-out batches (same form); when given, the factors of the epoch with the lowest mean
+            loss on them (epoch 0 = before training included) are restored at the end.
+        patience: with ``eval_batches``, stop after this many epochs without a new best (None: run all).
 
     Returns:
         An `AdaptReport`; it is also kept as ``model.adaptwin_adapt``.
     """
     batches = list(batches)
     _check(epochs, lr, batches)
+    held = list(eval_batches) if eval_batches is not None else None
+    if held is not None:
+        if not held:
+            raise ValueError("eval_batches is empty; pass None to adapt without held-out selection")
+        _check(1, 1.0, held)
+    if patience is not None and (held is None or isinstance(patience, bool) or not isinstance(patience, int)
+                                 or patience < 1):
+        raise ValueError(f"patience must be a whole number >= 1 and needs eval_batches, got {patience!r}"
+                         f"{'' if held is not None else ' without eval_batches'}")
     params = lora_parameters(model)
     trainable = {id(p) for p in params}
     was_training = model.training
@@ -104,6 +124,11 @@ def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int
             p.requires_grad_(id(p) in trainable)
         model.eval()  # dropout off: adaptation on 20-30 utterances is deterministic and reproducible
         before = _mean_loss(model, batches)
+        eval_losses: list[float] = []
+        best_epoch, best_state = None, None
+        if held is not None:
+            eval_losses.append(_mean_loss(model, held))
+            best_epoch, best_state = 0, [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=float(lr))
         gen = torch.Generator().manual_seed(int(seed))
         epoch_losses, steps = [], 0
@@ -122,12 +147,22 @@ def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int
             epoch_losses.append(total / len(batches))
             if progress is not None:
                 progress(epoch + 1, epochs, epoch_losses[-1])
+            if held is not None:
+                eval_losses.append(_mean_loss(model, held))
+                if eval_losses[-1] < eval_losses[best_epoch]:
+                    best_epoch, best_state = epoch + 1, [p.detach().clone() for p in params]
+                elif patience is not None and epoch + 1 - best_epoch >= patience:
+                    break
+        if best_state is not None:
+            with torch.no_grad():
+                for p, v in zip(params, best_state):
+                    p.copy_(v)
         after = _mean_loss(model, batches)
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         model.train(was_training)
     report = AdaptReport(before, after, epoch_losses, steps, sum(p.numel() for p in params),
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, eval_losses, best_epoch)
     model.adaptwin_adapt = report
     return report
