@@ -86,6 +86,13 @@ def test_training_batches_use_training_takes_only(clips):
         # The frame targets name the same digits in the same order (runs of one digit value, silences between).
         runs = [int(v) - 1 for i, v in enumerate(frames[row]) if v > 0 and (i == 0 or frames[row, i - 1] != v)]
         assert runs == digits
+    # A speaker left out of training (for adaptation to an unseen voice) contributes no clip.
+    some = Batches(clips, 0, build_feature_extractor(), build_tokenizer(), speakers=("george", "lucas"))
+    assert set(some.pools) == {"george", "lucas"}
+    with pytest.raises(ValueError, match="speakers must be a non-empty subset"):
+        from benchmarks.digits.train import train
+
+        train(FSDD, "unused", speakers=("alice",))
 
 
 def test_bad_input(tmp_path, clips):

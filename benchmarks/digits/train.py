@@ -127,11 +127,12 @@ def build_model(size: ModelSize, source_positions: int):
 class Batches:
     """Training batches drawn from one seeded generator: (features (B, 80, frames), labels (B, L) with -100 pad)."""
 
-    def __init__(self, clips, seed: int, feature_extractor, tokenizer):
+    def __init__(self, clips, seed: int, feature_extractor, tokenizer, speakers: tuple[str, ...] = SPEAKERS):
         self.rng = np.random.default_rng([int(seed), 1])
+        self.speakers = tuple(speakers)
         self.bank = ClipBank([c for c in clips if c.take in TRAIN_TAKES])
         self.pools = {}
-        for s in SPEAKERS:
+        for s in self.speakers:
             pool = [[c for c in self.bank.audio if c.speaker == s and c.digit == d] for d in range(len(DIGIT_WORDS))]
             if any(not p for p in pool):
                 raise ValueError(f"speaker {s} lacks a digit among takes {TRAIN_TAKES[0]}-{TRAIN_TAKES[-1]}")
@@ -143,7 +144,7 @@ class Batches:
         """(features (B, 80, frames), labels (B, L), frame targets (B, frames // 2)) for ``batch_size`` draws."""
         import torch
 
-        seqs = [draw_sequence(self.rng, self.pools[SPEAKERS[int(self.rng.integers(len(SPEAKERS)))]],
+        seqs = [draw_sequence(self.rng, self.pools[self.speakers[int(self.rng.integers(len(self.speakers)))]],
                               self.bank.durations, max_digits=max_digits) for _ in range(batch_size)]
         audio = [self.bank.render(q) for q in seqs]
         feats = self.fe(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")["input_features"]
@@ -208,12 +209,15 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
 
 def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
-          log_every: int = 10) -> dict:
+          log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
     import torch
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    unknown = sorted(set(speakers) - set(SPEAKERS))
+    if unknown or not speakers:
+        raise ValueError(f"speakers must be a non-empty subset of {list(SPEAKERS)}, got {list(speakers)}")
     if steps < 1 or batch_size < 1 or threads < 1 or eval_per_speaker < 0:
         raise ValueError(f"steps, batch_size and threads must be >= 1 and eval_per_speaker >= 0, got {steps}, "
                          f"{batch_size}, {threads}, {eval_per_speaker}")
@@ -222,13 +226,13 @@ def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0
     torch.use_deterministic_algorithms(True)
     try:
         return _train(data, out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, size=size, threads=threads,
-                      eval_per_speaker=eval_per_speaker, log_every=log_every)
+                      eval_per_speaker=eval_per_speaker, log_every=log_every, speakers=tuple(speakers))
     finally:  # a caller (a test, a notebook) gets its own settings back
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
 
 
-def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every) -> dict:
+def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers) -> dict:
     import torch
 
     from benchmarks.common import OtherLoad
@@ -243,10 +247,10 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
     model = build_model(SIZES[size], frames // 2)
     n_params = sum(p.numel() for p in model.parameters())
     clips = scan_fsdd(data)
-    batches = Batches(clips, seed, fe, tokenizer)
+    batches = Batches(clips, seed, fe, tokenizer, speakers)
     print(f"model: {size} {asdict(SIZES[size])}, {n_params / 1e6:.2f} M parameters, {frames} input frames "
           f"({CHUNK_SECONDS} s, hop {HOP_LENGTH / SAMPLING_RATE * 1e3:.0f} ms); {steps} steps of {batch_size}, "
-          f"{threads} threads", flush=True)
+          f"{threads} threads; speakers {', '.join(speakers)}", flush=True)
 
     # An auxiliary head on the encoder, trained beside the decoder and dropped at save time (the saved model is
     # a plain Whisper): it classifies every encoder position as silence or one of the ten digits, targets
@@ -294,7 +298,8 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
           flush=True)
 
     log = {"size": size, "model": asdict(SIZES[size]), "parameters": n_params, "steps": steps, "seed": seed,
-           "batch_size": batch_size, "lr": lr, "threads": threads, "train_seconds": round(train_s, 1),
+           "batch_size": batch_size, "lr": lr, "threads": threads, "speakers": list(speakers),
+           "train_seconds": round(train_s, 1),
            "steps_per_second": round(steps / train_s, 4), "own_cores": round(own_cores, 2),
            "other_load_cores": None if other is None else round(other, 2), "history": history,
            "torch": torch.__version__}
@@ -329,12 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--size", default="base", choices=sorted(SIZES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speakers", default=",".join(SPEAKERS),
+                   help="comma-separated training speakers (default all five); leave one out to have an unseen "
+                        "speaker for adaptation experiments (held-out WER is still reported for all five)")
     p.add_argument("--eval-per-speaker", type=int, default=100,
                    help="held-out sequences per speaker for the final WER (0: skip)")
     args = p.parse_args(argv)
     try:
         train(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-              size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker)
+              size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker,
+              speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
