@@ -1,0 +1,189 @@
+// Factor storage and decoding for the CPU kernel of adaptwin::rank_linear (included by rank_linear.cpp only):
+// the Factor view of a packed or plain factor, NF4 / int8 decoding of a run of elements into floats
+// (scalar and AVX-512), and float32 dot / axpy. Layouts: adaptwin/ops/rank_linear.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+
+namespace adaptwin {
+namespace {
+
+
+constexpr int64_t kGemvRows = 8;   // rows of x up to which the decode path runs
+constexpr int64_t kChunk = 512;    // floats decoded at a time (2 KiB, stays in L1)
+// Factor elements per parallel task. One thread decodes and FMAs ~3 G NF4 elements/s (3072x768 factor:
+// 0.34 ms), so a task of 256k elements is ~0.1 ms: below that, waking a second thread costs more than
+// it saves, and on a loaded machine a 2-thread region waited 12-16 ms for a core (measured at load 8).
+constexpr int64_t kGrainElems = 1 << 18;
+
+struct Factor {
+  const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes (fp factors: `keep` only)
+  const float* scale = nullptr;
+  std::string format;
+  int64_t blocksize = 0;
+  int64_t k = 0, n = 0;
+  at::Tensor keep;  // owns converted storage
+  at::Tensor keep_scale;
+};
+
+// --- decoding of elements [e0, e0 + len) of the flat (k, n) factor into out -----------------------
+
+void nf4_scalar(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = e0 + i;
+    const uint8_t byte = p[e >> 1];
+    const int code = (e & 1) ? (byte & 0xF) : (byte >> 4);
+    out[i] = kNF4[code] * absmax[e / bs];
+  }
+}
+
+#if ADAPTWIN_X86
+// 32 codes (16 bytes) -> 32 floats in element order (high nibble first), times s.
+ADAPTWIN_AVX512 inline void nf4_32(const uint8_t* p, __m512 lut, __m512 s, float* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i lo = _mm_and_si128(v, low4);
+  const __m512 a = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+  const __m512 b = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+  _mm512_storeu_ps(out, _mm512_mul_ps(a, s));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(b, s));
+}
+
+ADAPTWIN_AVX512 void nf4_avx512(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len,
+                                float* out) {
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  int64_t i = 0;
+  if (e0 & 1) {  // odd start: one low nibble, then byte-aligned
+    nf4_scalar(p, absmax, bs, e0, 1, out);
+    i = 1;
+  }
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t block = e / bs;
+    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
+    const __m512 s = _mm512_set1_ps(absmax[block]);
+    int64_t j = 0;
+    for (; j + 32 <= seg; j += 32) nf4_32(p + ((e + j) >> 1), lut, s, out + i + j);
+    if (j < seg) nf4_scalar(p, absmax, bs, e + j, seg - j, out + i + j);
+    i += seg;
+  }
+}
+#endif
+
+void int8_scalar(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len, float* out) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = e0 + i;
+    out[i] = static_cast<float>(q[e]) * scale[bs == 0 ? e / n : e / bs];
+  }
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0,
+                                 int64_t len, float* out) {
+  const int64_t group = bs == 0 ? n : bs;  // elements per scale
+  int64_t i = 0;
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t g = e / group;
+    const int64_t seg = std::min(len - i, (g + 1) * group - e);
+    const __m512 s = _mm512_set1_ps(scale[g]);
+    int64_t j = 0;
+    for (; j + 16 <= seg; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + e + j));
+      _mm512_storeu_ps(out + i + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+    }
+    for (; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * scale[g];
+    i += seg;
+  }
+}
+#endif
+
+// Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
+// itself, or into buf after decoding.
+const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, float* buf) {
+  const int64_t e0 = r * f.n + c0;
+  if (f.format == "nf4") {
+#if ADAPTWIN_X86
+    if (has_avx512()) {
+      nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
+    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+    return buf;
+  }
+#if ADAPTWIN_X86
+  if (has_avx512()) {
+    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+#endif
+  int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+  return buf;
+}
+
+// --- dot and axpy over float32 ----------------------------------------------------------------------
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without -ffast-math
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+void axpy_scalar(float* y, float alpha, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+ADAPTWIN_AVX512 void axpy_avx512(float* y, float alpha, const float* x, int64_t n) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return dot_avx512(a, b, n);
+#endif
+  return dot_scalar(a, b, n);
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return axpy_avx512(y, alpha, x, n);
+#endif
+  axpy_scalar(y, alpha, x, n);
+}
+
+}  // namespace
+}  // namespace adaptwin
