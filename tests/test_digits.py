@@ -86,6 +86,14 @@ def test_training_batches_use_training_takes_only(clips):
         # The frame targets name the same digits in the same order (runs of one digit value, silences between).
         runs = [int(v) - 1 for i, v in enumerate(frames[row]) if v > 0 and (i == 0 or frames[row, i - 1] != v)]
         assert runs == digits
+    # Speed/gain perturbation keeps the frame targets on the (moved) digits.
+    aug = Batches(clips, 0, build_feature_extractor(), build_tokenizer(), augment=True)
+    feats, labels, frames = aug.draw(4)
+    assert tuple(feats.shape) == (4, 80, 300)
+    for row in range(4):
+        digits = [int(t) - VOCAB["zero"] for t in labels[row] if t >= VOCAB["zero"]]
+        runs = [int(v) - 1 for i, v in enumerate(frames[row]) if v > 0 and (i == 0 or frames[row, i - 1] != v)]
+        assert runs == digits
     # A speaker left out of training (for adaptation to an unseen voice) contributes no clip.
     some = Batches(clips, 0, build_feature_extractor(), build_tokenizer(), speakers=("george", "lucas"))
     assert set(some.pools) == {"george", "lucas"}

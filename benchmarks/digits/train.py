@@ -127,9 +127,11 @@ def build_model(size: ModelSize, source_positions: int):
 class Batches:
     """Training batches drawn from one seeded generator: (features (B, 80, frames), labels (B, L) with -100 pad)."""
 
-    def __init__(self, clips, seed: int, feature_extractor, tokenizer, speakers: tuple[str, ...] = SPEAKERS):
+    def __init__(self, clips, seed: int, feature_extractor, tokenizer, speakers: tuple[str, ...] = SPEAKERS,
+                 augment: bool = False):
         self.rng = np.random.default_rng([int(seed), 1])
         self.speakers = tuple(speakers)
+        self.augment = augment
         self.bank = ClipBank([c for c in clips if c.take in TRAIN_TAKES])
         self.pools = {}
         for s in self.speakers:
@@ -147,7 +149,10 @@ class Batches:
         seqs = [draw_sequence(self.rng, self.pools[self.speakers[int(self.rng.integers(len(self.speakers)))]],
                               self.bank.durations, max_digits=max_digits) for _ in range(batch_size)]
         audio = [self.bank.render(q) for q in seqs]
-        feats = self.fe(audio, sampling_rate=SAMPLING_RATE, return_tensors="np")["input_features"]
+        speeds = np.ones(batch_size)
+        if self.augment:  # speed perturbation (tempo and pitch, as Kaldi's 0.9-1.1) and gain, per utterance
+            audio, speeds = zip(*(self._perturb(a) for a in audio))
+        feats = self.fe(list(audio), sampling_rate=SAMPLING_RATE, return_tensors="np")["input_features"]
         ids = [self.tok(q.text, add_special_tokens=False)["input_ids"] + [VOCAB[EOT]] for q in seqs]
         width = max(len(i) for i in ids)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)  # (B, L)
@@ -164,9 +169,21 @@ class Batches:
             for gap, clip in zip(q.gaps, q.clips):
                 start += gap
                 end = start + len(self.bank.audio[clip])
-                frames[row, torch.from_numpy((mids >= start) & (mids < end))] = clip.digit + 1
+                lo, hi = start / speeds[row], end / speeds[row]  # sample positions after the speed change
+                frames[row, torch.from_numpy((mids >= lo) & (mids < hi))] = clip.digit + 1
                 start = end
         return torch.from_numpy(np.ascontiguousarray(feats)), labels, frames
+
+
+    def _perturb(self, audio: np.ndarray) -> tuple[np.ndarray, float]:
+        """``audio`` played at a random speed in [0.9, 1.1] (never past the 6 s window) and gain in ±6 dB."""
+        import soxr
+
+        slowest = max(0.9, len(audio) / (CHUNK_SECONDS * SAMPLING_RATE))
+        speed = float(self.rng.uniform(slowest, 1.1))
+        gain = float(10 ** (self.rng.uniform(-6.0, 6.0) / 20))
+        out = soxr.resample(audio, SAMPLING_RATE, SAMPLING_RATE / speed)  # fewer samples when faster
+        return (gain * out).astype(np.float32), speed
 
 
 ALIGN_WEIGHT = 0.5
@@ -209,7 +226,7 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
 
 def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
-          log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS) -> dict:
+          log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS, augment: bool = False) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
     import torch
 
@@ -226,13 +243,15 @@ def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0
     torch.use_deterministic_algorithms(True)
     try:
         return _train(data, out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, size=size, threads=threads,
-                      eval_per_speaker=eval_per_speaker, log_every=log_every, speakers=tuple(speakers))
+                      eval_per_speaker=eval_per_speaker, log_every=log_every, speakers=tuple(speakers),
+                      augment=augment)
     finally:  # a caller (a test, a notebook) gets its own settings back
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
 
 
-def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers) -> dict:
+def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers,
+           augment) -> dict:
     import torch
 
     from benchmarks.common import OtherLoad
@@ -247,7 +266,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
     model = build_model(SIZES[size], frames // 2)
     n_params = sum(p.numel() for p in model.parameters())
     clips = scan_fsdd(data)
-    batches = Batches(clips, seed, fe, tokenizer, speakers)
+    batches = Batches(clips, seed, fe, tokenizer, speakers, augment)
     print(f"model: {size} {asdict(SIZES[size])}, {n_params / 1e6:.2f} M parameters, {frames} input frames "
           f"({CHUNK_SECONDS} s, hop {HOP_LENGTH / SAMPLING_RATE * 1e3:.0f} ms); {steps} steps of {batch_size}, "
           f"{threads} threads; speakers {', '.join(speakers)}", flush=True)
@@ -298,7 +317,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
           flush=True)
 
     log = {"size": size, "model": asdict(SIZES[size]), "parameters": n_params, "steps": steps, "seed": seed,
-           "batch_size": batch_size, "lr": lr, "threads": threads, "speakers": list(speakers),
+           "batch_size": batch_size, "lr": lr, "threads": threads, "speakers": list(speakers), "augment": augment,
            "train_seconds": round(train_s, 1),
            "steps_per_second": round(steps / train_s, 4), "own_cores": round(own_cores, 2),
            "other_load_cores": None if other is None else round(other, 2), "history": history,
@@ -334,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--size", default="base", choices=sorted(SIZES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--augment", action="store_true",
+                   help="speed (0.9-1.1) and gain (±6 dB) perturbation of every training sequence")
     p.add_argument("--speakers", default=",".join(SPEAKERS),
                    help="comma-separated training speakers (default all five); leave one out to have an unseen "
                         "speaker for adaptation experiments (held-out WER is still reported for all five)")
@@ -343,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
               size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker,
-              speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()))
+              speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()), augment=args.augment)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
