@@ -53,11 +53,22 @@ MODES = ("all", "spectral", "lora_scratch", "lora_only")
 
 # ----------------------------------------------------------------------------------------------- data
 
+def require_files(model_dir: str, sets: str) -> None:
+    """Exit with what to run first when the recogniser or its test sets are missing (every digits benchmark)."""
+    for need in (Path(model_dir) / "config.json", Path(sets) / "test.jsonl"):
+        if not need.is_file():
+            raise SystemExit(f"{need} is missing: train the recogniser and write its sets first "
+                             "(python -m benchmarks.digits.make_sets / benchmarks.digits.train)")
+
+
 class Bench:
     """The model, its processors, the test sets and the calibration batches of one run."""
 
     def __init__(self, model_dir: str, sets: str, target: str, batch: int, limit: int | None) -> None:
         from transformers import AutoFeatureExtractor, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         from adaptwin.sources import load_model
         from adaptwin.speech.datasets import load_dataset
@@ -337,15 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = sorted(set(args.settings) - set(SETTINGS)) + sorted(set(args.methods) - set(METHODS))
     if bad or not args.seeds:
         parser.error(f"unknown settings/methods {bad} (allowed {list(SETTINGS)}, {list(METHODS)}) or no seeds")
-    for need in (Path(args.model) / "config.json", Path(args.sets) / "test.jsonl"):
-        if not need.is_file():
-            raise SystemExit(f"{need} is missing: train the recogniser and write its sets first "
-                             "(python -m benchmarks.digits.make_sets / benchmarks.digits.train)")
+    require_files(args.model, args.sets)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     bench = Bench(args.model, args.sets, args.target, args.batch, args.limit)
     out_dir = Path(args.out_dir)
     todo = ("table1", "figure2", "table3") if args.experiment == "all" else (args.experiment,)

@@ -191,12 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot_only:
         rows: list[dict[str, Any]] = _read(out)
     else:
-        from benchmarks.digits.paper import Bench
+        from benchmarks.digits.paper import Bench, require_files
 
-        for need in (Path(args.model) / "config.json", Path(args.sets) / "test.jsonl"):
-            if not need.is_file():
-                raise SystemExit(f"{need} is missing: train the recogniser and write its sets first "
-                                 "(python -m benchmarks.digits.make_sets / benchmarks.digits.train)")
+        require_files(args.model, args.sets)
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
         try:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import format_table, now_utc, save_figure, versions, write_rows
-from benchmarks.digits.paper import Bench
+from benchmarks.digits.paper import Bench, require_files
 from benchmarks.residual_vs_adaptwin import _ints, input_grams, output_error, residual_paths, weight_error
 
 BENCHMARK = "digits_residual"
@@ -195,17 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("group size 1 shares nothing (each layer keeps a full matrix); use K >= 2")
     if args.calib is not None and args.calib < 1:
         parser.error(f"--calib must be >= 1, got {args.calib}")
-    for need in (Path(args.model) / "config.json", Path(args.sets) / "test.jsonl"):
-        if not need.is_file():
-            raise SystemExit(f"{need} is missing: train the recogniser and write its sets first "
-                             "(python -m benchmarks.digits.make_sets / benchmarks.digits.train)")
+    require_files(args.model, args.sets)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from transformers.utils import logging as hf_logging
-
     import adaptwin
 
-    hf_logging.disable_progress_bar()
     bench = Bench(args.model, args.sets, args.target, args.batch, args.limit)
     if args.calib is not None:  # Bench featurised them all; keep the first N (the order the seed draws is kept)
         bench.calib, bench._features = bench.calib[:args.calib], bench._features[:args.calib]
