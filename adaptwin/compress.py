@@ -178,6 +178,11 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
             raise TypeError(f"finetune must be an adaptwin.FinetuneConfig, got {type(finetune).__name__}")
         calibration = list(calibration)
     planned, adapter, components, methods = _plan(model, config)
+    embedding_fmt = _embedding_format(config, methods)
+    if embedding_fmt is not None:  # fail before any work, not after fine-tuning
+        from adaptwin.compressors.quantized import input_embedding
+
+        input_embedding(model)
     model_type = planned.architecture
     stats: dict[str, Any] = {}
     if finetune is not None and finetune.init == "whiten":
@@ -220,7 +225,6 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
         small.adaptwin_finetune = report
     if fmt is not None:
         pack_modules(small, record.modules)
-    embedding_fmt = _embedding_format(config, methods)
     if embedding_fmt is not None:  # after fine-tuning: the table is frozen, layers are trained on the original's
         from adaptwin.compressors.quantized import quantize_embeddings
 

@@ -104,6 +104,22 @@ def test_bert_mlm_head_keeps_its_tied_bias(tmp_path):
     assert torch.equal(back(**text_inputs()).logits, logits)
 
 
+def test_a_model_without_a_token_table_fails_before_compressing(monkeypatch):
+    import importlib
+
+    from transformers import BertConfig, BertModel
+
+    compress_module = importlib.import_module("adaptwin.compress")  # the module (the package re-exports the function)
+    dense = BertModel(_bert_config(BertConfig, "sdpa"))
+    monkeypatch.setattr(dense, "get_input_embeddings", lambda: None)
+    calls = []
+    monkeypatch.setattr(compress_module, "_compress_joint", lambda *a, **k: calls.append(1) or {})
+    cfg = adaptwin.CompressionConfig(ratio=0.4, quantization="nf4", quantize_embeddings=True)
+    with pytest.raises(ValueError, match=r"get_input_embeddings\(\) is an nn.Embedding; BertModel gives NoneType"):
+        adaptwin.compress(dense, cfg)
+    assert not calls  # refused at planning: no layer was compressed first
+
+
 def test_gpt2_lm_head_and_generation():
     small = adaptwin.compress(gpt2(), adaptwin.CompressionConfig(ratio=0.4, quantization="nf4",
                                                                  quantize_embeddings=True))

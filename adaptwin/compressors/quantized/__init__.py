@@ -4,6 +4,7 @@ from adaptwin.compressors.quantized.embedding import (
     EmbeddingCompressor,
     QuantEmbedding,
     QuantTiedLinear,
+    input_embedding,
     quantize_embeddings,
 )
 from adaptwin.compressors.quantized.layer import QuantLinear, QuantLowRankLinear, fake_quantize
@@ -15,5 +16,5 @@ from adaptwin.compressors.quantized.transform import (
 )
 
 __all__ = ["EmbeddingCompressor", "QuantEmbedding", "QuantLinear", "QuantLowRankLinear", "QuantTiedLinear",
-           "QuantizedCompressor", "fake_quantize", "logical_params", "pack_modules", "quantize_embeddings",
-           "quantize_modules"]
+           "QuantizedCompressor", "fake_quantize", "input_embedding", "logical_params", "pack_modules",
+           "quantize_embeddings", "quantize_modules"]

@@ -132,17 +132,24 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """``model``'s input token table, or ``ValueError`` naming what the model has instead (checked before
+    compression starts, so a model without one fails fast)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"quantize_embeddings needs a model whose get_input_embeddings() is an nn.Embedding; "
+                         f"{type(model).__name__} gives {type(emb).__name__}")
+    return emb
+
+
 def quantize_embeddings(model: nn.Module, modules: dict[str, dict[str, Any]], fmt: QuantFormat) -> list[str]:
     """Pack ``model``'s input token embedding (and a head tied to it) in ``fmt``; add them to ``modules``.
 
     Returns the replaced module paths; ``[]`` (with a logged warning) when the table is shared in a way
     that cannot be kept. Raises ``ValueError`` when the model has no ``nn.Embedding`` input embedding.
     """
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if not isinstance(emb, nn.Embedding):
-        raise ValueError(f"quantize_embeddings needs a model whose get_input_embeddings() is an nn.Embedding; "
-                         f"{type(model).__name__} gives {type(emb).__name__}")
+    emb = input_embedding(model)
     weight = emb.weight
     users = [name.rpartition(".") for name, p in model.named_parameters(remove_duplicate=False) if p is weight]
     tables, heads, other = [], [], []
