@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.digits.data import (
     CALIB_TAKES,
@@ -94,6 +95,13 @@ def test_training_batches_use_training_takes_only(clips):
         digits = [int(t) - VOCAB["zero"] for t in labels[row] if t >= VOCAB["zero"]]
         runs = [int(v) - 1 for i, v in enumerate(frames[row]) if v > 0 and (i == 0 or frames[row, i - 1] != v)]
         assert runs == digits
+    # SpecAugment: the same draw with masks differs from the plain one only where set to the utterance's mean.
+    plain = Batches(clips, 0, build_feature_extractor(), build_tokenizer()).draw(4)[0]
+    masked = Batches(clips, 0, build_feature_extractor(), build_tokenizer(), spec_augment=True).draw(4)[0]
+    assert not torch.equal(plain, masked)
+    for f, g in zip(plain, masked):
+        changed = f != g
+        assert torch.allclose(g[changed], f.mean().expand(int(changed.sum())))
     # A speaker left out of training (for adaptation to an unseen voice) contributes no clip.
     some = Batches(clips, 0, build_feature_extractor(), build_tokenizer(), speakers=("george", "lucas"))
     assert set(some.pools) == {"george", "lucas"}

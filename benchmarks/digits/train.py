@@ -128,10 +128,11 @@ class Batches:
     """Training batches drawn from one seeded generator: (features (B, 80, frames), labels (B, L) with -100 pad)."""
 
     def __init__(self, clips, seed: int, feature_extractor, tokenizer, speakers: tuple[str, ...] = SPEAKERS,
-                 augment: bool = False):
+                 augment: bool = False, spec_augment: bool = False):
         self.rng = np.random.default_rng([int(seed), 1])
         self.speakers = tuple(speakers)
         self.augment = augment
+        self.spec_augment = spec_augment
         self.bank = ClipBank([c for c in clips if c.take in TRAIN_TAKES])
         self.pools = {}
         for s in self.speakers:
@@ -153,6 +154,8 @@ class Batches:
         if self.augment:  # speed perturbation (tempo and pitch, as Kaldi's 0.9-1.1) and gain, per utterance
             audio, speeds = zip(*(self._perturb(a) for a in audio))
         feats = self.fe(list(audio), sampling_rate=SAMPLING_RATE, return_tensors="np")["input_features"]
+        if self.spec_augment:
+            feats = self._mask(feats)
         ids = [self.tok(q.text, add_special_tokens=False)["input_ids"] + [VOCAB[EOT]] for q in seqs]
         width = max(len(i) for i in ids)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)  # (B, L)
@@ -174,6 +177,21 @@ class Batches:
                 start = end
         return torch.from_numpy(np.ascontiguousarray(feats)), labels, frames
 
+
+    def _mask(self, feats: np.ndarray) -> np.ndarray:
+        """SpecAugment (LD policy, scaled to 80 bins x 300 frames): per utterance two frequency masks of up to
+        10 bins and two time masks of up to 20 frames, set to the utterance's mean log-mel value."""
+        feats = feats.copy()
+        for f in feats:  # (80, frames)
+            fill = f.mean()
+            for _ in range(2):
+                w = int(self.rng.integers(0, 11))
+                b0 = int(self.rng.integers(0, f.shape[0] - w + 1))
+                f[b0:b0 + w] = fill
+                w = int(self.rng.integers(0, 21))
+                t0 = int(self.rng.integers(0, f.shape[1] - w + 1))
+                f[:, t0:t0 + w] = fill
+        return feats
 
     def _perturb(self, audio: np.ndarray) -> tuple[np.ndarray, float]:
         """``audio`` played at a random speed in [0.9, 1.1] (never past the 6 s window) and gain in ±6 dB."""
@@ -226,7 +244,8 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
 
 def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
-          log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS, augment: bool = False) -> dict:
+          log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS, augment: bool = False,
+          spec_augment: bool = False) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
     import torch
 
@@ -244,14 +263,14 @@ def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0
     try:
         return _train(data, out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, size=size, threads=threads,
                       eval_per_speaker=eval_per_speaker, log_every=log_every, speakers=tuple(speakers),
-                      augment=augment)
+                      augment=augment, spec_augment=spec_augment)
     finally:  # a caller (a test, a notebook) gets its own settings back
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
 
 
 def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers,
-           augment) -> dict:
+           augment, spec_augment) -> dict:
     import torch
 
     from benchmarks.common import OtherLoad
@@ -266,7 +285,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
     model = build_model(SIZES[size], frames // 2)
     n_params = sum(p.numel() for p in model.parameters())
     clips = scan_fsdd(data)
-    batches = Batches(clips, seed, fe, tokenizer, speakers, augment)
+    batches = Batches(clips, seed, fe, tokenizer, speakers, augment, spec_augment)
     print(f"model: {size} {asdict(SIZES[size])}, {n_params / 1e6:.2f} M parameters, {frames} input frames "
           f"({CHUNK_SECONDS} s, hop {HOP_LENGTH / SAMPLING_RATE * 1e3:.0f} ms); {steps} steps of {batch_size}, "
           f"{threads} threads; speakers {', '.join(speakers)}", flush=True)
@@ -318,6 +337,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
 
     log = {"size": size, "model": asdict(SIZES[size]), "parameters": n_params, "steps": steps, "seed": seed,
            "batch_size": batch_size, "lr": lr, "threads": threads, "speakers": list(speakers), "augment": augment,
+           "spec_augment": spec_augment,
            "train_seconds": round(train_s, 1),
            "steps_per_second": round(steps / train_s, 4), "own_cores": round(own_cores, 2),
            "other_load_cores": None if other is None else round(other, 2), "history": history,
@@ -355,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--augment", action="store_true",
                    help="speed (0.9-1.1) and gain (±6 dB) perturbation of every training sequence")
+    p.add_argument("--spec-augment", action="store_true",
+                   help="SpecAugment: two frequency (<= 10 bins) and two time (<= 20 frames) masks per sequence")
     p.add_argument("--speakers", default=",".join(SPEAKERS),
                    help="comma-separated training speakers (default all five); leave one out to have an unseen "
                         "speaker for adaptation experiments (held-out WER is still reported for all five)")
@@ -364,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
               size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker,
-              speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()), augment=args.augment)
+              speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()), augment=args.augment,
+              spec_augment=args.spec_augment)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
