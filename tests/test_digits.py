@@ -111,6 +111,29 @@ def test_training_batches_use_training_takes_only(clips):
         train(FSDD, "unused", speakers=("alice",))
 
 
+def test_weight_average_is_an_ema_from_its_start_step():
+    import torch
+
+    from benchmarks.digits.train import WeightAverage, train
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    avg = WeightAverage([w], decay=0.75, start=2)
+    expected = None
+    for step, value in enumerate([5.0, 7.0, 1.0, 3.0, -2.0]):
+        with torch.no_grad():
+            w.fill_(value)
+        avg.update(step)
+        if step >= 2:
+            expected = value if expected is None else 0.75 * expected + 0.25 * value
+    avg.copy_to_params()
+    torch.testing.assert_close(w.detach(), torch.full((3,), expected))  # 1 -> 1.5 -> 0.625
+    assert expected == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="decay must lie in"):
+        WeightAverage([w], decay=1.0, start=0)
+    with pytest.raises(ValueError, match="dropout and ema must lie in"):
+        train(FSDD, "unused", ema=1.5)
+
+
 def test_bad_input(tmp_path, clips):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_fsdd(tmp_path / "nowhere")

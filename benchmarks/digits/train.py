@@ -87,7 +87,7 @@ def build_feature_extractor():
                                    chunk_length=CHUNK_SECONDS, n_fft=N_FFT)
 
 
-def build_model(size: ModelSize, source_positions: int):
+def build_model(size: ModelSize, source_positions: int, dropout: float = 0.0):
     """A randomly initialised WhisperForConditionalGeneration over the digit vocabulary, with its generation config."""
     import torch
     from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
@@ -103,7 +103,7 @@ def build_model(size: ModelSize, source_positions: int):
         pad_token_id=VOCAB[PAD], bos_token_id=VOCAB[SOT], eos_token_id=VOCAB[EOT], decoder_start_token_id=VOCAB[SOT],
         # Whisper's defaults name ids of its 51k-token vocabulary; here they would index past the embedding.
         suppress_tokens=None, begin_suppress_tokens=None,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=True,
+        dropout=dropout, attention_dropout=0.0, activation_dropout=0.0, tie_word_embeddings=True,
     )
     model = WhisperForConditionalGeneration(config)
     # Whisper's init (normal, std 0.02) leaves the stem's output at std 0.04 against 0.62 for the sinusoidal
@@ -204,6 +204,38 @@ class Batches:
         return (gain * out).astype(np.float32), speed
 
 
+class WeightAverage:
+    """Exponential moving average of ``params`` (Polyak averaging) from step ``start`` on: the first update
+    copies the weights, each later one moves the average ``1 - decay`` of the way to them."""
+
+    def __init__(self, params, decay: float, start: int):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must lie in (0, 1), got {decay}")
+        self.params, self.decay, self.start = params, decay, start
+        self.average = None
+
+    def update(self, step: int) -> None:
+        import torch
+
+        if step < self.start:
+            return
+        with torch.no_grad():
+            if self.average is None:
+                self.average = [p.detach().clone() for p in self.params]
+            else:
+                torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def copy_to_params(self) -> None:
+        """Overwrite the parameters with the average (no-op before ``start``)."""
+        import torch
+
+        if self.average is None:
+            return
+        with torch.no_grad():
+            for p, a in zip(self.params, self.average):
+                p.copy_(a)
+
+
 ALIGN_WEIGHT = 0.5
 
 
@@ -245,7 +277,7 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
 def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
           log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS, augment: bool = False,
-          spec_augment: bool = False) -> dict:
+          spec_augment: bool = False, dropout: float = 0.0, ema: float = 0.0) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
     import torch
 
@@ -257,20 +289,22 @@ def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0
     if steps < 1 or batch_size < 1 or threads < 1 or eval_per_speaker < 0:
         raise ValueError(f"steps, batch_size and threads must be >= 1 and eval_per_speaker >= 0, got {steps}, "
                          f"{batch_size}, {threads}, {eval_per_speaker}")
+    if not 0.0 <= dropout < 1.0 or not 0.0 <= ema < 1.0:
+        raise ValueError(f"dropout and ema must lie in [0, 1), got dropout {dropout} and ema {ema}")
     saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     try:
         return _train(data, out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, size=size, threads=threads,
                       eval_per_speaker=eval_per_speaker, log_every=log_every, speakers=tuple(speakers),
-                      augment=augment, spec_augment=spec_augment)
+                      augment=augment, spec_augment=spec_augment, dropout=dropout, ema=ema)
     finally:  # a caller (a test, a notebook) gets its own settings back
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
 
 
 def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers,
-           augment, spec_augment) -> dict:
+           augment, spec_augment, dropout=0.0, ema=0.0) -> dict:
     import torch
 
     from benchmarks.common import OtherLoad
@@ -282,7 +316,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
     frames = fe.nb_max_frames
     if frames % 2:
         raise ValueError(f"the feature window gives {frames} frames; Whisper's stride-2 encoder needs an even count")
-    model = build_model(SIZES[size], frames // 2)
+    model = build_model(SIZES[size], frames // 2, dropout)
     n_params = sum(p.numel() for p in model.parameters())
     clips = scan_fsdd(data)
     batches = Batches(clips, seed, fe, tokenizer, speakers, augment, spec_augment)
@@ -302,6 +336,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = max(1, min(40, steps // 10))
+    averaged = WeightAverage(list(model.parameters()), ema, start=steps // 2) if ema else None
     load = OtherLoad().start()
     t0, cpu0 = time.perf_counter(), time.process_time()
     history = []
@@ -320,6 +355,8 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if averaged is not None:
+            averaged.update(step)
         now = (fwd.loss.item(), align.item())  # decoder cross-entropy (the model's own loss), frame loss
         running = now if running is None else tuple(0.9 * r + 0.1 * x for r, x in zip(running, now))
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -328,6 +365,8 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
                             "elapsed_s": round(el, 1)})
             print(f"step {step + 1:5d}/{steps}  loss {running[0]:.4f}  frames {running[1]:.4f}  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  elapsed {el:7.1f} s  {(step + 1) / el:.3f} steps/s", flush=True)
+    if averaged is not None:
+        averaged.copy_to_params()
     train_s = time.perf_counter() - t0
     other = load.stop()
     own_cores = (time.process_time() - cpu0) / train_s
@@ -337,7 +376,7 @@ def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_sp
 
     log = {"size": size, "model": asdict(SIZES[size]), "parameters": n_params, "steps": steps, "seed": seed,
            "batch_size": batch_size, "lr": lr, "threads": threads, "speakers": list(speakers), "augment": augment,
-           "spec_augment": spec_augment,
+           "spec_augment": spec_augment, "dropout": dropout, "ema": ema,
            "train_seconds": round(train_s, 1),
            "steps_per_second": round(steps / train_s, 4), "own_cores": round(own_cores, 2),
            "other_load_cores": None if other is None else round(other, 2), "history": history,
@@ -377,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="speed (0.9-1.1) and gain (±6 dB) perturbation of every training sequence")
     p.add_argument("--spec-augment", action="store_true",
                    help="SpecAugment: two frequency (<= 10 bins) and two time (<= 20 frames) masks per sequence")
+    p.add_argument("--dropout", type=float, default=0.0, help="residual dropout in every layer while training")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="save the exponential moving average of the weights over the second half of training, "
+                        "with this decay per step (e.g. 0.998; 0: the last weights)")
     p.add_argument("--speakers", default=",".join(SPEAKERS),
                    help="comma-separated training speakers (default all five); leave one out to have an unseen "
                         "speaker for adaptation experiments (held-out WER is still reported for all five)")
@@ -387,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.data, args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
               size=args.size, threads=args.threads, eval_per_speaker=args.eval_per_speaker,
               speakers=tuple(s.strip() for s in args.speakers.split(",") if s.strip()), augment=args.augment,
-              spec_augment=args.spec_augment)
+              spec_augment=args.spec_augment, dropout=args.dropout, ema=args.ema)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
