@@ -96,14 +96,34 @@ def test_attention_matches_reference(case, dtype):
     assert_within_twice(out, ref, ref64)
 
 
-def test_attention_takes_strided_heads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_takes_strided_heads(dtype):
     """q/k/v as the projections produce them: (B, T, H·w) viewed as (B, H, T, w), not contiguous."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 59, 3 * 26, generator=gen)
     q = x.view(2, 59, 3, 26).transpose(1, 2)
-    out = torch.ops.adaptwin.attention(q, q, q, None, 0.2, False)
-    torch.testing.assert_close(out, attention_reference(q.contiguous(), q.contiguous(), q.contiguous(), None, 0.2,
-                                                        False), rtol=2e-5, atol=2e-6)
+    ref64 = attention_reference(*(q.double(),) * 3, None, 0.2, False)
+    lo = q.to(dtype)
+    out = torch.ops.adaptwin.attention(lo, lo, lo, None, 0.2, False)
+    assert_within_twice(out, attention_reference(*(lo.contiguous(),) * 3, None, 0.2, False), ref64)
+
+
+def test_bf16_attention_rounds_like_sdpa():
+    """bf16 inputs: the kernel's error against float64 is SDPA's (bf16 products, float32 sums and softmax,
+    P rounded to bf16), not a float32 kernel's; and odd key counts (a last key without a pair) are exact."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 21, generator=gen) for n in (64, 65, 65))
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, 0.25, False)
+    lo = [x.bfloat16() for x in (q, k, v)]
+    out = torch.ops.adaptwin.attention(*lo, None, 0.25, False)
+    assert out.dtype == torch.bfloat16
+    assert_within_twice(out, attention_reference(*lo, None, 0.25, False), ref64)
+    # dropping the 65th key must equal masking it out
+    keep = torch.ones(1, 1, 1, 65, dtype=torch.bool)
+    keep[..., 64] = False
+    torch.testing.assert_close(torch.ops.adaptwin.attention(*lo, keep, 0.25, False),
+                               torch.ops.adaptwin.attention(lo[0], lo[1][:, :, :64], lo[2][:, :, :64], None, 0.25,
+                                                            False), rtol=0, atol=0)
 
 
 def test_attention_fully_masked_rows_are_zero():

@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_bf16.h"
 #include "attention_tiles.h"
 #include "cpu_features.h"
 
@@ -36,7 +37,6 @@ ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int
   std::fill(ot, ot + p.Dv * 32, 0.0f);
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   __m512 mx[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const float* kb = p.k + b * p.ks[0] + hk * p.ks[1];
   const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
   const int64_t s_end = p.causal ? std::min(p.S, i0 + nq) : p.S;
@@ -68,73 +68,12 @@ ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int
       }
       _mm512_storeu_ps(st + j * 32, a0), _mm512_storeu_ps(st + j * 32 + 16, a1);
     }
-    // masks
-    if (p.mask_f || p.mask_b) {
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
-        float* row = st + jj * 32;
-        if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
-          if (p.mask_f) {
-            const __m512 mv = _mm512_set1_ps(p.mask_f[base]);
-            _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), mv));
-            _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), mv));
-          } else if (!p.mask_b[base]) {
-            _mm512_storeu_ps(row, ninf), _mm512_storeu_ps(row + 16, ninf);
-          }
-        } else {
-          for (int64_t i = 0; i < nq; ++i) {
-            const int64_t at = base + i * p.ms[2];
-            if (p.mask_f) row[i] += p.mask_f[at];
-            else if (!p.mask_b[at]) row[i] = kNegInf;
-          }
-        }
-      }
-    }
-    if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        const int64_t first = j0 + jj - i0;  // lowest lane that may see this key
-        if (first <= 0) continue;
-        const __m512i f = _mm512_set1_epi32(static_cast<int>(first));
-        float* row = st + jj * 32;
-        _mm512_storeu_ps(row, _mm512_mask_mov_ps(_mm512_loadu_ps(row), _mm512_cmplt_epi32_mask(lane, f), ninf));
-        const __mmask16 hi = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16)), f);
-        _mm512_storeu_ps(row + 16, _mm512_mask_mov_ps(_mm512_loadu_ps(row + 16), hi, ninf));
-      }
-    }
-    // online softmax down the key rows (per lane)
-    for (int c = 0; c < 2; ++c) {
-      __m512 tmax = ninf;
-      for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm512_max_ps(tmax, _mm512_loadu_ps(st + jj * 32 + 16 * c));
-      const __m512 m_new = _mm512_max_ps(mx[c], tmax);
-      // lanes that have seen only masked keys keep m = -inf; subtract 0 there so exp gives 0, not NaN
-      const __m512 m_use = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
-      const __m512 alpha = exp512(_mm512_sub_ps(mx[c], m_use));
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        float* at = st + jj * 32 + 16 * c;
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(at), m_use));
-        _mm512_storeu_ps(at, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      l[c] = _mm512_fmadd_ps(l[c], alpha, sum);
-      mx[c] = m_new;
-      for (int64_t d = 0; d < p.Dv; ++d)
-        _mm512_storeu_ps(ot + d * 32 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 32 + 16 * c), alpha));
-    }
+    lanes_softmax(p, b, h, i0, nq, j0, nk, st, mx, l, ot);
     const float* v0 = vb + j0 * p.vs[2];
     for (int64_t d = 0; d < p.Dv; d += 8)
       pv_lanes_any(static_cast<int>(std::min<int64_t>(8, p.Dv - d)), st, v0 + d, p.vs[2], nk, ot + d * 32);
   }
-  alignas(64) float inv[32];
-  for (int c = 0; c < 2; ++c) {
-    const __m512 lc = l[c];
-    const __mmask16 pos = _mm512_cmp_ps_mask(lc, _mm512_setzero_ps(), _CMP_GT_OQ);
-    _mm512_store_ps(inv + 16 * c, _mm512_maskz_div_ps(pos, _mm512_set1_ps(1.0f), lc));  // fully masked: 0
-  }
-  for (int64_t i = 0; i < nq; ++i) {
-    float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
-    for (int64_t d = 0; d < p.Dv; ++d) dst[d] = ot[d * 32 + i] * inv[i];
-  }
+  lanes_store(p, b, h, i0, nq, l, ot);
 }
 #endif
 
@@ -212,24 +151,38 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, p.H != p.Hkv);
     return o.transpose(1, 2).contiguous();
   }
-  auto f32 = [](const at::Tensor& t) {
-    at::Tensor u = t.to(at::kFloat);
-    return u.stride(-1) == 1 ? u : u.contiguous();
-  };
-  at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v);
 #if ADAPTWIN_X86
   const bool lanes = has_avx512() && p.T >= kMinLanes;
 #else
   const bool lanes = false;
 #endif
-  // (B, Hkv, Dq, S) for the row-wise path only
-  at::Tensor kt = lanes ? k32 : k32.transpose(2, 3).contiguous();
+  // bf16 q, k, v with AVX512-BF16: products in bf16 pairs (attention_bf16.h), no float32 copies
+  const bool bf16 = lanes && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                    v.scalar_type() == at::kBFloat16 && has_avx512_bf16();
+  auto f32 = [](const at::Tensor& t) {
+    at::Tensor u = t.to(at::kFloat);
+    return u.stride(-1) == 1 ? u : u.contiguous();
+  };
+  at::Tensor q32, k32, v32, kt, q16, kp, vp;
+  if (bf16) {
+    q16 = q.stride(-1) == 1 ? q : q.contiguous();
+    p.dq2 = (p.Dq + 1) / 2, p.s2 = (p.S + 1) / 2;
+    kp = at::constant_pad_nd(k, {0, p.Dq % 2}).contiguous();  // (B, Hkv, S, 2·dq2)
+    vp = at::constant_pad_nd(v, {0, 0, 0, p.S % 2}).view({p.B, p.Hkv, p.s2, 2, p.Dv}).transpose(3, 4).contiguous();
+    p.q16 = reinterpret_cast<const uint16_t*>(q16.data_ptr<at::BFloat16>());
+    p.kp = reinterpret_cast<const uint16_t*>(kp.data_ptr<at::BFloat16>());
+    p.vp = reinterpret_cast<const uint16_t*>(vp.data_ptr<at::BFloat16>());
+    for (int d = 0; d < 3; ++d) p.qs[d] = q16.stride(d);
+  } else {
+    q32 = f32(q), k32 = f32(k), v32 = f32(v);
+    kt = lanes ? k32 : k32.transpose(2, 3).contiguous();  // (B, Hkv, Dq, S) for the row-wise path only
+    p.q = q32.data_ptr<float>();
+    p.kt = kt.data_ptr<float>();
+    p.k = k32.data_ptr<float>();
+    p.v = v32.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
+  }
   at::Tensor out = at::empty({p.B, p.T, p.H, p.Dv}, at::kFloat);
-  p.q = q32.data_ptr<float>();
-  p.kt = kt.data_ptr<float>();
-  p.k = k32.data_ptr<float>();
-  p.v = v32.data_ptr<float>();
-  for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.out = out.data_ptr<float>();
@@ -249,13 +202,20 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     const int64_t bq = lanes ? 32 : kBQ;
     const int64_t qblocks = (p.T + bq - 1) / bq;
     const int64_t dvp = (p.Dv + 15) / 16 * 16;
-    const size_t ws_size = lanes ? 32 * (p.Dq + kBK + p.Dv) : kBQ * p.Dq + kBQ * kBK + kBQ * dvp + 2 * kBQ;
+    size_t ws_size = lanes ? 32 * (p.Dq + kBK + p.Dv) : kBQ * p.Dq + kBQ * kBK + kBQ * dvp + 2 * kBQ;
+#if ADAPTWIN_X86
+    if (bf16) ws_size = lanes_bf16_workspace(p);
+#endif
     at::parallel_for(0, p.B * p.H * qblocks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> ws(ws_size);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (p.H * qblocks), h = (t / qblocks) % p.H, qb = t % qblocks;
         if (p.S == 0) continue;
 #if ADAPTWIN_X86
+        if (bf16) {
+          run_block_lanes_bf16(p, b, h, qb * bq, ws.data());
+          continue;
+        }
         if (lanes) {
           run_block_lanes(p, b, h, qb * bq, ws.data());
           continue;

@@ -33,6 +33,11 @@ struct Problem {
   bool causal;
   float scale;
   float* out;  // (B, T, H, Dv) contiguous
+  // bfloat16 path (attention_bf16.h) only, raw bf16 bits:
+  const uint16_t* q16 = nullptr;  // (B, H, T, Dq) with strides qs
+  const uint16_t* kp = nullptr;   // (B, Hkv, S, Dq2 * 2): keys, width zero-padded to even
+  const uint16_t* vp = nullptr;   // (B, Hkv, S2, Dv, 2): value rows j, j + 1 interleaved, S zero-padded
+  int64_t dq2 = 0, s2 = 0;        // Dq and S rounded up to pairs
 };
 
 // Scores tile s[i][j] (i < nq, j < nk) = qb[i]·kt[:, j0 + j], plus mask; -inf where masked or j >= nk.
@@ -207,6 +212,83 @@ ADAPTWIN_AVX512 void pv_lanes_any(int dn, const float* st, const float* v, int64
     case 6: return pv_lanes<6>(st, v, vstride, nk, ot);
     case 7: return pv_lanes<7>(st, v, vstride, nk, ot);
     default: return pv_lanes<8>(st, v, vstride, nk, ot);
+  }
+}
+
+// Masks, causal cut and the online-softmax update of one transposed score tile st (nk keys × 32 query
+// lanes, float32): st becomes exp(s - m_new), the running max mx / sum l advance, and Oᵀ (Dv × 32) is
+// rescaled. Shared by the float32 and the bfloat16 query-vectorised paths.
+ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
+                                          int64_t nk, float* st, __m512* mx, __m512* l, float* ot) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // masks
+  if (p.mask_f || p.mask_b) {
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
+      float* row = st + jj * 32;
+      if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
+        if (p.mask_f) {
+          const __m512 mv = _mm512_set1_ps(p.mask_f[base]);
+          _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), mv));
+          _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), mv));
+        } else if (!p.mask_b[base]) {
+          _mm512_storeu_ps(row, ninf), _mm512_storeu_ps(row + 16, ninf);
+        }
+      } else {
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t at = base + i * p.ms[2];
+          if (p.mask_f) row[i] += p.mask_f[at];
+          else if (!p.mask_b[at]) row[i] = kNegInf;
+        }
+      }
+    }
+  }
+  if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const int64_t first = j0 + jj - i0;  // lowest lane that may see this key
+      if (first <= 0) continue;
+      const __m512i f = _mm512_set1_epi32(static_cast<int>(first));
+      float* row = st + jj * 32;
+      _mm512_storeu_ps(row, _mm512_mask_mov_ps(_mm512_loadu_ps(row), _mm512_cmplt_epi32_mask(lane, f), ninf));
+      const __mmask16 hi = _mm512_cmplt_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16)), f);
+      _mm512_storeu_ps(row + 16, _mm512_mask_mov_ps(_mm512_loadu_ps(row + 16), hi, ninf));
+    }
+  }
+  // online softmax down the key rows (per lane)
+  for (int c = 0; c < 2; ++c) {
+    __m512 tmax = ninf;
+    for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm512_max_ps(tmax, _mm512_loadu_ps(st + jj * 32 + 16 * c));
+    const __m512 m_new = _mm512_max_ps(mx[c], tmax);
+    // lanes that have seen only masked keys keep m = -inf; subtract 0 there so exp gives 0, not NaN
+    const __m512 m_use = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
+    const __m512 alpha = exp512(_mm512_sub_ps(mx[c], m_use));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      float* at = st + jj * 32 + 16 * c;
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(at), m_use));
+      _mm512_storeu_ps(at, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[c] = _mm512_fmadd_ps(l[c], alpha, sum);
+    mx[c] = m_new;
+    for (int64_t d = 0; d < p.Dv; ++d)
+      _mm512_storeu_ps(ot + d * 32 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 32 + 16 * c), alpha));
+  }
+}
+
+// out[b, i0 + i, h, :] = Oᵀ[:, i] / l[i] for the task's nq queries (0 where every key was masked).
+ADAPTWIN_AVX512 inline void lanes_store(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, const __m512* l,
+                                        const float* ot) {
+  alignas(64) float inv[32];
+  for (int c = 0; c < 2; ++c) {
+    const __m512 lc = l[c];
+    const __mmask16 pos = _mm512_cmp_ps_mask(lc, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_store_ps(inv + 16 * c, _mm512_maskz_div_ps(pos, _mm512_set1_ps(1.0f), lc));  // fully masked: 0
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
+    for (int64_t d = 0; d < p.Dv; ++d) dst[d] = ot[d * 32 + i] * inv[i];
   }
 }
 #endif  // ADAPTWIN_X86

@@ -13,6 +13,8 @@
 #define ADAPTWIN_X86 1
 #include <immintrin.h>
 #define ADAPTWIN_AVX512 __attribute__((target("avx512f")))
+// AVX512-BF16 (vdpbf16ps: two bf16 products summed into each float32 lane) with the BW permutes
+#define ADAPTWIN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #else
 #define ADAPTWIN_X86 0
 #endif
@@ -22,6 +24,16 @@ namespace adaptwin {
 inline bool has_avx512() {
 #if ADAPTWIN_X86
   static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+inline bool has_avx512_bf16() {
+#if ADAPTWIN_X86
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
   return yes;
 #else
   return false;
