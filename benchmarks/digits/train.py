@@ -274,10 +274,10 @@ def heldout_wer(model, feature_extractor, tokenizer, data: str | Path, per_speak
                          for q, h in list(zip(seqs, hyps))[:: max(1, len(seqs) // 8)]]}
 
 
-def train(data: str | Path, out: str | Path, *, steps: int = 2000, seed: int = 0, batch_size: int = 16,
+def train(data: str | Path, out: str | Path, *, steps: int = 3000, seed: int = 0, batch_size: int = 16,
           lr: float = 1e-3, size: str = "base", threads: int = 2, eval_per_speaker: int = 100,
           log_every: int = 10, speakers: tuple[str, ...] = SPEAKERS, augment: bool = False,
-          spec_augment: bool = False, dropout: float = 0.0, ema: float = 0.0) -> dict:
+          spec_augment: bool = False, dropout: float = 0.0, ema: float = 0.998) -> dict:
     """Train, evaluate on held-out takes, and write the model folder atomically; returns train_log.json's content."""
     import torch
 
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.digits.train", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="the FSDD folder of {digit}_{speaker}_{take}.wav files")
     p.add_argument("--out", required=True, help="model folder to write (replaced atomically if it exists)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -417,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec-augment", action="store_true",
                    help="SpecAugment: two frequency (<= 10 bins) and two time (<= 20 frames) masks per sequence")
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout in every layer while training")
-    p.add_argument("--ema", type=float, default=0.0,
+    p.add_argument("--ema", type=float, default=0.998,
                    help="save the exponential moving average of the weights over the second half of training, "
-                        "with this decay per step (e.g. 0.998; 0: the last weights)")
+                        "with this decay per step (default 0.998; 0: the last weights)")
     p.add_argument("--speakers", default=",".join(SPEAKERS),
                    help="comma-separated training speakers (default all five); leave one out to have an unseen "
                         "speaker for adaptation experiments (held-out WER is still reported for all five)")
