@@ -75,7 +75,8 @@ def test_takes_never_mix(clips):
 
 
 def test_training_batches_use_training_takes_only(clips):
-    from benchmarks.digits.train import VOCAB, Batches, build_feature_extractor, build_tokenizer
+    from benchmarks.digits.batches import Batches
+    from benchmarks.digits.train import VOCAB, build_feature_extractor, build_tokenizer
 
     batches = Batches(clips, 0, build_feature_extractor(), build_tokenizer())
     assert {c.take for c in batches.bank.audio} == set(TRAIN_TAKES)

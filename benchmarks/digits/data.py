@@ -30,6 +30,10 @@ __all__ = [
 
 SAMPLING_RATE = 16000
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# The recogniser's word-level vocabulary: four specials, then the ten digit words.
+EOT, SOT, PAD, UNK = "<|endoftext|>", "<|startoftranscript|>", "<pad>", "<unk>"
+SPECIALS = (EOT, SOT, PAD, UNK)
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + DIGIT_WORDS)}
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
 TRAIN_TAKES = tuple(range(0, 40))
 TEST_TAKES = tuple(range(40, 50))
