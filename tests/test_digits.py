@@ -133,6 +133,8 @@ def test_weight_average_is_an_ema_from_its_start_step():
         WeightAverage([w], decay=1.0, start=0)
     with pytest.raises(ValueError, match="dropout and ema must lie in"):
         train(FSDD, "unused", ema=1.5)
+    with pytest.raises(ValueError, match=r"unknown precision 'fp16'; choose one of \['bf16', 'fp32'\]"):
+        train(FSDD, "unused", precision="fp16")
 
 
 def test_bad_input(tmp_path, clips):
@@ -195,6 +197,7 @@ def test_tiny_training_run_reloads_and_generates(tmp_path, clips):
     threads = torch.get_num_threads()
     log = train(FSDD, tmp_path / "model", steps=3, batch_size=4, size="tiny", threads=1, eval_per_speaker=1,
                 log_every=1)
+    assert log["precision"] == "bf16"  # the default: bf16 autocast, fp32 weights saved
     assert torch.get_num_threads() == threads  # settings restored for the caller
     out = tmp_path / "model"
     for name in ("config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
@@ -205,6 +208,7 @@ def test_tiny_training_run_reloads_and_generates(tmp_path, clips):
     assert set(log["heldout"]["per_speaker"]) == set(SPEAKERS)
 
     model = WhisperForConditionalGeneration.from_pretrained(out)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     fe = AutoFeatureExtractor.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert 2 * model.config.max_source_positions == fe.nb_max_frames

@@ -163,7 +163,9 @@ LINEAR_CASES = [
     (1, 384, 96, 384, "nf4", 64),
     (1, 431, 37, 433, "nf4", 64),
     (1, 384, 1, 1536, "nf4", 64),
-    (1, 416, 29, 480, "nf4", 32),  # fused decode with a partial 128-column chunk (480 = 3·128 + 96)
+    (1, 416, 29, 480, "nf4", 32),  # fused decode with a partial 256-column chunk (480 = 256 + 224)
+    (1, 768, 192, 800, "nf4", 32),  # 800 = 3·256 + 32: a last chunk of two 16-column groups
+    (1, 3072, 13, 1536, "nf4", 128),  # blocks of 128: four 32-code steps per scale
     (3, 431, 20, 384, "nf4", 6),
     (59, 431, 52, 384, "nf4", 64),
     (1, 384, 64, 431, "int8", 0),

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,17 +34,32 @@ bool fused_ok(const Factor& f) {
 }
 
 #if ADAPTWIN_X86
-ADAPTWIN_AVX512 inline void nf4_32_raw(const uint8_t* p, __m512 lut, __m512& a, __m512& b) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-  const __m128i lo = _mm_and_si128(v, low4);
-  a = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
-  b = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+// 16 codes (8 bytes) -> 16 LUT values with one shuffle. The 8 bytes are broadcast to every 64-bit lane and
+// lane j shifted right by 4j, so its low 32-bit half starts with nibble j and its high half with nibble
+// j + 8; vpermps reads only the low 4 bits of each index. The cvtepu8 + unpack decode it replaces spent
+// three shuffles per 16 codes, and shuffles bound the loop. The values come out in the lane order
+// kLaneCode (nibble n of the little-endian word is element n ^ 1: the high nibble of a byte comes first),
+// so callers permute x, or their output columns, once to match.
+constexpr int kLaneCode[16] = {1, 9, 0, 8, 3, 11, 2, 10, 5, 13, 4, 12, 7, 15, 6, 14};
+
+ADAPTWIN_AVX512 inline __m512 nf4_16(const uint8_t* p, __m512 lut) {
+  int64_t word;
+  std::memcpy(&word, p, sizeof(word));
+  const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(_mm512_srlv_epi64(_mm512_set1_epi64(word), shifts), lut);
 }
 
-// h[r] = A[r, :]·x for r in [r0, r1)
-ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+ADAPTWIN_AVX512 inline __m512i lane_code() { return _mm512_loadu_si512(kLaneCode); }
+
+// The inverse of kLaneCode: element e of a group sits in lane kLaneInverse[e].
+ADAPTWIN_AVX512 inline __m512i lane_inverse() {
+  alignas(64) int32_t inv[16];
+  for (int l = 0; l < 16; ++l) inv[kLaneCode[l]] = l;
+  return _mm512_load_si512(inv);
+}
+
+// h[r] = A[r, :]·x for r in [r0, r1); xp is x with every group of 16 in kLaneCode order.
+ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* xp, float* h, int64_t r0, int64_t r1) {
   const __m512 lut = _mm512_loadu_ps(kNF4);
   const uint8_t* codes = static_cast<const uint8_t*>(f.data);
   const int64_t blocks = f.n / f.blocksize;
@@ -55,10 +71,8 @@ ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* x, float* h
       __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
       const int64_t c0 = blk * f.blocksize;
       for (int64_t c = c0; c < c0 + f.blocksize; c += 32) {
-        __m512 a, b;
-        nf4_32_raw(p + c / 2, lut, a, b);
-        acc0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(x + c), acc0);
-        acc1 = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + c + 16), acc1);
+        acc0 = _mm512_fmadd_ps(nf4_16(p + c / 2, lut), _mm512_loadu_ps(xp + c), acc0);
+        acc1 = _mm512_fmadd_ps(nf4_16(p + c / 2 + 8, lut), _mm512_loadu_ps(xp + c + 16), acc1);
       }
       tot = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scale[blk]), tot);
     }
@@ -66,27 +80,39 @@ ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* x, float* h
   }
 }
 
-// y[c0:c1] += h·B[:, c0:c1]; c0 and c1 are multiples of 32. 128 output columns live in 8 registers
-// across all k directions.
+// y[c0:c1] += h·B[:, c0:c1]; c0 and c1 are multiples of 32. 256 output columns live in 16 registers (in
+// kLaneCode order, put back in place at the store) across all k directions.
 ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
   const __m512 lut = _mm512_loadu_ps(kNF4);
+  const __m512i to_lanes = lane_code(), to_elements = lane_inverse();
   const uint8_t* codes = static_cast<const uint8_t*>(f.data);
-  for (int64_t c = c0; c < c1; c += 128) {
-    const int groups = static_cast<int>(std::min<int64_t>(128, c1 - c) / 32);
-    __m512 acc[8];
-    for (int g = 0; g < 2 * groups; ++g) acc[g] = _mm512_loadu_ps(y + c + 16 * g);
+  const int64_t blocks = f.n / f.blocksize;
+  constexpr int kGroups = 16;
+  for (int64_t c = c0; c < c1; c += 16 * kGroups) {
+    const int groups = static_cast<int>(std::min<int64_t>(16 * kGroups, c1 - c) / 16);
+    __m512 acc[kGroups];
+    int64_t block_of[kGroups];  // scale block of group g within a row (n is a multiple of the blocksize)
+    for (int g = 0; g < groups; ++g) {
+      acc[g] = _mm512_permutexvar_ps(to_lanes, _mm512_loadu_ps(y + c + 16 * g));
+      block_of[g] = (c + 16 * g) / f.blocksize;
+    }
     for (int64_t r = 0; r < f.k; ++r) {
-      const int64_t e = r * f.n + c;
+      const uint8_t* p = codes + (r * f.n + c) / 2;
+      const float* scale = f.scale + r * blocks;
+      const __m512 hr = _mm512_set1_ps(h[r]);
       for (int g = 0; g < groups; ++g) {
-        const __m512 coef = _mm512_set1_ps(h[r] * f.scale[(e + 32 * g) / f.blocksize]);
-        __m512 a, b;
-        nf4_32_raw(codes + (e + 32 * g) / 2, lut, a, b);
-        acc[2 * g] = _mm512_fmadd_ps(coef, a, acc[2 * g]);
-        acc[2 * g + 1] = _mm512_fmadd_ps(coef, b, acc[2 * g + 1]);
+        const __m512 coef = _mm512_mul_ps(hr, _mm512_set1_ps(scale[block_of[g]]));
+        acc[g] = _mm512_fmadd_ps(coef, nf4_16(p + 8 * g, lut), acc[g]);
       }
     }
-    for (int g = 0; g < 2 * groups; ++g) _mm512_storeu_ps(y + c + 16 * g, acc[g]);
+    for (int g = 0; g < groups; ++g) _mm512_storeu_ps(y + c + 16 * g, _mm512_permutexvar_ps(to_elements, acc[g]));
   }
+}
+
+// x with every group of 16 features in kLaneCode order (n is a multiple of 16).
+ADAPTWIN_AVX512 void to_lane_order(const float* x, int64_t n, float* xp) {
+  const __m512i idx = lane_code();
+  for (int64_t c = 0; c < n; c += 16) _mm512_storeu_ps(xp + c, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x + c)));
 }
 #endif
 
@@ -97,7 +123,11 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
 #if ADAPTWIN_X86
   if (rows == 1 && has_avx512() && fused_ok(a)) {
-    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) { nf4_gemv_in_fused(a, x, h, r0, r1); });
+    thread_local std::vector<float> lanes;  // this (the calling) thread's; the workers get the pointer
+    lanes.resize(static_cast<size_t>(a.n));
+    float* xp = lanes.data();
+    to_lane_order(x, a.n, xp);
+    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) { nf4_gemv_in_fused(a, xp, h, r0, r1); });
     return;
   }
 #endif
