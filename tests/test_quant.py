@@ -219,6 +219,27 @@ def test_rank_linear_gradients():
     assert torch.allclose(g, torch.ones(2, 3, 4, dtype=torch.float64) @ fmt.dequantize(stored, (4, 7), torch.float64))
 
 
+def test_run_rank_linear_skips_autograd_only_when_nothing_needs_it():
+    from adaptwin.ops.rank_linear import run_rank_linear
+
+    x, a, fa, b, fb, bias = _case(1)
+    args = _op_args(x, a, fa, b, fb, bias)
+    expected = torch.ops.adaptwin.rank_linear(*args)
+    with torch.no_grad():
+        y = run_rank_linear(*args)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert y.grad_fn is None and not y.requires_grad
+    # with a factor that needs a gradient the call records the op's backward, as the plain op does
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = run_rank_linear(*_op_args(x, a, None, None, None, None))
+    assert y.grad_fn is not None
+    assert torch.autograd.gradcheck(lambda x, a: run_rank_linear(*_op_args(x, a, None, None, None, None)), (x, a))
+    with torch.no_grad():
+        assert run_rank_linear(*_op_args(x, a, None, None, None, None)).grad_fn is None
+
+
 def test_rank_linear_bad_arguments():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="at least one factor"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptwin.ops.rank_linear import rank_linear
+from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
 _NONE = (None, None, "fp", 0, [])  # an absent factor in rank_linear's argument order

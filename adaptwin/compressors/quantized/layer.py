@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptwin.ops.rank_linear import rank_linear
+from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
 
