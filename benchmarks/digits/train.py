@@ -6,8 +6,9 @@ Training draws fresh sequences every step (1-5 digits of one speaker, takes 0-39
 `benchmarks.digits.data`), so no two batches repeat; by default 4000 steps of 16 under bf16 autocast (23 min
 alone on the 2-core CPU with 2 threads). The run is deterministic for a given seed and thread count on one
 machine: one seeded generator drives the data, torch's seed the weights, and CPU kernels run with
-``torch.use_deterministic_algorithms`` (another thread count sums in another order: another run). At the end the model transcribes held-out sequences (takes 40-49,
-the same draws as make_sets' test.jsonl) and the word error rate is printed per speaker.
+``torch.use_deterministic_algorithms`` (another thread count sums in another order: another run). At the
+end the model transcribes held-out sequences (takes 40-49, the same draws as make_sets' test.jsonl) and the
+word error rate is printed per speaker.
 
 The output folder is what ``adaptwin eval DIR --data test.jsonl`` and ``adaptwin compress`` read:
 config.json + model.safetensors, generation_config.json, preprocessor_config.json (a WhisperFeatureExtractor
