@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adaptwin.ops.backends import call_without_autograd
+
 # CPU SDPA (the flash kernel) wants one head width for q, k and v (else it falls back to the math path,
 # which materialises every T×S score matrix), and its blocked GEMMs are markedly slower at some widths.
 # Sweep of D = 2..129 at (1, 6, 1500, D), 2 threads, p20: a sawtooth with minima at multiples of 8 and the
@@ -124,12 +126,7 @@ def attend(
         weights = F.dropout(weights, p=dropout, training=dropout > 0)
         return torch.matmul(weights, v).transpose(1, 2), weights
     if dropout == 0.0 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        if torch.compiler.is_compiling():
-            return _run_op(q, k, v, mask, float(scale), causal), None  # (B, T, H, Dv)
-        # Nothing to record: go below the autograd key (as inference_mode does), skipping the custom op's
-        # Python autograd wrapper, ~7 us per call under torch.no_grad (see `run_rank_linear`).
-        with torch._C._AutoDispatchBelowAutograd():
-            return _run_op(q, k, v, mask, float(scale), causal), None
+        return call_without_autograd(_run_op, q, k, v, mask, float(scale), causal), None  # (B, T, H, Dv)
     return _sdpa(q, k, v, mask, scale, causal, dropout).transpose(1, 2), None
 
 

@@ -43,6 +43,17 @@ def load() -> dict[str, object]:
     return _STATE
 
 
+def call_without_autograd(op, *args):
+    """``op(*args)`` dispatched below the autograd key, as under ``torch.inference_mode``: for inference calls
+    whose result needs no gradient. A custom op's autograd kernel is Python (``register_autograd``) and runs
+    on every call, even under ``torch.no_grad``; skipping it took a batch-1 ``rank_linear`` call at d = 64
+    from 12.2 to 6.1 us on the 2-core CPU. Under ``torch.compile`` the op is traced as is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def has_kernel(op: str, device: str) -> bool:
     """Whether a non-reference kernel is registered for ``op`` (e.g. "adaptwin::attention") on ``device``."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device]

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adaptwin import quant
+from adaptwin.ops.backends import call_without_autograd
 
 FORMATS = ("fp", *quant.FORMATS)
 
@@ -147,7 +148,6 @@ def _backward(ctx, gy: Tensor):
 rank_linear.register_autograd(_backward, setup_context=_setup_context)
 
 _OP = torch.ops.adaptwin.rank_linear.default
-_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 def run_rank_linear(
@@ -156,14 +156,9 @@ def run_rank_linear(
     b: Tensor | None, b_scale: Tensor | None, b_format: str, b_blocksize: int, b_shape: Sequence[int],
     bias: Tensor | None,
 ) -> Tensor:
-    """`rank_linear` as modules call it: the same op, but when there is no gradient to record (grad mode off,
-    or no argument requires grad) the call goes straight to the kernel below the autograd key, as it does
-    under ``torch.inference_mode``, instead of through the custom op's Python autograd wrapper. At d = 64,
-    batch 1, under ``torch.no_grad`` (what ``generate`` uses) that took a call from 12.2 to 6.1 us on this
-    CPU. Under ``torch.compile`` the op is traced as is."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            x.requires_grad or (a is not None and a.requires_grad) or (b is not None and b.requires_grad)
-            or (bias is not None and bias.requires_grad))):
-        return _OP(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
-    with _BELOW_AUTOGRAD():
-        return _OP(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
+    """`rank_linear` as modules call it: the same op, run below the autograd key when there is no gradient to
+    record (grad mode off, or no argument requires grad): see `backends.call_without_autograd`."""
+    args = (x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias)):
+        return _OP(*args)
+    return call_without_autograd(_OP, *args)
