@@ -13,9 +13,16 @@ compression ratio 0.5 of the encoder benchmark). Providers, timed interleaved in
 * ``nf4_reference``: the op's pure-PyTorch reference on the NF4 factors (dequantise, then two GEMMs).
 * ``lowrank_fp32``: two F.linear with float32 factors (low rank, no quantisation).
 
-Batch-1 linear layers are memory-bound: the table also gives the weight bytes each provider reads and
-the GB/s that makes. Each sample times ``--inner`` calls (the calls take microseconds). The CPU is shared
-with other processes, so timings are noisy; the ``other load`` column says how busy it was.
+These run under ``torch.inference_mode``. Two more run, interleaved, under ``torch.no_grad`` (as ``generate``
+does), where a custom op's Python autograd kernel runs on every call:
+
+* ``nf4_no_grad``: the NF4 op as the compressed modules call it, `run_rank_linear` (below the autograd key);
+* ``nf4_no_grad_direct``: the op called directly, through its autograd kernel.
+
+Batch-1 linear layers are memory-bound: the
+table also gives the weight bytes each provider reads and the GB/s that makes. Each sample times ``--inner``
+calls (the calls take microseconds). The CPU is shared with other processes, so timings are noisy; the
+``other load`` column says how busy it was.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 
 from adaptwin import quant
 from adaptwin.ops import backends
-from adaptwin.ops.rank_linear import rank_linear_reference
+from adaptwin.ops.rank_linear import rank_linear_reference, run_rank_linear
 from benchmarks.common import (
     OtherLoad,
     Timing,
@@ -87,17 +94,26 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0) -> 
         "lowrank_fp32": rep(lambda: F.linear(F.linear(x, a), bt, bias)),
     }
     weight_bytes = {"dense": _nbytes(w, bias), "nf4": _nbytes(*nf4[:2], *nf4[5:7], bias),
+                    "nf4_no_grad": _nbytes(*nf4[:2], *nf4[5:7], bias),
+                    "nf4_no_grad_direct": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "int8": _nbytes(*int8[:2], *int8[5:7], bias), "nf4_reference": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "lowrank_fp32": _nbytes(a, bt, bias)}
     ref = F.linear(x.double(), w.double(), bias.double())
     errs = {p: float((fn_out - ref).norm() / ref.norm()) for p, fn_out in (
-        ("dense", F.linear(x, w, bias).double()), ("nf4", op(x, *nf4).double()), ("int8", op(x, *int8).double()),
+        ("dense", F.linear(x, w, bias).double()), ("nf4", op(x, *nf4).double()),
+        ("nf4_no_grad", run_rank_linear(x, *nf4).double()), ("nf4_no_grad_direct", op(x, *nf4).double()),
+        ("int8", op(x, *int8).double()),
         ("nf4_reference", rank_linear_reference(x, *nf4).double()),
         ("lowrank_fp32", F.linear(F.linear(x, a), bt, bias).double()))}
+    no_grad = {"nf4_no_grad": rep(lambda: run_rank_linear(x, *nf4)),
+               "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
+    load = OtherLoad().start()
     with torch.inference_mode():
-        load = OtherLoad().start()
         timings = time_interleaved(fns, repeats=repeats, warmup=3)
-        other = load.stop()
+    with torch.no_grad():
+        timings.update(time_interleaved(no_grad, repeats=repeats, warmup=3))
+    other = load.stop()
+    fns.update(no_grad)
     timings = {p: Timing([s / inner for s in t.samples]) for p, t in timings.items()}
     rows = []
     dense = timings["dense"].p50

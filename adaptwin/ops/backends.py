@@ -46,12 +46,17 @@ def load() -> dict[str, object]:
 def call_without_autograd(op, *args):
     """``op(*args)`` dispatched below the autograd key, as under ``torch.inference_mode``: for inference calls
     whose result needs no gradient. A custom op's autograd kernel is Python (``register_autograd``) and runs
-    on every call, even under ``torch.no_grad``; skipping it took a batch-1 ``rank_linear`` call at d = 64
-    from 12.2 to 6.1 us on the 2-core CPU. Under ``torch.compile`` the op is traced as is."""
-    if torch.compiler.is_compiling():
+    on every call, even under ``torch.no_grad``; skipping it took a batch-1 NF4 ``rank_linear`` call at
+    d = 384 from 15.4 to 9.4 us on the 2-core CPU (``benchmarks.rank_linear_speed``, ``nf4_no_grad*``).
+    Under ``torch.compile`` the op is traced as is."""
+    if _is_compiling():
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
+    with _BelowAutograd():
         return op(*args)
+
+
+_is_compiling = torch.compiler.is_compiling
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
 
 
 def has_kernel(op: str, device: str) -> bool:

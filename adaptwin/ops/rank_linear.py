@@ -158,7 +158,9 @@ def run_rank_linear(
 ) -> Tensor:
     """`rank_linear` as modules call it: the same op, run below the autograd key when there is no gradient to
     record (grad mode off, or no argument requires grad): see `backends.call_without_autograd`."""
-    args = (x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, a, b, bias)):
-        return _OP(*args)
-    return call_without_autograd(_OP, *args)
+    if torch.is_grad_enabled() and (x.requires_grad or (a is not None and a.requires_grad)
+                                    or (b is not None and b.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _OP(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
+    return call_without_autograd(_OP, x, a, a_scale, a_format, a_blocksize, a_shape,
+                                 b, b_scale, b_format, b_blocksize, b_shape, bias)
