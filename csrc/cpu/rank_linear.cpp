@@ -37,7 +37,9 @@ bool fused_ok(const Factor& f) {
 // 16 codes (8 bytes) -> 16 LUT values with one shuffle. The 8 bytes are broadcast to every 64-bit lane and
 // lane j shifted right by 4j, so its low 32-bit half starts with nibble j and its high half with nibble
 // j + 8; vpermps reads only the low 4 bits of each index. The cvtepu8 + unpack decode it replaces spent
-// three shuffles per 16 codes, and shuffles bound the loop. The values come out in the lane order
+// three shuffles per 16 codes; in a standalone loop (one thread, 768x192 factor) x·Aᵀ went from 8.3 to
+// 7.3 us and h·B from 9.6 to 9.5 us (there the broadcast of h and the FMAs weigh as much). The values come
+// out in the lane order
 // kLaneCode (nibble n of the little-endian word is element n ^ 1: the high nibble of a byte comes first),
 // so callers permute x, or their output columns, once to match.
 constexpr int kLaneCode[16] = {1, 9, 0, 8, 3, 11, 2, 10, 5, 13, 4, 12, 7, 15, 6, 14};
@@ -51,7 +53,7 @@ ADAPTWIN_AVX512 inline __m512 nf4_16(const uint8_t* p, __m512 lut) {
 
 ADAPTWIN_AVX512 inline __m512i lane_code() { return _mm512_loadu_si512(kLaneCode); }
 
-// The inverse of kLaneCode: element e of a group sits in lane kLaneInverse[e].
+// The inverse permutation of kLaneCode: entry e is the lane that holds element e of a group.
 ADAPTWIN_AVX512 inline __m512i lane_inverse() {
   alignas(64) int32_t inv[16];
   for (int l = 0; l < 16; ++l) inv[kLaneCode[l]] = l;
