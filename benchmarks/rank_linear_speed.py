@@ -19,10 +19,9 @@ does), where a custom op's Python autograd kernel runs on every call:
 * ``nf4_no_grad``: the NF4 op as the compressed modules call it, `run_rank_linear` (below the autograd key);
 * ``nf4_no_grad_direct``: the op called directly, through its autograd kernel.
 
-Batch-1 linear layers are memory-bound: the
-table also gives the weight bytes each provider reads and the GB/s that makes. Each sample times ``--inner``
-calls (the calls take microseconds). The CPU is shared with other processes, so timings are noisy; the
-``other load`` column says how busy it was.
+Batch-1 linear layers are memory-bound: the table also gives the weight bytes each provider reads and the
+GB/s that makes. Each sample times ``--inner`` calls (the calls take microseconds). The CPU is shared with
+other processes, so timings are noisy; the ``other load`` column says how busy it was.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def train(data: str | Path, out: str | Path, *, steps: int = 4000, seed: int = 0
 
 
 def _train(data, out, *, steps, seed, batch_size, lr, size, threads, eval_per_speaker, log_every, speakers,
-           augment, spec_augment, dropout=0.0, ema=0.0, precision="fp32") -> dict:
+           augment, spec_augment, dropout, ema, precision) -> dict:
     import torch
     from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
