@@ -14,6 +14,7 @@ from adaptwin.config import CompressionConfig
 from adaptwin.finetune import FinetuneConfig, FinetuneReport
 from adaptwin.finetune import run_finetune as finetune
 from adaptwin.finetune.select import select_layers
+from adaptwin.fusion import fuse_activations, unfuse_activations
 from adaptwin.io import load, read_meta, save
 from adaptwin.registry import (
     get_architecture,
@@ -40,6 +41,7 @@ __all__ = [
     "compress",
     "compression_record",
     "finetune",
+    "fuse_activations",
     "plan",
     "Plan",
     "get_architecture",
@@ -52,4 +54,5 @@ __all__ = [
     "register_compressor",
     "save",
     "select_layers",
+    "unfuse_activations",
 ]

@@ -12,6 +12,7 @@ from torch import nn
 
 from adaptwin.compressors.ffn_svd.layer import LowRankLinear
 from adaptwin.compressors.product_twin.layer import TwinAttention
+from adaptwin.ops.activation import ACTIVATIONS
 
 
 class UnfusedTwinAttention(nn.Module):
@@ -79,9 +80,11 @@ class UnfusedLowRankLinear(nn.Module):
         self.in_factor = nn.Parameter(lr.in_factor.detach().clone())  # (k, in)
         self.out_factor = nn.Parameter(lr.out_factor.detach().clone())  # (out, k)
         self.bias = None if lr.bias is None else nn.Parameter(lr.bias.detach().clone())
+        self.activation = lr.activation  # one `adaptwin.fuse_activations` handed over (None: the model's own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.out_factor @ self.in_factor, self.bias)
+        y = F.linear(x, self.out_factor @ self.in_factor, self.bias)
+        return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
 
     def flops(self, tokens: int, batch: int) -> dict[str, int]:
         k, d_in = self.in_factor.shape

@@ -1,7 +1,8 @@
 """Whisper encoder on CPU: dense HF encoder vs adaptwin (ratio 0.5, encoder only) vs an unfused low-rank baseline.
 
     python -m benchmarks.whisper_encoder_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--repeats N]
-        [--providers dense,adaptwin,adaptwin_even,adaptwin_sdpa,adaptwin_nopad,unfused] [--threads 2] [--profile]
+        [--providers dense,adaptwin,adaptwin_even,adaptwin_nofuse,adaptwin_sdpa,adaptwin_nopad,unfused]
+        [--threads 2] [--profile]
         [--out results/whisper_encoder_speed.csv]
 
 Encoders are built from `WhisperConfig` with random weights (no hub access); the input is 30 s of audio,
@@ -9,13 +10,16 @@ input_features (1, 80, 3000), i.e. 1500 positions after the stride-2 convolution
 interleaved in one run and compared like with like (each dtype against the dense encoder in that dtype):
 
 * ``dense``: the Hugging Face encoder, ``attn_implementation="sdpa"``.
-* ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",)))``.
-  Attention runs in rank space (per-head width r + l), FFN matrices as two thin GEMMs.
+* ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",)))``,
+  then ``adaptwin.fuse_activations``. Attention runs in rank space (per-head width r + l), FFN matrices
+  as two thin GEMMs, fc1's second GEMM with the GELU in one oneDNN primitive (`adaptwin.ops.linear_act`).
   Inference attention runs ``torch.ops.adaptwin.attention``: the CPU C++ flash kernel where
   ``adaptwin._C`` is built (`make install`), else the SDPA reference.
 * ``adaptwin_even``: the same ratio with ``attention_factor=1.0``: attention loses as large a share of its
   parameters as the FFN (the default plans the paper's split, attention at 0.7x the FFN's compression,
   which leaves the rank-space attention wider and the FLOP ratio above the parameter ratio).
+* ``adaptwin_nofuse``: ``adaptwin`` without ``fuse_activations`` (GELU a separate op, as in the HF
+  layer): what the fusion buys.
 * ``adaptwin_sdpa``: the same compressed encoder with the op's SDPA reference (zero-padded to a fast
   CPU width) in place of the C++ kernel: what the fused kernel buys.
 * ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
@@ -62,7 +66,7 @@ from benchmarks.common import (
 from benchmarks.unfused import UnfusedLowRankLinear, UnfusedTwinAttention, unfuse
 
 BENCHMARK = "whisper_encoder_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_nofuse", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
 REFERENCE = {"dense": "dense", "adaptwin_even": "_unfused_even"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -144,8 +148,12 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
     small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",)))
     even = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",),
                                                                attention_factor=1.0))
+    nofuse = copy.deepcopy(small)
+    for compressed in (small, even):
+        adaptwin.fuse_activations(compressed)
     encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
-                "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
+                "adaptwin_nofuse": nofuse.encoder, "adaptwin_sdpa": ReferenceOps(small.encoder),
+                "adaptwin_nopad": NoPadding(small.encoder)}
     encoders["unfused"] = unfuse(small.encoder).eval()
     encoders["_unfused_even"] = unfuse(even.encoder).eval()
     return encoders

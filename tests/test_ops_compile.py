@@ -20,19 +20,22 @@ import tiny_models  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _encoder(quantization: str | None) -> torch.nn.Module:
+def _encoder(quantization: str | None, fuse: bool = False) -> torch.nn.Module:
     torch._dynamo.reset()
     config = adaptwin.CompressionConfig(ratio=0.5, components=("encoder",), quantization=quantization)
-    encoder = adaptwin.compress(tiny_models.whisper(), config).model.encoder
+    model = adaptwin.compress(tiny_models.whisper(), config)
+    if fuse:
+        assert adaptwin.fuse_activations(model)  # fc1 runs GELU (traced as F.gelu(F.linear(...)))
+    encoder = model.model.encoder
     for m in encoder.modules():
         if quantization and hasattr(m, "pack"):
             m.pack()  # the packed state, as adaptwin.load builds it: codes go to rank_linear
     return encoder
 
 
-@pytest.mark.parametrize("quantization", [None, "nf4"])
-def test_whisper_encoder_traces_without_graph_breaks(quantization):
-    encoder = _encoder(quantization)
+@pytest.mark.parametrize("quantization,fuse", [(None, False), ("nf4", False), (None, True)])
+def test_whisper_encoder_traces_without_graph_breaks(quantization, fuse):
+    encoder = _encoder(quantization, fuse)
     x = tiny_models.whisper_inputs()["input_features"]
     with torch.no_grad():
         explained = torch._dynamo.explain(encoder)(x)
@@ -45,9 +48,9 @@ def test_whisper_encoder_traces_without_graph_breaks(quantization):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", [None, "nf4"])
-def test_compiled_whisper_encoder_matches_eager(quantization):
-    encoder = _encoder(quantization)
+@pytest.mark.parametrize("quantization,fuse", [(None, False), ("nf4", False), (None, True)])
+def test_compiled_whisper_encoder_matches_eager(quantization, fuse):
+    encoder = _encoder(quantization, fuse)
     x = tiny_models.whisper_inputs()["input_features"]
     with torch.no_grad():
         eager = encoder(x).last_hidden_state

@@ -109,6 +109,11 @@ class ArchitectureAdapter:
     def ffn_sites(self, model: nn.Module) -> list[LinearSite]:
         raise NotImplementedError
 
+    def activation_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        """``(linear path, activation path)`` for each FFN matrix whose output goes straight into an
+        activation module, nothing in between: what `adaptwin.fuse_activations` may fuse. None by default."""
+        return []
+
     def layer_paths(self, model: nn.Module) -> list[tuple[str, str]]:
         """``(path, component)`` of each transformer layer, the unit that layer-wise fine-tuning trains.
 

@@ -47,3 +47,7 @@ class BertAdapter(ArchitectureAdapter):
     def ffn_sites(self, model: nn.Module):
         return [s for i, path, layer in iter_layers(model, self._stack(model))
                 for s in fc_sites(path, layer, "encoder", i, ("intermediate.dense", "output.dense"))]
+
+    def activation_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        return [(f"{path}.intermediate.dense", f"{path}.intermediate.intermediate_act_fn")
+                for _, path, _ in iter_layers(model, self._stack(model))]

@@ -29,3 +29,7 @@ class Wav2Vec2Adapter(ArchitectureAdapter):
         names = ("feed_forward.intermediate_dense", "feed_forward.output_dense")
         return [s for i, path, layer in iter_layers(model, self._stack(model))
                 for s in fc_sites(path, layer, "encoder", i, names)]
+
+    def activation_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        return [(f"{path}.feed_forward.intermediate_dense", f"{path}.feed_forward.intermediate_act_fn")
+                for _, path, _ in iter_layers(model, self._stack(model))]

@@ -62,3 +62,7 @@ class WhisperAdapter(ArchitectureAdapter):
         return [s for component, stack in self._stacks(model).items()
                 for i, path, layer in iter_layers(model, stack)
                 for s in fc_sites(path, layer, component, i, ("fc1", "fc2"))]
+
+    def activation_pairs(self, model: nn.Module) -> list[tuple[str, str]]:
+        return [(f"{path}.fc1", f"{path}.activation_fn") for stack in self._stacks(model).values()
+                for _, path, _ in iter_layers(model, stack)]

@@ -6,13 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptwin.ops.activation import ACTIVATIONS, linear_act
+
 
 class LowRankLinear(nn.Module):
     """A linear layer factored through ``rank + lora_rank`` dimensions.
 
     ``in_factor`` (k, in) and ``out_factor`` (out, k), k = rank + lora_rank; the first ``rank`` of the
     k directions are the SVD's, the last ``lora_rank`` are LoRA's (the fine-tuner reads the split).
+
+    ``activation`` (None, or a name in ``fusable_activations``) is the activation the model applies to
+    this layer's output, taken over by `adaptwin.fuse_activations` so that it runs inside the second
+    GEMM (`adaptwin.ops.linear_act`); it holds no state and is not saved.
     """
+
+    fusable_activations = tuple(ACTIVATIONS)
 
     def __init__(self, in_features: int, out_features: int, rank: int, lora_rank: int = 0, bias: bool = True):
         super().__init__()
@@ -22,11 +30,16 @@ class LowRankLinear(nn.Module):
         self.in_factor = nn.Parameter(torch.empty(k, in_features))
         self.out_factor = nn.Parameter(torch.empty(out_features, k))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.activation: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (..., in) -> (..., k) -> (..., out); two GEMMs, never the dense out×in weight
-        return F.linear(F.linear(x, self.in_factor), self.out_factor, self.bias)
+        h = F.linear(x, self.in_factor)
+        if self.activation is None:
+            return F.linear(h, self.out_factor, self.bias)
+        return linear_act(h, self.out_factor, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
-                f"lora_rank={self.lora_rank}, bias={self.bias is not None}")
+                f"lora_rank={self.lora_rank}, bias={self.bias is not None}"
+                + (f", activation={self.activation}" if self.activation else ""))

@@ -33,6 +33,9 @@ def _take(new: nn.Module, old: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def _svd(module: nn.Module, spec: dict[str, Any], fmt: QuantFormat, quantize_lora: bool, packed: bool) -> nn.Module:
+    if getattr(module, "activation", None) is not None:
+        raise ValueError(f"cannot quantise a LowRankLinear that runs its model's {module.activation} activation "
+                         "(adaptwin.fuse_activations); call adaptwin.unfuse_activations(model) first")
     with torch.device("meta"):
         new = QuantLowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["lora_rank"],
                                  spec["bias"], fmt=fmt, quantize_lora=quantize_lora, packed=packed)

@@ -1,0 +1,73 @@
+"""Hand an FFN's activation to the compressed linear before it, so both run as one primitive.
+
+    fused = adaptwin.fuse_activations(model)   # paths of the linears that took their activation over
+    adaptwin.unfuse_activations(model)         # back to the model's own activation modules
+
+The architecture adapter names the pairs (``activation_pairs``: Whisper's fc1 -> activation_fn, BERT's
+intermediate.dense -> intermediate_act_fn, wav2vec2's intermediate_dense -> intermediate_act_fn). A pair
+is fused when the linear is a compressed module that lists the activation in ``fusable_activations``
+(`LowRankLinear`: exact GELU) and the activation module is that function. The activation module is then
+replaced by `FusedActivation` (an identity that keeps the original), so the model computes the same
+function: the fused form only changes the rounding (see `adaptwin.ops.linear_act`).
+
+Nothing of this is saved: the state dict is unchanged, `adaptwin.save` writes the usual checkpoint and
+`adaptwin.load` returns the unfused model (fuse it again). Quantising a compressed model refuses fused
+linears (unfuse first).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from adaptwin.architectures import model_type_of
+from adaptwin.compress import _submodule_setter
+from adaptwin.registry import get_architecture
+
+
+class FusedActivation(nn.Identity):
+    """Stands where the model's activation module was, while ``linear`` (at path ``into``) applies it."""
+
+    def __init__(self, original: nn.Module, linear: nn.Module, into: str) -> None:
+        super().__init__()
+        self.original, self.into = original, into
+        object.__setattr__(self, "linear", linear)  # a reference, not a submodule (its state lives at `into`)
+
+    def extra_repr(self) -> str:
+        return f"fused into {self.into}"
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The `adaptwin.ops.linear_act` name of an activation module, or None if it is not one of those."""
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return "gelu"
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is F.gelu:  # transformers'
+        return "gelu"
+    return None
+
+
+def fuse_activations(model: nn.Module) -> list[str]:
+    """Fuse every activation the model's adapter pairs with a compressed linear that can run it; returns the
+    paths of the linears fused now (pairs fused before, or not fusable, are left as they are)."""
+    adapter = get_architecture(model_type_of(model))
+    fused = []
+    for linear_path, act_path in adapter.activation_pairs(model):
+        linear, act = model.get_submodule(linear_path), model.get_submodule(act_path)
+        name = activation_name(act)
+        if name is None or name not in getattr(linear, "fusable_activations", ()) or linear.activation is not None:
+            continue
+        linear.activation = name
+        _submodule_setter(model, act_path, FusedActivation(act, linear, linear_path))
+        fused.append(linear_path)
+    return fused
+
+
+def unfuse_activations(model: nn.Module) -> list[str]:
+    """Undo `fuse_activations`: the original activation modules back in place; returns the linears' paths."""
+    undone = []
+    for path, module in list(model.named_modules()):
+        if isinstance(module, FusedActivation):
+            module.linear.activation = None
+            _submodule_setter(model, path, module.original)
+            undone.append(module.into)
+    return undone

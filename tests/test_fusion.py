@@ -1,0 +1,154 @@
+"""`adaptwin.ops.linear_act` and `adaptwin.fuse_activations`: an FFN's activation run inside the compressed
+linear before it (one oneDNN primitive on CPU), the same function as the model's own activation module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaptwin
+from adaptwin.compressors.ffn_svd.layer import LowRankLinear
+from adaptwin.fusion import FusedActivation
+from adaptwin.ops import activation as linear_act_module
+from adaptwin.ops.activation import linear_act
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_models  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _calls_onednn(monkeypatch) -> list[int]:
+    """Count the calls that reach the fused primitive (an empty list where torch has no oneDNN)."""
+    calls: list[int] = []
+    real = linear_act_module._ONEDNN
+    if real is not None:
+        def spy(*args):
+            calls.append(1)
+            return real(*args)
+        monkeypatch.setattr(linear_act_module, "_ONEDNN", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shape", [(59, 21), (2, 7, 21), (3, 5, 7, 21), (1, 1, 21)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_act_matches_two_step_form(shape, bias, monkeypatch):
+    calls = _calls_onednn(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    w, b = torch.randn(43, 21, generator=gen), torch.randn(43, generator=gen) if bias else None
+    with torch.no_grad():
+        out = linear_act(x, w, b, "gelu")
+    ref = F.gelu(F.linear(x.double(), w.double(), None if b is None else b.double()))
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
+    rows = x.numel() // x.shape[-1]
+    if linear_act_module._ONEDNN is not None:
+        assert len(calls) == (rows > 1)  # one row: F.linear's GEMV path
+
+
+def test_linear_act_strided_input_and_bf16():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 64, generator=gen)[:, ::2]  # non-contiguous rows
+    w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)), rtol=1e-5, atol=1e-6)
+        out = linear_act(x.bfloat16(), w.bfloat16(), b.bfloat16(), "gelu")
+    assert out.dtype == torch.bfloat16
+    ref = F.gelu(F.linear(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double()))
+    two_step = F.gelu(F.linear(x.bfloat16(), w.bfloat16(), b.bfloat16()))
+    # the fused form rounds once; it is at least as close to the exact value as the two-step bf16 form
+    assert (out.double() - ref).abs().max() <= (two_step.double() - ref).abs().max() + 1e-12
+
+
+def test_linear_act_trains_through_the_reference_form(monkeypatch):
+    calls = _calls_onednn(monkeypatch)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 12, generator=gen, requires_grad=True)
+    w = torch.randn(20, 12, generator=gen, requires_grad=True)
+    linear_act(x, w, None, "gelu").square().sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    F.gelu(F.linear(x, w)).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+    assert calls == []
+
+
+def test_linear_act_rejects_unknown_activation():
+    with pytest.raises(ValueError, match=r"unknown activation 'relu'; allowed: \['gelu'\]"):
+        linear_act(torch.randn(3, 4), torch.randn(5, 4), None, "relu")
+
+
+@pytest.mark.parametrize("name", ["whisper", "bert", "wav2vec2", "hubert"])
+def test_fuse_activations_keeps_the_function(name, monkeypatch):
+    model = getattr(tiny_models, name)()
+    inputs = {"whisper": tiny_models.whisper_inputs, "bert": tiny_models.text_inputs}.get(
+        name, tiny_models.speech_inputs)()
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5))
+    with torch.no_grad():
+        ref = small(**inputs)
+    fused = adaptwin.fuse_activations(small)
+    adapter = adaptwin.get_architecture(small.config.model_type)
+    assert fused == [linear for linear, _ in adapter.activation_pairs(small)] and fused
+    for linear, act in adapter.activation_pairs(small):
+        assert small.get_submodule(linear).activation == "gelu"
+        assert isinstance(small.get_submodule(act), FusedActivation)
+    calls = _calls_onednn(monkeypatch)
+    with torch.no_grad():
+        out = small(**inputs)
+    assert len(calls) == len(fused) or linear_act_module._ONEDNN is None
+    key = "logits" if name == "whisper" else "last_hidden_state"
+    torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
+    assert adaptwin.fuse_activations(small) == []  # already fused: nothing to do
+    assert sorted(adaptwin.unfuse_activations(small)) == sorted(fused)
+    assert not any(isinstance(m, FusedActivation) for m in small.modules())
+    assert all(m.activation is None for m in small.modules() if isinstance(m, LowRankLinear))
+
+
+def test_fuse_leaves_dense_and_other_activations_alone():
+    model = tiny_models.whisper()
+    assert adaptwin.fuse_activations(model) == []  # nothing compressed: nothing to fuse
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5))
+    small.model.encoder.layers[0].activation_fn = torch.nn.ReLU()
+    fused = adaptwin.fuse_activations(small)
+    assert "model.encoder.layers.0.fc1" not in fused and "model.encoder.layers.1.fc1" in fused
+
+
+def test_fused_model_saves_loads_and_refuses_quantisation(tmp_path):
+    small = adaptwin.compress(tiny_models.whisper(), adaptwin.CompressionConfig(ratio=0.5))
+    inputs = tiny_models.whisper_inputs()
+    with torch.no_grad():
+        ref = small(**inputs).logits
+    adaptwin.fuse_activations(small)
+    state = {k: v.clone() for k, v in small.state_dict().items()}
+    adaptwin.save(small, tmp_path / "m")
+    loaded = adaptwin.load(tmp_path / "m")
+    assert not any(isinstance(m, FusedActivation) for m in loaded.modules())  # fusion is not saved
+    assert state.keys() == loaded.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    from adaptwin.compressors.quantized.transform import _svd
+    from adaptwin.quant import QuantFormat
+
+    fc1 = small.model.encoder.layers[0].fc1
+    spec = {"in_features": fc1.in_features, "out_features": fc1.out_features, "rank": fc1.rank,
+            "lora_rank": fc1.lora_rank, "bias": True}
+    with pytest.raises(ValueError, match="unfuse_activations"):
+        _svd(fc1, spec, QuantFormat("nf4", 64), False, False)
+
+
+def test_fused_layer_fine_tunes_like_the_unfused_one():
+    small = adaptwin.compress(tiny_models.whisper(), adaptwin.CompressionConfig(ratio=0.5))
+    layer = small.model.encoder.layers[0]
+    x = torch.randn(2, 25, 32, generator=torch.Generator().manual_seed(3))
+    layer(x, attention_mask=None)[0].square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    adaptwin.fuse_activations(small)
+    layer(x, attention_mask=None)[0].square().sum().backward()
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6)
