@@ -83,6 +83,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "there is replaced, any other non-empty folder is refused)")
     c.add_argument("--ratio", type=float, help="fraction in (0, 1) of the targeted parameters to remove, "
                    "planned per component with attention at 0.7x the FFN's compression")
+    c.add_argument("--width-multiple", type=int, default=1, metavar="N",
+                   help="with --ratio: round every planned width (rank + LoRA) to a multiple of N; 8 makes CPU "
+                        "GEMMs faster (default 1: no rounding)")
     for flag in _RANK_FLAGS:
         c.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int, metavar="N",
                        help=f"explicit {flag.replace('_', ' ')} (instead of --ratio)")
@@ -154,7 +157,8 @@ def _config_from_args(args: argparse.Namespace):
     return CompressionConfig(ratio=args.ratio, components=args.components, overrides=overrides,
                              seed=args.seed, quantization=args.quantization, quant_blocksize=args.quant_blocksize,
                              double_quant=args.double_quant, quantize_lora=args.quantize_lora,
-                             quantize_embeddings=args.quantize_embeddings, **kwargs)
+                             quantize_embeddings=args.quantize_embeddings, width_multiple=args.width_multiple,
+                             **kwargs)
 
 
 def _check_out_dir(out: Path, model_dir: Path | None) -> None:

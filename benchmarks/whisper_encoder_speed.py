@@ -10,14 +10,17 @@ input_features (1, 80, 3000), i.e. 1500 positions after the stride-2 convolution
 interleaved in one run and compared like with like (each dtype against the dense encoder in that dtype):
 
 * ``dense``: the Hugging Face encoder, ``attn_implementation="sdpa"``.
-* ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",)))``,
-  then ``adaptwin.fuse_activations``. Attention runs in rank space (per-head width r + l), FFN matrices
-  as two thin GEMMs, fc1's second GEMM with the GELU in one oneDNN primitive (`adaptwin.ops.linear_act`).
+* ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",),
+  width_multiple=8))``, then ``adaptwin.fuse_activations``. Attention runs in rank space (per-head width
+  r + l), FFN matrices as two thin GEMMs, fc1's second GEMM with the GELU in one oneDNN primitive
+  (`adaptwin.ops.linear_act`).
   Inference attention runs ``torch.ops.adaptwin.attention``: the CPU C++ flash kernel where
   ``adaptwin._C`` is built (`make install`), else the SDPA reference.
 * ``adaptwin_even``: the same ratio with ``attention_factor=1.0``: attention loses as large a share of its
   parameters as the FFN (the default plans the paper's split, attention at 0.7x the FFN's compression,
   which leaves the rank-space attention wider and the FLOP ratio above the parameter ratio).
+* ``adaptwin_unaligned``: ``adaptwin`` with ``width_multiple=1``: widths as the ratio gives them (39
+  per head and 137 for tiny), not rounded to multiples of 8: what the rounding buys.
 * ``adaptwin_nofuse``: ``adaptwin`` without ``fuse_activations`` (GELU a separate op, as in the HF
   layer): what the fusion buys.
 * ``adaptwin_sdpa``: the same compressed encoder with the op's SDPA reference (zero-padded to a fast
@@ -58,6 +61,7 @@ from benchmarks.common import (
     OtherLoad,
     device_string,
     format_table,
+    keep_heap,
     now_utc,
     time_interleaved,
     versions,
@@ -66,9 +70,11 @@ from benchmarks.common import (
 from benchmarks.unfused import UnfusedLowRankLinear, UnfusedTwinAttention, unfuse
 
 BENCHMARK = "whisper_encoder_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_nofuse", "adaptwin_sdpa", "adaptwin_nopad", "unfused")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse", "adaptwin_sdpa",
+             "adaptwin_nopad", "unfused")
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
-REFERENCE = {"dense": "dense", "adaptwin_even": "_unfused_even"}
+REFERENCE = {"dense": "dense", "adaptwin_even": "_unfused_even", "adaptwin_unaligned": "_unfused_unaligned"}
+WIDTH_MULTIPLE = 8  # CompressionConfig.width_multiple of every adaptwin provider but adaptwin_unaligned
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
 # Measured 2.1e-7 (tiny) and 3.2e-7 (base); 1e-4 leaves room for other BLAS builds and still catches a
@@ -145,17 +151,21 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
         attn_implementation="sdpa",
     )
     model = WhisperModel(config).eval()
-    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",)))
-    even = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",),
-                                                               attention_factor=1.0))
+
+    def compressed(**options: object) -> nn.Module:
+        options = {"width_multiple": WIDTH_MULTIPLE, **options}
+        return adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",), **options))
+
+    small, even, unaligned = compressed(), compressed(attention_factor=1.0), compressed(width_multiple=1)
     nofuse = copy.deepcopy(small)
-    for compressed in (small, even):
-        adaptwin.fuse_activations(compressed)
+    for m in (small, even, unaligned):
+        adaptwin.fuse_activations(m)
     encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
-                "adaptwin_nofuse": nofuse.encoder, "adaptwin_sdpa": ReferenceOps(small.encoder),
-                "adaptwin_nopad": NoPadding(small.encoder)}
+                "adaptwin_unaligned": unaligned.encoder, "adaptwin_nofuse": nofuse.encoder,
+                "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
     encoders["unfused"] = unfuse(small.encoder).eval()
     encoders["_unfused_even"] = unfuse(even.encoder).eval()
+    encoders["_unfused_unaligned"] = unfuse(unaligned.encoder).eval()
     return encoders
 
 
@@ -235,7 +245,7 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
         x = features.to(dtype)
         with torch.inference_mode():
             errs = {p: rel_err(encs[p](x).last_hidden_state, ref[REFERENCE.get(p, "unfused")]) for p in providers}
-            for p in ("adaptwin", "adaptwin_even"):
+            for p in ("adaptwin", "adaptwin_even", "adaptwin_unaligned"):
                 if dname == "fp32" and p in errs and errs[p] > REL_TOL_FP32:
                     raise RuntimeError(f"{shape.name}: {p} differs from the unfused rebuild of its own factors by "
                                        f"{errs[p]:.2e} relative (> {REL_TOL_FP32:.0e}); the fast path is wrong")
@@ -312,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/whisper_encoder_speed.csv")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    ap.add_argument("--warm-heap", action="store_true",
+                    help="keep freed memory in the process (glibc mallopt), so no provider pays page faults for "
+                         f"its large tensors; rows are written as benchmark {BENCHMARK}_warm_heap")
     args = ap.parse_args(argv)
 
     def pick(text: str, allowed, what: str) -> list[str]:
@@ -327,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dense" not in providers:
         ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
     torch.set_num_threads(args.threads)
-    print(f"{device_string()}, torch {torch.__version__}")
+    print(f"{device_string()}, torch {torch.__version__}" + (", warm heap" if args.warm_heap else ""))
+    if args.warm_heap:
+        keep_heap()
 
     rows: list[dict] = []
     flops: dict[str, dict[str, dict[str, int]]] = {}
@@ -335,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[name]
         print(f"timing {shape.label()} ({', '.join(dtypes)}; {args.repeats} repeats)...", flush=True)
         shape_rows, flops[name] = run_shape(shape, dtypes, providers, args.repeats, args.warmup)
+        if args.warm_heap:
+            for row in shape_rows:
+                row["benchmark"] = f"{BENCHMARK}_warm_heap"
         rows += shape_rows
         if args.profile:
             for d in dtypes:

@@ -33,6 +33,16 @@ def bert_save(bert_dir, tmp_path_factory) -> tuple[Path, str]:
 # ---------------------------------------------------------------------------------------------- compress
 
 
+def test_compress_width_multiple_rounds_the_planned_widths(bert_dir, tmp_path):
+    out = tmp_path / "aligned"
+    rc, _, stderr = run_cli("compress", bert_dir, "--out", out, "--ratio", "0.45", "--width-multiple", "4")
+    assert rc == 0, stderr
+    compression = adaptwin.read_meta(out)["compression"]
+    assert compression["config"]["width_multiple"] == 4
+    widths = [row["rank"] + row["lora_rank"] for row in compression["sites"]]
+    assert widths and all(w % 4 == 0 for w in widths), widths
+
+
 def test_compress_writes_weights_config_and_tokenizer(bert_save):
     out, stdout = bert_save
     names = {p.name for p in out.iterdir()}
@@ -192,6 +202,8 @@ BAD_COMPRESS = [
     (["--ratio", "0.4", "--components", "decoder"], "unknown components ['decoder'] for bert; allowed: ['encoder']"),
     (["--attention-rank", "99"], "exceeds the head dimension 12"),
     (["--ffn-rank", "0"], "ffn_rank must be >= 1"),
+    (["--ratio", "0.4", "--width-multiple", "0"], "width_multiple must be a whole number in 1..256, got 0"),
+    (["--ffn-rank", "8", "--width-multiple", "8"], "width_multiple applies to ranks planned from ratio"),
 ]
 
 

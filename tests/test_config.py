@@ -28,6 +28,11 @@ from adaptwin.config import CompressionConfig, PlanItem, plan_ranks
         ({"ratio": 0.4, "overrides": {"*": {}}}, "must map some of"),
         ({"ratio": 0.4, "overrides": {"*": {"ffn_rank": 0}}}, "must be >= 1"),
         ({"ratio": 0.4, "attention_lora_fraction": 1.0}, "attention_lora_fraction"),
+        ({"ratio": 0.4, "width_multiple": 0}, r"width_multiple must be a whole number in 1..256, got 0"),
+        ({"ratio": 0.4, "width_multiple": 8.0}, "width_multiple must be a whole number"),
+        ({"ratio": 0.4, "width_multiple": True}, "width_multiple must be a whole number"),
+        ({"ratio": 0.4, "width_multiple": 512}, "width_multiple must be a whole number"),
+        ({"ffn_rank": 8, "width_multiple": 8}, "width_multiple applies to ranks planned from ratio"),
     ],
 )
 def test_bad_config_names_the_problem(kwargs, message):
@@ -78,6 +83,26 @@ def test_ratio_plan_hits_target_with_paper_split(ratio):
         assert abs(c_a - 0.7 * c_f) < 1.5 / 64 + 0.02
         assert round((r_a + l_a) / 5) == l_a  # 4:1 spectral:LoRA
         assert round((r_f + l_f) / 10) == l_f  # 9:1
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+@pytest.mark.parametrize("factor", [0.7, 1.0])
+def test_width_multiple_rounds_every_width_and_keeps_the_ratio(multiple, factor):
+    items = _items(d=384, heads=6)
+    plain = plan_ranks(CompressionConfig(ratio=0.5, attention_factor=factor), items)
+    plan = plan_ranks(CompressionConfig(ratio=0.5, attention_factor=factor, width_multiple=multiple), items)
+    widths = {it.name: sum(plan[it.name]) for it in items}
+    assert all(w % multiple == 0 for w in widths.values()), widths
+    assert any(sum(plain[n]) % multiple for n in plain)  # the case is not aligned already
+    before = sum(it.params_before for it in items)
+    after = sum(it.params_at(*plan[it.name]) for it in items)
+    # one FFN width step is `multiple` directions at every FFN site: 8 x 1920 x 8 / 7.09M = 1.7 % at 8
+    assert abs((1 - after / before) - 0.5) < multiple * 8 * (384 + 1536) / before
+
+
+def test_width_multiple_keeps_a_width_below_it():
+    items = [PlanItem("tiny.fc", "encoder", "ffn", 6, 6 * 6 + 6, lambda r, lora: (r + lora) * 12 + 6)]
+    assert sum(plan_ranks(CompressionConfig(ratio=0.5, width_multiple=8), items)["tiny.fc"]) < 8
 
 
 def test_explicit_ranks_and_overrides():
