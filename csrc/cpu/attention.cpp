@@ -30,9 +30,10 @@ ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int
   float* st = qt + p.Dq * 32;   // (kBK, 32)
   float* ot = st + kBK * 32;    // (Dv, 32)
   std::fill(qt, qt + p.Dq * 32, 0.0f);
+  const float qscale = p.scale * kLog2e;  // scores in log2 units (lanes_softmax)
   for (int64_t i = 0; i < nq; ++i) {
     const float* qi = p.q + b * p.qs[0] + h * p.qs[1] + (i0 + i) * p.qs[2];
-    for (int64_t d = 0; d < p.Dq; ++d) qt[d * 32 + i] = qi[d] * p.scale;
+    for (int64_t d = 0; d < p.Dq; ++d) qt[d * 32 + i] = qi[d] * qscale;
   }
   std::fill(ot, ot + p.Dv * 32, 0.0f);
   const __m512 ninf = _mm512_set1_ps(kNegInf);

@@ -82,7 +82,8 @@ ADAPTWIN_AVX512BF16 void run_block_lanes_bf16(const Problem& p, int64_t b, int64
     for (int64_t d = 0; d < p.Dq; ++d) qt[(d / 2) * 64 + (i / 16) * 32 + (i % 16) * 2 + d % 2] = qi[d];
   }
   std::fill(ot, ot + p.Dv * 32, 0.0f);
-  const __m512 ninf = _mm512_set1_ps(kNegInf), scale = _mm512_set1_ps(p.scale);
+  // scores in log2 units (lanes_softmax): scale·log2e
+  const __m512 ninf = _mm512_set1_ps(kNegInf), scale = _mm512_set1_ps(p.scale * kLog2e);
   __m512 mx[2] = {ninf, ninf}, l[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   // interleave two rows of 16 bf16 (a0..a15 b0..b15) into pairs (a0 b0 a1 b1 ...)
   const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,

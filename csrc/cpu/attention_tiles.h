@@ -216,8 +216,9 @@ ADAPTWIN_AVX512 void pv_lanes_any(int dn, const float* st, const float* v, int64
 }
 
 // Masks, causal cut and the online-softmax update of one transposed score tile st (nk keys × 32 query
-// lanes, float32): st becomes exp(s - m_new), the running max mx / sum l advance, and Oᵀ (Dv × 32) is
-// rescaled. Shared by the float32 and the bfloat16 query-vectorised paths.
+// lanes, float32, in log2 units: the callers scale scores by scale·log2e): st becomes 2^(s - m_new) =
+// exp of the natural-unit difference, the running max mx / sum l advance, and Oᵀ (Dv × 32) is rescaled.
+// Shared by the float32 and the bfloat16 query-vectorised paths.
 ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
                                           int64_t nk, float* st, __m512* mx, __m512* l, float* ot) {
   const __m512 ninf = _mm512_set1_ps(kNegInf);
@@ -229,7 +230,7 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
       float* row = st + jj * 32;
       if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
         if (p.mask_f) {
-          const __m512 mv = _mm512_set1_ps(p.mask_f[base]);
+          const __m512 mv = _mm512_set1_ps(p.mask_f[base] * kLog2e);
           _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), mv));
           _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), mv));
         } else if (!p.mask_b[base]) {
@@ -238,7 +239,7 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
       } else {
         for (int64_t i = 0; i < nq; ++i) {
           const int64_t at = base + i * p.ms[2];
-          if (p.mask_f) row[i] += p.mask_f[at];
+          if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
           else if (!p.mask_b[at]) row[i] = kNegInf;
         }
       }
@@ -262,11 +263,11 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
     const __m512 m_new = _mm512_max_ps(mx[c], tmax);
     // lanes that have seen only masked keys keep m = -inf; subtract 0 there so exp gives 0, not NaN
     const __m512 m_use = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
-    const __m512 alpha = exp512(_mm512_sub_ps(mx[c], m_use));
+    const __m512 alpha = exp2_512_nonpos(_mm512_sub_ps(mx[c], m_use));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t jj = 0; jj < nk; ++jj) {
       float* at = st + jj * 32 + 16 * c;
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(at), m_use));
+      const __m512 e = exp2_512_nonpos(_mm512_sub_ps(_mm512_loadu_ps(at), m_use));
       _mm512_storeu_ps(at, e);
       sum = _mm512_add_ps(sum, e);
     }

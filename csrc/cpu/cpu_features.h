@@ -72,6 +72,28 @@ ADAPTWIN_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_mask_mov_ps(out, under, _mm512_setzero_ps());
 }
 
+// log2(e): the query-vectorised attention paths keep scores in log2 units (queries pre-multiplied by
+// scale·log2e, additive masks by log2e), so the softmax needs 2^x, which is cheaper than e^x.
+constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^x for 16 floats x <= 0 (softmax scores minus their running max; -inf must give exactly 0):
+// 2^n · p(f), n = round(x), f = x - n in [-0.5, 0.5], Cephes exp2f's degree-6 polynomial (peak relative
+// error 1.7e-7), scaled with vscalefps. Clamped at -150: 2^-150 rounds to 0, so -inf gives 0. Ten
+// instructions against sixteen for exp512 (no ln2 range split, no upper clamp, no underflow mask).
+ADAPTWIN_AVX512 inline __m512 exp2_512_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 ADAPTWIN_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
