@@ -78,6 +78,16 @@ def test_linear_act_trains_through_the_reference_form(monkeypatch):
     assert calls == []
 
 
+def test_linear_act_leaves_autocast_its_dtype(monkeypatch):
+    calls = _calls_onednn(monkeypatch)
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_act(x, w, None, "gelu")
+        ref = F.gelu(F.linear(x, w))
+    assert out.dtype == ref.dtype == torch.bfloat16 and calls == []
+    torch.testing.assert_close(out, ref)
+
+
 def test_linear_act_rejects_unknown_activation():
     with pytest.raises(ValueError, match=r"unknown activation 'relu'; allowed: \['gelu'\]"):
         linear_act(torch.randn(3, 4), torch.randn(5, 4), None, "relu")
@@ -109,9 +119,11 @@ def test_fuse_activations_keeps_the_function(name, monkeypatch):
     assert all(m.activation is None for m in small.modules() if isinstance(m, LowRankLinear))
 
 
-def test_fuse_leaves_dense_and_other_activations_alone():
+def test_fuse_leaves_dense_quantised_and_other_activations_alone():
     model = tiny_models.whisper()
     assert adaptwin.fuse_activations(model) == []  # nothing compressed: nothing to fuse
+    packed = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5, quantization="nf4"))
+    assert adaptwin.fuse_activations(packed) == []  # quantised factors: the op runs them, GELU stays apart
     small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5))
     small.model.encoder.layers[0].activation_fn = torch.nn.ReLU()
     fused = adaptwin.fuse_activations(small)

@@ -5,7 +5,7 @@ On CPU, for float32 / bfloat16 inputs of more than one row with no gradient to r
 so the (rows, out) pre-activation is never written out, read back and written again, and one fewer
 (rows, out) tensor is allocated. Everywhere else (autograd, other devices and dtypes, single rows, where
 oneDNN was left out of the torch build, and while ``torch.compile`` traces: inductor fuses on its own)
-it is ``F.gelu(F.linear(x, weight, bias))``.
+it is ``F.gelu(F.linear(x, weight, bias))``; under CPU autocast too, so that autocast picks the GEMM's dtype.
 
 Measured on the 2-core CPU (``benchmarks/whisper_encoder_speed.py``, providers ``adaptwin`` vs
 ``adaptwin_nofuse``), see the README. float32 results equal the two-step form's to rounding (0 to
@@ -44,4 +44,4 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return not torch.compiler.is_compiling()
+    return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
