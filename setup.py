@@ -1,5 +1,9 @@
 """Build script. The pure-Python package always installs; native kernels under ``csrc/`` are optional.
 
+The Triton kernels in ``kernels/`` install as ``adaptwin.kernels`` (part of the package, as the
+design has it): a top-level ``kernels`` would collide with Hugging Face's ``kernels`` package, which
+transformers and bitsandbytes import.
+
 The C++ extension is built only when torch's ``cpp_extension`` and a compiler are usable and
 ``csrc/cpu`` holds sources; any failure there leaves a working pure-PyTorch install (the reference
 ops are the fallback). Build with ``pip install --no-build-isolation .`` so the installed torch is
@@ -12,7 +16,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _extensions():
@@ -40,4 +44,9 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=[*find_packages(include=["adaptwin", "adaptwin.*"]), "adaptwin.kernels"],
+    package_dir={"adaptwin.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -46,10 +46,10 @@ def test_triton_kernels_under_interpreter():
 @pytest.fixture(scope="module")
 def tk():
     """The Triton launchers (interpreted: this fixture only exists in the child process)."""
-    import kernels.attention
-    import kernels.rank_linear
+    import adaptwin.kernels.attention
+    import adaptwin.kernels.rank_linear
 
-    return {"attention": kernels.attention, "rank_linear": kernels.rank_linear}
+    return {"attention": adaptwin.kernels.attention, "rank_linear": adaptwin.kernels.rank_linear}
 
 
 ATTENTION_CASES = [

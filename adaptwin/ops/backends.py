@@ -4,7 +4,7 @@
   registers C++ kernels for the CPU / CUDA dispatch keys with ``TORCH_LIBRARY_IMPL(adaptwin, ...)``;
   importing it is all it takes. Absent or unloadable (no compiler at install, another torch ABI): the
   reference implementations run, with a warning only in the second case.
-* Triton kernels (``kernels/``) are registered for CUDA tensors when triton is importable and no CUDA
+* Triton kernels (``kernels/``, installed as ``adaptwin.kernels``) are registered for CUDA tensors when triton is importable and no CUDA
   C++ kernel was built. Nothing here touches CUDA at import time.
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
@@ -73,13 +73,13 @@ def _register_triton() -> bool:
     from adaptwin.ops.rank_linear import rank_linear
 
     def attention_cuda(q, k, v, mask, scale, is_causal):
-        from kernels.attention import attention as triton_attention
+        from adaptwin.kernels.attention import attention as triton_attention
 
         return triton_attention(q, k, v, mask, scale, is_causal)
 
     def rank_linear_cuda(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
                          b_shape, bias):
-        from kernels.rank_linear import rank_linear as triton_rank_linear
+        from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
         return triton_rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format,
                                   b_blocksize, b_shape, bias)
