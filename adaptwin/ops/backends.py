@@ -4,8 +4,8 @@
   registers C++ kernels for the CPU / CUDA dispatch keys with ``TORCH_LIBRARY_IMPL(adaptwin, ...)``;
   importing it is all it takes. Absent or unloadable (no compiler at install, another torch ABI): the
   reference implementations run, with a warning only in the second case.
-* Triton kernels (``kernels/``, installed as ``adaptwin.kernels``) are registered for CUDA tensors when triton is importable and no CUDA
-  C++ kernel was built. Nothing here touches CUDA at import time.
+* Triton kernels (``kernels/``, installed as ``adaptwin.kernels``) are registered for CUDA tensors when
+  triton is importable and no CUDA C++ kernel was built. Nothing here touches CUDA at import time.
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
 """
