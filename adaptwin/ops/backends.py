@@ -5,7 +5,9 @@
   importing it is all it takes. Absent or unloadable (no compiler at install, another torch ABI): the
   reference implementations run, with a warning only in the second case.
 * Triton kernels (``kernels/``, installed as ``adaptwin.kernels``) are registered for CUDA tensors when
-  triton is importable and no CUDA C++ kernel was built. Nothing here touches CUDA at import time.
+  triton is importable: they are the tiled GPU path and take the CUDA key over the CUDA C++ kernels, which
+  are exact and simple (one thread per query row or output element) and serve where triton is absent.
+  ``ADAPTWIN_CUDA_BACKEND=cpp`` keeps the C++ ones. Nothing here touches CUDA at import time.
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
 """
@@ -66,8 +68,12 @@ def has_kernel(op: str, device: str) -> bool:
 
 
 def _register_triton() -> bool:
-    """Register the Triton kernels for CUDA tensors (lazily imported on first call); False if C++ has CUDA."""
-    if any(has_kernel(op, "cuda") for op in OPS):
+    """Register the Triton kernels for CUDA tensors (imported on their first call); False where the CUDA C++
+    kernels are asked for (``ADAPTWIN_CUDA_BACKEND=cpp``) and built."""
+    choice = os.environ.get("ADAPTWIN_CUDA_BACKEND", "triton")
+    if choice not in ("triton", "cpp"):
+        raise ValueError(f"ADAPTWIN_CUDA_BACKEND must be 'triton' or 'cpp', got {choice!r}")
+    if choice == "cpp" and all(has_kernel(op, "cuda") for op in OPS):
         return False
     from adaptwin.ops.attention import attention
     from adaptwin.ops.rank_linear import rank_linear
@@ -84,6 +90,8 @@ def _register_triton() -> bool:
         return triton_rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format,
                                   b_blocksize, b_shape, bias)
 
-    attention.register_kernel("cuda")(attention_cuda)
-    rank_linear.register_kernel("cuda")(rank_linear_cuda)
+    with warnings.catch_warnings():  # taking the key over from a built CUDA C++ kernel is the intent here
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        attention.register_kernel("cuda")(attention_cuda)
+        rank_linear.register_kernel("cuda")(rank_linear_cuda)
     return True
