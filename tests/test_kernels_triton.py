@@ -77,6 +77,24 @@ def test_triton_attention(tk, case):
     assert_within_twice(out, ref, ref64)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("case", ATTENTION_CASES[:4], ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_triton_attention_native_fp16_dots(tk, case):
+    """The GPU path for 16-bit inputs: fp16 operands straight into tl.dot, P rounded to fp16 before P·V
+    (forced with dot_f32=False; the interpreter computes fp16 dots, only its bf16 dot is wrong)."""
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case) + 1)
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    half = [x.half() for x in (q, k, v)]
+    ref = attention_reference(*half, _to(mask, torch.float16), scale, causal)
+    out = tk["attention"].attention(*half, _to(mask, torch.float16), scale, causal, dot_f32=False)
+    assert out.dtype == torch.float16
+    assert_within_twice(out, ref, ref64)
+
+
 LINEAR_CASES = [
     (1, 384, 20, 431, "nf4", 64),
     (1, 431, 37, 384, "int8", 0),
