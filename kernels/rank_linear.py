@@ -79,14 +79,17 @@ def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: 
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    code = torch.tensor(_nf4_code(), dtype=torch.float32, device=x.device)
+    code = _code_on(x.device)
     w = w.contiguous()
     sc = scale.float().contiguous() if scale is not None else code
     b = bias if bias is not None else code
     fmt_id = _FORMATS[fmt]
     if M == 1:
-        _gemv_kernel[(triton.cdiv(N, 64),)](x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize,
-                                            FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=64, BLOCK_K=64)
+        # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
+        block_n = 64 if N >= 64 * 128 or _interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
+        _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize,
+                                                 FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+                                                 BLOCK_K=64)
     else:
         grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
         _gemm_kernel[grid](x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize,
@@ -94,10 +97,22 @@ def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: 
     return out
 
 
-def _nf4_code() -> tuple[float, ...]:
-    from adaptwin.quant.nf4 import NF4_CODE
+_CODES: dict[torch.device, torch.Tensor] = {}
 
-    return NF4_CODE
+
+def _code_on(device: torch.device) -> torch.Tensor:
+    """The NF4 code book on ``device``, copied there once (not a host-to-device copy per call)."""
+    if device not in _CODES:
+        from adaptwin.quant.nf4 import NF4_CODE
+
+        _CODES[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _CODES[device]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):

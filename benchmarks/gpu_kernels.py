@@ -1,0 +1,277 @@
+"""The GPU figures of the kernels, in one call on a CUDA machine: ceilings, fused attention, NF4 GEMV.
+
+    python -m benchmarks.gpu_kernels [--out results/gpu_kernels.csv] [--quick] [--tune]
+
+Made to fit a short device lease (one command: checks, then timings, then a table; see the README's
+"GPU figures"). Every timing is the median of `triton.testing.do_bench` (CUDA events; batch-1 GEMVs
+through CUDA graph replays, `do_bench_cudagraph`, so launch gaps do not swamp microsecond kernels), on
+random data, after a correctness check of the same call against a float64 reference.
+
+1. Ceilings measured here: a device-to-device copy of 1 GiB (GB/s counting bytes read plus written) and an
+   8192³ matrix product in bf16 and fp16 (TFLOP/s). The achieved figures below are quoted against these.
+2. Attention at T = 1500 (a 30 s Whisper window): PyTorch SDPA on the dense heads (d_h = 64) against the
+   Triton kernel on rank-space heads of width r + l in 16..48, fp16 and bf16, for (batch, heads) of
+   Whisper tiny (1, 6) and large (1, 20), and a batch of 16 large windows. FLOPs 4·B·H·T²·w (q·kᵀ and
+   P·V); bytes q, k, v read and the output written once. ``--tune`` also sweeps the Triton block sizes
+   and reports the best configuration next to the default.
+3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
+   parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
+   weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
+   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2.
+
+The attention row's speed-up is SDPA's time over ours at equal (B, H, T); the issue's goal is >= 1.5x
+at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import device_string, format_table, now_utc, versions, write_rows
+
+BENCHMARK = "gpu_kernels"
+FIELDS = ("benchmark", "kind", "shape", "dtype", "provider", "median_us", "speedup", "tflops", "gbps",
+          "rel_err", "config", "device", "torch", "transformers", "adaptwin", "timestamp")
+KEY = ("benchmark", "kind", "shape", "dtype", "provider", "device")
+WIDTHS = (16, 24, 32, 40, 48)
+ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, large, a batch of large
+GEMV_SIZES = (1024, 2048, 4096, 8192)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+        for m in (32, 64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
+
+
+def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
+    """q·kᵀ and P·V multiply-adds ×2."""
+    return 4 * batch * heads * tokens * tokens * width
+
+
+def attention_bytes(batch: int, heads: int, tokens: int, width: int, element: int) -> int:
+    """q, k, v read once and the output written once."""
+    return 4 * batch * heads * tokens * width * element
+
+
+def half_rank(d: int) -> int:
+    """Rank whose two d-wide factors hold half of a d×d weight."""
+    return d // 4
+
+
+def nf4_bytes(rank: int, d_in: int, d_out: int, blocksize: int = 64) -> int:
+    """Codes (half a byte each) and float32 block scales of both factors."""
+    elements = rank * (d_in + d_out)
+    return elements // 2 + 4 * math.ceil(elements / blocksize)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def _bench(fn: Callable[[], object], graph: bool = False) -> float:
+    """Median microseconds of ``fn`` (CUDA events; CUDA graph replays when ``graph``)."""
+    import triton.testing
+
+    if graph:
+        return 1000 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """Copy GB/s (read + written) and bf16 / fp16 GEMM TFLOP/s, measured on random data."""
+    n = 1 << 28  # 1 GiB of float32
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    out = {"copy_gbps": 2 * 4 * n / _bench(partial(dst.copy_, src)) / 1e3}
+    src = dst = None  # free the 2 GiB before the products
+    m = 8192
+    for name, dtype in DTYPES.items():
+        x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
+        out[f"gemm_{name}_tflops"] = 2 * m ** 3 / _bench(partial(torch.matmul, x, y)) / 1e6
+    return out
+
+
+def _row(kind: str, shape: str, dtype: str, provider: str, us: float, **extra: object) -> dict:
+    return {"benchmark": BENCHMARK, "kind": kind, "shape": shape, "dtype": dtype, "provider": provider,
+            "median_us": us, **extra}
+
+
+def bench_attention(device: torch.device, dtypes: list[str], shapes, widths, tune: bool, ceil: dict) -> list[dict]:
+    rows = []
+    for dname in dtypes:
+        for batch, heads in shapes:
+            rows += _attention_shape(device, dname, batch, heads, widths, tune, ceil)
+    return rows
+
+
+def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, widths, tune: bool,
+                     ceil: dict, tokens: int = 1500) -> list[dict]:
+    from adaptwin.kernels.attention import attention as triton_attention
+    from adaptwin.kernels.attention import default_config
+
+    from adaptwin.ops.attention import attention_reference
+
+    dtype = DTYPES[dname]
+    shape = f"B{batch}-H{heads}-T{tokens}"
+    dense = [torch.randn(batch, heads, tokens, 64, device=device, dtype=dtype) for _ in range(3)]
+    sdpa_us = _bench(partial(F.scaled_dot_product_attention, *dense))
+    element = dense[0].element_size()
+    rows = [_row("attention", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
+                 tflops=attention_flops(batch, heads, tokens, 64) / sdpa_us / 1e6,
+                 gbps=attention_bytes(batch, heads, tokens, 64, element) / sdpa_us / 1e3)]
+    peak = ceil.get(f"gemm_{dname}_tflops")
+    scale = 64 ** -0.5
+    for width in widths:
+        q, k, v = (torch.randn(batch, heads, tokens, width, device=device, dtype=dtype) for _ in range(3))
+        ref = attention_reference(q.double(), k.double(), v.double(), None, scale, False)
+        out = triton_attention(q, k, v, None, scale, False)
+        err = rel_err(out, ref)
+        if not (err < 2e-2 and torch.isfinite(out).all()):
+            raise RuntimeError(f"attention {shape} w{width} {dname}: relative error {err:.2e}")
+        timed = {}
+        for label, config in [("default", default_config(q))] + ([(str(c), c) for c in TUNE] if tune else []):
+            try:
+                timed[label] = _bench(partial(triton_attention, q, k, v, None, scale, False, config=config))
+            except Exception as exc:  # a block shape the compiler refuses (shared memory): skip it
+                print(f"  {shape} w{width} config {label} failed: {type(exc).__name__}", file=sys.stderr)
+        flops = attention_flops(batch, heads, tokens, width)
+        moved = attention_bytes(batch, heads, tokens, width, element)
+        picks = [("default", f"triton_w{width}")]
+        if tune:
+            picks.append((min(timed, key=timed.get), f"triton_w{width}_tuned"))
+        for label, provider in picks:
+            us = timed[label]
+            note = label + (f"; {flops / us / 1e6 / peak:.0%} of GEMM peak" if peak else "")
+            rows.append(_row("attention", shape, dname, provider, us, speedup=sdpa_us / us, tflops=flops / us / 1e6,
+                             gbps=moved / us / 1e3, rel_err=err, config=note))
+    return rows
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except Exception:  # not installed, or no CUDA library for this CUDA version
+        return None
+    return bnb, bnbf
+
+
+class _Cycle:
+    """Calls ``fn(i)`` with i rotating over ``n`` weight sets (captured as n_repeat calls in a CUDA graph)."""
+
+    def __init__(self, fn: Callable[[int], object], n: int) -> None:
+        self.fn, self.n, self.i = fn, n, 0
+
+    def __call__(self) -> object:
+        self.i = (self.i + 1) % self.n
+        return self.fn(self.i)
+
+
+def bench_gemv(device: torch.device, sizes, l2_bytes: int, ceil: dict) -> list[dict]:
+    rows = []
+    for d in sizes:
+        rows += _gemv_size(device, d, l2_bytes, ceil)
+    return rows
+
+
+def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict) -> list[dict]:
+    from adaptwin import quant
+    from adaptwin.ops.rank_linear import run_rank_linear
+
+    fmt, lib, copy = quant.QuantFormat("nf4", 64), _bnb(), ceil.get("copy_gbps")
+    r = half_rank(d)
+    shape = f"{d}x{d}:r{r}"
+    ours_bytes, dense_bytes = nf4_bytes(r, d, d), 2 * d * d
+    sets = max(1, min(8, math.ceil(3 * l2_bytes / ours_bytes)))
+    weights, factors, packed4 = [], [], []
+    for _ in range(sets):
+        w = torch.randn(d, d, device=device) / d ** 0.5
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        a = (vh[:r] * s[:r, None].sqrt()).float()  # (r, in)
+        b = (u[:, :r] * s[:r].sqrt()).T.float().contiguous()  # (r, out)
+        qa, qb = fmt.quantize(a), fmt.quantize(b)
+        factors.append((qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64,
+                        [r, d], None))
+        weights.append(w.half())
+        if lib is not None:
+            packed4.append(lib[1].quantize_4bit(w.half(), quant_type="nf4", blocksize=64))
+    x = torch.randn(1, d, device=device, dtype=torch.float16)
+    err = rel_err(run_rank_linear(x, *factors[0]), F.linear(x.double(), _dequant(factors[0], r, d)))
+    if not err < 1e-2:
+        raise RuntimeError(f"rank_linear {shape}: relative error {err:.2e} against its own dequantised factors")
+    note = f"{sets} weight sets"
+    with torch.inference_mode():
+        dense_us = _bench(_Cycle(lambda i: F.linear(x, weights[i]), sets), graph=True)
+        ours_us = _bench(_Cycle(lambda i: run_rank_linear(x, *factors[i]), sets), graph=True)
+        share = f"; {ours_bytes / ours_us / 1e3 / copy:.0%} of copy GB/s" if copy else ""
+        rows = [_row("gemv", shape, "fp16", "cublas_dense_fp16", dense_us, speedup=1.0,
+                     gbps=dense_bytes / dense_us / 1e3, config=note),
+                _row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
+                     gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
+        if lib is not None:
+            bnb = lib[0]
+            bnb_us = _bench(_Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
+                            graph=True)
+            rows.append(_row("gemv", shape, "fp16", "bitsandbytes_nf4_dense", bnb_us, speedup=dense_us / bnb_us,
+                             gbps=(d * d // 2 + 4 * d * d // 64) / bnb_us / 1e3, config=note))
+    return rows
+
+
+def _dequant(args: tuple, r: int, d: int) -> torch.Tensor:
+    """The dense float64 weight (out, in) the NF4 factors stand for."""
+    from adaptwin.ops.rank_linear import _factor
+
+    a = _factor(args[0], args[1], "nf4", 64, (r, d), torch.float64)
+    b = _factor(args[5], args[6], "nf4", 64, (r, d), torch.float64)
+    return b.T @ a
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/gpu_kernels.csv")
+    ap.add_argument("--dtypes", default="fp16,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
+    ap.add_argument("--quick", action="store_true", help="one attention shape, two widths, two GEMV sizes")
+    ap.add_argument("--tune", action="store_true", help="also sweep the Triton attention block sizes")
+    args = ap.parse_args(argv)
+    dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        ap.error(f"unknown dtypes {bad}; allowed: {sorted(DTYPES)}")
+    if not torch.cuda.is_available():
+        print("benchmarks.gpu_kernels needs a CUDA device; none is visible here", file=sys.stderr)
+        return 2
+    import adaptwin.ops  # noqa: F401  (loads the backends: Triton on CUDA)
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    print(f"{device_string()}; {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, torch "
+          f"{torch.__version__}", flush=True)
+    torch.manual_seed(0)
+    ceil = ceilings(device)
+    print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()), flush=True)
+    shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
+    widths = (16, 48) if args.quick else WIDTHS
+    rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil)
+    rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil)
+    vers, stamp, dev = versions(), now_utc(), f"{props.name}"
+    for row in rows:
+        row.update(device=dev, timestamp=stamp, **vers)
+    rows.append(_row("ceiling", "-", "-", "measured", 0.0, config="; ".join(f"{k}={v:.1f}" for k, v in ceil.items()),
+                     device=dev, timestamp=stamp, **vers))
+    table = [[r["kind"], r["shape"], r["dtype"], r["provider"], f"{r['median_us']:.1f}",
+              f"{r.get('speedup', 0):.2f}x" if r.get("speedup") else "", f"{r.get('tflops', 0):.1f}" if r.get("tflops")
+              else "", f"{r.get('gbps', 0):.0f}" if r.get("gbps") else "", r.get("config", "")] for r in rows]
+    print(format_table(["kind", "shape", "dtype", "provider", "us", "vs base", "TFLOP/s", "GB/s", "note"], table))
+    path = write_rows(args.out, rows, fields=FIELDS, key=KEY)
+    print(f"\nwrote {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
