@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
         ap.error(f"unknown dtypes {bad}; allowed: {sorted(DTYPES)}")
-    if not torch.cuda.is_available():
-        print("benchmarks.gpu_kernels needs a CUDA device; none is visible here", file=sys.stderr)
-        return 2
+    if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
+        print("benchmarks.gpu_kernels: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
+        return 0
     import adaptwin.ops  # noqa: F401  (loads the backends: Triton on CUDA)
 
     device = torch.device("cuda")
