@@ -12,7 +12,8 @@ function: the fused form only changes the rounding (see `adaptwin.ops.linear_act
 
 Nothing of this is saved: the state dict is unchanged, `adaptwin.save` writes the usual checkpoint and
 `adaptwin.load` returns the unfused model (fuse it again). Quantising a compressed model refuses fused
-linears (unfuse first).
+linears (unfuse first); `adaptwin.select_layers` unfuses before it puts original linears back and fuses
+the layers left compressed again. Code that swaps a fused linear out by hand must unfuse first.
 """
 
 from __future__ import annotations

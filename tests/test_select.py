@@ -16,6 +16,7 @@ from tiny_models import reinit
 
 import adaptwin
 from adaptwin.finetune.select import plan_selection, select_layers
+from adaptwin.fusion import FusedActivation
 
 LAYERS = [f"encoder.layer.{i}" for i in range(4)]
 
@@ -163,6 +164,21 @@ def test_reverted_layers_equal_the_original_exactly(tuned, dense):
     # reverting modules are copies: training the selection must not touch the original
     first = next(sel_model.get_submodule(reverted[0]).parameters())
     assert first.data_ptr() != next(dense.get_submodule(reverted[0]).parameters()).data_ptr()
+
+
+def test_selection_of_a_fused_model_keeps_every_activation(tuned, dense):
+    threshold = sorted(per_layer(tuned)[p]["error"] for p in LAYERS)[1]
+    plain = select_layers(tuned, dense, max_error=threshold)
+    fused_model = copy.deepcopy(tuned)
+    assert adaptwin.fuse_activations(fused_model)
+    chosen = select_layers(fused_model, dense, max_error=threshold)
+    assert chosen.adaptwin_selection.reverted == plain.adaptwin_selection.reverted
+    for path in LAYERS:  # a reverted nn.Linear gets its GELU back; the compressed layers stay fused
+        torch.testing.assert_close(run_layer(chosen, path), run_layer(plain, path), rtol=1e-5, atol=1e-6)
+        intermediate = chosen.get_submodule(path).intermediate
+        fused = isinstance(intermediate.intermediate_act_fn, FusedActivation)
+        assert fused == hasattr(intermediate.dense, "fusable_activations")  # fused exactly where compressed
+    assert any(isinstance(m, FusedActivation) for m in chosen.modules())
 
 
 def test_record_is_updated_and_inputs_untouched(tuned, dense):

@@ -29,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from adaptwin.compress import RECORD_ATTR, _submodule_setter, compression_record
+from adaptwin.fusion import fuse_activations, unfuse_activations
 from adaptwin.registry import get_architecture
 
 SELECTION_ATTR = "adaptwin_selection"
@@ -225,6 +226,8 @@ def select_layers(compressed: nn.Module, original: nn.Module, *, keep_size: floa
     selection = plan_selection(compressed, original, keep_size=keep_size, max_error=max_error)
     _, modules = _layer_choices(compressed, original)
     model = compressed if inplace else copy.deepcopy(compressed)
+    # a reverted linear that ran its layer's activation (fuse_activations) must take it back with it
+    fused = bool(unfuse_activations(model))
     record = compression_record(model)
     for layer in selection.reverted:
         for path in modules[layer]:
@@ -246,4 +249,6 @@ def select_layers(compressed: nn.Module, original: nn.Module, *, keep_size: floa
                                                                          if not c.reverted)},
     }
     setattr(model, SELECTION_ATTR, selection)
+    if fused:
+        fuse_activations(model)  # the layers still compressed run fused again
     return model
