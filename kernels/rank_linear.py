@@ -3,9 +3,10 @@
 y = (x·Aᵀ)·B + bias, each product one launch of a GEMM whose weight is decoded in registers from its
 stored format (fp / NF4 / int8): the weight element (kk, nn) of a product is element kk·s_k + nn·s_n of
 the flat direction-major factor, so one kernel serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out,
-s_n = 1). Rows of x beyond one use tl.dot tiles; a single row (batch-1 decoding) uses a GEMV kernel
-that reduces over K with elementwise products (a 16-row dot tile would be 15/16 padding). The factors'
-codes are read once per output tile, never expanded in memory.
+s_n = 1). Rows of x beyond one use tl.dot tiles (16-bit x: the decoded factor cast to x's dtype and a
+tensor-core dot when compiled; float32 x and the interpreter: float32 "ieee" dots); a single row (batch-1
+decoding) uses a GEMV kernel that reduces over K with elementwise products (a 16-row dot tile would be
+15/16 padding). The factors' codes are read once per output tile, never expanded in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS, FORMAT: tl.constexpr)
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN, BS,
-                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -42,10 +43,13 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                    other=0.0).to(tl.float32)  # (BM, BK)
+                    other=0.0)  # (BM, BK)
         ok = (rk[:, None] < K) & (rn[None, :] < N)
         w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
-        acc += tl.dot(x, w)
+        if DOT_F32:  # true float32 products: a float32 dot defaults to tf32 on GPUs
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:  # 16-bit x: the decoded factor cast to x's dtype (as the reference casts it), tensor-core dot
+            acc += tl.dot(x, w.to(x.dtype))
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -92,8 +96,10 @@ def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: 
                                                  BLOCK_K=64)
     else:
         grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+        dot_f32 = x.dtype == torch.float32 or _interpreting()
         _gemm_kernel[grid](x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize,
-                           FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+                           FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32,
+                           BLOCK_K=32)
     return out
 
 
