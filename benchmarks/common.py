@@ -9,6 +9,7 @@ can tell a quiet run from a contended one.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import os
@@ -83,6 +84,16 @@ def time_interleaved(
             fns[name]()
             out[name].samples.append(time.perf_counter() - t0)
     return out
+
+
+def pick(ap: argparse.ArgumentParser, text: str, allowed: Iterable[str], what: str) -> list[str]:
+    """The comma-separated names in ``text``, each one of ``allowed``; ``ap.error`` (exit 2) names the rest."""
+    allowed = list(allowed)
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad or not items:
+        ap.error(f"unknown {what} {bad}; allowed: {sorted(allowed)}")
+    return items
 
 
 def keep_heap() -> None:

@@ -39,6 +39,7 @@ from benchmarks.common import (
     device_string,
     format_table,
     now_utc,
+    pick,
     time_interleaved,
     versions,
     write_rows,
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/finetune_throughput.csv")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     args = ap.parse_args(argv)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad or not providers:
-        ap.error(f"unknown providers {bad}; allowed: {list(PROVIDERS)}")
+    providers = pick(ap, args.providers, PROVIDERS, "providers")
     if args.samples < 2 or args.epochs < 1 or args.positions < 1 or args.layers < 1:
         ap.error("need --samples >= 2, --epochs >= 1, --positions >= 1, --layers >= 1")
     torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_string, format_table, now_utc, versions, write_rows
+from benchmarks.common import device_string, format_table, now_utc, pick, versions, write_rows
 
 BENCHMARK = "gpu_kernels"
 FIELDS = ("benchmark", "kind", "shape", "dtype", "provider", "median_us", "speedup", "tflops", "gbps",
@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one attention shape, two widths, two GEMV sizes")
     ap.add_argument("--tune", action="store_true", help="also sweep the Triton attention block sizes")
     args = ap.parse_args(argv)
-    dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad or not dtypes:
-        ap.error(f"unknown dtypes {bad}; allowed: {sorted(DTYPES)}")
+    dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
         print("benchmarks.gpu_kernels: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
         return 0

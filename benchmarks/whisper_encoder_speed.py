@@ -63,6 +63,7 @@ from benchmarks.common import (
     format_table,
     keep_heap,
     now_utc,
+    pick,
     time_interleaved,
     versions,
     write_rows,
@@ -326,17 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep freed memory in the process (glibc mallopt), so no provider pays page faults for "
                          f"its large tensors; rows are written as benchmark {BENCHMARK}_warm_heap")
     args = ap.parse_args(argv)
-
-    def pick(text: str, allowed, what: str) -> list[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in allowed]
-        if bad or not items:
-            ap.error(f"unknown {what} {bad}; allowed: {sorted(allowed)}")
-        return items
-
-    shapes = pick(args.shapes, SHAPES, "shapes")
-    dtypes = pick(args.dtypes, DTYPES, "dtypes")
-    providers = pick(args.providers, PROVIDERS, "providers")
+    shapes = pick(ap, args.shapes, SHAPES, "shapes")
+    dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
+    providers = pick(ap, args.providers, PROVIDERS, "providers")
     if "dense" not in providers:
         ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
     torch.set_num_threads(args.threads)
