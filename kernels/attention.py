@@ -16,11 +16,10 @@ call, both for the interpreter; `attention` takes an explicit ``config`` for tun
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from adaptwin.kernels import interpreting
 
 LOG2E = 1.4426950408889634
 
@@ -92,7 +91,7 @@ def _attention_kernel(
 
 def default_config(q: torch.Tensor) -> dict[str, int]:
     """Block sizes for a call: small fixed tiles under the interpreter, GPU tiles otherwise."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return {"BLOCK_M": 32, "BLOCK_N": 32}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
@@ -124,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     block_m = config.pop("BLOCK_M")
     grid = (triton.cdiv(T, block_m), B * H)
     if dot_f32 is None:
-        dot_f32 = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+        dot_f32 = q.dtype == torch.float32 or interpreting()
     _attention_kernel[grid](
         q, k, v, mask_arg, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

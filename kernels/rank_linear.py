@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from adaptwin.kernels import interpreting
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 
@@ -90,13 +91,13 @@ def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: 
     fmt_id = _FORMATS[fmt]
     if M == 1:
         # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
-        block_n = 64 if N >= 64 * 128 or _interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
+        block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
         _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize,
                                                  FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n,
                                                  BLOCK_K=64)
     else:
         grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
-        dot_f32 = x.dtype == torch.float32 or _interpreting()
+        dot_f32 = x.dtype == torch.float32 or interpreting()
         _gemm_kernel[grid](x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize,
                            FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32,
                            BLOCK_K=32)
@@ -113,12 +114,6 @@ def _code_on(device: torch.device) -> torch.Tensor:
 
         _CODES[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
     return _CODES[device]
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
