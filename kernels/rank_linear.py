@@ -77,31 +77,41 @@ def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: 
              shape: tuple[int, int], transposed: bool, bias: torch.Tensor | None, out_dtype: torch.dtype
              ) -> torch.Tensor:
     """x (M, K) times the factor: Aᵀ (transposed=True, A of shape (N, K)) or B ((K, N)) -> (M, N)."""
-    rows, cols = shape
-    M, K = x.shape
-    N = rows if transposed else cols
-    s_k, s_n = (1, cols) if transposed else (cols, 1)
+    M = x.shape[0]
+    N = shape[0] if transposed else shape[1]
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    code = _code_on(x.device)
-    w = w.contiguous()
+    kernel, grid, args, kwargs = launch(x, w.contiguous(), scale, fmt, blocksize, shape, transposed, bias, out,
+                                        _code_on(x.device))
+    kernel[grid](*args, **kwargs)
+    return out
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, blocksize: int,
+           shape: tuple[int, int], transposed: bool, bias: torch.Tensor | None, out: torch.Tensor,
+           code: torch.Tensor) -> tuple:
+    """(kernel, grid, positional arguments, keyword arguments) of one product, x (M, K) non-empty and w
+    contiguous: the GEMV kernel for one row, the GEMM kernel otherwise.
+
+    Separate from the launch so the exact specialisation a call would compile can also be compiled ahead
+    of time for a GPU that is not here (tests/test_kernels_sm90.py)."""
+    rows, cols = shape
+    M, K = x.shape
+    N = out.shape[1]
+    s_k, s_n = (1, cols) if transposed else (cols, 1)
     sc = scale.float().contiguous() if scale is not None else code
     b = bias if bias is not None else code
     fmt_id = _FORMATS[fmt]
     if M == 1:
         # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
         block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
-        _gemv_kernel[(triton.cdiv(N, block_n),)](x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize,
-                                                 FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                                                 BLOCK_K=64)
-    else:
-        grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
-        dot_f32 = x.dtype == torch.float32 or interpreting()
-        _gemm_kernel[grid](x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize,
-                           FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32,
-                           BLOCK_K=32)
-    return out
+        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize),
+                dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
+    grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
+    dot_f32 = x.dtype == torch.float32 or interpreting()
+    return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize),
+            dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
 
 
 _CODES: dict[torch.device, torch.Tensor] = {}
@@ -116,6 +126,13 @@ def _code_on(device: torch.device) -> torch.Tensor:
     return _CODES[device]
 
 
+def middle_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the rank-wide intermediate x·Aᵀ for x (M, in): float32 for one row (free there) and for
+    float32 x; with more rows of 16-bit x it is rounded to x's dtype, as the reference rounds it, so the
+    second GEMM also runs on tensor cores (a float32 operand would force the slow exact float32 dot)."""
+    return torch.float32 if x.shape[0] == 1 or x.dtype == torch.float32 or interpreting() else x.dtype
+
+
 def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
     """Launcher with the op's signature (see `adaptwin.ops.rank_linear`); float32 accumulation, x's dtype out."""
     from adaptwin.ops.rank_linear import _check
@@ -123,10 +140,11 @@ def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_for
     width = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
     lead = x.shape[:-1]
     h = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+    mid = middle_dtype(h)
     if a is not None:
         a_shape = (int(a_shape[0]), int(a_shape[1]))
         h = _product(h, a, a_scale, a_format, a_blocksize, a_shape, True, bias if b is None else None,
-                     torch.float32 if b is not None else x.dtype)  # (M, k); h stays float32 between products
+                     mid if b is not None else x.dtype)  # (M, k)
     if b is not None:
         b_shape = (int(b_shape[0]), int(b_shape[1]))
         h = _product(h, b, b_scale, b_format, b_blocksize, b_shape, False, bias, x.dtype)  # (M, out)

@@ -1,0 +1,186 @@
+"""The Triton kernels compile for an H100 (sm_90) here, with no GPU: every launch variant, ahead of time.
+
+The interpreter tests (test_kernels_triton.py) check the kernels' arithmetic but never run Triton's GPU
+compiler, which rejects things the interpreter accepts (shapes, dtypes of dot operands, too much shared
+memory). So each variant a real call would launch is built by the launchers' own `launch` functions from
+CPU tensors of the call's dtypes, bound with Triton's specialisation rules for the CUDA backend, and
+compiled to a cubin for sm_90 with Triton's bundled ptxas. On each cubin:
+- no register spills (cuobjdump's LOCAL and STACK are 0) and shared memory within the H100's 227 KiB;
+- 16-bit dots run on tensor cores (wgmma in the PTX), float32 "ieee" dots do not (no silent tf32).
+
+Needs triton with its NVIDIA backend (the pip wheel has it); uses Triton internals (the JIT binder), so
+it skips on a triton whose internals differ, saying so. Nothing is loaded or run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("compiles for a GPU; not under the interpreter", allow_module_level=True)
+
+H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _toolchain():
+    """(backend, target, compile function, binder factory) for sm_90, or skip with the reason."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile, make_backend
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as exc:
+        pytest.skip(f"triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks {exc.name}")
+    target = GPUTarget("cuda", 90, 32)
+    try:
+        backend = make_backend(target)
+    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this triton build
+        pytest.skip(f"triton {triton.__version__} has no usable CUDA backend: {exc}")
+    return backend, target, compile, ASTSource, create_function_from_signature
+
+
+def compile_sm90(kernel, args: tuple, kwargs: dict):
+    """The CompiledKernel Triton would build for ``kernel[grid](*args, **kwargs)`` on an H100."""
+    backend, target, compile, ASTSource, binder_for = _toolchain()
+    kwargs = dict(kwargs)
+    try:
+        bound, spec, options = binder_for(kernel.signature, kernel.params, backend)(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    except (AttributeError, TypeError) as exc:
+        import triton
+
+        pytest.skip(f"triton {triton.__version__}'s JIT internals differ from those this check uses: {exc}")
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if bundled.exists():
+        return str(bundled)
+    import shutil
+
+    return shutil.which("cuobjdump")
+
+
+def resources(compiled) -> dict[str, int]:
+    """cuobjdump's resource usage of the cubin: REG, STACK, SHARED, LOCAL."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither bundled with triton nor on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    assert found, text
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
+
+
+def check(compiled, tensor_cores: bool) -> dict[str, int]:
+    use = resources(compiled)
+    assert use["LOCAL"] == 0 and use["STACK"] == 0, f"register spills: {use}"
+    assert compiled.metadata.shared <= H100_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
+    ptx = compiled.asm["ptx"]
+    assert ("wgmma" in ptx or "mma.sync" in ptx) == tensor_cores, "tensor-core use differs from the dtype's"
+    return use
+
+
+# ------------------------------------------------------------------------------------------- attention
+ATTENTION = [  # (dtype, heads, kv heads, width q, width v, mask, causal)
+    ("fp32", 6, 6, 40, 40, None, False),
+    ("fp16", 6, 6, 40, 40, None, False),
+    ("bf16", 6, 6, 40, 40, None, False),
+    ("fp16", 6, 6, 64, 64, None, False),  # the dense head width: what SDPA does at d_h = 64
+    ("fp16", 20, 20, 20, 52, "bool", False),
+    ("bf16", 20, 4, 24, 24, "float", True),  # grouped kv heads, additive mask, causal
+    ("fp32", 6, 6, 13, 9, "bool", True),
+]
+
+
+def _attention_launch(dtype: str, heads: int, kv: int, dq: int, dv: int, mask: str | None, causal: bool,
+                      config: dict | None = None):
+    from adaptwin.kernels import attention as ka
+
+    t = torch.float32 if dtype == "fp32" else DTYPES[dtype]
+    q = torch.empty(1, heads, 1500, dq, dtype=t)
+    k, v = torch.empty(1, kv, 1500, dq, dtype=t), torch.empty(1, kv, 1500, dv, dtype=t)
+    m = None if mask is None else (torch.ones(1, 1, 1, 1500, dtype=torch.bool) if mask == "bool"
+                                   else torch.zeros(1, 1, 1500, 1500, dtype=t))
+    out = torch.empty(1, 1500, heads, dv, dtype=t)
+    _, args, kwargs = ka.launch(q, k, v, m, out, dq ** -0.5, causal, config)
+    return ka._attention_kernel, args, kwargs
+
+
+@pytest.mark.parametrize("case", ATTENTION, ids=lambda c: "{}-H{}kv{}-q{}v{}-{}-{}".format(*c))
+def test_attention_compiles_for_sm90(case):
+    kernel, args, kwargs = _attention_launch(*case)
+    check(compile_sm90(kernel, args, kwargs), tensor_cores=case[0] != "fp32")
+
+
+@pytest.mark.slow
+def test_every_tuning_config_compiles_for_sm90():
+    """benchmarks/gpu_kernels.py --tune times each of these; none may fail to build or spill."""
+    from benchmarks.gpu_kernels import TUNE
+
+    bad = []
+    for config in TUNE:
+        for width in (16, 48):
+            kernel, args, kwargs = _attention_launch("fp16", 6, 6, width, width, None, False, dict(config))
+            compiled = compile_sm90(kernel, args, kwargs)
+            use = resources(compiled)
+            if use["LOCAL"] or compiled.metadata.shared > H100_SHARED:
+                bad.append((config, width, use, compiled.metadata.shared))
+    assert not bad, bad
+
+
+# ----------------------------------------------------------------------------------------- rank_linear
+LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
+    ("fp32", 1, 384, 136, 1536, "nf4", 64, True),
+    ("fp16", 1, 4096, 1024, 4096, "nf4", 64, False),
+    ("bf16", 1, 431, 37, 384, "int8", 0, True),
+    ("fp16", 1, 384, 20, 431, "fp", 0, False),
+    ("fp32", 1500, 384, 136, 1536, "nf4", 64, True),
+    ("fp16", 1500, 384, 136, 1536, "nf4", 64, True),
+    ("bf16", 64, 431, 52, 384, "int8", 64, False),
+    ("fp16", 7, 384, 40, 384, "fp", 0, True),
+]
+
+
+def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fmt: str, bs: int, bias: bool):
+    """Every kernel launch of one rank_linear call, as the launcher would make them."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    t = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen))
+    fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen))
+    x = torch.empty(rows, n_in, dtype=t)
+    code = kr._code_on(x.device)
+    mid = torch.empty(rows, rank, dtype=kr.middle_dtype(x))
+    y = torch.empty(rows, n_out, dtype=t)
+    b = torch.empty(n_out, dtype=t) if bias else None
+    return [kr.launch(x, fa[0], fa[1], fmt, bs, tuple(fa[4]), True, None, mid, code),
+            kr.launch(mid, fb[0], fb[1], fmt, bs, tuple(fb[4]), False, b, y, code)]
+
+
+@pytest.mark.parametrize("case", LINEAR, ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c))
+def test_rank_linear_compiles_for_sm90(case):
+    rows = case[1]
+    for kernel, _, args, kwargs in _linear_launches(*case):
+        check(compile_sm90(kernel, args, kwargs), tensor_cores=rows > 1 and args[0].dtype != torch.float32)
