@@ -1,12 +1,18 @@
 """Triton kernels for ``torch.ops.adaptwin.rank_linear`` (schema: `adaptwin.ops.rank_linear`).
 
-y = (x·Aᵀ)·B + bias, each product one launch of a GEMM whose weight is decoded in registers from its
-stored format (fp / NF4 / int8): the weight element (kk, nn) of a product is element kk·s_k + nn·s_n of
-the flat direction-major factor, so one kernel serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out,
-s_n = 1). Rows of x beyond one use tl.dot tiles (16-bit x: the decoded factor cast to x's dtype and a
-tensor-core dot when compiled; float32 x and the interpreter: float32 "ieee" dots); a single row (batch-1
-decoding) uses a GEMV kernel that reduces over K with elementwise products (a 16-row dot tile would be
-15/16 padding). The factors' codes are read once per output tile, never expanded in memory.
+y = (x·Aᵀ)·B + bias; factors are decoded in registers from their stored format (fp / NF4 / int8), never
+expanded in memory. `plan` picks the launches:
+- one row of x with NF4 factors whose packed widths are even (batch-1 decoding, the memory-bound case):
+  two whole-byte kernels. x·Aᵀ reads A's rows (codes packed along K) a byte at a time, both nibbles
+  used, and is split over K so that a rank-wide output still fills the GPU; its float32 partial rows
+  are summed by the h·B kernel as it loads h. h·B reads B's rows (codes packed along N) a byte at a
+  time, each byte giving two neighbouring outputs.
+- otherwise, per product, a generic kernel that decodes element by element: the weight element
+  (kk, nn) of a product is element kk·s_k + nn·s_n of the flat direction-major factor, so one kernel
+  serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out, s_n = 1). Several rows use tl.dot tiles
+  (16-bit x: the decoded factor cast to x's dtype, a tensor-core dot when compiled, the intermediate
+  rounded to x's dtype as the reference rounds it; float32 x and the interpreter: float32 "ieee"
+  dots); one row uses a GEMV kernel that reduces over K with elementwise products.
 """
 
 from __future__ import annotations
@@ -73,34 +79,80 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k
     tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
-def _product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, blocksize: int,
-             shape: tuple[int, int], transposed: bool, bias: torch.Tensor | None, out_dtype: torch.dtype
-             ) -> torch.Tensor:
-    """x (M, K) times the factor: Aᵀ (transposed=True, A of shape (N, K)) or B ((K, N)) -> (M, N)."""
-    M = x.shape[0]
-    N = shape[0] if transposed else shape[1]
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out
-    kernel, grid, args, kwargs = launch(x, w.contiguous(), scale, fmt, blocksize, shape, transposed, bias, out,
-                                        _code_on(x.device))
-    kernel[grid](*args, **kwargs)
-    return out
+@triton.jit
+def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, BS, SPLIT_BYTES,
+                          HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_B: tl.constexpr):
+    """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
+    BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
+    SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
+    vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
+    otherwise the finished row, bias added, in out's dtype."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    row_ok = rn < N
+    kb_lo = split * SPLIT_BYTES
+    kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_B):
+        kb = kb0 + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
+        k_ok = kb < kb_hi
+        ok = row_ok[:, None] & k_ok[None, :]
+        byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0).to(tl.int32)
+        sc = tl.load(scale_ptr + (rn[:, None] * K + 2 * kb[None, :]) // BS, mask=ok, other=0.0)
+        xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
+        acc += (tl.load(code_ptr + (byte >> 4)) * xe[None, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :]) * sc
+    y = tl.sum(acc, 1)
+    if PARTIAL:
+        tl.store(out_ptr + split * N + rn, y, mask=row_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: str, blocksize: int,
-           shape: tuple[int, int], transposed: bool, bias: torch.Tensor | None, out: torch.Tensor,
-           code: torch.Tensor) -> tuple:
-    """(kernel, grid, positional arguments, keyword arguments) of one product, x (M, K) non-empty and w
-    contiguous: the GEMV kernel for one row, the GEMM kernel otherwise.
+@triton.jit
+def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, BS,
+                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
+    packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
+    consecutive bytes of every row of B, and reduces over all of K."""
+    jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
+    col_ok = jb < ROWBYTES
+    acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        h = tl.zeros((BLOCK_K,), tl.float32)
+        for s in range(SPLITS):
+            h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
+        ok = k_ok[:, None] & col_ok[None, :]
+        byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0).to(tl.int32)
+        hs = h[:, None] * tl.load(scale_ptr + (rk[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
+        acc_e += tl.load(code_ptr + (byte >> 4)) * hs
+        acc_o += tl.load(code_ptr + (byte & 15)) * hs
+    ye = tl.sum(acc_e, 0)
+    yo = tl.sum(acc_o, 0)
+    if HAS_BIAS:
+        ye += tl.load(bias_ptr + 2 * jb, mask=col_ok, other=0.0).to(tl.float32)
+        yo += tl.load(bias_ptr + 2 * jb + 1, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=col_ok)
 
-    Separate from the launch so the exact specialisation a call would compile can also be compiled ahead
-    of time for a GPU that is not here (tests/test_kernels_sm90.py)."""
+
+Launch = tuple  # (kernel, grid, positional arguments, keyword arguments)
+
+
+def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, blocksize: int, shape: tuple[int, int],
+             transposed: bool, bias: torch.Tensor | None, out: torch.Tensor, code: torch.Tensor) -> Launch:
+    """x (M, K) times the factor, Aᵀ (transposed, A (N, K)) or B ((K, N)), into out (M, N): the GEMV
+    kernel for one row, the GEMM kernel otherwise; any format, elementwise decode."""
     rows, cols = shape
     M, K = x.shape
     N = out.shape[1]
     s_k, s_n = (1, cols) if transposed else (cols, 1)
-    sc = scale.float().contiguous() if scale is not None else code
     b = bias if bias is not None else code
     fmt_id = _FORMATS[fmt]
     if M == 1:
@@ -112,6 +164,81 @@ def launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, fmt: st
     dot_f32 = x.dtype == torch.float32 or interpreting()
     return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize),
             dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+
+
+def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
+    """Whether an NF4 factor's bytes can be read whole along a dimension of ``packed_len`` codes."""
+    return fmt == "nf4" and packed_len % 2 == 0 and blocksize % 2 == 0
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's 132 where there is no GPU to ask)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
+         code: torch.Tensor) -> tuple[torch.Tensor, list[Launch]]:
+    """(output, kernel launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments.
+
+    Batch-1 NF4 products read whole bytes: x·Aᵀ with the codes packed along K, split over K so that the
+    small rank-wide output still fills the GPU (float32 partial rows, which the h·B kernel sums as it
+    loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
+    Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
+    of time for a GPU that is not here (tests/test_kernels_sm90.py)."""
+    M = x.shape[0]
+    dev = x.device
+    width = int(b_shape[1]) if b is not None else int(a_shape[0])
+    out = torch.empty((M, width), dtype=x.dtype, device=dev)
+    if M == 0 or width == 0:
+        return out, []
+    launches: list[Launch] = []
+    h, splits = x, 1
+    cols_b = b is not None and M == 1 and _packed(b_format, b_blocksize, int(b_shape[1]))
+    if a is not None:
+        r, k = int(a_shape[0]), int(a_shape[1])
+        sc = a_scale.float().contiguous() if a_scale is not None else code
+        last = b is None
+        if M == 1 and _packed(a_format, a_blocksize, k):
+            block_n, block_b = (4, 16) if interpreting() else (8, 128)
+            step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
+            if cols_b:  # a K split: float32 partial rows for the h·B kernel to sum
+                want = max(1, min(2 * _sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
+                k_split = triton.cdiv(triton.cdiv(k, want), step) * step
+                splits = triton.cdiv(k, k_split)
+            else:
+                k_split = triton.cdiv(k, step) * step
+            k_split //= 2  # in bytes
+            partial = splits > 1
+            h = out if last else torch.empty((splits, r), dtype=torch.float32, device=dev)
+            b_arg = bias if (last and bias is not None) else code
+            launches.append((_gemv_nf4_rows_kernel, (n_prog, splits),
+                             (x, a.contiguous(), sc, code, b_arg, h, r, k, k // 2, a_blocksize, k_split),
+                             dict(HAS_BIAS=last and bias is not None, PARTIAL=partial, BLOCK_N=block_n,
+                                  BLOCK_B=block_b)))
+        else:
+            h = out if last else torch.empty((M, r), dtype=middle_dtype(x), device=dev)
+            launches.append(_generic(x, a.contiguous(), sc, a_format, a_blocksize, (r, k), True,
+                                     bias if last else None, h, code))
+    if b is not None:
+        k, n = int(b_shape[0]), int(b_shape[1])
+        sc = b_scale.float().contiguous() if b_scale is not None else code
+        if cols_b:
+            # byte columns per program: as many programs as two per multiprocessor, 16 to 64 bytes a row
+            block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * _sm_count(dev)))))
+            block_k, block_b = (16, 16) if interpreting() else (64, block_b)
+            launches.append((_gemv_nf4_cols_kernel, (triton.cdiv(n // 2, block_b),),
+                             (h, splits, b.contiguous(), sc, code, bias if bias is not None else code, out, n, k,
+                              n // 2, b_blocksize),
+                             dict(HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_B=block_b)))
+        else:
+            launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
+    return out, launches
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
 
 
 _CODES: dict[torch.device, torch.Tensor] = {}
@@ -140,12 +267,8 @@ def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_for
     width = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
     lead = x.shape[:-1]
     h = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
-    mid = middle_dtype(h)
-    if a is not None:
-        a_shape = (int(a_shape[0]), int(a_shape[1]))
-        h = _product(h, a, a_scale, a_format, a_blocksize, a_shape, True, bias if b is None else None,
-                     mid if b is not None else x.dtype)  # (M, k)
-    if b is not None:
-        b_shape = (int(b_shape[0]), int(b_shape[1]))
-        h = _product(h, b, b_scale, b_format, b_blocksize, b_shape, False, bias, x.dtype)  # (M, out)
-    return h.reshape(*lead, width).to(x.dtype)
+    out, launches = plan(h, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape,
+                         bias, _code_on(x.device))
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return out.reshape(*lead, width)

@@ -160,27 +160,25 @@ LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
 
 
 def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fmt: str, bs: int, bias: bool):
-    """Every kernel launch of one rank_linear call, as the launcher would make them."""
+    """Every kernel launch of one rank_linear call, as the launcher plans them."""
     from adaptwin.kernels import rank_linear as kr
 
     sys.path.insert(0, str(Path(__file__).parent))
     from test_kernels_cpu import _factor
 
-    t = DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen))
     fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen))
-    x = torch.empty(rows, n_in, dtype=t)
-    code = kr._code_on(x.device)
-    mid = torch.empty(rows, rank, dtype=kr.middle_dtype(x))
-    y = torch.empty(rows, n_out, dtype=t)
-    b = torch.empty(n_out, dtype=t) if bias else None
-    return [kr.launch(x, fa[0], fa[1], fmt, bs, tuple(fa[4]), True, None, mid, code),
-            kr.launch(mid, fb[0], fb[1], fmt, bs, tuple(fb[4]), False, b, y, code)]
+    x = torch.empty(rows, n_in, dtype=DTYPES[dtype])
+    b = torch.empty(n_out, dtype=x.dtype) if bias else None
+    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device))
+    return launches
 
 
 @pytest.mark.parametrize("case", LINEAR, ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c))
 def test_rank_linear_compiles_for_sm90(case):
     rows = case[1]
-    for kernel, _, args, kwargs in _linear_launches(*case):
+    launches = _linear_launches(*case)
+    assert len(launches) == 2
+    for kernel, _, args, kwargs in launches:
         check(compile_sm90(kernel, args, kwargs), tensor_cores=rows > 1 and args[0].dtype != torch.float32)

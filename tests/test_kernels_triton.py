@@ -101,6 +101,10 @@ LINEAR_CASES = [
     (5, 431, 13, 384, "nf4", 6),
     (17, 384, 52, 431, "int8", 64),
     (3, 100, 9, 61, "fp", 0),
+    # one row, NF4 read as whole bytes: x·Aᵀ split over K into partial rows that h·B sums as it loads h
+    (1, 384, 20, 432, "nf4", 64),
+    (1, 1030, 37, 98, "nf4", 6),
+    (1, 386, 9, 62, "nf4", 2),
 ]
 
 
@@ -129,3 +133,31 @@ def test_triton_rank_linear_one_factor(tk, rows):
     args = (x, *fa, *NONE, bias)
     ref64 = rank_linear_reference(x.double(), *fa, *NONE, bias.double())
     assert_within_twice(tk["rank_linear"].rank_linear(*args), rank_linear_reference(*args), ref64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows", [1, 3])
+def test_triton_rank_linear_second_factor_only(tk, rows):
+    gen = torch.Generator().manual_seed(8)
+    fb = _factor("nf4", 64, torch.randn(24, 130, generator=gen))
+    x, bias = torch.randn(rows, 24, generator=gen), torch.randn(130, generator=gen)
+    args = (x, *NONE, *fb, bias)
+    ref64 = rank_linear_reference(x.double(), *NONE, *fb, bias.double())
+    assert_within_twice(tk["rank_linear"].rank_linear(*args), rank_linear_reference(*args), ref64)
+
+
+@needs_interpreter
+def test_triton_rank_linear_plans_whole_byte_kernels(tk):
+    """One NF4 row with even widths takes the byte kernels and splits x·Aᵀ over K; odd widths do not."""
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    gen = torch.Generator().manual_seed(9)
+    fa, fb = (_factor("nf4", 64, torch.randn(20, n, generator=gen)) for n in (384, 432))
+    _, launches = plan(torch.randn(1, 384), *fa, *fb, None, _code_on(torch.device("cpu")))
+    names = [k.fn.__name__ for k, *_ in launches]
+    assert names == ["_gemv_nf4_rows_kernel", "_gemv_nf4_cols_kernel"]
+    assert launches[0][1][1] > 1 and launches[0][3]["PARTIAL"]
+    fb = _factor("nf4", 64, torch.randn(20, 431, generator=gen))
+    _, launches = plan(torch.randn(1, 384), *fa, *fb, None, _code_on(torch.device("cpu")))
+    assert launches[0][1][1] == 1 and not launches[0][3]["PARTIAL"]
+    assert launches[1][0].fn.__name__ == "_gemv_kernel"
