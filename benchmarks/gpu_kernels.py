@@ -13,11 +13,12 @@ random data, after a correctness check of the same call against a float64 refere
    Triton kernel on rank-space heads of width r + l in 16..48, fp16 and bf16, for (batch, heads) of
    Whisper tiny (1, 6) and large (1, 20), and a batch of 16 large windows. FLOPs 4·B·H·T²·w (q·kᵀ and
    P·V); bytes q, k, v read and the output written once. ``--tune`` also sweeps the Triton block sizes
-   and reports the best configuration next to the default.
+   on the largest shape and reports the best configuration next to the default.
 3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
    parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
-   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2.
+   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. ``--tune``
+   adds a row with the best tiles of the two whole-byte NF4 kernels.
 
 The attention row's speed-up is SDPA's time over ours at equal (B, H, T); the issue's goal is >= 1.5x
 at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
@@ -44,8 +45,15 @@ WIDTHS = (16, 24, 32, 40, 48)
 ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, large, a batch of large
 GEMV_SIZES = (1024, 2048, 4096, 8192)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Tuning sweeps, sized for a lease: 20 attention tiles (each compiles spill-free for sm_90,
+# tests/test_kernels_sm90.py), timed on one (batch, heads) shape per dtype and width; the GEMV's two
+# whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
 TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-        for m in (32, 64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
+        for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
+GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (4, 8, 16) for b in (64, 128, 256)
+                  for w in (4, 8) if n * b <= 2048]
+GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": 4} for k in (32, 64, 128) for b in (16, 32, 64)
+                  if k * b <= 4096]
 
 
 def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
@@ -102,10 +110,11 @@ def _row(kind: str, shape: str, dtype: str, provider: str, us: float, **extra: o
 
 
 def bench_attention(device: torch.device, dtypes: list[str], shapes, widths, tune: bool, ceil: dict) -> list[dict]:
+    """Every shape at the default tiles; with ``tune``, the sweep on the last (largest) shape only."""
     rows = []
     for dname in dtypes:
-        for batch, heads in shapes:
-            rows += _attention_shape(device, dname, batch, heads, widths, tune, ceil)
+        for i, (batch, heads) in enumerate(shapes):
+            rows += _attention_shape(device, dname, batch, heads, widths, tune and i == len(shapes) - 1, ceil)
     return rows
 
 
@@ -172,14 +181,14 @@ class _Cycle:
         return self.fn(self.i)
 
 
-def bench_gemv(device: torch.device, sizes, l2_bytes: int, ceil: dict) -> list[dict]:
+def bench_gemv(device: torch.device, sizes, l2_bytes: int, ceil: dict, tune: bool = False) -> list[dict]:
     rows = []
     for d in sizes:
-        rows += _gemv_size(device, d, l2_bytes, ceil)
+        rows += _gemv_size(device, d, l2_bytes, ceil, tune)
     return rows
 
 
-def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict) -> list[dict]:
+def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bool = False) -> list[dict]:
     from adaptwin import quant
     from adaptwin.ops.rank_linear import run_rank_linear
 
@@ -213,6 +222,8 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict) -> list[
                      gbps=dense_bytes / dense_us / 1e3, config=note),
                 _row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
                      gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
+        if tune:
+            rows.append(_tune_gemv(factors, sets, x, shape, dense_us, ours_bytes, note))
         if lib is not None:
             bnb = lib[0]
             bnb_us = _bench(_Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
@@ -220,6 +231,25 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict) -> list[
             rows.append(_row("gemv", shape, "fp16", "bitsandbytes_nf4_dense", bnb_us, speedup=dense_us / bnb_us,
                              gbps=(d * d // 2 + 4 * d * d // 64) / bnb_us / 1e3, config=note))
     return rows
+
+
+def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
+               note: str) -> dict:
+    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then h·B tiles."""
+    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
+
+    def timed(config: dict) -> float:
+        try:
+            return _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+        except Exception as exc:  # a tile the compiler refuses: skip it
+            print(f"  gemv {shape} config {config} failed: {type(exc).__name__}", file=sys.stderr)
+            return math.inf
+
+    best_rows = min(GEMV_TUNE_ROWS, key=lambda c: timed({"rows": c}))
+    best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
+    us = timed(best)
+    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_tuned", us, speedup=dense_us / us,
+                gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")
 
 
 def _dequant(args: tuple, r: int, d: int) -> torch.Tensor:
@@ -236,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results/gpu_kernels.csv")
     ap.add_argument("--dtypes", default="fp16,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
     ap.add_argument("--quick", action="store_true", help="one attention shape, two widths, two GEMV sizes")
-    ap.add_argument("--tune", action="store_true", help="also sweep the Triton attention block sizes")
+    ap.add_argument("--tune", action="store_true",
+                    help="also sweep the Triton block sizes (attention on the largest shape, the NF4 GEMV)")
     args = ap.parse_args(argv)
     dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
@@ -255,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
     widths = (16, 48) if args.quick else WIDTHS
     rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil)
-    rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil)
+    rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil, args.tune)
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"
     for row in rows:
         row.update(device=dev, timestamp=stamp, **vers)

@@ -179,14 +179,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
-         code: torch.Tensor) -> tuple[torch.Tensor, list[Launch]]:
+         code: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """(output, kernel launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments.
 
     Batch-1 NF4 products read whole bytes: x·Aᵀ with the codes packed along K, split over K so that the
     small rank-wide output still fills the GPU (float32 partial rows, which the h·B kernel sums as it
     loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
     Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
-    of time for a GPU that is not here (tests/test_kernels_sm90.py)."""
+    of time for a GPU that is not here (tests/test_kernels_sm90.py). ``config`` (tuning runs,
+    benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps}, "cols": {BLOCK_K, BLOCK_B,
+    num_warps}}, each optional, for the whole-byte kernels."""
+    config = config or {}
     M = x.shape[0]
     dev = x.device
     width = int(b_shape[1]) if b is not None else int(a_shape[0])
@@ -201,7 +204,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         sc = a_scale.float().contiguous() if a_scale is not None else code
         last = b is None
         if M == 1 and _packed(a_format, a_blocksize, k):
-            block_n, block_b = (4, 16) if interpreting() else (8, 128)
+            tiles = {"BLOCK_N": 4, "BLOCK_B": 16} if interpreting() else {"BLOCK_N": 8, "BLOCK_B": 128}
+            tiles.update(config.get("rows", {}))
+            block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
             step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
             if cols_b:  # a K split: float32 partial rows for the h·B kernel to sum
                 want = max(1, min(2 * _sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
@@ -215,8 +220,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             b_arg = bias if (last and bias is not None) else code
             launches.append((_gemv_nf4_rows_kernel, (n_prog, splits),
                              (x, a.contiguous(), sc, code, b_arg, h, r, k, k // 2, a_blocksize, k_split),
-                             dict(HAS_BIAS=last and bias is not None, PARTIAL=partial, BLOCK_N=block_n,
-                                  BLOCK_B=block_b)))
+                             dict(HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
         else:
             h = out if last else torch.empty((M, r), dtype=middle_dtype(x), device=dev)
             launches.append(_generic(x, a.contiguous(), sc, a_format, a_blocksize, (r, k), True,
@@ -227,11 +231,12 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         if cols_b:
             # byte columns per program: as many programs as two per multiprocessor, 16 to 64 bytes a row
             block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * _sm_count(dev)))))
-            block_k, block_b = (16, 16) if interpreting() else (64, block_b)
-            launches.append((_gemv_nf4_cols_kernel, (triton.cdiv(n // 2, block_b),),
+            tiles = {"BLOCK_K": 16, "BLOCK_B": 16} if interpreting() else {"BLOCK_K": 64, "BLOCK_B": block_b}
+            tiles.update(config.get("cols", {}))
+            launches.append((_gemv_nf4_cols_kernel, (triton.cdiv(n // 2, tiles["BLOCK_B"]),),
                              (h, splits, b.contiguous(), sc, code, bias if bias is not None else code, out, n, k,
                               n // 2, b_blocksize),
-                             dict(HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_B=block_b)))
+                             dict(HAS_BIAS=bias is not None, **tiles)))
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches
@@ -260,15 +265,17 @@ def middle_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.shape[0] == 1 or x.dtype == torch.float32 or interpreting() else x.dtype
 
 
-def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
-    """Launcher with the op's signature (see `adaptwin.ops.rank_linear`); float32 accumulation, x's dtype out."""
+def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
+                *, config: dict | None = None):
+    """Launcher with the op's signature (see `adaptwin.ops.rank_linear`); float32 accumulation, x's dtype out.
+    ``config``: block sizes of the whole-byte kernels, for tuning runs (see `plan`)."""
     from adaptwin.ops.rank_linear import _check
 
     width = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
     lead = x.shape[:-1]
     h = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
     out, launches = plan(h, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape,
-                         bias, _code_on(x.device))
+                         bias, _code_on(x.device), config)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return out.reshape(*lead, width)

@@ -53,6 +53,9 @@ names = [r["provider"] for r in rows]
 assert names[:2] == ["cublas_dense_fp16", "adaptwin_nf4_rank"], names
 assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == g.nf4_bytes(32, 128, 128) / 10.0 / 1e3
 assert calls[:3] == [False, False, False] and True in calls  # GEMVs are timed through CUDA graphs
+rows = g._gemv_size(torch.device("cpu"), 128, 0, {}, tune=True)
+tuned = [r for r in rows if r["provider"] == "adaptwin_nf4_rank_tuned"]
+assert len(tuned) == 1 and "'rows': {'BLOCK_N'" in tuned[0]["config"], rows
 print("ok", len(calls))
 """
 

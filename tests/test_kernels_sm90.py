@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles for a GPU; not under the interpreter", allow_module_level=True)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (its tuning sweeps) sits beside the package
 H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -182,3 +183,26 @@ def test_rank_linear_compiles_for_sm90(case):
     assert len(launches) == 2
     for kernel, _, args, kwargs in launches:
         check(compile_sm90(kernel, args, kwargs), tensor_cores=rows > 1 and args[0].dtype != torch.float32)
+
+
+@pytest.mark.slow
+def test_every_gemv_tuning_config_compiles_for_sm90():
+    """benchmarks/gpu_kernels.py --tune times each whole-byte GEMV tile; none may fail to build or spill."""
+    from adaptwin.kernels import rank_linear as kr
+
+    from benchmarks.gpu_kernels import GEMV_TUNE_COLS, GEMV_TUNE_ROWS
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(1024, 4096, generator=gen)) for _ in range(2))
+    x = torch.empty(1, 4096, dtype=torch.float16)
+    bad = []
+    for config in [{"rows": c} for c in GEMV_TUNE_ROWS] + [{"cols": c} for c in GEMV_TUNE_COLS]:
+        _, launches = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), config)
+        kernel, _, args, kwargs = launches[0] if "rows" in config else launches[1]
+        use = resources(compile_sm90(kernel, args, kwargs))
+        if use["LOCAL"] or use["STACK"]:
+            bad.append((config, use))
+    assert not bad, bad
