@@ -1,17 +1,22 @@
 """Triton flash attention for ``torch.ops.adaptwin.attention`` (schema: `adaptwin.ops.attention`).
 
 One program = one block of BLOCK_M queries of one (batch, head). Key tiles of BLOCK_N are visited with an
-online softmax, so no T×S matrix is written. Head widths are arbitrary (20, 26, 52, ...): the tiles are
-padded to the next power of two (>= 16, tl.dot's minimum) and the padding lanes are masked on load, so
-they add zeros. Scores are kept in log2 units (scale·log2e folded into one multiply, additive masks times
-log2e) so the softmax uses exp2, as FlashAttention does.
+online softmax, so no T×S matrix is written. Head widths are arbitrary (20, 26, 40, 52, ...) and constant
+per call site (compile-time constants): a width is covered by one power-of-two part (>= 16, tl.dot's
+minimum) or, where that pads more (33-48, 65-96), by two (40 = 32 + 16), so the dots do not run over
+padding to 64; the padding lanes are masked on load and add zeros. Strides carry a 16-byte alignment
+hint, so such widths still load as vectors, asynchronously into shared memory. Scores are kept in log2
+units (scale·log2e, additive masks times log2e) so the softmax uses exp2, as FlashAttention does;
+without a mask the scale and the running maximum enter exp2 as one fused multiply-add, and only the
+last, partial key tile masks its columns.
 
 Operand precision: compiled on a GPU, float16 / bfloat16 inputs go to tl.dot as they are (tensor cores,
 float32 accumulation) and P is rounded to V's dtype before P·V, as FlashAttention and SDPA's fused
 kernels do. float32 inputs, and every input under TRITON_INTERPRET=1 (the interpreter's bf16 dot is
-wrong), are cast to float32 first. Pointer arithmetic (no block pointers) and one fixed configuration per
-call, both for the interpreter; `attention` takes an explicit ``config`` for tuning runs
-(benchmarks/gpu_kernels.py).
+wrong), are cast to float32 first and use exact ("ieee") dots. Pointer arithmetic (no block pointers)
+and one fixed configuration per call, both for the interpreter; `attention` takes an explicit
+``config`` for tuning runs (benchmarks/gpu_kernels.py). tests/test_kernels_sm90.py compiles every
+variant for an H100 here and checks it for register spills, shared memory and tensor-core use.
 """
 
 from __future__ import annotations
@@ -25,12 +30,87 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _scores(q1, q2, k_base, cols, col_ok, sks, DQ: tl.constexpr, D1Q: tl.constexpr, D2Q: tl.constexpr,
+            HAS_Q2: tl.constexpr, DOT_F32: tl.constexpr, TAIL: tl.constexpr):
+    """Raw q·kᵀ (BM, BN) for one key tile, the head width as one or two power-of-two parts."""
+    d1 = tl.arange(0, D1Q)
+    k_ok = col_ok[:, None] if TAIL else tl.full((1, 1), 1, tl.int1)
+    k1 = tl.load(k_base + cols[:, None] * sks + d1[None, :], mask=k_ok & (d1[None, :] < DQ), other=0.0)
+    if DOT_F32:  # true float32 products ("ieee"): a float32 dot defaults to tf32 on GPUs
+        s = tl.dot(q1, tl.trans(k1.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q1, tl.trans(k1))
+    if HAS_Q2:
+        d2 = D1Q + tl.arange(0, D2Q)
+        k2 = tl.load(k_base + cols[:, None] * sks + d2[None, :], mask=k_ok & (d2[None, :] < DQ), other=0.0)
+        if DOT_F32:
+            s = tl.dot(q2, tl.trans(k2.to(tl.float32)), acc=s, input_precision="ieee")
+        else:
+            s = tl.dot(q2, tl.trans(k2), acc=s)
+    return s
+
+
+@triton.jit
+def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows, row_ok, S, sks, svs, smt, sms,
+              qk_scale, DQ: tl.constexpr, DV: tl.constexpr, D1Q: tl.constexpr, D2Q: tl.constexpr,
+              D1V: tl.constexpr, D2V: tl.constexpr, HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
+              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+              TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax. TAIL: the last, partial tile (its columns masked); the full
+    tiles before it skip that mask. Unmasked scores go into exp2 as one fused multiply-add."""
+    cols = start + tl.arange(0, BLOCK_N)  # (BN,)
+    col_ok = cols < S
+    s = _scores(q1, q2, k_base, cols, col_ok, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, TAIL)  # (BM, BN)
+    if TAIL:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    if HAS_MASK:
+        s = s * qk_scale  # log2 units
+        m_off = rows[:, None] * smt + cols[None, :] * sms
+        ok = row_ok[:, None] & col_ok[None, :]
+        if MASK_BOOL:
+            keep = tl.load(mask_base + m_off, mask=ok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        if CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with only masked keys so far: exp2 -> 0
+        p = tl.exp2(s - m_use[:, None])
+    else:
+        if CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: max(s)·scale = max(s·scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v_ok = col_ok[:, None] if TAIL else tl.full((1, 1), 1, tl.int1)
+    e1 = tl.arange(0, D1V)
+    v1 = tl.load(v_base + cols[:, None] * svs + e1[None, :], mask=v_ok & (e1[None, :] < DV), other=0.0)
+    if DOT_F32:
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
+    else:
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc=acc1 * alpha[:, None])
+    if HAS_V2:
+        e2 = D1V + tl.arange(0, D2V)
+        v2 = tl.load(v_base + cols[:, None] * svs + e2[None, :], mask=v_ok & (e2[None, :] < DV), other=0.0)
+        if DOT_F32:
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, v2.to(tl.float32), input_precision="ieee")
+        else:
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc=acc2 * alpha[:, None])
+    return acc1, acc2, m_new, l_i
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smh, smt, sms,
     H, T, S, groups, qk_scale, DQ: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
+    D1Q: tl.constexpr, D2Q: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr,
+    HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -44,55 +124,59 @@ def _attention_kernel(
     h = bh % H
     hk = h // groups
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    dq = tl.arange(0, BLOCK_DQ)
-    dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < T
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqt + dq[None, :],
-                mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.0)  # (BM, BDQ)
+    q_base = q_ptr + b * sqb + h * sqh + rows[:, None] * sqt
+    d1 = tl.arange(0, D1Q)
+    q1 = tl.load(q_base + d1[None, :], mask=row_ok[:, None] & (d1[None, :] < DQ), other=0.0)  # (BM, D1Q)
+    q2 = q1
+    if HAS_Q2:  # widths like 40 or 48 as 32 + 16: no dot over padding to 64
+        d2 = D1Q + tl.arange(0, D2Q)
+        q2 = tl.load(q_base + d2[None, :], mask=row_ok[:, None] & (d2[None, :] < DQ), other=0.0)  # (BM, D2Q)
     if DOT_F32:
-        q = q.to(tl.float32)
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    mask_base = mask_ptr + b * smb + h * smh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, D1V), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, D2V), tl.float32)
     end = S
     if CAUSAL:
         end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)  # (BN,)
-        col_ok = cols < S
-        k = tl.load(k_ptr + b * skb + hk * skh + cols[:, None] * sks + dq[None, :],
-                    mask=col_ok[:, None] & (dq[None, :] < DQ), other=0.0)  # (BN, BDQ)
-        if DOT_F32:  # true float32 products ("ieee"): a float32 dot defaults to tf32 on GPUs
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale  # (BM, BN), log2 units
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        if HAS_MASK:
-            m_off = b * smb + h * smh + rows[:, None] * smt + cols[None, :] * sms
-            ok = row_ok[:, None] & col_ok[None, :]
-            if MASK_BOOL:
-                keep = tl.load(mask_ptr + m_off, mask=ok, other=0)
-                s = tl.where(keep != 0, s, float("-inf"))
-            else:
-                s = s + tl.load(mask_ptr + m_off, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        if CAUSAL:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with only masked keys so far: exp2 -> 0
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + b * svb + hk * svh + cols[:, None] * svs + dv[None, :],
-                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)  # (BN, BDV)
-        if DOT_F32:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full_end = (end // BLOCK_N) * BLOCK_N
+    if DOT_F32:  # exact float32 dots keep their operands in registers: masked loads there use fewer of them
+        full_end = 0
+    for start in range(0, full_end, BLOCK_N):
+        acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
+                                         row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
+                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, False, BLOCK_N)
+    for start in range(full_end, end, BLOCK_N):  # the partial last tile (every tile for float32)
+        acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
+                                         row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
+                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, True, BLOCK_N)
     inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # fully masked rows give 0, as the reference
-    out = acc * inv[:, None]
-    o_off = ((b * T + rows[:, None]) * H + h) * DV + dv[None, :]  # (B, T, H, Dv) contiguous
-    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < DV))
+    o_base = out_ptr + ((b * T + rows[:, None]) * H + h) * DV  # (B, T, H, Dv) contiguous
+    e1 = tl.arange(0, D1V)
+    tl.store(o_base + e1[None, :], (acc1 * inv[:, None]).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (e1[None, :] < DV))
+    if HAS_V2:
+        e2 = D1V + tl.arange(0, D2V)
+        tl.store(o_base + e2[None, :], (acc2 * inv[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (e2[None, :] < DV))
+
+
+def _parts(width: int) -> tuple[int, int]:
+    """A head width as tl.dot-sized power-of-two parts (each >= 16): one part where padding to the next
+    power of two costs no more than two parts would (16, 20, 24, 32, 52, 64), two otherwise (40 and 48
+    as 32 + 16, 80 as 64 + 16); second part 0 when there is none."""
+    whole = max(16, triton.next_power_of_2(width))
+    first = max(16, whole // 2)
+    if first >= width:
+        return whole, 0
+    second = max(16, triton.next_power_of_2(width - first))
+    return (first, second) if first + second < whole else (whole, 0)
 
 
 def default_config(q: torch.Tensor, masked: bool = False) -> dict[str, int]:
@@ -104,7 +188,7 @@ def default_config(q: torch.Tensor, masked: bool = False) -> dict[str, int]:
     if interpreting():
         return {"BLOCK_M": 32, "BLOCK_N": 32}
     if q.dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 32 if masked else 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -150,6 +234,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     grid = (triton.cdiv(T, block_m), B * H)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
+    (d1q, d2q), (d1v, d2v) = _parts(DQ), _parts(DV)
     strides = [t.stride(i) for t in (q, k, v) for i in range(3)]
     align = 16 // q.element_size()  # elements per 16 bytes, down to the largest power of two all strides share
     while align > 1 and any(st % align for st in strides):
@@ -158,6 +243,5 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             float(scale) * LOG2E)
     kwargs = dict(HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                   CAUSAL=bool(is_causal), DOT_F32=dot_f32, BLOCK_M=block_m, DQ=DQ, DV=DV, ALIGN=align,
-                  BLOCK_DQ=max(16, triton.next_power_of_2(DQ)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-                  **config)
+                  D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0, HAS_V2=d2v > 0, **config)
     return grid, args, kwargs

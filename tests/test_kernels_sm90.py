@@ -128,7 +128,19 @@ def _attention_launch(dtype: str, heads: int, kv: int, dq: int, dv: int, mask: s
 @pytest.mark.parametrize("case", ATTENTION, ids=lambda c: "{}-H{}kv{}-q{}v{}-{}-{}".format(*c))
 def test_attention_compiles_for_sm90(case):
     kernel, args, kwargs = _attention_launch(*case)
-    check(compile_sm90(kernel, args, kwargs), tensor_cores=case[0] != "fp32")
+    compiled = compile_sm90(kernel, args, kwargs)
+    check(compiled, tensor_cores=case[0] != "fp32")
+    if case[0] != "fp32":  # key / value tiles stream into shared memory asynchronously, whatever the width
+        assert "async_copy_global_to_local" in compiled.asm["ttgir"]
+
+
+def test_head_widths_split_into_dot_parts():
+    """Widths are cut into power-of-two parts only where that does less work than padding."""
+    from adaptwin.kernels.attention import _parts
+
+    assert {w: _parts(w) for w in (1, 16, 20, 24, 32, 36, 40, 48, 52, 64, 80, 96)} == {
+        1: (16, 0), 16: (16, 0), 20: (32, 0), 24: (32, 0), 32: (32, 0), 36: (32, 16), 40: (32, 16), 48: (32, 16),
+        52: (64, 0), 64: (64, 0), 80: (64, 16), 96: (64, 32)}
 
 
 @pytest.mark.slow

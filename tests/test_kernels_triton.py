@@ -59,6 +59,8 @@ ATTENTION_CASES = [
     (1, 2, 2, 45, 45, 40, 9, True, None),
     (1, 1, 1, 37, 61, 1, 64, False, "float"),
     (1, 1, 1, 20, 20, 17, 17, False, "bool_keys"),
+    (1, 2, 2, 70, 70, 36, 48, False, "float"),  # widths in two parts (32 + 16), additive mask, a partial tile
+    (1, 2, 1, 64, 96, 48, 40, False, None),  # two parts, key tiles all full
 ]
 
 
@@ -78,7 +80,8 @@ def test_triton_attention(tk, case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", ATTENTION_CASES[:4], ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+@pytest.mark.parametrize("case", ATTENTION_CASES[:4] + ATTENTION_CASES[-2:],
+                         ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
 def test_triton_attention_native_fp16_dots(tk, case):
     """The GPU path for 16-bit inputs: fp16 operands straight into tl.dot, P rounded to fp16 before P·V
     (forced with dot_f32=False; the interpreter computes fp16 dots, only its bf16 dot is wrong)."""
