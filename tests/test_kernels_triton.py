@@ -61,6 +61,7 @@ ATTENTION_CASES = [
     (1, 1, 1, 20, 20, 17, 17, False, "bool_keys"),
     (1, 2, 2, 70, 70, 36, 48, False, "float"),  # widths in two parts (32 + 16), additive mask, a partial tile
     (1, 2, 1, 64, 96, 48, 40, False, None),  # two parts, key tiles all full
+    (1, 1, 1, 1500, 1500, 20, 20, False, "bool_keys"),  # a 30 s window, its padding hidden
 ]
 
 
@@ -80,7 +81,7 @@ def test_triton_attention(tk, case):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", ATTENTION_CASES[:4] + ATTENTION_CASES[-2:],
+@pytest.mark.parametrize("case", ATTENTION_CASES[:4] + ATTENTION_CASES[-3:-1],
                          ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
 def test_triton_attention_native_fp16_dots(tk, case):
     """The GPU path for 16-bit inputs: fp16 operands straight into tl.dot, P rounded to fp16 before P·V
@@ -108,6 +109,9 @@ LINEAR_CASES = [
     (1, 384, 20, 432, "nf4", 64),
     (1, 1030, 37, 98, "nf4", 6),
     (1, 386, 9, 62, "nf4", 2),
+    (1, 431, 1, 384, "fp", 0),  # rank 1
+    (2, 384, 64, 431, "nf4", 64),  # rank 64, two rows
+    (1, 384, 64, 384, "int8", 0),
 ]
 
 
