@@ -112,15 +112,15 @@ ATTENTION = [  # (dtype, heads, kv heads, width q, width v, mask, causal)
 
 
 def _attention_launch(dtype: str, heads: int, kv: int, dq: int, dv: int, mask: str | None, causal: bool,
-                      config: dict | None = None):
+                      config: dict | None = None, queries: int = 1500):
     from adaptwin.kernels import attention as ka
 
     t = torch.float32 if dtype == "fp32" else DTYPES[dtype]
-    q = torch.empty(1, heads, 1500, dq, dtype=t)
+    q = torch.empty(1, heads, queries, dq, dtype=t)
     k, v = torch.empty(1, kv, 1500, dq, dtype=t), torch.empty(1, kv, 1500, dv, dtype=t)
     m = None if mask is None else (torch.ones(1, 1, 1, 1500, dtype=torch.bool) if mask == "bool"
-                                   else torch.zeros(1, 1, 1500, 1500, dtype=t))
-    out = torch.empty(1, 1500, heads, dv, dtype=t)
+                                   else torch.zeros(1, 1, queries, 1500, dtype=t))
+    out = torch.empty(1, queries, heads, dv, dtype=t)
     _, args, kwargs = ka.launch(q, k, v, m, out, dq ** -0.5, causal, config)
     return ka._attention_kernel, args, kwargs
 
@@ -132,6 +132,15 @@ def test_attention_compiles_for_sm90(case):
     check(compiled, tensor_cores=case[0] != "fp32")
     if case[0] != "fp32":  # key / value tiles stream into shared memory asynchronously, whatever the width
         assert "async_copy_global_to_local" in compiled.asm["ttgir"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_decoding_attention_compiles_for_sm90(dtype, mask):
+    """One query against a 30 s window of keys (the decoder's cross-attention): 16-row tiles."""
+    kernel, args, kwargs = _attention_launch(dtype, 6, 6, 40, 40, mask, False, queries=1)
+    assert kwargs["BLOCK_M"] == 16
+    check(compile_sm90(kernel, args, kwargs), tensor_cores=dtype != "fp32")
 
 
 def test_head_widths_split_into_dot_parts():
