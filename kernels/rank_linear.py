@@ -160,10 +160,13 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
         block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
         return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize),
                 dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
-    grid = (triton.cdiv(M, 32), triton.cdiv(N, 32))
     dot_f32 = x.dtype == torch.float32 or interpreting()
+    # 16-bit x with 64 rows or more: 64 x 64 tiles, which compile to Hopper's warp-group MMA (wgmma);
+    # float32 ("ieee" dots on the FMA units) and fewer rows: 32 x 32, spill-free for every format
+    tile = 64 if not dot_f32 and M >= 64 else 32
+    grid = (triton.cdiv(M, tile), triton.cdiv(N, tile))
     return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize),
-            dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+            dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=32))
 
 
 def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
