@@ -1,14 +1,17 @@
 """Every C++ / CUDA kernel source compiles (catches breakage on machines that never build them).
 
-``csrc/cpu/*.cpp`` with the C++ compiler and ``csrc/cuda/*.cu`` with ``nvcc -arch=sm_90 -c``, against
+``csrc/cpu/*.cpp`` with the C++ compiler and ``csrc/cuda/*.cu`` with ``nvcc -arch=sm_90 -c`` (and no
+register spills in ptxas's report), against
 the installed torch's headers; object files go to a temporary directory and nothing is loaded (loading
 a second copy would register the kernels twice). Skips cleanly without the compiler. A CPU-only torch
 wheel lacks one generated CUDA header (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is
-written for the compile. Slow: 30-60 s per CUDA file on a shared 2-core machine.
+written for the compile. 30-60 s per CUDA file on a shared 2-core machine; they run in `make test` (the
+issue's CI requirement), the C++ ones only with ``-m slow`` (`make install` builds them anyway).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -50,16 +53,18 @@ def test_cpu_source_compiles(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_source_compiles(source, tmp_path):
+    """Not marked slow (about 30 s a file): CI (`make test`) must compile every .cu file for sm_90."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     cmd = [nvcc, "-arch=sm_90", "-std=c++17", "-c", str(source), "-o", str(tmp_path / "k.o"), _abi(),
-           *_includes(tmp_path)]
+           "-Xptxas", "-v", *_includes(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)  # ptxas -v: one line per kernel instance
+    assert spills and all(n == "0" for n in spills), proc.stderr[-4000:]
 
 
 def test_sources_exist():
