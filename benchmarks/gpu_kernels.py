@@ -13,7 +13,9 @@ random data, after a correctness check of the same call against a float64 refere
    Triton kernel on rank-space heads of width r + l in 16..48, fp16 and bf16, for (batch, heads) of
    Whisper tiny (1, 6) and large (1, 20), and a batch of 16 large windows. FLOPs 4·B·H·T²·w (q·kᵀ and
    P·V); bytes q, k, v read and the output written once. ``--tune`` also sweeps the Triton block sizes
-   on the largest shape and reports the best configuration next to the default.
+   on the largest shape and reports the best configuration next to the default. Decoding rows: one query
+   per (batch, head) against the same 1500 keys (the Triton kernel splits the keys over the grid); bytes
+   are the keys and values read.
 3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
    parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
@@ -115,6 +117,39 @@ def bench_attention(device: torch.device, dtypes: list[str], shapes, widths, tun
     for dname in dtypes:
         for i, (batch, heads) in enumerate(shapes):
             rows += _attention_shape(device, dname, batch, heads, widths, tune and i == len(shapes) - 1, ceil)
+            rows += _decode_shape(device, dname, batch, heads, widths)
+    return rows
+
+
+def _decode_shape(device: torch.device, dname: str, batch: int, heads: int, widths,
+                  tokens: int = 1500) -> list[dict]:
+    """One decoder query per (batch, head) against a 30 s window of keys (Whisper's cross-attention while
+    generating): SDPA on dense heads against the Triton kernel, keys split over the grid; CUDA graphs."""
+    from adaptwin.kernels.attention import attention as triton_attention
+
+    from adaptwin.ops.attention import attention_reference
+
+    dtype = DTYPES[dname]
+    shape = f"B{batch}-H{heads}-T1-S{tokens}"
+    q = torch.randn(batch, heads, 1, 64, device=device, dtype=dtype)
+    kv = torch.randn(batch, heads, tokens, 64, device=device, dtype=dtype)
+    with torch.inference_mode():
+        sdpa_us = _bench(partial(F.scaled_dot_product_attention, q, kv, kv), graph=True)
+    element = q.element_size()
+    moved = 2 * batch * heads * tokens * 64 * element
+    rows = [_row("attention_decode", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
+                 gbps=moved / sdpa_us / 1e3)]
+    for width in widths:
+        q, k, v = (torch.randn(batch, heads, n, width, device=device, dtype=dtype) for n in (1, tokens, tokens))
+        err = rel_err(triton_attention(q, k, v, None, 64 ** -0.5, False),
+                      attention_reference(q.double(), k.double(), v.double(), None, 64 ** -0.5, False))
+        if not err < 2e-2:
+            raise RuntimeError(f"decoding attention {shape} w{width} {dname}: relative error {err:.2e}")
+        with torch.inference_mode():
+            us = _bench(partial(triton_attention, q, k, v, None, 64 ** -0.5, False), graph=True)
+        moved = 2 * batch * heads * tokens * width * element
+        rows.append(_row("attention_decode", shape, dname, f"triton_w{width}", us, speedup=sdpa_us / us,
+                         gbps=moved / us / 1e3, rel_err=err))
     return rows
 
 

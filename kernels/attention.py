@@ -106,7 +106,8 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
     sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, smb, smh, smt, sms,
-    H, T, S, groups, qk_scale, DQ: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr,
+    H, T, S, groups, qk_scale, split_len, ws_acc_ptr, ws_ml_ptr,
+    DQ: tl.constexpr, DV: tl.constexpr, ALIGN: tl.constexpr, PARTIAL: tl.constexpr,
     D1Q: tl.constexpr, D2Q: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr,
     HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
@@ -114,6 +115,7 @@ def _attention_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)  # this program's range of keys: [split·split_len, (split + 1)·split_len)
     # q / k / v strides arrive divided by ALIGN: multiplying back by the constant lets the compiler prove
     # that rows start on 16-byte boundaries for widths like 20 or 40, so tiles load as vectors
     # (asynchronous copies into shared memory) instead of element by element.
@@ -142,13 +144,14 @@ def _attention_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc1 = tl.zeros((BLOCK_M, D1V), tl.float32)
     acc2 = tl.zeros((BLOCK_M, D2V), tl.float32)
-    end = S
+    lo = split * split_len  # a multiple of BLOCK_N
+    end = tl.minimum(S, lo + split_len)
     if CAUSAL:
-        end = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    full_end = (end // BLOCK_N) * BLOCK_N
+        end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
+    full_end = lo + tl.maximum(end - lo, 0) // BLOCK_N * BLOCK_N
     if DOT_F32:  # exact float32 dots keep their operands in registers: masked loads there use fewer of them
-        full_end = 0
-    for start in range(0, full_end, BLOCK_N):
+        full_end = lo
+    for start in range(lo, full_end, BLOCK_N):
         acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
                                          row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
                                          HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, False, BLOCK_N)
@@ -156,15 +159,52 @@ def _attention_kernel(
         acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
                                          row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
                                          HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, True, BLOCK_N)
-    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # fully masked rows give 0, as the reference
-    o_base = out_ptr + ((b * T + rows[:, None]) * H + h) * DV  # (B, T, H, Dv) contiguous
     e1 = tl.arange(0, D1V)
-    tl.store(o_base + e1[None, :], (acc1 * inv[:, None]).to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (e1[None, :] < DV))
-    if HAS_V2:
-        e2 = D1V + tl.arange(0, D2V)
-        tl.store(o_base + e2[None, :], (acc2 * inv[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (e2[None, :] < DV))
+    if PARTIAL:  # unnormalised accumulators and the row statistics, for `_combine_kernel`
+        row = (split * tl.num_programs(1) + bh) * T + rows  # (splits, B·H, T) row-major
+        tl.store(ws_ml_ptr + 2 * row, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + 2 * row + 1, l_i, mask=row_ok)
+        tl.store(ws_acc_ptr + row[:, None] * DV + e1[None, :], acc1, mask=row_ok[:, None] & (e1[None, :] < DV))
+        if HAS_V2:
+            e2 = D1V + tl.arange(0, D2V)
+            tl.store(ws_acc_ptr + row[:, None] * DV + e2[None, :], acc2, mask=row_ok[:, None] & (e2[None, :] < DV))
+    else:
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # fully masked rows give 0, as the reference
+        o_base = out_ptr + ((b * T + rows[:, None]) * H + h) * DV  # (B, T, H, Dv) contiguous
+        tl.store(o_base + e1[None, :], (acc1 * inv[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (e1[None, :] < DV))
+        if HAS_V2:
+            e2 = D1V + tl.arange(0, D2V)
+            tl.store(o_base + e2[None, :], (acc2 * inv[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (e2[None, :] < DV))
+
+@triton.jit
+def _combine_kernel(ws_acc_ptr, ws_ml_ptr, out_ptr, H, T, SPLITS, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
+    """Merges the key splits of `_attention_kernel` (PARTIAL): each split's accumulator and sum rescaled to
+    the rows' overall maximum (log2 units), then normalised, into out (B, T, H, DV)."""
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < T
+    e = tl.arange(0, BLOCK_DV)
+    ok = row_ok[:, None] & (e[None, :] < DV)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for s in range(SPLITS):
+        m = tl.maximum(m, tl.load(ws_ml_ptr + 2 * ((s * tl.num_programs(0) + bh) * T + rows), mask=row_ok,
+                                  other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros((BLOCK_R, BLOCK_DV), tl.float32)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    for s in range(SPLITS):
+        row = (s * tl.num_programs(0) + bh) * T + rows
+        w = tl.exp2(tl.load(ws_ml_ptr + 2 * row, mask=row_ok, other=float("-inf")) - m_use)  # 0 for empty splits
+        total += w * tl.load(ws_ml_ptr + 2 * row + 1, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(ws_acc_ptr + row[:, None] * DV + e[None, :], mask=ok, other=0.0)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    b = bh // H
+    h = bh % H
+    tl.store(out_ptr + ((b * T + rows[:, None]) * H + h) * DV + e[None, :],
+             (acc * inv[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _parts(width: int) -> tuple[int, int]:
@@ -211,18 +251,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out
     if S == 0:
         return out.zero_()
-    grid, args, kwargs = launch(q, k, v, mask, out, scale, is_causal, config, dot_f32)
-    _attention_kernel[grid](*args, **kwargs)
+    for kernel, grid, args, kwargs in launches(q, k, v, mask, out, scale, is_causal, config, dot_f32):
+        kernel[grid](*args, **kwargs)
     return out
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
-           scale: float, is_causal: bool, config: dict[str, int] | None = None, dot_f32: bool | None = None
-           ) -> tuple[tuple[int, int], tuple, dict]:
-    """(grid, positional arguments, keyword arguments) of `_attention_kernel` for checked, non-empty inputs.
+def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
+             scale: float, is_causal: bool, config: dict[str, int] | None = None, dot_f32: bool | None = None
+             ) -> list[tuple]:
+    """[(kernel, grid, positional arguments, keyword arguments)] of one call, for checked, non-empty inputs.
 
-    Separate from the launch so the exact specialisation a call would compile can also be compiled ahead
-    of time for a GPU that is not here (tests/test_kernels_sm90.py)."""
+    Less than a wave of programs (decoding: one new token per (batch, head) against the cache or a 30 s
+    encoder window) splits the keys over the grid's third axis, flash-decoding style, so that the GPU is
+    not left with B·H programs; float32 partial accumulators then go through `_combine_kernel`.
+    ``config`` may set SPLITS (1: no split). Separate from the launches so the exact specialisations a
+    call compiles can also be compiled ahead of time for a GPU that is not here
+    (tests/test_kernels_sm90.py)."""
     B, H, T, DQ = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     if mask is not None:
@@ -232,7 +276,14 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         mask_arg, mstr = q, (0, 0, 0, 0)
     config = dict(default_config(q, mask is not None) if config is None else config)
     block_m = config.pop("BLOCK_M")
-    grid = (triton.cdiv(T, block_m), B * H)
+    block_n = config["BLOCK_N"]
+    programs = triton.cdiv(T, block_m) * B * H
+    splits = config.pop("SPLITS", None)
+    if splits is None:  # under one wave of programs: split to two per multiprocessor, two key tiles each
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        splits = max(1, min(triton.cdiv(2 * sms, programs), S // (2 * block_n))) if programs < sms else 1
+    split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_n) * block_n
+    splits = triton.cdiv(S, split_len)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
     (d1q, d2q), (d1v, d2v) = _parts(DQ), _parts(DV)
@@ -240,9 +291,20 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     align = 16 // q.element_size()  # elements per 16 bytes, down to the largest power of two all strides share
     while align > 1 and any(st % align for st in strides):
         align //= 2
+    if splits > 1:
+        ws_acc = torch.empty((splits, B * H, T, DV), dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty((splits, B * H, T, 2), dtype=torch.float32, device=q.device)
+    else:
+        ws_acc = ws_ml = out  # unused
     args = (q, k, v, mask_arg, out, *(st // align for st in strides), *mstr, H, T, S, H // Hkv,
-            float(scale) * LOG2E)
+            float(scale) * LOG2E, split_len, ws_acc, ws_ml)
     kwargs = dict(HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
                   CAUSAL=bool(is_causal), DOT_F32=dot_f32, BLOCK_M=block_m, DQ=DQ, DV=DV, ALIGN=align,
-                  D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0, HAS_V2=d2v > 0, **config)
-    return grid, args, kwargs
+                  PARTIAL=splits > 1, D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0,
+                  HAS_V2=d2v > 0, **config)
+    plan = [(_attention_kernel, (triton.cdiv(T, block_m), B * H, splits), args, kwargs)]
+    if splits > 1:
+        block_r = min(16, triton.next_power_of_2(T))
+        plan.append((_combine_kernel, (B * H, triton.cdiv(T, block_r)), (ws_acc, ws_ml, out, H, T, splits),
+                     dict(DV=DV, BLOCK_R=block_r, BLOCK_DV=max(16, triton.next_power_of_2(DV)))))
+    return plan

@@ -112,7 +112,8 @@ ATTENTION = [  # (dtype, heads, kv heads, width q, width v, mask, causal)
 
 
 def _attention_launch(dtype: str, heads: int, kv: int, dq: int, dv: int, mask: str | None, causal: bool,
-                      config: dict | None = None, queries: int = 1500):
+                      config: dict | None = None, queries: int = 1500, every: bool = False):
+    """The attention kernel's (kernel, args, kwargs) for these inputs; with ``every``, all of the call's."""
     from adaptwin.kernels import attention as ka
 
     t = torch.float32 if dtype == "fp32" else DTYPES[dtype]
@@ -121,8 +122,8 @@ def _attention_launch(dtype: str, heads: int, kv: int, dq: int, dv: int, mask: s
     m = None if mask is None else (torch.ones(1, 1, 1, 1500, dtype=torch.bool) if mask == "bool"
                                    else torch.zeros(1, 1, queries, 1500, dtype=t))
     out = torch.empty(1, queries, heads, dv, dtype=t)
-    _, args, kwargs = ka.launch(q, k, v, m, out, dq ** -0.5, causal, config)
-    return ka._attention_kernel, args, kwargs
+    plan = ka.launches(q, k, v, m, out, dq ** -0.5, causal, config)
+    return [(kernel, args, kwargs) for kernel, _, args, kwargs in plan] if every else plan[0][::2] + (plan[0][3],)
 
 
 @pytest.mark.parametrize("case", ATTENTION, ids=lambda c: "{}-H{}kv{}-q{}v{}-{}-{}".format(*c))
@@ -137,10 +138,13 @@ def test_attention_compiles_for_sm90(case):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("mask", [None, "bool"])
 def test_decoding_attention_compiles_for_sm90(dtype, mask):
-    """One query against a 30 s window of keys (the decoder's cross-attention): 16-row tiles."""
-    kernel, args, kwargs = _attention_launch(dtype, 6, 6, 40, 40, mask, False, queries=1)
-    assert kwargs["BLOCK_M"] == 16
-    check(compile_sm90(kernel, args, kwargs), tensor_cores=dtype != "fp32")
+    """One query against a 30 s window of keys (the decoder's cross-attention): 16-row tiles, the keys split
+    over the grid, then merged."""
+    plan = _attention_launch(dtype, 6, 6, 40, 40, mask, False, queries=1, every=True)
+    assert [k.fn.__name__ for k, _, _ in plan] == ["_attention_kernel", "_combine_kernel"]  # keys split
+    assert plan[0][2]["BLOCK_M"] == 16 and plan[0][2]["PARTIAL"]
+    check(compile_sm90(*plan[0]), tensor_cores=dtype != "fp32")
+    check(compile_sm90(*plan[1]), tensor_cores=False)
 
 
 def test_head_widths_split_into_dot_parts():

@@ -66,8 +66,11 @@ ATTENTION_CASES = [
 
 
 @needs_interpreter
+@pytest.mark.parametrize("splits", [None, 1], ids=["auto-split", "one-split"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
-def test_triton_attention(tk, case):
+def test_triton_attention(tk, case, splits):
+    """Keys split over the grid and merged (what a GPU does with under a wave of programs; every case
+    here is that small) and the same in one pass."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
     gen = torch.Generator().manual_seed(seed(case))
     q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
@@ -75,7 +78,8 @@ def test_triton_attention(tk, case):
     scale = dq ** -0.5
     ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
     ref = attention_reference(q, k, v, mask, scale, causal)
-    out = tk["attention"].attention(q, k, v, mask, scale, causal)
+    config = None if splits is None else {**tk["attention"].default_config(q, mask is not None), "SPLITS": splits}
+    out = tk["attention"].attention(q, k, v, mask, scale, causal, config=config)
     assert out.shape == (b, t, h, dv)
     assert_within_twice(out, ref, ref64)
 
@@ -168,3 +172,22 @@ def test_triton_rank_linear_plans_whole_byte_kernels(tk):
     _, launches = plan(torch.randn(1, 384), *fa, *fb, None, _code_on(torch.device("cpu")))
     assert launches[0][1][1] == 1 and not launches[0][3]["PARTIAL"]
     assert launches[1][0].fn.__name__ == "_gemv_kernel"
+
+
+@needs_interpreter
+def test_triton_attention_splits_keys_only_under_a_wave(tk):
+    """The launcher splits the keys when B·H·(query blocks) is under the multiprocessor count (132 where
+    no GPU says otherwise), never below two key tiles a split; every split of a causal row can be empty."""
+    plan = tk["attention"].launches
+    q, k = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 300, 16)
+    out = torch.empty(1, 1, 2, 16)
+    first = plan(q, k, k, None, out, 0.25, False)
+    assert len(first) == 2 and first[0][1][2] == 300 // 64  # 32-key tiles here: 4 splits of two tiles and more
+    q = torch.randn(1, 2, 4500, 16)
+    assert len(plan(q, k, k, None, torch.empty(1, 4500, 2, 16), 0.25, False)) == 1  # 282 programs: no split
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (40, 40, 40))
+    ref = attention_reference(q, k, v, None, 0.25, True)
+    config = {**tk["attention"].default_config(q), "SPLITS": 4}  # later splits empty for the first rows
+    assert_within_twice(tk["attention"].attention(q, k, v, None, 0.25, True, config=config), ref,
+                        attention_reference(q.double(), k.double(), v.double(), None, 0.25, True))
