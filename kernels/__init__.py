@@ -17,3 +17,13 @@ def interpreting() -> bool:
     import os
 
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (a torch.device); an H100's 132 where there is no GPU to ask
+    (the interpreter, ahead-of-time compiles), so launch plans come out as they would on one."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

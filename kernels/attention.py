@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import interpreting
+from adaptwin.kernels import interpreting, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -280,7 +280,7 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     programs = triton.cdiv(T, block_m) * B * H
     splits = config.pop("SPLITS", None)
     if splits is None:  # under one wave of programs: split to two per multiprocessor, two key tiles each
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        sms = sm_count(q.device)
         splits = max(1, min(triton.cdiv(2 * sms, programs), S // (2 * block_n))) if programs < sms else 1
     split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_n) * block_n
     splits = triton.cdiv(S, split_len)

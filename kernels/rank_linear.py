@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import interpreting
+from adaptwin.kernels import interpreting, sm_count
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 
@@ -174,13 +174,6 @@ def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
     return fmt == "nf4" and packed_len % 2 == 0 and blocksize % 2 == 0
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (an H100's 132 where there is no GPU to ask)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
 def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
          code: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """(output, kernel launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments.
@@ -212,7 +205,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
             step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
             if cols_b:  # a K split: float32 partial rows for the h·B kernel to sum
-                want = max(1, min(2 * _sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
+                want = max(1, min(2 * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
                 k_split = triton.cdiv(triton.cdiv(k, want), step) * step
                 splits = triton.cdiv(k, k_split)
             else:
@@ -233,7 +226,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         sc = b_scale.float().contiguous() if b_scale is not None else code
         if cols_b:
             # byte columns per program: as many programs as two per multiprocessor, 16 to 64 bytes a row
-            block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * _sm_count(dev)))))
+            block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * sm_count(dev)))))
             tiles = {"BLOCK_K": 16, "BLOCK_B": 16} if interpreting() else {"BLOCK_K": 64, "BLOCK_B": block_b}
             tiles.update(config.get("cols", {}))
             launches.append((_gemv_nf4_cols_kernel, (triton.cdiv(n // 2, tiles["BLOCK_B"]),),

@@ -136,24 +136,18 @@ def test_triton_rank_linear(tk, case):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("which", ["first", "second"])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_triton_rank_linear_one_factor(tk, rows):
-    gen = torch.Generator().manual_seed(7)
-    fa = _factor("nf4", 64, torch.randn(11, 96, generator=gen))
-    x, bias = torch.randn(rows, 96, generator=gen), torch.randn(11, generator=gen)
-    args = (x, *fa, *NONE, bias)
-    ref64 = rank_linear_reference(x.double(), *fa, *NONE, bias.double())
-    assert_within_twice(tk["rank_linear"].rank_linear(*args), rank_linear_reference(*args), ref64)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("rows", [1, 3])
-def test_triton_rank_linear_second_factor_only(tk, rows):
-    gen = torch.Generator().manual_seed(8)
-    fb = _factor("nf4", 64, torch.randn(24, 130, generator=gen))
-    x, bias = torch.randn(rows, 24, generator=gen), torch.randn(130, generator=gen)
-    args = (x, *NONE, *fb, bias)
-    ref64 = rank_linear_reference(x.double(), *NONE, *fb, bias.double())
+def test_triton_rank_linear_one_factor(tk, rows, which):
+    """Only A (y = x·Aᵀ + bias) or only B (y = x·B + bias): one product, which writes the output itself."""
+    gen = torch.Generator().manual_seed(7 if which == "first" else 8)
+    k, n = (11, 96) if which == "first" else (24, 130)
+    factor = _factor("nf4", 64, torch.randn(k, n, generator=gen))
+    x = torch.randn(rows, n if which == "first" else k, generator=gen)
+    bias = torch.randn(k if which == "first" else n, generator=gen)
+    factors = (*factor, *NONE) if which == "first" else (*NONE, *factor)
+    ref64 = rank_linear_reference(x.double(), *factors, bias.double())
+    args = (x, *factors, bias)
     assert_within_twice(tk["rank_linear"].rank_linear(*args), rank_linear_reference(*args), ref64)
 
 
