@@ -55,34 +55,38 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
               qk_scale, DQ: tl.constexpr, DV: tl.constexpr, D1Q: tl.constexpr, D2Q: tl.constexpr,
               D1V: tl.constexpr, D2V: tl.constexpr, HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-              TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+              FMA_SCALE: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key tile of the online softmax. TAIL: the last, partial tile (its columns masked); the full
-    tiles before it skip that mask. Unmasked scores go into exp2 as one fused multiply-add."""
+    tiles before it skip that mask. FMA_SCALE (no mask and a positive scale): the scale enters exp2
+    with the running maximum as one fused multiply-add, since then max(s)·scale = max(s·scale)."""
     cols = start + tl.arange(0, BLOCK_N)  # (BN,)
     col_ok = cols < S
     s = _scores(q1, q2, k_base, cols, col_ok, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, TAIL)  # (BM, BN)
-    if TAIL:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    if HAS_MASK:
+    if FMA_SCALE:
+        if TAIL:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s * qk_scale - m_use[:, None])
+    else:
         s = s * qk_scale  # log2 units
-        m_off = rows[:, None] * smt + cols[None, :] * sms
-        ok = row_ok[:, None] & col_ok[None, :]
-        if MASK_BOOL:
-            keep = tl.load(mask_base + m_off, mask=ok, other=0)
-            s = tl.where(keep != 0, s, float("-inf"))
-        else:
-            s = s + tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        if HAS_MASK:
+            m_off = rows[:, None] * smt + cols[None, :] * sms
+            ok = row_ok[:, None] & col_ok[None, :]
+            if MASK_BOOL:
+                keep = tl.load(mask_base + m_off, mask=ok, other=0)
+                s = tl.where(keep != 0, s, float("-inf"))
+            else:
+                s = s + tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        if TAIL:  # after the scale, which may be negative or zero
+            s = tl.where(col_ok[None, :], s, float("-inf"))
         if CAUSAL:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with only masked keys so far: exp2 -> 0
         p = tl.exp2(s - m_use[:, None])
-    else:
-        if CAUSAL:
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # qk_scale > 0: max(s)·scale = max(s·scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     v_ok = col_ok[:, None] if TAIL else tl.full((1, 1), 1, tl.int1)
@@ -111,7 +115,7 @@ def _attention_kernel(
     D1Q: tl.constexpr, D2Q: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr,
     HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FMA_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -154,11 +158,13 @@ def _attention_kernel(
     for start in range(lo, full_end, BLOCK_N):
         acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
                                          row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
-                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, False, BLOCK_N)
+                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, False,
+                                         BLOCK_N)
     for start in range(full_end, end, BLOCK_N):  # the partial last tile (every tile for float32)
         acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
                                          row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
-                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, True, BLOCK_N)
+                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, True,
+                                         BLOCK_N)
     e1 = tl.arange(0, D1V)
     if PARTIAL:  # unnormalised accumulators and the row statistics, for `_combine_kernel`
         row = (split * tl.num_programs(1) + bh) * T + rows  # (splits, B·H, T) row-major
@@ -299,7 +305,8 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     args = (q, k, v, mask_arg, out, *(st // align for st in strides), *mstr, H, T, S, H // Hkv,
             float(scale) * LOG2E, split_len, ws_acc, ws_ml)
     kwargs = dict(HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-                  CAUSAL=bool(is_causal), DOT_F32=dot_f32, BLOCK_M=block_m, DQ=DQ, DV=DV, ALIGN=align,
+                  CAUSAL=bool(is_causal), DOT_F32=dot_f32, FMA_SCALE=mask is None and scale > 0, BLOCK_M=block_m,
+                  DQ=DQ, DV=DV, ALIGN=align,
                   PARTIAL=splits > 1, D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0,
                   HAS_V2=d2v > 0, **config)
     plan = [(_attention_kernel, (triton.cdiv(T, block_m), B * H, splits), args, kwargs)]

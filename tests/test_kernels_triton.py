@@ -185,3 +185,17 @@ def test_triton_attention_splits_keys_only_under_a_wave(tk):
     config = {**tk["attention"].default_config(q), "SPLITS": 4}  # later splits empty for the first rows
     assert_within_twice(tk["attention"].attention(q, k, v, None, 0.25, True, config=config), ref,
                         attention_reference(q.double(), k.double(), v.double(), None, 0.25, True))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("kind", [None, "bool_keys"])
+def test_triton_attention_any_scale(tk, scale, kind):
+    """A scale of zero or below (the op allows any): no fused max·scale shortcut there, masked keys stay
+    out (a negative scale must not turn their -inf into +inf)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, n, 20, generator=gen) for n in (37, 45, 45))
+    mask = _mask(kind, 1, 2, 37, 45, gen)
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, False)
+    out = tk["attention"].attention(q, k, v, mask, scale, False)
+    assert_within_twice(out, attention_reference(q, k, v, mask, scale, False), ref64)
