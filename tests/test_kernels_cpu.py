@@ -58,6 +58,10 @@ ATTENTION_CASES = [
     (1, 2, 2, 40, 40, 1, 64, True, None),
     (1, 1, 1, 1500, 1500, 40, 52, False, None),
     (1, 2, 2, 37, 301, 64, 3, False, "bool_keys"),
+    # T < 8 takes the row path (decoding: keys and values read in place, 256-key softmax tiles)
+    (1, 4, 2, 1, 700, 52, 39, False, "float"),  # GQA, a full additive mask, three key tiles
+    (2, 2, 2, 5, 5, 1, 64, True, None),  # causal, width 1
+    (1, 3, 3, 7, 257, 40, 40, False, "bool"),  # one key past a tile
 ]
 
 
@@ -96,12 +100,13 @@ def test_attention_matches_reference(case, dtype):
     assert_within_twice(out, ref, ref64)
 
 
+@pytest.mark.parametrize("tokens", [59, 3], ids=["lanes", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_takes_strided_heads(dtype):
+def test_attention_takes_strided_heads(dtype, tokens):
     """q/k/v as the projections produce them: (B, T, H·w) viewed as (B, H, T, w), not contiguous."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 59, 3 * 26, generator=gen)
-    q = x.view(2, 59, 3, 26).transpose(1, 2)
+    x = torch.randn(2, tokens, 3 * 26, generator=gen)
+    q = x.view(2, tokens, 3, 26).transpose(1, 2)
     ref64 = attention_reference(*(q.double(),) * 3, None, 0.2, False)
     lo = q.to(dtype)
     out = torch.ops.adaptwin.attention(lo, lo, lo, None, 0.2, False)

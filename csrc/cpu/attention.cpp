@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attention_bf16.h"
+#include "attention_rows.h"
 #include "attention_tiles.h"
 #include "cpu_features.h"
 
@@ -154,8 +155,9 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
 #if ADAPTWIN_X86
   const bool lanes = has_avx512() && p.T >= kMinLanes;
+  const bool rows = !lanes && has_avx512_rows();  // decoding: attention_rows.h, the cache read in place
 #else
-  const bool lanes = false;
+  const bool lanes = false, rows = false;
 #endif
   // bf16 q, k, v with AVX512-BF16: products in bf16 pairs (attention_bf16.h), no float32 copies
   const bool bf16 = lanes && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
@@ -165,7 +167,24 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     return u.stride(-1) == 1 ? u : u.contiguous();
   };
   at::Tensor q32, k32, v32, kt, q16, kp, vp;
-  if (bf16) {
+  // the row path reads bfloat16 keys and values as they are (widened in registers)
+  const bool rows16 = rows && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
+  if (rows) {
+    q32 = f32(q);
+    p.q = q32.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d);
+    if (rows16) {
+      k32 = k.stride(-1) == 1 ? k : k.contiguous();
+      v32 = v.stride(-1) == 1 ? v : v.contiguous();
+      p.k16 = reinterpret_cast<const uint16_t*>(k32.data_ptr<at::BFloat16>());
+      p.v16 = reinterpret_cast<const uint16_t*>(v32.data_ptr<at::BFloat16>());
+    } else {
+      k32 = f32(k), v32 = f32(v);
+      p.k = k32.data_ptr<float>();
+      p.v = v32.data_ptr<float>();
+    }
+    for (int d = 0; d < 3; ++d) p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
+  } else if (bf16) {
     q16 = q.stride(-1) == 1 ? q : q.contiguous();
     p.dq2 = (p.Dq + 1) / 2, p.s2 = (p.S + 1) / 2;
     kp = at::constant_pad_nd(k, {0, p.Dq % 2}).contiguous();  // (B, Hkv, S, 2·dq2)
@@ -200,6 +219,21 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       p.mask_f = m.data_ptr<float>();
   }
   if (p.T > 0 && p.H > 0 && p.B > 0) {
+#if ADAPTWIN_X86
+    if (rows) {
+      at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> ws(row_workspace(p));
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t b = t / (p.H * p.T), h = (t / p.T) % p.H, i = t % p.T;
+          if (rows16)
+            run_row(p, p.k16, p.v16, b, h, i, ws.data());
+          else
+            run_row(p, p.k, p.v, b, h, i, ws.data());
+        }
+      });
+      return out.to(q.scalar_type());
+    }
+#endif
     const int64_t bq = lanes ? 32 : kBQ;
     const int64_t qblocks = (p.T + bq - 1) / bq;
     const int64_t dvp = (p.Dv + 15) / 16 * 16;

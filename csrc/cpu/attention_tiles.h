@@ -35,6 +35,8 @@ struct Problem {
   float* out;  // (B, T, H, Dv) contiguous
   // bfloat16 path (attention_bf16.h) only, raw bf16 bits:
   const uint16_t* q16 = nullptr;  // (B, H, T, Dq) with strides qs
+  const uint16_t* k16 = nullptr;  // row path (attention_rows.h): keys / values in place, strides ks / vs
+  const uint16_t* v16 = nullptr;
   const uint16_t* kp = nullptr;   // (B, Hkv, S, Dq2 * 2): keys, width zero-padded to even
   const uint16_t* vp = nullptr;   // (B, Hkv, S2, Dv, 2): value rows j, j + 1 interleaved, S zero-padded
   int64_t dq2 = 0, s2 = 0;        // Dq and S rounded up to pairs
