@@ -45,7 +45,8 @@ import argparse
 import copy
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -113,24 +114,31 @@ SHAPES = {
 # Reference-op wrappers
 
 
+@contextmanager
+def reference_ops(pad: bool = True) -> Iterator[None]:
+    """Within the block, `attend` calls the op's SDPA reference instead of the dispatcher (which picks the
+    C++ kernel where ``adaptwin._C`` is built); ``pad=False`` also switches off the reference's CPU width
+    padding."""
+    saved = attention._sdpa_width, attention._run_op
+    if not pad:
+        attention._sdpa_width = lambda q, k, v: None
+    attention._run_op = attention.attention_reference
+    try:
+        yield
+    finally:
+        attention._sdpa_width, attention._run_op = saved
+
+
 class ReferenceOps(nn.Module):
-    """Runs a compressed encoder with `attend` calling the op's SDPA reference instead of the dispatcher
-    (which picks the C++ kernel where ``adaptwin._C`` is built); ``pad=False`` also switches off the
-    reference's CPU width padding."""
+    """Runs a compressed encoder under `reference_ops`."""
 
     def __init__(self, encoder: nn.Module, pad: bool = True) -> None:
         super().__init__()
         self.encoder, self.pad = encoder, pad
 
     def forward(self, *args: object, **kwargs: object) -> object:
-        saved = attention._sdpa_width, attention._run_op
-        if not self.pad:
-            attention._sdpa_width = lambda q, k, v: None
-        attention._run_op = attention.attention_reference
-        try:
+        with reference_ops(self.pad):
             return self.encoder(*args, **kwargs)
-        finally:
-            attention._sdpa_width, attention._run_op = saved
 
 
 def NoPadding(encoder: nn.Module) -> nn.Module:  # noqa: N802 (kept name: the provider it builds)

@@ -172,3 +172,26 @@ def test_finetune_modes_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert finetune_modes.main(["--epochs", "1", "--threads", "1", "--out", str(tmp_path / "m.csv")]) == 0
     text = capsys.readouterr().out
     assert "RANDOM" in text and all(label in text for label, _, _ in finetune_modes.CONFIGS)
+
+
+def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
+    """benchmarks/whisper_decode_speed.py at the toy shape: generates, checks adaptwin's decoding scores
+    against the SDPA reference ops, times, writes its CSV."""
+    from benchmarks import whisper_decode_speed as decode
+
+    monkeypatch.setitem(decode.SHAPES, "toy", TOY)
+    out = tmp_path / "decode.csv"
+    assert decode.main(["--shapes", "toy", "--dtypes", "fp32", "--tokens", "2", "--repeats", "1", "--threads", "1",
+                        "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        every = list(reader)
+    rows = {r["provider"]: r for r in every if r["benchmark"] == decode.BENCHMARK}
+    ops = [r for r in every if r["benchmark"] == "whisper_decode_attention"]
+    assert tuple(reader.fieldnames) == decode.FIELDS and set(rows) == set(decode.PROVIDERS)
+    assert len(ops) == 6 and all(0 < float(r["us_per_call"]) < 5000 for r in ops)  # microseconds, toy heads
+    assert float(rows["dense"]["ratio"]) == 1.0 and all(float(r["ms_per_token"]) > 0 for r in rows.values())
+    assert float(rows["adaptwin"]["rel_err"]) < decode.REL_TOL_FP32
+    assert "ms/token" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        decode.main(["--tokens", "0"])
