@@ -17,6 +17,9 @@ pass and the first steps cancel; each generate call is timed interleaved with th
   against the cache, read in place.
 * ``adaptwin_sdpa``: the same compressed model with `attend` calling the op's SDPA reference: what the
   kernel buys. Its scores are the check of the kernel (fp32: relative difference at most 1e-4).
+* ``adaptwin_nf4``: ``adaptwin`` with NF4 factors and the token table (and the output head tied to it) in
+  NF4 (``quantization="nf4", quantize_embeddings=True``): the factors and the 51865-way head decoded in
+  registers by ``torch.ops.adaptwin.rank_linear``: about an eighth of the float32 head's bytes.
 
 Op-level rows (benchmark ``whisper_decode_attention``): one decoding query per head against S = 448 (the
 self-attention cache at its longest) and 1500 keys (cross-attention over a 30 s window), per call, at the
@@ -44,7 +47,7 @@ from benchmarks.common import device_string, format_table, now_utc, pick, time_i
 from benchmarks.whisper_encoder_speed import DTYPES, SHAPES, WIDTH_MULTIPLE, EncoderShape, reference_ops
 
 BENCHMARK = "whisper_decode_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4")
 PROMPT_TOKENS = 8  # new tokens of the shorter generate call, subtracted out
 REL_TOL_FP32 = 1e-4  # adaptwin against adaptwin_sdpa: the same factors, two attention kernels
 FIELDS = ("benchmark", "shape", "dtype", "provider", "ms_per_token", "us_per_call", "ratio", "generate_ms", "tokens",
@@ -64,8 +67,11 @@ def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> dict
     )
     dense = WhisperForConditionalGeneration(config).eval()
     small = adaptwin.compress(dense, adaptwin.CompressionConfig(ratio=ratio, width_multiple=WIDTH_MULTIPLE))
-    adaptwin.fuse_activations(small)
-    return {"dense": dense, "adaptwin": small, "adaptwin_sdpa": small}
+    packed = adaptwin.compress(dense, adaptwin.CompressionConfig(
+        ratio=ratio, width_multiple=WIDTH_MULTIPLE, quantization="nf4", quantize_embeddings=True))
+    for m in (small, packed):
+        adaptwin.fuse_activations(m)
+    return {"dense": dense, "adaptwin": small, "adaptwin_sdpa": small, "adaptwin_nf4": packed}
 
 
 def generate(model: torch.nn.Module, features: torch.Tensor, tokens: int, reference: bool = False):
@@ -141,8 +147,8 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
                 "ms_per_token": per_token[p], "tokens": tokens, "repeats": repeats,
                 "ratio": per_token[p] / per_token["dense"],
                 "generate_ms": timings[f"{p}/{PROMPT_TOKENS + tokens}"].p50,
-                "rel_err": err if p != "dense" else None, "device": device, "threads": threads, **vers,
-                "timestamp": now_utc(),
+                "rel_err": err if p in ("adaptwin", "adaptwin_sdpa") else None, "device": device, "threads": threads,
+                **vers, "timestamp": now_utc(),
             })
         rows += [{**r, "device": device, "threads": threads, **vers, "timestamp": now_utc()}
                  for r in time_attention(shape, typed["adaptwin"], dtype, dname, repeats)]
