@@ -86,6 +86,20 @@ def test_whisper_tied_head_shares_the_packed_table(tmp_path):
 
 
 @torch.inference_mode()
+def test_packed_table_follows_model_dtype():
+    """``model.to(torch.bfloat16)`` makes the packed table's rows bf16 like the rest of the model (they stayed
+    float32 and the decoder's first layer norm refused the mixed dtypes), and ``.float()`` turns them back."""
+    dense = whisper()
+    small = adaptwin.compress(dense, adaptwin.CompressionConfig(ratio=0.5, quantization="nf4",
+                                                                quantize_embeddings=True)).to(torch.bfloat16)
+    emb = small.model.decoder.embed_tokens
+    ids = torch.tensor([[1, 5, 6]])
+    assert emb.dtype == torch.bfloat16 and emb(ids).dtype == torch.bfloat16
+    feats = torch.randn(1, 16, 100, generator=torch.Generator().manual_seed(0))
+    assert small.generate(input_features=feats.bfloat16(), max_new_tokens=3).shape[-1] >= 2
+    assert small.float().model.decoder.embed_tokens(ids).dtype == torch.float32
+
+
 def test_bert_mlm_head_keeps_its_tied_bias(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 

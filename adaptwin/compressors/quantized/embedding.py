@@ -81,6 +81,14 @@ class QuantEmbedding(nn.Module):
     def stored(self) -> dict[str, torch.Tensor]:
         return _stored(self, self.fmt, self.shape)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(torch.bfloat16)`` (or ``.half()``, ``.float()``) also changes the dtype the rows come out
+        in, as it would an `nn.Embedding`'s: otherwise a bf16 model's embeddings stay float32 and the first
+        layer norm refuses the mixed dtypes."""
+        super()._apply(fn, recurse)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return self
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.fmt.dequantize_rows(self.stored(), self.shape, input_ids, self.dtype)  # (..., d)
 
