@@ -43,8 +43,16 @@ import transformers
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 import adaptwin
-from benchmarks.common import device_string, format_table, now_utc, pick, time_interleaved, versions, write_rows
-from benchmarks.whisper_encoder_speed import DTYPES, SHAPES, WIDTH_MULTIPLE, EncoderShape, reference_ops
+from benchmarks.common import device_string, format_table, now_utc, time_interleaved, versions, write_rows
+from benchmarks.whisper_encoder_speed import (
+    DTYPES,
+    SHAPES,
+    WIDTH_MULTIPLE,
+    EncoderShape,
+    add_model_args,
+    picked_models,
+    reference_ops,
+)
 
 BENCHMARK = "whisper_decode_speed"
 PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4")
@@ -158,19 +166,13 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="tiny,base", help=f"comma-separated, from {sorted(SHAPES)}")
-    ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
+    add_model_args(ap, PROVIDERS)
     ap.add_argument("--tokens", type=int, default=32, help="timed new tokens per call (beyond the first 8)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per provider and length")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/whisper_decode_speed.csv")
     args = ap.parse_args(argv)
-    shapes = pick(ap, args.shapes, SHAPES, "shapes")
-    dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
-    providers = pick(ap, args.providers, PROVIDERS, "providers")
-    if "dense" not in providers:
-        ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
+    shapes, dtypes, providers = picked_models(ap, args, PROVIDERS)
     if not 1 <= args.tokens <= 400 or args.repeats < 1:
         ap.error(f"--tokens must be 1..400 (Whisper's decoder holds 448 positions) and --repeats >= 1, got "
                  f"{args.tokens} and {args.repeats}")

@@ -321,11 +321,26 @@ def _x(v: float | None) -> str:
     return "" if v is None else f"{v:.3f}x"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(ap: argparse.ArgumentParser, providers: tuple[str, ...]) -> None:
+    """--shapes, --dtypes, --providers: the arguments the Whisper speed benchmarks share."""
     ap.add_argument("--shapes", default="tiny,base", help=f"comma-separated, from {sorted(SHAPES)}")
     ap.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
-    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
+    ap.add_argument("--providers", default=",".join(providers), help=f"comma-separated, from {providers}")
+
+
+def picked_models(ap: argparse.ArgumentParser, args: argparse.Namespace, providers: tuple[str, ...]
+                  ) -> tuple[list[str], list[str], list[str]]:
+    """(shapes, dtypes, providers) as parsed by `add_model_args`; ``ap.error`` on an unknown name or a
+    provider list without the dense baseline."""
+    chosen = pick(ap, args.providers, providers, "providers")
+    if "dense" not in chosen:
+        ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
+    return pick(ap, args.shapes, SHAPES, "shapes"), pick(ap, args.dtypes, DTYPES, "dtypes"), chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap, PROVIDERS)
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per provider (after warm-up)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -335,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep freed memory in the process (glibc mallopt), so no provider pays page faults for "
                          f"its large tensors; rows are written as benchmark {BENCHMARK}_warm_heap")
     args = ap.parse_args(argv)
-    shapes = pick(ap, args.shapes, SHAPES, "shapes")
-    dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
-    providers = pick(ap, args.providers, PROVIDERS, "providers")
-    if "dense" not in providers:
-        ap.error("the dense provider is the baseline of every ratio; keep it in --providers")
+    shapes, dtypes, providers = picked_models(ap, args, PROVIDERS)
     torch.set_num_threads(args.threads)
     print(f"{device_string()}, torch {torch.__version__}" + (", warm heap" if args.warm_heap else ""))
     if args.warm_heap:
