@@ -1,4 +1,5 @@
-"""The GPU figures of the kernels, in one call on a CUDA machine: ceilings, fused attention, NF4 GEMV.
+"""The GPU figures of the kernels, in one call on a CUDA machine: ceilings, fused attention, NF4 GEMV,
+batched rank-r linear.
 
     python -m benchmarks.gpu_kernels [--out results/gpu_kernels.csv] [--quick] [--tune]
 
@@ -21,6 +22,11 @@ random data, after a correctness check of the same call against a float64 refere
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
    Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. ``--tune``
    adds a row with the best tiles of the two whole-byte NF4 kernels.
+4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at a rank the
+   one-launch kernel takes (r <= 64): dense fp16 `F.linear` (cuBLAS) against the op with NF4 and with
+   fp16 factors (one launch, h = x·Aᵀ kept in registers), the same NF4 call planned as two launches
+   (h written out and read back: what the fusion buys), and two cuBLAS GEMMs on fp16 factors. FLOPs
+   2·M·r·(in + out) for the low-rank providers, 2·M·in·out for the dense one.
 
 The attention row's speed-up is SDPA's time over ours at equal (B, H, T); the issue's goal is >= 1.5x
 at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
@@ -47,6 +53,9 @@ WIDTHS = (16, 24, 32, 40, 48)
 ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, large, a batch of large
 GEMV_SIZES = (1024, 2048, 4096, 8192)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# (rows, in, rank, out): Whisper-tiny frames through a rank-40 projection and a rank-64 FFN matrix, a batch
+# of 256 tokens and one of 16 through a 4096-wide layer at rank 64
+BATCHED_SHAPES = ((1500, 384, 40, 384), (1500, 384, 64, 1536), (256, 4096, 64, 4096), (16, 4096, 64, 4096))
 # Tuning sweeps, sized for a lease: 20 attention tiles (each compiles spill-free for sm_90,
 # tests/test_kernels_sm90.py), timed on one (batch, heads) shape per dtype and width; the GEMV's two
 # whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
@@ -287,6 +296,59 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
                 gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")
 
 
+def bench_batched(device: torch.device, dtypes: list[str], shapes=BATCHED_SHAPES) -> list[dict]:
+    rows = []
+    for dname in dtypes:
+        for shape in shapes:
+            rows += _batched_shape(device, dname, *shape)
+    return rows
+
+
+def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, d_out: int) -> list[dict]:
+    """Several rows through a rank-r linear: dense cuBLAS, the op (one launch; NF4 and fp16 factors), the
+    NF4 call as two launches, two cuBLAS GEMMs on the fp16 factors. Each checked against float64 first."""
+    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
+
+    from adaptwin import quant
+    from adaptwin.ops.rank_linear import _factor, run_rank_linear
+
+    dtype, fmt = DTYPES[dname], quant.QuantFormat("nf4", 64)
+    shape = f"M{m}:{d_in}x{d_out}:r{r}"
+    w = torch.randn(d_out, d_in, device=device) / d_in ** 0.5
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    a = (vh[:r] * s[:r, None].sqrt()).float()  # (r, in)
+    b = (u[:, :r] * s[:r].sqrt()).T.float().contiguous()  # (r, out)
+    qa, qb = fmt.quantize(a), fmt.quantize(b)
+    nf4 = (qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d_in], qb["qweight"], fmt.scale(qb), "nf4", 64, [r, d_out],
+           None)
+    a16, b16 = a.to(dtype), b.to(dtype)
+    fp = (a16, None, "fp", 0, [r, d_in], b16, None, "fp", 0, [r, d_out], None)
+    b16t, w16 = b16.T.contiguous(), w.to(dtype)
+    x = torch.randn(m, d_in, device=device, dtype=dtype)
+    ref_nf4 = x.double() @ (_factor(*nf4[5:7], "nf4", 64, (r, d_out), torch.float64).T
+                            @ _factor(*nf4[:2], "nf4", 64, (r, d_in), torch.float64)).T
+    ref_fp = x.double() @ a16.double().T @ b16.double()
+    providers = {  # name: (call, reference, flops)
+        "cublas_dense": (lambda: F.linear(x, w16), x.double() @ w16.double().T, 2 * m * d_in * d_out),
+        "adaptwin_nf4_fused": (lambda: run_rank_linear(x, *nf4), ref_nf4, 2 * m * r * (d_in + d_out)),
+        "adaptwin_nf4_two_launches": (lambda: triton_rank_linear(x, *nf4, config={"fuse": False}), ref_nf4,
+                                      2 * m * r * (d_in + d_out)),
+        "adaptwin_fp_fused": (lambda: run_rank_linear(x, *fp), ref_fp, 2 * m * r * (d_in + d_out)),
+        "cublas_lowrank_two_gemms": (lambda: F.linear(F.linear(x, a16), b16t), ref_fp, 2 * m * r * (d_in + d_out)),
+    }
+    rows, base = [], None
+    with torch.inference_mode():
+        for name, (fn, ref, flops) in providers.items():
+            err = rel_err(fn(), ref)
+            if not err < 1e-2:
+                raise RuntimeError(f"rank_linear {shape} {dname} {name}: relative error {err:.2e}")
+            us = _bench(fn, graph=True)
+            base = base or us
+            rows.append(_row("batched", shape, dname, name, us, speedup=base / us, tflops=flops / us / 1e6,
+                             rel_err=err))
+    return rows
+
+
 def _dequant(args: tuple, r: int, d: int) -> torch.Tensor:
     """The dense float64 weight (out, in) the NF4 factors stand for."""
     from adaptwin.ops.rank_linear import _factor
@@ -322,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = (16, 48) if args.quick else WIDTHS
     rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil)
     rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil, args.tune)
+    rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"
     for row in rows:
         row.update(device=dev, timestamp=stamp, **vers)

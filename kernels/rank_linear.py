@@ -7,6 +7,9 @@ expanded in memory. `plan` picks the launches:
   used, and is split over K so that a rank-wide output still fills the GPU; its float32 partial rows
   are summed by the h·B kernel as it loads h. h·B reads B's rows (codes packed along N) a byte at a
   time, each byte giving two neighbouring outputs.
+- several rows with both factors and a rank of at most `FUSED_MAX_RANK` (prefill, encoders, batches):
+  one kernel for both products. Each program keeps its rows of h = x·Aᵀ in registers and multiplies
+  them by B's column tiles, so h is never written out and read back, and the call is one launch.
 - otherwise, per product, a generic kernel that decodes element by element: the weight element
   (kk, nn) of a product is element kk·s_k + nn·s_n of the flat direction-major factor, so one kernel
   serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out, s_n = 1). Several rows use tl.dot tiles
@@ -23,6 +26,8 @@ import triton.language as tl
 from adaptwin.kernels import interpreting, sm_count
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
+# Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
+FUSED_MAX_RANK = 64
 
 
 @triton.jit
@@ -77,6 +82,50 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_ptr, out_ptr, M, K, R, N, sxm,
+                  A_BS, B_BS, N_SPAN, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """Both products in one program, for a rank that fits a register tile (R <= BLOCK_R): the program's
+    BLOCK_M rows of h = x·Aᵀ are accumulated over K and kept in registers, then multiplied by every
+    BLOCK_N-column tile of B in its span of N_SPAN output columns. h never reaches memory and the call is
+    one launch. A (R, K) and B (R, N) are flat direction-major factors in any format; h is rounded to x's
+    dtype before the second product (as the reference rounds it) unless DOT_F32."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok = rm < M
+    h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+        ok = (rk[:, None] < K) & (rr[None, :] < R)
+        w = _decode(a_ptr, a_scale_ptr, code_ptr, rr[None, :] * K + rk[:, None], ok, K, A_BS, A_FORMAT)  # Aᵀ tile
+        if DOT_F32:
+            h += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            h += tl.dot(x, w.to(x.dtype))
+    if DOT_F32:
+        hm = h
+    else:
+        hm = h.to(x_ptr.dtype.element_ty)
+    n_lo = tl.program_id(1) * N_SPAN
+    n_hi = tl.minimum(N, n_lo + N_SPAN)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < n_hi
+        ok = (rr[:, None] < R) & n_ok[None, :]
+        w = _decode(b_ptr, b_scale_ptr, code_ptr, rr[:, None] * N + rn[None, :], ok, N, B_BS, B_FORMAT)
+        if DOT_F32:
+            y = tl.dot(hm, w, input_precision="ieee")
+        else:
+            y = tl.dot(hm, w.to(hm.dtype))
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -178,13 +227,15 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
          code: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, list[Launch]]:
     """(output, kernel launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments.
 
+    Several rows with both factors and a rank of at most `FUSED_MAX_RANK`: one launch of `_fused_kernel`.
     Batch-1 NF4 products read whole bytes: x·Aᵀ with the codes packed along K, split over K so that the
     small rank-wide output still fills the GPU (float32 partial rows, which the h·B kernel sums as it
     loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
     Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
     of time for a GPU that is not here (tests/test_kernels_sm90.py). ``config`` (tuning runs,
     benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps}, "cols": {BLOCK_K, BLOCK_B,
-    num_warps}}, each optional, for the whole-byte kernels."""
+    num_warps}}, each optional, for the whole-byte kernels; "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps} for the
+    one-launch kernel, and "fuse": False to plan two launches instead (what the fusion buys)."""
     config = config or {}
     M = x.shape[0]
     dev = x.device
@@ -193,6 +244,11 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     if M == 0 or width == 0:
         return out, []
     launches: list[Launch] = []
+    if (config.get("fuse", True) and a is not None and b is not None and M > 1
+            and int(a_shape[0]) <= FUSED_MAX_RANK):
+        launches.append(_fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
+                               b_shape, bias, out, code, config.get("fused", {})))
+        return out, launches
     h, splits = x, 1
     cols_b = b is not None and M == 1 and _packed(b_format, b_blocksize, int(b_shape[1]))
     if a is not None:
@@ -236,6 +292,34 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches
+
+
+def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias, out,
+           code, tiles: dict) -> Launch:
+    """The one-launch kernel for x (M, K) with both factors and a rank of at most `FUSED_MAX_RANK`.
+
+    Programs own BLOCK_M rows each. When the rows alone give fewer than two programs per multiprocessor,
+    the output columns are split too, over as many programs as fill the GPU, as long as the x·Aᵀ each of
+    them recomputes costs no more in all than h·B (groups <= 1 + N / K)."""
+    M, K = x.shape
+    R, N = int(a_shape[0]), int(b_shape[1])
+    dot_f32 = x.dtype == torch.float32 or interpreting()
+    if dot_f32:  # "ieee" dots on the FMA units: 8 warps and K steps of 16 compile spill-free for every format
+        t = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8}
+    else:  # as `_generic`: 64 x 64 tiles (wgmma) for 64 rows or more
+        tile = 64 if M >= 64 else 32
+        t = {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_K": 32}
+    t.update(tiles)
+    m_blocks, n_blocks = triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"])
+    groups = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), m_blocks), 1 + N // max(K, 1)))
+    span = triton.cdiv(n_blocks, groups) * t["BLOCK_N"]
+    sa = a_scale.float().contiguous() if a_scale is not None else code
+    sb = b_scale.float().contiguous() if b_scale is not None else code
+    return (_fused_kernel, (m_blocks, triton.cdiv(N, span)),
+            (x, a.contiguous(), sa, b.contiguous(), sb, code, bias if bias is not None else code, out, M, K, R, N,
+             x.stride(0), a_blocksize, b_blocksize, span),
+            dict(A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format], HAS_BIAS=bias is not None,
+                 DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
 
 
 def _pow2_floor(n: int) -> int:

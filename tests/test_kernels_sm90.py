@@ -183,6 +183,12 @@ LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
     ("fp16", 1500, 384, 136, 1536, "nf4", 64, True),
     ("bf16", 64, 431, 52, 384, "int8", 64, False),
     ("fp16", 7, 384, 40, 384, "fp", 0, True),
+    # several rows at a rank of at most 64: the one-launch kernel (h kept in registers)
+    ("fp32", 1500, 384, 64, 1536, "nf4", 64, True),
+    ("fp32", 59, 431, 40, 384, "int8", 0, False),
+    ("fp16", 1500, 384, 64, 1536, "int8", 64, True),
+    ("bf16", 256, 4096, 40, 4096, "nf4", 64, False),
+    ("bf16", 16, 384, 20, 431, "nf4", 64, True),
 ]
 
 
@@ -204,14 +210,34 @@ def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fm
 
 @pytest.mark.parametrize("case", LINEAR, ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c))
 def test_rank_linear_compiles_for_sm90(case):
-    rows = case[1]
+    from adaptwin.kernels.rank_linear import FUSED_MAX_RANK
+
+    rows, rank = case[1], case[3]
     launches = _linear_launches(*case)
-    assert len(launches) == 2
+    assert len(launches) == (1 if rows > 1 and rank <= FUSED_MAX_RANK else 2)
     for kernel, _, args, kwargs in launches:
         compiled = compile_sm90(kernel, args, kwargs)
         check(compiled, tensor_cores=rows > 1 and args[0].dtype != torch.float32)
         if rows >= 64 and args[0].dtype != torch.float32:  # Hopper's warp-group MMA, not the older mma.sync
             assert "wgmma" in compiled.asm["ptx"]
+
+
+@pytest.mark.slow
+def test_every_fused_variant_compiles_for_sm90():
+    """The one-launch kernel for every dtype, format, rank bucket and tile size its default plans pick."""
+    bad = []
+    for dtype in DTYPES:
+        for fmt, bs in (("nf4", 64), ("int8", 0), ("fp", 0)):
+            for rank in (1, 20, 40, 64):
+                for rows in (2, 59, 64, 1500):
+                    (kernel, _, args, kwargs), = _linear_launches(dtype, rows, 384, rank, 1536, fmt, bs, True)
+                    compiled = compile_sm90(kernel, args, kwargs)
+                    use, ptx = resources(compiled), compiled.asm["ptx"]
+                    tensor_cores = "wgmma" in ptx or "mma.sync" in ptx
+                    if (use["LOCAL"] or use["STACK"] or tensor_cores != (dtype != "fp32")
+                            or (dtype != "fp32" and rows >= 64 and "wgmma" not in ptx)):
+                        bad.append((dtype, fmt, rank, rows, use, tensor_cores))
+    assert not bad, bad
 
 
 @pytest.mark.slow

@@ -116,6 +116,11 @@ LINEAR_CASES = [
     (1, 431, 1, 384, "fp", 0),  # rank 1
     (2, 384, 64, 431, "nf4", 64),  # rank 64, two rows
     (1, 384, 64, 384, "int8", 0),
+    # several rows at ranks up to 64 take the one-launch kernel (h kept in registers); above, two launches
+    (59, 431, 40, 384, "int8", 0),
+    (70, 96, 1, 150, "nf4", 64),  # the output columns split over two programs per row block
+    (33, 384, 20, 431, "fp", 0),
+    (4, 384, 80, 431, "nf4", 64),  # rank 80: two launches
 ]
 
 
@@ -133,6 +138,36 @@ def test_triton_rank_linear(tk, case):
     ref = rank_linear_reference(x, *fa, *fb, bias)
     out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias)
     assert_within_twice(out, ref, ref64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmt,bs", [("nf4", 64), ("int8", 64), ("fp", 0)])
+def test_triton_rank_linear_fused_plan(tk, fmt, bs):
+    """Several rows with a rank of at most FUSED_MAX_RANK: one launch, whose column split (when the row blocks
+    are few) tiles N exactly; the same call planned as two launches (``fuse: False``) agrees with it."""
+    from adaptwin.kernels.rank_linear import FUSED_MAX_RANK, _code_on, plan
+
+    gen = torch.Generator().manual_seed(11)
+    rows, n_in, n_out = 40, 96, 200
+    for rank in (FUSED_MAX_RANK, FUSED_MAX_RANK + 1):
+        fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen) / n_in**0.5)
+        fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen) / rank**0.5)
+        x, bias = torch.randn(rows, n_in, generator=gen), torch.randn(n_out, generator=gen)
+        _, launches = plan(x, *fa, *fb, bias, _code_on(x.device))
+        names = [k.fn.__name__ for k, *_ in launches]
+        if rank > FUSED_MAX_RANK:
+            assert names == ["_gemm_kernel", "_gemm_kernel"]
+            continue
+        assert names == ["_fused_kernel"]
+        grid, args = launches[0][1], launches[0][2]
+        span = args[-1]
+        assert grid[1] == 3 and span % 32 == 0 and (grid[1] - 1) * span < n_out <= grid[1] * span  # 1 + 200 // 96
+        ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
+        ref = rank_linear_reference(x, *fa, *fb, bias)
+        fused = tk["rank_linear"].rank_linear(x, *fa, *fb, bias)
+        two = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config={"fuse": False})
+        assert_within_twice(fused, ref, ref64)
+        assert_within_twice(two, ref, ref64)
 
 
 @needs_interpreter
