@@ -1,7 +1,7 @@
 """Batch-1 rank-r linear with NF4 factors vs dense fp32 F.linear on CPU (decoding-shaped: x is (1, in)).
 
     python -m benchmarks.rank_linear_speed [--sizes 384,768,1536,3072] [--repeats 30] [--threads 2]
-        [--out results/rank_linear_speed.csv]
+        [--cpp-loop] [--out results/rank_linear_speed.csv]
 
 For each (in, out) the rank is the one that halves the parameters (r·(in + out) = in·out / 2, the
 compression ratio 0.5 of the encoder benchmark). Providers, timed interleaved in one run:
@@ -18,6 +18,12 @@ does), where a custom op's Python autograd kernel runs on every call:
 
 * ``nf4_no_grad``: the NF4 op as the compressed modules call it, `run_rank_linear` (below the autograd key);
 * ``nf4_no_grad_direct``: the op called directly, through its autograd kernel.
+
+With ``--cpp-loop``, two more, timed in loops written in C++ (``benchmarks/cpp/dispatch_loop.cpp``, built
+on first use, ~45 s): ``dense_cpp_loop`` (``at::linear``) and ``nf4_cpp_loop`` (the NF4 op called through
+the C++ dispatcher). That is what a libtorch / AOTInductor deployment pays per call, without the Python
+argument conversion of ``torch.ops`` (about 3 us for this 12-argument schema); their ``time/dense`` is
+against ``dense_cpp_loop``.
 
 Batch-1 linear layers are memory-bound: the table also gives the weight bytes each provider reads and the
 GB/s that makes. Each sample times ``--inner`` calls (the calls take microseconds). The CPU is shared with
@@ -65,7 +71,20 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0) -> list[dict]:
+CPP_LOOP_CALLS = 200  # timed calls per C++ loop sample (after up to 100 untimed ones)
+
+
+def load_cpp_loop():
+    """The C++ timing loops (benchmarks/cpp/dispatch_loop.cpp), built with torch.utils.cpp_extension."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).parent / "cpp" / "dispatch_loop.cpp"
+    return load(name="adaptwin_bench_dispatch_loop", sources=[str(source)], extra_cflags=["-O2"], verbose=False)
+
+
+def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp=None) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     r = half_rank(n_in, n_out)
     w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
@@ -106,22 +125,36 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0) -> 
         ("lowrank_fp32", F.linear(F.linear(x, a), bt, bias).double()))}
     no_grad = {"nf4_no_grad": rep(lambda: run_rank_linear(x, *nf4)),
                "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
+    loops = {}
+    if cpp is not None:
+        loops = {"dense_cpp_loop": lambda: cpp.linear_loop(x, w, bias, CPP_LOOP_CALLS),
+                 "nf4_cpp_loop": lambda: cpp.rank_linear_loop(x, *nf4, CPP_LOOP_CALLS)}
+        weight_bytes.update(dense_cpp_loop=weight_bytes["dense"], nf4_cpp_loop=weight_bytes["nf4"])
+        errs.update(dense_cpp_loop=errs["dense"], nf4_cpp_loop=errs["nf4"])
     load = OtherLoad().start()
     with torch.inference_mode():
         timings = time_interleaved(fns, repeats=repeats, warmup=3)
     with torch.no_grad():
         timings.update(time_interleaved(no_grad, repeats=repeats, warmup=3))
+    if loops:  # each call returns its loop's own seconds per call (its warm-up calls not counted)
+        per_call = {p: [] for p in loops}
+        for r_ in range(repeats):
+            names = list(loops)[r_ % 2:] + list(loops)[:r_ % 2]
+            for p in names:
+                per_call[p].append(loops[p]())
+        timings.update({p: Timing([s_ * inner for s_ in v]) for p, v in per_call.items()})
     other = load.stop()
     fns.update(no_grad)
+    fns.update(loops)
     timings = {p: Timing([s / inner for s in t.samples]) for p, t in timings.items()}
     rows = []
-    dense = timings["dense"].p50
     for p in fns:
         t = timings[p]
+        dense = timings["dense_cpp_loop" if p.endswith("_cpp_loop") else "dense"].p50
         rows.append({
             "benchmark": BENCHMARK, "shape": f"{n_in}x{n_out}:r{r}", "dtype": "fp32", "provider": p,
             "p20_ms": t.p20, "p50_ms": t.p50, "p80_ms": t.p80, "repeats": repeats, "ratio_p50": t.p50 / dense,
-            "gflop": 2 * (n_in * n_out if p == "dense" else r * (n_in + n_out)) / 1e9,
+            "gflop": 2 * (n_in * n_out if p.startswith("dense") else r * (n_in + n_out)) / 1e9,
             "rel_err": errs[p], "device": device_string(), "threads": torch.get_num_threads(),
             "other_load": other, **versions(), "timestamp": now_utc(), "_bytes": weight_bytes[p],
         })
@@ -135,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--inner", type=int, default=20, help="calls per timed sample")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpp-loop", action="store_true",
+                    help="also time both layers in C++ loops (no Python per call); builds a small extension")
     ap.add_argument("--out", default="results/rank_linear_speed.csv")
     args = ap.parse_args(argv)
     try:
@@ -143,14 +178,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sizes must be comma-separated whole numbers, got {args.sizes!r}")
     if not sizes or min(sizes) < 1:
         ap.error("--sizes needs at least one size >= 1")
+    if args.repeats < 1 or args.inner < 1:
+        ap.error(f"--repeats and --inner must be >= 1, got {args.repeats} and {args.inner}")
     torch.set_num_threads(args.threads)
     kernels = "C++ kernel" if backends.has_kernel("adaptwin::rank_linear", "cpu") else "reference (no adaptwin._C)"
     print(f"{device_string()}, torch {torch.__version__}, rank_linear on CPU: {kernels}")
+    cpp = None
+    if args.cpp_loop:
+        if not backends.has_kernel("adaptwin::rank_linear", "cpu"):
+            ap.error("--cpp-loop times the C++ kernel, and adaptwin._C is not built here (`make install`)")
+        print("building the C++ timing loops (benchmarks/cpp/dispatch_loop.cpp)...", flush=True)
+        cpp = load_cpp_loop()
     shapes = [(d, d) for d in sizes] + ([(d, 4 * d) for d in sizes] + [(4 * d, d) for d in sizes] if args.ffn else [])
     rows: list[dict] = []
     for n_in, n_out in shapes:
         print(f"timing {n_in}x{n_out}...", flush=True)
-        rows += run_size(n_in, n_out, args.repeats, args.inner)
+        rows += run_size(n_in, n_out, args.repeats, args.inner, cpp=cpp)
     table = [[r["shape"], r["provider"], r["p20_ms"] * 1e3, r["p50_ms"] * 1e3, r["p80_ms"] * 1e3,
               f"{r['ratio_p50']:.3f}x", f"{1 / r['ratio_p50']:.2f}x", r["_bytes"] / 1e6,
               r["_bytes"] / (r["p50_ms"] * 1e-3) / 1e9, f"{r['rel_err']:.1e}", f"{r['other_load']:.2f}"]
