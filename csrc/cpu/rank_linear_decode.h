@@ -18,10 +18,12 @@ namespace {
 constexpr int64_t kGemvRows = 8;   // rows of x up to which the decode path runs
 constexpr int64_t kChunk = 512;    // floats decoded at a time (2 KiB, stays in L1)
 // Factor elements per parallel task. One thread decodes and FMAs ~20 G NF4 elements/s in the fused
-// batch-1 path (768x192 factor: 7.3 us), so a task of 64k elements is ~3 us, about what waking a second
-// (spinning) OpenMP thread costs; below that one thread runs alone. On a loaded machine a 2-thread region
-// can wait 12-16 ms for a core (measured at load 8): run with torch.set_num_threads(1) there.
-constexpr int64_t kGrainElems = 1 << 16;
+// batch-1 path (768x192 factor: 7.3 us), so a task of 16k elements is ~0.8 us. Timed through the C++
+// dispatcher (benchmarks/rank_linear_speed.py --cpp-loop, 2 threads), 16k against 64k: d = 768 9.7 against
+// 11.2 us a call, d = 1536 29.9 against 31.5 us, d = 384 (two or three tasks a factor) 4.4 either way. On a
+// loaded machine a 2-thread region can wait 12-16 ms for a core (measured at load 8): run with
+// torch.set_num_threads(1) there.
+constexpr int64_t kGrainElems = 1 << 14;
 
 struct Factor {
   const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes (fp factors: `keep` only)
