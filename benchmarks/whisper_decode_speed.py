@@ -149,6 +149,10 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
         timings = time_interleaved(calls, repeats=repeats, warmup=1)
         per_token = {p: (timings[f"{p}/{PROMPT_TOKENS + tokens}"].p50 - timings[f"{p}/{PROMPT_TOKENS}"].p50) / tokens
                      for p in providers}
+        noisy = [p for p in providers if not per_token[p] > 0]
+        if noisy:  # the longer call was not slower: its extra tokens cost less than the timing noise
+            print(f"warning: {shape.name} {dname}: per-token time <= 0 for {noisy} (the {tokens} extra tokens took "
+                  f"less than the timing noise); raise --tokens or --repeats", file=sys.stderr)
         for p in providers:
             rows.append({
                 "benchmark": BENCHMARK, "shape": shape.label(), "dtype": dname, "provider": p,

@@ -181,7 +181,9 @@ def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(decode.SHAPES, "toy", TOY)
     out = tmp_path / "decode.csv"
-    assert decode.main(["--shapes", "toy", "--dtypes", "fp32", "--tokens", "2", "--repeats", "1", "--threads", "1",
+    # 8 extra tokens, 3 repeats: enough that the per-token time (a difference of two generate calls) stands
+    # clear of the timing noise; with 2 tokens and 1 repeat it came out <= 0 in 1 run of 6
+    assert decode.main(["--shapes", "toy", "--dtypes", "fp32", "--tokens", "8", "--repeats", "3", "--threads", "1",
                         "--out", str(out)]) == 0
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
