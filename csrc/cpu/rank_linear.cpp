@@ -30,7 +30,7 @@ namespace {
 // 3072x768 (1 thread) the buffered path ran 0.34 ms per factor.
 
 bool fused_ok(const Factor& f) {
-  return f.format == "nf4" && f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
+  return f.format == Format::kNf4 && f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
 }
 
 #if ADAPTWIN_X86
@@ -194,10 +194,12 @@ at::Tensor as_float(const at::Tensor& t) {
 }
 
 Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& scale,
-                   const std::string& format, int64_t blocksize, c10::SymIntArrayRef shape_sym) {
+                   c10::string_view format_name, int64_t blocksize, c10::SymIntArrayRef shape_sym) {
   Factor f;
-  TORCH_CHECK_VALUE(format == "fp" || format == "nf4" || format == "int8", "rank_linear: ", name,
-              "_format must be one of ('fp', 'nf4', 'int8'), got '", format, "'");
+  const bool fp = format_name == "fp", nf4 = format_name == "nf4";
+  TORCH_CHECK_VALUE(fp || nf4 || format_name == "int8", "rank_linear: ", name,
+              "_format must be one of ('fp', 'nf4', 'int8'), got '", std::string(format_name), "'");
+  const Format format = fp ? Format::kFp : nf4 ? Format::kNf4 : Format::kInt8;
   TORCH_CHECK_VALUE(shape_sym.size() == 2, "rank_linear: ", name, "_shape must be (k, features), got ", shape_sym.size(),
               " values");
   f.format = format;
@@ -206,15 +208,15 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
   f.n = shape_sym[1].expect_int();
   const at::Tensor& w = *t;
   TORCH_CHECK_VALUE(w.device().is_cpu(), "rank_linear (CPU kernel): factor ", name, " is on ", w.device());
-  if (format == "fp") {
+  if (format == Format::kFp) {
     TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == f.k && w.size(1) == f.n, "rank_linear: fp factor ", name,
                 " has shape ", w.sizes(), ", ", name, "_shape says [", f.k, ", ", f.n, "]");
     f.keep = w;  // used through ATen GEMMs only, converted to the compute dtype there
     return f;
   }
-  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", format, " factor ", name, " needs ", name, "_scale");
+  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", std::string(format_name), " factor ", name, " needs ", name, "_scale");
   const int64_t numel = f.k * f.n;
-  if (format == "nf4") {
+  if (format == Format::kNf4) {
     TORCH_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0, "rank_linear: NF4 blocksize must be an even whole number >= 2,"
                 " got ", blocksize);
     TORCH_CHECK_VALUE(w.scalar_type() == at::kByte && w.dim() == 1 && w.numel() == (numel + 1) / 2,
@@ -294,12 +296,12 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   int64_t width = in;
   Factor fa, fb;
   if (a.has_value()) {
-    fa = make_factor("a", a, a_scale, std::string(a_format), a_blocksize.expect_int(), a_shape);
+    fa = make_factor("a", a, a_scale, a_format, a_blocksize.expect_int(), a_shape);
     TORCH_CHECK_VALUE(fa.n == in, "rank_linear: x has ", in, " features, factor a expects ", fa.n);
     width = fa.k;
   }
   if (b.has_value()) {
-    fb = make_factor("b", b, b_scale, std::string(b_format), b_blocksize.expect_int(), b_shape);
+    fb = make_factor("b", b, b_scale, b_format, b_blocksize.expect_int(), b_shape);
     TORCH_CHECK_VALUE(fb.k == width, "rank_linear: factor b has rank ", fb.k, ", its input has ", width, " features");
     width = fb.n;
   }
@@ -307,7 +309,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     TORCH_CHECK_VALUE(bias->numel() == width, "rank_linear: bias has ", bias->numel(), " values, the output has ", width);
   const bool gemv = rows <= kGemvRows;
   if (x.scalar_type() == at::kDouble) {  // float64: factors dequantised in float32, then products in float64
-    auto full = [](const Factor& f) { return (f.format == "fp" ? f.keep : dequantize(f)).to(at::kDouble); };
+    auto full = [](const Factor& f) { return (f.format == Format::kFp ? f.keep : dequantize(f)).to(at::kDouble); };
     at::Tensor y = x.reshape({rows, in});
     if (a.has_value()) y = at::mm(y, full(fa).t());
     if (b.has_value()) y = at::mm(y, full(fb));
@@ -317,14 +319,14 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     return y.reshape(shape).clone();
   }
 
-  if (gemv && a.has_value() && fa.format != "fp" && (!b.has_value() || fb.format != "fp") &&
+  if (gemv && a.has_value() && fa.format != Format::kFp && (!b.has_value() || fb.format != Format::kFp) &&
       x.scalar_type() == at::kFloat) {
     return gemv_path(x32, fa, b.has_value() ? &fb : nullptr, bias, x.sizes(), width);
   }
 
   at::Tensor h = x32;  // (rows, k)
   if (a.has_value()) {
-    if (fa.format == "fp") {
+    if (fa.format == Format::kFp) {
       h = at::mm(x32, fa.keep.to(at::kFloat).t());
     } else if (gemv) {
       h = at::empty({rows, fa.k}, at::kFloat);
@@ -336,7 +338,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   at::Tensor y = h;  // (rows, out)
   bool bias_done = false;
   if (b.has_value()) {
-    if (fb.format == "fp") {
+    if (fb.format == Format::kFp) {
       y = at::mm(h, fb.keep.to(at::kFloat));
     } else if (gemv) {
       // start from the bias (saves a pass over y); the final add below is then skipped

@@ -25,10 +25,12 @@ constexpr int64_t kChunk = 512;    // floats decoded at a time (2 KiB, stays in 
 // torch.set_num_threads(1) there.
 constexpr int64_t kGrainElems = 1 << 14;
 
+enum class Format { kFp, kNf4, kInt8 };  // the op's "fp" / "nf4" / "int8", parsed once per call
+
 struct Factor {
   const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes (fp factors: `keep` only)
   const float* scale = nullptr;
-  std::string format;
+  Format format = Format::kFp;
   int64_t blocksize = 0;
   int64_t k = 0, n = 0;
   at::Tensor keep;  // owns converted storage
@@ -112,7 +114,7 @@ ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs
 // itself, or into buf after decoding.
 const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t e0 = r * f.n + c0;
-  if (f.format == "nf4") {
+  if (f.format == Format::kNf4) {
 #if ADAPTWIN_X86
     if (has_avx512()) {
       nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
