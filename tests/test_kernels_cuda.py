@@ -1,0 +1,121 @@
+"""The ops on a CUDA device against their references: the first thing to run where a GPU is lent.
+
+    python -m pytest -q -m gpu tests/test_kernels_cuda.py
+
+Skipped where no CUDA device is visible (and deselected by ``make test``, which runs ``-m "not gpu"``).
+Same criterion as on CPU (test_kernels_cpu.py): the kernel's error against float64 at most twice the
+reference's, here in float32, float16 and bfloat16, with the inputs on the GPU and the ops called through
+the dispatcher, so the CUDA backend that serves them is the one under test: the Triton kernels by default,
+the CUDA C++ ones in `test_cuda_cpp_backend`'s child process (``ADAPTWIN_CUDA_BACKEND=cpp``) where they are
+built. The cases add to the CPU ones what only a GPU build decides: the 1500-key Whisper window at
+rank-space widths 16-64, a split-key decoding step, batched rows through the one-launch rank-r kernel
+and the 64 x 64 tensor-core tiles (64 rows or more in 16-bit).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_kernels_cpu import ATTENTION_CASES as CPU_ATTENTION  # noqa: E402
+from test_kernels_cpu import LINEAR_CASES as CPU_LINEAR  # noqa: E402
+from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+
+import adaptwin.ops  # noqa: E402,F401  (registers the CUDA backends)
+from adaptwin.ops import backends  # noqa: E402
+from adaptwin.ops.attention import attention_reference  # noqa: E402
+from adaptwin.ops.rank_linear import rank_linear_reference  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, H, Hkv, T, S, Dq, Dv, causal, mask)
+ATTENTION_CASES = CPU_ATTENTION + [
+    (1, 6, 6, 1500, 1500, 40, 40, False, None),  # Whisper tiny's encoder at the paper's rank-space width
+    (1, 20, 20, 1500, 1500, 16, 16, False, "bool_keys"),  # large's heads, the narrowest width, padding
+    (2, 8, 8, 1500, 1500, 64, 64, False, None),  # the dense width, two windows
+    (1, 20, 20, 1500, 1500, 48, 48, True, "float"),  # widths in two dot parts (32 + 16), causal, additive
+    (4, 20, 20, 1, 1500, 40, 40, False, None),  # a decoding step: the keys split over the grid
+    (1, 8, 2, 1, 448, 24, 24, False, "float_keys"),  # grouped heads, one query against a decoder cache
+]
+# (rows, in, rank, out, format, blocksize)
+LINEAR_CASES = CPU_LINEAR + [
+    (1500, 384, 40, 384, "nf4", 64),  # one launch, 64 x 64 tiles in 16-bit
+    (1500, 384, 64, 1536, "int8", 0),
+    (256, 4096, 64, 4096, "fp", 0),
+    (16, 4096, 20, 4096, "nf4", 64),
+    (1500, 384, 136, 1536, "nf4", 64),  # rank above the one-launch kernel's: two launches
+    (1, 4096, 1024, 4096, "nf4", 64),  # batch-1 NF4: the whole-byte GEMVs, x·Aᵀ split over K
+    (1, 431, 20, 433, "int8", 0),  # batch-1, odd widths: the elementwise GEMV kernel
+]
+
+
+def _cuda(t):
+    return t.cuda() if isinstance(t, torch.Tensor) else t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_attention_on_cuda(case, dtype):
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen).cuda() for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _cuda(_mask(kind, b, h, t, s, gen))
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    lo = [x.to(dtype) for x in (q, k, v)]
+    ref = attention_reference(*lo, _to(mask, dtype), scale, causal)
+    out = torch.ops.adaptwin.attention(*lo, _to(mask, dtype), scale, causal)
+    assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.device == q.device
+    assert_within_twice(out, ref, ref64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_on_cuda(case, dtype):
+    rows, n_in, rank, n_out, fmt, bs = case
+    gen = torch.Generator().manual_seed(seed(case))
+    a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
+    b = torch.randn(rank, n_out, generator=gen) / rank**0.5
+    bias = torch.randn(n_out, generator=gen).cuda()
+    x = torch.randn(1, rows, n_in, generator=gen).cuda()
+    fa, fb = (tuple(_cuda(v) for v in _factor(fmt, bs, w)) for w in (a, b))
+    ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
+    if fmt == "fp":
+        fa, fb = (fa[0].to(dtype), *fa[1:]), (fb[0].to(dtype), *fb[1:])
+    ref = rank_linear_reference(x.to(dtype), *fa, *fb, bias.to(dtype))
+    out = torch.ops.adaptwin.rank_linear(x.to(dtype), *fa, *fb, bias.to(dtype))
+    assert out.shape == (1, rows, n_out) and out.dtype == dtype and out.device == x.device
+    assert_within_twice(out, ref, ref64)
+
+
+def test_cuda_backend_is_the_one_asked_for():
+    """Triton takes the CUDA key unless ADAPTWIN_CUDA_BACKEND=cpp and the CUDA C++ kernels are built."""
+    state = backends.load()
+    cpp_asked = os.environ.get("ADAPTWIN_CUDA_BACKEND") == "cpp"
+    built = all(backends.has_kernel(op, "cuda") for op in backends.OPS)
+    if cpp_asked and built:
+        assert state["triton"] is False
+    else:
+        assert state["triton"] is (importlib.util.find_spec("triton") is not None)
+
+
+def test_cuda_cpp_backend():
+    """Every case above again, on the CUDA C++ kernels (a child process with ADAPTWIN_CUDA_BACKEND=cpp)."""
+    if os.environ.get("ADAPTWIN_CUDA_BACKEND") == "cpp":
+        pytest.skip("already the CUDA C++ child process")
+    if not all(backends.has_kernel(op, "cuda") for op in backends.OPS):
+        pytest.skip("the CUDA C++ kernels are not built here (adaptwin._C built without ADAPTWIN_NO_EXTENSION "
+                    "by a torch with CUDA)")
+    env = {**os.environ, "ADAPTWIN_CUDA_BACKEND": "cpp"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", __file__],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
