@@ -236,7 +236,10 @@ def default_config(q: torch.Tensor, masked: bool = False) -> dict[str, int]:
     few = q.shape[2] <= 16  # decoding: one or a few queries, a 16-row tile (tl.dot's minimum) wastes least
     if q.dtype == torch.float32:
         return {"BLOCK_M": 16 if few else 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 16 if few else 64, "BLOCK_N": 32 if masked else 64, "num_warps": 4, "num_stages": 2}
+    # decoding tiles pipeline three key tiles deep: with two, triton 3.6 (the device's) put 8 bytes on the
+    # stack at widths 40 (bool mask) and 48 (additive mask); with three, no variant does in 3.6 or 3.9
+    return {"BLOCK_M": 16 if few else 64, "BLOCK_N": 32 if masked else 64, "num_warps": 4,
+            "num_stages": 3 if few else 2}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
