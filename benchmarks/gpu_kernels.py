@@ -297,11 +297,7 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
 
 
 def bench_batched(device: torch.device, dtypes: list[str], shapes=BATCHED_SHAPES) -> list[dict]:
-    rows = []
-    for dname in dtypes:
-        for shape in shapes:
-            rows += _batched_shape(device, dname, *shape)
-    return rows
+    return [row for dname in dtypes for shape in shapes for row in _batched_shape(device, dname, *shape)]
 
 
 def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, d_out: int) -> list[dict]:

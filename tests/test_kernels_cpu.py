@@ -83,21 +83,29 @@ def _to(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
-def test_attention_matches_reference(case, dtype):
+def check_attention_case(case: tuple, dtype: torch.dtype, device: str = "cpu") -> None:
+    """``torch.ops.adaptwin.attention`` on ``device`` for one (B, H, Hkv, T, S, Dq, Dv, causal, mask) case, against
+    its reference (also test_kernels_cuda.py)."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
     gen = torch.Generator().manual_seed(seed(case))
     # queries/keys ~N(0, 1) at scale 1/sqrt(dq): attention neither uniform nor one-hot
-    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen).to(device)
+               for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
     mask = _mask(kind, b, h, t, s, gen)
+    mask = None if mask is None else mask.to(device)
     scale = dq ** -0.5
     ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
     lo = [x.to(dtype) for x in (q, k, v)]
     ref = attention_reference(*lo, _to(mask, dtype), scale, causal)
     out = torch.ops.adaptwin.attention(*lo, _to(mask, dtype), scale, causal)
-    assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.is_contiguous() and out.device == q.device
     assert_within_twice(out, ref, ref64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_attention_matches_reference(case, dtype):
+    check_attention_case(case, dtype)
 
 
 @pytest.mark.parametrize("tokens", [59, 3], ids=["lanes", "rows"])
@@ -182,23 +190,29 @@ LINEAR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
-def test_rank_linear_matches_reference(case, dtype):
+def check_rank_linear_case(case: tuple, dtype: torch.dtype, device: str = "cpu") -> None:
+    """``torch.ops.adaptwin.rank_linear`` on ``device`` for one (rows, in, rank, out, format, blocksize) case,
+    against its reference (also test_kernels_cuda.py)."""
     rows, n_in, rank, n_out, fmt, bs = case
     gen = torch.Generator().manual_seed(seed(case))
     a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
     b = torch.randn(rank, n_out, generator=gen) / rank**0.5
-    bias = torch.randn(n_out, generator=gen)
-    x = torch.randn(1, rows, n_in, generator=gen)
-    fa, fb = _factor(fmt, bs, a), _factor(fmt, bs, b)
+    bias = torch.randn(n_out, generator=gen).to(device)
+    x = torch.randn(1, rows, n_in, generator=gen).to(device)
+    fa, fb = (tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in _factor(fmt, bs, w)) for w in (a, b))
     ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
     if fmt == "fp":
         fa, fb = (fa[0].to(dtype), *fa[1:]), (fb[0].to(dtype), *fb[1:])
     ref = rank_linear_reference(x.to(dtype), *fa, *fb, bias.to(dtype))
     out = torch.ops.adaptwin.rank_linear(x.to(dtype), *fa, *fb, bias.to(dtype))
-    assert out.shape == (1, rows, n_out) and out.dtype == dtype
+    assert out.shape == (1, rows, n_out) and out.dtype == dtype and out.device == x.device
     assert_within_twice(out, ref, ref64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_matches_reference(case, dtype):
+    check_rank_linear_case(case, dtype)
 
 
 @pytest.mark.parametrize("rows", [1, 17])

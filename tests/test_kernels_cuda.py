@@ -26,12 +26,10 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from test_kernels_cpu import ATTENTION_CASES as CPU_ATTENTION  # noqa: E402
 from test_kernels_cpu import LINEAR_CASES as CPU_LINEAR  # noqa: E402
-from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+from test_kernels_cpu import check_attention_case, check_rank_linear_case  # noqa: E402
 
 import adaptwin.ops  # noqa: E402,F401  (registers the CUDA backends)
 from adaptwin.ops import backends  # noqa: E402
-from adaptwin.ops.attention import attention_reference  # noqa: E402
-from adaptwin.ops.rank_linear import rank_linear_reference  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -57,43 +55,16 @@ LINEAR_CASES = CPU_LINEAR + [
 ]
 
 
-def _cuda(t):
-    return t.cuda() if isinstance(t, torch.Tensor) else t
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
 def test_attention_on_cuda(case, dtype):
-    b, h, hkv, t, s, dq, dv, causal, kind = case
-    gen = torch.Generator().manual_seed(seed(case))
-    q, k, v = (torch.randn(b, n, m, d, generator=gen).cuda() for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
-    mask = _cuda(_mask(kind, b, h, t, s, gen))
-    scale = dq ** -0.5
-    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
-    lo = [x.to(dtype) for x in (q, k, v)]
-    ref = attention_reference(*lo, _to(mask, dtype), scale, causal)
-    out = torch.ops.adaptwin.attention(*lo, _to(mask, dtype), scale, causal)
-    assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.device == q.device
-    assert_within_twice(out, ref, ref64)
+    check_attention_case(case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
 def test_rank_linear_on_cuda(case, dtype):
-    rows, n_in, rank, n_out, fmt, bs = case
-    gen = torch.Generator().manual_seed(seed(case))
-    a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
-    b = torch.randn(rank, n_out, generator=gen) / rank**0.5
-    bias = torch.randn(n_out, generator=gen).cuda()
-    x = torch.randn(1, rows, n_in, generator=gen).cuda()
-    fa, fb = (tuple(_cuda(v) for v in _factor(fmt, bs, w)) for w in (a, b))
-    ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
-    if fmt == "fp":
-        fa, fb = (fa[0].to(dtype), *fa[1:]), (fb[0].to(dtype), *fb[1:])
-    ref = rank_linear_reference(x.to(dtype), *fa, *fb, bias.to(dtype))
-    out = torch.ops.adaptwin.rank_linear(x.to(dtype), *fa, *fb, bias.to(dtype))
-    assert out.shape == (1, rows, n_out) and out.dtype == dtype and out.device == x.device
-    assert_within_twice(out, ref, ref64)
+    check_rank_linear_case(case, dtype, "cuda")
 
 
 def test_cuda_backend_is_the_one_asked_for():
