@@ -284,6 +284,10 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         mask_arg, mstr = q, (0, 0, 0, 0)
     config = dict(default_config(q, mask is not None) if config is None else config)
+    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS"})
+    if unknown or not {"BLOCK_M", "BLOCK_N"} <= set(config):
+        raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS; "
+                         f"got {sorted(config)}")
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
     programs = triton.cdiv(T, block_m) * B * H

@@ -28,6 +28,7 @@ from adaptwin.kernels import interpreting, sm_count
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
+CONFIG_KEYS = {"rows", "cols", "fused", "fuse"}  # `plan`'s config: tiles per kernel, and the fusion switch
 
 
 @triton.jit
@@ -239,6 +240,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     num_warps}}, each optional, for the whole-byte kernels; "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps} for the
     one-launch kernel, and "fuse": False to plan two launches instead (what the fusion buys)."""
     config = config or {}
+    unknown = sorted(set(config) - CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"rank_linear config: unknown keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
     M = x.shape[0]
     dev = x.device
     width = int(b_shape[1]) if b is not None else int(a_shape[0])

@@ -187,6 +187,21 @@ def test_triton_rank_linear_one_factor(tk, rows, which):
 
 
 @needs_interpreter
+def test_triton_configs_reject_unknown_keys(tk):
+    """A tuning config with a misspelt or missing key is an error that names the allowed keys, not ignored."""
+    gen = torch.Generator().manual_seed(12)
+    fa, fb = (_factor("nf4", 64, torch.randn(8, 64, generator=gen)) for _ in range(2))
+    x = torch.randn(3, 64, generator=gen)
+    with pytest.raises(ValueError, match=r"unknown keys \['fusd'\]; allowed: \['cols', 'fuse', 'fused', 'rows'\]"):
+        tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fusd": {}})
+    q = torch.randn(1, 1, 16, 16, generator=gen)
+    with pytest.raises(ValueError, match="needs BLOCK_M and BLOCK_N"):
+        tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16})
+    with pytest.raises(ValueError, match="got \\['BLOCK_M', 'BLOCK_N', 'num_wraps'\\]"):
+        tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "num_wraps": 4})
+
+
+@needs_interpreter
 def test_triton_rank_linear_plans_whole_byte_kernels(tk):
     """One NF4 row with even widths takes the byte kernels and splits x·Aᵀ over K; odd widths do not."""
     from adaptwin.kernels.rank_linear import _code_on, plan
