@@ -18,12 +18,12 @@ namespace {
 constexpr int64_t kGemvRows = 8;   // rows of x up to which the decode path runs
 constexpr int64_t kChunk = 512;    // floats decoded at a time (2 KiB, stays in L1)
 // Factor elements per parallel task. One thread decodes and FMAs ~20 G NF4 elements/s in the fused
-// batch-1 path (768x192 factor: 7.3 us), so a task of 16k elements is ~0.8 us. Timed through the C++
-// dispatcher (benchmarks/rank_linear_speed.py --cpp-loop, 2 threads), 16k against 64k: d = 768 9.7 against
-// 11.2 us a call, d = 1536 29.9 against 31.5 us, d = 384 (two or three tasks a factor) 4.4 either way. On a
-// loaded machine a 2-thread region can wait 12-16 ms for a core (measured at load 8): run with
-// torch.set_num_threads(1) there.
-constexpr int64_t kGrainElems = 1 << 14;
+// batch-1 path (768x192 factor: 7.3 us), so a task of 64k elements is ~3 us, about what waking a second
+// (spinning) OpenMP thread costs; below that one thread runs alone. 16k-element tasks were tried: timed
+// the same way (benchmarks/rank_linear_speed.py --cpp-loop, two runs each) they made no difference beyond
+// the noise (d = 768: 9.93 / 9.70 us a call with 64k, 9.96 / 10.74 with 16k). On a loaded machine a
+// 2-thread region can wait 12-16 ms for a core (measured at load 8): run with torch.set_num_threads(1) there.
+constexpr int64_t kGrainElems = 1 << 16;
 
 enum class Format { kFp, kNf4, kInt8 };  // the op's "fp" / "nf4" / "int8", parsed once per call
 
