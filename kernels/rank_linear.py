@@ -259,7 +259,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     cols_b = b is not None and M == 1 and _packed(b_format, b_blocksize, int(b_shape[1]))
     if a is not None:
         r, k = int(a_shape[0]), int(a_shape[1])
-        sc = a_scale.float().contiguous() if a_scale is not None else code
+        sc = _scales(a_scale, code)
         last = b is None
         if M == 1 and _packed(a_format, a_blocksize, k):
             tiles = {"BLOCK_N": 4, "BLOCK_B": 16} if interpreting() else {"BLOCK_N": 8, "BLOCK_B": 128}
@@ -285,7 +285,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
                                      bias if last else None, h, code))
     if b is not None:
         k, n = int(b_shape[0]), int(b_shape[1])
-        sc = b_scale.float().contiguous() if b_scale is not None else code
+        sc = _scales(b_scale, code)
         if cols_b:
             # byte columns per program: as many programs as two per multiprocessor, 16 to 64 bytes a row
             block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * sm_count(dev)))))
@@ -319,13 +319,18 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
     m_blocks, n_blocks = triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"])
     groups = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), m_blocks), 1 + N // max(K, 1)))
     span = triton.cdiv(n_blocks, groups) * t["BLOCK_N"]
-    sa = a_scale.float().contiguous() if a_scale is not None else code
-    sb = b_scale.float().contiguous() if b_scale is not None else code
+    sa, sb = _scales(a_scale, code), _scales(b_scale, code)
     return (_fused_kernel, (m_blocks, triton.cdiv(N, span)),
             (x, a.contiguous(), sa, b.contiguous(), sb, code, bias if bias is not None else code, out, M, K, R, N,
              x.stride(0), a_blocksize, b_blocksize, span),
             dict(A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format], HAS_BIAS=bias is not None,
                  DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
+
+
+def _scales(scale: torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:
+    """A factor's scales as the kernels read them (contiguous float32); the code book as a placeholder pointer
+    for a plain factor, which has none."""
+    return scale.float().contiguous() if scale is not None else code
 
 
 def _pow2_floor(n: int) -> int:
