@@ -28,12 +28,16 @@ from adaptwin.kernels import interpreting, sm_count
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
+# Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
+# GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
+GEMV_WAVES = 4
 CONFIG_KEYS = {"rows", "cols", "fused", "fuse"}  # `plan`'s config: tiles per kernel, and the fusion switch
 
 
 @triton.jit
-def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS, FORMAT: tl.constexpr):
-    """float32 values of flat elements ``e`` of a factor (rows of ROWLEN, scale blocks of BS)."""
+def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.constexpr):
+    """float32 values of flat elements ``e`` of a factor (rows of ROWLEN, scale blocks of BS, a compile-time
+    constant so that the block index is a shift, not an integer division per element)."""
     if FORMAT == 0:
         w = tl.load(w_ptr + e, mask=ok, other=0.0).to(tl.float32)
     elif FORMAT == 1:
@@ -41,36 +45,85 @@ def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS, FORMAT: tl.constexpr)
         nib = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # high nibble first
         w = tl.load(code_ptr + nib, mask=ok, other=0.0) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
     else:
-        group = tl.where(BS == 0, e // ROWLEN, e // tl.maximum(BS, 1))  # per row (BS 0) or per flat block
+        if BS == 0:  # per row
+            group = e // ROWLEN
+        else:  # per flat block
+            group = e // BS
         w = tl.load(w_ptr + e, mask=ok, other=0).to(tl.float32) * tl.load(scale_ptr + group, mask=ok, other=0.0)
     return w
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN, BS,
-                 FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                    other=0.0)  # (BM, BK)
-        ok = (rk[:, None] < K) & (rn[None, :] < N)
-        w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
-        if DOT_F32:  # true float32 products: a float32 dot defaults to tf32 on GPUs
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:  # 16-bit x: the decoded factor cast to x's dtype (as the reference casts it), tensor-core dot
-            acc += tl.dot(x, w.to(x.dtype))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+def _nf4_bytes(w_ptr, scale_ptr, code_ptr, r, c, ok, ROWLEN, BS: tl.constexpr):
+    """Whole bytes of an NF4 factor with rows of ROWLEN codes (ROWLEN and BS even): byte column ``c`` of
+    factor row ``r`` (broadcast index tensors) -> (high, low) nibble values, the factor's elements
+    (r, 2c) and (r, 2c + 1), scaled (one scale block holds both)."""
+    byte = tl.load(w_ptr + r * (ROWLEN // 2) + c, mask=ok, other=0).to(tl.int32)
+    sc = tl.load(scale_ptr + (r * ROWLEN + 2 * c) // BS, mask=ok, other=0.0)
+    return tl.load(code_ptr + (byte >> 4)) * sc, tl.load(code_ptr + (byte & 15)) * sc
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k, s_n, ROWLEN, BS,
+def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN,
+                 BS: tl.constexpr, FORMAT: tl.constexpr, PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (M, K) times the factor's (K, N) view. PACK (NF4 read as whole bytes): 1, codes along K (Aᵀ: the
+    factor's rows are the output columns), x's even and odd columns times the high and low nibbles, two
+    dots of BLOCK_K / 2; 2, codes along N (B), the nibbles give the even and odd output columns, two
+    accumulators interleaved at the end. 0: the elementwise `_decode`."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_e = tl.zeros((BLOCK_M, BLOCK_N // 2), tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_N // 2), tl.float32)
+    jb = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # PACK 2: byte columns of B
+    for k0 in range(0, K, BLOCK_K):
+        if PACK == 1:
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            kb_ok = kb < K // 2
+            hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rn[None, :], kb[:, None],
+                                kb_ok[:, None] & (rn[None, :] < N), ROWLEN, BS)  # (BK/2, BN)
+            x_ok = m_ok[:, None] & kb_ok[None, :]
+            xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
+            xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
+            if DOT_F32:
+                acc = tl.dot(xe.to(tl.float32), hi, acc=acc, input_precision="ieee")
+                acc = tl.dot(xo.to(tl.float32), lo, acc=acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xe, hi.to(xe.dtype), acc=acc)
+                acc = tl.dot(xo, lo.to(xo.dtype), acc=acc)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
+                        other=0.0)  # (BM, BK)
+            if PACK == 2:
+                hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rk[:, None], jb[None, :],
+                                    (rk[:, None] < K) & (jb[None, :] < N // 2), ROWLEN, BS)  # (BK, BN/2)
+                if DOT_F32:
+                    acc_e = tl.dot(x.to(tl.float32), hi, acc=acc_e, input_precision="ieee")
+                    acc_o = tl.dot(x.to(tl.float32), lo, acc=acc_o, input_precision="ieee")
+                else:
+                    acc_e = tl.dot(x, hi.to(x.dtype), acc=acc_e)
+                    acc_o = tl.dot(x, lo.to(x.dtype), acc=acc_o)
+            else:
+                ok = (rk[:, None] < K) & (rn[None, :] < N)
+                w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS,
+                            FORMAT)
+                if DOT_F32:  # true float32 products: a float32 dot defaults to tf32 on GPUs
+                    acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+                else:  # 16-bit x: the decoded factor cast to x's dtype (as the reference casts it), tensor cores
+                    acc += tl.dot(x, w.to(x.dtype))
+    if PACK == 2:  # output columns 2·jb and 2·jb + 1, interleaved
+        acc = tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M, BLOCK_N))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k, s_n, ROWLEN, BS: tl.constexpr,
                  FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -87,27 +140,44 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k
 
 @triton.jit
 def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_ptr, out_ptr, M, K, R, N, sxm,
-                  A_BS, B_BS, N_SPAN, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  N_SPAN, A_BS: tl.constexpr, B_BS: tl.constexpr, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr,
+                  A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both products in one program, for a rank that fits a register tile (R <= BLOCK_R): the program's
     BLOCK_M rows of h = x·Aᵀ are accumulated over K and kept in registers, then multiplied by every
     BLOCK_N-column tile of B in its span of N_SPAN output columns. h never reaches memory and the call is
     one launch. A (R, K) and B (R, N) are flat direction-major factors in any format; h is rounded to x's
-    dtype before the second product (as the reference rounds it) unless DOT_F32."""
+    dtype before the second product (as the reference rounds it) unless DOT_F32. A_PACKED / B_PACKED: an
+    NF4 factor read as whole bytes (as `_gemm_kernel`'s PACK 1 / 2)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
+    r_ok = rr < R
     h = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
-        ok = (rk[:, None] < K) & (rr[None, :] < R)
-        w = _decode(a_ptr, a_scale_ptr, code_ptr, rr[None, :] * K + rk[:, None], ok, K, A_BS, A_FORMAT)  # Aᵀ tile
-        if DOT_F32:
-            h += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        if A_PACKED:
+            kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            kb_ok = kb < K // 2
+            hi, lo = _nf4_bytes(a_ptr, a_scale_ptr, code_ptr, rr[None, :], kb[:, None], kb_ok[:, None] & r_ok[None, :],
+                                K, A_BS)  # (BK/2, BR): Aᵀ's rows 2·kb and 2·kb + 1
+            x_ok = m_ok[:, None] & kb_ok[None, :]
+            xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
+            xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
+            if DOT_F32:
+                h = tl.dot(xe.to(tl.float32), hi, acc=h, input_precision="ieee")
+                h = tl.dot(xo.to(tl.float32), lo, acc=h, input_precision="ieee")
+            else:
+                h = tl.dot(xe, hi.to(xe.dtype), acc=h)
+                h = tl.dot(xo, lo.to(xo.dtype), acc=h)
         else:
-            h += tl.dot(x, w.to(x.dtype))
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
+            ok = (rk[:, None] < K) & r_ok[None, :]
+            w = _decode(a_ptr, a_scale_ptr, code_ptr, rr[None, :] * K + rk[:, None], ok, K, A_BS, A_FORMAT)  # Aᵀ
+            if DOT_F32:
+                h += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            else:
+                h += tl.dot(x, w.to(x.dtype))
     if DOT_F32:
         hm = h
     else:
@@ -117,12 +187,24 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
     for n0 in range(n_lo, n_hi, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         n_ok = rn < n_hi
-        ok = (rr[:, None] < R) & n_ok[None, :]
-        w = _decode(b_ptr, b_scale_ptr, code_ptr, rr[:, None] * N + rn[None, :], ok, N, B_BS, B_FORMAT)
-        if DOT_F32:
-            y = tl.dot(hm, w, input_precision="ieee")
+        if B_PACKED:  # the nibbles of byte column jb: output columns 2·jb and 2·jb + 1, interleaved
+            jb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+            hi, lo = _nf4_bytes(b_ptr, b_scale_ptr, code_ptr, rr[:, None], jb[None, :],
+                                r_ok[:, None] & (jb[None, :] < n_hi // 2), N, B_BS)  # (BR, BN/2)
+            if DOT_F32:
+                ye = tl.dot(hm, hi, input_precision="ieee")
+                yo = tl.dot(hm, lo, input_precision="ieee")
+            else:
+                ye = tl.dot(hm, hi.to(hm.dtype))
+                yo = tl.dot(hm, lo.to(hm.dtype))
+            y = tl.reshape(tl.join(ye, yo), (BLOCK_M, BLOCK_N))
         else:
-            y = tl.dot(hm, w.to(hm.dtype))
+            ok = r_ok[:, None] & n_ok[None, :]
+            w = _decode(b_ptr, b_scale_ptr, code_ptr, rr[:, None] * N + rn[None, :], ok, N, B_BS, B_FORMAT)
+            if DOT_F32:
+                y = tl.dot(hm, w, input_precision="ieee")
+            else:
+                y = tl.dot(hm, w.to(hm.dtype))
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty),
@@ -130,7 +212,8 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
 
 
 @triton.jit
-def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, BS, SPLIT_BYTES,
+def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
+                          BS: tl.constexpr,
                           HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_B: tl.constexpr):
     """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
@@ -163,33 +246,54 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
-def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, BS,
-                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
+                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_B: tl.constexpr):
     """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
     packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
-    consecutive bytes of every row of B, and reduces over all of K."""
+    consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
+    PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`."""
     jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
     col_ok = jb < ROWBYTES
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
     acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
     acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
+        k_ok = rk < k_hi
         h = tl.zeros((BLOCK_K,), tl.float32)
         for s in range(SPLITS):
             h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
-        ok = k_ok[:, None] & col_ok[None, :]
-        byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0).to(tl.int32)
-        hs = h[:, None] * tl.load(scale_ptr + (rk[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
-        acc_e += tl.load(code_ptr + (byte >> 4)) * hs
-        acc_o += tl.load(code_ptr + (byte & 15)) * hs
+        hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rk[:, None], jb[None, :], k_ok[:, None] & col_ok[None, :],
+                            N, BS)  # (BK, BB)
+        acc_e += hi * h[:, None]
+        acc_o += lo * h[:, None]
     ye = tl.sum(acc_e, 0)
     yo = tl.sum(acc_o, 0)
+    if PARTIAL:
+        base = out_ptr + tl.program_id(1) * N
+        tl.store(base + 2 * jb, ye, mask=col_ok)
+        tl.store(base + 2 * jb + 1, yo, mask=col_ok)
+    else:
+        if HAS_BIAS:
+            ye += tl.load(bias_ptr + 2 * jb, mask=col_ok, other=0.0).to(tl.float32)
+            yo += tl.load(bias_ptr + 2 * jb + 1, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`."""
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rn < N
+    y = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLITS):
+        y += tl.load(part_ptr + s * N + rn, mask=ok, other=0.0)
     if HAS_BIAS:
-        ye += tl.load(bias_ptr + 2 * jb, mask=col_ok, other=0.0).to(tl.float32)
-        yo += tl.load(bias_ptr + 2 * jb + 1, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=col_ok)
+        y += tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 Launch = tuple  # (kernel, grid, positional arguments, keyword arguments)
@@ -208,17 +312,21 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
     if M == 1:
         # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
         block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
-        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, code, b, out, N, K, s_k, s_n, cols, blocksize),
-                dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
+        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, code, b, out, N, K, s_k, s_n, cols),
+                dict(BS=blocksize, FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
     dot_f32 = x.dtype == torch.float32 or interpreting()
+    # whole NF4 bytes: along K for Aᵀ (two dots of BLOCK_K / 2), along N for B (two of BLOCK_N / 2)
+    pack = (1 if transposed else 2) if _packed(fmt, blocksize, cols) else 0
     # 16-bit x with 64 rows or more: 64 x 64 tiles, which compile to Hopper's warp-group MMA (wgmma);
     # float32 ("ieee" dots on the FMA units) and fewer rows: 32 x 32, spill-free for every format
     tile = 64 if not dot_f32 and M >= 64 else 32
     grid = (triton.cdiv(M, tile), triton.cdiv(N, tile))
-    # K steps of 16 for float32: with 32 the NF4 variant spilled under triton 3.6 (the device's) at 1500 x 384
-    return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols, blocksize),
-            dict(FORMAT=fmt_id, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=tile, BLOCK_N=tile,
-                 BLOCK_K=16 if dot_f32 else 32))
+    # K steps of 16 for float32 elementwise decoding: with 32 the NF4 variant spilled under triton 3.6 (the
+    # device's) at 1500 x 384; the whole-byte one needs 32 (each of its two dots is then 16 deep)
+    block_k = 32 if pack == 1 or not dot_f32 else 16
+    return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols),
+            dict(BS=blocksize, FORMAT=fmt_id, PACK=pack, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=tile,
+                 BLOCK_N=tile, BLOCK_K=block_k))
 
 
 def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
@@ -266,8 +374,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             tiles.update(config.get("rows", {}))
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
             step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
-            if cols_b:  # a K split: float32 partial rows for the h·B kernel to sum
-                want = max(1, min(2 * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
+            if cols_b:  # a K split to about GEMV_WAVES programs per multiprocessor, two steps or more each:
+                # float32 partial rows for the h·B kernel to sum
+                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
                 k_split = triton.cdiv(triton.cdiv(k, want), step) * step
                 splits = triton.cdiv(k, k_split)
             else:
@@ -277,8 +386,8 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             h = out if last else torch.empty((splits, r), dtype=torch.float32, device=dev)
             b_arg = bias if (last and bias is not None) else code
             launches.append((_gemv_nf4_rows_kernel, (n_prog, splits),
-                             (x, a.contiguous(), sc, code, b_arg, h, r, k, k // 2, a_blocksize, k_split),
-                             dict(HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
+                             (x, a.contiguous(), sc, code, b_arg, h, r, k, k // 2, k_split),
+                             dict(BS=a_blocksize, HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
         else:
             h = out if last else torch.empty((M, r), dtype=middle_dtype(x), device=dev)
             launches.append(_generic(x, a.contiguous(), sc, a_format, a_blocksize, (r, k), True,
@@ -287,17 +396,37 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         k, n = int(b_shape[0]), int(b_shape[1])
         sc = _scales(b_scale, code)
         if cols_b:
-            # byte columns per program: as many programs as two per multiprocessor, 16 to 64 bytes a row
-            block_b = max(16, min(64, _pow2_floor(n // 2 // (2 * sm_count(dev)))))
-            tiles = {"BLOCK_K": 16, "BLOCK_B": 16} if interpreting() else {"BLOCK_K": 64, "BLOCK_B": block_b}
-            tiles.update(config.get("cols", {}))
-            launches.append((_gemv_nf4_cols_kernel, (triton.cdiv(n // 2, tiles["BLOCK_B"]),),
-                             (h, splits, b.contiguous(), sc, code, bias if bias is not None else code, out, n, k,
-                              n // 2, b_blocksize),
-                             dict(HAS_BIAS=bias is not None, **tiles)))
+            launches += _cols(h, splits, b.contiguous(), sc, b_blocksize, k, n, bias, out, code, config.get("cols", {}))
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches
+
+
+def _cols(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> list[Launch]:
+    """h (1, k) as ``splits`` float32 partial rows, times B (k, n) NF4 packed along n: `_gemv_nf4_cols_kernel`
+    over byte columns and, to reach about GEMV_WAVES programs per multiprocessor, over splits of k too
+    (float32 partial outputs, then `_sum_rows_kernel`)."""
+    dev = out.device
+    if interpreting():
+        t = {"BLOCK_K": 16, "BLOCK_B": 16}
+    else:  # 16 to 64 bytes of every row of B per program: 64 once n / 2 gives 32 such columns or more
+        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(64, _pow2_floor(n // 2 // 32)))}
+    t.update(tiles)
+    col_blocks = triton.cdiv(n // 2, t["BLOCK_B"])
+    want = max(1, min(triton.cdiv(GEMV_WAVES * sm_count(dev), col_blocks), triton.cdiv(k, 2 * t["BLOCK_K"])))
+    k_split = triton.cdiv(triton.cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
+    k_splits = triton.cdiv(k, k_split)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else code
+    if k_splits == 1:
+        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, code, bias_arg, out, n, k, n // 2, k_split),
+                 dict(BS=blocksize, HAS_BIAS=has_bias, PARTIAL=False, **t))]
+    part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
+    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, code, bias_arg, part, n, k, n // 2,
+                                                             k_split),
+             dict(BS=blocksize, HAS_BIAS=False, PARTIAL=True, **t)),
+            (_sum_rows_kernel, (triton.cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
+             dict(HAS_BIAS=has_bias, BLOCK=1024))]
 
 
 def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias, out,
@@ -310,8 +439,9 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
     M, K = x.shape
     R, N = int(a_shape[0]), int(b_shape[1])
     dot_f32 = x.dtype == torch.float32 or interpreting()
+    a_packed = _packed(a_format, a_blocksize, K)
     if dot_f32:  # "ieee" dots on the FMA units: 8 warps and K steps of 16 compile spill-free for every format
-        t = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 8}
+        t = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32 if a_packed else 16, "num_warps": 8}
     else:  # as `_generic`: 64 x 64 tiles (wgmma) for 64 rows or more
         tile = 64 if M >= 64 else 32
         t = {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_K": 32}
@@ -322,9 +452,12 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
     sa, sb = _scales(a_scale, code), _scales(b_scale, code)
     return (_fused_kernel, (m_blocks, triton.cdiv(N, span)),
             (x, a.contiguous(), sa, b.contiguous(), sb, code, bias if bias is not None else code, out, M, K, R, N,
-             x.stride(0), a_blocksize, b_blocksize, span),
-            dict(A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format], HAS_BIAS=bias is not None,
-                 DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
+             x.stride(0), span),
+            dict(A_BS=a_blocksize, B_BS=b_blocksize, A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format],
+                 # whole bytes where each of the two dots stays at least 16 wide (tl.dot's minimum)
+                 A_PACKED=a_packed and t["BLOCK_K"] >= 32,
+                 B_PACKED=_packed(b_format, b_blocksize, N) and t["BLOCK_N"] >= 32,
+                 HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
 
 
 def _scales(scale: torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:

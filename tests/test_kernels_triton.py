@@ -121,6 +121,10 @@ LINEAR_CASES = [
     (70, 96, 1, 150, "nf4", 64),  # the output columns split over two programs per row block
     (33, 384, 20, 431, "fp", 0),
     (4, 384, 80, 431, "nf4", 64),  # rank 80: two launches
+    # NF4 read as whole bytes by the tiled kernels: codes along K for x·Aᵀ, along N for h·B
+    (40, 384, 20, 432, "nf4", 64),  # one launch, both factors
+    (6, 386, 80, 432, "nf4", 2),  # two launches, both factors, two-code scale blocks
+    (1, 384, 96, 432, "nf4", 64),  # one row: h·B split over K too, then summed
 ]
 
 
@@ -216,6 +220,28 @@ def test_triton_rank_linear_plans_whole_byte_kernels(tk):
     _, launches = plan(torch.randn(1, 384), *fa, *fb, None, _code_on(torch.device("cpu")))
     assert launches[0][1][1] == 1 and not launches[0][3]["PARTIAL"]
     assert launches[1][0].fn.__name__ == "_gemv_kernel"
+
+
+@needs_interpreter
+def test_triton_rank_linear_plans_whole_byte_tiles(tk):
+    """NF4 factors with even packed widths are read as whole bytes by the tiled kernels (A_PACKED / B_PACKED,
+    PACK 1 / 2), an odd width falls back to elementwise decoding; one row at rank 96 splits h·B over K
+    into float32 partial outputs that `_sum_rows_kernel` adds up."""
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    gen = torch.Generator().manual_seed(5)
+    code = _code_on(torch.device("cpu"))
+    fa, fb = (_factor("nf4", 64, torch.randn(20, n, generator=gen)) for n in (384, 431))
+    (_, [(kernel, _, _, kw)]) = plan(torch.randn(40, 384), *fa, *fb, None, code)
+    assert kernel.fn.__name__ == "_fused_kernel" and kw["A_PACKED"] and not kw["B_PACKED"]
+    fa, fb = (_factor("nf4", 64, torch.randn(80, n, generator=gen)) for n in (384, 432))
+    _, launches = plan(torch.randn(6, 384), *fa, *fb, None, code)
+    assert [kw["PACK"] for *_, kw in launches] == [1, 2]
+    fa, fb = (_factor("nf4", 64, torch.randn(96, n, generator=gen)) for n in (384, 432))
+    _, launches = plan(torch.randn(1, 384), *fa, *fb, None, code)
+    names = [k.fn.__name__ for k, *_ in launches]
+    assert names == ["_gemv_nf4_rows_kernel", "_gemv_nf4_cols_kernel", "_sum_rows_kernel"]
+    assert launches[1][1][1] > 1 and launches[1][3]["PARTIAL"]
 
 
 @needs_interpreter

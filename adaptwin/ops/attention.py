@@ -134,6 +134,10 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, ca
           dropout: float = 0.0) -> Tensor:
     """SDPA on (B, H, T, D) heads, zero-padded to a fast width on CPU; returns (B, H, T, Dv)."""
     dv = v.shape[-1]
+    if causal and mask is not None:  # CUDA's SDPA refuses both: the causal rule folded into the mask
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()  # top-left aligned
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        causal = False
     width = _sdpa_width(q, k, v)
     if width is not None:
         q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)  # (B, H|Hkv, T|S, width)

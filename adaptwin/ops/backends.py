@@ -26,10 +26,11 @@ OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 
 
 def load() -> dict[str, object]:
-    """Load the optional backends once; returns ``{"cpp": bool, "triton": bool, "error": str | None}``."""
+    """Load the optional backends once; returns ``{"cpp": bool, "cuda_cpp": bool, "triton": bool,
+    "error": str | None}`` (cuda_cpp: adaptwin._C registered CUDA C++ kernels, whichever backend serves)."""
     if _STATE:
         return _STATE
-    _STATE.update(cpp=False, triton=False, error=None)
+    _STATE.update(cpp=False, cuda_cpp=False, triton=False, error=None)
     if os.environ.get("ADAPTWIN_NO_EXTENSION") != "1":
         try:
             importlib.import_module("adaptwin._C")
@@ -40,6 +41,7 @@ def load() -> dict[str, object]:
             _STATE["error"] = f"{type(err).__name__}: {err}"
             warnings.warn(f"adaptwin: native kernels not loaded ({_STATE['error']}); using the PyTorch reference "
                           "ops. Rebuild with `pip install --no-build-isolation -e .`.", stacklevel=2)
+    _STATE["cuda_cpp"] = all(has_kernel(op, "cuda") for op in OPS)  # before Triton takes the CUDA key
     if importlib.util.find_spec("triton") is not None:
         _STATE["triton"] = _register_triton()
     return _STATE
@@ -73,7 +75,7 @@ def _register_triton() -> bool:
     choice = os.environ.get("ADAPTWIN_CUDA_BACKEND", "triton")
     if choice not in ("triton", "cpp"):
         raise ValueError(f"ADAPTWIN_CUDA_BACKEND must be 'triton' or 'cpp', got {choice!r}")
-    if choice == "cpp" and all(has_kernel(op, "cuda") for op in OPS):
+    if choice == "cpp" and _STATE.get("cuda_cpp"):
         return False
     from adaptwin.ops.attention import attention
     from adaptwin.ops.rank_linear import rank_linear
