@@ -51,6 +51,7 @@ BENCHMARK = "gpu_kernels"
 FIELDS = ("benchmark", "kind", "shape", "dtype", "provider", "median_us", "speedup", "tflops", "gbps",
           "rel_err", "config", "device", "torch", "transformers", "adaptwin", "timestamp")
 KEY = ("benchmark", "kind", "shape", "dtype", "provider", "device")
+PARTS = ("attention", "gemv", "batched")
 WIDTHS = (16, 24, 32, 40, 48)
 ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, large, a batch of large
 GEMV_SIZES = (1024, 2048, 4096, 8192)
@@ -369,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one attention shape, two widths, two GEMV sizes")
     ap.add_argument("--tune", action="store_true",
                     help="also sweep the Triton block sizes (attention on the largest shape, the NF4 GEMV)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {list(PARTS)}")
     args = ap.parse_args(argv)
     dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
+    parts = pick(ap, args.parts, dict.fromkeys(PARTS), "parts")
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
         print("benchmarks.gpu_kernels: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
         return 0
@@ -386,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()), flush=True)
     shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
     widths = (16, 48) if args.quick else WIDTHS
-    rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil)
-    rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil, args.tune)
-    rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
+    rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil) if "attention" in parts else []
+    if "gemv" in parts:
+        rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil, args.tune)
+    if "batched" in parts:
+        rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"
     for row in rows:
         row.update(device=dev, timestamp=stamp, **vers)

@@ -227,15 +227,24 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, 
     kb_lo = split * SPLIT_BYTES
     kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
+    # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
+    kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
+    ok = row_ok[:, None] & (kb < kb_hi)[None, :]
+    byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0)
+    sc = tl.load(scale_ptr + (rn[:, None] * K + 2 * kb[None, :]) // BS, mask=ok, other=0.0)
     for kb0 in range(kb_lo, kb_hi, BLOCK_B):
-        kb = kb0 + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
+        kb = kb0 + tl.arange(0, BLOCK_B)
         k_ok = kb < kb_hi
-        ok = row_ok[:, None] & k_ok[None, :]
-        byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0).to(tl.int32)
-        sc = tl.load(scale_ptr + (rn[:, None] * K + 2 * kb[None, :]) // BS, mask=ok, other=0.0)
+        nxt = kb + BLOCK_B
+        ok = row_ok[:, None] & (nxt < kb_hi)[None, :]
+        byte_next = tl.load(w_ptr + rn[:, None] * ROWBYTES + nxt[None, :], mask=ok, other=0)
+        sc_next = tl.load(scale_ptr + (rn[:, None] * K + 2 * nxt[None, :]) // BS, mask=ok, other=0.0)
         xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
-        acc += (tl.load(code_ptr + (byte >> 4)) * xe[None, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :]) * sc
+        b32 = byte.to(tl.int32)
+        acc += (tl.load(code_ptr + (b32 >> 4)) * xe[None, :] + tl.load(code_ptr + (b32 & 15)) * xo[None, :]) * sc
+        byte, sc = byte_next, sc_next
     y = tl.sum(acc, 1)
     if PARTIAL:
         tl.store(out_ptr + split * N + rn, y, mask=row_ok)
@@ -259,16 +268,26 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, o
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
     acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    ok = (rk < k_hi)[:, None] & col_ok[None, :]
+    byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
+    sc = tl.load(scale_ptr + (rk[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
+        nxt = rk + BLOCK_K
+        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
+        byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
+        sc_next = tl.load(scale_ptr + (nxt[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
         h = tl.zeros((BLOCK_K,), tl.float32)
         for s in range(SPLITS):
             h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
-        hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rk[:, None], jb[None, :], k_ok[:, None] & col_ok[None, :],
-                            N, BS)  # (BK, BB)
-        acc_e += hi * h[:, None]
-        acc_o += lo * h[:, None]
+        hs = sc * h[:, None]
+        b32 = byte.to(tl.int32)
+        acc_e += tl.load(code_ptr + (b32 >> 4)) * hs
+        acc_o += tl.load(code_ptr + (b32 & 15)) * hs
+        byte, sc = byte_next, sc_next
     ye = tl.sum(acc_e, 0)
     yo = tl.sum(acc_o, 0)
     if PARTIAL:
