@@ -64,10 +64,10 @@ BATCHED_SHAPES = ((1500, 384, 40, 384), (1500, 384, 64, 1536), (256, 4096, 64, 4
 # whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
 TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
-GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (4, 8, 16) for b in (64, 128, 256)
-                  for w in (4, 8) if n * b <= 2048]
-GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": 4} for k in (32, 64, 128) for b in (16, 32, 64)
-                  if k * b <= 4096]
+GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (8, 16, 32, 64) for b in (32, 64, 128)
+                  for w in (4, 8) if 512 <= n * b <= 512 * w]
+GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128) for b in (16, 32, 64)
+                  for w in (4, 8) if 512 <= k * b <= 512 * w]  # 4096 bytes with 4 warps spilled
 
 
 def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:

@@ -153,7 +153,11 @@ def _attention_kernel(
     if CAUSAL:
         end = tl.minimum(end, (pid_m + 1) * BLOCK_M)
     full_end = lo + tl.maximum(end - lo, 0) // BLOCK_N * BLOCK_N
-    if DOT_F32:  # exact float32 dots keep their operands in registers: masked loads there use fewer of them
+    # exact float32 dots keep their operands in registers: masked loads there use fewer of them. Causal
+    # 16-bit calls take the one masked loop too: with a full-tile loop first, whose trip count then varies
+    # from program to program, triton 3.6's sm_90 code read shared memory out of bounds in the P·V dot
+    # (compute-sanitizer on an H100, T = 64..1500, every tile shape tried)
+    if DOT_F32 or CAUSAL:
         full_end = lo
     for start in range(lo, full_end, BLOCK_N):
         acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,

@@ -31,11 +31,12 @@ FUSED_MAX_RANK = 64
 # Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
 # GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
 GEMV_WAVES = 4
+GEMV_MAX_SPLITS = 8  # x·Aᵀ's K splits at most: h·B sums that many float32 partial rows as it loads h
 CONFIG_KEYS = {"rows", "cols", "fused", "fuse"}  # `plan`'s config: tiles per kernel, and the fusion switch
 
 
 @triton.jit
-def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.constexpr):
+def _decode(w_ptr, scale_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.constexpr):
     """float32 values of flat elements ``e`` of a factor (rows of ROWLEN, scale blocks of BS, a compile-time
     constant so that the block index is a shift, not an integer division per element)."""
     if FORMAT == 0:
@@ -43,7 +44,7 @@ def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT:
     elif FORMAT == 1:
         byte = tl.load(w_ptr + e // 2, mask=ok, other=0).to(tl.int32)
         nib = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # high nibble first
-        w = tl.load(code_ptr + nib, mask=ok, other=0.0) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
+        w = _nf4_value(nib) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
     else:
         if BS == 0:  # per row
             group = e // ROWLEN
@@ -54,23 +55,57 @@ def _decode(w_ptr, scale_ptr, code_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT:
 
 
 @triton.jit
-def _nf4_bytes(w_ptr, scale_ptr, code_ptr, r, c, ok, ROWLEN, BS: tl.constexpr):
-    """Whole bytes of an NF4 factor with rows of ROWLEN codes (ROWLEN and BS even): byte column ``c`` of
-    factor row ``r`` (broadcast index tensors) -> (high, low) nibble values, the factor's elements
-    (r, 2c) and (r, 2c + 1), scaled (one scale block holds both)."""
-    byte = tl.load(w_ptr + r * (ROWLEN // 2) + c, mask=ok, other=0).to(tl.int32)
-    sc = tl.load(scale_ptr + (r * ROWLEN + 2 * c) // BS, mask=ok, other=0.0)
-    return tl.load(code_ptr + (byte >> 4)) * sc, tl.load(code_ptr + (byte & 15)) * sc
+def _nf4_value(nib):
+    """The NF4 code book's value for 4-bit codes ``nib`` (int32), by a tree of 15 selects on the code's bits:
+    arithmetic only. Reading the book from memory (a gather per element) kept Hopper's L1 91% busy and
+    the tensor cores idle (ncu, 1500 x 384 x 1536 at rank 64). The constants are `adaptwin.quant.nf4.NF4_CODE`
+    in float32, which the references decode with (every NF4 case of the kernel tests compares against them)."""
+    b = (nib & 1) != 0
+    v0 = tl.where(b, -0.6961928009986877, -1.0)
+    v1 = tl.where(b, -0.39491748809814453, -0.5250730514526367)
+    v2 = tl.where(b, -0.18477343022823334, -0.28444138169288635)
+    v3 = tl.where(b, 0.0, -0.09105003625154495)
+    v4 = tl.where(b, 0.16093020141124725, 0.07958029955625534)
+    v5 = tl.where(b, 0.33791524171829224, 0.24611230194568634)
+    v6 = tl.where(b, 0.5626170039176941, 0.44070982933044434)
+    v7 = tl.where(b, 1.0, 0.7229568362236023)
+    b = (nib & 2) != 0
+    w0 = tl.where(b, v1, v0)
+    w1 = tl.where(b, v3, v2)
+    w2 = tl.where(b, v5, v4)
+    w3 = tl.where(b, v7, v6)
+    b = (nib & 4) != 0
+    u0 = tl.where(b, w1, w0)
+    u1 = tl.where(b, w3, w2)
+    return tl.where((nib & 8) != 0, u1, u0)
+
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN,
-                 BS: tl.constexpr, FORMAT: tl.constexpr, PACK: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _nf4_bytes(w_ptr, r, c, ok, ROWLEN):
+    """Whole bytes of an NF4 factor with rows of ROWLEN codes (even): byte column ``c`` of factor row ``r``
+    (broadcast index tensors) -> (high, low) code values, unscaled: the factor's elements (r, 2c) and
+    (r, 2c + 1), which share a scale block (blocks are even)."""
+    byte = tl.load(w_ptr + r * (ROWLEN // 2) + c, mask=ok, other=0).to(tl.int32)
+    return _nf4_value(byte >> 4), _nf4_value(byte & 15)
+
+
+@triton.jit
+def _gathered_scales(scale_ptr, r, c, ok, ROWLEN, BS: tl.constexpr):
+    """Scales of byte column ``c`` of factor row ``r``, one load per element: tiles that cross scale blocks."""
+    return tl.load(scale_ptr + (r * ROWLEN + 2 * c) // BS, mask=ok, other=0.0)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN,
+                 BS: tl.constexpr, FORMAT: tl.constexpr, PACK: tl.constexpr, SCALE_ROW: tl.constexpr,
+                 HAS_BIAS: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x (M, K) times the factor's (K, N) view. PACK (NF4 read as whole bytes): 1, codes along K (Aᵀ: the
     factor's rows are the output columns), x's even and odd columns times the high and low nibbles, two
     dots of BLOCK_K / 2; 2, codes along N (B), the nibbles give the even and odd output columns, two
-    accumulators interleaved at the end. 0: the elementwise `_decode`."""
+    accumulators interleaved at the end. 0: the elementwise `_decode`. SCALE_ROW (PACK only): each tile lies
+    in one scale block of every factor row, so the scales are one vector load per tile, not one per element."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
@@ -82,8 +117,14 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
         if PACK == 1:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
-            hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rn[None, :], kb[:, None],
-                                kb_ok[:, None] & (rn[None, :] < N), ROWLEN, BS)  # (BK/2, BN)
+            ok = kb_ok[:, None] & (rn[None, :] < N)
+            hi, lo = _nf4_bytes(w_ptr, rn[None, :], kb[:, None], ok, ROWLEN)  # (BK/2, BN)
+            if SCALE_ROW:
+                sc = tl.load(scale_ptr + rn * (ROWLEN // BS) + k0 // BS, mask=rn < N, other=0.0)[None, :]
+            else:
+                sc = _gathered_scales(scale_ptr, rn[None, :], kb[:, None], ok, ROWLEN, BS)
+            hi = hi * sc
+            lo = lo * sc
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -98,8 +139,15 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
                         other=0.0)  # (BM, BK)
             if PACK == 2:
-                hi, lo = _nf4_bytes(w_ptr, scale_ptr, code_ptr, rk[:, None], jb[None, :],
-                                    (rk[:, None] < K) & (jb[None, :] < N // 2), ROWLEN, BS)  # (BK, BN/2)
+                ok = (rk[:, None] < K) & (jb[None, :] < N // 2)
+                hi, lo = _nf4_bytes(w_ptr, rk[:, None], jb[None, :], ok, ROWLEN)  # (BK, BN/2)
+                if SCALE_ROW:
+                    sc = tl.load(scale_ptr + rk * (ROWLEN // BS) + (tl.program_id(1) * BLOCK_N) // BS, mask=rk < K,
+                                 other=0.0)[:, None]
+                else:
+                    sc = _gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, ROWLEN, BS)
+                hi = hi * sc
+                lo = lo * sc
                 if DOT_F32:
                     acc_e = tl.dot(x.to(tl.float32), hi, acc=acc_e, input_precision="ieee")
                     acc_o = tl.dot(x.to(tl.float32), lo, acc=acc_o, input_precision="ieee")
@@ -108,7 +156,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
                     acc_o = tl.dot(x, lo.to(x.dtype), acc=acc_o)
             else:
                 ok = (rk[:, None] < K) & (rn[None, :] < N)
-                w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS,
+                w = _decode(w_ptr, scale_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS,
                             FORMAT)
                 if DOT_F32:  # true float32 products: a float32 dot defaults to tf32 on GPUs
                     acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
@@ -123,7 +171,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k, s_n, ROWLEN, BS: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, s_k, s_n, ROWLEN, BS: tl.constexpr,
                  FORMAT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -131,7 +179,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)  # (BK,)
         ok = (rk[:, None] < K) & (rn[None, :] < N)
-        w = _decode(w_ptr, scale_ptr, code_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
+        w = _decode(w_ptr, scale_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS, FORMAT)
         acc += tl.sum(x[:, None] * w, 0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
@@ -139,16 +187,18 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, s_k
 
 
 @triton.jit
-def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_ptr, out_ptr, M, K, R, N, sxm,
+def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, K, R, N, sxm,
                   N_SPAN, A_BS: tl.constexpr, B_BS: tl.constexpr, A_FORMAT: tl.constexpr, B_FORMAT: tl.constexpr,
-                  A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                  A_PACKED: tl.constexpr, B_PACKED: tl.constexpr, A_SCALE_ROW: tl.constexpr,
+                  B_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Both products in one program, for a rank that fits a register tile (R <= BLOCK_R): the program's
     BLOCK_M rows of h = x·Aᵀ are accumulated over K and kept in registers, then multiplied by every
     BLOCK_N-column tile of B in its span of N_SPAN output columns. h never reaches memory and the call is
     one launch. A (R, K) and B (R, N) are flat direction-major factors in any format; h is rounded to x's
     dtype before the second product (as the reference rounds it) unless DOT_F32. A_PACKED / B_PACKED: an
-    NF4 factor read as whole bytes (as `_gemm_kernel`'s PACK 1 / 2)."""
+    NF4 factor read as whole bytes (as `_gemm_kernel`'s PACK 1 / 2), with A_SCALE_ROW / B_SCALE_ROW its scales
+    one vector per tile (as SCALE_ROW)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     m_ok = rm < M
@@ -158,8 +208,14 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
         if A_PACKED:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
-            hi, lo = _nf4_bytes(a_ptr, a_scale_ptr, code_ptr, rr[None, :], kb[:, None], kb_ok[:, None] & r_ok[None, :],
-                                K, A_BS)  # (BK/2, BR): Aᵀ's rows 2·kb and 2·kb + 1
+            ok = kb_ok[:, None] & r_ok[None, :]
+            hi, lo = _nf4_bytes(a_ptr, rr[None, :], kb[:, None], ok, K)  # (BK/2, BR): Aᵀ's rows 2·kb, 2·kb + 1
+            if A_SCALE_ROW:
+                sc = tl.load(a_scale_ptr + rr * (K // A_BS) + k0 // A_BS, mask=r_ok, other=0.0)[None, :]
+            else:
+                sc = _gathered_scales(a_scale_ptr, rr[None, :], kb[:, None], ok, K, A_BS)
+            hi = hi * sc
+            lo = lo * sc
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -173,7 +229,7 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
             ok = (rk[:, None] < K) & r_ok[None, :]
-            w = _decode(a_ptr, a_scale_ptr, code_ptr, rr[None, :] * K + rk[:, None], ok, K, A_BS, A_FORMAT)  # Aᵀ
+            w = _decode(a_ptr, a_scale_ptr, rr[None, :] * K + rk[:, None], ok, K, A_BS, A_FORMAT)  # Aᵀ
             if DOT_F32:
                 h += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
@@ -189,8 +245,14 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
         n_ok = rn < n_hi
         if B_PACKED:  # the nibbles of byte column jb: output columns 2·jb and 2·jb + 1, interleaved
             jb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
-            hi, lo = _nf4_bytes(b_ptr, b_scale_ptr, code_ptr, rr[:, None], jb[None, :],
-                                r_ok[:, None] & (jb[None, :] < n_hi // 2), N, B_BS)  # (BR, BN/2)
+            ok = r_ok[:, None] & (jb[None, :] < n_hi // 2)
+            hi, lo = _nf4_bytes(b_ptr, rr[:, None], jb[None, :], ok, N)  # (BR, BN/2)
+            if B_SCALE_ROW:
+                sc = tl.load(b_scale_ptr + rr * (N // B_BS) + n0 // B_BS, mask=r_ok, other=0.0)[:, None]
+            else:
+                sc = _gathered_scales(b_scale_ptr, rr[:, None], jb[None, :], ok, N, B_BS)
+            hi = hi * sc
+            lo = lo * sc
             if DOT_F32:
                 ye = tl.dot(hm, hi, input_precision="ieee")
                 yo = tl.dot(hm, lo, input_precision="ieee")
@@ -200,7 +262,7 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
             y = tl.reshape(tl.join(ye, yo), (BLOCK_M, BLOCK_N))
         else:
             ok = r_ok[:, None] & n_ok[None, :]
-            w = _decode(b_ptr, b_scale_ptr, code_ptr, rr[:, None] * N + rn[None, :], ok, N, B_BS, B_FORMAT)
+            w = _decode(b_ptr, b_scale_ptr, rr[:, None] * N + rn[None, :], ok, N, B_BS, B_FORMAT)
             if DOT_F32:
                 y = tl.dot(hm, w, input_precision="ieee")
             else:
@@ -212,15 +274,15 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, code_ptr, bias_
 
 
 @triton.jit
-def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
-                          BS: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_B: tl.constexpr):
+def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
+                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
     """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
     BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
     SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
     vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
-    otherwise the finished row, bias added, in out's dtype."""
+    otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each tile lies in one scale block
+    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rn < N
@@ -232,18 +294,26 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, 
     kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
     ok = row_ok[:, None] & (kb < kb_hi)[None, :]
     byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0)
-    sc = tl.load(scale_ptr + (rn[:, None] * K + 2 * kb[None, :]) // BS, mask=ok, other=0.0)
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rn * (K // BS) + (2 * kb_lo) // BS, mask=row_ok & (kb_lo + 0 * rn < kb_hi),
+                     other=0.0)[:, None]
+    else:
+        sc = _gathered_scales(scale_ptr, rn[:, None], kb[None, :], ok, K, BS)
     for kb0 in range(kb_lo, kb_hi, BLOCK_B):
         kb = kb0 + tl.arange(0, BLOCK_B)
         k_ok = kb < kb_hi
         nxt = kb + BLOCK_B
         ok = row_ok[:, None] & (nxt < kb_hi)[None, :]
         byte_next = tl.load(w_ptr + rn[:, None] * ROWBYTES + nxt[None, :], mask=ok, other=0)
-        sc_next = tl.load(scale_ptr + (rn[:, None] * K + 2 * nxt[None, :]) // BS, mask=ok, other=0.0)
+        if SCALE_ROW:
+            sc_next = tl.load(scale_ptr + rn * (K // BS) + (2 * (kb0 + BLOCK_B)) // BS,
+                              mask=row_ok & (kb0 + BLOCK_B + 0 * rn < kb_hi), other=0.0)[:, None]
+        else:
+            sc_next = _gathered_scales(scale_ptr, rn[:, None], nxt[None, :], ok, K, BS)
         xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
         b32 = byte.to(tl.int32)
-        acc += (tl.load(code_ptr + (b32 >> 4)) * xe[None, :] + tl.load(code_ptr + (b32 & 15)) * xo[None, :]) * sc
+        acc += (_nf4_value(b32 >> 4) * xe[None, :] + _nf4_value(b32 & 15) * xo[None, :]) * sc
         byte, sc = byte_next, sc_next
     y = tl.sum(acc, 1)
     if PARTIAL:
@@ -255,13 +325,14 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
-def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
-                          BS: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_B: tl.constexpr):
+def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
+                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
     packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
     consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
-    PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`."""
+    PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`. SCALE_ROW: the
+    program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B)."""
     jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
     col_ok = jb < ROWBYTES
     k_lo = tl.program_id(1) * K_SPLIT
@@ -272,21 +343,28 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, code_ptr, bias_ptr, o
     rk = k_lo + tl.arange(0, BLOCK_K)
     ok = (rk < k_hi)[:, None] & col_ok[None, :]
     byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
-    sc = tl.load(scale_ptr + (rk[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
+    block = (2 * tl.program_id(0) * BLOCK_B) // BS  # SCALE_ROW: the scale block of the program's columns
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
+    else:
+        sc = _gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, N, BS)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
         nxt = rk + BLOCK_K
         ok = (nxt < k_hi)[:, None] & col_ok[None, :]
         byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
-        sc_next = tl.load(scale_ptr + (nxt[:, None] * N + 2 * jb[None, :]) // BS, mask=ok, other=0.0)
+        if SCALE_ROW:
+            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
+        else:
+            sc_next = _gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
         h = tl.zeros((BLOCK_K,), tl.float32)
         for s in range(SPLITS):
             h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
         hs = sc * h[:, None]
         b32 = byte.to(tl.int32)
-        acc_e += tl.load(code_ptr + (b32 >> 4)) * hs
-        acc_o += tl.load(code_ptr + (b32 & 15)) * hs
+        acc_e += _nf4_value(b32 >> 4) * hs
+        acc_o += _nf4_value(b32 & 15) * hs
         byte, sc = byte_next, sc_next
     ye = tl.sum(acc_e, 0)
     yo = tl.sum(acc_o, 0)
@@ -331,7 +409,7 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
     if M == 1:
         # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
         block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
-        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, code, b, out, N, K, s_k, s_n, cols),
+        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, b, out, N, K, s_k, s_n, cols),
                 dict(BS=blocksize, FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
     dot_f32 = x.dtype == torch.float32 or interpreting()
     # whole NF4 bytes: along K for Aᵀ (two dots of BLOCK_K / 2), along N for B (two of BLOCK_N / 2)
@@ -343,9 +421,11 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
     # K steps of 16 for float32 elementwise decoding: with 32 the NF4 variant spilled under triton 3.6 (the
     # device's) at 1500 x 384; the whole-byte one needs 32 (each of its two dots is then 16 deep)
     block_k = 32 if pack == 1 or not dot_f32 else 16
-    return (_gemm_kernel, grid, (x, w, sc, code, b, out, M, N, K, x.stride(0), s_k, s_n, cols),
-            dict(BS=blocksize, FORMAT=fmt_id, PACK=pack, HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_M=tile,
-                 BLOCK_N=tile, BLOCK_K=block_k))
+    span = block_k if pack == 1 else tile  # a tile's extent along the codes' direction
+    scale_row = pack > 0 and cols % blocksize == 0 and blocksize % span == 0
+    return (_gemm_kernel, grid, (x, w, sc, b, out, M, N, K, x.stride(0), s_k, s_n, cols),
+            dict(BS=blocksize, FORMAT=fmt_id, PACK=pack, SCALE_ROW=scale_row, HAS_BIAS=bias is not None,
+                 DOT_F32=dot_f32, BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=block_k))
 
 
 def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
@@ -389,13 +469,16 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         sc = _scales(a_scale, code)
         last = b is None
         if M == 1 and _packed(a_format, a_blocksize, k):
-            tiles = {"BLOCK_N": 4, "BLOCK_B": 16} if interpreting() else {"BLOCK_N": 8, "BLOCK_B": 128}
+            if interpreting():
+                tiles = {"BLOCK_N": 4, "BLOCK_B": 16}
+            else:  # tiles of 32 rows x 32 bytes (64 codes, one scale block at the usual blocksize 64)
+                tiles = {"BLOCK_N": 32, "BLOCK_B": 32}
             tiles.update(config.get("rows", {}))
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
             step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
             if cols_b:  # a K split to about GEMV_WAVES programs per multiprocessor, two steps or more each:
                 # float32 partial rows for the h·B kernel to sum
-                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step)))
+                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step), GEMV_MAX_SPLITS))
                 k_split = triton.cdiv(triton.cdiv(k, want), step) * step
                 splits = triton.cdiv(k, k_split)
             else:
@@ -405,8 +488,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             h = out if last else torch.empty((splits, r), dtype=torch.float32, device=dev)
             b_arg = bias if (last and bias is not None) else code
             launches.append((_gemv_nf4_rows_kernel, (n_prog, splits),
-                             (x, a.contiguous(), sc, code, b_arg, h, r, k, k // 2, k_split),
-                             dict(BS=a_blocksize, HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
+                             (x, a.contiguous(), sc, b_arg, h, r, k, k // 2, k_split),
+                             dict(BS=a_blocksize, SCALE_ROW=k % a_blocksize == 0 and a_blocksize % step == 0,
+                                  HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
         else:
             h = out if last else torch.empty((M, r), dtype=middle_dtype(x), device=dev)
             launches.append(_generic(x, a.contiguous(), sc, a_format, a_blocksize, (r, k), True,
@@ -428,9 +512,10 @@ def _cols(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> li
     dev = out.device
     if interpreting():
         t = {"BLOCK_K": 16, "BLOCK_B": 16}
-    else:  # 16 to 64 bytes of every row of B per program: 64 once n / 2 gives 32 such columns or more
-        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(64, _pow2_floor(n // 2 // 32)))}
+    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64)
+        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, _pow2_floor(n // 2 // 32)))}
     t.update(tiles)
+    scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
     col_blocks = triton.cdiv(n // 2, t["BLOCK_B"])
     want = max(1, min(triton.cdiv(GEMV_WAVES * sm_count(dev), col_blocks), triton.cdiv(k, 2 * t["BLOCK_K"])))
     k_split = triton.cdiv(triton.cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
@@ -438,12 +523,12 @@ def _cols(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> li
     has_bias = bias is not None
     bias_arg = bias if has_bias else code
     if k_splits == 1:
-        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, code, bias_arg, out, n, k, n // 2, k_split),
-                 dict(BS=blocksize, HAS_BIAS=has_bias, PARTIAL=False, **t))]
+        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, n // 2, k_split),
+                 dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, **t))]
     part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
-    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, code, bias_arg, part, n, k, n // 2,
+    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
                                                              k_split),
-             dict(BS=blocksize, HAS_BIAS=False, PARTIAL=True, **t)),
+             dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
             (_sum_rows_kernel, (triton.cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
              dict(HAS_BIAS=has_bias, BLOCK=1024))]
 
@@ -469,13 +554,16 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
     groups = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), m_blocks), 1 + N // max(K, 1)))
     span = triton.cdiv(n_blocks, groups) * t["BLOCK_N"]
     sa, sb = _scales(a_scale, code), _scales(b_scale, code)
+    a_pack = a_packed and t["BLOCK_K"] >= 32
+    b_pack = _packed(b_format, b_blocksize, N) and t["BLOCK_N"] >= 32
     return (_fused_kernel, (m_blocks, triton.cdiv(N, span)),
-            (x, a.contiguous(), sa, b.contiguous(), sb, code, bias if bias is not None else code, out, M, K, R, N,
+            (x, a.contiguous(), sa, b.contiguous(), sb, bias if bias is not None else code, out, M, K, R, N,
              x.stride(0), span),
             dict(A_BS=a_blocksize, B_BS=b_blocksize, A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format],
                  # whole bytes where each of the two dots stays at least 16 wide (tl.dot's minimum)
-                 A_PACKED=a_packed and t["BLOCK_K"] >= 32,
-                 B_PACKED=_packed(b_format, b_blocksize, N) and t["BLOCK_N"] >= 32,
+                 A_PACKED=a_pack, B_PACKED=b_pack,
+                 A_SCALE_ROW=a_pack and K % a_blocksize == 0 and a_blocksize % t["BLOCK_K"] == 0,
+                 B_SCALE_ROW=b_pack and N % b_blocksize == 0 and b_blocksize % t["BLOCK_N"] == 0,
                  HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
 
 

@@ -122,9 +122,12 @@ LINEAR_CASES = [
     (33, 384, 20, 431, "fp", 0),
     (4, 384, 80, 431, "nf4", 64),  # rank 80: two launches
     # NF4 read as whole bytes by the tiled kernels: codes along K for x·Aᵀ, along N for h·B
-    (40, 384, 20, 432, "nf4", 64),  # one launch, both factors
-    (6, 386, 80, 432, "nf4", 2),  # two launches, both factors, two-code scale blocks
-    (1, 384, 96, 432, "nf4", 64),  # one row: h·B split over K too, then summed
+    (40, 384, 20, 512, "nf4", 64),  # one launch, both factors, a scale vector per tile
+    (40, 384, 20, 432, "nf4", 64),  # B's tiles cross scale blocks: scales per element
+    (6, 384, 80, 512, "nf4", 64),  # two launches, both factors, a scale vector per tile
+    (6, 386, 80, 432, "nf4", 2),  # two launches, two-code scale blocks: scales per element
+    (1, 384, 96, 512, "nf4", 64),  # one row: h·B split over K too, then summed
+    (1, 384, 96, 432, "nf4", 64),  # the same, B's byte columns crossing scale blocks
 ]
 
 
