@@ -119,6 +119,7 @@ def ceilings(device: torch.device) -> dict[str, float]:
 
 
 def _row(kind: str, shape: str, dtype: str, provider: str, us: float, **extra: object) -> dict:
+    print(f"  {kind} {shape} {dtype} {provider}: {us:.1f} us", file=sys.stderr, flush=True)  # progress
     return {"benchmark": BENCHMARK, "kind": kind, "shape": shape, "dtype": dtype, "provider": provider,
             "median_us": us, **extra}
 
@@ -371,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true",
                     help="also sweep the Triton block sizes (attention on the largest shape, the NF4 GEMV)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {list(PARTS)}")
+    ap.add_argument("--gemv-sizes", default=None, help=f"comma-separated d (default {GEMV_SIZES}; --quick: every "
+                    "other one)")
     args = ap.parse_args(argv)
     dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
     parts = pick(ap, args.parts, dict.fromkeys(PARTS), "parts")
@@ -391,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     widths = (16, 48) if args.quick else WIDTHS
     rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil) if "attention" in parts else []
     if "gemv" in parts:
-        rows += bench_gemv(device, GEMV_SIZES[1::2] if args.quick else GEMV_SIZES, l2, ceil, args.tune)
+        sizes = GEMV_SIZES[1::2] if args.quick else GEMV_SIZES
+        rows += bench_gemv(device, [int(d) for d in args.gemv_sizes.split(",")] if args.gemv_sizes else sizes, l2,
+                           ceil, args.tune)
     if "batched" in parts:
         rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"
