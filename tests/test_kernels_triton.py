@@ -248,6 +248,32 @@ def test_triton_rank_linear_plans_whole_byte_tiles(tk):
 
 
 @needs_interpreter
+def test_triton_attention_routes_unverified_causal_calls_to_the_reference(tk, monkeypatch):
+    """Causal tensor-core calls with grouped heads, or without a mask and with a two-part value width, go to
+    SDPA (they came out wrong on an H100); other causal calls and float32 dots launch the kernel."""
+    ka = tk["attention"]
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 9, 52, generator=gen)
+
+    def kv(hkv: int, dv: int):
+        return torch.randn(1, hkv, 9, 52, generator=gen), torch.randn(1, hkv, 9, dv, generator=gen)
+
+    cases = [  # (Hkv, Dv, mask, causal, routed)
+        (1, 39, None, True, True), (2, 39, None, True, True), (1, 32, None, True, True),
+        (2, 39, torch.ones(9, 9, dtype=torch.bool), True, False), (2, 32, None, True, False),
+        (1, 39, None, False, False),
+    ]
+    for hkv, dv, mask, causal, routed in cases:
+        k, v = kv(hkv, dv)
+        assert ka.unverified_causal(q, k, v, mask, causal, dot_f32=False) is routed
+        assert not ka.unverified_causal(q, k, v, mask, causal, dot_f32=True)
+    k, v = kv(1, 39)
+    monkeypatch.setattr(ka, "launches", lambda *a, **kw: pytest.fail("a routed call launched the kernel"))
+    out = ka.attention(q, k, v, None, 0.2, True, dot_f32=False)
+    assert torch.equal(out, attention_reference(q, k, v, None, 0.2, True))
+
+
+@needs_interpreter
 def test_triton_attention_splits_keys_only_under_a_wave(tk):
     """The launcher splits the keys when B·H·(query blocks) is under the multiprocessor count (132 where
     no GPU says otherwise), never below two key tiles a split; every split of a causal row can be empty."""
