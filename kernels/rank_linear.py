@@ -1,21 +1,22 @@
 """Triton kernels for ``torch.ops.adaptwin.rank_linear`` (schema: `adaptwin.ops.rank_linear`).
 
 y = (x·Aᵀ)·B + bias; factors are decoded in registers from their stored format (fp / NF4 / int8), never
-expanded in memory. `plan` picks the launches:
-- one row of x with NF4 factors whose packed widths are even (batch-1 decoding, the memory-bound case):
-  two whole-byte kernels. x·Aᵀ reads A's rows (codes packed along K) a byte at a time, both nibbles
-  used, and is split over K so that a rank-wide output still fills the GPU; its float32 partial rows
-  are summed by the h·B kernel as it loads h. h·B reads B's rows (codes packed along N) a byte at a
-  time, each byte giving two neighbouring outputs.
+expanded in memory. NF4 is read as whole bytes wherever a factor's packed width is even (both nibbles of
+a byte used, contiguous loads), each code's value comes from a select tree (`_nf4_value`, no memory
+gather) and the scale block size is a compile-time constant. `plan` picks the launches:
+- one row of x with NF4 factors (batch-1 decoding, the memory-bound case): x·Aᵀ reads A's rows (codes
+  packed along K) and is split over K so that a rank-wide output still fills the GPU; its float32
+  partial rows are summed by the h·B kernel as it loads h. h·B reads B's rows (codes packed along N),
+  each byte giving two neighbouring outputs, split over byte columns and over K (float32 partial
+  outputs, then a small sum kernel). Both prefetch their next tile's bytes.
 - several rows with both factors and a rank of at most `FUSED_MAX_RANK` (prefill, encoders, batches):
   one kernel for both products. Each program keeps its rows of h = x·Aᵀ in registers and multiplies
   them by B's column tiles, so h is never written out and read back, and the call is one launch.
-- otherwise, per product, a generic kernel that decodes element by element: the weight element
-  (kk, nn) of a product is element kk·s_k + nn·s_n of the flat direction-major factor, so one kernel
-  serves both x·Aᵀ (s_k = 1, s_n = in) and h·B (s_k = out, s_n = 1). Several rows use tl.dot tiles
-  (16-bit x: the decoded factor cast to x's dtype, a tensor-core dot when compiled, the intermediate
-  rounded to x's dtype as the reference rounds it; float32 x and the interpreter: float32 "ieee"
-  dots); one row uses a GEMV kernel that reduces over K with elementwise products.
+- otherwise, per product, a tiled GEMM kernel (several rows; NF4 as whole bytes: the nibbles multiply
+  x's even and odd columns for x·Aᵀ, or give B's even and odd output columns) or a GEMV kernel (one
+  row, elementwise decoding). 16-bit x: the decoded factor cast to x's dtype, tensor-core dots, the
+  intermediate rounded to x's dtype as the reference rounds it; float32 x and the interpreter: float32
+  "ieee" dots.
 """
 
 from __future__ import annotations
