@@ -98,6 +98,33 @@ def _gathered_scales(scale_ptr, r, c, ok, ROWLEN, BS: tl.constexpr):
 
 
 @triton.jit
+def _nf4_tile(w_ptr, scale_ptr, r, r_ok, c, c_ok, start, ROWLEN, BS: tl.constexpr, SCALE_ROW: tl.constexpr,
+              ROWS_LAST: tl.constexpr):
+    """Scaled (high, low) values of whole bytes: factor rows ``r`` by byte columns ``c`` (1-D), a tile shaped
+    (c, r) when ROWS_LAST (a tile of Aᵀ, codes along K) and (r, c) otherwise (of B, codes along N).
+    SCALE_ROW: the tile lies in one scale block of each row, the one holding code ``start`` of the row, so
+    its scales are one vector load; otherwise one load per element."""
+    if ROWS_LAST:
+        rr = r[None, :]
+        cc = c[:, None]
+        ok = c_ok[:, None] & r_ok[None, :]
+    else:
+        rr = r[:, None]
+        cc = c[None, :]
+        ok = r_ok[:, None] & c_ok[None, :]
+    hi, lo = _nf4_bytes(w_ptr, rr, cc, ok, ROWLEN)
+    if SCALE_ROW:
+        vec = tl.load(scale_ptr + r * (ROWLEN // BS) + start // BS, mask=r_ok, other=0.0)
+        if ROWS_LAST:
+            sc = vec[None, :]
+        else:
+            sc = vec[:, None]
+    else:
+        sc = _gathered_scales(scale_ptr, rr, cc, ok, ROWLEN, BS)
+    return hi * sc, lo * sc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN,
                  BS: tl.constexpr, FORMAT: tl.constexpr, PACK: tl.constexpr, SCALE_ROW: tl.constexpr,
                  HAS_BIAS: tl.constexpr,
@@ -118,14 +145,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
         if PACK == 1:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
-            ok = kb_ok[:, None] & (rn[None, :] < N)
-            hi, lo = _nf4_bytes(w_ptr, rn[None, :], kb[:, None], ok, ROWLEN)  # (BK/2, BN)
-            if SCALE_ROW:
-                sc = tl.load(scale_ptr + rn * (ROWLEN // BS) + k0 // BS, mask=rn < N, other=0.0)[None, :]
-            else:
-                sc = _gathered_scales(scale_ptr, rn[None, :], kb[:, None], ok, ROWLEN, BS)
-            hi = hi * sc
-            lo = lo * sc
+            hi, lo = _nf4_tile(w_ptr, scale_ptr, rn, rn < N, kb, kb_ok, k0, ROWLEN, BS, SCALE_ROW, True)  # (BK/2, BN)
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -140,15 +160,8 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
                         other=0.0)  # (BM, BK)
             if PACK == 2:
-                ok = (rk[:, None] < K) & (jb[None, :] < N // 2)
-                hi, lo = _nf4_bytes(w_ptr, rk[:, None], jb[None, :], ok, ROWLEN)  # (BK, BN/2)
-                if SCALE_ROW:
-                    sc = tl.load(scale_ptr + rk * (ROWLEN // BS) + (tl.program_id(1) * BLOCK_N) // BS, mask=rk < K,
-                                 other=0.0)[:, None]
-                else:
-                    sc = _gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, ROWLEN, BS)
-                hi = hi * sc
-                lo = lo * sc
+                hi, lo = _nf4_tile(w_ptr, scale_ptr, rk, rk < K, jb, jb < N // 2, tl.program_id(1) * BLOCK_N, ROWLEN,
+                                   BS, SCALE_ROW, False)  # (BK, BN/2)
                 if DOT_F32:
                     acc_e = tl.dot(x.to(tl.float32), hi, acc=acc_e, input_precision="ieee")
                     acc_o = tl.dot(x.to(tl.float32), lo, acc=acc_o, input_precision="ieee")
@@ -209,14 +222,8 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
         if A_PACKED:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
-            ok = kb_ok[:, None] & r_ok[None, :]
-            hi, lo = _nf4_bytes(a_ptr, rr[None, :], kb[:, None], ok, K)  # (BK/2, BR): Aᵀ's rows 2·kb, 2·kb + 1
-            if A_SCALE_ROW:
-                sc = tl.load(a_scale_ptr + rr * (K // A_BS) + k0 // A_BS, mask=r_ok, other=0.0)[None, :]
-            else:
-                sc = _gathered_scales(a_scale_ptr, rr[None, :], kb[:, None], ok, K, A_BS)
-            hi = hi * sc
-            lo = lo * sc
+            # (BK/2, BR): Aᵀ's rows 2·kb and 2·kb + 1
+            hi, lo = _nf4_tile(a_ptr, a_scale_ptr, rr, r_ok, kb, kb_ok, k0, K, A_BS, A_SCALE_ROW, True)
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -246,14 +253,8 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
         n_ok = rn < n_hi
         if B_PACKED:  # the nibbles of byte column jb: output columns 2·jb and 2·jb + 1, interleaved
             jb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
-            ok = r_ok[:, None] & (jb[None, :] < n_hi // 2)
-            hi, lo = _nf4_bytes(b_ptr, rr[:, None], jb[None, :], ok, N)  # (BR, BN/2)
-            if B_SCALE_ROW:
-                sc = tl.load(b_scale_ptr + rr * (N // B_BS) + n0 // B_BS, mask=r_ok, other=0.0)[:, None]
-            else:
-                sc = _gathered_scales(b_scale_ptr, rr[:, None], jb[None, :], ok, N, B_BS)
-            hi = hi * sc
-            lo = lo * sc
+            hi, lo = _nf4_tile(b_ptr, b_scale_ptr, rr, r_ok, jb, jb < n_hi // 2, n0, N, B_BS, B_SCALE_ROW,
+                               False)  # (BR, BN/2)
             if DOT_F32:
                 ye = tl.dot(hm, hi, input_precision="ieee")
                 yo = tl.dot(hm, lo, input_precision="ieee")
