@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, every CUDA op case, then the figures; logs and CSVs under $OUT
+# (the device tool's output folder; results/gpu elsewhere). Each step has its own time limit so that a
+# slow one cannot eat the call, and pytest prints its failures (-rf) before the figures start.
+#   bash benchmarks/gpu_session.sh                          # tests, then every figure
+#   BENCH_ARGS="--tune --dtypes fp16" TESTS=0 bash benchmarks/gpu_session.sh
+# Env: TESTS (1: run the CUDA tests), TEST_S / BENCH_S (seconds), JOBS (pytest workers), BENCH_ARGS.
+set -u
+out=${OUT:-results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+ADAPTWIN_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
+    || { tail -5 "$out/install.log"; exit 1; }
+if [ "${TESTS:-1}" = 1 ]; then
+    timeout "${TEST_S:-200}" python3 -m pytest -q -rf -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
+        tests/test_kernels_cuda.py tests/test_gpu_bench.py >"$out/pytest.log" 2>&1
+    echo "pytest exit $?"
+    grep -E "^FAILED|^ERROR|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
+fi
+# bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows
+PYTHONPATH=.device/site timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu_kernels ${BENCH_ARGS:-} \
+    --out "$out/gpu_kernels.csv" 2>"$out/progress.log" >"$out/gpu_kernels.log"
+echo "gpu_kernels exit $?"
+tail -n 80 "$out/gpu_kernels.log"
+tail -n 3 "$out/progress.log"
