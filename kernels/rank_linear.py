@@ -2,7 +2,7 @@
 
 y = (x·Aᵀ)·B + bias; factors are decoded in registers from their stored format (fp / NF4 / int8), never
 expanded in memory. NF4 is read as whole bytes wherever a factor's packed width is even (both nibbles of
-a byte used, contiguous loads), each code's value comes from a select tree (`_nf4_value`, no memory
+a byte used, contiguous loads), each code's value comes from a select tree (`nf4_value`, no memory
 gather) and the scale block size is a compile-time constant. `plan` picks the launches:
 - one row of x with NF4 factors (batch-1 decoding, the memory-bound case): x·Aᵀ reads A's rows (codes
   packed along K) and is split over K so that a rank-wide output still fills the GPU; its float32
@@ -25,14 +25,12 @@ import torch
 import triton
 import triton.language as tl
 from adaptwin.kernels import interpreting, sm_count
+from adaptwin.kernels.nf4 import nf4_tile, nf4_value
+from adaptwin.kernels.rank_gemv import GEMV_MAX_SPLITS, GEMV_WAVES, Launch, _gemv_nf4_rows_kernel, cols_launches
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
-# Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
-# GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
-GEMV_WAVES = 4
-GEMV_MAX_SPLITS = 8  # x·Aᵀ's K splits at most: h·B sums that many float32 partial rows as it loads h
 CONFIG_KEYS = {"rows", "cols", "fused", "fuse"}  # `plan`'s config: tiles per kernel, and the fusion switch
 
 
@@ -45,7 +43,7 @@ def _decode(w_ptr, scale_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.conste
     elif FORMAT == 1:
         byte = tl.load(w_ptr + e // 2, mask=ok, other=0).to(tl.int32)
         nib = tl.where(e % 2 == 0, byte >> 4, byte & 15)  # high nibble first
-        w = _nf4_value(nib) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
+        w = nf4_value(nib) * tl.load(scale_ptr + e // BS, mask=ok, other=0.0)
     else:
         if BS == 0:  # per row
             group = e // ROWLEN
@@ -53,75 +51,6 @@ def _decode(w_ptr, scale_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.conste
             group = e // BS
         w = tl.load(w_ptr + e, mask=ok, other=0).to(tl.float32) * tl.load(scale_ptr + group, mask=ok, other=0.0)
     return w
-
-
-@triton.jit
-def _nf4_value(nib):
-    """The NF4 code book's value for 4-bit codes ``nib`` (int32), by a tree of 15 selects on the code's bits:
-    arithmetic only. Reading the book from memory (a gather per element) kept Hopper's L1 91% busy and
-    the tensor cores idle (ncu, 1500 x 384 x 1536 at rank 64). The constants are `adaptwin.quant.nf4.NF4_CODE`
-    in float32, which the references decode with (every NF4 case of the kernel tests compares against them)."""
-    b = (nib & 1) != 0
-    v0 = tl.where(b, -0.6961928009986877, -1.0)
-    v1 = tl.where(b, -0.39491748809814453, -0.5250730514526367)
-    v2 = tl.where(b, -0.18477343022823334, -0.28444138169288635)
-    v3 = tl.where(b, 0.0, -0.09105003625154495)
-    v4 = tl.where(b, 0.16093020141124725, 0.07958029955625534)
-    v5 = tl.where(b, 0.33791524171829224, 0.24611230194568634)
-    v6 = tl.where(b, 0.5626170039176941, 0.44070982933044434)
-    v7 = tl.where(b, 1.0, 0.7229568362236023)
-    b = (nib & 2) != 0
-    w0 = tl.where(b, v1, v0)
-    w1 = tl.where(b, v3, v2)
-    w2 = tl.where(b, v5, v4)
-    w3 = tl.where(b, v7, v6)
-    b = (nib & 4) != 0
-    u0 = tl.where(b, w1, w0)
-    u1 = tl.where(b, w3, w2)
-    return tl.where((nib & 8) != 0, u1, u0)
-
-
-
-@triton.jit
-def _nf4_bytes(w_ptr, r, c, ok, ROWLEN):
-    """Whole bytes of an NF4 factor with rows of ROWLEN codes (even): byte column ``c`` of factor row ``r``
-    (broadcast index tensors) -> (high, low) code values, unscaled: the factor's elements (r, 2c) and
-    (r, 2c + 1), which share a scale block (blocks are even)."""
-    byte = tl.load(w_ptr + r * (ROWLEN // 2) + c, mask=ok, other=0).to(tl.int32)
-    return _nf4_value(byte >> 4), _nf4_value(byte & 15)
-
-
-@triton.jit
-def _gathered_scales(scale_ptr, r, c, ok, ROWLEN, BS: tl.constexpr):
-    """Scales of byte column ``c`` of factor row ``r``, one load per element: tiles that cross scale blocks."""
-    return tl.load(scale_ptr + (r * ROWLEN + 2 * c) // BS, mask=ok, other=0.0)
-
-
-@triton.jit
-def _nf4_tile(w_ptr, scale_ptr, r, r_ok, c, c_ok, start, ROWLEN, BS: tl.constexpr, SCALE_ROW: tl.constexpr,
-              ROWS_LAST: tl.constexpr):
-    """Scaled (high, low) values of whole bytes: factor rows ``r`` by byte columns ``c`` (1-D), a tile shaped
-    (c, r) when ROWS_LAST (a tile of Aᵀ, codes along K) and (r, c) otherwise (of B, codes along N).
-    SCALE_ROW: the tile lies in one scale block of each row, the one holding code ``start`` of the row, so
-    its scales are one vector load; otherwise one load per element."""
-    if ROWS_LAST:
-        rr = r[None, :]
-        cc = c[:, None]
-        ok = c_ok[:, None] & r_ok[None, :]
-    else:
-        rr = r[:, None]
-        cc = c[None, :]
-        ok = r_ok[:, None] & c_ok[None, :]
-    hi, lo = _nf4_bytes(w_ptr, rr, cc, ok, ROWLEN)
-    if SCALE_ROW:
-        vec = tl.load(scale_ptr + r * (ROWLEN // BS) + start // BS, mask=r_ok, other=0.0)
-        if ROWS_LAST:
-            sc = vec[None, :]
-        else:
-            sc = vec[:, None]
-    else:
-        sc = _gathered_scales(scale_ptr, rr, cc, ok, ROWLEN, BS)
-    return hi * sc, lo * sc
 
 
 @triton.jit
@@ -145,7 +74,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
         if PACK == 1:
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
-            hi, lo = _nf4_tile(w_ptr, scale_ptr, rn, rn < N, kb, kb_ok, k0, ROWLEN, BS, SCALE_ROW, True)  # (BK/2, BN)
+            hi, lo = nf4_tile(w_ptr, scale_ptr, rn, rn < N, kb, kb_ok, k0, ROWLEN, BS, SCALE_ROW, True)  # (BK/2, BN)
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -160,7 +89,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
                         other=0.0)  # (BM, BK)
             if PACK == 2:
-                hi, lo = _nf4_tile(w_ptr, scale_ptr, rk, rk < K, jb, jb < N // 2, tl.program_id(1) * BLOCK_N, ROWLEN,
+                hi, lo = nf4_tile(w_ptr, scale_ptr, rk, rk < K, jb, jb < N // 2, tl.program_id(1) * BLOCK_N, ROWLEN,
                                    BS, SCALE_ROW, False)  # (BK, BN/2)
                 if DOT_F32:
                     acc_e = tl.dot(x.to(tl.float32), hi, acc=acc_e, input_precision="ieee")
@@ -223,7 +152,7 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
             # (BK/2, BR): Aᵀ's rows 2·kb and 2·kb + 1
-            hi, lo = _nf4_tile(a_ptr, a_scale_ptr, rr, r_ok, kb, kb_ok, k0, K, A_BS, A_SCALE_ROW, True)
+            hi, lo = nf4_tile(a_ptr, a_scale_ptr, rr, r_ok, kb, kb_ok, k0, K, A_BS, A_SCALE_ROW, True)
             x_ok = m_ok[:, None] & kb_ok[None, :]
             xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
             xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
@@ -253,7 +182,7 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
         n_ok = rn < n_hi
         if B_PACKED:  # the nibbles of byte column jb: output columns 2·jb and 2·jb + 1, interleaved
             jb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
-            hi, lo = _nf4_tile(b_ptr, b_scale_ptr, rr, r_ok, jb, jb < n_hi // 2, n0, N, B_BS, B_SCALE_ROW,
+            hi, lo = nf4_tile(b_ptr, b_scale_ptr, rr, r_ok, jb, jb < n_hi // 2, n0, N, B_BS, B_SCALE_ROW,
                                False)  # (BR, BN/2)
             if DOT_F32:
                 ye = tl.dot(hm, hi, input_precision="ieee")
@@ -273,129 +202,6 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
             y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
-                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
-    BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
-    SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
-    vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
-    otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each tile lies in one scale block
-    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte."""
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    row_ok = rn < N
-    kb_lo = split * SPLIT_BYTES
-    kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-    # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
-    # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
-    kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
-    ok = row_ok[:, None] & (kb < kb_hi)[None, :]
-    byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0)
-    if SCALE_ROW:
-        sc = tl.load(scale_ptr + rn * (K // BS) + (2 * kb_lo) // BS, mask=row_ok & (kb_lo + 0 * rn < kb_hi),
-                     other=0.0)[:, None]
-    else:
-        sc = _gathered_scales(scale_ptr, rn[:, None], kb[None, :], ok, K, BS)
-    for kb0 in range(kb_lo, kb_hi, BLOCK_B):
-        kb = kb0 + tl.arange(0, BLOCK_B)
-        k_ok = kb < kb_hi
-        nxt = kb + BLOCK_B
-        ok = row_ok[:, None] & (nxt < kb_hi)[None, :]
-        byte_next = tl.load(w_ptr + rn[:, None] * ROWBYTES + nxt[None, :], mask=ok, other=0)
-        if SCALE_ROW:
-            sc_next = tl.load(scale_ptr + rn * (K // BS) + (2 * (kb0 + BLOCK_B)) // BS,
-                              mask=row_ok & (kb0 + BLOCK_B + 0 * rn < kb_hi), other=0.0)[:, None]
-        else:
-            sc_next = _gathered_scales(scale_ptr, rn[:, None], nxt[None, :], ok, K, BS)
-        xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
-        b32 = byte.to(tl.int32)
-        acc += (_nf4_value(b32 >> 4) * xe[None, :] + _nf4_value(b32 & 15) * xo[None, :]) * sc
-        byte, sc = byte_next, sc_next
-    y = tl.sum(acc, 1)
-    if PARTIAL:
-        tl.store(out_ptr + split * N + rn, y, mask=row_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
-                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
-    packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
-    consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
-    PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`. SCALE_ROW: the
-    program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B)."""
-    jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
-    col_ok = jb < ROWBYTES
-    k_lo = tl.program_id(1) * K_SPLIT
-    k_hi = tl.minimum(K, k_lo + K_SPLIT)
-    acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-    acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-    # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    ok = (rk < k_hi)[:, None] & col_ok[None, :]
-    byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
-    block = (2 * tl.program_id(0) * BLOCK_B) // BS  # SCALE_ROW: the scale block of the program's columns
-    if SCALE_ROW:
-        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
-    else:
-        sc = _gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, N, BS)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < k_hi
-        nxt = rk + BLOCK_K
-        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
-        byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
-        if SCALE_ROW:
-            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
-        else:
-            sc_next = _gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
-        h = tl.zeros((BLOCK_K,), tl.float32)
-        for s in range(SPLITS):
-            h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
-        hs = sc * h[:, None]
-        b32 = byte.to(tl.int32)
-        acc_e += _nf4_value(b32 >> 4) * hs
-        acc_o += _nf4_value(b32 & 15) * hs
-        byte, sc = byte_next, sc_next
-    ye = tl.sum(acc_e, 0)
-    yo = tl.sum(acc_o, 0)
-    if PARTIAL:
-        base = out_ptr + tl.program_id(1) * N
-        tl.store(base + 2 * jb, ye, mask=col_ok)
-        tl.store(base + 2 * jb + 1, yo, mask=col_ok)
-    else:
-        if HAS_BIAS:
-            ye += tl.load(bias_ptr + 2 * jb, mask=col_ok, other=0.0).to(tl.float32)
-            yo += tl.load(bias_ptr + 2 * jb + 1, mask=col_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=col_ok)
-        tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`."""
-    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rn < N
-    y = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLITS):
-        y += tl.load(part_ptr + s * N + rn, mask=ok, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-Launch = tuple  # (kernel, grid, positional arguments, keyword arguments)
 
 
 def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, blocksize: int, shape: tuple[int, int],
@@ -501,38 +307,11 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         k, n = int(b_shape[0]), int(b_shape[1])
         sc = _scales(b_scale, code)
         if cols_b:
-            launches += _cols(h, splits, b.contiguous(), sc, b_blocksize, k, n, bias, out, code, config.get("cols", {}))
+            launches += cols_launches(h, splits, b.contiguous(), sc, b_blocksize, k, n, bias, out, code,
+                                      config.get("cols", {}))
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches
-
-
-def _cols(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> list[Launch]:
-    """h (1, k) as ``splits`` float32 partial rows, times B (k, n) NF4 packed along n: `_gemv_nf4_cols_kernel`
-    over byte columns and, to reach about GEMV_WAVES programs per multiprocessor, over splits of k too
-    (float32 partial outputs, then `_sum_rows_kernel`)."""
-    dev = out.device
-    if interpreting():
-        t = {"BLOCK_K": 16, "BLOCK_B": 16}
-    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64)
-        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, _pow2_floor(n // 2 // 32)))}
-    t.update(tiles)
-    scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
-    col_blocks = triton.cdiv(n // 2, t["BLOCK_B"])
-    want = max(1, min(triton.cdiv(GEMV_WAVES * sm_count(dev), col_blocks), triton.cdiv(k, 2 * t["BLOCK_K"])))
-    k_split = triton.cdiv(triton.cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
-    k_splits = triton.cdiv(k, k_split)
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else code
-    if k_splits == 1:
-        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, n // 2, k_split),
-                 dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, **t))]
-    part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
-    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
-                                                             k_split),
-             dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
-            (_sum_rows_kernel, (triton.cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
-             dict(HAS_BIAS=has_bias, BLOCK=1024))]
 
 
 def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias, out,
@@ -573,10 +352,6 @@ def _scales(scale: torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:
     """A factor's scales as the kernels read them (contiguous float32); the code book as a placeholder pointer
     for a plain factor, which has none."""
     return scale.float().contiguous() if scale is not None else code
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << max(0, int(n).bit_length() - 1)
 
 
 _CODES: dict[torch.device, torch.Tensor] = {}

@@ -1,0 +1,176 @@
+"""Batch-1 (GEMV) kernels of ``torch.ops.adaptwin.rank_linear`` for NF4 factors read as whole bytes, and
+their launch planning for the h·B side (`rank_linear.plan` plans the x·Aᵀ side and calls `cols_launches`).
+
+x·Aᵀ (`_gemv_nf4_rows_kernel`) reads A's rows, codes packed along K, split over K into float32 partial
+rows; h·B (`_gemv_nf4_cols_kernel`) sums those as it loads h and reads B's rows, codes packed along N, each
+byte giving two neighbouring outputs, split over byte columns and over K (float32 partial outputs, then
+`_sum_rows_kernel`). Both prefetch their next tile's bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from adaptwin.kernels import interpreting, sm_count
+from adaptwin.kernels.nf4 import gathered_scales, nf4_value
+
+# Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
+# GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
+GEMV_WAVES = 4
+GEMV_MAX_SPLITS = 8  # x·Aᵀ's K splits at most: h·B sums that many float32 partial rows as it loads h
+
+
+@triton.jit
+def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
+                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
+    BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
+    SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
+    vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
+    otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each tile lies in one scale block
+    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    row_ok = rn < N
+    kb_lo = split * SPLIT_BYTES
+    kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
+    # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
+    kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
+    ok = row_ok[:, None] & (kb < kb_hi)[None, :]
+    byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0)
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rn * (K // BS) + (2 * kb_lo) // BS, mask=row_ok & (kb_lo + 0 * rn < kb_hi),
+                     other=0.0)[:, None]
+    else:
+        sc = gathered_scales(scale_ptr, rn[:, None], kb[None, :], ok, K, BS)
+    for kb0 in range(kb_lo, kb_hi, BLOCK_B):
+        kb = kb0 + tl.arange(0, BLOCK_B)
+        k_ok = kb < kb_hi
+        nxt = kb + BLOCK_B
+        ok = row_ok[:, None] & (nxt < kb_hi)[None, :]
+        byte_next = tl.load(w_ptr + rn[:, None] * ROWBYTES + nxt[None, :], mask=ok, other=0)
+        if SCALE_ROW:
+            sc_next = tl.load(scale_ptr + rn * (K // BS) + (2 * (kb0 + BLOCK_B)) // BS,
+                              mask=row_ok & (kb0 + BLOCK_B + 0 * rn < kb_hi), other=0.0)[:, None]
+        else:
+            sc_next = gathered_scales(scale_ptr, rn[:, None], nxt[None, :], ok, K, BS)
+        xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
+        b32 = byte.to(tl.int32)
+        acc += (nf4_value(b32 >> 4) * xe[None, :] + nf4_value(b32 & 15) * xo[None, :]) * sc
+        byte, sc = byte_next, sc_next
+    y = tl.sum(acc, 1)
+    if PARTIAL:
+        tl.store(out_ptr + split * N + rn, y, mask=row_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
+                          BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
+    packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
+    consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
+    PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`. SCALE_ROW: the
+    program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B)."""
+    jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
+    col_ok = jb < ROWBYTES
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    ok = (rk < k_hi)[:, None] & col_ok[None, :]
+    byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
+    block = (2 * tl.program_id(0) * BLOCK_B) // BS  # SCALE_ROW: the scale block of the program's columns
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
+    else:
+        sc = gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, N, BS)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        nxt = rk + BLOCK_K
+        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
+        byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
+        if SCALE_ROW:
+            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
+        else:
+            sc_next = gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
+        h = tl.zeros((BLOCK_K,), tl.float32)
+        for s in range(SPLITS):
+            h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
+        hs = sc * h[:, None]
+        b32 = byte.to(tl.int32)
+        acc_e += nf4_value(b32 >> 4) * hs
+        acc_o += nf4_value(b32 & 15) * hs
+        byte, sc = byte_next, sc_next
+    ye = tl.sum(acc_e, 0)
+    yo = tl.sum(acc_o, 0)
+    if PARTIAL:
+        base = out_ptr + tl.program_id(1) * N
+        tl.store(base + 2 * jb, ye, mask=col_ok)
+        tl.store(base + 2 * jb + 1, yo, mask=col_ok)
+    else:
+        if HAS_BIAS:
+            ye += tl.load(bias_ptr + 2 * jb, mask=col_ok, other=0.0).to(tl.float32)
+            yo += tl.load(bias_ptr + 2 * jb + 1, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`."""
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rn < N
+    y = tl.zeros((BLOCK,), tl.float32)
+    for s in range(SPLITS):
+        y += tl.load(part_ptr + s * N + rn, mask=ok, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+Launch = tuple  # (kernel, grid, positional arguments, keyword arguments)
+
+
+def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> list[Launch]:
+    """h (1, k) as ``splits`` float32 partial rows, times B (k, n) NF4 packed along n: `_gemv_nf4_cols_kernel`
+    over byte columns and, to reach about GEMV_WAVES programs per multiprocessor, over splits of k too
+    (float32 partial outputs, then `_sum_rows_kernel`)."""
+    dev = out.device
+    if interpreting():
+        t = {"BLOCK_K": 16, "BLOCK_B": 16}
+    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64)
+        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32)))}
+    t.update(tiles)
+    scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
+    col_blocks = triton.cdiv(n // 2, t["BLOCK_B"])
+    want = max(1, min(triton.cdiv(GEMV_WAVES * sm_count(dev), col_blocks), triton.cdiv(k, 2 * t["BLOCK_K"])))
+    k_split = triton.cdiv(triton.cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
+    k_splits = triton.cdiv(k, k_split)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else code
+    if k_splits == 1:
+        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, n // 2, k_split),
+                 dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, **t))]
+    part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
+    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
+                                                             k_split),
+             dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
+            (_sum_rows_kernel, (triton.cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
+             dict(HAS_BIAS=has_bias, BLOCK=1024))]
+
+
+def pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
