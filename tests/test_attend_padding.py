@@ -62,3 +62,22 @@ def test_causal_alignment_is_the_same_on_both_paths(need_weights):
     out, _ = attend(q, k, v, None, 0.3, is_causal=True, need_weights=need_weights)
     ref = F.scaled_dot_product_attention(q, k[:, :, :5], v[:, :, :5], is_causal=True, scale=0.3)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool_keys", "float_keys", "float"])
+def test_op_reference_takes_a_mask_and_the_causal_rule_together(mask_kind):
+    """The op's reference folds `is_causal` into the mask (CUDA's SDPA refuses both): for key masks
+    (B, 1, 1, S) and full ones, the same as softmax over the masked, causally cut scores in float64."""
+    from adaptwin.ops.attention import _probabilities, attention_reference
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    if mask_kind == "bool_keys":
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        mask[1, ..., 4:] = False
+    else:
+        mask = torch.randn(2, 1, 1 if mask_kind == "float_keys" else 7, 7, generator=gen, dtype=torch.float64)
+    out = attention_reference(q, k, v, mask, 0.4, True)  # (B, T, H, Dv)
+    expected = (_probabilities(q, k, mask, 0.4, True) @ v).transpose(1, 2)
+    assert out.shape == (2, 7, 3, 5)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
