@@ -377,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dtypes = pick(ap, args.dtypes, DTYPES, "dtypes")
     parts = pick(ap, args.parts, dict.fromkeys(PARTS), "parts")
+    sizes = GEMV_SIZES[1::2] if args.quick else GEMV_SIZES
+    if args.gemv_sizes:
+        text = [d.strip() for d in args.gemv_sizes.split(",") if d.strip()]
+        if not text or not all(d.isdigit() and int(d) >= 8 and int(d) % 8 == 0 for d in text):
+            ap.error(f"--gemv-sizes must be comma-separated multiples of 8 (>= 8), got {args.gemv_sizes!r}")
+        sizes = tuple(int(d) for d in text)
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
         print("benchmarks.gpu_kernels: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
         return 0
@@ -394,9 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = (16, 48) if args.quick else WIDTHS
     rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil) if "attention" in parts else []
     if "gemv" in parts:
-        sizes = GEMV_SIZES[1::2] if args.quick else GEMV_SIZES
-        rows += bench_gemv(device, [int(d) for d in args.gemv_sizes.split(",")] if args.gemv_sizes else sizes, l2,
-                           ceil, args.tune)
+        rows += bench_gemv(device, sizes, l2, ceil, args.tune)
     if "batched" in parts:
         rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"

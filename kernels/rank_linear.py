@@ -54,6 +54,23 @@ def _decode(w_ptr, scale_ptr, e, ok, ROWLEN, BS: tl.constexpr, FORMAT: tl.conste
 
 
 @triton.jit
+def _dot_even_odd(acc, x_ptr, rm, m_ok, sxm, kb, kb_ok, hi, lo, DOT_F32: tl.constexpr):
+    """acc + x[rm, 2·kb]·hi + x[rm, 2·kb + 1]·lo: x's even and odd columns times the high and low nibbles of a
+    factor's whole bytes along K (`nf4_tile` with ROWS_LAST). 16-bit x: tensor-core dots on the values cast
+    to x's dtype; DOT_F32: exact float32 ("ieee") dots."""
+    x_ok = m_ok[:, None] & kb_ok[None, :]
+    xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
+    xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
+    if DOT_F32:
+        acc = tl.dot(xe.to(tl.float32), hi, acc=acc, input_precision="ieee")
+        acc = tl.dot(xo.to(tl.float32), lo, acc=acc, input_precision="ieee")
+    else:
+        acc = tl.dot(xe, hi.to(xe.dtype), acc=acc)
+        acc = tl.dot(xo, lo.to(xo.dtype), acc=acc)
+    return acc
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, s_n, ROWLEN,
                  BS: tl.constexpr, FORMAT: tl.constexpr, PACK: tl.constexpr, SCALE_ROW: tl.constexpr,
                  HAS_BIAS: tl.constexpr,
@@ -75,15 +92,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
             kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             kb_ok = kb < K // 2
             hi, lo = nf4_tile(w_ptr, scale_ptr, rn, rn < N, kb, kb_ok, k0, ROWLEN, BS, SCALE_ROW, True)  # (BK/2, BN)
-            x_ok = m_ok[:, None] & kb_ok[None, :]
-            xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
-            xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
-            if DOT_F32:
-                acc = tl.dot(xe.to(tl.float32), hi, acc=acc, input_precision="ieee")
-                acc = tl.dot(xo.to(tl.float32), lo, acc=acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xe, hi.to(xe.dtype), acc=acc)
-                acc = tl.dot(xo, lo.to(xo.dtype), acc=acc)
+            acc = _dot_even_odd(acc, x_ptr, rm, m_ok, sxm, kb, kb_ok, hi, lo, DOT_F32)
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K),
@@ -153,15 +162,7 @@ def _fused_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_p
             kb_ok = kb < K // 2
             # (BK/2, BR): Aᵀ's rows 2·kb and 2·kb + 1
             hi, lo = nf4_tile(a_ptr, a_scale_ptr, rr, r_ok, kb, kb_ok, k0, K, A_BS, A_SCALE_ROW, True)
-            x_ok = m_ok[:, None] & kb_ok[None, :]
-            xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
-            xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
-            if DOT_F32:
-                h = tl.dot(xe.to(tl.float32), hi, acc=h, input_precision="ieee")
-                h = tl.dot(xo.to(tl.float32), lo, acc=h, input_precision="ieee")
-            else:
-                h = tl.dot(xe, hi.to(xe.dtype), acc=h)
-                h = tl.dot(xo, lo.to(xo.dtype), acc=h)
+            h = _dot_even_odd(h, x_ptr, rm, m_ok, sxm, kb, kb_ok, hi, lo, DOT_F32)
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)

@@ -37,6 +37,12 @@ def test_rejects_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         gpu_kernels.main(["--dtypes", "fp8"])
     assert "unknown dtypes ['fp8']; allowed: ['bf16', 'fp16']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_kernels.main(["--gemv-sizes", "4096,100"])
+    assert "--gemv-sizes must be comma-separated multiples of 8 (>= 8), got '4096,100'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_kernels.main(["--parts", "gemm"])
+    assert "unknown parts ['gemm']; allowed: ['attention', 'batched', 'gemv']" in capsys.readouterr().err
 
 
 CHILD = """
