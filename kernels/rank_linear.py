@@ -61,13 +61,16 @@ def _dot_even_odd(acc, x_ptr, rm, m_ok, sxm, kb, kb_ok, hi, lo, DOT_F32: tl.cons
     x_ok = m_ok[:, None] & kb_ok[None, :]
     xe = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :], mask=x_ok, other=0.0)
     xo = tl.load(x_ptr + rm[:, None] * sxm + 2 * kb[None, :] + 1, mask=x_ok, other=0.0)
+    return _mma(xo, lo, _mma(xe, hi, acc, DOT_F32), DOT_F32)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a·b: exact float32 ("ieee") products when DOT_F32 (a float32 dot defaults to tf32 on GPUs), else
+    tensor cores with b cast to a's dtype (as the reference casts the decoded factor)."""
     if DOT_F32:
-        acc = tl.dot(xe.to(tl.float32), hi, acc=acc, input_precision="ieee")
-        acc = tl.dot(xo.to(tl.float32), lo, acc=acc, input_precision="ieee")
-    else:
-        acc = tl.dot(xe, hi.to(xe.dtype), acc=acc)
-        acc = tl.dot(xo, lo.to(xo.dtype), acc=acc)
-    return acc
+        return tl.dot(a.to(tl.float32), b, acc=acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc=acc)
 
 
 @triton.jit
@@ -100,12 +103,8 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
             if PACK == 2:
                 hi, lo = nf4_tile(w_ptr, scale_ptr, rk, rk < K, jb, jb < N // 2, tl.program_id(1) * BLOCK_N, ROWLEN,
                                    BS, SCALE_ROW, False)  # (BK, BN/2)
-                if DOT_F32:
-                    acc_e = tl.dot(x.to(tl.float32), hi, acc=acc_e, input_precision="ieee")
-                    acc_o = tl.dot(x.to(tl.float32), lo, acc=acc_o, input_precision="ieee")
-                else:
-                    acc_e = tl.dot(x, hi.to(x.dtype), acc=acc_e)
-                    acc_o = tl.dot(x, lo.to(x.dtype), acc=acc_o)
+                acc_e = _mma(x, hi, acc_e, DOT_F32)
+                acc_o = _mma(x, lo, acc_o, DOT_F32)
             else:
                 ok = (rk[:, None] < K) & (rn[None, :] < N)
                 w = _decode(w_ptr, scale_ptr, rk[:, None] * s_k + rn[None, :] * s_n, ok, ROWLEN, BS,
