@@ -24,11 +24,13 @@ float64 reference.
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
    Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. ``--tune``
    adds a row with the best tiles of the two whole-byte NF4 kernels.
-4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at a rank the
-   one-launch kernel takes (r <= 64): dense fp16 `F.linear` (cuBLAS) against the op with NF4 and with
-   fp16 factors (one launch, h = x·Aᵀ kept in registers), the same NF4 call planned as two launches
-   (h written out and read back: what the fusion buys), and two cuBLAS GEMMs on fp16 factors. FLOPs
-   2·M·r·(in + out) for the low-rank providers, 2·M·in·out for the dense one.
+4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at r <= 64:
+   dense fp16 `F.linear` (cuBLAS) against the op with NF4 factors as it plans the call (each factor
+   decoded once per call, then one launch or cuBLAS), the same call decoding in the tiled kernels instead
+   (``decode="tiles"``: one launch, h = x·Aᵀ kept in registers; and as two launches), the op's reference
+   on the GPU (torch's dequantisation, then two GEMMs), the op with fp16 factors (as planned, and forced
+   to one launch), and two cuBLAS GEMMs on fp16 factors. FLOPs 2·M·r·(in + out) for the low-rank
+   providers, 2·M·in·out for the dense one.
 
 The attention row's speed-up is SDPA's time over ours at equal (B, H, T); the issue's goal is >= 1.5x
 at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
@@ -311,12 +313,12 @@ def bench_batched(device: torch.device, dtypes: list[str], shapes=BATCHED_SHAPES
 
 
 def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, d_out: int) -> list[dict]:
-    """Several rows through a rank-r linear: dense cuBLAS, the op (one launch; NF4 and fp16 factors), the
-    NF4 call as two launches, two cuBLAS GEMMs on the fp16 factors. Each checked against float64 first."""
+    """Several rows through a rank-r linear: the providers of the module docstring's item 4, each checked
+    against float64 first."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     from adaptwin import quant
-    from adaptwin.ops.rank_linear import _factor, run_rank_linear
+    from adaptwin.ops.rank_linear import _factor, rank_linear_reference, run_rank_linear
 
     dtype, fmt = DTYPES[dname], quant.QuantFormat("nf4", 64)
     shape = f"M{m}:{d_in}x{d_out}:r{r}"
@@ -334,13 +336,17 @@ def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, 
     ref_nf4 = x.double() @ (_factor(*nf4[5:7], "nf4", 64, (r, d_out), torch.float64).T
                             @ _factor(*nf4[:2], "nf4", 64, (r, d_in), torch.float64)).T
     ref_fp = x.double() @ a16.double().T @ b16.double()
+    low = 2 * m * r * (d_in + d_out)
     providers = {  # name: (call, reference, flops)
         "cublas_dense": (lambda: F.linear(x, w16), x.double() @ w16.double().T, 2 * m * d_in * d_out),
-        "adaptwin_nf4_fused": (lambda: run_rank_linear(x, *nf4), ref_nf4, 2 * m * r * (d_in + d_out)),
-        "adaptwin_nf4_two_launches": (lambda: triton_rank_linear(x, *nf4, config={"fuse": False}), ref_nf4,
-                                      2 * m * r * (d_in + d_out)),
-        "adaptwin_fp_fused": (lambda: run_rank_linear(x, *fp), ref_fp, 2 * m * r * (d_in + d_out)),
-        "cublas_lowrank_two_gemms": (lambda: F.linear(F.linear(x, a16), b16t), ref_fp, 2 * m * r * (d_in + d_out)),
+        "adaptwin_nf4": (lambda: run_rank_linear(x, *nf4), ref_nf4, low),
+        "adaptwin_nf4_tiles": (lambda: triton_rank_linear(x, *nf4, config={"decode": "tiles"}), ref_nf4, low),
+        "adaptwin_nf4_tiles_two_launches": (
+            lambda: triton_rank_linear(x, *nf4, config={"decode": "tiles", "fuse": False}), ref_nf4, low),
+        "nf4_reference": (lambda: rank_linear_reference(x, *nf4), ref_nf4, low),
+        "adaptwin_fp": (lambda: run_rank_linear(x, *fp), ref_fp, low),
+        "adaptwin_fp_one_launch": (lambda: triton_rank_linear(x, *fp, config={"fuse": True}), ref_fp, low),
+        "cublas_lowrank_two_gemms": (lambda: F.linear(F.linear(x, a16), b16t), ref_fp, low),
     }
     rows, base = [], None
     with torch.inference_mode():

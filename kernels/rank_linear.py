@@ -1,22 +1,29 @@
 """Triton kernels for ``torch.ops.adaptwin.rank_linear`` (schema: `adaptwin.ops.rank_linear`).
 
-y = (x·Aᵀ)·B + bias; factors are decoded in registers from their stored format (fp / NF4 / int8), never
-expanded in memory. NF4 is read as whole bytes wherever a factor's packed width is even (both nibbles of
-a byte used, contiguous loads), each code's value comes from a select tree (`nf4_value`, no memory
-gather) and the scale block size is a compile-time constant. `plan` picks the launches:
-- one row of x with NF4 factors (batch-1 decoding, the memory-bound case): x·Aᵀ reads A's rows (codes
-  packed along K) and is split over K so that a rank-wide output still fills the GPU; its float32
-  partial rows are summed by the h·B kernel as it loads h. h·B reads B's rows (codes packed along N),
-  each byte giving two neighbouring outputs, split over byte columns and over K (float32 partial
-  outputs, then a small sum kernel). Both prefetch their next tile's bytes.
-- several rows with both factors and a rank of at most `FUSED_MAX_RANK` (prefill, encoders, batches):
-  one kernel for both products. Each program keeps its rows of h = x·Aᵀ in registers and multiplies
-  them by B's column tiles, so h is never written out and read back, and the call is one launch.
-- otherwise, per product, a tiled GEMM kernel (several rows; NF4 as whole bytes: the nibbles multiply
-  x's even and odd columns for x·Aᵀ, or give B's even and odd output columns) or a GEMV kernel (one
-  row, elementwise decoding). 16-bit x: the decoded factor cast to x's dtype, tensor-core dots, the
-  intermediate rounded to x's dtype as the reference rounds it; float32 x and the interpreter: float32
-  "ieee" dots.
+y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the launches:
+- one row of x (batch-1 decoding, the memory-bound case): the factors are decoded in registers, never
+  expanded in memory. With NF4 they are read as whole bytes (both nibbles of a byte used, contiguous
+  loads), each code's value comes from a select tree (`nf4_value`, no memory gather) and the scale block
+  size is a compile-time constant. x·Aᵀ reads A's rows (codes packed along K) and is split over K so
+  that a rank-wide output still fills the GPU; its float32 partial rows are summed by the h·B kernel as
+  it loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs,
+  split over byte columns and over K (float32 partial outputs, then a small sum kernel). Both prefetch
+  their next tile's bytes.
+- several rows (prefill, encoders, batches; ``decode="once"``, the default): a quantised factor is
+  decoded once per call into x's dtype (`_dequant_kernel`, one launch per factor), then the products
+  run on dense factors. Decoding inside the row tiles instead repeats the decode for every block of
+  rows, and on an H100 that made NF4 5-15x slower than the same call on fp16 factors. With both
+  factors, a rank of at most `FUSED_MAX_RANK` and enough row and column blocks to occupy the GPU,
+  `_fused_kernel` runs both products in one launch: each program keeps its rows of h = x·Aᵀ in
+  registers and multiplies them by B's column tiles, so h never reaches memory. Otherwise (few
+  programs: long K with few rows, where one program would walk all of K) cuBLAS runs the two
+  products (`_cublas_products`), as the reference does.
+- ``decode="tiles"`` keeps the decoding in the tiled kernels for several rows too (the one-launch
+  kernel, or per product `_gemm_kernel`: NF4 as whole bytes, the nibbles multiplying x's even and odd
+  columns for x·Aᵀ or giving B's even and odd output columns): what decoding once buys, in the
+  benchmarks.
+16-bit x: factors in x's dtype, tensor-core dots, the intermediate rounded to x's dtype as the
+reference rounds it; float32 x and the interpreter: float32 "ieee" dots.
 """
 
 from __future__ import annotations
@@ -31,7 +38,21 @@ from adaptwin.kernels.rank_gemv import GEMV_MAX_SPLITS, GEMV_WAVES, Launch, _gem
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
-CONFIG_KEYS = {"rows", "cols", "fused", "fuse"}  # `plan`'s config: tiles per kernel, and the fusion switch
+CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode"}  # `plan`'s config: tiles per kernel, the switches
+DECODES = ("once", "tiles")  # several rows: quantised factors decoded once per call, or in every row tile
+DEQUANT_BLOCK = 1024  # factor elements per program of `_dequant_kernel`
+
+
+class TorchStep:
+    """A step of a launch plan that torch runs (cuBLAS on CUDA), in the plan's (kernel, grid, args, kwargs)
+    form: ``step[grid](*args, **kwargs)`` calls ``fn``; ``step.fn.__name__`` names it, as a Triton
+    kernel's does. Ahead-of-time compiles (tests/test_kernels_sm90.py) skip these."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn
 
 
 @triton.jit
@@ -119,6 +140,34 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, s_k, 
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, scale_ptr, out_ptr, NUMEL, ROWLEN, BS: tl.constexpr, FORMAT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """A whole quantised factor decoded into out (same flat layout, out's dtype): each value is computed
+    in float32 and rounded once, as the reference's dequantise-then-cast rounds it."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < NUMEL
+    w = _decode(w_ptr, scale_ptr, e, ok, ROWLEN, BS, FORMAT)
+    tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _cublas_products(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, bias: torch.Tensor | None,
+                     out: torch.Tensor) -> None:
+    """out = (x·Aᵀ)·B + bias on dense factors in x's dtype (A (R, K), B (R, N), either may be None): torch's
+    matrix products (cuBLAS on CUDA), h in x's dtype, as `rank_linear_reference` computes it."""
+    if a is not None and b is not None:
+        x, w = torch.mm(x, a.t()), b
+    else:
+        w = a.t() if a is not None else b
+    if bias is not None:
+        torch.addmm(bias.to(x.dtype), x, w, out=out)
+    else:
+        torch.mm(x, w, out=out)
+
+
+_CUBLAS = TorchStep(_cublas_products)
 
 
 @triton.jit
@@ -243,29 +292,41 @@ def _packed(fmt: str, blocksize: int, packed_len: int) -> bool:
 
 def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
          code: torch.Tensor, config: dict | None = None) -> tuple[torch.Tensor, list[Launch]]:
-    """(output, kernel launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments.
+    """(output, launches) of ``rank_linear`` for x (M, in) contiguous and checked arguments; a launch is
+    (kernel, grid, args, kwargs), the kernel a Triton one or a `TorchStep`.
 
-    Several rows with both factors and a rank of at most `FUSED_MAX_RANK`: one launch of `_fused_kernel`.
+    Several rows: `_decoded_once` (quantised factors decoded once, then one fused launch or cuBLAS).
     Batch-1 NF4 products read whole bytes: x·Aᵀ with the codes packed along K, split over K so that the
     small rank-wide output still fills the GPU (float32 partial rows, which the h·B kernel sums as it
     loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
     Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
     of time for a GPU that is not here (tests/test_kernels_sm90.py). ``config`` (tuning runs,
     benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps}, "cols": {BLOCK_K, BLOCK_B,
-    num_warps}}, each optional, for the whole-byte kernels; "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps} for the
-    one-launch kernel, and "fuse": False to plan two launches instead (what the fusion buys)."""
+    num_warps}}, each optional, for the whole-byte kernels; "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps}
+    for the one-launch kernel; "fuse": True / False to force the one launch or two products (default:
+    chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
+    "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
+    explains)."""
     config = config or {}
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
         raise ValueError(f"rank_linear config: unknown keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+    decode = config.get("decode", "once")
+    if decode not in DECODES:
+        raise ValueError(f"rank_linear config: decode must be one of {DECODES}, got {decode!r}")
+    if config.get("fuse") not in (None, True, False):
+        raise ValueError(f"rank_linear config: fuse must be True, False or absent (automatic), got {config['fuse']!r}")
     M = x.shape[0]
     dev = x.device
     width = int(b_shape[1]) if b is not None else int(a_shape[0])
     out = torch.empty((M, width), dtype=x.dtype, device=dev)
     if M == 0 or width == 0:
         return out, []
+    if M > 1 and decode == "once":
+        return out, _decoded_once(x, (a, a_scale, a_format, a_blocksize, a_shape),
+                                  (b, b_scale, b_format, b_blocksize, b_shape), bias, out, code, config)
     launches: list[Launch] = []
-    if (config.get("fuse", True) and a is not None and b is not None and M > 1
+    if (config.get("fuse") is not False and a is not None and b is not None and M > 1
             and int(a_shape[0]) <= FUSED_MAX_RANK):
         launches.append(_fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
                                b_shape, bias, out, code, config.get("fused", {})))
@@ -312,6 +373,40 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches
+
+
+def _decoded_once(x: torch.Tensor, fa: tuple, fb: tuple, bias: torch.Tensor | None, out: torch.Tensor,
+                  code: torch.Tensor, config: dict) -> list[Launch]:
+    """Launches for several rows of x: each quantised factor decoded once into x's dtype (`_dequant_kernel`),
+    then both products on the dense factors: `_fused_kernel` (one launch, h in registers) where the rank is
+    at most `FUSED_MAX_RANK` and its programs fill at least a quarter of the multiprocessors (or config
+    ``fuse`` is True), the two cuBLAS products otherwise (or with ``fuse`` False). The quarter is from an
+    H100 (132 SMs), fp16 factors: one launch took 4.4 and 5.7 us against cuBLAS's 5.8 and 6.9 us with 48
+    and 120 programs (1500 rows, 384 -> 384 at rank 40, 384 -> 1536 at rank 64), and 31.7 and 36.3 us
+    against 9.4 and 8.2 with 8 and 2 (256 and 16 rows, 4096 -> 4096 at rank 64)."""
+    launches: list[Launch] = []
+    dense = []
+    for factor, scale, fmt, blocksize, shape in (fa, fb):
+        if factor is None:
+            dense.append(None)
+        elif fmt == "fp":
+            dense.append(factor.to(x.dtype).contiguous())
+        else:
+            rows, cols = int(shape[0]), int(shape[1])
+            w = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
+            numel = rows * cols
+            launches.append((_dequant_kernel, (max(1, triton.cdiv(numel, DEQUANT_BLOCK)),),
+                             (factor.contiguous(), _scales(scale, code), w, numel, cols),
+                             dict(BS=blocksize, FORMAT=_FORMATS[fmt], BLOCK=DEQUANT_BLOCK)))
+            dense.append(w)
+    a, b = dense
+    fuse = config.get("fuse")
+    if a is not None and b is not None and int(fa[4][0]) <= FUSED_MAX_RANK and fuse is not False:
+        one = _fused(x, a, None, "fp", 0, fa[4], b, None, "fp", 0, fb[4], bias, out, code, config.get("fused", {}))
+        grid = one[1]
+        if fuse or 4 * grid[0] * grid[1] >= sm_count(x.device):
+            return [*launches, one]
+    return [*launches, (_CUBLAS, None, (x, a, b, bias, out), {})]
 
 
 def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias, out,

@@ -68,10 +68,11 @@ tuned = [r for r in rows if r["provider"] == "adaptwin_nf4_rank_tuned"]
 assert len(tuned) == 1 and "'rows': {'BLOCK_N'" in tuned[0]["config"], rows
 n = len(calls)
 rows = g._batched_shape(torch.device("cpu"), "fp16", 40, 96, 20, 80)
-assert [r["provider"] for r in rows] == ["cublas_dense", "adaptwin_nf4_fused", "adaptwin_nf4_two_launches",
-                                         "adaptwin_fp_fused", "cublas_lowrank_two_gemms"], rows
+assert [r["provider"] for r in rows] == ["cublas_dense", "adaptwin_nf4", "adaptwin_nf4_tiles",
+                                         "adaptwin_nf4_tiles_two_launches", "nf4_reference", "adaptwin_fp",
+                                         "adaptwin_fp_one_launch", "cublas_lowrank_two_gemms"], rows
 assert all(r["rel_err"] < 1e-2 for r in rows) and rows[0]["speedup"] == 1.0, rows
-assert rows[1]["tflops"] == 2 * 40 * 20 * (96 + 80) / 10.0 / 1e6 and calls[n:] == [True] * 5
+assert rows[1]["tflops"] == 2 * 40 * 20 * (96 + 80) / 10.0 / 1e6 and calls[n:] == [True] * 8
 print("ok", len(calls))
 """
 

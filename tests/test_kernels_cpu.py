@@ -193,9 +193,9 @@ LINEAR_CASES = [
 ]
 
 
-def check_rank_linear_case(case: tuple, dtype: torch.dtype, device: str = "cpu") -> None:
-    """``torch.ops.adaptwin.rank_linear`` on ``device`` for one (rows, in, rank, out, format, blocksize) case,
-    against its reference (also test_kernels_cuda.py)."""
+def check_rank_linear_case(case: tuple, dtype: torch.dtype, device: str = "cpu", op=None) -> None:
+    """``torch.ops.adaptwin.rank_linear`` (or ``op``, a function with its signature) on ``device`` for one
+    (rows, in, rank, out, format, blocksize) case, against its reference (also test_kernels_cuda.py)."""
     rows, n_in, rank, n_out, fmt, bs = case
     gen = torch.Generator().manual_seed(seed(case))
     a = torch.randn(rank, n_in, generator=gen) / n_in**0.5
@@ -207,7 +207,7 @@ def check_rank_linear_case(case: tuple, dtype: torch.dtype, device: str = "cpu")
     if fmt == "fp":
         fa, fb = (fa[0].to(dtype), *fa[1:]), (fb[0].to(dtype), *fb[1:])
     ref = rank_linear_reference(x.to(dtype), *fa, *fb, bias.to(dtype))
-    out = torch.ops.adaptwin.rank_linear(x.to(dtype), *fa, *fb, bias.to(dtype))
+    out = (op or torch.ops.adaptwin.rank_linear)(x.to(dtype), *fa, *fb, bias.to(dtype))
     assert out.shape == (1, rows, n_out) and out.dtype == dtype and out.device == x.device
     assert_within_twice(out, ref, ref64)
 

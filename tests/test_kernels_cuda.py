@@ -67,6 +67,20 @@ def test_rank_linear_on_cuda(case, dtype):
     check_rank_linear_case(case, dtype, "cuda")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in LINEAR_CASES if c[0] > 1], ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_decoded_in_tiles_on_cuda(case, dtype):
+    """Several rows with the factors decoded in the Triton kernels' tiles (``decode: tiles``: what the benchmarks
+    compare the default, decoding once per call, with)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from functools import partial
+
+    from adaptwin.kernels.rank_linear import rank_linear
+
+    check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config={"decode": "tiles"}))
+
+
 def test_cuda_backend_is_the_one_asked_for():
     """Triton takes the CUDA key unless ADAPTWIN_CUDA_BACKEND=cpp and the CUDA C++ kernels are built."""
     state = backends.load()

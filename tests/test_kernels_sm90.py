@@ -192,8 +192,9 @@ LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
 ]
 
 
-def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fmt: str, bs: int, bias: bool):
-    """Every kernel launch of one rank_linear call, as the launcher plans them."""
+def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fmt: str, bs: int, bias: bool,
+                     config: dict | None = None):
+    """Every kernel launch of one rank_linear call, as the launcher plans them (cuBLAS steps included)."""
     from adaptwin.kernels import rank_linear as kr
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -204,22 +205,36 @@ def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fm
     fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen))
     x = torch.empty(rows, n_in, dtype=DTYPES[dtype])
     b = torch.empty(n_out, dtype=x.dtype) if bias else None
-    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device))
+    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device), config)
     return launches
 
 
-@pytest.mark.parametrize("case", LINEAR, ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c))
-def test_rank_linear_compiles_for_sm90(case):
-    from adaptwin.kernels.rank_linear import FUSED_MAX_RANK
+# several rows: the default plan (factors decoded once) and the tiled kernels' decoding; one row has one plan
+LINEAR_PLANS = [(case, decode) for case in LINEAR for decode in (("once", "tiles") if case[1] > 1 else ("once",))]
 
-    rows, rank = case[1], case[3]
-    launches = _linear_launches(*case)
-    products = [launch for launch in launches if launch[0].fn.__name__ != "_sum_rows_kernel"]  # K-split sums
-    assert len(products) == (1 if rows > 1 and rank <= FUSED_MAX_RANK else 2)
+
+@pytest.mark.parametrize("case,decode", LINEAR_PLANS,
+                         ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c) if isinstance(c, tuple) else c)
+def test_rank_linear_compiles_for_sm90(case, decode):
+    from adaptwin.kernels.rank_linear import FUSED_MAX_RANK, TorchStep
+
+    rows, rank, fmt = case[1], case[3], case[5]
+    launches = _linear_launches(*case, config={"decode": decode})
+    names = [launch[0].fn.__name__ for launch in launches]
+    if rows > 1 and decode == "once":  # quantised factors decoded once, then one launch or cuBLAS
+        assert names.count("_dequant_kernel") == (0 if fmt == "fp" else 2)
+        assert names[-1] in ("_fused_kernel", "_cublas_products")
+        assert rank <= FUSED_MAX_RANK or names[-1] == "_cublas_products"
+    else:
+        products = [name for name in names if name != "_sum_rows_kernel"]  # K-split sums
+        assert len(products) == (1 if rows > 1 and rank <= FUSED_MAX_RANK else 2)
     for kernel, _, args, kwargs in launches:
+        if isinstance(kernel, TorchStep):
+            continue
         compiled = compile_sm90(kernel, args, kwargs)
-        check(compiled, tensor_cores=rows > 1 and args[0].dtype != torch.float32)
-        if rows >= 64 and args[0].dtype != torch.float32:  # Hopper's warp-group MMA, not the older mma.sync
+        dots = rows > 1 and args[0].dtype != torch.float32 and kernel.fn.__name__ != "_dequant_kernel"
+        check(compiled, tensor_cores=dots)
+        if dots and rows >= 64:  # Hopper's warp-group MMA, not the older mma.sync
             assert "wgmma" in compiled.asm["ptx"]
 
 
@@ -231,7 +246,8 @@ def test_every_fused_variant_compiles_for_sm90():
         for fmt, bs in (("nf4", 64), ("int8", 0), ("fp", 0)):
             for rank in (1, 20, 40, 64):
                 for rows in (2, 59, 64, 1500):
-                    (kernel, _, args, kwargs), = _linear_launches(dtype, rows, 384, rank, 1536, fmt, bs, True)
+                    (kernel, _, args, kwargs), = _linear_launches(dtype, rows, 384, rank, 1536, fmt, bs, True,
+                                                                  {"decode": "tiles"})
                     compiled = compile_sm90(kernel, args, kwargs)
                     use, ptx = resources(compiled), compiled.asm["ptx"]
                     tensor_cores = "wgmma" in ptx or "mma.sync" in ptx

@@ -116,7 +116,8 @@ LINEAR_CASES = [
     (1, 431, 1, 384, "fp", 0),  # rank 1
     (2, 384, 64, 431, "nf4", 64),  # rank 64, two rows
     (1, 384, 64, 384, "int8", 0),
-    # several rows at ranks up to 64 take the one-launch kernel (h kept in registers); above, two launches
+    # several rows: factors decoded once, then cuBLAS (or the one-launch kernel); with decode "tiles", ranks up
+    # to 64 take the one-launch kernel decoding in its tiles (h kept in registers), above, two launches
     (59, 431, 40, 384, "int8", 0),
     (70, 96, 1, 150, "nf4", 64),  # the output columns split over two programs per row block
     (33, 384, 20, 431, "fp", 0),
@@ -129,6 +130,7 @@ LINEAR_CASES = [
     (1, 384, 96, 512, "nf4", 64),  # one row: h·B split over K too, then summed
     (1, 384, 96, 432, "nf4", 64),  # the same, B's byte columns crossing scale blocks
 ]
+DECODE_MODES = ("once", "tiles")
 
 
 @needs_interpreter
@@ -143,15 +145,52 @@ def test_triton_rank_linear(tk, case):
     fa, fb = _factor(fmt, bs, a), _factor(fmt, bs, b)
     ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
     ref = rank_linear_reference(x, *fa, *fb, bias)
-    out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias)
-    assert_within_twice(out, ref, ref64)
+    for decode in DECODE_MODES if rows > 1 else DECODE_MODES[:1]:  # one row: the same plan either way
+        out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config={"decode": decode})
+        assert_within_twice(out, ref, ref64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmt,bs", [("nf4", 64), ("int8", 0), ("int8", 64), ("fp", 0)])
+def test_triton_rank_linear_decodes_once_for_several_rows(tk, fmt, bs):
+    """Several rows: each quantised factor decoded once (`_dequant_kernel`), then cuBLAS where the one-launch
+    kernel would have few programs and that kernel on the decoded factors where it has many (or ``fuse``
+    True); ``fuse`` False always takes cuBLAS. Each plan agrees with the reference; one-factor calls too."""
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    gen = torch.Generator().manual_seed(13)
+    code = _code_on(torch.device("cpu"))
+    decodes = [] if fmt == "fp" else ["_dequant_kernel", "_dequant_kernel"]
+
+    def names(x, fa, fb, config=None):
+        return [k.fn.__name__ for k, *_ in plan(x, *fa, *fb, None, code, config)[1]]
+
+    big_a, big_b = (_factor(fmt, bs, torch.randn(64, n, generator=gen)) for n in (384, 1536))
+    assert names(torch.empty(1500, 384), big_a, big_b) == [*decodes, "_fused_kernel"]  # 47 x 5 programs
+    assert names(torch.empty(1500, 384), big_a, big_b, {"fuse": False}) == [*decodes, "_cublas_products"]
+    rows, n_in, rank, n_out = 40, 96, 20, 200
+    fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen) / n_in**0.5)
+    fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen) / rank**0.5)
+    x, bias = torch.randn(rows, n_in, generator=gen), torch.randn(n_out, generator=gen)
+    assert names(x, fa, fb) == [*decodes, "_cublas_products"]  # 2 x 3 programs: too few
+    assert names(x, fa, fb, {"fuse": True}) == [*decodes, "_fused_kernel"]
+    ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
+    ref = rank_linear_reference(x, *fa, *fb, bias)
+    for config in ({}, {"fuse": True}, {"fuse": False}):
+        assert_within_twice(tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config), ref, ref64)
+    only_b = _factor(fmt, bs, torch.randn(n_in, n_out, generator=gen))
+    for factors, width in (((*fa, *NONE), rank), ((*NONE, *only_b), n_out)):
+        ref64 = rank_linear_reference(x.double(), *factors, bias[:width].double())
+        out = tk["rank_linear"].rank_linear(x, *factors, bias[:width])
+        assert_within_twice(out, rank_linear_reference(x, *factors, bias[:width]), ref64)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("fmt,bs", [("nf4", 64), ("int8", 64), ("fp", 0)])
 def test_triton_rank_linear_fused_plan(tk, fmt, bs):
-    """Several rows with a rank of at most FUSED_MAX_RANK: one launch, whose column split (when the row blocks
-    are few) tiles N exactly; the same call planned as two launches (``fuse: False``) agrees with it."""
+    """Several rows decoded in the tiles (``decode: tiles``) with a rank of at most FUSED_MAX_RANK: one launch,
+    whose column split (when the row blocks are few) tiles N exactly; the same call planned as two launches
+    (``fuse: False``) agrees with it."""
     from adaptwin.kernels.rank_linear import FUSED_MAX_RANK, _code_on, plan
 
     gen = torch.Generator().manual_seed(11)
@@ -160,7 +199,7 @@ def test_triton_rank_linear_fused_plan(tk, fmt, bs):
         fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen) / n_in**0.5)
         fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen) / rank**0.5)
         x, bias = torch.randn(rows, n_in, generator=gen), torch.randn(n_out, generator=gen)
-        _, launches = plan(x, *fa, *fb, bias, _code_on(x.device))
+        _, launches = plan(x, *fa, *fb, bias, _code_on(x.device), {"decode": "tiles"})
         names = [k.fn.__name__ for k, *_ in launches]
         if rank > FUSED_MAX_RANK:
             assert names == ["_gemm_kernel", "_gemm_kernel"]
@@ -171,8 +210,8 @@ def test_triton_rank_linear_fused_plan(tk, fmt, bs):
         assert grid[1] == 3 and span % 32 == 0 and (grid[1] - 1) * span < n_out <= grid[1] * span  # 1 + 200 // 96
         ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
         ref = rank_linear_reference(x, *fa, *fb, bias)
-        fused = tk["rank_linear"].rank_linear(x, *fa, *fb, bias)
-        two = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config={"fuse": False})
+        fused = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config={"decode": "tiles"})
+        two = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config={"decode": "tiles", "fuse": False})
         assert_within_twice(fused, ref, ref64)
         assert_within_twice(two, ref, ref64)
 
@@ -199,8 +238,13 @@ def test_triton_configs_reject_unknown_keys(tk):
     gen = torch.Generator().manual_seed(12)
     fa, fb = (_factor("nf4", 64, torch.randn(8, 64, generator=gen)) for _ in range(2))
     x = torch.randn(3, 64, generator=gen)
-    with pytest.raises(ValueError, match=r"unknown keys \['fusd'\]; allowed: \['cols', 'fuse', 'fused', 'rows'\]"):
+    allowed = r"allowed: \['cols', 'decode', 'fuse', 'fused', 'rows'\]"
+    with pytest.raises(ValueError, match=r"unknown keys \['fusd'\]; " + allowed):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fusd": {}})
+    with pytest.raises(ValueError, match=r"decode must be one of \('once', 'tiles'\), got 'twice'"):
+        tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"decode": "twice"})
+    with pytest.raises(ValueError, match="fuse must be True, False or absent"):
+        tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fuse": "yes"})
     q = torch.randn(1, 1, 16, 16, generator=gen)
     with pytest.raises(ValueError, match="needs BLOCK_M and BLOCK_N"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16})
@@ -235,10 +279,11 @@ def test_triton_rank_linear_plans_whole_byte_tiles(tk):
     gen = torch.Generator().manual_seed(5)
     code = _code_on(torch.device("cpu"))
     fa, fb = (_factor("nf4", 64, torch.randn(20, n, generator=gen)) for n in (384, 431))
-    (_, [(kernel, _, _, kw)]) = plan(torch.randn(40, 384), *fa, *fb, None, code)
+    tiles = {"decode": "tiles"}
+    (_, [(kernel, _, _, kw)]) = plan(torch.randn(40, 384), *fa, *fb, None, code, tiles)
     assert kernel.fn.__name__ == "_fused_kernel" and kw["A_PACKED"] and not kw["B_PACKED"]
     fa, fb = (_factor("nf4", 64, torch.randn(80, n, generator=gen)) for n in (384, 432))
-    _, launches = plan(torch.randn(6, 384), *fa, *fb, None, code)
+    _, launches = plan(torch.randn(6, 384), *fa, *fb, None, code, tiles)
     assert [kw["PACK"] for *_, kw in launches] == [1, 2]
     fa, fb = (_factor("nf4", 64, torch.randn(96, n, generator=gen)) for n in (384, 432))
     _, launches = plan(torch.randn(1, 384), *fa, *fb, None, code)
