@@ -197,3 +197,26 @@ def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     assert "ms/token" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         decode.main(["--tokens", "0"])
+
+
+def test_rank_linear_rows_benchmark(tmp_path, capsys):
+    """benchmarks/rank_linear_rows.py at a toy shape: every provider in both dtypes, each checked against its own
+    float64 arithmetic; malformed shapes are refused with the form they must take."""
+    from benchmarks import rank_linear_rows as rows_bench
+
+    out = tmp_path / "rows.csv"
+    argv = ["--shapes", "40x64x96", "--dtypes", "fp32,bf16", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert rows_bench.main(argv) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["dtype"], r["provider"]) for r in rows} == {
+        (d, p) for d in ("fp32", "bf16") for p in rows_bench.PROVIDERS}
+    for r in rows:
+        assert r["shape"] == "M40:64x96:r19" and float(r["p50_ms"]) > 0
+        assert float(r["rel_err"]) < (1e-5 if r["dtype"] == "fp32" else 2e-2), r
+        assert (float(r["ratio_p50"]) == 1.0) == (r["provider"] == "dense")
+    for bad in ("40x64", "40x64x0", "ax64x96"):
+        with pytest.raises(SystemExit) as exc:
+            rows_bench.main(["--shapes", bad, "--out", str(out)])
+        assert exc.value.code == 2
+        assert "ROWSxINxOUT" in capsys.readouterr().err
