@@ -12,7 +12,7 @@ y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the la
 - several rows (prefill, encoders, batches; ``decode="once"``, the default): a quantised factor is
   decoded once per call into x's dtype (`_dequant_kernel`, one launch per factor), then the products
   run on dense factors. Decoding inside the row tiles instead repeats the decode for every block of
-  rows, and on an H100 that made NF4 5-15x slower than the same call on fp16 factors. With both
+  rows, and on an H100 that made NF4 5-9x slower than the same call on fp16 factors. With both
   factors, a rank of at most `FUSED_MAX_RANK` and enough row and column blocks to occupy the GPU,
   `_fused_kernel` runs both products in one launch: each program keeps its rows of h = x·Aᵀ in
   registers and multiplies them by B's column tiles, so h never reaches memory. Otherwise (few
