@@ -22,8 +22,9 @@ float64 reference.
 3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
    parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
-   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. ``--tune``
-   adds a row with the best tiles of the two whole-byte NF4 kernels.
+   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. A second
+   adaptwin row takes the code values from a register table by warp shuffles (``GATHER``) instead of a
+   select tree. ``--tune`` adds a row with the best tiles of the two whole-byte NF4 kernels.
 4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at r <= 64:
    dense fp16 `F.linear` (cuBLAS) against the op with NF4 factors as it plans the call (each factor
    decoded once per call, then one launch or cuBLAS), the same call decoding in the tiled kernels instead
@@ -278,6 +279,7 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
                      gbps=dense_bytes / dense_us / 1e3, config=note),
                 _row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
                      gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
+        rows.append(_gemv_gather(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
         if tune:
             rows.append(_tune_gemv(factors, sets, x, shape, dense_us, ours_bytes, note))
         if lib is not None:
@@ -289,9 +291,24 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
     return rows
 
 
+def _gemv_gather(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
+                 note: str, r: int, d: int) -> dict:
+    """The same GEMV with code values gathered from a register table (warp shuffles) instead of selected."""
+    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
+
+    config = {"rows": {"GATHER": True}, "cols": {"GATHER": True}}
+    err = rel_err(triton_rank_linear(x, *factors[0], config=config), F.linear(x.double(), _dequant(factors[0], r, d)))
+    if not err < 1e-2:
+        raise RuntimeError(f"rank_linear {shape} (gathered code values): relative error {err:.2e}")
+    us = _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_gather", us, speedup=dense_us / us,
+                gbps=ours_bytes / us / 1e3, rel_err=err, config=f"{note}; {config}")
+
+
 def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                note: str) -> dict:
-    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then h·B tiles."""
+    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then h·B tiles, then
+    those with and without GATHER."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     def timed(config: dict) -> float:
@@ -303,6 +320,8 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
 
     best_rows = min(GEMV_TUNE_ROWS, key=lambda c: timed({"rows": c}))
     best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
+    gathered = {part: {**tiles, "GATHER": True} for part, tiles in best.items()}  # the best tiles, shuffled values
+    best = min((best, gathered), key=timed)
     us = timed(best)
     return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_tuned", us, speedup=dense_us / us,
                 gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")

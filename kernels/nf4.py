@@ -34,6 +34,22 @@ def nf4_value(nib):
     return tl.where((nib & 8) != 0, u1, u0)
 
 
+@triton.jit
+def nf4_table(ROWS: tl.constexpr):
+    """The code book as a (ROWS, 16) register tensor, every row the 16 values (from `nf4_value`, no memory
+    read): the source of `nf4_lookup`'s gathers, built once per program, outside its loops."""
+    return nf4_value(tl.arange(0, 16))[None, :] + tl.zeros((ROWS, 16), tl.float32)
+
+
+@triton.jit
+def nf4_lookup(nib, table, GATHER: tl.constexpr):
+    """Code values of 4-bit codes ``nib`` (ROWS, C): GATHER, a gather along the rows of ``table``
+    (`nf4_table`), which Triton lowers to warp shuffles (one per code on sm_90 with triton 3.6, against
+    `nf4_value`'s 15 selects); otherwise `nf4_value`."""
+    if GATHER:
+        return tl.gather(table, nib, 1)
+    return nf4_value(nib)
+
 
 @triton.jit
 def nf4_bytes(w_ptr, r, c, ok, ROWLEN):

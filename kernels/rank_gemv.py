@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from adaptwin.kernels import interpreting, sm_count
-from adaptwin.kernels.nf4 import gathered_scales, nf4_value
+from adaptwin.kernels.nf4 import gathered_scales, nf4_lookup, nf4_table
 
 # Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
 # GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
@@ -24,19 +24,23 @@ GEMV_MAX_SPLITS = 8  # x·Aᵀ's K splits at most: h·B sums that many float32 p
 @triton.jit
 def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+                          PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                          GATHER: tl.constexpr = False):
     """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
     BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
     SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
     vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
     otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each tile lies in one scale block
-    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte."""
+    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte.
+    GATHER: code values by `nf4_lookup`'s warp shuffles instead of its select tree (a tuning option; on
+    sm_90 with triton 3.6 it took the loop from 379 to 170 instructions per 32 x 32-byte tile)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rn < N
     kb_lo = split * SPLIT_BYTES
     kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    table = nf4_table(BLOCK_N)
     # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
     # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
     kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
@@ -61,7 +65,8 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
         xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
         b32 = byte.to(tl.int32)
-        acc += (nf4_value(b32 >> 4) * xe[None, :] + nf4_value(b32 & 15) * xo[None, :]) * sc
+        hi, lo = nf4_lookup(b32 >> 4, table, GATHER), nf4_lookup(b32 & 15, table, GATHER)
+        acc += (hi * xe[None, :] + lo * xo[None, :]) * sc
         byte, sc = byte_next, sc_next
     y = tl.sum(acc, 1)
     if PARTIAL:
@@ -75,18 +80,21 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
 @triton.jit
 def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False):
     """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
     packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
     consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
     PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`. SCALE_ROW: the
-    program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B)."""
+    program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B).
+    GATHER: as `_gemv_nf4_rows_kernel`'s (678 to 413 instructions per 64 x 32-byte tile; with 16-byte
+    column tiles, d < 2048, triton 3.9 puts 8 bytes of it on the stack)."""
     jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
     col_ok = jb < ROWBYTES
     k_lo = tl.program_id(1) * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
     acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
+    table = nf4_table(BLOCK_K)
     # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
     rk = k_lo + tl.arange(0, BLOCK_K)
     ok = (rk < k_hi)[:, None] & col_ok[None, :]
@@ -111,8 +119,8 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
             h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
         hs = sc * h[:, None]
         b32 = byte.to(tl.int32)
-        acc_e += nf4_value(b32 >> 4) * hs
-        acc_o += nf4_value(b32 & 15) * hs
+        acc_e += nf4_lookup(b32 >> 4, table, GATHER) * hs
+        acc_o += nf4_lookup(b32 & 15, table, GATHER) * hs
         byte, sc = byte_next, sc_next
     ye = tl.sum(acc_e, 0)
     yo = tl.sum(acc_o, 0)

@@ -60,8 +60,9 @@ assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]) and calls[-3:] == [True, True, True], (rows, calls)
 rows = g._gemv_size(torch.device("cpu"), 128, 0, {"copy_gbps": 100.0})
 names = [r["provider"] for r in rows]
-assert names[:2] == ["cublas_dense_fp16", "adaptwin_nf4_rank"], names
+assert names[:3] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_gather"], names
 assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == g.nf4_bytes(32, 128, 128) / 10.0 / 1e3
+assert rows[2]["rel_err"] < 1e-2 and "GATHER" in rows[2]["config"]
 assert calls[-1] is True  # GEMVs are timed through CUDA graphs
 rows = g._gemv_size(torch.device("cpu"), 128, 0, {}, tune=True)
 tuned = [r for r in rows if r["provider"] == "adaptwin_nf4_rank_tuned"]

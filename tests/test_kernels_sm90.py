@@ -280,6 +280,55 @@ def test_every_gemv_tuning_config_compiles_for_sm90():
     assert not bad, bad
 
 
+def loop_sass(compiled) -> list[str]:
+    """The SASS instructions of the cubin's longest loop (the span up to its longest backward branch)."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (neither bundled with triton nor on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    best: list[str] = []
+    for at, ins in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < at:
+            body = [i for a, i in lines if int(target.group(1), 16) <= a <= at]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+@pytest.mark.parametrize("d,rank", [(4096, 1024), (2048, 512)])
+def test_gathered_nf4_values_shorten_the_gemv_loops(d, rank):
+    """The batch-1 NF4 kernels with GATHER (code values by warp shuffles from a register table) compile
+    spill-free for sm_90 at the sizes benchmarks/gpu_kernels.py times them (d >= 2048; below, h·B's 16-byte
+    column tiles with GATHER put 8 bytes on the stack under triton 3.9, not 3.6), and their loops issue
+    fewer instructions than with the select tree (a static count; the benchmark times both)."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(rank, d, generator=gen)) for _ in range(2))
+    x = torch.empty(1, d, dtype=torch.float16)
+    counts = {}
+    for gather in (False, True):
+        config = {"rows": {"GATHER": gather}, "cols": {"GATHER": gather}}
+        _, launches = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), config)
+        for kernel, _, args, kwargs in launches[:2]:
+            compiled = compile_sm90(kernel, args, kwargs)
+            check(compiled, tensor_cores=False)
+            body = loop_sass(compiled)
+            assert any(i.split()[0].startswith("SHFL") for i in body) == gather, kernel.fn.__name__
+            counts[kernel.fn.__name__, gather] = len(body)
+    print(counts)
+    for name in ("_gemv_nf4_rows_kernel", "_gemv_nf4_cols_kernel"):
+        assert 0 < counts[name, True] < counts[name, False], counts
+
+
 # ------------------------------------------------------------------------------- the device's triton
 DEVICE_TRITON = "3.6.0"  # the triton of the lent GPU machine (its compiler differs from newer ones)
 
