@@ -15,7 +15,8 @@ float64 reference.
 2. Attention at T = 1500 (a 30 s Whisper window): PyTorch SDPA on the dense heads (d_h = 64) against the
    Triton kernel on rank-space heads of width r + l in 16..48, fp16 and bf16, for (batch, heads) of
    Whisper tiny (1, 6) and large (1, 20), and a batch of 16 large windows. FLOPs 4·B·H·T²·w (q·kᵀ and
-   P·V); bytes q, k, v read and the output written once. ``--tune`` also sweeps the Triton block sizes
+   P·V); bytes q, k, v read and the output written once. Widths cut into two dot parts (33-48) are also
+   timed padded to one part (``ONE_PART``: fewer, wider dots). ``--tune`` also sweeps the Triton block sizes
    on the largest shape and reports the best configuration next to the default. Decoding rows: one query
    per (batch, head) against the same 1500 keys (the Triton kernel splits the keys over the grid); bytes
    are the keys and values read.
@@ -171,8 +172,8 @@ def _decode_shape(device: torch.device, dname: str, batch: int, heads: int, widt
 
 def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, widths, tune: bool,
                      ceil: dict, tokens: int = 1500) -> list[dict]:
+    from adaptwin.kernels.attention import _parts, default_config
     from adaptwin.kernels.attention import attention as triton_attention
-    from adaptwin.kernels.attention import default_config
 
     from adaptwin.ops.attention import attention_reference
 
@@ -198,7 +199,16 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             raise RuntimeError(f"attention {shape} w{width} {dname}: relative error {err:.2e}")
         timed = {}
         eager = _bench(partial(triton_attention, q, k, v, None, scale, False))
-        for label, config in [("default", default_config(q))] + ([(str(c), c) for c in TUNE] if tune else []):
+        configs = [("default", default_config(q))]
+        errs = {"default": err}
+        if _parts(width)[1]:  # two dot parts: also the width padded to one (fewer, wider dots)
+            one = {**default_config(q), "ONE_PART": True}
+            errs["one part"] = rel_err(triton_attention(q, k, v, None, scale, False, config=one), ref)
+            if not errs["one part"] < 2e-2:
+                raise RuntimeError(f"attention {shape} w{width} {dname}, one part: relative error "
+                                   f"{errs['one part']:.2e}")
+            configs.append(("one part", one))
+        for label, config in configs + ([(str(c), c) for c in TUNE] if tune else []):
             try:
                 timed[label] = _bench(partial(triton_attention, q, k, v, None, scale, False, config=config),
                                       graph=True)
@@ -206,7 +216,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
                 print(f"  {shape} w{width} config {label} failed: {type(exc).__name__}", file=sys.stderr)
         flops = attention_flops(batch, heads, tokens, width)
         moved = attention_bytes(batch, heads, tokens, width, element)
-        picks = [("default", f"triton_w{width}")]
+        picks = [("default", f"triton_w{width}")] + [("one part", f"triton_w{width}_one_part")] * ("one part" in timed)
         if tune:
             picks.append((min(timed, key=timed.get), f"triton_w{width}_tuned"))
         for label, provider in picks:
@@ -214,7 +224,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             note = label + (f"; {flops / us / 1e6 / peak:.0%} of GEMM peak" if peak else "")
             note += f"; eager {eager:.1f} us" if label == "default" else ""
             rows.append(_row("attention", shape, dname, provider, us, speedup=sdpa_us / us, tflops=flops / us / 1e6,
-                             gbps=moved / us / 1e3, rel_err=err, config=note))
+                             gbps=moved / us / 1e3, rel_err=errs.get(label, err), config=note))
     return rows
 
 

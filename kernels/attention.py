@@ -217,13 +217,14 @@ def _combine_kernel(ws_acc_ptr, ws_ml_ptr, out_ptr, H, T, SPLITS, DV: tl.constex
              (acc * inv[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _parts(width: int) -> tuple[int, int]:
+def _parts(width: int, one: bool = False) -> tuple[int, int]:
     """A head width as tl.dot-sized power-of-two parts (each >= 16): one part where padding to the next
     power of two costs no more than two parts would (16, 20, 24, 32, 52, 64), two otherwise (40 and 48
-    as 32 + 16, 80 as 64 + 16); second part 0 when there is none."""
+    as 32 + 16, 80 as 64 + 16); second part 0 when there is none. ``one``: always one part, padded (the
+    ONE_PART config of tuning runs: fewer, wider dots for more padded work)."""
     whole = max(16, triton.next_power_of_2(width))
     first = max(16, whole // 2)
-    if first >= width:
+    if one or first >= width:
         return whole, 0
     second = max(16, triton.next_power_of_2(width - first))
     return (first, second) if first + second < whole else (whole, 0)
@@ -250,9 +251,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               is_causal: bool, config: dict[str, int] | None = None, dot_f32: bool | None = None) -> torch.Tensor:
     """Launcher with the op's signature: q (B, H, T, Dq), k (B, Hkv, S, Dq), v (B, Hkv, S, Dv) -> (B, T, H, Dv).
 
-    ``config``: BLOCK_M, BLOCK_N (powers of two >= 16) and optionally num_warps / num_stages, for tuning
-    runs; `default_config` otherwise. ``dot_f32``: force (True) or forbid (False) the float32 cast of
-    16-bit operands; by default they are cast only for float32 inputs and under the interpreter."""
+    ``config``: BLOCK_M, BLOCK_N (powers of two >= 16) and optionally num_warps / num_stages / SPLITS /
+    ONE_PART (see `launches`), for tuning runs; `default_config` otherwise. ``dot_f32``: force (True) or
+    forbid (False) the float32 cast of 16-bit operands; by default they are cast only for float32 inputs
+    and under the interpreter."""
     from adaptwin.ops.attention import _check_attention
 
     _check_attention(q, k, v, mask)
@@ -294,8 +296,8 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     Less than a wave of programs (decoding: one new token per (batch, head) against the cache or a 30 s
     encoder window) splits the keys over the grid's third axis, flash-decoding style, so that the GPU is
     not left with B·H programs; float32 partial accumulators then go through `_combine_kernel`.
-    ``config`` may set SPLITS (1: no split). Separate from the launches so the exact specialisations a
-    call compiles can also be compiled ahead of time for a GPU that is not here
+    ``config`` may set SPLITS (1: no split) and ONE_PART (`_parts`). Separate from the launches so the
+    exact specialisations a call compiles can also be compiled ahead of time for a GPU that is not here
     (tests/test_kernels_sm90.py)."""
     B, H, T, DQ = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -305,10 +307,11 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         mask_arg, mstr = q, (0, 0, 0, 0)
     config = dict(default_config(q, mask is not None) if config is None else config)
-    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS"})
+    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS", "ONE_PART"})
     if unknown or not {"BLOCK_M", "BLOCK_N"} <= set(config):
-        raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS; "
-                         f"got {sorted(config)}")
+        raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS, "
+                         f"ONE_PART; got {sorted(config)}")
+    one_part = bool(config.pop("ONE_PART", False))
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
     programs = triton.cdiv(T, block_m) * B * H
@@ -320,7 +323,7 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     splits = triton.cdiv(S, split_len)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
-    (d1q, d2q), (d1v, d2v) = _parts(DQ), _parts(DV)
+    (d1q, d2q), (d1v, d2v) = _parts(DQ, one_part), _parts(DV, one_part)
     strides = [t.stride(i) for t in (q, k, v) for i in range(3)]
     align = 16 // q.element_size()  # elements per 16 bytes, down to the largest power of two all strides share
     while align > 1 and any(st % align for st in strides):

@@ -55,6 +55,10 @@ assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]), rows
 assert rows[1]["tflops"] == g.attention_flops(1, 2, 40, 16) / 10.0 / 1e6
 assert calls == [False, True] * 3 and all("eager 10.0 us" in r["config"] for r in rows), (calls, rows)  # graphs
+rows = g._attention_shape(torch.device("cpu"), "fp16", 1, 2, (40,), False, {}, tokens=40)  # two dot parts
+assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w40", "triton_w40_one_part"], rows
+assert all(r["rel_err"] < 2e-3 for r in rows[1:]) and rows[2]["config"].startswith("one part"), rows
+calls.clear()
 rows = g._decode_shape(torch.device("cpu"), "fp16", 1, 2, (16, 40), tokens=300)
 assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton_w40"], rows
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]) and calls[-3:] == [True, True, True], (rows, calls)

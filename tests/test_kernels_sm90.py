@@ -136,6 +136,19 @@ def test_attention_compiles_for_sm90(case):
         assert "async_copy_global_to_local" in compiled.asm["ttgir"]
 
 
+@pytest.mark.parametrize("width", [40, 48])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_one_part_attention_compiles_for_sm90(dtype, width):
+    """ONE_PART (benchmarks/gpu_kernels.py times it beside the default): a two-part width padded to one
+    64-wide dot, spill-free on tensor cores."""
+    from adaptwin.kernels import attention as ka
+
+    kernel, args, kwargs = _attention_launch(dtype, 6, 6, width, width, None, False,
+                                             {**ka.default_config(torch.empty(1, 1, 1500, 1)), "ONE_PART": True})
+    assert (kwargs["D1Q"], kwargs["HAS_Q2"], kwargs["D1V"], kwargs["HAS_V2"]) == (64, False, 64, False)
+    check(compile_sm90(kernel, args, kwargs), tensor_cores=True)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("mask", [None, "bool"])
 def test_decoding_attention_compiles_for_sm90(dtype, mask):

@@ -236,6 +236,19 @@ def test_triton_rank_linear_one_factor(tk, rows, which):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_attention_one_part(tk, causal):
+    """ONE_PART pads a two-part width (40 = 32 + 16) to one 64-wide dot; the result is the same attention."""
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(1, 2, 45, 40, generator=gen) for _ in range(3))
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, 0.2, causal)
+    ref = attention_reference(q, k, v, None, 0.2, causal)
+    config = {"BLOCK_M": 16, "BLOCK_N": 16, "ONE_PART": True}
+    assert tk["attention"].launches(q, k, v, None, torch.empty(1, 45, 2, 40), 0.2, causal, config)[0][3]["D1V"] == 64
+    assert_within_twice(tk["attention"].attention(q, k, v, None, 0.2, causal, config=config), ref, ref64)
+
+
+@needs_interpreter
 def test_triton_configs_reject_unknown_keys(tk):
     """A tuning config with a misspelt or missing key is an error that names the allowed keys, not ignored."""
     gen = torch.Generator().manual_seed(12)
