@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import interpreting, sm_count
+from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -222,11 +222,11 @@ def _parts(width: int, one: bool = False) -> tuple[int, int]:
     power of two costs no more than two parts would (16, 20, 24, 32, 52, 64), two otherwise (40 and 48
     as 32 + 16, 80 as 64 + 16); second part 0 when there is none. ``one``: always one part, padded (the
     ONE_PART config of tuning runs: fewer, wider dots for more padded work)."""
-    whole = max(16, triton.next_power_of_2(width))
+    whole = max(16, next_pow2(width))
     first = max(16, whole // 2)
     if one or first >= width:
         return whole, 0
-    second = max(16, triton.next_power_of_2(width - first))
+    second = max(16, next_pow2(width - first))
     return (first, second) if first + second < whole else (whole, 0)
 
 
@@ -314,13 +314,13 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     one_part = bool(config.pop("ONE_PART", False))
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
-    programs = triton.cdiv(T, block_m) * B * H
+    programs = cdiv(T, block_m) * B * H
     splits = config.pop("SPLITS", None)
     if splits is None:  # under one wave of programs: split to two per multiprocessor, two key tiles each
         sms = sm_count(q.device)
-        splits = max(1, min(triton.cdiv(2 * sms, programs), S // (2 * block_n))) if programs < sms else 1
-    split_len = triton.cdiv(triton.cdiv(S, max(1, splits)), block_n) * block_n
-    splits = triton.cdiv(S, split_len)
+        splits = max(1, min(cdiv(2 * sms, programs), S // (2 * block_n))) if programs < sms else 1
+    split_len = cdiv(cdiv(S, max(1, splits)), block_n) * block_n
+    splits = cdiv(S, split_len)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
     (d1q, d2q), (d1v, d2v) = _parts(DQ, one_part), _parts(DV, one_part)
@@ -340,9 +340,9 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
                   DQ=DQ, DV=DV, ALIGN=align,
                   PARTIAL=splits > 1, D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0,
                   HAS_V2=d2v > 0, **config)
-    plan = [(_attention_kernel, (triton.cdiv(T, block_m), B * H, splits), args, kwargs)]
+    plan = [(_attention_kernel, (cdiv(T, block_m), B * H, splits), args, kwargs)]
     if splits > 1:
-        block_r = min(16, triton.next_power_of_2(T))
-        plan.append((_combine_kernel, (B * H, triton.cdiv(T, block_r)), (ws_acc, ws_ml, out, H, T, splits),
-                     dict(DV=DV, BLOCK_R=block_r, BLOCK_DV=max(16, triton.next_power_of_2(DV)))))
+        block_r = min(16, next_pow2(T))
+        plan.append((_combine_kernel, (B * H, cdiv(T, block_r)), (ws_acc, ws_ml, out, H, T, splits),
+                     dict(DV=DV, BLOCK_R=block_r, BLOCK_DV=max(16, next_pow2(DV)))))
     return plan

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import interpreting, sm_count
+from adaptwin.kernels import cdiv, interpreting, sm_count
 from adaptwin.kernels.nf4 import gathered_scales, nf4_lookup, nf4_table
 
 # Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
@@ -163,10 +163,10 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
         t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32)))}
     t.update(tiles)
     scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
-    col_blocks = triton.cdiv(n // 2, t["BLOCK_B"])
-    want = max(1, min(triton.cdiv(GEMV_WAVES * sm_count(dev), col_blocks), triton.cdiv(k, 2 * t["BLOCK_K"])))
-    k_split = triton.cdiv(triton.cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
-    k_splits = triton.cdiv(k, k_split)
+    col_blocks = cdiv(n // 2, t["BLOCK_B"])
+    want = max(1, min(cdiv(GEMV_WAVES * sm_count(dev), col_blocks), cdiv(k, 2 * t["BLOCK_K"])))
+    k_split = cdiv(cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
+    k_splits = cdiv(k, k_split)
     has_bias = bias is not None
     bias_arg = bias if has_bias else code
     if k_splits == 1:
@@ -176,7 +176,7 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
     return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
                                                              k_split),
              dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
-            (_sum_rows_kernel, (triton.cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
+            (_sum_rows_kernel, (cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
              dict(HAS_BIAS=has_bias, BLOCK=1024))]
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import interpreting, sm_count
+from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
 from adaptwin.kernels.nf4 import nf4_tile, nf4_value
 from adaptwin.kernels.rank_gemv import GEMV_MAX_SPLITS, GEMV_WAVES, Launch, _gemv_nf4_rows_kernel, cols_launches
 
@@ -265,8 +265,8 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
     fmt_id = _FORMATS[fmt]
     if M == 1:
         # narrower output blocks when N is small, so a rank-wide product (N = r) still spreads over the GPU
-        block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, triton.next_power_of_2(N // 128)))
-        return (_gemv_kernel, (triton.cdiv(N, block_n),), (x, w, sc, b, out, N, K, s_k, s_n, cols),
+        block_n = 64 if N >= 64 * 128 or interpreting() else max(16, min(64, next_pow2(N // 128)))
+        return (_gemv_kernel, (cdiv(N, block_n),), (x, w, sc, b, out, N, K, s_k, s_n, cols),
                 dict(BS=blocksize, FORMAT=fmt_id, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=64))
     dot_f32 = x.dtype == torch.float32 or interpreting()
     # whole NF4 bytes: along K for Aᵀ (two dots of BLOCK_K / 2), along N for B (two of BLOCK_N / 2)
@@ -274,7 +274,7 @@ def _generic(x: torch.Tensor, w: torch.Tensor, sc: torch.Tensor, fmt: str, block
     # 16-bit x with 64 rows or more: 64 x 64 tiles, which compile to Hopper's warp-group MMA (wgmma);
     # float32 ("ieee" dots on the FMA units) and fewer rows: 32 x 32, spill-free for every format
     tile = 64 if not dot_f32 and M >= 64 else 32
-    grid = (triton.cdiv(M, tile), triton.cdiv(N, tile))
+    grid = (cdiv(M, tile), cdiv(N, tile))
     # K steps of 16 for float32 elementwise decoding: with 32 the NF4 variant spilled under triton 3.6 (the
     # device's) at 1500 x 384; the whole-byte one needs 32 (each of its two dots is then 16 deep)
     block_k = 32 if pack == 1 or not dot_f32 else 16
@@ -344,14 +344,14 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
                 tiles = {"BLOCK_N": 32, "BLOCK_B": 32}
             tiles.update(config.get("rows", {}))
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
-            step, n_prog = 2 * block_b, triton.cdiv(r, block_n)
+            step, n_prog = 2 * block_b, cdiv(r, block_n)
             if cols_b:  # a K split to about GEMV_WAVES programs per multiprocessor, two steps or more each:
                 # float32 partial rows for the h·B kernel to sum
-                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, triton.cdiv(k, 2 * step), GEMV_MAX_SPLITS))
-                k_split = triton.cdiv(triton.cdiv(k, want), step) * step
-                splits = triton.cdiv(k, k_split)
+                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, cdiv(k, 2 * step), GEMV_MAX_SPLITS))
+                k_split = cdiv(cdiv(k, want), step) * step
+                splits = cdiv(k, k_split)
             else:
-                k_split = triton.cdiv(k, step) * step
+                k_split = cdiv(k, step) * step
             k_split //= 2  # in bytes
             partial = splits > 1
             h = out if last else torch.empty((splits, r), dtype=torch.float32, device=dev)
@@ -395,7 +395,7 @@ def _decoded_once(x: torch.Tensor, fa: tuple, fb: tuple, bias: torch.Tensor | No
             rows, cols = int(shape[0]), int(shape[1])
             w = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
             numel = rows * cols
-            launches.append((_dequant_kernel, (max(1, triton.cdiv(numel, DEQUANT_BLOCK)),),
+            launches.append((_dequant_kernel, (max(1, cdiv(numel, DEQUANT_BLOCK)),),
                              (factor.contiguous(), _scales(scale, code), w, numel, cols),
                              dict(BS=blocksize, FORMAT=_FORMATS[fmt], BLOCK=DEQUANT_BLOCK)))
             dense.append(w)
@@ -426,13 +426,13 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
         tile = 64 if M >= 64 else 32
         t = {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_K": 32}
     t.update(tiles)
-    m_blocks, n_blocks = triton.cdiv(M, t["BLOCK_M"]), triton.cdiv(N, t["BLOCK_N"])
-    groups = max(1, min(n_blocks, triton.cdiv(2 * sm_count(x.device), m_blocks), 1 + N // max(K, 1)))
-    span = triton.cdiv(n_blocks, groups) * t["BLOCK_N"]
+    m_blocks, n_blocks = cdiv(M, t["BLOCK_M"]), cdiv(N, t["BLOCK_N"])
+    groups = max(1, min(n_blocks, cdiv(2 * sm_count(x.device), m_blocks), 1 + N // max(K, 1)))
+    span = cdiv(n_blocks, groups) * t["BLOCK_N"]
     sa, sb = _scales(a_scale, code), _scales(b_scale, code)
     a_pack = a_packed and t["BLOCK_K"] >= 32
     b_pack = _packed(b_format, b_blocksize, N) and t["BLOCK_N"] >= 32
-    return (_fused_kernel, (m_blocks, triton.cdiv(N, span)),
+    return (_fused_kernel, (m_blocks, cdiv(N, span)),
             (x, a.contiguous(), sa, b.contiguous(), sb, bias if bias is not None else code, out, M, K, R, N,
              x.stride(0), span),
             dict(A_BS=a_blocksize, B_BS=b_blocksize, A_FORMAT=_FORMATS[a_format], B_FORMAT=_FORMATS[b_format],
@@ -440,7 +440,7 @@ def _fused(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, 
                  A_PACKED=a_pack, B_PACKED=b_pack,
                  A_SCALE_ROW=a_pack and K % a_blocksize == 0 and a_blocksize % t["BLOCK_K"] == 0,
                  B_SCALE_ROW=b_pack and N % b_blocksize == 0 and b_blocksize % t["BLOCK_N"] == 0,
-                 HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_R=max(16, triton.next_power_of_2(R)), **t))
+                 HAS_BIAS=bias is not None, DOT_F32=dot_f32, BLOCK_R=max(16, next_pow2(R)), **t))
 
 
 def _scales(scale: torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:

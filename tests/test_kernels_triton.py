@@ -365,3 +365,29 @@ def test_triton_attention_any_scale(tk, scale, kind):
     ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, False)
     out = tk["attention"].attention(q, k, v, mask, scale, False)
     assert_within_twice(out, attention_reference(q, k, v, mask, scale, False), ref64)
+
+
+@needs_interpreter
+def test_launch_planning_calls_no_triton_constexpr_functions(tk, monkeypatch):
+    """The launchers plan on the host with plain integer helpers: ``triton.cdiv`` / ``triton.next_power_of_2``
+    are constexpr functions that cost 2-3 us a call from Python (an attention call's plan made 13 of them)."""
+    import triton
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a triton constexpr function was called while planning launches")
+
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    monkeypatch.setattr(triton, "cdiv", refuse)
+    monkeypatch.setattr(triton, "next_power_of_2", refuse)
+    gen = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(1, 2, 40, 40, generator=gen), torch.randn(1, 2, 300, 40, generator=gen)
+    tk["attention"].launches(q, kv, kv, None, torch.empty(1, 40, 2, 40), 0.2, True)
+    tk["attention"].launches(q[:, :, :1], kv, kv, None, torch.empty(1, 1, 2, 40), 0.2, False)  # keys split
+    code = _code_on(torch.device("cpu"))
+    for rows in (1, 40):
+        for fmt in ("nf4", "int8", "fp"):
+            fa = _factor(fmt, 64, torch.randn(96, 384, generator=gen))
+            fb = _factor(fmt, 64, torch.randn(96, 432, generator=gen))
+            for config in ({}, {"decode": "tiles"}):
+                plan(torch.randn(rows, 384, generator=gen), *fa, *fb, None, code, config)
