@@ -342,6 +342,24 @@ def test_gathered_nf4_values_shorten_the_gemv_loops(d, rank):
         assert 0 < counts[name, True] < counts[name, False], counts
 
 
+def test_gemv_loads_x_in_element_pairs():
+    """The batch-1 x·Aᵀ kernel reads x's even and odd elements as pairs (one 4-byte load each) beside its
+    one vector load of code bytes: 9 loads per tile and thread on sm_90 (two strided 2-byte loads per
+    pair made it 18; each is an L1 wavefront per warp)."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(1024, 4096, generator=gen)) for _ in range(2))
+    x = torch.empty(1, 4096, dtype=torch.float16)
+    kernel, _, args, kwargs = kr.plan(x, *fa, *fb, None, kr._code_on(x.device))[1][0]
+    assert kernel.fn.__name__ == "_gemv_nf4_rows_kernel"
+    loads = [i for i in loop_sass(compile_sm90(kernel, args, kwargs)) if "LDG" in i]
+    assert len(loads) <= 10 and not any("LDG.E.U16" in i for i in loads), loads
+
+
 # ------------------------------------------------------------------------------- the device's triton
 DEVICE_TRITON = "3.6.0"  # the triton of the lent GPU machine (its compiler differs from newer ones)
 
