@@ -70,6 +70,7 @@ TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
 GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (8, 16, 32, 64) for b in (32, 64, 128)
                   for w in (4, 8) if 512 <= n * b <= 512 * w]
+GEMV_TUNE_SPLITS = [{"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
 GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128) for b in (16, 32, 64)
                   for w in (4, 8) if 512 <= k * b <= 512 * w]  # 4096 bytes with 4 warps spilled
 
@@ -317,8 +318,8 @@ def _gemv_gather(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us
 
 def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                note: str) -> dict:
-    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then h·B tiles, then
-    those with and without GATHER."""
+    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then its K split, then
+    h·B tiles, then those with and without GATHER."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     def timed(config: dict) -> float:
@@ -329,6 +330,8 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
             return math.inf
 
     best_rows = min(GEMV_TUNE_ROWS, key=lambda c: timed({"rows": c}))
+    # more of x·Aᵀ's K split (more programs, more bytes in flight; h·B sums more partial rows)
+    best_rows = min([best_rows] + [{**best_rows, **s} for s in GEMV_TUNE_SPLITS], key=lambda c: timed({"rows": c}))
     best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
     gathered = {part: {**tiles, "GATHER": True} for part, tiles in best.items()}  # the best tiles, shuffled values
     best = min((best, gathered), key=timed)

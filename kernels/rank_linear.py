@@ -301,8 +301,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
     Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
     of time for a GPU that is not here (tests/test_kernels_sm90.py). ``config`` (tuning runs,
-    benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps}, "cols": {BLOCK_K, BLOCK_B,
-    num_warps}}, each optional, for the whole-byte kernels; "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps}
+    benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps, GATHER, WAVES, MAX_SPLITS}, "cols":
+    {BLOCK_K, BLOCK_B, num_warps, GATHER}}, each optional, for the whole-byte kernels (WAVES / MAX_SPLITS:
+    x·Aᵀ's K split, `GEMV_WAVES` / `GEMV_MAX_SPLITS` by default); "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps}
     for the one-launch kernel; "fuse": True / False to force the one launch or two products (default:
     chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
@@ -343,11 +344,12 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
             else:  # tiles of 32 rows x 32 bytes (64 codes, one scale block at the usual blocksize 64)
                 tiles = {"BLOCK_N": 32, "BLOCK_B": 32}
             tiles.update(config.get("rows", {}))
+            waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
             step, n_prog = 2 * block_b, cdiv(r, block_n)
             if cols_b:  # a K split to about GEMV_WAVES programs per multiprocessor, two steps or more each:
                 # float32 partial rows for the h·B kernel to sum
-                want = max(1, min(GEMV_WAVES * sm_count(dev) // n_prog, cdiv(k, 2 * step), GEMV_MAX_SPLITS))
+                want = max(1, min(waves * sm_count(dev) // n_prog, cdiv(k, 2 * step), max_splits))
                 k_split = cdiv(cdiv(k, want), step) * step
                 splits = cdiv(k, k_split)
             else:

@@ -146,8 +146,9 @@ def test_triton_rank_linear(tk, case):
     ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
     ref = rank_linear_reference(x, *fa, *fb, bias)
     configs = [{"decode": d} for d in (DECODE_MODES if rows > 1 else DECODE_MODES[:1])]  # one row: one plan
-    if rows == 1 and fmt == "nf4":  # the whole-byte GEMVs with code values gathered from a register table
-        configs.append({"rows": {"GATHER": True}, "cols": {"GATHER": True}})
+    if rows == 1 and fmt == "nf4":  # the whole-byte GEMVs with code values gathered from a register table,
+        configs.append({"rows": {"GATHER": True}, "cols": {"GATHER": True}})  # and with x·Aᵀ split further
+        configs.append({"rows": {"WAVES": 16, "MAX_SPLITS": 32}})
     for config in configs:
         out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(out, ref, ref64)
