@@ -75,16 +75,20 @@ def _cuobjdump() -> str | None:
     return shutil.which("cuobjdump")
 
 
-def resources(compiled) -> dict[str, int]:
-    """cuobjdump's resource usage of the cubin: REG, STACK, SHARED, LOCAL."""
+def _dump(compiled, flag: str) -> str:
+    """cuobjdump ``flag`` on the compiled kernel's cubin (skips where there is no cuobjdump)."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither bundled with triton nor on PATH)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                              check=True, timeout=60).stdout
+        return subprocess.run([tool, flag, str(path)], capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def resources(compiled) -> dict[str, int]:
+    """cuobjdump's resource usage of the cubin: REG, STACK, SHARED, LOCAL."""
+    text = _dump(compiled, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     assert found, text
     return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
@@ -295,14 +299,7 @@ def test_every_gemv_tuning_config_compiles_for_sm90():
 
 def loop_sass(compiled) -> list[str]:
     """The SASS instructions of the cubin's longest loop (the span up to its longest backward branch)."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (neither bundled with triton nor on PATH)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True, check=True,
-                              timeout=60).stdout
+    text = _dump(compiled, "-sass")
     lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
     best: list[str] = []
     for at, ins in lines:
