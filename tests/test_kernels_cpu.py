@@ -86,9 +86,9 @@ def _to(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
 
 
-def check_attention_case(case: tuple, dtype: torch.dtype, device: str = "cpu") -> None:
-    """``torch.ops.adaptwin.attention`` on ``device`` for one (B, H, Hkv, T, S, Dq, Dv, causal, mask) case, against
-    its reference (also test_kernels_cuda.py)."""
+def check_attention_case(case: tuple, dtype: torch.dtype, device: str = "cpu", op=None) -> None:
+    """``torch.ops.adaptwin.attention`` (or ``op``, a function with its signature) on ``device`` for one (B, H, Hkv,
+    T, S, Dq, Dv, causal, mask) case, against its reference (also test_kernels_cuda.py)."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
     gen = torch.Generator().manual_seed(seed(case))
     # queries/keys ~N(0, 1) at scale 1/sqrt(dq): attention neither uniform nor one-hot
@@ -100,7 +100,7 @@ def check_attention_case(case: tuple, dtype: torch.dtype, device: str = "cpu") -
     ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
     lo = [x.to(dtype) for x in (q, k, v)]
     ref = attention_reference(*lo, _to(mask, dtype), scale, causal)
-    out = torch.ops.adaptwin.attention(*lo, _to(mask, dtype), scale, causal)
+    out = (op or torch.ops.adaptwin.attention)(*lo, _to(mask, dtype), scale, causal)
     assert out.shape == (b, t, h, dv) and out.dtype == dtype and out.is_contiguous() and out.device == q.device
     assert_within_twice(out, ref, ref64)
 

@@ -81,6 +81,39 @@ def test_rank_linear_decoded_in_tiles_on_cuda(case, dtype):
     check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config={"decode": "tiles"}))
 
 
+def _kernel_only(q, k, v, mask, scale, is_causal):
+    """The Triton attention kernel's launches run as planned, without `unverified_causal`'s routing to SDPA."""
+    from adaptwin.kernels import attention as ka
+
+    out = torch.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]), dtype=q.dtype, device=q.device)
+    for kernel, grid, args, kwargs in ka.launches(q, k, v, mask, out, scale, is_causal):
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+# Causal 16-bit calls that `unverified_causal` routes to SDPA, run on the kernel itself. The one case that failed
+# (B1 H2 Hkv1 T=S=123 Dq52 Dv39) had grouped heads and an unmasked two-part value width; compiled for sm_90, its
+# TTGIR equals the Hkv = 2 call's except for the head index (h // groups), so the two-part width is the likely
+# trigger (expected failures below) and grouped heads with one-part widths should pass: if they do on a GPU, the
+# routing can narrow to the two-part trait.
+_TWO_PART = pytest.mark.xfail(reason="suspected trigger of the causal 16-bit miscompile", strict=False)
+UNVERIFIED_CAUSAL = [
+    (1, 8, 2, 123, 123, 64, 64, True, None),  # grouped heads, one-part widths
+    (1, 8, 2, 300, 300, 32, 32, True, "bool_keys"),
+    (2, 4, 1, 77, 77, 24, 24, True, "float"),
+    pytest.param((1, 2, 2, 123, 123, 52, 39, True, None), marks=_TWO_PART),  # the failing case's widths, no GQA
+    pytest.param((1, 2, 2, 123, 123, 48, 48, True, None), marks=_TWO_PART),  # two parts, aligned rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", UNVERIFIED_CAUSAL, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_routed_causal_calls_on_the_kernel(case, dtype):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    check_attention_case(case, dtype, "cuda", op=_kernel_only)
+
+
 def test_cuda_backend_is_the_one_asked_for():
     """Triton takes the CUDA key unless ADAPTWIN_CUDA_BACKEND=cpp and the CUDA C++ kernels are built."""
     state = backends.load()
