@@ -21,6 +21,18 @@ def load_rows(path: str | Path, benchmark: str | None = None) -> list[dict[str, 
     return [r for r in rows if benchmark is None or r["benchmark"] == benchmark]
 
 
+def short_shapes(shapes: list[str]) -> dict[str, str]:
+    """Each shape label cut to its fewest leading ':'-separated parts that still tell the shapes apart
+    ("tiny:d384:..." -> "tiny"; "M1500:384x384:r96" and "M1500:384x1536:r154" keep two parts)."""
+    unique = list(dict.fromkeys(shapes))
+    parts = {s: s.split(":") for s in unique}
+    for depth in range(1, max((len(v) for v in parts.values()), default=1) + 1):
+        cut = {s: ":".join(v[:depth]) for s, v in parts.items()}
+        if len(set(cut.values())) == len(unique):
+            return cut
+    return {s: s for s in unique}
+
+
 def plot(rows: list[dict[str, str]], out: str | Path, title: str = "") -> Path:
     """Bar chart of p50 per (shape, dtype) group and provider; bars labelled with the ratio to dense."""
     import matplotlib
@@ -29,8 +41,9 @@ def plot(rows: list[dict[str, str]], out: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     groups: dict[str, dict[str, dict[str, str]]] = defaultdict(dict)
+    short = short_shapes([r["shape"] for r in rows])
     for r in rows:
-        groups[f"{r['shape'].split(':')[0]}\n{r['dtype']}"][r["provider"]] = r
+        groups[f"{short[r['shape']]}\n{r['dtype']}"][r["provider"]] = r
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     width = 0.8 / max(1, len(providers))
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(groups), 4.2))

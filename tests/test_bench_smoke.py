@@ -70,6 +70,17 @@ def test_plot_from_csv(tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_groups_keep_shapes_apart():
+    """Bar groups are labelled by the fewest leading parts of the shape that still tell shapes apart."""
+    from benchmarks import plot
+
+    assert plot.short_shapes(["tiny:d384:l4", "base:d512:l6", "tiny:d384:l4"]) == {
+        "tiny:d384:l4": "tiny", "base:d512:l6": "base"}
+    assert plot.short_shapes(["M1500:384x384:r96", "M1500:384x1536:r154", "M16:384x384:r96"]) == {
+        "M1500:384x384:r96": "M1500:384x384", "M1500:384x1536:r154": "M1500:384x1536", "M16:384x384:r96": "M16:384x384"}
+    assert plot.short_shapes(["a:b", "a"]) == {"a:b": "a:b", "a": "a"}
+
+
 def test_flop_count_matches_formula():
     """The hook-based count equals the closed form for the dense encoder."""
     enc = bench.build_encoders(TOY)["dense"]
