@@ -218,6 +218,28 @@ def test_rank_linear_matches_reference(case, dtype):
     check_rank_linear_case(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in LINEAR_CASES if c[0] <= 8 and c[4] != "fp"],
+                         ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_16bit_decoding(case, dtype):
+    """A few rows of 16-bit x with quantised factors: the decode path widens x and the bias in its loops and
+    rounds the float32 result once to x's dtype (no ATen casts)."""
+    check_rank_linear_case(case, dtype)
+
+
+def test_rank_linear_16bit_decoding_takes_strided_x():
+    """x as a non-contiguous (1, 1, in) view, bf16, no bias: the same result as from a contiguous copy."""
+    gen = torch.Generator().manual_seed(2)
+    fa, fb = (_factor("nf4", 64, torch.randn(24, n, generator=gen)) for n in (384, 96))
+    x = torch.randn(1, 384, 2, generator=gen).to(torch.bfloat16)[..., 0].unsqueeze(0)  # stride 2 along in
+    assert not x.is_contiguous()
+    out = torch.ops.adaptwin.rank_linear(x, *fa, *fb, None)
+    assert out.shape == (1, 1, 96) and out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.ops.adaptwin.rank_linear(x.contiguous(), *fa, *fb, None))
+    ref64 = rank_linear_reference(x.double(), *fa, *fb, None)
+    assert_within_twice(out, rank_linear_reference(x, *fa, *fb, None), ref64)
+
+
 @pytest.mark.parametrize("rows", [1, 17])
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_rank_linear_one_factor(rows, which):
