@@ -4,7 +4,9 @@
 # slow one cannot eat the call, and pytest prints its failures (-rf) before the figures start.
 #   bash benchmarks/gpu_session.sh                          # tests, then every figure
 #   BENCH_ARGS="--tune --dtypes fp16" TESTS=0 bash benchmarks/gpu_session.sh
-# Env: TESTS (1: run the CUDA tests), TEST_S / BENCH_S (seconds), JOBS (pytest workers), BENCH_ARGS.
+#   PROFILE=1 TESTS=0 BENCH=0 bash benchmarks/gpu_session.sh    # Nsight Compute on benchmarks.gpu_profile
+# Env: TESTS (1: run the CUDA tests), BENCH (1: the figures), PROFILE (0: ncu), TEST_S / BENCH_S / PROFILE_S
+# (seconds), JOBS (pytest workers), BENCH_ARGS, PROFILE_CALLS (gpu_profile --calls).
 set -u
 out=${OUT:-results/gpu}
 mkdir -p "$out"
@@ -17,9 +19,19 @@ if [ "${TESTS:-1}" = 1 ]; then
     echo "pytest exit $?"
     grep -E "^FAILED|^ERROR|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
 fi
-# bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows
-PYTHONPATH=.device/site timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu_kernels ${BENCH_ARGS:-} \
-    --out "$out/gpu_kernels.csv" 2>"$out/progress.log" >"$out/gpu_kernels.log"
-echo "gpu_kernels exit $?"
-tail -n 80 "$out/gpu_kernels.log"
-tail -n 3 "$out/progress.log"
+if [ "${BENCH:-1}" = 1 ]; then
+    # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows
+    PYTHONPATH=.device/site timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu_kernels ${BENCH_ARGS:-} \
+        --out "$out/gpu_kernels.csv" 2>"$out/progress.log" >"$out/gpu_kernels.log"
+    echo "gpu_kernels exit $?"
+    tail -n 80 "$out/gpu_kernels.log"
+    tail -n 3 "$out/progress.log"
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+    timeout "${PROFILE_S:-400}" ncu --csv --page details --set detailed \
+        -k regex:'_gemv|_fused|_dequant|_attention|_sum_rows|_gemm' \
+        python3 -m benchmarks.gpu_profile --calls "${PROFILE_CALLS:-gemv,batched,attention}" \
+        >"$out/ncu.csv" 2>"$out/ncu.log"
+    echo "ncu exit $?"
+    python3 -m benchmarks.gpu_profile --summarize "$out/ncu.csv" | tee "$out/ncu_summary.txt"
+fi

@@ -95,3 +95,49 @@ def test_checks_and_rows_on_cpu_under_the_interpreter():
 def test_quick_run_on_gpu(tmp_path):
     assert gpu_kernels.main(["--quick", "--dtypes", "fp16", "--out", str(tmp_path / "g.csv")]) == 0
     assert (tmp_path / "g.csv").exists()
+
+
+NCU_HEADER = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+              "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+NCU_ROWS = [  # (ID, kernel, section, metric, unit, value): what `ncu --csv --page details` prints, in part
+    ("0", "_gemv_nf4_rows_kernel(void*, int)", "GPU Speed Of Light Throughput", "Duration", "us", "7.42"),
+    ("0", "_gemv_nf4_rows_kernel(void*, int)", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "12.5"),
+    ("0", "_gemv_nf4_rows_kernel(void*, int)", "Launch Statistics", "Waves Per SM", "", "0.48"),
+    ("1", "_sum_rows_kernel(void*)", "Occupancy", "Achieved Occupancy", "%", "9.1"),
+]
+
+
+def _ncu_csv() -> str:
+    """A program's output under ncu: its own lines, then the quoted CSV."""
+    quoted = [",".join(f'"{v}"' for v in NCU_HEADER)]
+    for launch, kernel, section, metric, unit, value in NCU_ROWS:
+        row = (launch, "1", "python3", "h", kernel, "1", "7", "(128, 1, 1)", "(32, 8, 1)", "0", "9.0", section,
+               metric, unit, value)
+        quoted.append(",".join(f'"{v}"' for v in row))
+    return "==PROF== Connected to process 1 (python3)\nran gemv d4096 planned\n" + "\n".join(quoted) + "\n"
+
+
+def test_profile_summary_reads_ncu_csv(tmp_path, capsys):
+    from benchmarks import gpu_profile
+
+    path = tmp_path / "ncu.csv"
+    path.write_text(_ncu_csv())
+    rows = gpu_profile.summarize(str(path))
+    assert rows == [["0", "_gemv_nf4_rows_kernel", "7.42 us", "12.5 %", "-", "-", "-", "-"],
+                    ["1", "_sum_rows_kernel", "-", "-", "-", "-", "9.1 %", "-"]]
+    assert gpu_profile.main(["--summarize", str(path)]) == 0
+    assert "_gemv_nf4_rows_kernel" in capsys.readouterr().out
+    (tmp_path / "other.csv").write_text('"a","b"\n"1","2"\n')
+    with pytest.raises(SystemExit) as exc:
+        gpu_profile.main(["--summarize", str(tmp_path / "other.csv")])
+    assert exc.value.code == 2 and "not ncu --csv --page details output" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_profile_calls_run_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_profile", "--small"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = [line for line in proc.stderr.splitlines() if line.startswith("ran ")]
+    assert len(ran) == 8 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
