@@ -1,17 +1,20 @@
-"""Batch-1 rank-r linear with NF4 factors vs dense fp32 F.linear on CPU (decoding-shaped: x is (1, in)).
+"""Batch-1 rank-r linear with NF4 factors vs dense F.linear on CPU (decoding-shaped: x is (1, in)).
 
     python -m benchmarks.rank_linear_speed [--sizes 384,768,1536,3072] [--repeats 30] [--threads 2]
-        [--cpp-loop] [--out results/rank_linear_speed.csv]
+        [--dtype fp32] [--cpp-loop] [--out results/rank_linear_speed.csv]
+
+``--dtype`` (fp32 or bf16) is x's, the dense weight's, the bias's and the plain factors' (like with like);
+the quantised factors are the same codes either way.
 
 For each (in, out) the rank is the one that halves the parameters (r·(in + out) = in·out / 2, the
 compression ratio 0.5 of the encoder benchmark). Providers, timed interleaved in one run:
 
-* ``dense``: ``F.linear(x, W)`` with W (out, in) float32: the original layer.
+* ``dense``: ``F.linear(x, W)`` with W (out, in) in the run's dtype: the original layer.
 * ``nf4``: ``torch.ops.adaptwin.rank_linear`` with both factors NF4 (blocksize 64): the C++ decode path
   where ``adaptwin._C`` is built, else the reference.
 * ``int8``: the same op with per-row int8 factors.
 * ``nf4_reference``: the op's pure-PyTorch reference on the NF4 factors (dequantise, then two GEMMs).
-* ``lowrank_fp32``: two F.linear with float32 factors (low rank, no quantisation).
+* ``lowrank``: two F.linear with plain factors in the run's dtype (low rank, no quantisation).
 
 These run under ``torch.inference_mode``. Two more run, interleaved, under ``torch.no_grad`` (as ``generate``
 does), where a custom op's Python autograd kernel runs on every call:
@@ -53,7 +56,8 @@ from benchmarks.common import (
 )
 
 BENCHMARK = "rank_linear_speed"
-PROVIDERS = ("dense", "nf4", "int8", "nf4_reference", "lowrank_fp32")
+PROVIDERS = ("dense", "nf4", "int8", "nf4_reference", "lowrank")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def half_rank(n_in: int, n_out: int) -> int:
@@ -84,7 +88,8 @@ def load_cpp_loop():
     return load(name="adaptwin_bench_dispatch_loop", sources=[str(source)], extra_cflags=["-O2"], verbose=False)
 
 
-def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp=None) -> list[dict]:
+def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp=None,
+             dtype: str = "fp32") -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     r = half_rank(n_in, n_out)
     w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
@@ -93,9 +98,11 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
     b = (u[:, :r] * s[:r].sqrt()).t().contiguous()  # (r, out)
     bias = torch.randn(n_out, generator=gen)
     x = torch.randn(1, n_in, generator=gen)
-    nf4 = _args(quant.QuantFormat("nf4", 64), a, b, bias)
-    int8 = _args(quant.QuantFormat("int8", 0), a, b, bias)
+    t = DTYPES[dtype]
+    nf4 = _args(quant.QuantFormat("nf4", 64), a, b, bias.to(t))
+    int8 = _args(quant.QuantFormat("int8", 0), a, b, bias.to(t))
     bt = b.t().contiguous()  # (out, r) for F.linear
+    x, w, a, bt, bias = (v.to(t) for v in (x, w, a, bt, bias))
     op = torch.ops.adaptwin.rank_linear
 
     def rep(fn):
@@ -109,20 +116,20 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
         "nf4": rep(lambda: op(x, *nf4)),
         "int8": rep(lambda: op(x, *int8)),
         "nf4_reference": rep(lambda: rank_linear_reference(x, *nf4)),
-        "lowrank_fp32": rep(lambda: F.linear(F.linear(x, a), bt, bias)),
+        "lowrank": rep(lambda: F.linear(F.linear(x, a), bt, bias)),
     }
     weight_bytes = {"dense": _nbytes(w, bias), "nf4": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "nf4_no_grad": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "nf4_no_grad_direct": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "int8": _nbytes(*int8[:2], *int8[5:7], bias), "nf4_reference": _nbytes(*nf4[:2], *nf4[5:7], bias),
-                    "lowrank_fp32": _nbytes(a, bt, bias)}
+                    "lowrank": _nbytes(a, bt, bias)}
     ref = F.linear(x.double(), w.double(), bias.double())
     errs = {p: float((fn_out - ref).norm() / ref.norm()) for p, fn_out in (
         ("dense", F.linear(x, w, bias).double()), ("nf4", op(x, *nf4).double()),
         ("nf4_no_grad", run_rank_linear(x, *nf4).double()), ("nf4_no_grad_direct", op(x, *nf4).double()),
         ("int8", op(x, *int8).double()),
         ("nf4_reference", rank_linear_reference(x, *nf4).double()),
-        ("lowrank_fp32", F.linear(F.linear(x, a), bt, bias).double()))}
+        ("lowrank", F.linear(F.linear(x, a), bt, bias).double()))}
     no_grad = {"nf4_no_grad": rep(lambda: run_rank_linear(x, *nf4)),
                "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
     loops = {}
@@ -152,7 +159,7 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
         t = timings[p]
         dense = timings["dense_cpp_loop" if p.endswith("_cpp_loop") else "dense"].p50
         rows.append({
-            "benchmark": BENCHMARK, "shape": f"{n_in}x{n_out}:r{r}", "dtype": "fp32", "provider": p,
+            "benchmark": BENCHMARK, "shape": f"{n_in}x{n_out}:r{r}", "dtype": dtype, "provider": p,
             "p20_ms": t.p20, "p50_ms": t.p50, "p80_ms": t.p80, "repeats": repeats, "ratio_p50": t.p50 / dense,
             "gflop": 2 * (n_in * n_out if p.startswith("dense") else r * (n_in + n_out)) / 1e9,
             "rel_err": errs[p], "device": device_string(), "threads": torch.get_num_threads(),
@@ -168,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--inner", type=int, default=20, help="calls per timed sample")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="x, dense weight, bias, plain factors")
     ap.add_argument("--cpp-loop", action="store_true",
                     help="also time both layers in C++ loops (no Python per call); builds a small extension")
     ap.add_argument("--out", default="results/rank_linear_speed.csv")
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for n_in, n_out in shapes:
         print(f"timing {n_in}x{n_out}...", flush=True)
-        rows += run_size(n_in, n_out, args.repeats, args.inner, cpp=cpp)
+        rows += run_size(n_in, n_out, args.repeats, args.inner, cpp=cpp, dtype=args.dtype)
     table = [[r["shape"], r["provider"], r["p20_ms"] * 1e3, r["p50_ms"] * 1e3, r["p80_ms"] * 1e3,
               f"{r['ratio_p50']:.3f}x", f"{1 / r['ratio_p50']:.2f}x", r["_bytes"] / 1e6,
               r["_bytes"] / (r["p50_ms"] * 1e-3) / 1e9, f"{r['rel_err']:.1e}", f"{r['other_load']:.2f}"]

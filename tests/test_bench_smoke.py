@@ -231,3 +231,18 @@ def test_rank_linear_rows_benchmark(tmp_path, capsys):
             rows_bench.main(["--shapes", bad, "--out", str(out)])
         assert exc.value.code == 2
         assert "ROWSxINxOUT" in capsys.readouterr().err
+
+
+def test_rank_linear_speed_benchmark_in_bf16(tmp_path):
+    """benchmarks/rank_linear_speed.py with --dtype bf16 at a toy size: every provider, like with like."""
+    from benchmarks import rank_linear_speed as speed
+
+    out = tmp_path / "speed.csv"
+    assert speed.main(["--sizes", "64", "--repeats", "2", "--inner", "1", "--threads", "1", "--dtype", "bf16",
+                       "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(speed.PROVIDERS) <= set(rows) and {r["dtype"] for r in rows.values()} == {"bf16"}
+    assert float(rows["dense"]["ratio_p50"]) == 1.0 and float(rows["nf4"]["p50_ms"]) > 0
+    with pytest.raises(SystemExit):
+        speed.main(["--dtype", "fp16", "--out", str(out)])
