@@ -189,11 +189,6 @@ at::Tensor dequantize(const Factor& f) {
   return out;
 }
 
-// t as a contiguous float32 tensor: t itself when it already is one.
-at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-}
-
 Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& scale,
                    c10::string_view format_name, int64_t blocksize, c10::SymIntArrayRef shape_sym) {
   Factor f;
@@ -241,22 +236,6 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
   f.keep_scale = as_float(*scale);
   f.scale = f.keep_scale.data_ptr<float>();
   return f;
-}
-
-// float32 values of a contiguous float32 / bf16 / fp16 tensor: its own data, or converted into buf (a loop, not
-// an ATen cast: a batch-1 call is a few microseconds, and each ATen call costs about one).
-const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
-  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
-  buf.resize(static_cast<size_t>(t.numel()));
-  if (t.scalar_type() == at::kBFloat16) {
-    const at::BFloat16* src = t.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
-  } else {
-    TORCH_CHECK(t.scalar_type() == at::kHalf, "rank_linear: float32, bf16 or fp16 expected, got ", t.scalar_type());
-    const at::Half* src = t.data_ptr<at::Half>();
-    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
-  }
-  return buf.data();
 }
 
 // Batch-1 decoding with a quantised first factor, x float32, bf16 or fp16: the whole op as raw loops over

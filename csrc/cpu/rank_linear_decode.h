@@ -1,6 +1,6 @@
 // Factor storage and decoding for the CPU kernel of adaptwin::rank_linear (included by rank_linear.cpp only):
-// the Factor view of a packed or plain factor, NF4 / int8 decoding of a run of elements into floats
-// (scalar and AVX-512), and float32 dot / axpy. Layouts: adaptwin/ops/rank_linear.py.
+// the Factor view of a packed or plain factor, float32 views of tensors, NF4 / int8 decoding of a run of
+// elements into floats (scalar and AVX-512), and float32 dot / axpy. Layouts: adaptwin/ops/rank_linear.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -36,6 +36,29 @@ struct Factor {
   at::Tensor keep;  // owns converted storage
   at::Tensor keep_scale;
 };
+
+// --- float32 views of tensors -------------------------------------------------------------------------
+
+// t as a contiguous float32 tensor: t itself when it already is one.
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
+// float32 values of a contiguous float32 / bf16 / fp16 tensor: its own data, or converted into buf (a loop, not
+// an ATen cast: a batch-1 call is a few microseconds, and each ATen call costs about one).
+const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  buf.resize(static_cast<size_t>(t.numel()));
+  if (t.scalar_type() == at::kBFloat16) {
+    const at::BFloat16* src = t.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kHalf, "rank_linear: float32, bf16 or fp16 expected, got ", t.scalar_type());
+    const at::Half* src = t.data_ptr<at::Half>();
+    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
+  }
+  return buf.data();
+}
 
 // --- decoding of elements [e0, e0 + len) of the flat (k, n) factor into out -----------------------
 
