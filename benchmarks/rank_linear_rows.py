@@ -39,11 +39,10 @@ from benchmarks.common import (
     versions,
     write_rows,
 )
-from benchmarks.rank_linear_speed import half_rank
+from benchmarks.rank_linear_speed import DTYPES, _args, half_rank_layer
 
 BENCHMARK = "rank_linear_rows"
 PROVIDERS = ("dense", "nf4", "int8", "nf4_reference", "fp")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHAPES = "1500x384x384,1500x384x1536,1500x1536x384"  # Whisper-tiny's encoder: attention, FFN in, FFN out
 
 
@@ -60,26 +59,14 @@ def parse_shapes(ap: argparse.ArgumentParser, text: str) -> list[tuple[int, int,
     return shapes
 
 
-def _quantised(kind: str, blocksize: int, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
-    fmt = quant.QuantFormat(kind, blocksize)
-    sa, sb = fmt.quantize(a), fmt.quantize(b)
-    return (sa["qweight"], fmt.scale(sa), kind, blocksize, list(a.shape),
-            sb["qweight"], fmt.scale(sb), kind, blocksize, list(b.shape), bias)
-
-
 def run_shape(rows: int, n_in: int, n_out: int, dname: str, repeats: int, seed: int = 0) -> list[dict]:
     dtype = DTYPES[dname]
     gen = torch.Generator().manual_seed(seed)
-    r = half_rank(n_in, n_out)
-    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    a = s[:r, None].sqrt() * vh[:r]  # (r, in)
-    b = (u[:, :r] * s[:r].sqrt()).t().contiguous()  # (r, out)
-    bias = torch.randn(n_out, generator=gen)
+    w, a, b, bias, r = half_rank_layer(n_in, n_out, gen)
     x64 = torch.randn(rows, n_in, generator=gen, dtype=torch.float64)
     x, wd, bd = x64.to(dtype), w.to(dtype), bias.to(dtype)
-    nf4 = _quantised("nf4", 64, a, b, bd)
-    int8 = _quantised("int8", 0, a, b, bd)
+    nf4 = _args(quant.QuantFormat("nf4", 64), a, b, bd)
+    int8 = _args(quant.QuantFormat("int8", 0), a, b, bd)
     fp = (a.to(dtype), None, "fp", 0, [r, n_in], b.to(dtype), None, "fp", 0, [r, n_out], bd)
     op = torch.ops.adaptwin.rank_linear
     fns = {

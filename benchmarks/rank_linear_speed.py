@@ -65,6 +65,17 @@ def half_rank(n_in: int, n_out: int) -> int:
     return max(1, round(n_in * n_out / (2 * (n_in + n_out))))
 
 
+def half_rank_layer(n_in: int, n_out: int, gen: torch.Generator) -> tuple:
+    """(W (out, in), A (r, in), B (r, out), bias, r): a random float32 layer and its SVD factors at the rank
+    that halves the parameters (the singular values split evenly between A and B)."""
+    r = half_rank(n_in, n_out)
+    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    a = s[:r, None].sqrt() * vh[:r]
+    b = (u[:, :r] * s[:r].sqrt()).t().contiguous()
+    return w, a, b, torch.randn(n_out, generator=gen), r
+
+
 def _args(fmt: quant.QuantFormat, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
     sa, sb = fmt.quantize(a), fmt.quantize(b)
     return (sa["qweight"], fmt.scale(sa), fmt.kind, fmt.blocksize, list(a.shape),
@@ -91,12 +102,7 @@ def load_cpp_loop():
 def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp=None,
              dtype: str = "fp32") -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
-    r = half_rank(n_in, n_out)
-    w = torch.randn(n_out, n_in, generator=gen) / n_in**0.5
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    a = s[:r, None].sqrt() * vh[:r]  # (r, in)
-    b = (u[:, :r] * s[:r].sqrt()).t().contiguous()  # (r, out)
-    bias = torch.randn(n_out, generator=gen)
+    w, a, b, bias, r = half_rank_layer(n_in, n_out, gen)
     x = torch.randn(1, n_in, generator=gen)
     t = DTYPES[dtype]
     nf4 = _args(quant.QuantFormat("nf4", 64), a, b, bias.to(t))
