@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adaptwin.ops.backends import call_without_autograd
+from adaptwin.ops.backends import FAST, _is_compiling, call_without_autograd
 
 # CPU SDPA (the flash kernel) wants one head width for q, k and v (else it falls back to the math path,
 # which materialises every T×S score matrix), and its blocked GEMMs are markedly slower at some widths.
@@ -126,6 +126,11 @@ def attend(
         weights = F.dropout(weights, p=dropout, training=dropout > 0)
         return torch.matmul(weights, v).transpose(1, 2), weights
     if dropout == 0.0 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        fast = FAST.get("attention") if _run_op is _OP else None  # adaptwin._C's entry (backends.FAST)
+        if fast is not None and not _is_compiling():
+            out = fast(q, k, v, mask, float(scale), causal)
+            if out is not NotImplemented:
+                return out, None  # (B, T, H, Dv)
         return call_without_autograd(_run_op, q, k, v, mask, float(scale), causal), None  # (B, T, H, Dv)
     return _sdpa(q, k, v, mask, scale, causal, dropout).transpose(1, 2), None
 
@@ -224,4 +229,5 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 # What `attend` calls for inference: the op (the dispatcher picks the C++ / CUDA / Triton kernel or the
 # reference). A module global so that a benchmark can point it at `attention_reference` to compare.
-_run_op = torch.ops.adaptwin.attention
+_OP = torch.ops.adaptwin.attention
+_run_op = _OP

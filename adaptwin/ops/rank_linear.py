@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adaptwin import quant
-from adaptwin.ops.backends import call_without_autograd
+from adaptwin.ops.backends import FAST, _is_compiling, call_without_autograd
 
 FORMATS = ("fp", *quant.FORMATS)
 
@@ -157,7 +157,13 @@ def run_rank_linear(
     bias: Tensor | None,
 ) -> Tensor:
     """`rank_linear` as modules call it: the same op, run below the autograd key when there is no gradient to
-    record (grad mode off, or no argument requires grad): see `backends.call_without_autograd`."""
+    record (grad mode off, or no argument requires grad): through ``adaptwin._C``'s entry point where it
+    takes the call (`backends.FAST`), else `backends.call_without_autograd`."""
+    fast = FAST.get("rank_linear")
+    if fast is not None and not _is_compiling():
+        y = fast(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
+        if y is not NotImplemented:
+            return y
     if torch.is_grad_enabled() and (x.requires_grad or (a is not None and a.requires_grad)
                                     or (b is not None and b.requires_grad)
                                     or (bias is not None and bias.requires_grad)):

@@ -102,9 +102,11 @@ ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* 
     for (int64_t r = 0; r < f.k; ++r) {
       const uint8_t* p = codes + (r * f.n + c) / 2;
       const float* scale = f.scale + r * blocks;
-      const __m512 hr = _mm512_set1_ps(h[r]);
+      // h[r] times the scale, once per scale block (groups run through the blocks in order)
+      int64_t block = block_of[0];
+      __m512 coef = _mm512_set1_ps(h[r] * scale[block]);
       for (int g = 0; g < groups; ++g) {
-        const __m512 coef = _mm512_mul_ps(hr, _mm512_set1_ps(scale[block_of[g]]));
+        if (block_of[g] != block) block = block_of[g], coef = _mm512_set1_ps(h[r] * scale[block]);
         acc[g] = _mm512_fmadd_ps(coef, nf4_16(p + 8 * g, lut), acc[g]);
       }
     }
