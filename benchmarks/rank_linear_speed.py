@@ -19,7 +19,11 @@ compression ratio 0.5 of the encoder benchmark). Providers, timed interleaved in
 These run under ``torch.inference_mode``. Two more run, interleaved, under ``torch.no_grad`` (as ``generate``
 does), where a custom op's Python autograd kernel runs on every call:
 
-* ``nf4_no_grad``: the NF4 op as the compressed modules call it, `run_rank_linear` (below the autograd key);
+* ``nf4_no_grad``: the NF4 op as the compressed modules call it, `run_rank_linear`: through
+  ``adaptwin._C``'s entry point (arguments converted in C++, the op called through the C++ dispatcher
+  below the autograd keys; `adaptwin.ops.backends.FAST`) where the extension is built;
+* ``nf4_no_grad_torch_ops``: the op through ``torch.ops`` below the autograd key
+  (`backends.call_without_autograd`), what `run_rank_linear` does without that entry point;
 * ``nf4_no_grad_direct``: the op called directly, through its autograd kernel.
 
 With ``--cpp-loop``, two more, timed in loops written in C++ (``benchmarks/cpp/dispatch_loop.cpp``, built
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 
 from adaptwin import quant
 from adaptwin.ops import backends
+from adaptwin.ops.backends import call_without_autograd
 from adaptwin.ops.rank_linear import rank_linear_reference, run_rank_linear
 from benchmarks.common import (
     OtherLoad,
@@ -127,16 +132,19 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
     weight_bytes = {"dense": _nbytes(w, bias), "nf4": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "nf4_no_grad": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "nf4_no_grad_direct": _nbytes(*nf4[:2], *nf4[5:7], bias),
+                    "nf4_no_grad_torch_ops": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "int8": _nbytes(*int8[:2], *int8[5:7], bias), "nf4_reference": _nbytes(*nf4[:2], *nf4[5:7], bias),
                     "lowrank": _nbytes(a, bt, bias)}
     ref = F.linear(x.double(), w.double(), bias.double())
     errs = {p: float((fn_out - ref).norm() / ref.norm()) for p, fn_out in (
         ("dense", F.linear(x, w, bias).double()), ("nf4", op(x, *nf4).double()),
         ("nf4_no_grad", run_rank_linear(x, *nf4).double()), ("nf4_no_grad_direct", op(x, *nf4).double()),
+        ("nf4_no_grad_torch_ops", call_without_autograd(op.default, x, *nf4).double()),
         ("int8", op(x, *int8).double()),
         ("nf4_reference", rank_linear_reference(x, *nf4).double()),
         ("lowrank", F.linear(F.linear(x, a), bt, bias).double()))}
     no_grad = {"nf4_no_grad": rep(lambda: run_rank_linear(x, *nf4)),
+               "nf4_no_grad_torch_ops": rep(lambda: call_without_autograd(op.default, x, *nf4)),
                "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
     loops = {}
     if cpp is not None:
