@@ -183,3 +183,17 @@ def test_attend_keeps_a_swapped_op(monkeypatch):
     with torch.no_grad():
         attend(*_attention_args()[:5])
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_entries_on_cuda_tensors_reach_the_cuda_kernels():
+    """On CUDA tensors the entry points call the CUDA kernels (Triton, registered from Python, or CUDA C++)
+    through the dispatcher, the GIL released and taken back by the Python kernels."""
+    args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _linear_args(1))
+    qkv = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _attention_args())
+    with torch.no_grad():
+        out = backends.FAST["rank_linear"](*args)
+        assert out.is_cuda and torch.equal(out, OP(*args))
+        att = backends.FAST["attention"](*qkv)
+        assert att.is_cuda and torch.equal(att, torch.ops.adaptwin.attention(*qkv))
