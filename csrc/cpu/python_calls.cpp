@@ -1,13 +1,15 @@
-// Fast Python entry points of the two ops for inference calls: `adaptwin._C.call_rank_linear(...)` and
+// Fast Python entry points of the two ops for CPU inference calls: `adaptwin._C.call_rank_linear(...)` and
 // `adaptwin._C.call_attention(...)` take the op's arguments positionally and call it through the C++
-// dispatcher below the autograd keys, the GIL released; the dispatcher still picks the backend (CPU C++,
-// CUDA C++, Triton or the reference: Python kernels take the GIL back). They exist because `torch.ops`
+// dispatcher below the autograd keys, the GIL released (the dispatcher still picks the kernel, and
+// dispatch modes still see the call). They exist because `torch.ops`
 // converts arguments for any schema (a stack of IValues, a __torch_function__ scan of each one) and a
 // custom op's Python autograd kernel runs even under no_grad: for a 12-argument rank_linear call that
 // took 4.8 us of a batch-1 NF4 call at d = 384 (8.1 us, against 13.6 us for the dense F.linear).
 //
 // They answer NotImplemented, and the caller takes the `torch.ops` path, for anything not plainly an
-// inference call on plain tensors: a gradient to record (grad mode on and an argument requiring grad),
+// inference call on plain CPU tensors: a tensor on another device (on CUDA the Triton kernels are Python
+// functions, which a C++ call would reach through a second argument conversion; that path is also not
+// one a CPU-only machine can test), a gradient to record (grad mode on and an argument requiring grad),
 // a Tensor subclass other than Parameter (it may override __torch_function__), an active
 // __torch_function__ mode, or an argument of another Python type than the schema's (so errors are
 // raised by the op's own checks). Dispatch modes (TorchDispatchMode, FakeTensorMode) act in the
@@ -79,11 +81,14 @@ bool read_shape(PyObject* o, c10::SymInt* buf, Py_ssize_t* n) {
   return true;
 }
 
-bool needs_grad(std::initializer_list<const at::Tensor*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const at::Tensor* t : tensors)
-    if (t != nullptr && t->defined() && t->requires_grad()) return true;
-  return false;
+// Whether the call is for the entry point: every tensor on the CPU, and no gradient to record.
+bool plain_cpu_inference(std::initializer_list<const at::Tensor*> tensors) {
+  const bool grad = at::GradMode::is_enabled();
+  for (const at::Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if (!t->device().is_cpu() || (grad && t->requires_grad())) return false;
+  }
+  return true;
 }
 
 PyObject* not_implemented() {
@@ -107,7 +112,9 @@ PyObject* call_rank_linear(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
       !read_opt_tensor(args[6], &b) || !read_opt_tensor(args[7], &b_scale) || !read_str(args[8], &b_format) ||
       !read_int(args[9], &b_blocksize) || !read_shape(args[10], b_shape, &nb) || !read_opt_tensor(args[11], &bias))
     return not_implemented();
-  if (needs_grad({x, a ? &*a : nullptr, b ? &*b : nullptr, bias ? &*bias : nullptr})) return not_implemented();
+  if (!plain_cpu_inference({x, a ? &*a : nullptr, a_scale ? &*a_scale : nullptr, b ? &*b : nullptr,
+                            b_scale ? &*b_scale : nullptr, bias ? &*bias : nullptr}))
+    return not_implemented();
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("adaptwin::rank_linear", "").typed<RankLinear>();
   at::Tensor out;
@@ -133,7 +140,7 @@ PyObject* call_attention(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
     return not_implemented();
   const double scale = PyFloat_AsDouble(args[4]);
   if (scale == -1.0 && PyErr_Occurred()) return not_implemented();
-  if (needs_grad({q, k, v})) return not_implemented();
+  if (!plain_cpu_inference({q, k, v, mask ? &*mask : nullptr})) return not_implemented();
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("adaptwin::attention", "").typed<Attention>();
   at::Tensor out;
   {
