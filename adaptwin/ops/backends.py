@@ -30,8 +30,8 @@ OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 # at d = 384 went from 9.4 to 5.5 us under torch.no_grad on the 2-core CPU (benchmarks.rank_linear_speed,
 # nf4_no_grad). It answers NotImplemented, and the caller goes on to `call_without_autograd`, for tensors
 # off the CPU, where a gradient is to be recorded, for Tensor subclasses other than Parameter, under a
-# __torch_function__ mode and for arguments not of the schema's plain Python types. `run_rank_linear` and `attend` call it, never
-# while torch.compile traces (the op is traced as is).
+# __torch_function__ mode and for arguments not of the schema's plain Python types. `run_rank_linear` and
+# `attend` call it, never while torch.compile traces (the op is traced as is).
 FAST: dict[str, object] = {}
 
 
