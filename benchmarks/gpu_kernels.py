@@ -25,7 +25,10 @@ float64 reference.
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
    Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. A second
    adaptwin row takes the code values from a register table by warp shuffles (``GATHER``) instead of a
-   select tree. ``--tune`` adds a row with the best tiles of the two whole-byte NF4 kernels.
+   select tree; a third runs the whole call in one launch (``gemv="one_launch"``: h per slab of rank rows,
+   its products with B added atomically into a float32 workspace, the last program of each column chunk
+   writing the output) instead of two or three. ``--tune`` adds rows with the best tiles of the two
+   whole-byte NF4 kernels and of the one-launch kernel.
 4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at r <= 64:
    dense fp16 `F.linear` (cuBLAS) against the op with NF4 factors as it plans the call (each factor
    decoded once per call, then one launch or cuBLAS), the same call decoding in the tiled kernels instead
@@ -73,6 +76,11 @@ GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (8, 16, 
 GEMV_TUNE_SPLITS = [{"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
 GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128) for b in (16, 32, 64)
                   for w in (4, 8) if 512 <= k * b <= 512 * w]  # 4096 bytes with 4 warps spilled
+# the one-launch GEMV: rank rows per program, bytes per tile and warps (swept first, at the planned number of
+# column chunks), then the column chunks (each one more program per slab recomputing its h)
+GEMV_TUNE_ONE = [{"SLAB": s, "BLOCK_B": b, "num_warps": w} for s in (4, 8, 16, 32) for b in (32, 64)
+                 for w in (2, 4) if 128 <= s * b <= 256 * w]
+GEMV_TUNE_CHUNKS = (1, 2, 4, 8)
 
 
 def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
@@ -291,8 +299,11 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
                 _row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
                      gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
         rows.append(_gemv_gather(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
+        rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
+                                 "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
         if tune:
             rows.append(_tune_gemv(factors, sets, x, shape, dense_us, ours_bytes, note))
+            rows.append(_tune_one_launch(factors, sets, x, shape, dense_us, ours_bytes, note))
         if lib is not None:
             bnb = lib[0]
             bnb_us = _bench(_Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
@@ -305,14 +316,47 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
 def _gemv_gather(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                  note: str, r: int, d: int) -> dict:
     """The same GEMV with code values gathered from a register table (warp shuffles) instead of selected."""
+    return _gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_gather",
+                        {"rows": {"GATHER": True}, "cols": {"GATHER": True}})
+
+
+def _gemv_config(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
+                 note: str, r: int, d: int, provider: str, config: dict) -> dict:
+    """The GEMV as the Triton launcher runs it with ``config``, checked against the dequantised factors (twice:
+    the one-launch plan must leave its workspace as it found it)."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
-    config = {"rows": {"GATHER": True}, "cols": {"GATHER": True}}
-    err = rel_err(triton_rank_linear(x, *factors[0], config=config), F.linear(x.double(), _dequant(factors[0], r, d)))
+    ref = F.linear(x.double(), _dequant(factors[0], r, d))
+    err = max(rel_err(triton_rank_linear(x, *factors[0], config=config), ref) for _ in range(2))
     if not err < 1e-2:
-        raise RuntimeError(f"rank_linear {shape} (gathered code values): relative error {err:.2e}")
+        raise RuntimeError(f"rank_linear {shape} ({provider}): relative error {err:.2e}")
     us = _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
-    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_gather", us, speedup=dense_us / us,
+    return _row("gemv", shape, "fp16", provider, us, speedup=dense_us / us, gbps=ours_bytes / us / 1e3,
+                rel_err=err, config=f"{note}; {config}")
+
+
+def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
+                     note: str) -> dict:
+    """The best tiles of the one-launch GEMV for this size (`GEMV_TUNE_ONE`, then `GEMV_TUNE_CHUNKS` with those),
+    checked once more after."""
+    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
+
+    def timed(tiles: dict) -> float:
+        config = {"gemv": "one_launch", "one_launch": tiles}
+        try:
+            return _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+        except Exception as exc:  # a tile the compiler refuses: skip it
+            print(f"  gemv {shape} one-launch tiles {tiles} failed: {type(exc).__name__}", file=sys.stderr)
+            return math.inf
+
+    best = min(GEMV_TUNE_ONE, key=timed)
+    best = min([best] + [{**best, "CHUNKS": c} for c in GEMV_TUNE_CHUNKS], key=timed)
+    config = {"gemv": "one_launch", "one_launch": best}
+    d = x.shape[1]
+    r = int(factors[0][4][0])
+    err = rel_err(triton_rank_linear(x, *factors[0], config=config), F.linear(x.double(), _dequant(factors[0], r, d)))
+    us = timed(best)
+    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_one_launch_tuned", us, speedup=dense_us / us,
                 gbps=ours_bytes / us / 1e3, rel_err=err, config=f"{note}; {config}")
 
 

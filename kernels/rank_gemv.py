@@ -152,7 +152,150 @@ def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.conste
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _gemv_nf4_one_launch_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, acc_ptr, acc_bits_ptr,
+                                count_ptr, out_ptr,
+                                R, K, N, CHUNK_BYTES, A_BS: tl.constexpr, B_BS: tl.constexpr,
+                                A_SCALE_ROW: tl.constexpr, B_SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                SLAB: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False):
+    """y = (x·Aᵀ)·B + bias for one row x in one launch: A (R, K) with its NF4 codes packed along K, B (R, N)
+    packed along N, read as whole bytes. Program (s, c) owns rank rows [s·SLAB, (s + 1)·SLAB) and byte
+    columns [c·CHUNK_BYTES, (c + 1)·CHUNK_BYTES) of B: it computes its SLAB entries of h over all of K (the
+    programs of the other column chunks recompute them, reading A from L2), multiplies them by its rows of
+    B over its columns and adds the float32 products into ``acc`` (N floats, zero on entry) atomically.
+    The last program of a column chunk to finish (a ticket per chunk in ``count``, zero on entry) takes the
+    chunk's sums out of ``acc`` by atomic exchange (of their bits, ``acc_bits`` being the same memory as
+    int32: the interpreter exchanges integers only), leaving the zeros the next call expects, adds the bias
+    and writes y in out's dtype, then resets its ticket. Against the split plan (x·Aᵀ, h·B, a sum of K
+    splits: three launches) it trades two launches for R·N float32 atomic adds and SLAB·K/2 bytes of A
+    read again per extra chunk. A_SCALE_ROW / B_SCALE_ROW: every tile lies in one scale block of each row."""
+    slab = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rr = slab * SLAB + tl.arange(0, SLAB)
+    r_ok = rr < R
+    table = nf4_table(SLAB)
+    # h[rr] = A[rr, :]·x: byte kb of a row holds elements 2·kb (high nibble) and 2·kb + 1 (low); the next
+    # tile's bytes and scales are loaded before this one is decoded (software prefetch, as in the GEMVs)
+    a_bytes = K // 2
+    acc = tl.zeros((SLAB, BLOCK_B), tl.float32)
+    kb = tl.arange(0, BLOCK_B)
+    ok = r_ok[:, None] & (kb < a_bytes)[None, :]
+    byte = tl.load(a_ptr + rr[:, None] * a_bytes + kb[None, :], mask=ok, other=0)
+    if A_SCALE_ROW:
+        sc = tl.load(a_scale_ptr + rr * (K // A_BS), mask=r_ok, other=0.0)[:, None]
+    else:
+        sc = gathered_scales(a_scale_ptr, rr[:, None], kb[None, :], ok, K, A_BS)
+    for kb0 in range(0, a_bytes, BLOCK_B):
+        kb = kb0 + tl.arange(0, BLOCK_B)
+        k_ok = kb < a_bytes
+        nxt = kb + BLOCK_B
+        ok = r_ok[:, None] & (nxt < a_bytes)[None, :]
+        byte_next = tl.load(a_ptr + rr[:, None] * a_bytes + nxt[None, :], mask=ok, other=0)
+        if A_SCALE_ROW:
+            sc_next = tl.load(a_scale_ptr + rr * (K // A_BS) + (2 * (kb0 + BLOCK_B)) // A_BS,
+                              mask=r_ok & (kb0 + BLOCK_B + 0 * rr < a_bytes), other=0.0)[:, None]
+        else:
+            sc_next = gathered_scales(a_scale_ptr, rr[:, None], nxt[None, :], ok, K, A_BS)
+        x2 = tl.load(x_ptr + 2 * kb[:, None] + tl.arange(0, 2)[None, :], mask=k_ok[:, None], other=0.0).to(tl.float32)
+        xe, xo = tl.split(x2)
+        b32 = byte.to(tl.int32)
+        hi, lo = nf4_lookup(b32 >> 4, table, GATHER), nf4_lookup(b32 & 15, table, GATHER)
+        acc += (hi * xe[None, :] + lo * xo[None, :]) * sc
+        byte, sc = byte_next, sc_next
+    h = tl.sum(acc, 1)  # (SLAB,), 0 for rows past R
+    # this program's share of y = h·B over its column chunk, added into acc (prefetched the same way)
+    b_bytes = N // 2
+    jb_lo = chunk * CHUNK_BYTES
+    jb_hi = tl.minimum(b_bytes, jb_lo + CHUNK_BYTES)
+    jb = jb_lo + tl.arange(0, BLOCK_B)
+    ok = r_ok[:, None] & (jb < jb_hi)[None, :]
+    byte = tl.load(b_ptr + rr[:, None] * b_bytes + jb[None, :], mask=ok, other=0)
+    if B_SCALE_ROW:
+        sc = tl.load(b_scale_ptr + rr * (N // B_BS) + (2 * jb_lo) // B_BS, mask=r_ok, other=0.0)[:, None]
+    else:
+        sc = gathered_scales(b_scale_ptr, rr[:, None], jb[None, :], ok, N, B_BS)
+    for jb0 in range(jb_lo, jb_hi, BLOCK_B):
+        jb = jb0 + tl.arange(0, BLOCK_B)
+        c_ok = jb < jb_hi
+        nxt = jb + BLOCK_B
+        ok = r_ok[:, None] & (nxt < jb_hi)[None, :]
+        byte_next = tl.load(b_ptr + rr[:, None] * b_bytes + nxt[None, :], mask=ok, other=0)
+        if B_SCALE_ROW:
+            sc_next = tl.load(b_scale_ptr + rr * (N // B_BS) + (2 * (jb0 + BLOCK_B)) // B_BS,
+                              mask=r_ok & (jb0 + BLOCK_B + 0 * rr < jb_hi), other=0.0)[:, None]
+        else:
+            sc_next = gathered_scales(b_scale_ptr, rr[:, None], nxt[None, :], ok, N, B_BS)
+        hs = sc * h[:, None]
+        b32 = byte.to(tl.int32)
+        ye = tl.sum(nf4_lookup(b32 >> 4, table, GATHER) * hs, 0)
+        yo = tl.sum(nf4_lookup(b32 & 15, table, GATHER) * hs, 0)
+        tl.atomic_add(acc_ptr + 2 * jb, ye, mask=c_ok, sem="relaxed")
+        tl.atomic_add(acc_ptr + 2 * jb + 1, yo, mask=c_ok, sem="relaxed")
+        byte, sc = byte_next, sc_next
+    # every thread's adds, then the ticket (bar.sync, then a gpu-scope acq_rel atomic: the release covers
+    # what the barrier ordered before it, and the last program's acquire sees all of it)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr + chunk, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        for jb0 in range(jb_lo, jb_hi, BLOCK_B):
+            jb = jb0 + tl.arange(0, BLOCK_B)
+            c_ok = jb < jb_hi
+            zero = tl.zeros((BLOCK_B,), tl.int32)
+            ye = tl.atomic_xchg(acc_bits_ptr + 2 * jb, zero, mask=c_ok, sem="acquire").to(tl.float32, bitcast=True)
+            yo = tl.atomic_xchg(acc_bits_ptr + 2 * jb + 1, zero, mask=c_ok, sem="acquire").to(tl.float32, bitcast=True)
+            if HAS_BIAS:
+                ye += tl.load(bias_ptr + 2 * jb, mask=c_ok, other=0.0).to(tl.float32)
+                yo += tl.load(bias_ptr + 2 * jb + 1, mask=c_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + 2 * jb, ye.to(out_ptr.dtype.element_ty), mask=c_ok)
+            tl.store(out_ptr + 2 * jb + 1, yo.to(out_ptr.dtype.element_ty), mask=c_ok)
+        tl.atomic_xchg(count_ptr + chunk, 0, sem="relaxed")  # no other program touches it in this call
+
+
 Launch = tuple  # (kernel, grid, positional arguments, keyword arguments)
+
+# The one-launch GEMV's zero-filled workspaces (float32 sums, int32 tickets), one per (device, stream): each
+# call leaves them zero again. Calls on one stream run in order; concurrent calls on two streams get
+# two workspaces. (Two CUDA graphs captured on one stream and replayed concurrently on two would share
+# one: capture them on separate streams.)
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, n: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    acc, count = _WORKSPACES.get(key, (None, None))
+    if acc is None or acc.numel() < n or count.numel() < chunks:
+        size = max(n, 0 if acc is None else acc.numel())
+        acc = torch.zeros(size, dtype=torch.float32, device=device)
+        count = torch.zeros(max(chunks, 0 if count is None else count.numel()), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (acc, count)
+    return acc, count
+
+
+def one_launch(x, a, sa, a_blocksize, b, sb, b_blocksize, r, k, n, bias, out, code, tiles: dict) -> list[Launch]:
+    """The single launch of `_gemv_nf4_one_launch_kernel` for x (1, k), A (r, k) and B (r, n) NF4 (whole
+    bytes along k and n). Tiles: SLAB rank rows per program, BLOCK_B bytes per tile, CHUNKS column chunks
+    (default: as many as bring the grid to one program per multiprocessor, at most 4, each at least one
+    tile wide), num_warps, GATHER."""
+    # 32 bytes: 64 codes, one scale block at the usual blocksize 64 (a scale per row and tile); the
+    # interpreter's cost is per program, so few there
+    t = {"SLAB": 16, "BLOCK_B": 32}
+    t.update(tiles)
+    chunks = t.pop("CHUNKS", None)
+    slab, block_b = t["SLAB"], t["BLOCK_B"]
+    slabs, col_tiles = cdiv(r, slab), cdiv(n // 2, block_b)
+    if chunks is None:
+        chunks = max(1, min(4, col_tiles, cdiv(sm_count(out.device), slabs)))
+    chunk_bytes = cdiv(col_tiles, chunks) * block_b
+    chunks = cdiv(n // 2, chunk_bytes)
+    acc, count = _workspace(out.device, n, chunks)
+    return [(_gemv_nf4_one_launch_kernel, (slabs, chunks),
+             (x, a, sa, b, sb, bias if bias is not None else code, acc, acc.view(torch.int32), count, out, r, k, n,
+              chunk_bytes),
+             dict(A_BS=a_blocksize, B_BS=b_blocksize,
+                  A_SCALE_ROW=k % a_blocksize == 0 and a_blocksize % (2 * block_b) == 0,
+                  B_SCALE_ROW=n % b_blocksize == 0 and b_blocksize % (2 * block_b) == 0,
+                  HAS_BIAS=bias is not None, **t))]
 
 
 def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> list[Launch]:

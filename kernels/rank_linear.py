@@ -9,7 +9,8 @@ y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the la
   that a rank-wide output still fills the GPU; its float32 partial rows are summed by the h·B kernel as
   it loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs,
   split over byte columns and over K (float32 partial outputs, then a small sum kernel). Both prefetch
-  their next tile's bytes.
+  their next tile's bytes. ``gemv="one_launch"`` runs the call as one kernel instead
+  (`rank_gemv._gemv_nf4_one_launch_kernel`: atomic float32 sums and a ticket per column chunk).
 - several rows (prefill, encoders, batches; ``decode="once"``, the default): a quantised factor is
   decoded once per call into x's dtype (`_dequant_kernel`, one launch per factor), then the products
   run on dense factors. Decoding inside the row tiles instead repeats the decode for every block of
@@ -31,14 +32,23 @@ from __future__ import annotations
 
 import torch
 from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
-from adaptwin.kernels.rank_gemv import GEMV_MAX_SPLITS, GEMV_WAVES, Launch, _gemv_nf4_rows_kernel, cols_launches
+from adaptwin.kernels.rank_gemv import (
+    GEMV_MAX_SPLITS,
+    GEMV_WAVES,
+    Launch,
+    _gemv_nf4_rows_kernel,
+    cols_launches,
+    one_launch,
+)
 from adaptwin.kernels.rank_tiles import _dequant_kernel, _fused_kernel, _gemm_kernel, _gemv_kernel
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
-CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode"}  # `plan`'s config: tiles per kernel, the switches
+# `plan`'s config: tiles per kernel, the switches
+CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode", "gemv", "one_launch"}
 DECODES = ("once", "tiles")  # several rows: quantised factors decoded once per call, or in every row tile
+GEMVS = ("split", "one_launch")  # batch-1 NF4 with both factors: x·Aᵀ, h·B (and a K-split sum), or one launch
 DEQUANT_BLOCK = 1024  # factor elements per program of `_dequant_kernel`
 
 
@@ -125,7 +135,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     for the one-launch kernel; "fuse": True / False to force the one launch or two products (default:
     chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
-    explains)."""
+    explains); "gemv": "split" (default) or "one_launch" (one row, both factors NF4: both products and
+    the output in `rank_gemv._gemv_nf4_one_launch_kernel`, not yet timed on a GPU), with its tiles in
+    "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}."""
     config = config or {}
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:
@@ -135,6 +147,9 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
         raise ValueError(f"rank_linear config: decode must be one of {DECODES}, got {decode!r}")
     if config.get("fuse") not in (None, True, False):
         raise ValueError(f"rank_linear config: fuse must be True, False or absent (automatic), got {config['fuse']!r}")
+    gemv = config.get("gemv", "split")
+    if gemv not in GEMVS:
+        raise ValueError(f"rank_linear config: gemv must be one of {GEMVS}, got {gemv!r}")
     M = x.shape[0]
     dev = x.device
     width = int(b_shape[1]) if b is not None else int(a_shape[0])
@@ -144,6 +159,12 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     if M > 1 and decode == "once":
         return out, _decoded_once(x, (a, a_scale, a_format, a_blocksize, a_shape),
                                   (b, b_scale, b_format, b_blocksize, b_shape), bias, out, code, config)
+    if (gemv == "one_launch" and M == 1 and a is not None and b is not None
+            and _packed(a_format, a_blocksize, int(a_shape[1])) and _packed(b_format, b_blocksize, int(b_shape[1]))):
+        r, k, n = int(a_shape[0]), int(a_shape[1]), int(b_shape[1])
+        return out, one_launch(x, a.contiguous(), _scales(a_scale, code), a_blocksize, b.contiguous(),
+                               _scales(b_scale, code), b_blocksize, r, k, n, bias, out, code,
+                               config.get("one_launch", {}))
     launches: list[Launch] = []
     if (config.get("fuse") is not False and a is not None and b is not None and M > 1
             and int(a_shape[0]) <= FUSED_MAX_RANK):

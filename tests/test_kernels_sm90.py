@@ -297,6 +297,57 @@ def test_every_gemv_tuning_config_compiles_for_sm90():
     assert not bad, bad
 
 
+def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: bool = True):
+    """The one-launch batch-1 GEMV's (kernel, grid, args, kwargs) for a d -> d NF4 call at ``rank``."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(rank, d, generator=gen)) for _ in range(2))
+    x = torch.empty(1, d, dtype=DTYPES[dtype])
+    b = torch.empty(d, dtype=x.dtype) if bias else None
+    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device), {"gemv": "one_launch", "one_launch": tiles or {}})
+    (launch,) = launches
+    return launch
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("d", [2048, 4096])
+def test_one_launch_gemv_compiles_for_sm90_with_its_ordering(dtype, d):
+    """The one-launch GEMV compiles spill-free, and its PTX orders the call as the kernel's docstring says:
+    relaxed float32 atomic adds into the workspace, a CTA barrier, then one gpu-scope acq_rel ticket per
+    program (a single thread's), and the last program's acquire exchanges of the sums."""
+    kernel, grid, args, kwargs = _one_launch(dtype, d, d // 4)
+    assert kernel.fn.__name__ == "_gemv_nf4_one_launch_kernel" and kwargs["A_SCALE_ROW"] and kwargs["B_SCALE_ROW"]
+    assert grid[0] * grid[1] >= 128  # about one program per multiprocessor or more
+    compiled = compile_sm90(kernel, args, kwargs)
+    check(compiled, tensor_cores=False)
+    ptx = [line.strip() for line in compiled.asm["ptx"].splitlines()]
+    adds = [i for i, line in enumerate(ptx) if "atom.global.gpu.relaxed.add.f32" in line or "red.global" in line]
+    ticket = [i for i, line in enumerate(ptx) if "atom.global.gpu.acq_rel.add" in line]
+    takes = [i for i, line in enumerate(ptx) if "atom.global.gpu.acquire.exch" in line]
+    assert adds and len(ticket) == 1 and takes, "\n".join(line for line in ptx if "atom" in line)
+    assert ptx[ticket[0]].startswith("@"), "the ticket must be one thread's (predicated)"
+    assert max(adds) < ticket[0] < min(takes)
+    assert any(line.startswith("bar.sync") for line in ptx[max(adds):ticket[0]]), "no barrier before the ticket"
+
+
+@pytest.mark.slow
+def test_every_one_launch_tuning_config_compiles_for_sm90():
+    """benchmarks/gpu_kernels.py --tune times each one-launch GEMV tile; none may fail to build or spill."""
+    from benchmarks.gpu_kernels import GEMV_TUNE_CHUNKS, GEMV_TUNE_ONE
+
+    bad = []
+    for tiles in GEMV_TUNE_ONE + [{"CHUNKS": c} for c in GEMV_TUNE_CHUNKS] + [{"GATHER": True}]:
+        kernel, _, args, kwargs = _one_launch("fp16", 4096, 1024, tiles, bias=False)
+        use = resources(compile_sm90(kernel, args, kwargs))
+        if use["LOCAL"] or use["STACK"]:
+            bad.append((tiles, use))
+    assert not bad, bad
+
+
 def loop_sass(compiled) -> list[str]:
     """The SASS instructions of the cubin's longest loop (the span up to its longest backward branch)."""
     text = _dump(compiled, "-sass")

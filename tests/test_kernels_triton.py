@@ -149,6 +149,7 @@ def test_triton_rank_linear(tk, case):
     if rows == 1 and fmt == "nf4":  # the whole-byte GEMVs with code values gathered from a register table,
         configs.append({"rows": {"GATHER": True}, "cols": {"GATHER": True}})  # and with x·Aᵀ split further
         configs.append({"rows": {"WAVES": 16, "MAX_SPLITS": 32}})
+        configs.append({"gemv": "one_launch"})  # both products and the output in one launch
     for config in configs:
         out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(out, ref, ref64)
@@ -255,18 +256,51 @@ def test_triton_configs_reject_unknown_keys(tk):
     gen = torch.Generator().manual_seed(12)
     fa, fb = (_factor("nf4", 64, torch.randn(8, 64, generator=gen)) for _ in range(2))
     x = torch.randn(3, 64, generator=gen)
-    allowed = r"allowed: \['cols', 'decode', 'fuse', 'fused', 'rows'\]"
+    allowed = r"allowed: \['cols', 'decode', 'fuse', 'fused', 'gemv', 'one_launch', 'rows'\]"
     with pytest.raises(ValueError, match=r"unknown keys \['fusd'\]; " + allowed):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fusd": {}})
     with pytest.raises(ValueError, match=r"decode must be one of \('once', 'tiles'\), got 'twice'"):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"decode": "twice"})
     with pytest.raises(ValueError, match="fuse must be True, False or absent"):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fuse": "yes"})
+    with pytest.raises(ValueError, match=r"gemv must be one of \('split', 'one_launch'\), got 'fused'"):
+        tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"gemv": "fused"})
     q = torch.randn(1, 1, 16, 16, generator=gen)
     with pytest.raises(ValueError, match="needs BLOCK_M and BLOCK_N"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16})
     with pytest.raises(ValueError, match="got \\['BLOCK_M', 'BLOCK_N', 'num_wraps'\\]"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "num_wraps": 4})
+
+
+@needs_interpreter
+@pytest.mark.parametrize("tiles", [{}, {"CHUNKS": 3}, {"SLAB": 8, "BLOCK_B": 16, "GATHER": True}])
+def test_triton_rank_linear_one_launch_gemv(tk, tiles):
+    """``gemv: one_launch``: one row, both factors NF4, one launch (h per slab of rank rows, its products with
+    B added into a float32 workspace, the last program of each column chunk writing the output). Ranks
+    that are not a multiple of the slab, column chunks of unequal length, B's tiles crossing scale
+    blocks (432 columns) and no bias; the workspace and tickets are zero again after every call, so a
+    second call gives the same result."""
+    from adaptwin.kernels import rank_gemv
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    gen = torch.Generator().manual_seed(31)
+    config = {"gemv": "one_launch", "one_launch": tiles}
+    for rank, n_out, with_bias in ((37, 512, True), (20, 432, False), (1, 64, True)):
+        fa = _factor("nf4", 64, torch.randn(rank, 384, generator=gen) / 384**0.5)
+        fb = _factor("nf4", 64, torch.randn(rank, n_out, generator=gen) / rank**0.5)
+        x = torch.randn(1, 384, generator=gen)
+        bias = torch.randn(n_out, generator=gen) if with_bias else None
+        _, launches = plan(x, *fa, *fb, bias, _code_on(x.device), config)
+        assert [k.fn.__name__ for k, *_ in launches] == ["_gemv_nf4_one_launch_kernel"]
+        if "CHUNKS" in tiles:
+            assert launches[0][1][1] == min(tiles["CHUNKS"], n_out // 2 // launches[0][3]["BLOCK_B"] or 1)
+        ref64 = rank_linear_reference(x.double(), *fa, *fb, None if bias is None else bias.double())
+        ref = rank_linear_reference(x, *fa, *fb, bias)
+        first = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
+        assert_within_twice(first, ref, ref64)
+        for acc, count in rank_gemv._WORKSPACES.values():
+            assert not acc.any() and not count.any()
+        assert torch.equal(tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config), first)
 
 
 @needs_interpreter
