@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from test_kernels_cpu import ATTENTION_CASES as CPU_ATTENTION  # noqa: E402
 from test_kernels_cpu import LINEAR_CASES as CPU_LINEAR  # noqa: E402
-from test_kernels_cpu import check_attention_case, check_rank_linear_case  # noqa: E402
+from test_kernels_cpu import _factor, check_attention_case, check_rank_linear_case  # noqa: E402
 
 import adaptwin.ops  # noqa: E402,F401  (registers the CUDA backends)
 from adaptwin.ops import backends  # noqa: E402
@@ -79,6 +79,40 @@ def test_rank_linear_decoded_in_tiles_on_cuda(case, dtype):
     from adaptwin.kernels.rank_linear import rank_linear
 
     check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config={"decode": "tiles"}))
+
+
+ONE_LAUNCH_CASES = [c for c in LINEAR_CASES if c[0] == 1 and c[4] == "nf4" and c[1] % 2 == 0 and c[3] % 2 == 0
+                    and c[5] % 2 == 0] + [(1, 2048, 512, 2048, "nf4", 64), (1, 4096, 37, 1536, "nf4", 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ONE_LAUNCH_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
+    """The one-launch batch-1 NF4 GEMV (``gemv: one_launch``): atomic float32 sums and a ticket per column chunk
+    are where a GPU differs from the interpreter (memory ordering, concurrent programs). Each case against
+    the reference, then 50 calls in a row (each must leave the workspace zero for the next) equal to the
+    first within float32 reordering (atomics add in any order), and the workspace zero at the end."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from functools import partial
+
+    from adaptwin.kernels import rank_gemv
+    from adaptwin.kernels.rank_linear import rank_linear
+
+    op = partial(rank_linear, config={"gemv": "one_launch"})
+    check_rank_linear_case(case, dtype, "cuda", op=op)
+    rows, n_in, rank, n_out, fmt, bs = case
+    gen = torch.Generator().manual_seed(3)
+    fa, fb = (_factor(fmt, bs, torch.randn(rank, n, generator=gen) / n**0.5) for n in (n_in, n_out))
+    fa, fb = (tuple(v.cuda() if isinstance(v, torch.Tensor) else v for v in f) for f in (fa, fb))
+    x = torch.randn(1, n_in, generator=gen).to("cuda", dtype)
+    first = op(x, *fa, *fb, None).float()
+    outs = torch.stack([op(x, *fa, *fb, None).float() for _ in range(50)])
+    torch.testing.assert_close(outs, first.expand_as(outs), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-3 if dtype != torch.float32 else 1e-5)
+    torch.cuda.synchronize()
+    for acc, count in rank_gemv._WORKSPACES.values():
+        assert not acc.any() and not count.any()
 
 
 def _kernel_only(q, k, v, mask, scale, is_causal):
