@@ -63,6 +63,14 @@ class _Factor:
         self.idx_q = torch.nonzero(pos < self.rank).flatten()  # (blocks·rank,)
         self.idx_l = torch.nonzero(pos >= self.rank).flatten()  # (blocks·lora,)
 
+        self._names: tuple | None = None
+
+    def buffer_names(self, fmt: QuantFormat) -> tuple[tuple[str, str], ...]:
+        """``(key, buffer name)`` of the packed quantised directions in ``fmt``, worked out once."""
+        if self._names is None or self._names[0] is not fmt:
+            self._names = (fmt, tuple((key, f"{self.name}_{key}") for key in fmt.layout(tuple(self.q_shape))))
+        return self._names[1]
+
     @property
     def split(self) -> bool:
         return self.lora > 0
@@ -108,12 +116,13 @@ class _QuantModule(nn.Module):
 
     def _parts(self, f: _Factor) -> tuple[tuple | None, torch.Tensor | None]:
         """``(op arguments of the quantised directions or None, fp LoRA directions (k_l, n) or None)``."""
-        if self.packed:
+        if self.packed:  # per decoding step and layer: buffers by precomputed name, no layout() or getattr
             q = None
             if f.rank:
-                stored = {key: getattr(self, f"{f.name}_{key}") for key in self.fmt.layout(tuple(f.q_shape))}
+                buffers = self._buffers
+                stored = {key: buffers[name] for key, name in f.buffer_names(self.fmt)}
                 q = (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
-            return q, (getattr(self, f"{f.name}_lora") if f.split else None)
+            return q, (self._parameters[f"{f.name}_lora"] if f.split else None)
         w = self._direction_major(f)  # (k, n)
         if not f.split:
             return (fake_quantize(w, self.fmt), None, "fp", 0, f.q_shape), None
