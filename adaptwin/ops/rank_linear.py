@@ -11,7 +11,8 @@ Both factors are stored *direction-major*: one row per rank direction, so a bloc
 two directions (the SVD's directions differ in norm by orders of magnitude).
 
     x        (..., in) floating; any number of leading dims (batched, or batch-1 decode (1, 1, in)).
-    a        in factor A, logical shape a_shape = (k, in): h = x·Aᵀ, (..., k). None: h = x (then b is given).
+    a        in factor A, logical shape a_shape = (k, in): h = x·Aᵀ, (..., k). None: h = x (then b is given;
+             pass `ABSENT` for the five arguments of a missing factor).
     b        out factor B, logical shape b_shape = (k, out): y = h·B, (..., out). None: y = h.
     bias     (out,) or None, added last.
     *_format "fp": the tensor is the factor itself (any float dtype; *_scale None, *_blocksize ignored)
@@ -43,6 +44,10 @@ from adaptwin import quant
 from adaptwin.ops.backends import FAST, _is_compiling, call_without_autograd
 
 FORMATS = ("fp", *quant.FORMATS)
+# An absent factor in the op's argument order (data, scale, format, blocksize, shape). Any shape is accepted
+# for an absent factor; the library passes [0, 0], not []: AOTInductor's proxy executor hands an empty
+# SymInt[] to the op as None, and the call fails (torch 2.13; pytorch/pytorch#194324).
+ABSENT = (None, None, "fp", 0, [0, 0])
 
 
 def _factor(t: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Sequence[int],

@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaptwin.ops.rank_linear import ABSENT
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
-
-_NONE = (None, None, "fp", 0, [])  # an absent factor in rank_linear's argument order
 
 
 class NF4LoRALinear(nn.Module):
@@ -80,7 +79,7 @@ class NF4LoRALinear(nn.Module):
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rank_linear(x, *self.base_args(), *_NONE, self.bias)  # (..., out)
+        y = rank_linear(x, *self.base_args(), *ABSENT, self.bias)  # (..., out)
         update = rank_linear(x, self.lora_A, None, "fp", 0, [self.rank, self.in_features],
                              self.lora_B, None, "fp", 0, [self.rank, self.out_features], None)  # (..., out)
         return y + self.scaling * update

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from adaptwin.compressors.base import Compressor
-from adaptwin.ops.rank_linear import rank_linear
+from adaptwin.ops.rank_linear import ABSENT, run_rank_linear
 from adaptwin.quant import QuantFormat
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ class QuantTiedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stored = _stored(self, self.fmt, (self.out_features, self.in_features))
-        return rank_linear(x, stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize,
-                           [self.out_features, self.in_features], None, None, "fp", 0, [], self.bias)
+        return run_rank_linear(x, stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize,
+                           [self.out_features, self.in_features], *ABSENT, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, tied packed "

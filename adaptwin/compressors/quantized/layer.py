@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptwin.ops.rank_linear import ABSENT
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
@@ -179,7 +180,7 @@ class QuantLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors["weight"]
         q, lora = self._parts(f)
-        none = (None, None, "fp", 0, [])
+        none = ABSENT
         if self.role == "in":
             if not f.split:
                 return rank_linear(x, *q, *none, self.bias)
