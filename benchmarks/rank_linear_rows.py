@@ -9,7 +9,8 @@ plain factors are in that dtype. Providers, timed interleaved under ``torch.infe
 
 * ``dense``: ``F.linear(x, W, bias)``, the original layer.
 * ``nf4`` / ``int8``: ``torch.ops.adaptwin.rank_linear`` with NF4 (blocksize 64) / per-row int8 factors:
-  each factor dequantised once per call, then two GEMMs (in bf16 for bf16 x, in float32 otherwise).
+  each factor dequantised once per call, then two GEMMs (in bf16 for bf16 x, in float32 otherwise); up to
+  32 rows of NF4 (16 of bf16 x) the decode path instead (codes decoded in registers, once per 8 rows).
 * ``nf4_reference``: the op's pure-PyTorch reference on the NF4 factors.
 * ``fp``: the op with plain factors in x's dtype.
 

@@ -182,6 +182,14 @@ LINEAR_CASES = [
     (1, 416, 29, 480, "nf4", 32),  # fused decode with a partial 256-column chunk (480 = 256 + 224)
     (1, 768, 192, 800, "nf4", 32),  # 800 = 3·256 + 32: a last chunk of two 16-column groups
     (1, 3072, 13, 1536, "nf4", 128),  # blocks of 128: four 32-code steps per scale
+    # 2-8 rows (beam search, batched decoding): the fused decode, each code decoded once for all rows; column
+    # passes of 16·(16 / rows) and the remainders (480 = 2·128 + 128 + 64 + 32 at 5 rows)
+    (2, 384, 96, 384, "nf4", 64),
+    (5, 416, 29, 480, "nf4", 32),
+    (8, 768, 40, 800, "nf4", 32),
+    (7, 3072, 13, 1536, "nf4", 128),
+    (13, 768, 20, 800, "nf4", 32),  # 9-32 rows of NF4 stay on the decode path: row blocks of 8 + 5
+    (32, 416, 29, 480, "nf4", 32),  # four blocks of 8 (bf16 x: 16 rows at most, so the GEMMs)
     (3, 431, 20, 384, "nf4", 6),
     (59, 431, 52, 384, "nf4", 64),
     (1, 384, 64, 431, "int8", 0),
@@ -219,7 +227,7 @@ def test_rank_linear_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [c for c in LINEAR_CASES if c[0] <= 8 and c[4] != "fp"],
+@pytest.mark.parametrize("case", [c for c in LINEAR_CASES if c[0] <= 16 and c[4] != "fp"],
                          ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
 def test_rank_linear_16bit_decoding(case, dtype):
     """A few rows of 16-bit x with quantised factors: the decode path widens x and the bias in its loops and

@@ -1,7 +1,9 @@
 // CPU kernel of adaptwin::rank_linear (schema and layouts: adaptwin/ops/rank_linear.py).
 //
 // y = (x·Aᵀ)·B + bias with A (k, in) and B (k, out) stored "fp", "nf4" or "int8", direction-major.
-// * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding): the packed factors are read once
+// * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding, or kFusedMaxRows with NF4 factors the
+//   fused AVX-512 kernels take, 8 rows per decode of the codes: beam search, batched decoding, short
+//   prompts): the packed factors are read once
 //   and decoded chunk by chunk into an L1 buffer (512 floats) that is consumed at once; h = x·Aᵀ
 //   ((rows, k) floats) stays in cache between the two products and no fp32 copy of a factor is made.
 //   This is memory-bound: an NF4 factor is 1/8 of its fp32 bytes.
@@ -34,6 +36,17 @@ bool fused_ok(const Factor& f) {
   return f.format == Format::kNf4 && f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
 }
 
+bool fused_all(const Factor* fa, const Factor* fb) {
+  return has_avx512() && (fa == nullptr || fused_ok(*fa)) && (fb == nullptr || fused_ok(*fb));
+}
+
+// Rows of x up to which NF4 factors that the fused kernels take stay on the decode path (kGemvRows for
+// the others). Against dequantising both factors and two ATen GEMMs, 2 threads, medians (fp32: 384 and 1536
+// wide, rank halving the parameters): the fused path took 21-67 against 68-241 us at 9-32 rows and 384,
+// 200-652 against 514-757 us at 1536; from about 48 rows (fp32) or 16 (bf16, whose GEMMs run in bf16
+// there) the GEMMs win at 1536.
+constexpr int64_t kFusedMaxRows = 32, kFusedMaxRowsBf16 = 16;
+
 #if ADAPTWIN_X86
 // 16 codes (8 bytes) -> 16 LUT values with one shuffle. The 8 bytes are broadcast to every 64-bit lane and
 // lane j shifted right by 4j, so its low 32-bit half starts with nibble j and its high half with nibble
@@ -61,7 +74,10 @@ ADAPTWIN_AVX512 inline __m512i lane_inverse() {
   return _mm512_load_si512(inv);
 }
 
-// h[r] = A[r, :]·x for r in [r0, r1); xp is x with every group of 16 in kLaneCode order.
+// h[m·k + r] = A[r, :]·x_m for r in [r0, r1) and the M rows of x (xp: each row with every group of 16 in
+// kLaneCode order, rows n apart). Each group of 16 codes is decoded once for all M rows: a few rows of
+// x (beam search, batched decoding) cost M FMAs per decode instead of M decodes.
+template <int M>
 ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* xp, float* h, int64_t r0, int64_t r1) {
   const __m512 lut = _mm512_loadu_ps(kNF4);
   const uint8_t* codes = static_cast<const uint8_t*>(f.data);
@@ -69,50 +85,105 @@ ADAPTWIN_AVX512 void nf4_gemv_in_fused(const Factor& f, const float* xp, float* 
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* p = codes + r * f.n / 2;
     const float* scale = f.scale + r * blocks;
-    __m512 tot = _mm512_setzero_ps();
+    __m512 tot[M];
+    for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      __m512 acc0[M], acc1[M];
+      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
       const int64_t c0 = blk * f.blocksize;
       for (int64_t c = c0; c < c0 + f.blocksize; c += 32) {
-        acc0 = _mm512_fmadd_ps(nf4_16(p + c / 2, lut), _mm512_loadu_ps(xp + c), acc0);
-        acc1 = _mm512_fmadd_ps(nf4_16(p + c / 2 + 8, lut), _mm512_loadu_ps(xp + c + 16), acc1);
+        const __m512 w0 = nf4_16(p + c / 2, lut), w1 = nf4_16(p + c / 2 + 8, lut);
+        for (int m = 0; m < M; ++m) {
+          acc0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp + m * f.n + c), acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp + m * f.n + c + 16), acc1[m]);
+        }
       }
-      tot = _mm512_fmadd_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scale[blk]), tot);
+      const __m512 sc = _mm512_set1_ps(scale[blk]);
+      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc0[m], acc1[m]), sc, tot[m]);
     }
-    h[r] = _mm512_reduce_add_ps(tot);
+    for (int m = 0; m < M; ++m) h[m * f.k + r] = _mm512_reduce_add_ps(tot[m]);
   }
 }
 
-// y[c0:c1] += h·B[:, c0:c1]; c0 and c1 are multiples of 32. 256 output columns live in 16 registers (in
-// kLaneCode order, put back in place at the store) across all k directions.
-ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
-  const __m512 lut = _mm512_loadu_ps(kNF4);
+// y[m, c : c + 16·G] += h_m·B[:, c : c + 16·G] for the M rows (h: M × k, y: M × n): M·G accumulators held
+// (in kLaneCode order, put back in place at the store) across all k directions; each group of 16 codes
+// decoded once per direction for all M rows.
+template <int M, int G>
+ADAPTWIN_AVX512 void nf4_out_pass(const Factor& f, const float* h, float* y, int64_t c, __m512 lut) {
   const __m512i to_lanes = lane_code(), to_elements = lane_inverse();
   const uint8_t* codes = static_cast<const uint8_t*>(f.data);
   const int64_t blocks = f.n / f.blocksize;
-  constexpr int kGroups = 16;
-  for (int64_t c = c0; c < c1; c += 16 * kGroups) {
-    const int groups = static_cast<int>(std::min<int64_t>(16 * kGroups, c1 - c) / 16);
-    __m512 acc[kGroups];
-    int64_t block_of[kGroups];  // scale block of group g within a row (n is a multiple of the blocksize)
-    for (int g = 0; g < groups; ++g) {
-      acc[g] = _mm512_permutexvar_ps(to_lanes, _mm512_loadu_ps(y + c + 16 * g));
-      block_of[g] = (c + 16 * g) / f.blocksize;
-    }
-    for (int64_t r = 0; r < f.k; ++r) {
-      const uint8_t* p = codes + (r * f.n + c) / 2;
-      const float* scale = f.scale + r * blocks;
-      // h[r] times the scale, once per scale block (groups run through the blocks in order)
-      int64_t block = block_of[0];
-      __m512 coef = _mm512_set1_ps(h[r] * scale[block]);
-      for (int g = 0; g < groups; ++g) {
-        if (block_of[g] != block) block = block_of[g], coef = _mm512_set1_ps(h[r] * scale[block]);
-        acc[g] = _mm512_fmadd_ps(coef, nf4_16(p + 8 * g, lut), acc[g]);
+  __m512 acc[M][G];
+  int64_t block_of[G];  // scale block of group g within a row (n is a multiple of the blocksize)
+  for (int g = 0; g < G; ++g) {
+    block_of[g] = (c + 16 * g) / f.blocksize;
+    for (int m = 0; m < M; ++m) acc[m][g] = _mm512_permutexvar_ps(to_lanes, _mm512_loadu_ps(y + m * f.n + c + 16 * g));
+  }
+  for (int64_t r = 0; r < f.k; ++r) {
+    const uint8_t* p = codes + (r * f.n + c) / 2;
+    const float* scale = f.scale + r * blocks;
+    // h times the scale, once per scale block (groups run through the blocks in order)
+    int64_t block = block_of[0];
+    __m512 coef[M];
+    for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * scale[block]);
+    for (int g = 0; g < G; ++g) {
+      if (block_of[g] != block) {
+        block = block_of[g];
+        for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * scale[block]);
       }
+      const __m512 w = nf4_16(p + 8 * g, lut);
+      for (int m = 0; m < M; ++m) acc[m][g] = _mm512_fmadd_ps(coef[m], w, acc[m][g]);
     }
-    for (int g = 0; g < groups; ++g) _mm512_storeu_ps(y + c + 16 * g, _mm512_permutexvar_ps(to_elements, acc[g]));
+  }
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m)
+      _mm512_storeu_ps(y + m * f.n + c + 16 * g, _mm512_permutexvar_ps(to_elements, acc[m][g]));
+}
+
+// y[:, c0:c1] += h·B[:, c0:c1]; c0 and c1 are multiples of 32. Passes of 16·G columns, G = 16 / M groups
+// (at most 16 accumulators), then the remainder in passes of 8, 4, 2 and 1 groups.
+template <int M>
+ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+  constexpr int kG = M == 1 ? 16 : M == 2 ? 8 : M <= 4 ? 4 : 2;
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  int64_t c = c0;
+  for (; c + 16 * kG <= c1; c += 16 * kG) nf4_out_pass<M, kG>(f, h, y, c, lut);
+  if constexpr (kG > 8) if (c + 128 <= c1) nf4_out_pass<M, 8>(f, h, y, c, lut), c += 128;
+  if constexpr (kG > 4) if (c + 64 <= c1) nf4_out_pass<M, 4>(f, h, y, c, lut), c += 64;
+  if constexpr (kG > 2) if (c + 32 <= c1) nf4_out_pass<M, 2>(f, h, y, c, lut), c += 32;
+  if constexpr (kG > 1) if (c + 16 <= c1) nf4_out_pass<M, 1>(f, h, y, c, lut), c += 16;
+}
+
+constexpr int64_t kFusedRows = 8;  // rows of x per call of the fused kernels (template arguments 1..8)
+
+// The fused kernels for rows = 1..kFusedRows (template arguments) by a run-time switch.
+template <template <int> class Fn, typename... Args>
+void for_rows(int64_t rows, Args&&... args) {
+  switch (rows) {
+    case 1: return Fn<1>::run(args...);
+    case 2: return Fn<2>::run(args...);
+    case 3: return Fn<3>::run(args...);
+    case 4: return Fn<4>::run(args...);
+    case 5: return Fn<5>::run(args...);
+    case 6: return Fn<6>::run(args...);
+    case 7: return Fn<7>::run(args...);
+    default: return Fn<8>::run(args...);
   }
 }
+
+template <int M>
+struct GemvIn {
+  static void run(const Factor& f, const float* xp, float* h, int64_t r0, int64_t r1) {
+    nf4_gemv_in_fused<M>(f, xp, h, r0, r1);
+  }
+};
+
+template <int M>
+struct GemvOut {
+  static void run(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+    nf4_gemv_out_fused<M>(f, h, y, c0, c1);
+  }
+};
 
 // x with every group of 16 features in kLaneCode order (n is a multiple of 16).
 ADAPTWIN_AVX512 void to_lane_order(const float* x, int64_t n, float* xp) {
@@ -127,12 +198,15 @@ ADAPTWIN_AVX512 void to_lane_order(const float* x, int64_t n, float* xp) {
 void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
 #if ADAPTWIN_X86
-  if (rows == 1 && has_avx512() && fused_ok(a)) {
+  if (has_avx512() && fused_ok(a)) {
     thread_local std::vector<float> lanes;  // this (the calling) thread's; the workers get the pointer
-    lanes.resize(static_cast<size_t>(a.n));
+    lanes.resize(static_cast<size_t>(rows * a.n));
     float* xp = lanes.data();
-    to_lane_order(x, a.n, xp);
-    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) { nf4_gemv_in_fused(a, xp, h, r0, r1); });
+    for (int64_t m = 0; m < rows; ++m) to_lane_order(x + m * a.n, a.n, xp + m * a.n);
+    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)  // up to kFusedRows rows per decode of the codes
+        for_rows<GemvIn>(std::min(kFusedRows, rows - m0), a, xp + m0 * a.n, h + m0 * a.k, r0, r1);
+    });
     return;
   }
 #endif
@@ -155,10 +229,11 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
 void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
   const int64_t grain = std::max<int64_t>(64, kGrainElems / std::max<int64_t>(b.k, 1));
 #if ADAPTWIN_X86
-  if (rows == 1 && has_avx512() && fused_ok(b)) {
+  if (has_avx512() && fused_ok(b)) {
     const int64_t groups = b.n / 32;  // tasks own whole groups of 32 columns
     at::parallel_for(0, groups, std::max<int64_t>(1, grain / 32), [&](int64_t g0, int64_t g1) {
-      nf4_gemv_out_fused(b, h, y, 32 * g0, 32 * g1);
+      for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)
+        for_rows<GemvOut>(std::min(kFusedRows, rows - m0), b, h + m0 * b.k, y + m0 * b.n, 32 * g0, 32 * g1);
     });
     return;
   }
@@ -315,7 +390,9 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   }
   if (bias.has_value())
     TORCH_CHECK_VALUE(bias->numel() == width, "rank_linear: bias has ", bias->numel(), " values, the output has ", width);
-  const bool gemv = rows <= kGemvRows;
+  const bool gemv = rows <= kGemvRows ||
+                    (rows <= (x.scalar_type() == at::kBFloat16 ? kFusedMaxRowsBf16 : kFusedMaxRows) &&
+                     fused_all(a.has_value() ? &fa : nullptr, b.has_value() ? &fb : nullptr));
   // float64, and bf16 with more rows than the decode path: factors dequantised in float32 and cast to x's
   // dtype, products as ATen GEMMs in that dtype, h rounded to it, as the reference computes them. In bf16
   // those are oneDNN's AVX512-BF16 GEMMs: the two products of 1500 x 384 -> 1536 at rank 64 took 0.92 ms
