@@ -1,13 +1,14 @@
 """Whisper greedy decoding on CPU: time per generated token, dense HF model against adaptwin (ratio 0.5).
 
     python -m benchmarks.whisper_decode_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--tokens 32]
-        [--repeats 5] [--providers dense,adaptwin,adaptwin_sdpa] [--threads 2]
+        [--repeats 5] [--providers dense,adaptwin,adaptwin_sdpa] [--threads 2] [--batch 1]
         [--out results/whisper_decode_speed.csv]
 
 Models are `WhisperForConditionalGeneration` from `WhisperConfig` with random weights (no hub access), the
 Whisper tiny / base shapes with the real vocabulary (51865) and a 30 s input (1500 encoder positions).
 Each generates exactly the asked number of tokens greedily (``min_new_tokens = max_new_tokens``), with its
-key/value cache. Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the encoder
+key/value cache, for ``--batch`` inputs at once (as ``adaptwin eval --batch-size`` transcribes: every
+decoding step then multiplies that many rows; its rows carry ``-B<batch>`` in their shape). Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the encoder
 pass and the first steps cancel; each generate call is timed interleaved with the other providers'.
 
 * ``dense``: the Hugging Face model, ``attn_implementation="sdpa"``.
@@ -122,10 +123,11 @@ def time_attention(shape: EncoderShape, model: torch.nn.Module, dtype: torch.dty
 
 
 def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], tokens: int, repeats: int,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, batch: int = 1) -> list[dict]:
     models = build_models(shape, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    features = torch.randn(1, shape.mel_bins, shape.frames, generator=gen)
+    features = torch.randn(batch, shape.mel_bins, shape.frames, generator=gen)
+    label = shape.label() + (f"-B{batch}" if batch > 1 else "")
     rows = []
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
@@ -155,15 +157,16 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
                   f"less than the timing noise); raise --tokens or --repeats", file=sys.stderr)
         for p in providers:
             rows.append({
-                "benchmark": BENCHMARK, "shape": shape.label(), "dtype": dname, "provider": p,
+                "benchmark": BENCHMARK, "shape": label, "dtype": dname, "provider": p,
                 "ms_per_token": per_token[p], "tokens": tokens, "repeats": repeats,
                 "ratio": per_token[p] / per_token["dense"],
                 "generate_ms": timings[f"{p}/{PROMPT_TOKENS + tokens}"].p50,
                 "rel_err": err if p in ("adaptwin", "adaptwin_sdpa") else None, "device": device, "threads": threads,
                 **vers, "timestamp": now_utc(),
             })
-        rows += [{**r, "device": device, "threads": threads, **vers, "timestamp": now_utc()}
-                 for r in time_attention(shape, typed["adaptwin"], dtype, dname, repeats)]
+        if batch == 1:  # the op-level rows are per call, whatever the batch
+            rows += [{**r, "device": device, "threads": threads, **vers, "timestamp": now_utc()}
+                     for r in time_attention(shape, typed["adaptwin"], dtype, dname, repeats)]
         del typed
     return rows
 
@@ -174,21 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32, help="timed new tokens per call (beyond the first 8)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per provider and length")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="inputs decoded together (rows per decoding step)")
     ap.add_argument("--out", default="results/whisper_decode_speed.csv")
     args = ap.parse_args(argv)
     shapes, dtypes, providers = picked_models(ap, args, PROVIDERS)
     if not 1 <= args.tokens <= 400 or args.repeats < 1:
         ap.error(f"--tokens must be 1..400 (Whisper's decoder holds 448 positions) and --repeats >= 1, got "
                  f"{args.tokens} and {args.repeats}")
+    if not 1 <= args.batch <= 64:
+        ap.error(f"--batch must be 1..64, got {args.batch}")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # generate's notes on max_length / min_length, once per call
     print(f"{device_string()}, torch {torch.__version__}")
     rows: list[dict] = []
     for name in shapes:
         shape = SHAPES[name]
-        print(f"timing {shape.label()} ({', '.join(dtypes)}; {args.tokens} tokens, {args.repeats} repeats)...",
-              flush=True)
-        rows += run_shape(shape, dtypes, providers, args.tokens, args.repeats)
+        print(f"timing {shape.label()} ({', '.join(dtypes)}; batch {args.batch}, {args.tokens} tokens, "
+              f"{args.repeats} repeats)...", flush=True)
+        rows += run_shape(shape, dtypes, providers, args.tokens, args.repeats, batch=args.batch)
     tokens_rows = [r for r in rows if r["benchmark"] == BENCHMARK]
     print(format_table(["shape", "dtype", "provider", "ms/token", "vs dense", "rel err"],
                        [[r["shape"].split(":")[0], r["dtype"], r["provider"], f"{r['ms_per_token']:.2f}",

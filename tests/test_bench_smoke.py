@@ -208,6 +208,14 @@ def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     assert "ms/token" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         decode.main(["--tokens", "0"])
+    with pytest.raises(SystemExit):
+        decode.main(["--batch", "0"])
+    batched = tmp_path / "batched.csv"  # several inputs at once: their rows are labelled with the batch
+    assert decode.main(["--shapes", "toy", "--dtypes", "fp32", "--tokens", "8", "--repeats", "2", "--threads", "1",
+                        "--batch", "3", "--providers", "dense,adaptwin_nf4", "--out", str(batched)]) == 0
+    with open(batched, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["provider"] for r in rows} == {"dense", "adaptwin_nf4"} and all(r["shape"].endswith("-B3") for r in rows)
 
 
 def test_rank_linear_rows_benchmark(tmp_path, capsys):
