@@ -8,7 +8,8 @@ Models are `WhisperForConditionalGeneration` from `WhisperConfig` with random we
 Whisper tiny / base shapes with the real vocabulary (51865) and a 30 s input (1500 encoder positions).
 Each generates exactly the asked number of tokens greedily (``min_new_tokens = max_new_tokens``), with its
 key/value cache, for ``--batch`` inputs at once (as ``adaptwin eval --batch-size`` transcribes: every
-decoding step then multiplies that many rows; its rows carry ``-B<batch>`` in their shape). Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the encoder
+decoding step then multiplies that many rows; its rows carry ``-B<batch>`` in their shape).
+Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the encoder
 pass and the first steps cancel; each generate call is timed interleaved with the other providers'.
 
 * ``dense``: the Hugging Face model, ``attn_implementation="sdpa"``.
