@@ -195,3 +195,30 @@ def test_entries_decline_other_devices():
         assert backends.FAST["attention"](*qkv) is NotImplemented
         assert run_rank_linear(*args).shape == (1, 2, 448)
         assert attend(*qkv[:5])[0].shape == (1, 37, 4, 12)
+
+
+def test_entries_release_the_gil_safely():
+    """The entry points release the GIL around the kernels: calls from several Python threads at once (each
+    kernel keeps its scratch buffers per thread) give each thread's own results."""
+    import threading
+
+    cases = [(_linear_args(rows, "nf4", seed=s), _attention_args()) for s, rows in enumerate((1, 3, 8, 20))]
+    with torch.no_grad():
+        expected = [(OP(*lin), torch.ops.adaptwin.attention(*att)) for lin, att in cases]
+    errors = []
+
+    def work(i: int) -> None:
+        lin, att = cases[i]
+        with torch.no_grad():
+            for _ in range(50):
+                y, a = run_rank_linear(*lin), attend(*att[:5])[0]
+                if not (torch.equal(y, expected[i][0]) and torch.equal(a, expected[i][1])):
+                    errors.append(i)
+                    return
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"threads {errors} got other results than alone"
