@@ -27,8 +27,10 @@ float64 reference.
    adaptwin row takes the code values from a register table by warp shuffles (``GATHER``) instead of a
    select tree; a third runs the whole call in one launch (``gemv="one_launch"``: h per slab of rank rows,
    its products with B added atomically into a float32 workspace, the last program of each column chunk
-   writing the output) instead of two or three. ``--tune`` adds rows with the best tiles of the two
-   whole-byte NF4 kernels and of the one-launch kernel.
+   writing the output) instead of two or three. The same at 8 rows (``:M8``, a batch of decoding
+   streams): cuBLAS, the default plan (both factors decoded into fp16, then the products) and the
+   one-launch kernel (each code byte decoded once for the 8 rows). ``--tune`` adds rows with the best
+   tiles of the two whole-byte NF4 kernels and of the one-launch kernel.
 4. Several rows of x (prefill, encoder frames, a batch of tokens) through a rank-r linear at r <= 64:
    dense fp16 `F.linear` (cuBLAS) against the op with NF4 factors as it plans the call (each factor
    decoded once per call, then one launch or cuBLAS), the same call decoding in the tiled kernels instead
@@ -301,6 +303,16 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
         rows.append(_gemv_gather(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
         rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
                                  "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
+        # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first
+        x8 = torch.randn(8, d, device=device, dtype=torch.float16)
+        dense8 = _bench(_Cycle(lambda i: F.linear(x8, weights[i]), sets), graph=True)
+        ours8 = _bench(_Cycle(lambda i: run_rank_linear(x8, *factors[i]), sets), graph=True)
+        rows += [_row("gemv", f"{shape}:M8", "fp16", "cublas_dense_fp16", dense8, speedup=1.0,
+                      gbps=dense_bytes / dense8 / 1e3, config=note),
+                 _row("gemv", f"{shape}:M8", "fp16", "adaptwin_nf4_rank", ours8, speedup=dense8 / ours8,
+                      gbps=ours_bytes / ours8 / 1e3, config=note),
+                 _gemv_config(factors, sets, x8, f"{shape}:M8", dense8, ours_bytes, note, r, d,
+                              "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"})]
         if tune:
             rows.append(_tune_gemv(factors, sets, x, shape, dense_us, ours_bytes, note))
             rows.append(_tune_one_launch(factors, sets, x, shape, dense_us, ours_bytes, note))

@@ -36,6 +36,7 @@ from adaptwin.kernels.rank_gemv import (
     GEMV_MAX_SPLITS,
     GEMV_WAVES,
     Launch,
+    ONE_LAUNCH_MAX_ROWS,
     _gemv_nf4_rows_kernel,
     cols_launches,
     one_launch,
@@ -135,7 +136,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     for the one-launch kernel; "fuse": True / False to force the one launch or two products (default:
     chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
-    explains); "gemv": "split" (default) or "one_launch" (one row, both factors NF4: both products and
+    explains); "gemv": "split" (default) or "one_launch" (1-8 rows, both factors NF4: both products and
     the output in `rank_gemv._gemv_nf4_one_launch_kernel`, not yet timed on a GPU), with its tiles in
     "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}."""
     config = config or {}
@@ -156,15 +157,15 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     out = torch.empty((M, width), dtype=x.dtype, device=dev)
     if M == 0 or width == 0:
         return out, []
-    if M > 1 and decode == "once":
-        return out, _decoded_once(x, (a, a_scale, a_format, a_blocksize, a_shape),
-                                  (b, b_scale, b_format, b_blocksize, b_shape), bias, out, code, config)
-    if (gemv == "one_launch" and M == 1 and a is not None and b is not None
+    if (gemv == "one_launch" and M <= ONE_LAUNCH_MAX_ROWS and a is not None and b is not None
             and _packed(a_format, a_blocksize, int(a_shape[1])) and _packed(b_format, b_blocksize, int(b_shape[1]))):
         r, k, n = int(a_shape[0]), int(a_shape[1]), int(b_shape[1])
         return out, one_launch(x, a.contiguous(), _scales(a_scale, code), a_blocksize, b.contiguous(),
                                _scales(b_scale, code), b_blocksize, r, k, n, bias, out, code,
                                config.get("one_launch", {}))
+    if M > 1 and decode == "once":
+        return out, _decoded_once(x, (a, a_scale, a_format, a_blocksize, a_shape),
+                                  (b, b_scale, b_format, b_blocksize, b_shape), bias, out, code, config)
     launches: list[Launch] = []
     if (config.get("fuse") is not False and a is not None and b is not None and M > 1
             and int(a_shape[0]) <= FUSED_MAX_RANK):

@@ -67,10 +67,15 @@ names = [r["provider"] for r in rows]
 assert names[:3] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_gather"], names
 assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == g.nf4_bytes(32, 128, 128) / 10.0 / 1e3
 assert rows[2]["rel_err"] < 1e-2 and "GATHER" in rows[2]["config"]
+assert names[3] == "adaptwin_nf4_rank_one_launch" and rows[3]["rel_err"] < 1e-2, rows
+m8 = [r for r in rows if r["shape"].endswith(":M8")]
+assert [r["provider"] for r in m8] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_one_launch"], m8
+assert m8[2]["rel_err"] < 1e-2, m8
 assert calls[-1] is True  # GEMVs are timed through CUDA graphs
 rows = g._gemv_size(torch.device("cpu"), 128, 0, {}, tune=True)
 tuned = [r for r in rows if r["provider"] == "adaptwin_nf4_rank_tuned"]
 assert len(tuned) == 1 and "'rows': {'BLOCK_N'" in tuned[0]["config"], rows
+assert [r["provider"] for r in rows].count("adaptwin_nf4_rank_one_launch_tuned") == 1, rows
 n = len(calls)
 rows = g._batched_shape(torch.device("cpu"), "fp16", 40, 96, 20, 80)
 assert [r["provider"] for r in rows] == ["cublas_dense", "adaptwin_nf4", "adaptwin_nf4_tiles",

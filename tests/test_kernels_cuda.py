@@ -82,7 +82,8 @@ def test_rank_linear_decoded_in_tiles_on_cuda(case, dtype):
 
 
 ONE_LAUNCH_CASES = [c for c in LINEAR_CASES if c[0] == 1 and c[4] == "nf4" and c[1] % 2 == 0 and c[3] % 2 == 0
-                    and c[5] % 2 == 0] + [(1, 2048, 512, 2048, "nf4", 64), (1, 4096, 37, 1536, "nf4", 64)]
+                    and c[5] % 2 == 0] + [(1, 2048, 512, 2048, "nf4", 64), (1, 4096, 37, 1536, "nf4", 64),
+                                          (8, 2048, 512, 2048, "nf4", 64), (3, 416, 29, 480, "nf4", 32)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,7 +106,7 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
     gen = torch.Generator().manual_seed(3)
     fa, fb = (_factor(fmt, bs, torch.randn(rank, n, generator=gen) / n**0.5) for n in (n_in, n_out))
     fa, fb = (tuple(v.cuda() if isinstance(v, torch.Tensor) else v for v in f) for f in (fa, fb))
-    x = torch.randn(1, n_in, generator=gen).to("cuda", dtype)
+    x = torch.randn(rows, n_in, generator=gen).to("cuda", dtype)
     first = op(x, *fa, *fb, None).float()
     outs = torch.stack([op(x, *fa, *fb, None).float() for _ in range(50)])
     torch.testing.assert_close(outs, first.expand_as(outs), rtol=1e-2 if dtype != torch.float32 else 1e-5,

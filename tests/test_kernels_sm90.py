@@ -297,8 +297,8 @@ def test_every_gemv_tuning_config_compiles_for_sm90():
     assert not bad, bad
 
 
-def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: bool = True):
-    """The one-launch batch-1 GEMV's (kernel, grid, args, kwargs) for a d -> d NF4 call at ``rank``."""
+def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: bool = True, rows: int = 1):
+    """The one-launch GEMV's (kernel, grid, args, kwargs) for ``rows`` rows of a d -> d NF4 call at ``rank``."""
     from adaptwin.kernels import rank_linear as kr
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -306,7 +306,7 @@ def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: 
 
     gen = torch.Generator().manual_seed(0)
     fa, fb = (_factor("nf4", 64, torch.randn(rank, d, generator=gen)) for _ in range(2))
-    x = torch.empty(1, d, dtype=DTYPES[dtype])
+    x = torch.empty(rows, d, dtype=DTYPES[dtype])
     b = torch.empty(d, dtype=x.dtype) if bias else None
     _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device), {"gemv": "one_launch", "one_launch": tiles or {}})
     (launch,) = launches
@@ -314,13 +314,14 @@ def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: 
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("d", [2048, 4096])
-def test_one_launch_gemv_compiles_for_sm90_with_its_ordering(dtype, d):
+@pytest.mark.parametrize("d,rows", [(2048, 1), (4096, 1), (4096, 8)])
+def test_one_launch_gemv_compiles_for_sm90_with_its_ordering(dtype, d, rows):
     """The one-launch GEMV compiles spill-free, and its PTX orders the call as the kernel's docstring says:
     relaxed float32 atomic adds into the workspace, a CTA barrier, then one gpu-scope acq_rel ticket per
     program (a single thread's), and the last program's acquire exchanges of the sums."""
-    kernel, grid, args, kwargs = _one_launch(dtype, d, d // 4)
+    kernel, grid, args, kwargs = _one_launch(dtype, d, d // 4, rows=rows)
     assert kernel.fn.__name__ == "_gemv_nf4_one_launch_kernel" and kwargs["A_SCALE_ROW"] and kwargs["B_SCALE_ROW"]
+    assert kwargs["ROWS"] == rows
     assert grid[0] * grid[1] >= 128  # about one program per multiprocessor or more
     compiled = compile_sm90(kernel, args, kwargs)
     check(compiled, tensor_cores=False)
@@ -340,11 +341,12 @@ def test_every_one_launch_tuning_config_compiles_for_sm90():
     from benchmarks.gpu_kernels import GEMV_TUNE_CHUNKS, GEMV_TUNE_ONE
 
     bad = []
-    for tiles in GEMV_TUNE_ONE + [{"CHUNKS": c} for c in GEMV_TUNE_CHUNKS] + [{"GATHER": True}]:
-        kernel, _, args, kwargs = _one_launch("fp16", 4096, 1024, tiles, bias=False)
-        use = resources(compile_sm90(kernel, args, kwargs))
-        if use["LOCAL"] or use["STACK"]:
-            bad.append((tiles, use))
+    for rows in (1, 8):
+        for tiles in GEMV_TUNE_ONE + [{"CHUNKS": c} for c in GEMV_TUNE_CHUNKS] + [{"GATHER": True}]:
+            kernel, _, args, kwargs = _one_launch("fp16", 4096, 1024, tiles, bias=False, rows=rows)
+            use = resources(compile_sm90(kernel, args, kwargs))
+            if use["LOCAL"] or use["STACK"]:
+                bad.append((rows, tiles, use))
     assert not bad, bad
 
 

@@ -146,10 +146,11 @@ def test_triton_rank_linear(tk, case):
     ref64 = rank_linear_reference(x.double(), *fa, *fb, bias.double())
     ref = rank_linear_reference(x, *fa, *fb, bias)
     configs = [{"decode": d} for d in (DECODE_MODES if rows > 1 else DECODE_MODES[:1])]  # one row: one plan
+    if rows <= 8 and fmt == "nf4":  # both products and the output in one launch, each byte decoded once
+        configs.append({"gemv": "one_launch"})
     if rows == 1 and fmt == "nf4":  # the whole-byte GEMVs with code values gathered from a register table,
         configs.append({"rows": {"GATHER": True}, "cols": {"GATHER": True}})  # and with x·Aᵀ split further
         configs.append({"rows": {"WAVES": 16, "MAX_SPLITS": 32}})
-        configs.append({"gemv": "one_launch"})  # both products and the output in one launch
     for config in configs:
         out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(out, ref, ref64)
@@ -275,7 +276,7 @@ def test_triton_configs_reject_unknown_keys(tk):
 @needs_interpreter
 @pytest.mark.parametrize("tiles", [{}, {"CHUNKS": 3}, {"SLAB": 8, "BLOCK_B": 16, "GATHER": True}])
 def test_triton_rank_linear_one_launch_gemv(tk, tiles):
-    """``gemv: one_launch``: one row, both factors NF4, one launch (h per slab of rank rows, its products with
+    """``gemv: one_launch``: 1-8 rows, both factors NF4, one launch (h per slab of rank rows, its products with
     B added into a float32 workspace, the last program of each column chunk writing the output). Ranks
     that are not a multiple of the slab, column chunks of unequal length, B's tiles crossing scale
     blocks (432 columns) and no bias; the workspace and tickets are zero again after every call, so a
@@ -285,10 +286,10 @@ def test_triton_rank_linear_one_launch_gemv(tk, tiles):
 
     gen = torch.Generator().manual_seed(31)
     config = {"gemv": "one_launch", "one_launch": tiles}
-    for rank, n_out, with_bias in ((37, 512, True), (20, 432, False), (1, 64, True)):
+    for rows, rank, n_out, with_bias in ((1, 37, 512, True), (3, 20, 432, False), (8, 1, 64, True)):
         fa = _factor("nf4", 64, torch.randn(rank, 384, generator=gen) / 384**0.5)
         fb = _factor("nf4", 64, torch.randn(rank, n_out, generator=gen) / rank**0.5)
-        x = torch.randn(1, 384, generator=gen)
+        x = torch.randn(rows, 384, generator=gen)
         bias = torch.randn(n_out, generator=gen) if with_bias else None
         _, launches = plan(x, *fa, *fb, bias, _code_on(x.device), config)
         assert [k.fn.__name__ for k, *_ in launches] == ["_gemv_nf4_one_launch_kernel"]
