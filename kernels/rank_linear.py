@@ -35,8 +35,8 @@ from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
 from adaptwin.kernels.rank_gemv import (
     GEMV_MAX_SPLITS,
     GEMV_WAVES,
-    Launch,
     ONE_LAUNCH_MAX_ROWS,
+    Launch,
     _gemv_nf4_rows_kernel,
     cols_launches,
     one_launch,
