@@ -190,6 +190,11 @@ LINEAR_CASES = [
     (7, 3072, 13, 1536, "nf4", 128),
     (13, 768, 20, 800, "nf4", 32),  # 9-32 rows of NF4 stay on the decode path: row blocks of 8 + 5
     (32, 416, 29, 480, "nf4", 32),  # four blocks of 8 (bf16 x: 16 rows at most, so the GEMMs)
+    # int8 with per-row scales, or flat blocks of whole 32-code steps: the fused kernels too (no lane order)
+    (1, 384, 96, 384, "int8", 0),
+    (5, 768, 40, 800, "int8", 32),
+    (16, 416, 29, 480, "int8", 32),
+    (8, 3072, 13, 1536, "int8", 128),
     (3, 431, 20, 384, "nf4", 6),
     (59, 431, 52, 384, "nf4", 64),
     (1, 384, 64, 431, "int8", 0),

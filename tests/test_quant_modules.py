@@ -44,7 +44,8 @@ def _master(row, fmt: QuantFormat, quantize_lora: bool):
 @pytest.mark.parametrize("quantize_lora", [False, True])
 def test_qat_packs_bit_exactly(fmt, quantize_lora):
     """Train the fake-quantised master factors a few Adam steps; the packed model then dequantises to the
-    very values the last forward pass used and computes bit-identical outputs."""
+    very values the last forward pass used (bit for bit) and computes the same outputs to float32 rounding
+    (the packed factors' kernels decode in registers and sum in another order than the master's GEMMs)."""
     row = _tiny_bert()
     small, record = _master(row, fmt, quantize_lora)
     inputs = row.inputs()
@@ -77,7 +78,7 @@ def test_qat_packs_bit_exactly(fmt, quantize_lora):
             assert torch.equal(fmt.dequantize({k: getattr(m, f"{f.name}_{k}") for k in fmt.layout(tuple(q[4]))},
                                               tuple(q[4])), used[i, f.name])
     with torch.no_grad():
-        assert torch.equal(row.output(small(**inputs)), before)
+        torch.testing.assert_close(row.output(small(**inputs)), before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])

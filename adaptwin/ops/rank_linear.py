@@ -24,8 +24,8 @@ two directions (the SVD's directions differ in norm by orders of magnitude).
 
 Backends: the CPU C++ kernel (``csrc/cpu/rank_linear.cpp``: for at most 8 rows of x, e.g. batch-1
 decoding, the packed codes are decoded 512 at a time into L1 and consumed at once, x·Aᵀ stays in cache;
-NF4 factors with 32-code-aligned scale blocks are decoded in registers, once per 8 rows, up to 32 rows
-(16 for bf16 x); more rows dequantise each factor once and run two GEMMs), CUDA C++ (``csrc/cuda``) and Triton
+NF4 and int8 factors with 32-code-aligned scale groups are decoded in registers, once per 8 rows, up to
+32 rows (16 for bf16 x); more rows dequantise each factor once and run two GEMMs), CUDA C++ (``csrc/cuda``) and Triton
 (``kernels/rank_linear.py``) register for this op; `adaptwin.ops.backends` loads them.
 
 The reference implementation (every device) dequantises with `adaptwin.quant.dequantize` (vectorised:

@@ -1,9 +1,9 @@
 // CPU kernel of adaptwin::rank_linear (schema and layouts: adaptwin/ops/rank_linear.py).
 //
 // y = (x·Aᵀ)·B + bias with A (k, in) and B (k, out) stored "fp", "nf4" or "int8", direction-major.
-// * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding, or kFusedMaxRows with NF4 factors the
-//   fused AVX-512 kernels take, 8 rows per decode of the codes: beam search, batched decoding, short
-//   prompts): the packed factors are read once
+// * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding, or kFusedMaxRows with NF4 / int8
+//   factors the fused AVX-512 kernels take, 8 rows per decode of the codes: beam search, batched
+//   decoding, short prompts): the packed factors are read once
 //   and decoded chunk by chunk into an L1 buffer (512 floats) that is consumed at once; h = x·Aᵀ
 //   ((rows, k) floats) stays in cache between the two products and no fp32 copy of a factor is made.
 //   This is memory-bound: an NF4 factor is 1/8 of its fp32 bytes.
@@ -32,8 +32,13 @@ namespace {
 // are decoded straight into registers and consumed there: no L1 round trip through a buffer. At
 // 3072x768 (1 thread) the buffered path ran 0.34 ms per factor.
 
+// Whether the fused register-decode kernels take the factor: NF4 whose rows start on whole scale blocks of
+// whole 32-code steps, or int8 whose scale groups (a row, or a flat block) are too.
 bool fused_ok(const Factor& f) {
-  return f.format == Format::kNf4 && f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
+  if (f.format == Format::kNf4) return f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
+  if (f.format != Format::kInt8) return false;
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  return group > 0 && group % 32 == 0 && f.n % group == 0;
 }
 
 bool fused_all(const Factor* fa, const Factor* fb) {
@@ -66,6 +71,11 @@ ADAPTWIN_AVX512 inline __m512 nf4_16(const uint8_t* p, __m512 lut) {
 }
 
 ADAPTWIN_AVX512 inline __m512i lane_code() { return _mm512_loadu_si512(kLaneCode); }
+
+// 16 int8 codes widened to float32 (in element order).
+ADAPTWIN_AVX512 inline __m512 int8_16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 // The inverse permutation of kLaneCode: entry e is the lane that holds element e of a group.
 ADAPTWIN_AVX512 inline __m512i lane_inverse() {
@@ -154,6 +164,73 @@ ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* 
   if constexpr (kG > 1) if (c + 16 <= c1) nf4_out_pass<M, 1>(f, h, y, c, lut), c += 16;
 }
 
+// --- the same for int8 factors: codes widened in registers (no lane permutation), one scale per group ---
+
+// h[m·k + r] = A[r, :]·x_m for r in [r0, r1) and the M rows of x (rows n apart); each group of 16 codes
+// widened once for all M rows, the sum of a scale group multiplied by its scale.
+template <int M>
+ADAPTWIN_AVX512 void int8_gemv_in_fused(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+  const int8_t* codes = static_cast<const int8_t*>(f.data);
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* p = codes + r * f.n;
+    __m512 tot[M];
+    for (int m = 0; m < M; ++m) tot[m] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < f.n; g0 += group) {
+      __m512 acc0[M], acc1[M];
+      for (int m = 0; m < M; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+      for (int64_t c = g0; c < g0 + group; c += 32) {
+        const __m512 w0 = int8_16(p + c), w1 = int8_16(p + c + 16);
+        for (int m = 0; m < M; ++m) {
+          acc0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * f.n + c), acc0[m]);
+          acc1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * f.n + c + 16), acc1[m]);
+        }
+      }
+      const __m512 sc = _mm512_set1_ps(f.scale[(r * f.n + g0) / group]);
+      for (int m = 0; m < M; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc0[m], acc1[m]), sc, tot[m]);
+    }
+    for (int m = 0; m < M; ++m) h[m * f.k + r] = _mm512_reduce_add_ps(tot[m]);
+  }
+}
+
+// y[m, c : c + 16·G] += h_m·B[:, c : c + 16·G] for the M rows, M·G accumulators across all k directions.
+template <int M, int G>
+ADAPTWIN_AVX512 void int8_out_pass(const Factor& f, const float* h, float* y, int64_t c) {
+  const int8_t* codes = static_cast<const int8_t*>(f.data);
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  __m512 acc[M][G];
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) acc[m][g] = _mm512_loadu_ps(y + m * f.n + c + 16 * g);
+  for (int64_t r = 0; r < f.k; ++r) {
+    const int8_t* p = codes + r * f.n + c;
+    int64_t at = (r * f.n + c) / group;  // the scale group of the pass's first column
+    __m512 coef[M];
+    for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * f.scale[at]);
+    for (int g = 0; g < G; ++g) {
+      const int64_t now = (r * f.n + c + 16 * g) / group;
+      if (now != at) {
+        at = now;
+        for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * f.scale[at]);
+      }
+      const __m512 w = int8_16(p + 16 * g);
+      for (int m = 0; m < M; ++m) acc[m][g] = _mm512_fmadd_ps(coef[m], w, acc[m][g]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * f.n + c + 16 * g, acc[m][g]);
+}
+
+template <int M>
+ADAPTWIN_AVX512 void int8_gemv_out_fused(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+  constexpr int kG = M == 1 ? 16 : M == 2 ? 8 : M <= 4 ? 4 : 2;
+  int64_t c = c0;
+  for (; c + 16 * kG <= c1; c += 16 * kG) int8_out_pass<M, kG>(f, h, y, c);
+  if constexpr (kG > 8) if (c + 128 <= c1) int8_out_pass<M, 8>(f, h, y, c), c += 128;
+  if constexpr (kG > 4) if (c + 64 <= c1) int8_out_pass<M, 4>(f, h, y, c), c += 64;
+  if constexpr (kG > 2) if (c + 32 <= c1) int8_out_pass<M, 2>(f, h, y, c), c += 32;
+  if constexpr (kG > 1) if (c + 16 <= c1) int8_out_pass<M, 1>(f, h, y, c), c += 16;
+}
+
 constexpr int64_t kFusedRows = 8;  // rows of x per call of the fused kernels (template arguments 1..8)
 
 // The fused kernels for rows = 1..kFusedRows (template arguments) by a run-time switch.
@@ -185,6 +262,20 @@ struct GemvOut {
   }
 };
 
+template <int M>
+struct GemvIn8 {
+  static void run(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+    int8_gemv_in_fused<M>(f, x, h, r0, r1);
+  }
+};
+
+template <int M>
+struct GemvOut8 {
+  static void run(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+    int8_gemv_out_fused<M>(f, h, y, c0, c1);
+  }
+};
+
 // x with every group of 16 features in kLaneCode order (n is a multiple of 16).
 ADAPTWIN_AVX512 void to_lane_order(const float* x, int64_t n, float* xp) {
   const __m512i idx = lane_code();
@@ -198,6 +289,13 @@ ADAPTWIN_AVX512 void to_lane_order(const float* x, int64_t n, float* xp) {
 void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
 #if ADAPTWIN_X86
+  if (has_avx512() && fused_ok(a) && a.format == Format::kInt8) {
+    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)
+        for_rows<GemvIn8>(std::min(kFusedRows, rows - m0), a, x + m0 * a.n, h + m0 * a.k, r0, r1);
+    });
+    return;
+  }
   if (has_avx512() && fused_ok(a)) {
     thread_local std::vector<float> lanes;  // this (the calling) thread's; the workers get the pointer
     lanes.resize(static_cast<size_t>(rows * a.n));
@@ -232,8 +330,13 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
   if (has_avx512() && fused_ok(b)) {
     const int64_t groups = b.n / 32;  // tasks own whole groups of 32 columns
     at::parallel_for(0, groups, std::max<int64_t>(1, grain / 32), [&](int64_t g0, int64_t g1) {
-      for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)
-        for_rows<GemvOut>(std::min(kFusedRows, rows - m0), b, h + m0 * b.k, y + m0 * b.n, 32 * g0, 32 * g1);
+      for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows) {
+        const int64_t mrows = std::min(kFusedRows, rows - m0);
+        if (b.format == Format::kInt8)
+          for_rows<GemvOut8>(mrows, b, h + m0 * b.k, y + m0 * b.n, 32 * g0, 32 * g1);
+        else
+          for_rows<GemvOut>(mrows, b, h + m0 * b.k, y + m0 * b.n, 32 * g0, 32 * g1);
+      }
     });
     return;
   }

@@ -10,8 +10,10 @@ Each module has two states:
   buffers plus float32 scales; the fp master copies are gone. LoRA directions kept in higher precision
   are a small fp `nn.Parameter` ``<factor>_lora``.
 
-Both states call the one op `torch.ops.adaptwin.rank_linear` in the same order, so the packed module
-computes bit for bit what the master module computed with the weights it was packed from.
+Both states call the one op `torch.ops.adaptwin.rank_linear` in the same order, and the packed codes
+dequantise bit for bit to the values the master module last computed with. The outputs agree to float32
+rounding, not bit for bit: the packed factors' CPU kernels decode in registers and sum in another order
+than the master's GEMMs on the fake-quantised factors.
 
 Every factor is handled *direction-major* (k, n): one row per rank direction (for an output factor,
 stored (out, k), that is its transpose), so quantisation blocks run along a single direction.
