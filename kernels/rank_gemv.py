@@ -22,6 +22,22 @@ GEMV_MAX_SPLITS = 8  # x·Aᵀ's K splits at most: h·B sums that many float32 p
 
 
 @triton.jit
+def _byte_tile(w_ptr, scale_ptr, r, r_ok, c, c0, c_end, ROWBYTES, ROWLEN, BS: tl.constexpr, SCALE_ROW: tl.constexpr):
+    """Whole bytes of NF4 factor rows ``r`` (1-D, mask ``r_ok``) at byte columns ``c`` (1-D, the tile starting at
+    byte ``c0``; columns at or past ``c_end`` masked), a (rows, columns) tile, and their scales: with
+    SCALE_ROW the tile lies in one scale block of each row, so one scale per row (shaped (rows, 1)),
+    otherwise one per element. ROWLEN codes per row (ROWBYTES bytes)."""
+    ok = r_ok[:, None] & (c < c_end)[None, :]
+    byte = tl.load(w_ptr + r[:, None] * ROWBYTES + c[None, :], mask=ok, other=0)
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + r * (ROWLEN // BS) + (2 * c0) // BS, mask=r_ok & (c0 + 0 * r < c_end),
+                     other=0.0)[:, None]
+    else:
+        sc = gathered_scales(scale_ptr, r[:, None], c[None, :], ok, ROWLEN, BS)
+    return byte, sc
+
+
+@triton.jit
 def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -43,25 +59,14 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
     table = nf4_table(BLOCK_N)
     # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
     # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
-    kb = kb_lo + tl.arange(0, BLOCK_B)  # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
-    ok = row_ok[:, None] & (kb < kb_hi)[None, :]
-    byte = tl.load(w_ptr + rn[:, None] * ROWBYTES + kb[None, :], mask=ok, other=0)
-    if SCALE_ROW:
-        sc = tl.load(scale_ptr + rn * (K // BS) + (2 * kb_lo) // BS, mask=row_ok & (kb_lo + 0 * rn < kb_hi),
-                     other=0.0)[:, None]
-    else:
-        sc = gathered_scales(scale_ptr, rn[:, None], kb[None, :], ok, K, BS)
+    # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
+    byte, sc = _byte_tile(w_ptr, scale_ptr, rn, row_ok, kb_lo + tl.arange(0, BLOCK_B), kb_lo, kb_hi, ROWBYTES, K, BS,
+                          SCALE_ROW)
     for kb0 in range(kb_lo, kb_hi, BLOCK_B):
         kb = kb0 + tl.arange(0, BLOCK_B)
         k_ok = kb < kb_hi
-        nxt = kb + BLOCK_B
-        ok = row_ok[:, None] & (nxt < kb_hi)[None, :]
-        byte_next = tl.load(w_ptr + rn[:, None] * ROWBYTES + nxt[None, :], mask=ok, other=0)
-        if SCALE_ROW:
-            sc_next = tl.load(scale_ptr + rn * (K // BS) + (2 * (kb0 + BLOCK_B)) // BS,
-                              mask=row_ok & (kb0 + BLOCK_B + 0 * rn < kb_hi), other=0.0)[:, None]
-        else:
-            sc_next = gathered_scales(scale_ptr, rn[:, None], nxt[None, :], ok, K, BS)
+        byte_next, sc_next = _byte_tile(w_ptr, scale_ptr, rn, row_ok, kb + BLOCK_B, kb0 + BLOCK_B, kb_hi, ROWBYTES, K,
+                                        BS, SCALE_ROW)
         # x's even and odd elements as one contiguous (BLOCK_B, 2) load, split in registers: two strided loads
         # were 16 of the loop's 18 load instructions (one L1 wavefront each) on sm_90
         pair = tl.arange(0, 2)
@@ -182,25 +187,14 @@ def _gemv_nf4_one_launch_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b
     # tile's bytes and scales are loaded before this one is decoded (software prefetch, as in the GEMVs)
     a_bytes = K // 2
     acc = tl.zeros((ROWS, SLAB, BLOCK_B), tl.float32)
-    kb = tl.arange(0, BLOCK_B)
-    ok = r_ok[:, None] & (kb < a_bytes)[None, :]
-    byte = tl.load(a_ptr + rr[:, None] * a_bytes + kb[None, :], mask=ok, other=0)
-    if A_SCALE_ROW:
-        sc = tl.load(a_scale_ptr + rr * (K // A_BS), mask=r_ok, other=0.0)[:, None]
-    else:
-        sc = gathered_scales(a_scale_ptr, rr[:, None], kb[None, :], ok, K, A_BS)
+    byte, sc = _byte_tile(a_ptr, a_scale_ptr, rr, r_ok, tl.arange(0, BLOCK_B), 0, a_bytes, a_bytes, K, A_BS,
+                          A_SCALE_ROW)
     pair = tl.arange(0, 2)
     for kb0 in range(0, a_bytes, BLOCK_B):
         kb = kb0 + tl.arange(0, BLOCK_B)
         k_ok = kb < a_bytes
-        nxt = kb + BLOCK_B
-        ok = r_ok[:, None] & (nxt < a_bytes)[None, :]
-        byte_next = tl.load(a_ptr + rr[:, None] * a_bytes + nxt[None, :], mask=ok, other=0)
-        if A_SCALE_ROW:
-            sc_next = tl.load(a_scale_ptr + rr * (K // A_BS) + (2 * (kb0 + BLOCK_B)) // A_BS,
-                              mask=r_ok & (kb0 + BLOCK_B + 0 * rr < a_bytes), other=0.0)[:, None]
-        else:
-            sc_next = gathered_scales(a_scale_ptr, rr[:, None], nxt[None, :], ok, K, A_BS)
+        byte_next, sc_next = _byte_tile(a_ptr, a_scale_ptr, rr, r_ok, kb + BLOCK_B, kb0 + BLOCK_B, a_bytes, a_bytes, K,
+                                        A_BS, A_SCALE_ROW)
         # the M rows' even and odd elements: one contiguous (ROWS, BLOCK_B, 2) load, split in registers
         x2 = tl.load(x_ptr + rm[:, None, None] * K + 2 * kb[None, :, None] + pair[None, None, :],
                      mask=m_ok[:, None, None] & k_ok[None, :, None], other=0.0).to(tl.float32)
@@ -215,24 +209,13 @@ def _gemv_nf4_one_launch_kernel(x_ptr, a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, b
     b_bytes = N // 2
     jb_lo = chunk * CHUNK_BYTES
     jb_hi = tl.minimum(b_bytes, jb_lo + CHUNK_BYTES)
-    jb = jb_lo + tl.arange(0, BLOCK_B)
-    ok = r_ok[:, None] & (jb < jb_hi)[None, :]
-    byte = tl.load(b_ptr + rr[:, None] * b_bytes + jb[None, :], mask=ok, other=0)
-    if B_SCALE_ROW:
-        sc = tl.load(b_scale_ptr + rr * (N // B_BS) + (2 * jb_lo) // B_BS, mask=r_ok, other=0.0)[:, None]
-    else:
-        sc = gathered_scales(b_scale_ptr, rr[:, None], jb[None, :], ok, N, B_BS)
+    byte, sc = _byte_tile(b_ptr, b_scale_ptr, rr, r_ok, jb_lo + tl.arange(0, BLOCK_B), jb_lo, jb_hi, b_bytes, N, B_BS,
+                          B_SCALE_ROW)
     for jb0 in range(jb_lo, jb_hi, BLOCK_B):
         jb = jb0 + tl.arange(0, BLOCK_B)
         c_ok = jb < jb_hi
-        nxt = jb + BLOCK_B
-        ok = r_ok[:, None] & (nxt < jb_hi)[None, :]
-        byte_next = tl.load(b_ptr + rr[:, None] * b_bytes + nxt[None, :], mask=ok, other=0)
-        if B_SCALE_ROW:
-            sc_next = tl.load(b_scale_ptr + rr * (N // B_BS) + (2 * (jb0 + BLOCK_B)) // B_BS,
-                              mask=r_ok & (jb0 + BLOCK_B + 0 * rr < jb_hi), other=0.0)[:, None]
-        else:
-            sc_next = gathered_scales(b_scale_ptr, rr[:, None], nxt[None, :], ok, N, B_BS)
+        byte_next, sc_next = _byte_tile(b_ptr, b_scale_ptr, rr, r_ok, jb + BLOCK_B, jb0 + BLOCK_B, jb_hi, b_bytes, N,
+                                        B_BS, B_SCALE_ROW)
         b32 = byte.to(tl.int32)
         hi = nf4_lookup(b32 >> 4, table, GATHER) * sc  # (SLAB, BLOCK_B)
         lo = nf4_lookup(b32 & 15, table, GATHER) * sc
