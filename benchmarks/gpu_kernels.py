@@ -46,43 +46,28 @@ at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Callable
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import gpu_common as gc
 from benchmarks.common import device_string, format_table, now_utc, pick, versions, write_rows
+from benchmarks.gpu_common import DTYPES, FIELDS, KEY, ceilings, rel_err, result_row
+from benchmarks.gpu_gemv import GEMV_SIZES, bench_gemv
 
-BENCHMARK = "gpu_kernels"
-FIELDS = ("benchmark", "kind", "shape", "dtype", "provider", "median_us", "speedup", "tflops", "gbps",
-          "rel_err", "config", "device", "torch", "transformers", "adaptwin", "timestamp")
-KEY = ("benchmark", "kind", "shape", "dtype", "provider", "device")
 PARTS = ("attention", "gemv", "batched")
 WIDTHS = (16, 24, 32, 40, 48)
 ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, large, a batch of large
-GEMV_SIZES = (1024, 2048, 4096, 8192)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (rows, in, rank, out): Whisper-tiny frames through a rank-40 projection and a rank-64 FFN matrix, a batch
 # of 256 tokens and one of 16 through a 4096-wide layer at rank 64
 BATCHED_SHAPES = ((1500, 384, 40, 384), (1500, 384, 64, 1536), (256, 4096, 64, 4096), (16, 4096, 64, 4096))
-# Tuning sweeps, sized for a lease: 20 attention tiles (each compiles spill-free for sm_90,
-# tests/test_kernels_sm90.py), timed on one (batch, heads) shape per dtype and width; the GEMV's two
-# whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
+# Tuning sweep, sized for a lease: 20 attention tiles (each compiles spill-free for sm_90,
+# tests/test_kernels_sm90.py), timed on one (batch, heads) shape per dtype and width (the GEMV's sweeps:
+# benchmarks/gpu_gemv.py).
 TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
-GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (8, 16, 32, 64) for b in (32, 64, 128)
-                  for w in (4, 8) if 512 <= n * b <= 512 * w]
-GEMV_TUNE_SPLITS = [{"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
-GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128) for b in (16, 32, 64)
-                  for w in (4, 8) if 512 <= k * b <= 512 * w]  # 4096 bytes with 4 warps spilled
-# the one-launch GEMV: rank rows per program, bytes per tile and warps (swept first, at the planned number of
-# column chunks), then the column chunks (each one more program per slab recomputing its h)
-GEMV_TUNE_ONE = [{"SLAB": s, "BLOCK_B": b, "num_warps": w} for s in (4, 8, 16, 32) for b in (32, 64)
-                 for w in (2, 4) if 128 <= s * b <= 256 * w]
-GEMV_TUNE_CHUNKS = (1, 2, 4, 8)
 
 
 def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
@@ -93,50 +78,6 @@ def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
 def attention_bytes(batch: int, heads: int, tokens: int, width: int, element: int) -> int:
     """q, k, v read once and the output written once."""
     return 4 * batch * heads * tokens * width * element
-
-
-def half_rank(d: int) -> int:
-    """Rank whose two d-wide factors hold half of a d×d weight."""
-    return d // 4
-
-
-def nf4_bytes(rank: int, d_in: int, d_out: int, blocksize: int = 64) -> int:
-    """Codes (half a byte each) and float32 block scales of both factors."""
-    elements = rank * (d_in + d_out)
-    return elements // 2 + 4 * math.ceil(elements / blocksize)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm())
-
-
-def _bench(fn: Callable[[], object], graph: bool = False) -> float:
-    """Median microseconds of ``fn`` (CUDA events; CUDA graph replays when ``graph``)."""
-    import triton.testing
-
-    if graph:
-        return 1000 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def ceilings(device: torch.device) -> dict[str, float]:
-    """Copy GB/s (read + written) and bf16 / fp16 GEMM TFLOP/s, measured on random data."""
-    n = 1 << 28  # 1 GiB of float32
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    out = {"copy_gbps": 2 * 4 * n / _bench(partial(dst.copy_, src)) / 1e3}
-    src = dst = None  # free the 2 GiB before the products
-    m = 8192
-    for name, dtype in DTYPES.items():
-        x, y = torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype)
-        out[f"gemm_{name}_tflops"] = 2 * m ** 3 / _bench(partial(torch.matmul, x, y)) / 1e6
-    return out
-
-
-def _row(kind: str, shape: str, dtype: str, provider: str, us: float, **extra: object) -> dict:
-    print(f"  {kind} {shape} {dtype} {provider}: {us:.1f} us", file=sys.stderr, flush=True)  # progress
-    return {"benchmark": BENCHMARK, "kind": kind, "shape": shape, "dtype": dtype, "provider": provider,
-            "median_us": us, **extra}
 
 
 def bench_attention(device: torch.device, dtypes: list[str], shapes, widths, tune: bool, ceil: dict) -> list[dict]:
@@ -162,11 +103,11 @@ def _decode_shape(device: torch.device, dname: str, batch: int, heads: int, widt
     q = torch.randn(batch, heads, 1, 64, device=device, dtype=dtype)
     kv = torch.randn(batch, heads, tokens, 64, device=device, dtype=dtype)
     with torch.inference_mode():
-        sdpa_us = _bench(partial(F.scaled_dot_product_attention, q, kv, kv), graph=True)
+        sdpa_us = gc.bench(partial(F.scaled_dot_product_attention, q, kv, kv), graph=True)
     element = q.element_size()
     moved = 2 * batch * heads * tokens * 64 * element
-    rows = [_row("attention_decode", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
-                 gbps=moved / sdpa_us / 1e3)]
+    rows = [result_row("attention_decode", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
+                        gbps=moved / sdpa_us / 1e3)]
     for width in widths:
         q, k, v = (torch.randn(batch, heads, n, width, device=device, dtype=dtype) for n in (1, tokens, tokens))
         err = rel_err(triton_attention(q, k, v, None, 64 ** -0.5, False),
@@ -174,10 +115,10 @@ def _decode_shape(device: torch.device, dname: str, batch: int, heads: int, widt
         if not err < 2e-2:
             raise RuntimeError(f"decoding attention {shape} w{width} {dname}: relative error {err:.2e}")
         with torch.inference_mode():
-            us = _bench(partial(triton_attention, q, k, v, None, 64 ** -0.5, False), graph=True)
+            us = gc.bench(partial(triton_attention, q, k, v, None, 64 ** -0.5, False), graph=True)
         moved = 2 * batch * heads * tokens * width * element
-        rows.append(_row("attention_decode", shape, dname, f"triton_w{width}", us, speedup=sdpa_us / us,
-                         gbps=moved / us / 1e3, rel_err=err))
+        rows.append(result_row("attention_decode", shape, dname, f"triton_w{width}", us, speedup=sdpa_us / us,
+                                gbps=moved / us / 1e3, rel_err=err))
     return rows
 
 
@@ -192,13 +133,13 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
     shape = f"B{batch}-H{heads}-T{tokens}"
     dense = [torch.randn(batch, heads, tokens, 64, device=device, dtype=dtype) for _ in range(3)]
     # GPU time (CUDA graph replays) for every provider; eager time (a Python call each) in the note
-    sdpa_eager = _bench(partial(F.scaled_dot_product_attention, *dense))
-    sdpa_us = _bench(partial(F.scaled_dot_product_attention, *dense), graph=True)
+    sdpa_eager = gc.bench(partial(F.scaled_dot_product_attention, *dense))
+    sdpa_us = gc.bench(partial(F.scaled_dot_product_attention, *dense), graph=True)
     element = dense[0].element_size()
-    rows = [_row("attention", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
-                 tflops=attention_flops(batch, heads, tokens, 64) / sdpa_us / 1e6,
-                 gbps=attention_bytes(batch, heads, tokens, 64, element) / sdpa_us / 1e3,
-                 config=f"eager {sdpa_eager:.1f} us")]
+    rows = [result_row("attention", shape, dname, "sdpa_dense_w64", sdpa_us, speedup=1.0,
+                        tflops=attention_flops(batch, heads, tokens, 64) / sdpa_us / 1e6,
+                        gbps=attention_bytes(batch, heads, tokens, 64, element) / sdpa_us / 1e3,
+                        config=f"eager {sdpa_eager:.1f} us")]
     peak = ceil.get(f"gemm_{dname}_tflops")
     scale = 64 ** -0.5
     for width in widths:
@@ -209,7 +150,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
         if not (err < 2e-2 and torch.isfinite(out).all()):
             raise RuntimeError(f"attention {shape} w{width} {dname}: relative error {err:.2e}")
         timed = {}
-        eager = _bench(partial(triton_attention, q, k, v, None, scale, False))
+        eager = gc.bench(partial(triton_attention, q, k, v, None, scale, False))
         configs = [("default", default_config(q))]
         errs = {"default": err}
         if _parts(width)[1]:  # two dot parts: also the width padded to one (fewer, wider dots)
@@ -221,8 +162,8 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             configs.append(("one part", one))
         for label, config in configs + ([(str(c), c) for c in TUNE] if tune else []):
             try:
-                timed[label] = _bench(partial(triton_attention, q, k, v, None, scale, False, config=config),
-                                      graph=True)
+                timed[label] = gc.bench(partial(triton_attention, q, k, v, None, scale, False, config=config),
+                                        graph=True)
             except Exception as exc:  # a block shape the compiler refuses (shared memory): skip it
                 print(f"  {shape} w{width} config {label} failed: {type(exc).__name__}", file=sys.stderr)
         flops = attention_flops(batch, heads, tokens, width)
@@ -234,166 +175,10 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             us = timed[label]
             note = label + (f"; {flops / us / 1e6 / peak:.0%} of GEMM peak" if peak else "")
             note += f"; eager {eager:.1f} us" if label == "default" else ""
-            rows.append(_row("attention", shape, dname, provider, us, speedup=sdpa_us / us, tflops=flops / us / 1e6,
-                             gbps=moved / us / 1e3, rel_err=errs.get(label, err), config=note))
+            rows.append(result_row("attention", shape, dname, provider, us, speedup=sdpa_us / us,
+                                    tflops=flops / us / 1e6, gbps=moved / us / 1e3, rel_err=errs.get(label, err),
+                                    config=note))
     return rows
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bnbf
-    except Exception:  # not installed, or no CUDA library for this CUDA version
-        return None
-    return bnb, bnbf
-
-
-class _Cycle:
-    """Calls ``fn(i)`` with i rotating over ``n`` weight sets (captured as n_repeat calls in a CUDA graph)."""
-
-    def __init__(self, fn: Callable[[int], object], n: int) -> None:
-        self.fn, self.n, self.i = fn, n, 0
-
-    def __call__(self) -> object:
-        self.i = (self.i + 1) % self.n
-        return self.fn(self.i)
-
-
-def bench_gemv(device: torch.device, sizes, l2_bytes: int, ceil: dict, tune: bool = False) -> list[dict]:
-    rows = []
-    for d in sizes:
-        rows += _gemv_size(device, d, l2_bytes, ceil, tune)
-    return rows
-
-
-def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bool = False) -> list[dict]:
-    from adaptwin import quant
-    from adaptwin.ops.rank_linear import run_rank_linear
-
-    fmt, lib, copy = quant.QuantFormat("nf4", 64), _bnb(), ceil.get("copy_gbps")
-    r = half_rank(d)
-    shape = f"{d}x{d}:r{r}"
-    ours_bytes, dense_bytes = nf4_bytes(r, d, d), 2 * d * d
-    sets = max(1, min(8, math.ceil(3 * l2_bytes / ours_bytes)))
-    weights, factors, packed4 = [], [], []
-    for _ in range(sets):
-        w = torch.randn(d, d, device=device) / d ** 0.5
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        a = (vh[:r] * s[:r, None].sqrt()).float()  # (r, in)
-        b = (u[:, :r] * s[:r].sqrt()).T.float().contiguous()  # (r, out)
-        qa, qb = fmt.quantize(a), fmt.quantize(b)
-        factors.append((qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64,
-                        [r, d], None))
-        weights.append(w.half())
-        if lib is not None:
-            packed4.append(lib[1].quantize_4bit(w.half(), quant_type="nf4", blocksize=64))
-    x = torch.randn(1, d, device=device, dtype=torch.float16)
-    err = rel_err(run_rank_linear(x, *factors[0]), F.linear(x.double(), _dequant(factors[0], r, d)))
-    if not err < 1e-2:
-        raise RuntimeError(f"rank_linear {shape}: relative error {err:.2e} against its own dequantised factors")
-    note = f"{sets} weight sets"
-    with torch.inference_mode():
-        dense_us = _bench(_Cycle(lambda i: F.linear(x, weights[i]), sets), graph=True)
-        ours_us = _bench(_Cycle(lambda i: run_rank_linear(x, *factors[i]), sets), graph=True)
-        share = f"; {ours_bytes / ours_us / 1e3 / copy:.0%} of copy GB/s" if copy else ""
-        rows = [_row("gemv", shape, "fp16", "cublas_dense_fp16", dense_us, speedup=1.0,
-                     gbps=dense_bytes / dense_us / 1e3, config=note),
-                _row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
-                     gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
-        rows.append(_gemv_gather(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
-        rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
-                                 "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
-        # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first
-        x8 = torch.randn(8, d, device=device, dtype=torch.float16)
-        dense8 = _bench(_Cycle(lambda i: F.linear(x8, weights[i]), sets), graph=True)
-        ours8 = _bench(_Cycle(lambda i: run_rank_linear(x8, *factors[i]), sets), graph=True)
-        rows += [_row("gemv", f"{shape}:M8", "fp16", "cublas_dense_fp16", dense8, speedup=1.0,
-                      gbps=dense_bytes / dense8 / 1e3, config=note),
-                 _row("gemv", f"{shape}:M8", "fp16", "adaptwin_nf4_rank", ours8, speedup=dense8 / ours8,
-                      gbps=ours_bytes / ours8 / 1e3, config=note),
-                 _gemv_config(factors, sets, x8, f"{shape}:M8", dense8, ours_bytes, note, r, d,
-                              "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"})]
-        if tune:
-            rows.append(_tune_gemv(factors, sets, x, shape, dense_us, ours_bytes, note))
-            rows.append(_tune_one_launch(factors, sets, x, shape, dense_us, ours_bytes, note))
-        if lib is not None:
-            bnb = lib[0]
-            bnb_us = _bench(_Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
-                            graph=True)
-            rows.append(_row("gemv", shape, "fp16", "bitsandbytes_nf4_dense", bnb_us, speedup=dense_us / bnb_us,
-                             gbps=(d * d // 2 + 4 * d * d // 64) / bnb_us / 1e3, config=note))
-    return rows
-
-
-def _gemv_gather(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
-                 note: str, r: int, d: int) -> dict:
-    """The same GEMV with code values gathered from a register table (warp shuffles) instead of selected."""
-    return _gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_gather",
-                        {"rows": {"GATHER": True}, "cols": {"GATHER": True}})
-
-
-def _gemv_config(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
-                 note: str, r: int, d: int, provider: str, config: dict) -> dict:
-    """The GEMV as the Triton launcher runs it with ``config``, checked against the dequantised factors (twice:
-    the one-launch plan must leave its workspace as it found it)."""
-    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
-
-    ref = F.linear(x.double(), _dequant(factors[0], r, d))
-    err = max(rel_err(triton_rank_linear(x, *factors[0], config=config), ref) for _ in range(2))
-    if not err < 1e-2:
-        raise RuntimeError(f"rank_linear {shape} ({provider}): relative error {err:.2e}")
-    us = _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
-    return _row("gemv", shape, "fp16", provider, us, speedup=dense_us / us, gbps=ours_bytes / us / 1e3,
-                rel_err=err, config=f"{note}; {config}")
-
-
-def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
-                     note: str) -> dict:
-    """The best tiles of the one-launch GEMV for this size (`GEMV_TUNE_ONE`, then `GEMV_TUNE_CHUNKS` with those),
-    checked once more after."""
-    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
-
-    def timed(tiles: dict) -> float:
-        config = {"gemv": "one_launch", "one_launch": tiles}
-        try:
-            return _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
-        except Exception as exc:  # a tile the compiler refuses: skip it
-            print(f"  gemv {shape} one-launch tiles {tiles} failed: {type(exc).__name__}", file=sys.stderr)
-            return math.inf
-
-    best = min(GEMV_TUNE_ONE, key=timed)
-    best = min([best] + [{**best, "CHUNKS": c} for c in GEMV_TUNE_CHUNKS], key=timed)
-    config = {"gemv": "one_launch", "one_launch": best}
-    d = x.shape[1]
-    r = int(factors[0][4][0])
-    err = rel_err(triton_rank_linear(x, *factors[0], config=config), F.linear(x.double(), _dequant(factors[0], r, d)))
-    us = timed(best)
-    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_one_launch_tuned", us, speedup=dense_us / us,
-                gbps=ours_bytes / us / 1e3, rel_err=err, config=f"{note}; {config}")
-
-
-def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
-               note: str) -> dict:
-    """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then its K split, then
-    h·B tiles, then those with and without GATHER."""
-    from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
-
-    def timed(config: dict) -> float:
-        try:
-            return _bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
-        except Exception as exc:  # a tile the compiler refuses: skip it
-            print(f"  gemv {shape} config {config} failed: {type(exc).__name__}", file=sys.stderr)
-            return math.inf
-
-    best_rows = min(GEMV_TUNE_ROWS, key=lambda c: timed({"rows": c}))
-    # more of x·Aᵀ's K split (more programs, more bytes in flight; h·B sums more partial rows)
-    best_rows = min([best_rows] + [{**best_rows, **s} for s in GEMV_TUNE_SPLITS], key=lambda c: timed({"rows": c}))
-    best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
-    gathered = {part: {**tiles, "GATHER": True} for part, tiles in best.items()}  # the best tiles, shuffled values
-    best = min((best, gathered), key=timed)
-    us = timed(best)
-    return _row("gemv", shape, "fp16", "adaptwin_nf4_rank_tuned", us, speedup=dense_us / us,
-                gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")
 
 
 def bench_batched(device: torch.device, dtypes: list[str], shapes=BATCHED_SHAPES) -> list[dict]:
@@ -442,20 +227,11 @@ def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, 
             err = rel_err(fn(), ref)
             if not err < 1e-2:
                 raise RuntimeError(f"rank_linear {shape} {dname} {name}: relative error {err:.2e}")
-            us = _bench(fn, graph=True)
+            us = gc.bench(fn, graph=True)
             base = base or us
-            rows.append(_row("batched", shape, dname, name, us, speedup=base / us, tflops=flops / us / 1e6,
-                             rel_err=err))
+            rows.append(result_row("batched", shape, dname, name, us, speedup=base / us, tflops=flops / us / 1e6,
+                                    rel_err=err))
     return rows
-
-
-def _dequant(args: tuple, r: int, d: int) -> torch.Tensor:
-    """The dense float64 weight (out, in) the NF4 factors stand for."""
-    from adaptwin.ops.rank_linear import _factor
-
-    a = _factor(args[0], args[1], "nf4", 64, (r, d), torch.float64)
-    b = _factor(args[5], args[6], "nf4", 64, (r, d), torch.float64)
-    return b.T @ a
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     vers, stamp, dev = versions(), now_utc(), f"{props.name}"
     for row in rows:
         row.update(device=dev, timestamp=stamp, **vers)
-    rows.append(_row("ceiling", "-", "-", "measured", 0.0, config="; ".join(f"{k}={v:.1f}" for k, v in ceil.items()),
-                     device=dev, timestamp=stamp, **vers))
+    ceiling_note = "; ".join(f"{k}={v:.1f}" for k, v in ceil.items())
+    rows.append(result_row("ceiling", "-", "-", "measured", 0.0, config=ceiling_note, device=dev, timestamp=stamp,
+                           **vers))
     table = [[r["kind"], r["shape"], r["dtype"], r["provider"], f"{r['median_us']:.1f}",
               f"{r.get('speedup', 0):.2f}x" if r.get("speedup") else "", f"{r.get('tflops', 0):.1f}" if r.get("tflops")
               else "", f"{r.get('gbps', 0):.0f}" if r.get("gbps") else "", r.get("config", "")] for r in rows]

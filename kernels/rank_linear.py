@@ -130,7 +130,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     loads h), and h·B with the codes packed along N. Everything else goes through the generic kernels.
     Separate from the launches so the exact specialisations a call compiles can also be compiled ahead
     of time for a GPU that is not here (tests/test_kernels_sm90.py). ``config`` (tuning runs,
-    benchmarks/gpu_kernels.py): {"rows": {BLOCK_N, BLOCK_B, num_warps, GATHER, WAVES, MAX_SPLITS}, "cols":
+    benchmarks/gpu_gemv.py): {"rows": {BLOCK_N, BLOCK_B, num_warps, GATHER, WAVES, MAX_SPLITS}, "cols":
     {BLOCK_K, BLOCK_B, num_warps, GATHER}}, each optional, for the whole-byte kernels (WAVES / MAX_SPLITS:
     x·Aᵀ's K split, `GEMV_WAVES` / `GEMV_MAX_SPLITS` by default); "fused": {BLOCK_M, BLOCK_N, BLOCK_K, num_warps}
     for the one-launch kernel; "fuse": True / False to force the one launch or two products (default:

@@ -26,3 +26,12 @@ def bert_dir(tmp_path_factory):
     from tiny_cli import save_bert_dir
 
     return save_bert_dir(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The Triton launchers, for test_kernels_triton*.py (whose cases run in a TRITON_INTERPRET=1 child)."""
+    import adaptwin.kernels.attention
+    import adaptwin.kernels.rank_linear
+
+    return {"attention": adaptwin.kernels.attention, "rank_linear": adaptwin.kernels.rank_linear}

@@ -15,15 +15,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ sits beside the package, uninstalled
-from benchmarks import gpu_kernels  # noqa: E402
+from benchmarks import gpu_common, gpu_kernels  # noqa: E402
 
 
 def test_accounting():
     assert gpu_kernels.attention_flops(1, 6, 1500, 32) == 4 * 6 * 1500 * 1500 * 32
     assert gpu_kernels.attention_bytes(2, 3, 10, 16, 2) == 4 * 2 * 3 * 10 * 16 * 2
-    assert gpu_kernels.half_rank(4096) * 2 * 4096 == 4096 * 4096 // 2  # two factors hold half the weight
-    r = gpu_kernels.half_rank(1024)
-    assert gpu_kernels.nf4_bytes(r, 1024, 1024) == r * 2048 // 2 + 4 * (r * 2048 // 64)
+    assert gpu_common.half_rank(4096) * 2 * 4096 == 4096 * 4096 // 2  # two factors hold half the weight
+    r = gpu_common.half_rank(1024)
+    assert gpu_common.nf4_bytes(r, 1024, 1024) == r * 2048 // 2 + 4 * (r * 2048 // 64)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the script would run")
@@ -47,9 +47,11 @@ def test_rejects_unknown_dtype(capsys):
 
 CHILD = """
 import torch
+import benchmarks.gpu_common as c
+import benchmarks.gpu_gemv as gemv
 import benchmarks.gpu_kernels as g
 calls = []
-g._bench = lambda fn, graph=False: (fn(), calls.append(graph), 10.0)[2]
+c.bench = lambda fn, graph=False: (fn(), calls.append(graph), 10.0)[2]
 rows = g._attention_shape(torch.device("cpu"), "fp16", 1, 2, (16, 20), False, {"gemm_fp16_tflops": 1.0}, tokens=40)
 assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton_w20"], rows
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]), rows
@@ -62,17 +64,17 @@ calls.clear()
 rows = g._decode_shape(torch.device("cpu"), "fp16", 1, 2, (16, 40), tokens=300)
 assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton_w40"], rows
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]) and calls[-3:] == [True, True, True], (rows, calls)
-rows = g._gemv_size(torch.device("cpu"), 128, 0, {"copy_gbps": 100.0})
+rows = gemv._gemv_size(torch.device("cpu"), 128, 0, {"copy_gbps": 100.0})
 names = [r["provider"] for r in rows]
 assert names[:3] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_gather"], names
-assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == g.nf4_bytes(32, 128, 128) / 10.0 / 1e3
+assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == c.nf4_bytes(32, 128, 128) / 10.0 / 1e3
 assert rows[2]["rel_err"] < 1e-2 and "GATHER" in rows[2]["config"]
 assert names[3] == "adaptwin_nf4_rank_one_launch" and rows[3]["rel_err"] < 1e-2, rows
 m8 = [r for r in rows if r["shape"].endswith(":M8")]
 assert [r["provider"] for r in m8] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_one_launch"], m8
 assert m8[2]["rel_err"] < 1e-2, m8
 assert calls[-1] is True  # GEMVs are timed through CUDA graphs
-rows = g._gemv_size(torch.device("cpu"), 128, 0, {}, tune=True)
+rows = gemv._gemv_size(torch.device("cpu"), 128, 0, {}, tune=True)
 tuned = [r for r in rows if r["provider"] == "adaptwin_nf4_rank_tuned"]
 assert len(tuned) == 1 and "'rows': {'BLOCK_N'" in tuned[0]["config"], rows
 assert [r["provider"] for r in rows].count("adaptwin_nf4_rank_one_launch_tuned") == 1, rows

@@ -1,4 +1,6 @@
 """The Triton kernels compile for an H100 (sm_90) here, with no GPU: every launch variant, ahead of time.
+This module: the attention kernel, and the whole check again under the device's triton; the rank_linear
+kernels: test_kernels_sm90_linear.py; the compiling: sm90_tools.py.
 
 The interpreter tests (test_kernels_triton.py) check the kernels' arithmetic but never run Triton's GPU
 compiler, which rejects things the interpreter accepts (shapes, dtypes of dot operands, too much shared
@@ -18,7 +20,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,79 +30,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles for a GPU; not under the interpreter", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (its tuning sweeps) sits beside the package
-H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-
-def _toolchain():
-    """(backend, target, compile function, binder factory) for sm_90, or skip with the reason."""
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, compile, make_backend
-        from triton.runtime.jit import create_function_from_signature
-    except ImportError as exc:
-        pytest.skip(f"triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks {exc.name}")
-    target = GPUTarget("cuda", 90, 32)
-    try:
-        backend = make_backend(target)
-    except Exception as exc:  # noqa: BLE001 - no NVIDIA backend in this triton build
-        pytest.skip(f"triton {triton.__version__} has no usable CUDA backend: {exc}")
-    return backend, target, compile, ASTSource, create_function_from_signature
-
-
-def compile_sm90(kernel, args: tuple, kwargs: dict):
-    """The CompiledKernel Triton would build for ``kernel[grid](*args, **kwargs)`` on an H100."""
-    backend, target, compile, ASTSource, binder_for = _toolchain()
-    kwargs = dict(kwargs)
-    try:
-        bound, spec, options = binder_for(kernel.signature, kernel.params, backend)(*args, **kwargs)
-        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
-    except (AttributeError, TypeError) as exc:
-        import triton
-
-        pytest.skip(f"triton {triton.__version__}'s JIT internals differ from those this check uses: {exc}")
-    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-
-
-def _cuobjdump() -> str | None:
-    import triton
-
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if bundled.exists():
-        return str(bundled)
-    import shutil
-
-    return shutil.which("cuobjdump")
-
-
-def _dump(compiled, flag: str) -> str:
-    """cuobjdump ``flag`` on the compiled kernel's cubin (skips where there is no cuobjdump)."""
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (neither bundled with triton nor on PATH)")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(compiled.asm["cubin"])
-        return subprocess.run([tool, flag, str(path)], capture_output=True, text=True, check=True, timeout=60).stdout
-
-
-def resources(compiled) -> dict[str, int]:
-    """cuobjdump's resource usage of the cubin: REG, STACK, SHARED, LOCAL."""
-    text = _dump(compiled, "--dump-resource-usage")
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
-    assert found, text
-    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
-
-
-def check(compiled, tensor_cores: bool) -> dict[str, int]:
-    use = resources(compiled)
-    assert use["LOCAL"] == 0 and use["STACK"] == 0, f"register spills: {use}"
-    assert compiled.metadata.shared <= H100_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
-    ptx = compiled.asm["ptx"]
-    assert ("wgmma" in ptx or "mma.sync" in ptx) == tensor_cores, "tensor-core use differs from the dtype's"
-    return use
-
+from sm90_tools import DTYPES, H100_SHARED, check, compile_sm90, resources  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- attention
 ATTENTION = [  # (dtype, heads, kv heads, width q, width v, mask, causal)
@@ -190,235 +120,15 @@ def test_every_tuning_config_compiles_for_sm90():
     assert not bad, bad
 
 
-# ----------------------------------------------------------------------------------------- rank_linear
-LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
-    ("fp32", 1, 384, 136, 1536, "nf4", 64, True),
-    ("fp16", 1, 4096, 1024, 4096, "nf4", 64, False),
-    ("bf16", 1, 431, 37, 384, "int8", 0, True),
-    ("fp16", 1, 384, 20, 431, "fp", 0, False),
-    ("fp32", 1500, 384, 136, 1536, "nf4", 64, True),
-    ("fp16", 1500, 384, 136, 1536, "nf4", 64, True),
-    ("bf16", 64, 431, 52, 384, "int8", 64, False),
-    ("fp16", 7, 384, 40, 384, "fp", 0, True),
-    # several rows at a rank of at most 64: the one-launch kernel (h kept in registers)
-    ("fp32", 1500, 384, 64, 1536, "nf4", 64, True),
-    ("fp32", 59, 431, 40, 384, "int8", 0, False),
-    ("fp16", 1500, 384, 64, 1536, "int8", 64, True),
-    ("bf16", 256, 4096, 40, 4096, "nf4", 64, False),
-    ("bf16", 16, 384, 20, 431, "nf4", 64, True),
-]
-
-
-def _linear_launches(dtype: str, rows: int, n_in: int, rank: int, n_out: int, fmt: str, bs: int, bias: bool,
-                     config: dict | None = None):
-    """Every kernel launch of one rank_linear call, as the launcher plans them (cuBLAS steps included)."""
-    from adaptwin.kernels import rank_linear as kr
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_kernels_cpu import _factor
-
-    gen = torch.Generator().manual_seed(0)
-    fa = _factor(fmt, bs, torch.randn(rank, n_in, generator=gen))
-    fb = _factor(fmt, bs, torch.randn(rank, n_out, generator=gen))
-    x = torch.empty(rows, n_in, dtype=DTYPES[dtype])
-    b = torch.empty(n_out, dtype=x.dtype) if bias else None
-    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device), config)
-    return launches
-
-
-# several rows: the default plan (factors decoded once) and the tiled kernels' decoding; one row has one plan
-LINEAR_PLANS = [(case, decode) for case in LINEAR for decode in (("once", "tiles") if case[1] > 1 else ("once",))]
-
-
-@pytest.mark.parametrize("case,decode", LINEAR_PLANS,
-                         ids=lambda c: "{}-M{}-{}x{}x{}-{}{}-bias{}".format(*c) if isinstance(c, tuple) else c)
-def test_rank_linear_compiles_for_sm90(case, decode):
-    from adaptwin.kernels.rank_linear import FUSED_MAX_RANK, TorchStep
-
-    rows, rank, fmt = case[1], case[3], case[5]
-    launches = _linear_launches(*case, config={"decode": decode})
-    names = [launch[0].fn.__name__ for launch in launches]
-    if rows > 1 and decode == "once":  # quantised factors decoded once, then one launch or cuBLAS
-        assert names.count("_dequant_kernel") == (0 if fmt == "fp" else 2)
-        assert names[-1] in ("_fused_kernel", "_cublas_products")
-        assert rank <= FUSED_MAX_RANK or names[-1] == "_cublas_products"
-    else:
-        products = [name for name in names if name != "_sum_rows_kernel"]  # K-split sums
-        assert len(products) == (1 if rows > 1 and rank <= FUSED_MAX_RANK else 2)
-    for kernel, _, args, kwargs in launches:
-        if isinstance(kernel, TorchStep):
-            continue
-        compiled = compile_sm90(kernel, args, kwargs)
-        dots = rows > 1 and args[0].dtype != torch.float32 and kernel.fn.__name__ != "_dequant_kernel"
-        check(compiled, tensor_cores=dots)
-        if dots and rows >= 64:  # Hopper's warp-group MMA, not the older mma.sync
-            assert "wgmma" in compiled.asm["ptx"]
-
-
-@pytest.mark.slow
-def test_every_fused_variant_compiles_for_sm90():
-    """The one-launch kernel for every dtype, format, rank bucket and tile size its default plans pick."""
-    bad = []
-    for dtype in DTYPES:
-        for fmt, bs in (("nf4", 64), ("int8", 0), ("fp", 0)):
-            for rank in (1, 20, 40, 64):
-                for rows in (2, 59, 64, 1500):
-                    (kernel, _, args, kwargs), = _linear_launches(dtype, rows, 384, rank, 1536, fmt, bs, True,
-                                                                  {"decode": "tiles"})
-                    compiled = compile_sm90(kernel, args, kwargs)
-                    use, ptx = resources(compiled), compiled.asm["ptx"]
-                    tensor_cores = "wgmma" in ptx or "mma.sync" in ptx
-                    if (use["LOCAL"] or use["STACK"] or tensor_cores != (dtype != "fp32")
-                            or (dtype != "fp32" and rows >= 64 and "wgmma" not in ptx)):
-                        bad.append((dtype, fmt, rank, rows, use, tensor_cores))
-    assert not bad, bad
-
-
-@pytest.mark.slow
-def test_every_gemv_tuning_config_compiles_for_sm90():
-    """benchmarks/gpu_kernels.py --tune times each whole-byte GEMV tile; none may fail to build or spill."""
-    from adaptwin.kernels import rank_linear as kr
-
-    from benchmarks.gpu_kernels import GEMV_TUNE_COLS, GEMV_TUNE_ROWS
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_kernels_cpu import _factor
-
-    gen = torch.Generator().manual_seed(0)
-    fa, fb = (_factor("nf4", 64, torch.randn(1024, 4096, generator=gen)) for _ in range(2))
-    x = torch.empty(1, 4096, dtype=torch.float16)
-    bad = []
-    for config in [{"rows": c} for c in GEMV_TUNE_ROWS] + [{"cols": c} for c in GEMV_TUNE_COLS]:
-        _, launches = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), config)
-        kernel, _, args, kwargs = launches[0] if "rows" in config else launches[1]
-        use = resources(compile_sm90(kernel, args, kwargs))
-        if use["LOCAL"] or use["STACK"]:
-            bad.append((config, use))
-    assert not bad, bad
-
-
-def _one_launch(dtype: str, d: int, rank: int, tiles: dict | None = None, bias: bool = True, rows: int = 1):
-    """The one-launch GEMV's (kernel, grid, args, kwargs) for ``rows`` rows of a d -> d NF4 call at ``rank``."""
-    from adaptwin.kernels import rank_linear as kr
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_kernels_cpu import _factor
-
-    gen = torch.Generator().manual_seed(0)
-    fa, fb = (_factor("nf4", 64, torch.randn(rank, d, generator=gen)) for _ in range(2))
-    x = torch.empty(rows, d, dtype=DTYPES[dtype])
-    b = torch.empty(d, dtype=x.dtype) if bias else None
-    _, launches = kr.plan(x, *fa, *fb, b, kr._code_on(x.device), {"gemv": "one_launch", "one_launch": tiles or {}})
-    (launch,) = launches
-    return launch
-
-
-@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("d,rows", [(2048, 1), (4096, 1), (4096, 8)])
-def test_one_launch_gemv_compiles_for_sm90_with_its_ordering(dtype, d, rows):
-    """The one-launch GEMV compiles spill-free, and its PTX orders the call as the kernel's docstring says:
-    relaxed float32 atomic adds into the workspace, a CTA barrier, then one gpu-scope acq_rel ticket per
-    program (a single thread's), and the last program's acquire exchanges of the sums."""
-    kernel, grid, args, kwargs = _one_launch(dtype, d, d // 4, rows=rows)
-    assert kernel.fn.__name__ == "_gemv_nf4_one_launch_kernel" and kwargs["A_SCALE_ROW"] and kwargs["B_SCALE_ROW"]
-    assert kwargs["ROWS"] == rows
-    assert grid[0] * grid[1] >= 128  # about one program per multiprocessor or more
-    compiled = compile_sm90(kernel, args, kwargs)
-    check(compiled, tensor_cores=False)
-    ptx = [line.strip() for line in compiled.asm["ptx"].splitlines()]
-    adds = [i for i, line in enumerate(ptx) if "atom.global.gpu.relaxed.add.f32" in line or "red.global" in line]
-    ticket = [i for i, line in enumerate(ptx) if "atom.global.gpu.acq_rel.add" in line]
-    takes = [i for i, line in enumerate(ptx) if "atom.global.gpu.acquire.exch" in line]
-    assert adds and len(ticket) == 1 and takes, "\n".join(line for line in ptx if "atom" in line)
-    assert ptx[ticket[0]].startswith("@"), "the ticket must be one thread's (predicated)"
-    assert max(adds) < ticket[0] < min(takes)
-    assert any(line.startswith("bar.sync") for line in ptx[max(adds):ticket[0]]), "no barrier before the ticket"
-
-
-@pytest.mark.slow
-def test_every_one_launch_tuning_config_compiles_for_sm90():
-    """benchmarks/gpu_kernels.py --tune times each one-launch GEMV tile; none may fail to build or spill."""
-    from benchmarks.gpu_kernels import GEMV_TUNE_CHUNKS, GEMV_TUNE_ONE
-
-    bad = []
-    for rows in (1, 8):
-        for tiles in GEMV_TUNE_ONE + [{"CHUNKS": c} for c in GEMV_TUNE_CHUNKS] + [{"GATHER": True}]:
-            kernel, _, args, kwargs = _one_launch("fp16", 4096, 1024, tiles, bias=False, rows=rows)
-            use = resources(compile_sm90(kernel, args, kwargs))
-            if use["LOCAL"] or use["STACK"]:
-                bad.append((rows, tiles, use))
-    assert not bad, bad
-
-
-def loop_sass(compiled) -> list[str]:
-    """The SASS instructions of the cubin's longest loop (the span up to its longest backward branch)."""
-    text = _dump(compiled, "-sass")
-    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
-    best: list[str] = []
-    for at, ins in lines:
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
-        if target and int(target.group(1), 16) < at:
-            body = [i for a, i in lines if int(target.group(1), 16) <= a <= at]
-            best = body if len(body) > len(best) else best
-    return best
-
-
-@pytest.mark.parametrize("d,rank", [(4096, 1024), (2048, 512)])
-def test_gathered_nf4_values_shorten_the_gemv_loops(d, rank):
-    """The batch-1 NF4 kernels with GATHER (code values by warp shuffles from a register table) compile
-    spill-free for sm_90 at the sizes benchmarks/gpu_kernels.py times them (d >= 2048; below, h·B's 16-byte
-    column tiles with GATHER put 8 bytes on the stack under triton 3.9, not 3.6), and their loops issue
-    fewer instructions than with the select tree (a static count; the benchmark times both)."""
-    from adaptwin.kernels import rank_linear as kr
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_kernels_cpu import _factor
-
-    gen = torch.Generator().manual_seed(0)
-    fa, fb = (_factor("nf4", 64, torch.randn(rank, d, generator=gen)) for _ in range(2))
-    x = torch.empty(1, d, dtype=torch.float16)
-    counts = {}
-    for gather in (False, True):
-        config = {"rows": {"GATHER": gather}, "cols": {"GATHER": gather}}
-        _, launches = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), config)
-        for kernel, _, args, kwargs in launches[:2]:
-            compiled = compile_sm90(kernel, args, kwargs)
-            check(compiled, tensor_cores=False)
-            body = loop_sass(compiled)
-            assert any(i.split()[0].startswith("SHFL") for i in body) == gather, kernel.fn.__name__
-            counts[kernel.fn.__name__, gather] = len(body)
-    print(counts)
-    for name in ("_gemv_nf4_rows_kernel", "_gemv_nf4_cols_kernel"):
-        assert 0 < counts[name, True] < counts[name, False], counts
-
-
-def test_gemv_loads_x_in_element_pairs():
-    """The batch-1 x·Aᵀ kernel reads x's even and odd elements as pairs (one 4-byte load each) beside its
-    one vector load of code bytes: 9 loads per tile and thread on sm_90 (two strided 2-byte loads per
-    pair made it 18; each is an L1 wavefront per warp)."""
-    from adaptwin.kernels import rank_linear as kr
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_kernels_cpu import _factor
-
-    gen = torch.Generator().manual_seed(0)
-    fa, fb = (_factor("nf4", 64, torch.randn(1024, 4096, generator=gen)) for _ in range(2))
-    x = torch.empty(1, 4096, dtype=torch.float16)
-    kernel, _, args, kwargs = kr.plan(x, *fa, *fb, None, kr._code_on(x.device))[1][0]
-    assert kernel.fn.__name__ == "_gemv_nf4_rows_kernel"
-    loads = [i for i in loop_sass(compile_sm90(kernel, args, kwargs)) if "LDG" in i]
-    assert len(loads) <= 10 and not any("LDG.E.U16" in i for i in loads), loads
-
-
 # ------------------------------------------------------------------------------- the device's triton
 DEVICE_TRITON = "3.6.0"  # the triton of the lent GPU machine (its compiler differs from newer ones)
 
 
 @pytest.mark.slow
 def test_every_check_passes_under_the_device_triton():
-    """This module again, in a child process on triton DEVICE_TRITON, installed (from the local wheel store or
-    an index) into a cache folder. Each check must run there, not skip: a triton whose internals this module
-    cannot drive would otherwise pass unseen."""
+    """This module and test_kernels_sm90_linear.py again, in a child process on triton DEVICE_TRITON,
+    installed (from the local wheel store or an index) into a cache folder. Each check must run there, not
+    skip: a triton whose internals these modules cannot drive would otherwise pass unseen."""
     if os.environ.get("ADAPTWIN_SM90_DEVICE_CHILD") == "1":
         pytest.skip("already the child on the device's triton")
     target = Path.home() / ".cache" / "adaptwin" / f"triton-{DEVICE_TRITON}"
@@ -430,8 +140,9 @@ def test_every_check_passes_under_the_device_triton():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ADAPTWIN_SM90_DEVICE_CHILD": "1",
            "PYTHONPATH": os.pathsep.join([str(target), str(root), os.environ.get("PYTHONPATH", "")])}
+    modules = [__file__, str(Path(__file__).with_name("test_kernels_sm90_linear.py"))]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow",
-                           __file__], cwd=root, env=env, capture_output=True, text=True, timeout=3000)
+                           *modules], cwd=root, env=env, capture_output=True, text=True, timeout=3000)
     tail = proc.stdout[-3000:] + proc.stderr[-1500:]
     assert f"triton {DEVICE_TRITON}" in _child_version(env), tail
     assert proc.returncode == 0 and " passed" in proc.stdout, tail

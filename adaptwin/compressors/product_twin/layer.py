@@ -105,7 +105,8 @@ class TwinAttention(nn.Module):
         mask = kwargs.get("attention_mask")
         if cross and conv.cross_mask_keyword:
             mask = kwargs.get(conv.cross_mask_keyword)
-        cache = kwargs.get("past_key_values")
+        # transformers >= 5.2x names the cache ``cache``; earlier 5.x releases ``past_key_values``
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         position_embeddings = kwargs.get("position_embeddings")
 
         batch, length = hidden_states.shape[:-1]
