@@ -187,6 +187,26 @@ def test_rank_space_cache_matches_no_cache(row: Row) -> None:
     assert_same_generation(ref, out)
 
 
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_twin_attention_takes_the_cache_under_either_name(keyword: str) -> None:
+    """transformers >= 5.2x passes the cache to attention modules as ``cache``, 5.17-5.1x as
+    ``past_key_values``: a compressed module must update (and read) it under either name."""
+    from transformers.cache_utils import DynamicCache
+
+    small = adaptwin.compress(original("gpt2"), adaptwin.CompressionConfig(attention_rank=2, attention_lora_rank=1))
+    attn = next(iter(twin_modules(small).values()))
+    x = torch.randn(1, 3, attn.q_proj.in_features, generator=torch.Generator().manual_seed(3))
+    cache = DynamicCache()
+    with torch.no_grad():
+        first, _ = attn(x[:, :2], **{keyword: cache})
+        assert cache.layers[attn.layer_idx].keys.shape[-2] == 2  # the module wrote its keys into the cache
+        second, _ = attn(x[:, 2:], **{keyword: cache})
+        assert cache.layers[attn.layer_idx].keys.shape[-2] == 3
+        whole, _ = attn(x, attention_mask=None)
+    # the cached step attends to the two cached keys (GPT-2's attention is causal): as the whole sequence
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=1e-5, atol=1e-6)
+
+
 def test_whisper_cross_attention_is_compressed() -> None:
     small = adaptwin.compress(original("whisper"), full_rank(ROW_BY_NAME["whisper"]))
     paths = set(twin_modules(small))
