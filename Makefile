@@ -23,7 +23,9 @@ test: install
 lint:
 	$(PYTHON) -m ruff check .
 
+# the plots need the `bench` extra (matplotlib); installed here, not for `make test`
 bench: install
+	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib
 	@if [ -z "$(BENCHMARKS)" ]; then echo "no benchmarks in benchmarks/ yet"; exit 0; fi; \
 	for script in $(BENCHMARKS); do \
 		name=$$(basename $$script .py); echo "== benchmarks.$$name $(BENCH_ARGS)"; \
