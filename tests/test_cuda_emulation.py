@@ -1,0 +1,155 @@
+"""The CUDA C++ backend's kernels, run on the CPU: no GPU has run them yet, so their device code is compiled
+here for the CPU (tests/cuda_emulation.cpp: the CUDA keywords defined away, blockIdx / threadIdx as plain
+variables) and run over the grids their launchers use, then checked against the op references.
+
+What this covers: the kernels' indexing (strides, grouped key/value heads, the flat layout of each
+factor), masks, causal cut, online softmax, NF4 / int8 decoding and the width template bounds. What it
+cannot: anything CUDA-specific (launch limits, memory, half-precision conversions); those wait for a GPU
+(tests/test_kernels_cuda.py). The launcher's host logic for rank_linear (which product is transposed, where
+the bias goes) is mirrored in `_rank_linear` below, line for line from csrc/cuda/rank_linear.cu.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptwin.ops.attention import attention_reference
+from adaptwin.ops.rank_linear import rank_linear_reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = {"fp": 0, "nf4": 1, "int8": 2}  # csrc/cuda/rank_linear_kernel.cuh's Format
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    out = tmp_path_factory.mktemp("cuda_emulation") / "emulation.so"
+    cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'cuda'}",
+           str(ROOT / "tests" / "cuda_emulation.cpp"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    so = ctypes.CDLL(str(out))
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    so.emulate_attention.argtypes = [ptr] * 6 + [ctypes.c_int] * 7 + [f32, ctypes.c_int, ctypes.c_int]
+    so.emulate_attention.restype = ctypes.c_int
+    so.emulate_product.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
+    return so
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _attention(lib, q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
+    """attention.cu's host side: mask widened to float32 unless boolean and expanded to (B, H, T, S); output
+    (B, T, H, Dv)."""
+    b, h, t, dq = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    kind = 0 if mask is None else (2 if mask.dtype == torch.bool else 1)
+    m = None if mask is None else (mask if kind == 2 else mask.float()).expand(b, h, t, s)
+    out = torch.full((b, t, h, dv), float("nan"))
+    strides = torch.tensor([*q.stride(), *k.stride(), *v.stride(), *(m.stride() if m is not None else (0,) * 4)],
+                           dtype=torch.int64)
+    rc = lib.emulate_attention(_ptr(q), _ptr(k), _ptr(v), _ptr(m), _ptr(out), _ptr(strides), b, h, hkv, t, s, dq,
+                               dv, scale, int(causal), kind)
+    assert rc == 0, f"no template instance for widths {dq}, {dv}"
+    return out
+
+
+ATTENTION_CASES = [  # (B, H, Hkv, T, S, Dq, Dv, causal, mask)
+    (1, 2, 2, 1, 37, 20, 20, False, None),
+    (2, 3, 3, 59, 59, 40, 24, False, "bool"),
+    (1, 4, 2, 45, 45, 13, 9, True, None),  # grouped key/value heads, causal
+    (2, 2, 1, 33, 70, 52, 52, False, "float"),
+    (1, 2, 2, 40, 40, 100, 64, True, "float_keys"),  # the 128 instance
+    (1, 1, 1, 17, 300, 200, 7, False, "bool_keys"),  # the 256 instance
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}-{}-{}".format(*c))
+def test_cuda_attention_kernel_emulated(lib, case):
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory, as the modules' views give
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    out = _attention(lib, q, k, v, mask, scale, causal)
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    assert_within_twice(out, attention_reference(q, k, v, mask, scale, causal), ref64)
+
+
+def test_cuda_attention_kernel_fully_masked_rows_give_zero(lib):
+    q = k = v = torch.randn(1, 2, 5, 8)
+    mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
+    mask[:, :, 2] = False
+    out = _attention(lib, q, k, v, mask, 0.3, False)
+    assert torch.equal(out[:, 2], torch.zeros(1, 2, 8))
+    assert torch.isfinite(out).all()
+
+
+def _product(lib, x, factor, transposed: bool, bias):
+    """rank_linear.cu's `product`: x (M, K) float32 times the factor (its transpose when ``transposed``)."""
+    data, scale, fmt, bs, (fk, fn) = factor
+    data = data.float().contiguous() if fmt == "fp" else data.contiguous()
+    m, k = x.shape
+    n = fk if transposed else fn
+    assert k == (fn if transposed else fk)
+    s_k, s_n = (1, fn) if transposed else (fn, 1)
+    out = torch.full((m, n), float("nan"))
+    scale = None if scale is None else scale.float().contiguous()
+    bias = None if bias is None else bias.float().contiguous()
+    lib.emulate_product(_ptr(x), _ptr(data), _ptr(scale), _ptr(bias), _ptr(out), m, n, k, s_k, s_n, fn, bs,
+                        FORMATS[fmt])
+    return out
+
+
+def _rank_linear(lib, x, a, b, bias):
+    """rank_linear.cu's `rank_linear_cuda`: h = x·Aᵀ (bias here when there is no B), then h·B (+ bias)."""
+    h = x.float().reshape(-1, x.shape[-1]).contiguous()
+    if a is not None:
+        h = _product(lib, h, a, True, bias if b is None else None)
+    if b is not None:
+        h = _product(lib, h, b, False, bias)
+    return h.reshape(*x.shape[:-1], h.shape[-1])
+
+
+LINEAR_CASES = [  # (rows, in, rank, out, format, blocksize, which factors)
+    (1, 384, 96, 384, "nf4", 64, "ab"),
+    (3, 431, 37, 433, "nf4", 64, "ab"),
+    (5, 416, 29, 480, "int8", 0, "ab"),  # per-row scales
+    (2, 384, 40, 96, "int8", 64, "ab"),  # flat blocks
+    (7, 64, 13, 50, "fp", 0, "ab"),
+    (4, 96, 24, 80, "nf4", 32, "a"),  # one factor: the bias goes with x·Aᵀ
+    (4, 96, 24, 80, "int8", 0, "b"),
+]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}-{}".format(*c))
+def test_cuda_rank_linear_kernel_emulated(lib, case):
+    rows, d_in, r, d_out, fmt, bs, which = case
+    gen = torch.Generator().manual_seed(seed(case))
+    a = _factor(fmt, bs, torch.randn(r, d_in, generator=gen) / d_in ** 0.5) if "a" in which else None
+    out_w = d_out if "b" in which else r
+    b = _factor(fmt, bs, torch.randn(r if "a" in which else d_in, d_out, generator=gen)) if "b" in which else None
+    x = torch.randn(2, rows, d_in, generator=gen)
+    bias = torch.randn(out_w, generator=gen)
+    none = (None, None, "fp", 0, [])
+    out = _rank_linear(lib, x, a, b, bias)
+    ref = rank_linear_reference(x, *(a or none), *(b or none), bias)
+    ref64 = rank_linear_reference(x.double(), *(a or none), *(b or none), bias.double())
+    assert out.shape == ref.shape
+    assert_within_twice(out, ref, ref64)
