@@ -1,7 +1,12 @@
 // The CUDA C++ backend's device code (csrc/cuda/*_kernel.cuh), compiled for the CPU and run over the launch
 // grid its launchers use, one emulated thread at a time (tests/test_cuda_emulation.py builds and loads this
 // with ctypes). Valid for these kernels because they use no shared memory, barriers, warp functions or
-// atomics: each thread's output depends on blockIdx, blockDim and threadIdx only. float32 instances only.
+// atomics: each thread's output depends on blockIdx, blockDim and threadIdx only. Attention runs in the
+// three dtypes attention.cu dispatches (c10::Half / c10::BFloat16 are the same host types the CUDA build
+// converts with; header-only here), the products in float32 as rank_linear.cu launches them.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,8 +40,8 @@ static void over_grid(int64_t blocks, unsigned threads, Fn&& kernel) {
     }
 }
 
-template <int MAXD>
-static void attention_grid(const float* q, const float* k, const float* v, const void* mask, float* out,
+template <typename scalar_t, int MAXD>
+static void attention_grid(const scalar_t* q, const scalar_t* k, const scalar_t* v, const void* mask, scalar_t* out,
                            const int64_t* strides, int B, int H, int Hkv, int T, int S, int Dq, int Dv, float scale,
                            bool causal, int mask_kind) {
   kernels::Strides4 qs, ks, vs, ms;
@@ -47,34 +52,53 @@ static void attention_grid(const float* q, const float* k, const float* v, const
   const int64_t blocks = (rows + threads - 1) / threads;
   if (mask_kind == 2) {
     over_grid(blocks, threads, [&] {
-      kernels::attention_kernel<float, bool, MAXD>(q, k, v, static_cast<const bool*>(mask), out, qs, ks, vs, ms, B,
+      kernels::attention_kernel<scalar_t, bool, MAXD>(q, k, v, static_cast<const bool*>(mask), out, qs, ks, vs, ms, B,
                                                    H, Hkv, T, S, Dq, Dv, scale, causal, true, true);
     });
   } else {
     over_grid(blocks, threads, [&] {
-      kernels::attention_kernel<float, float, MAXD>(q, k, v, static_cast<const float*>(mask), out, qs, ks, vs, ms,
+      kernels::attention_kernel<scalar_t, float, MAXD>(q, k, v, static_cast<const float*>(mask), out, qs, ks, vs, ms,
                                                     B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind == 1, false);
     });
   }
 }
 
-extern "C" {
-
-// strides: q, k, v, mask, four each (elements). mask_kind: 0 none, 1 additive float32, 2 boolean keep-mask.
-// The width bound picks the template instance as attention.cu does (64, 128, 256).
-int emulate_attention(const float* q, const float* k, const float* v, const void* mask, float* out,
-                      const int64_t* strides, int B, int H, int Hkv, int T, int S, int Dq, int Dv, float scale,
-                      int causal, int mask_kind) {
-  const int width = std::max(Dq, Dv);
+template <typename scalar_t>
+static int attention_dtype(const void* q, const void* k, const void* v, const void* mask, void* out,
+                           const int64_t* strides, int B, int H, int Hkv, int T, int S, int Dq, int Dv, float scale,
+                           int causal, int mask_kind) {
+  const auto* qs = static_cast<const scalar_t*>(q);
+  const auto* ks = static_cast<const scalar_t*>(k);
+  const auto* vs = static_cast<const scalar_t*>(v);
+  auto* os = static_cast<scalar_t*>(out);
+  const int width = std::max(Dq, Dv);  // the template instance, as attention.cu picks it
   if (width <= 64)
-    attention_grid<64>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
+    attention_grid<scalar_t, 64>(qs, ks, vs, mask, os, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
   else if (width <= 128)
-    attention_grid<128>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
+    attention_grid<scalar_t, 128>(qs, ks, vs, mask, os, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
   else if (width <= 256)
-    attention_grid<256>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
+    attention_grid<scalar_t, 256>(qs, ks, vs, mask, os, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
   else
     return 1;
   return 0;
+}
+
+extern "C" {
+
+// q, k, v, out in one dtype (0 float32, 1 float16, 2 bfloat16); strides: q, k, v, mask, four each (elements).
+// mask_kind: 0 none, 1 additive float32, 2 boolean keep-mask. Returns 1 for widths over 256.
+int emulate_attention(const void* q, const void* k, const void* v, const void* mask, void* out,
+                      const int64_t* strides, int B, int H, int Hkv, int T, int S, int Dq, int Dv, float scale,
+                      int causal, int mask_kind, int dtype) {
+  switch (dtype) {
+    case 1:
+      return attention_dtype<c10::Half>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
+    case 2:
+      return attention_dtype<c10::BFloat16>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal,
+                                            mask_kind);
+    default:
+      return attention_dtype<float>(q, k, v, mask, out, strides, B, H, Hkv, T, S, Dq, Dv, scale, causal, mask_kind);
+  }
 }
 
 // One product launch of rank_linear.cu: out (M, N) = x (M, K) times the factor's elements kk·s_k + n·s_n.

@@ -3,10 +3,12 @@ here for the CPU (tests/cuda_emulation.cpp: the CUDA keywords defined away, bloc
 variables) and run over the grids their launchers use, then checked against the op references.
 
 What this covers: the kernels' indexing (strides, grouped key/value heads, the flat layout of each
-factor), masks, causal cut, online softmax, NF4 / int8 decoding and the width template bounds. What it
-cannot: anything CUDA-specific (launch limits, memory, half-precision conversions); those wait for a GPU
-(tests/test_kernels_cuda.py). The launcher's host logic for rank_linear (which product is transposed, where
-the bias goes) is mirrored in `_rank_linear` below, line for line from csrc/cuda/rank_linear.cu.
+factor), masks, causal cut, online softmax, NF4 / int8 decoding, the width template bounds, and attention
+in float16 / bfloat16 (c10's host Half / BFloat16 types, whose conversions round as the device's do). What
+it cannot: anything CUDA-specific (launch limits, the device math library's __expf, memory, streams); those
+wait for a GPU (tests/test_kernels_cuda.py). The launchers' host logic (which product is transposed, where
+the bias goes, the mask's widening) is mirrored in `_attention` and `_rank_linear` below, line for line from
+csrc/cuda/*.cu.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"fp": 0, "nf4": 1, "int8": 2}  # csrc/cuda/rank_linear_kernel.cuh's Format
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # tests/cuda_emulation.cpp's codes
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +40,15 @@ def lib(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
     out = tmp_path_factory.mktemp("cuda_emulation") / "emulation.so"
+    from torch.utils.cpp_extension import include_paths  # c10's Half / BFloat16 (header-only use)
+
     cmd = [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror", f"-I{ROOT / 'csrc' / 'cuda'}",
-           str(ROOT / "tests" / "cuda_emulation.cpp"), "-o", str(out)]
+           *(f"-I{p}" for p in include_paths()), str(ROOT / "tests" / "cuda_emulation.cpp"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     so = ctypes.CDLL(str(out))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    so.emulate_attention.argtypes = [ptr] * 6 + [ctypes.c_int] * 7 + [f32, ctypes.c_int, ctypes.c_int]
+    so.emulate_attention.argtypes = [ptr] * 6 + [ctypes.c_int] * 7 + [f32] + [ctypes.c_int] * 3
     so.emulate_attention.restype = ctypes.c_int
     so.emulate_product.argtypes = [ptr] * 5 + [i64] * 7 + [ctypes.c_int]
     return so
@@ -54,17 +59,18 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _attention(lib, q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
-    """attention.cu's host side: mask widened to float32 unless boolean and expanded to (B, H, T, S); output
-    (B, T, H, Dv)."""
+    """attention.cu's host side: k and v in q's dtype, mask widened to float32 unless boolean and expanded to
+    (B, H, T, S); output (B, T, H, Dv) in q's dtype."""
     b, h, t, dq = q.shape
     hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     kind = 0 if mask is None else (2 if mask.dtype == torch.bool else 1)
     m = None if mask is None else (mask if kind == 2 else mask.float()).expand(b, h, t, s)
-    out = torch.full((b, t, h, dv), float("nan"))
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    out = torch.full((b, t, h, dv), float("nan"), dtype=q.dtype)
     strides = torch.tensor([*q.stride(), *k.stride(), *v.stride(), *(m.stride() if m is not None else (0,) * 4)],
                            dtype=torch.int64)
     rc = lib.emulate_attention(_ptr(q), _ptr(k), _ptr(v), _ptr(m), _ptr(out), _ptr(strides), b, h, hkv, t, s, dq,
-                               dv, scale, int(causal), kind)
+                               dv, scale, int(causal), kind, DTYPES[q.dtype])
     assert rc == 0, f"no template instance for widths {dq}, {dv}"
     return out
 
@@ -79,11 +85,13 @@ ATTENTION_CASES = [  # (B, H, Hkv, T, S, Dq, Dv, causal, mask)
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}-{}-{}".format(*c))
-def test_cuda_attention_kernel_emulated(lib, case):
+def test_cuda_attention_kernel_emulated(lib, case, dtype):
     b, h, hkv, t, s, dq, dv, causal, kind = case
     gen = torch.Generator().manual_seed(seed(case))
-    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen).to(dtype)
+               for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory, as the modules' views give
     mask = _mask(kind, b, h, t, s, gen)
     scale = dq ** -0.5
