@@ -82,6 +82,7 @@ ATTENTION_CASES = [  # (B, H, Hkv, T, S, Dq, Dv, causal, mask)
     (2, 2, 1, 33, 70, 52, 52, False, "float"),
     (1, 2, 2, 40, 40, 100, 64, True, "float_keys"),  # the 128 instance
     (1, 1, 1, 17, 300, 200, 7, False, "bool_keys"),  # the 256 instance
+    (1, 2, 2, 1500, 1500, 40, 40, True, None),  # a 30 s Whisper window
 ]
 
 
@@ -137,6 +138,8 @@ def _rank_linear(lib, x, a, b, bias):
 
 LINEAR_CASES = [  # (rows, in, rank, out, format, blocksize, which factors)
     (1, 384, 96, 384, "nf4", 64, "ab"),
+    (1, 384, 1, 384, "nf4", 64, "ab"),  # rank 1
+    (3, 384, 64, 431, "nf4", 64, "ab"),
     (3, 431, 37, 433, "nf4", 64, "ab"),
     (5, 416, 29, 480, "int8", 0, "ab"),  # per-row scales
     (2, 384, 40, 96, "int8", 64, "ab"),  # flat blocks
