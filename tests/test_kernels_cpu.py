@@ -4,7 +4,8 @@ Criterion (flash-attention's rule): on fresh random inputs, the kernel's error a
 the reference is at most twice the reference's own error at the input precision. Sizes are odd on
 purpose (T = 1, 59, 1500; d = 384, 431; ranks 1-64, mostly not powers of two). The kernels come from
 ``adaptwin._C`` (built by ``make install`` / ``pip install --no-build-isolation -e .``); without it these
-tests skip, and test_kernel_build.py (slow) checks that the sources build.
+tests skip, and test_kernel_sources.py checks that the sources compile. test_kernels_portable.py runs these
+cases again on a build without the x86 SIMD loops (what ARM and non-AVX-512 CPUs run).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// ADAPTWIN_PORTABLE (a -D flag) builds only the portable loops, as on a non-x86 CPU; tests/test_kernels_portable.py
+// builds and checks that variant here.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ADAPTWIN_PORTABLE)
 #define ADAPTWIN_X86 1
 #include <immintrin.h>
 #define ADAPTWIN_AVX512 __attribute__((target("avx512f")))
