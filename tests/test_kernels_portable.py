@@ -1,14 +1,18 @@
-"""The CPU kernels' portable C++ loops: what runs on ARM (phones, Raspberry Pi, Apple silicon) and on x86
-CPUs without AVX-512, none of which this machine has.
+"""The CPU kernels' other paths: what runs on ARM (phones, Raspberry Pi, Apple silicon), on x86 CPUs without
+AVX-512 and on AVX-512 CPUs without AVX512-BF16, none of which this machine is.
 
 The extension picks its AVX-512 loops at run time wherever the CPU has them, so on this machine the
-portable loops never run in the other tests. Here `csrc/cpu` is built again with ``-DADAPTWIN_PORTABLE``
+other loops never run in the other tests. Two checks here run test_kernels_cpu.py's cases on them:
+
+1. The installed build with its dispatch capped (``ADAPTWIN_CPU_CAP=portable`` / ``avx512``, in a child
+   process): the same binary an AVX2 laptop or a Skylake-X server loads, taking the paths theirs take.
+2. `csrc/cpu` built again with ``-DADAPTWIN_PORTABLE``
 (no x86 intrinsics compiled at all, as on a non-x86 CPU), loaded in a child process in place of
 ``adaptwin._C`` (``ADAPTWIN_NO_EXTENSION=1`` keeps the installed one out; both register the same kernels),
 and test_kernels_cpu.py's cases run against it: same criterion, error at most twice the reference's. The
 child checks first that the dispatcher's CPU kernels come from the portable build.
 
-Not marked slow although it takes about 35 s (build 30, cases 4): CI's machine has AVX-512 too, so this is
+Not marked slow although the build takes about 35 s (build 30, cases 4): CI's machine has AVX-512 too, so this is
 the only place the portable path is checked before a user on another CPU runs it.
 """
 
@@ -55,3 +59,42 @@ def test_portable_kernels_pass_the_cpu_cases(tmp_path):
     assert proc.returncode == 0 and "failed" not in proc.stdout, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed is not None and int(passed.group(1)) >= 100, tail  # every case ran, none skipped wholesale
+
+
+CAPPED = """
+import sys
+from adaptwin.ops import backends
+features = backends.cpu_features()
+assert features == EXPECTED, features
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py"]))
+"""
+
+
+@pytest.mark.parametrize("cap,expected", [
+    ("portable", {"avx512": False, "avx512_rows": False, "avx512_bf16": False}),  # x86 without AVX-512
+    ("avx512", {"avx512": True, "avx512_rows": True, "avx512_bf16": False}),  # AVX-512 without AVX512-BF16
+])
+def test_capped_dispatch_passes_the_cpu_cases(cap, expected):
+    from adaptwin.ops import backends
+
+    native = backends.cpu_features()
+    if not backends.load()["cpp"]:
+        pytest.skip("adaptwin._C is not built (run `make install`)")
+    if any(want and not native[name] for name, want in expected.items()):
+        pytest.skip(f"this CPU lacks what the {cap!r} cap keeps: {native}")
+    env = {**os.environ, "ADAPTWIN_CPU_CAP": cap, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CAPPED.replace("EXPECTED", repr(expected))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "failed" not in proc.stdout, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= 100, tail
+
+
+def test_an_unknown_cap_is_refused():
+    env = {**os.environ, "ADAPTWIN_CPU_CAP": "avx2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "import adaptwin.ops"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ADAPTWIN_CPU_CAP must be one of ('native', 'avx512', 'portable'), got 'avx2'" in proc.stderr, proc.stderr

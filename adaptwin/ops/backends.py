@@ -10,6 +10,9 @@
   ``ADAPTWIN_CUDA_BACKEND=cpp`` keeps the C++ ones. Nothing here touches CUDA at import time.
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
+``ADAPTWIN_CPU_CAP`` (one of `CPU_CAPS`) caps the SIMD paths of the CPU kernels, to run and test what
+other CPUs take: ``portable`` as an x86 CPU without AVX-512 (or an ARM one), ``avx512`` as one without
+AVX512-BF16; `cpu_features` says which paths this process takes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import warnings
 import torch
 
 _STATE: dict[str, object] = {}
+CPU_CAPS = ("native", "avx512", "portable")  # csrc/cpu/cpu_features.h's cpu_cap()
 OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 # op name ("attention", "rank_linear") -> adaptwin._C's inference entry point for it (csrc/cpu/python_calls.cpp),
 # filled by `load`. Called with the op's arguments, it converts them in C++ and calls the op through the
@@ -40,6 +44,9 @@ def load() -> dict[str, object]:
     "error": str | None}`` (cuda_cpp: adaptwin._C registered CUDA C++ kernels, whichever backend serves)."""
     if _STATE:
         return _STATE
+    cap = os.environ.get("ADAPTWIN_CPU_CAP", "native")
+    if cap not in CPU_CAPS:  # checked before any kernel reads it (the C++ side takes unknown values as native)
+        raise ValueError(f"ADAPTWIN_CPU_CAP must be one of {CPU_CAPS}, got {cap!r}")
     _STATE.update(cpp=False, cuda_cpp=False, triton=False, error=None)
     if os.environ.get("ADAPTWIN_NO_EXTENSION") != "1":
         try:
@@ -57,6 +64,15 @@ def load() -> dict[str, object]:
     if importlib.util.find_spec("triton") is not None:
         _STATE["triton"] = _register_triton()
     return _STATE
+
+
+def cpu_features() -> dict[str, bool]:
+    """The SIMD paths the CPU kernels take in this process: ``{"avx512", "avx512_rows", "avx512_bf16"}``, the
+    CPU's features capped by ``ADAPTWIN_CPU_CAP``; all False without the native library."""
+    load()
+    if not _STATE["cpp"]:
+        return {"avx512": False, "avx512_rows": False, "avx512_bf16": False}
+    return importlib.import_module("adaptwin._C").cpu_features()
 
 
 def call_without_autograd(op, *args):

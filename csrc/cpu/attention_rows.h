@@ -22,12 +22,6 @@ namespace {
 
 constexpr int64_t kRowBK = 256;  // keys per softmax tile: 1 KiB of scores, in L1
 
-inline bool has_avx512_rows() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
 // 16 elements (those set in m; the others 0) as float32, from float32 or from bfloat16 bits.
 ADAPTWIN_AVX512_ROWS inline __m512 load16(const float* src, __mmask16 m) { return _mm512_maskz_loadu_ps(m, src); }
 ADAPTWIN_AVX512_ROWS inline __m512 load16(const uint16_t* src, __mmask16 m) {

@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 // ADAPTWIN_PORTABLE (a -D flag) builds only the portable loops, as on a non-x86 CPU; tests/test_kernels_portable.py
 // builds and checks that variant here.
@@ -23,9 +25,33 @@
 
 namespace adaptwin {
 
+// ADAPTWIN_CPU_CAP (environment, read once per process) caps what the dispatch below may use, so that the
+// paths of other CPUs can be run and tested on this one: "portable" (no AVX-512: what an AVX2-only x86 CPU
+// runs), "avx512" (AVX-512 without AVX512-BF16, as on Skylake-X), unset or "native" (what the CPU has).
+// adaptwin.ops.backends rejects any other value before a kernel runs; here it counts as "native".
+inline int cpu_cap() {
+  static const int cap = [] {
+    const char* s = std::getenv("ADAPTWIN_CPU_CAP");
+    if (s != nullptr && std::strcmp(s, "portable") == 0) return 0;
+    if (s != nullptr && std::strcmp(s, "avx512") == 0) return 1;
+    return 2;
+  }();
+  return cap;
+}
+
 inline bool has_avx512() {
 #if ADAPTWIN_X86
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = __builtin_cpu_supports("avx512f") && cpu_cap() >= 1;
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// AVX-512 with the byte/word and 256-bit forms (the decoding row path of attention_rows.h)
+inline bool has_avx512_rows() {
+#if ADAPTWIN_X86
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return yes;
 #else
   return false;
@@ -35,7 +61,7 @@ inline bool has_avx512() {
 inline bool has_avx512_bf16() {
 #if ADAPTWIN_X86
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
+                          __builtin_cpu_supports("avx512bf16") && cpu_cap() >= 2;
   return yes;
 #else
   return false;

@@ -26,6 +26,8 @@
 
 #include <Python.h>
 
+#include "cpu_features.h"
+
 namespace adaptwin {
 namespace {
 
@@ -152,6 +154,13 @@ PyObject* call_attention(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
+// {"avx512": bool, "avx512_rows": bool, "avx512_bf16": bool}: the SIMD paths the CPU kernels take in this
+// process (the CPU's features, capped by ADAPTWIN_CPU_CAP; all False in a build without x86 intrinsics).
+PyObject* cpu_features(PyObject* /*self*/, PyObject* /*unused*/) {
+  return Py_BuildValue("{s:O,s:O,s:O}", "avx512", has_avx512() ? Py_True : Py_False, "avx512_rows",
+                       has_avx512_rows() ? Py_True : Py_False, "avx512_bf16", has_avx512_bf16() ? Py_True : Py_False);
+}
+
 }  // namespace
 
 PyMethodDef kPythonMethods[] = {
@@ -159,6 +168,7 @@ PyMethodDef kPythonMethods[] = {
      METH_FASTCALL, "adaptwin::rank_linear for an inference call on plain tensors, else NotImplemented"},
     {"call_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_attention)), METH_FASTCALL,
      "adaptwin::attention for an inference call on plain tensors, else NotImplemented"},
+    {"cpu_features", &cpu_features, METH_NOARGS, "the SIMD paths the CPU kernels take in this process"},
     {nullptr, nullptr, 0, nullptr},
 };
 
