@@ -4,6 +4,9 @@ AVX-512 and on AVX-512 CPUs without AVX512-BF16, none of which this machine is.
 The extension picks its AVX-512 loops at run time wherever the CPU has them, so on this machine the
 other loops never run in the other tests. Two checks here run test_kernels_cpu.py's cases on them:
 
+0. Where qemu-user is installed (slow): the installed build on an emulated Haswell, an AVX2 CPU. QEMU's
+   emulator has no AVX-512, so an AVX-512 instruction reached without its run-time check ends the run
+   with SIGILL; that is the one thing the caps below cannot show.
 1. The installed build with its dispatch capped (``ADAPTWIN_CPU_CAP=portable`` / ``avx512``, in a child
    process): the same binary an AVX2 laptop or a Skylake-X server loads, taking the paths theirs take.
 2. `csrc/cpu` built again with ``-DADAPTWIN_PORTABLE``
@@ -98,3 +101,27 @@ def test_an_unknown_cap_is_refused():
                           text=True, timeout=300)
     assert proc.returncode != 0
     assert "ADAPTWIN_CPU_CAP must be one of ('native', 'avx512', 'portable'), got 'avx2'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_an_emulated_avx2_cpu_runs_the_cpu_cases():
+    """About 70 s: `qemu-x86_64 -cpu Haswell` runs Python, torch and adaptwin._C as an AVX2-only CPU would."""
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None or os.uname().machine != "x86_64":
+        pytest.skip("needs qemu-user (apt-get install qemu-user) on an x86-64 host")
+    from adaptwin.ops import backends
+
+    if not backends.load()["cpp"]:
+        pytest.skip("adaptwin._C is not built (run `make install`)")
+    cmd = [qemu, "-cpu", "Haswell", sys.executable]
+    probe = subprocess.run([*cmd, "-c", "import torch, adaptwin.ops.backends as b; "
+                            "print(torch.backends.cpu.get_cpu_capability(), b.cpu_features())"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert probe.stdout.startswith("AVX2 {'avx512': False, 'avx512_rows': False, 'avx512_bf16': False}"), (
+        probe.stdout + probe.stderr[-2000:])
+    proc = subprocess.run([*cmd, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py",
+                           "tests/test_fast_calls.py"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "failed" not in proc.stdout, tail  # an unguarded AVX-512 instruction: SIGILL
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= 100, tail
