@@ -2,21 +2,19 @@
 AVX-512 and on AVX-512 CPUs without AVX512-BF16, none of which this machine is.
 
 The extension picks its AVX-512 loops at run time wherever the CPU has them, so on this machine the
-other loops never run in the other tests. Two checks here run test_kernels_cpu.py's cases on them:
+other loops never run in the other tests. Each check below runs test_kernels_cpu.py's cases (same
+criterion: error at most twice the reference's) in a child process on one of them:
 
-0. Where qemu-user is installed (slow): the installed build on an emulated Haswell, an AVX2 CPU. QEMU's
+1. The installed build with its dispatch capped (``ADAPTWIN_CPU_CAP=portable`` / ``avx512``): the same
+   binary an AVX2 laptop or a Skylake-X server loads, taking the paths theirs take.
+2. `csrc/cpu` built again with ``-DADAPTWIN_PORTABLE`` (no x86 intrinsics compiled at all, as on a non-x86
+   CPU) and loaded in place of ``adaptwin._C`` (``ADAPTWIN_NO_EXTENSION=1`` keeps the installed one out;
+   both register the same kernels); the child checks first that the CPU kernels come from that build.
+   Not marked slow although it takes about 35 s: CI's machine has AVX-512 too, so this is the only place
+   the portable build is checked before a user on another CPU runs it.
+3. Where qemu-user is installed (slow): the installed build on an emulated Haswell, an AVX2 CPU. QEMU's
    emulator has no AVX-512, so an AVX-512 instruction reached without its run-time check ends the run
-   with SIGILL; that is the one thing the caps below cannot show.
-1. The installed build with its dispatch capped (``ADAPTWIN_CPU_CAP=portable`` / ``avx512``, in a child
-   process): the same binary an AVX2 laptop or a Skylake-X server loads, taking the paths theirs take.
-2. `csrc/cpu` built again with ``-DADAPTWIN_PORTABLE``
-(no x86 intrinsics compiled at all, as on a non-x86 CPU), loaded in a child process in place of
-``adaptwin._C`` (``ADAPTWIN_NO_EXTENSION=1`` keeps the installed one out; both register the same kernels),
-and test_kernels_cpu.py's cases run against it: same criterion, error at most twice the reference's. The
-child checks first that the dispatcher's CPU kernels come from the portable build.
-
-Not marked slow although the build takes about 35 s (build 30, cases 4): CI's machine has AVX-512 too, so this is
-the only place the portable path is checked before a user on another CPU runs it.
+   with SIGILL: the one failure the caps cannot show.
 """
 
 from __future__ import annotations
@@ -31,6 +29,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_cases_passed(proc: subprocess.CompletedProcess) -> None:
+    """The child's pytest run passed, with at least 100 cases run (none skipped wholesale)."""
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and "failed" not in proc.stdout, tail  # a SIGILL under qemu lands here too
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed is not None and int(passed.group(1)) >= 100, tail
 
 CHILD = """
 import glob, sys
@@ -58,10 +64,7 @@ def test_portable_kernels_pass_the_cpu_cases(tmp_path):
     env = {**os.environ, "ADAPTWIN_NO_EXTENSION": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
-    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0 and "failed" not in proc.stdout, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= 100, tail  # every case ran, none skipped wholesale
+    assert_cases_passed(proc)
 
 
 CAPPED = """
@@ -89,10 +92,7 @@ def test_capped_dispatch_passes_the_cpu_cases(cap, expected):
     env = {**os.environ, "ADAPTWIN_CPU_CAP": cap, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CAPPED.replace("EXPECTED", repr(expected))], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0 and "failed" not in proc.stdout, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= 100, tail
+    assert_cases_passed(proc)
 
 
 def test_an_unknown_cap_is_refused():
@@ -121,7 +121,4 @@ def test_an_emulated_avx2_cpu_runs_the_cpu_cases():
         probe.stdout + probe.stderr[-2000:])
     proc = subprocess.run([*cmd, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py",
                            "tests/test_fast_calls.py"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.returncode == 0 and "failed" not in proc.stdout, tail  # an unguarded AVX-512 instruction: SIGILL
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed is not None and int(passed.group(1)) >= 100, tail
+    assert_cases_passed(proc)
