@@ -128,7 +128,7 @@ class QuantTiedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stored = _stored(self, self.fmt, (self.out_features, self.in_features))
         return run_rank_linear(x, stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize,
-                           [self.out_features, self.in_features], *ABSENT, self.bias)
+                               [self.out_features, self.in_features], *ABSENT, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, tied packed "

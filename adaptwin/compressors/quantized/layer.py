@@ -182,22 +182,22 @@ class QuantLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors["weight"]
         q, lora = self._parts(f)
-        none = ABSENT
         if self.role == "in":
             if not f.split:
-                return rank_linear(x, *q, *none, self.bias)
+                return rank_linear(x, *q, *ABSENT, self.bias)
             parts = []
             if q is not None:
-                parts.append(rank_linear(x, *q, *none, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
-            parts.append(rank_linear(x, lora, None, "fp", 0, f.l_shape, *none, None).unflatten(-1, (f.blocks, f.lora)))
+                parts.append(rank_linear(x, *q, *ABSENT, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
+            lora_h = rank_linear(x, lora, None, "fp", 0, f.l_shape, *ABSENT, None)  # (..., H·l)
+            parts.append(lora_h.unflatten(-1, (f.blocks, f.lora)))
             y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
             return y + self.bias if self.bias is not None else y
         if not f.split:
-            return rank_linear(x, *none, *q, self.bias)
+            return rank_linear(x, *ABSENT, *q, self.bias)
         h = x.unflatten(-1, (f.blocks, f.width))  # (..., H, width)
-        y = rank_linear(h[..., f.rank:].flatten(-2), *none, lora, None, "fp", 0, f.l_shape, None if q else self.bias)
+        y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, lora, None, "fp", 0, f.l_shape, None if q else self.bias)
         if q is not None:
-            y = rank_linear(h[..., :f.rank].flatten(-2), *none, *q, self.bias) + y
+            y = rank_linear(h[..., :f.rank].flatten(-2), *ABSENT, *q, self.bias) + y
         return y
 
     def extra_repr(self) -> str:
