@@ -14,10 +14,10 @@ export PYTHONUNBUFFERED=1
 ADAPTWIN_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
     || { tail -5 "$out/install.log"; exit 1; }
 if [ "${TESTS:-1}" = 1 ]; then
-    timeout "${TEST_S:-200}" python3 -m pytest -q -rf -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
+    timeout "${TEST_S:-200}" python3 -m pytest -q -rfxX -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
         tests/test_kernels_cuda.py tests/test_gpu_bench.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
-    grep -E "^FAILED|^ERROR|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
+    grep -E "^FAILED|^ERROR|^XFAIL|^XPASS|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
 fi
 if [ "${BENCH:-1}" = 1 ]; then
     # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows

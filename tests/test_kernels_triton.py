@@ -156,6 +156,37 @@ def test_triton_attention_routes_unverified_causal_calls_to_the_reference(tk, mo
     assert torch.equal(out, attention_reference(q, k, v, None, 0.2, True))
 
 
+ROUTED_CAUSAL = [  # (B, H, Hkv, T, S, Dq, Dv): the kinds `unverified_causal` sends to SDPA
+    (1, 2, 1, 123, 123, 52, 39),  # the case that failed on the H100: grouped heads, two-part value width
+    (1, 2, 2, 123, 123, 48, 48),  # two-part widths, no grouping
+    (1, 4, 2, 123, 123, 64, 64),  # grouped heads, one-part widths
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ROUTED_CAUSAL, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}".format(*c))
+def test_triton_attention_routed_causal_logic_with_the_gpu_tiles(tk, case):
+    """The routed calls' kernel logic is right: with the H100's own tiles for them (64 x 64, as
+    `default_config` plans on a GPU), fp16 operands straight into tl.dot and P rounded to fp16, the
+    interpreted program matches the reference. So the H100's wrong result for these calls came from the
+    compiled code, not from the kernel's indexing or masking; test_kernels_cuda.py runs them there."""
+    b, h, hkv, t, s, dq, dv = case
+    gen = torch.Generator().manual_seed(seed(case))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, dq ** -0.5, True)
+    half = [x.half() for x in (q, k, v)]
+    ref = attention_reference(*half, None, dq ** -0.5, True)
+    ka = tk["attention"]
+    assert ka.unverified_causal(*half, None, True, dot_f32=False)
+    config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    out = torch.empty(b, t, h, dv, dtype=torch.float16)
+    plan = ka.launches(*half, None, out, dq ** -0.5, True, config, dot_f32=False)
+    assert len(plan) == 1 and plan[0][3]["CAUSAL"] and not plan[0][3]["DOT_F32"]
+    for kernel, grid, args, kwargs in plan:
+        kernel[grid](*args, **kwargs)
+    assert_within_twice(out, ref, ref64)
+
+
 @needs_interpreter
 def test_triton_attention_splits_keys_only_under_a_wave(tk):
     """The launcher splits the keys when B·H·(query blocks) is under the multiprocessor count (132 where
