@@ -45,3 +45,19 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0, as ``triton.next_power_of_2``), on the host."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# Asked of every Triton launch (the launch plans carry it): contraction of a·b + c into fused multiply-adds.
+# Triton up to 3.9 contracts by default but warns that from 3.10 it will not; the kernels are written for it
+# (attention's scale and running maximum enter exp2 as one FMA, every rescale-and-accumulate is one), so the
+# choice is made here and does not move with Triton's default.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def with_launch_options(plan: list[tuple]) -> list[tuple]:
+    """``plan`` [(kernel, grid, args, kwargs)] with `LAUNCH_OPTIONS` added to its Triton kernels' kwargs (steps
+    that torch runs, such as cuBLAS products, are left as they are)."""
+    from triton.runtime import KernelInterface
+
+    return [(kernel, grid, args, {**kwargs, **LAUNCH_OPTIONS} if isinstance(kernel, KernelInterface) else kwargs)
+            for kernel, grid, args, kwargs in plan]

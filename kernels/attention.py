@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
+from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count, with_launch_options
 
 LOG2E = 1.4426950408889634
 
@@ -298,7 +298,7 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     not left with B·H programs; float32 partial accumulators then go through `_combine_kernel`.
     ``config`` may set SPLITS (1: no split) and ONE_PART (`_parts`). Separate from the launches so the
     exact specialisations a call compiles can also be compiled ahead of time for a GPU that is not here
-    (tests/test_kernels_sm90.py)."""
+    (tests/test_kernels_sm90.py). Each launch carries `LAUNCH_OPTIONS` (FMA contraction)."""
     B, H, T, DQ = q.shape
     Hkv, S, DV = k.shape[1], k.shape[2], v.shape[3]
     if mask is not None:
@@ -345,4 +345,4 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         block_r = min(16, next_pow2(T))
         plan.append((_combine_kernel, (B * H, cdiv(T, block_r)), (ws_acc, ws_ml, out, H, T, splits),
                      dict(DV=DV, BLOCK_R=block_r, BLOCK_DV=max(16, next_pow2(DV)))))
-    return plan
+    return with_launch_options(plan)

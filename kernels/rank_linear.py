@@ -31,7 +31,7 @@ reference rounds it; float32 x and the interpreter: float32 "ieee" dots.
 from __future__ import annotations
 
 import torch
-from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
+from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count, with_launch_options
 from adaptwin.kernels.rank_gemv import (
     GEMV_MAX_SPLITS,
     GEMV_WAVES,
@@ -138,7 +138,15 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
     explains); "gemv": "split" (default) or "one_launch" (1-8 rows, both factors NF4: both products and
     the output in `rank_gemv._gemv_nf4_one_launch_kernel`, not yet timed on a GPU), with its tiles in
-    "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}."""
+    "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}. Every Triton launch carries `LAUNCH_OPTIONS`."""
+    out, launches = _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
+                          b_shape, bias, code, config)
+    return out, with_launch_options(launches)
+
+
+def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias,
+          code: torch.Tensor, config: dict | None) -> tuple[torch.Tensor, list[Launch]]:
+    """`plan` before the launch options."""
     config = config or {}
     unknown = sorted(set(config) - CONFIG_KEYS)
     if unknown:

@@ -70,6 +70,27 @@ def test_attention_compiles_for_sm90(case):
         assert "async_copy_global_to_local" in compiled.asm["ttgir"]
 
 
+def test_launches_ask_for_fused_multiply_adds(monkeypatch):
+    """Every plan asks for FMA contraction itself, so Triton's default (contraction on up to 3.9, off from
+    3.10, which 3.9 warns of) changes nothing: with the default turned off, the attention kernel's and the
+    NF4 GEMV's PTX still has float32 FMAs (68 and 16 here); without the plans' option it has none, only
+    non-contractible mul.rn / add.rn."""
+    from adaptwin.kernels import LAUNCH_OPTIONS
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_kernels_sm90_linear import _linear_launches
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    kernel, args, kwargs = _attention_launch("fp16", 6, 6, 40, 40, None, False)
+    (gemv_kernel, _, gemv_args, gemv_kwargs), *_ = _linear_launches("fp16", 1, 1024, 256, 1024, "nf4", 64, True)
+    for k, a, kw in ((kernel, args, kwargs), (gemv_kernel, gemv_args, gemv_kwargs)):
+        assert kw["enable_fp_fusion"] is LAUNCH_OPTIONS["enable_fp_fusion"] is True
+        fused = compile_sm90(k, a, kw)
+        assert fused.metadata.enable_fp_fusion and re.search(r"\bfma\.rn\.f32", fused.asm["ptx"])
+        unfused = compile_sm90(k, a, {key: v for key, v in kw.items() if key != "enable_fp_fusion"})
+        assert not re.search(r"\bfma\.rn\.f32", unfused.asm["ptx"])  # what Triton's default would give
+
+
 @pytest.mark.parametrize("width", [40, 48])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_one_part_attention_compiles_for_sm90(dtype, width):
