@@ -76,8 +76,6 @@ def test_launches_ask_for_fused_multiply_adds(monkeypatch):
     NF4 GEMV's PTX still has float32 FMAs (68 and 16 here); without the plans' option it has none, only
     non-contractible mul.rn / add.rn."""
     from adaptwin.kernels import LAUNCH_OPTIONS
-
-    sys.path.insert(0, os.path.dirname(__file__))
     from test_kernels_sm90_linear import _linear_launches
 
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
