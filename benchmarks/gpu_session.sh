@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh                          # tests, then every figure
 #   BENCH_ARGS="--tune --dtypes fp16" TESTS=0 bash benchmarks/gpu_session.sh
 #   PROFILE=1 TESTS=0 BENCH=0 bash benchmarks/gpu_session.sh    # Nsight Compute on benchmarks.gpu_profile
-# Env: TESTS (1: run the CUDA tests), BENCH (1: the figures), PROFILE (0: ncu), TEST_S / BENCH_S / PROFILE_S
+# Env: TESTS (1: run the CUDA tests and benchmarks.gpu_causal_probe), BENCH (1: the figures), PROFILE (0: ncu), TEST_S / PROBE_S / BENCH_S / PROFILE_S
 # (seconds), JOBS (pytest workers), BENCH_ARGS, PROFILE_CALLS (gpu_profile --calls).
 set -u
 out=${OUT:-results/gpu}
@@ -18,6 +18,8 @@ if [ "${TESTS:-1}" = 1 ]; then
         tests/test_kernels_cuda.py tests/test_gpu_bench.py >"$out/pytest.log" 2>&1
     echo "pytest exit $?"
     grep -E "^FAILED|^ERROR|^XFAIL|^XPASS|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
+    # the causal 16-bit calls routed to SDPA, on the kernel at the default pipeline depth and at one stage
+    timeout "${PROBE_S:-120}" python3 -m benchmarks.gpu_causal_probe --out "$out/causal_probe.csv" 2>&1 | tail -n 25
 fi
 if [ "${BENCH:-1}" = 1 ]; then
     # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows

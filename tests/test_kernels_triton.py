@@ -188,6 +188,19 @@ def test_triton_attention_routed_causal_logic_with_the_gpu_tiles(tk, case):
 
 
 @needs_interpreter
+def test_causal_probe_reports_each_depth(tk):
+    """benchmarks.gpu_causal_probe (run by gpu_session.sh on a GPU), here on CPU tensors: a row per dtype and
+    pipeline depth, the kernel within twice SDPA's error (the interpreter's arithmetic is right)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.gpu_causal_probe import probe
+
+    rows = probe([(1, 2, 1, 40, 40, 52, 39)], device="cpu")
+    assert [(r["dtype"], r["stages"]) for r in rows] == [("fp16", "default"), ("fp16", 1), ("bf16", "default"),
+                                                        ("bf16", 1)]
+    assert all(r["within_2x"] and 0 < r["kernel_err"] < 1e-2 for r in rows), rows
+
+
+@needs_interpreter
 def test_triton_attention_splits_keys_only_under_a_wave(tk):
     """The launcher splits the keys when B·H·(query blocks) is under the multiprocessor count (132 where
     no GPU says otherwise), never below two key tiles a split; every split of a causal row can be empty."""
