@@ -125,18 +125,16 @@ def _kernel_only(q, k, v, mask, scale, is_causal):
     return out
 
 
-# Causal 16-bit calls that `unverified_causal` routes to SDPA, run on the kernel itself. The one case that failed
-# (B1 H2 Hkv1 T=S=123 Dq52 Dv39) had grouped heads and an unmasked two-part value width; compiled for sm_90, its
-# TTGIR equals the Hkv = 2 call's except for the head index (h // groups), so the two-part width is the likely
-# trigger (expected failures below) and grouped heads with one-part widths should pass: if they do on a GPU, the
-# routing can narrow to the two-part trait.
-_TWO_PART = pytest.mark.xfail(reason="suspected trigger of the causal 16-bit miscompile", strict=False)
+# Causal 16-bit calls that `unverified_causal` routes to SDPA, run on the kernel itself: grouped heads with
+# one-part widths, which should pass (if they do on a GPU, the routing can narrow to the two-part trait). The
+# one case that failed (B1 H2 Hkv1 T=S=123 Dq52 Dv39) had grouped heads and an unmasked two-part value width;
+# compiled for sm_90 its TTGIR equals the Hkv = 2 call's except for the head index (h // groups), so the
+# two-part width is the likely trigger. Those calls are measured, not tested, by benchmarks.gpu_causal_probe
+# (at two pipeline depths; gpu_session.sh runs it).
 UNVERIFIED_CAUSAL = [
-    (1, 8, 2, 123, 123, 64, 64, True, None),  # grouped heads, one-part widths
+    (1, 8, 2, 123, 123, 64, 64, True, None),
     (1, 8, 2, 300, 300, 32, 32, True, "bool_keys"),
     (2, 4, 1, 77, 77, 24, 24, True, "float"),
-    pytest.param((1, 2, 2, 123, 123, 52, 39, True, None), marks=_TWO_PART),  # the failing case's widths, no GQA
-    pytest.param((1, 2, 2, 123, 123, 48, 48, True, None), marks=_TWO_PART),  # two parts, aligned rows
 ]
 
 
