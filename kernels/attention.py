@@ -257,7 +257,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     and under the interpreter."""
     from adaptwin.ops.attention import _check_attention
 
-    _check_attention(q, k, v, mask)
+    _check_attention(q, k, v, mask, scale)
     B, H, T, _ = q.shape
     S, DV = k.shape[2], v.shape[3]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -153,10 +153,66 @@ def test_attention_fully_masked_rows_are_zero():
     torch.testing.assert_close(out, attention_reference(q, k, v, keep, 0.2, False), rtol=2e-5, atol=2e-6)
 
 
-def test_attention_bad_shapes_name_the_problem():
-    q = torch.randn(1, 3, 5, 8)
-    with pytest.raises(ValueError, match="multiple of key"):
-        torch.ops.adaptwin.attention(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), None, 1.0, False)
+def _bad_attention_calls():
+    """(q, k, v, mask, scale) calls every backend must refuse, with the words of the message."""
+    q, k, v = torch.randn(1, 6, 5, 20), torch.randn(1, 2, 7, 20), torch.randn(1, 2, 7, 24)
+    return {
+        "3-D": ((q[0], k[0], v[0], None, 0.2), "must be 4-D"),
+        "integer q": ((q.int(), k.int(), v.int(), None, 0.2), r"q must be floating \(float32, float64"),
+        "mixed dtypes": ((q, k.double(), v, None, 0.2),
+                         "share one dtype, got (torch.float32|Float), (torch.float64|Double)"),
+        "key width": ((q, k[..., :19], v, None, 0.2), "shapes do not match"),
+        "value length": ((q, k, v[:, :, :6], None, 0.2), "shapes do not match"),
+        "heads": ((q[:, :5], k, v, None, 0.2), r"query heads \(5\) must be a multiple of key heads \(2\)"),
+        "integer mask": ((q, k, v, torch.ones(5, 7, dtype=torch.int32), 0.2), "mask must be bool .* or floating"),
+        "mask shape": ((q, k, v, torch.ones(5, 6, dtype=torch.bool), 0.2),
+                       r"mask of shape .*5, 6.* does not broadcast to \(B, H, T, S\) = \(1, 6, 5, 7\)"),
+        "5-D mask": ((q, k, v, torch.ones(1, 1, 1, 5, 7, dtype=torch.bool), 0.2), "does not broadcast"),
+        "nan scale": ((q, k, v, None, float("nan")), "scale must be a finite number"),
+        "inf scale": ((q, k, v, None, float("inf")), "scale must be a finite number"),
+    }
+
+
+BAD_ATTENTION = _bad_attention_calls()
+
+
+@pytest.mark.parametrize("entry", ["reference", "op", "fast", "fake"])
+@pytest.mark.parametrize("case", list(BAD_ATTENTION))
+def test_attention_bad_input_names_the_problem(entry, case):
+    """Each entry to the attention op (the reference, the dispatched op with the C++ kernel, the C++ fast
+    entry modules call, the fake used by torch.compile) refuses the same calls with the same words."""
+    (q, k, v, mask, scale), message = BAD_ATTENTION[case]
+    if entry == "fast" and backends.FAST.get("attention") is None:
+        pytest.skip("adaptwin._C is not built")
+    call = {"reference": lambda *a: attention_reference(*a),
+            "op": lambda *a: torch.ops.adaptwin.attention(*a),
+            "fast": lambda *a: backends.FAST["attention"](*a),
+            "fake": _on_fake}[entry]
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v, mask, scale, False)
+
+
+def _on_fake(q, k, v, mask, scale, is_causal):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [None if t is None else mode.from_tensor(t) for t in (q, k, v, mask)]
+        return torch.ops.adaptwin.attention(*fake, scale, is_causal)
+
+
+def test_attention_float_masks_of_another_dtype():
+    """A float mask need not be in q's dtype (HF's is in the model's): every backend adds it in float32."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 20, generator=gen).to(torch.bfloat16) for n in (40, 33, 33))
+    add = torch.randn(1, 1, 40, 33, generator=gen)
+    add[..., 3] = torch.finfo(torch.float32).min
+    want = attention_reference(q, k, v, add, 0.2, False).float()
+    for m in (add.double(), add.half()):
+        got_ref = attention_reference(q, k, v, m, 0.2, False).float()
+        got_op = torch.ops.adaptwin.attention(q, k, v, m, 0.2, False).float()
+        tol = 2e-2 if m.dtype == torch.half else 1e-2
+        torch.testing.assert_close(got_ref, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_op, want, rtol=tol, atol=tol)
 
 
 # --------------------------------------------------------------------------------------------------

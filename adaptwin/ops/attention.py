@@ -26,6 +26,8 @@ follows Hugging Face's mask conventions and routes inference calls to the op.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -143,6 +145,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, ca
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()  # top-left aligned
         mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
         causal = False
+    if mask is not None and mask.dtype not in (torch.bool, q.dtype, torch.float32):  # SDPA takes only these
+        mask = mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     width = _sdpa_width(q, k, v)
     if width is not None:
         q, k, v = _pad_last(q, width), _pad_last(k, width), _pad_last(v, width)  # (B, H|Hkv, T|S, width)
@@ -153,23 +157,36 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, ca
     return out[..., :dv] if width is not None else out  # (B, H, T, Dv)
 
 
-def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None = None) -> None:
+    """The op's input rules, raised as ValueError naming the problem (the C++ kernels check the same)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be 4-D (B, H, T|S, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
-    (b, h, _, dq), (bk, hkv, s, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
+    if not q.is_floating_point():
+        raise ValueError(f"attention: q must be floating (float32, float64, float16 or bfloat16), got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    (b, h, t, dq), (bk, hkv, s, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape
     if bk != b or bv != b or dk != dq or hv != hkv or sv != s:
         raise ValueError(f"attention: shapes do not match: q {tuple(q.shape)} (B, H, T, Dq), k {tuple(k.shape)} "
                          f"(B, Hkv, S, Dq), v {tuple(v.shape)} (B, Hkv, S, Dv)")
     if hkv == 0 or h % hkv:
-        raise ValueError(f"attention: query heads ({h}) must be a multiple of key/value heads ({hkv})")
-    if mask is not None and mask.dim() > 4:
-        raise ValueError(f"attention: mask must broadcast to (B, H, T, S), got shape {tuple(mask.shape)}")
+        raise ValueError(f"attention: query heads ({h}) must be a multiple of key heads ({hkv})")
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"attention: mask must be bool (True = attend) or floating (added to the scores), "
+                             f"got {mask.dtype}")
+        target = (b, h, t, s)
+        if mask.dim() > 4 or any(m != 1 and m != n for m, n in zip(reversed(mask.shape), reversed(target))):
+            raise ValueError(f"attention: mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
+                             f"{tuple(target)}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be a finite number, got {scale}")
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
                         is_causal: bool) -> Tensor:
     """The op's reference: SDPA (width-padded on CPU) -> (B, T, H, Dv) contiguous."""
-    _check_attention(q, k, v, mask)
+    _check_attention(q, k, v, mask, scale)
     return _sdpa(q, k, v, mask, scale, is_causal).transpose(1, 2).contiguous()
 
 
@@ -180,7 +197,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
 
 @attention.register_fake
 def _(q, k, v, mask, scale, is_causal):
-    _check_attention(q, k, v, mask)
+    _check_attention(q, k, v, mask, scale)
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]))
 
 

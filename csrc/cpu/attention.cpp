@@ -19,6 +19,7 @@
 #include "attention_rows.h"
 #include "attention_tiles.h"
 #include "cpu_features.h"
+#include "../attention_checks.h"
 
 namespace adaptwin {
 namespace {
@@ -139,16 +140,10 @@ void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<f
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D (B, H, T|S, D), got ",
-              q.dim(), ", ", k.dim(), ", ", v.dim(), " dims");
-  TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()), "attention: q must be floating, got ", q.scalar_type());
+  check_attention(q, k, v, mask, scale);
   Problem p{};
   p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
   p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
-  TORCH_CHECK_VALUE(k.size(0) == p.B && v.size(0) == p.B && k.size(3) == p.Dq && v.size(1) == p.Hkv && v.size(2) == p.S,
-              "attention: shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK_VALUE(p.Hkv > 0 && p.H % p.Hkv == 0, "attention: query heads (", p.H, ") must be a multiple of key heads (",
-              p.Hkv, ")");
   if (q.scalar_type() == at::kDouble) {  // float64 (gradcheck, oracles): ATen's math, no float32 rounding
     at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, p.H != p.Hkv);
     return o.transpose(1, 2).contiguous();
@@ -208,7 +203,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.out = out.data_ptr<float>();
   at::Tensor m;
   if (mask.has_value()) {
-    TORCH_CHECK_VALUE(mask->dim() <= 4, "attention: mask must broadcast to (B, H, T, S), got ", mask->sizes());
     m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
     m = m.expand({p.B, p.H, p.T, p.S});
     if (m.stride(3) != 1 && m.stride(3) != 0) m = m.contiguous();

@@ -12,6 +12,7 @@
 
 #include <cmath>
 
+#include "../attention_checks.h"
 #include "attention_kernel.cuh"
 
 namespace adaptwin {
@@ -53,9 +54,7 @@ void launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
 
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D (B, H, T|S, D)");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: query heads (", q.size(1),
-                    ") must be a multiple of key heads (", k.size(1), ")");
+  check_attention(q, k, v, mask, scale);
   const int64_t width = std::max(q.size(3), v.size(3));
   TORCH_CHECK_VALUE(width <= 256, "attention (CUDA C++ kernel): head widths up to 256, got ", width);
   c10::cuda::CUDAGuard guard(q.device());
