@@ -324,7 +324,7 @@ def rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_for
     ``config``: block sizes of the whole-byte kernels, for tuning runs (see `plan`)."""
     from adaptwin.ops.rank_linear import _check
 
-    width = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    width = _check(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
     lead = x.shape[:-1]
     h = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
     out, launches = plan(h, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape,

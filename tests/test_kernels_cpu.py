@@ -342,13 +342,75 @@ def test_rank_linear_leaves_inputs_alone(rows):
     torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, args)
 
 
-def test_rank_linear_bad_input_names_the_problem():
-    x = torch.randn(1, 64)
-    with pytest.raises(ValueError, match="'fp', 'nf4', 'int8'"):
-        torch.ops.adaptwin.rank_linear(x, torch.zeros(8, dtype=torch.uint8), torch.ones(1), "nf3", 64, [4, 64],
-                                       *NONE, None)
-    with pytest.raises(ValueError, match="64 features, factor a expects 32"):
-        torch.ops.adaptwin.rank_linear(x, *_factor("nf4", 64, torch.randn(4, 32)), *NONE, None)
+def _bad_rank_linear_calls():
+    """Calls every rank_linear entry must refuse (the fused kernels index codes and scales by the logical
+    shape, so a short buffer would be read past its end), with the words of the message."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 64, generator=gen)
+    a, b = _factor("nf4", 64, torch.randn(24, 64, generator=gen)), _factor("nf4", 32, torch.randn(24, 32))
+    i8 = _factor("int8", 0, torch.randn(24, 64, generator=gen))
+    return {
+        "no factor": ((x, *NONE, *NONE, None), "at least one factor"),
+        "format": ((x, a[0], a[1], "nf3", *a[3:], *b, None), "a_format must be one of \\('fp', 'nf4', 'int8'\\)"),
+        "0-d x": ((torch.tensor(1.0), *a, *b, None), "x must have a last dimension"),
+        "integer x": ((x.int(), *a, *b, None), "x must be floating"),
+        "x width": ((x[:, :32], *a, *b, None), "x has 32 features, factor a expects 64"),
+        "b rank": ((x, *a, *_factor("nf4", 32, torch.randn(23, 32)), None), "factor b has rank 23, its input has 24"),
+        "shape length": ((x, *a[:4], [24, 64, 1], *b, None), "a_shape must be \\(k, features\\)"),
+        "negative shape": ((x, *a[:4], [-24, 64], *b, None), "two sizes >= 0"),
+        "no scale": ((x, a[0], None, *a[2:], *b, None), "nf4 factor a needs a_scale"),
+        "integer scale": ((x, a[0], a[1].int(), *a[2:], *b, None), "a_scale must be floating"),
+        "odd blocksize": ((x, *a[:3], 63, a[4], *b, None), "NF4 blocksize must be an even whole number >= 2, got 63"),
+        "short codes": ((x, a[0][:-1], *a[1:], *b, None), "NF4 data must be uint8 of shape \\(768,\\)"),
+        "code dtype": ((x, a[0].int(), *a[1:], *b, None), "NF4 data must be uint8"),
+        "short absmax": ((x, a[0], a[1][:-1], *a[2:], *b, None), "NF4 absmax must have shape \\(24,\\)"),
+        "int8 codes": ((x, a[0], i8[1], "int8", 0, a[4], *b, None), "int8 data must be int8 of shape \\(24, 64\\)"),
+        "int8 scales": ((x, i8[0], i8[1][:-1], *i8[2:], *b, None), "int8 scale must have 24 values, got 23"),
+        "int8 blocksize": ((x, *i8[:3], -1, i8[4], *b, None), "int8 blocksize must be 0"),
+        "fp shape": ((x, torch.randn(24, 63), None, "fp", 0, [24, 64], *b, None), "fp factor a must be a floating"),
+        "fp integer": ((x, torch.ones(24, 64, dtype=torch.int32), None, "fp", 0, [24, 64], *b, None),
+                       "fp factor a must be a floating"),
+        "bias width": ((x, *a, *b, torch.randn(31)), "bias must be a floating \\(32,\\) vector"),
+        "bias 2-D": ((x, *a, *b, torch.randn(1, 32)), "bias must be a floating \\(32,\\) vector"),
+        "integer bias": ((x, *a, *b, torch.ones(32, dtype=torch.int64)), "bias must be a floating"),
+    }
+
+
+BAD_RANK_LINEAR = _bad_rank_linear_calls()
+
+
+@pytest.mark.parametrize("entry", ["reference", "op", "fast", "fake"])
+@pytest.mark.parametrize("case", list(BAD_RANK_LINEAR))
+def test_rank_linear_bad_input_names_the_problem(entry, case):
+    """The reference, the dispatched op (C++ kernel), the C++ fast entry and the fake refuse the same calls
+    with the same words (the CUDA C++ kernel shares the C++ checks, the Triton launcher the reference's)."""
+    args, message = BAD_RANK_LINEAR[case]
+    if entry == "fast" and backends.FAST.get("rank_linear") is None:
+        pytest.skip("adaptwin._C is not built")
+    if entry == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match=message):
+            torch.ops.adaptwin.rank_linear(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                             for t in args])
+        return
+    call = {"reference": rank_linear_reference, "op": torch.ops.adaptwin.rank_linear,
+            "fast": backends.FAST.get("rank_linear")}[entry]
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        call(*args)
+
+
+def test_rank_linear_bias_of_another_dtype():
+    """A bias in another floating dtype than x is added as the kernels add it, on every entry."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 64, generator=gen)
+    a, b = _factor("nf4", 64, torch.randn(24, 64, generator=gen)), _factor("nf4", 32, torch.randn(24, 32))
+    bias = torch.randn(32, generator=gen)
+    want = rank_linear_reference(x, *a, *b, bias)
+    for other in (bias.double(), bias.to(torch.bfloat16)):
+        tol = 1e-2 if other.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(rank_linear_reference(x, *a, *b, other), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.ops.adaptwin.rank_linear(x, *a, *b, other), want, rtol=tol, atol=tol)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -59,24 +59,61 @@ def _factor(t: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Se
     return quant.dequantize(t, scale, fmt, blocksize, tuple(int(s) for s in shape), dtype)
 
 
-def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a_shape: Sequence[int],
-           b: Tensor | None, b_scale: Tensor | None, b_format: str, b_shape: Sequence[int]) -> int:
-    """Validate the arguments; return the output width."""
+def _check_factor(name: str, t: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Sequence[int]) -> None:
+    """One present factor's storage against its format and logical (k, n) shape (the C++ kernels check the same,
+    csrc/rank_linear_checks.h): the fused kernels index the packed codes and scales by these sizes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"rank_linear: {name}_format must be one of {FORMATS}, got {fmt!r}")
+    if len(shape) != 2 or shape[0] < 0 or shape[1] < 0:
+        raise ValueError(f"rank_linear: {name}_shape must be (k, features), two sizes >= 0, got {list(shape)}")
+    k, n = shape
+    if fmt == "fp":
+        if tuple(t.shape) != (k, n) or not t.is_floating_point():
+            raise ValueError(f"rank_linear: fp factor {name} must be a floating ({k}, {n}) matrix as {name}_shape "
+                             f"says, got {t.dtype} {tuple(t.shape)}")
+        return
+    if scale is None:
+        raise ValueError(f"rank_linear: {fmt} factor {name} needs {name}_scale")
+    if not scale.is_floating_point():
+        raise ValueError(f"rank_linear: {name}_scale must be floating, got {scale.dtype}")
+    numel = k * n
+    if fmt == "nf4":
+        if blocksize < 2 or blocksize % 2:
+            raise ValueError(f"rank_linear: NF4 blocksize must be an even whole number >= 2, got {blocksize}")
+        if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != (numel + 1) // 2:
+            raise ValueError(f"rank_linear: NF4 data must be uint8 of shape ({(numel + 1) // 2},) for {numel} values, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+        blocks = -(-numel // blocksize)
+        if scale.dim() != 1 or scale.numel() != blocks:
+            raise ValueError(f"rank_linear: NF4 absmax must have shape ({blocks},) for {numel} values in blocks of "
+                             f"{blocksize}, got {tuple(scale.shape)}")
+    else:
+        if blocksize < 0:
+            raise ValueError(f"rank_linear: int8 blocksize must be 0 (per row) or > 0, got {blocksize}")
+        if t.dtype != torch.int8 or tuple(t.shape) != (k, n):
+            raise ValueError(f"rank_linear: int8 data must be int8 of shape ({k}, {n}), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+        groups = k if blocksize == 0 else -(-numel // blocksize)
+        if scale.numel() != groups:
+            raise ValueError(f"rank_linear: int8 scale must have {groups} values, got {scale.numel()}")
+
+
+def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a_blocksize: int,
+           a_shape: Sequence[int], b: Tensor | None, b_scale: Tensor | None, b_format: str, b_blocksize: int,
+           b_shape: Sequence[int], bias: Tensor | None) -> int:
+    """Validate the arguments as every backend does; return the output width."""
     if a is None and b is None:
         raise ValueError("rank_linear needs at least one factor (a or b)")
+    if x.dim() == 0:
+        raise ValueError("rank_linear: x must have a last dimension of features (..., in), got a 0-d tensor")
+    if not x.is_floating_point():
+        raise ValueError(f"rank_linear: x must be floating, got {x.dtype}")
     width = x.shape[-1]
-    for name, t, scale, fmt, shape in (("a", a, a_scale, a_format, a_shape), ("b", b, b_scale, b_format, b_shape)):
+    for name, t, scale, fmt, blocksize, shape in (("a", a, a_scale, a_format, a_blocksize, a_shape),
+                                                  ("b", b, b_scale, b_format, b_blocksize, b_shape)):
         if t is None:
             continue
-        if fmt not in FORMATS:
-            raise ValueError(f"rank_linear: {name}_format must be one of {FORMATS}, got {fmt!r}")
-        if len(shape) != 2:
-            raise ValueError(f"rank_linear: {name}_shape must be (k, features), got {list(shape)}")
-        if fmt == "fp" and tuple(t.shape) != tuple(shape):
-            raise ValueError(f"rank_linear: fp factor {name} has shape {tuple(t.shape)}, {name}_shape says "
-                             f"{list(shape)}")
-        if fmt != "fp" and scale is None:
-            raise ValueError(f"rank_linear: {fmt} factor {name} needs {name}_scale")
+        _check_factor(name, t, scale, fmt, blocksize, shape)
         if name == "a":
             if shape[1] != width:
                 raise ValueError(f"rank_linear: x has {width} features, factor a expects {shape[1]}")
@@ -85,6 +122,9 @@ def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a
             raise ValueError(f"rank_linear: factor b has rank {shape[0]}, its input has {width} features")
         else:
             width = shape[1]
+    if bias is not None and (not bias.is_floating_point() or bias.dim() != 1 or bias.shape[0] != width):
+        raise ValueError(f"rank_linear: bias must be a floating ({width},) vector (the output's width), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
     return width
 
 
@@ -95,7 +135,9 @@ def rank_linear_reference(
     bias: Tensor | None,
 ) -> Tensor:
     """The op's reference implementation (the oracle of the fused kernels' tests and their fallback)."""
-    _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    _check(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
+    if bias is not None:
+        bias = bias.to(x.dtype)  # any floating dtype, as the kernels take it
     h = x if a is None else F.linear(x, _factor(a, a_scale, a_format, a_blocksize, a_shape, x.dtype))  # (..., k)
     if b is None:
         return h + bias if bias is not None else h.clone() if a is None else h
@@ -115,7 +157,7 @@ def rank_linear(
 
 @rank_linear.register_fake
 def _(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias):
-    out = _check(x, a, a_scale, a_format, a_shape, b, b_scale, b_format, b_shape)
+    out = _check(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize, b_shape, bias)
     return x.new_empty((*x.shape[:-1], out))
 
 

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "../rank_linear_checks.h"
 #include "rank_linear_decode.h"
 #include "rank_linear_fused.h"
 
@@ -128,42 +129,18 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
                    c10::string_view format_name, int64_t blocksize, c10::SymIntArrayRef shape_sym) {
   Factor f;
   const bool fp = format_name == "fp", nf4 = format_name == "nf4";
-  TORCH_CHECK_VALUE(fp || nf4 || format_name == "int8", "rank_linear: ", name,
-              "_format must be one of ('fp', 'nf4', 'int8'), got '", std::string(format_name), "'");
-  const Format format = fp ? Format::kFp : nf4 ? Format::kNf4 : Format::kInt8;
-  TORCH_CHECK_VALUE(shape_sym.size() == 2, "rank_linear: ", name, "_shape must be (k, features), got ", shape_sym.size(),
-              " values");
-  f.format = format;
+  TORCH_CHECK_VALUE(shape_sym.size() == 2, "rank_linear: ", name, "_shape must be (k, features), two sizes >= 0, got ",
+              shape_sym.size(), " values");
   f.blocksize = blocksize;
   f.k = shape_sym[0].expect_int();
   f.n = shape_sym[1].expect_int();
   const at::Tensor& w = *t;
+  check_rank_linear_factor(name, w, scale, std::string(format_name), blocksize, f.k, f.n);
+  f.format = fp ? Format::kFp : nf4 ? Format::kNf4 : Format::kInt8;
   TORCH_CHECK_VALUE(w.device().is_cpu(), "rank_linear (CPU kernel): factor ", name, " is on ", w.device());
-  if (format == Format::kFp) {
-    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == f.k && w.size(1) == f.n, "rank_linear: fp factor ", name,
-                " has shape ", w.sizes(), ", ", name, "_shape says [", f.k, ", ", f.n, "]");
+  if (f.format == Format::kFp) {
     f.keep = w;  // used through ATen GEMMs only, converted to the compute dtype there
     return f;
-  }
-  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", std::string(format_name), " factor ", name, " needs ", name, "_scale");
-  const int64_t numel = f.k * f.n;
-  if (format == Format::kNf4) {
-    TORCH_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0, "rank_linear: NF4 blocksize must be an even whole number >= 2,"
-                " got ", blocksize);
-    TORCH_CHECK_VALUE(w.scalar_type() == at::kByte && w.dim() == 1 && w.numel() == (numel + 1) / 2,
-                "rank_linear: NF4 data must be uint8 of shape (", (numel + 1) / 2, ",) for ", numel, " values, got ",
-                w.scalar_type(), " ", w.sizes());
-    const int64_t blocks = (numel + blocksize - 1) / blocksize;
-    TORCH_CHECK_VALUE(scale->dim() == 1 && scale->numel() == blocks, "rank_linear: NF4 absmax must have shape (", blocks,
-                ",) for ", numel, " values in blocks of ", blocksize, ", got ", scale->sizes());
-  } else {
-    TORCH_CHECK_VALUE(blocksize >= 0, "rank_linear: int8 blocksize must be 0 (per row) or > 0, got ", blocksize);
-    TORCH_CHECK_VALUE(w.scalar_type() == at::kChar && w.dim() == 2 && w.size(0) == f.k && w.size(1) == f.n,
-                "rank_linear: int8 data must be int8 of shape (", f.k, ", ", f.n, "), got ", w.scalar_type(), " ",
-                w.sizes());
-    const int64_t groups = blocksize == 0 ? f.k : (numel + blocksize - 1) / blocksize;
-    TORCH_CHECK_VALUE(scale->numel() == groups, "rank_linear: int8 scale must have ", groups, " values, got ",
-                scale->numel());
   }
   // (the checks below skip a dispatcher call each on the common path: a batch-1 call is a few microseconds)
   f.keep = w.is_contiguous() ? w : w.contiguous();
@@ -230,8 +207,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                            c10::SymIntArrayRef a_shape, const std::optional<at::Tensor>& b,
                            const std::optional<at::Tensor>& b_scale, c10::string_view b_format, c10::SymInt b_blocksize,
                            c10::SymIntArrayRef b_shape, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(a.has_value() || b.has_value(), "rank_linear needs at least one factor (a or b)");
-  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "rank_linear: x must be floating, got ", x.scalar_type());
+  check_rank_linear_x(x, a.has_value(), b.has_value());
   const int64_t in = x.size(-1);
   const int64_t rows = in == 0 ? 0 : x.numel() / in;
   int64_t width = in;
@@ -246,8 +222,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     TORCH_CHECK_VALUE(fb.k == width, "rank_linear: factor b has rank ", fb.k, ", its input has ", width, " features");
     width = fb.n;
   }
-  if (bias.has_value())
-    TORCH_CHECK_VALUE(bias->numel() == width, "rank_linear: bias has ", bias->numel(), " values, the output has ", width);
+  check_rank_linear_bias(bias, width);
   const bool gemv = rows <= kGemvRows ||
                     (rows <= (x.scalar_type() == at::kBFloat16 ? kFusedMaxRowsBf16 : kFusedMaxRows) &&
                      fused_all(a.has_value() ? &fa : nullptr, b.has_value() ? &fb : nullptr));

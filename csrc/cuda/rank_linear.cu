@@ -13,6 +13,7 @@
 
 #include <string>
 
+#include "../rank_linear_checks.h"
 #include "rank_linear_kernel.cuh"
 
 namespace adaptwin {
@@ -28,19 +29,17 @@ struct Factor {
 
 Factor make_factor(const char* name, const at::Tensor& t, const std::optional<at::Tensor>& scale,
                    const std::string& fmt, int64_t bs, c10::SymIntArrayRef shape) {
-  TORCH_CHECK_VALUE(fmt == "fp" || fmt == "nf4" || fmt == "int8", "rank_linear: ", name,
-                    "_format must be one of ('fp', 'nf4', 'int8'), got '", fmt, "'");
-  TORCH_CHECK_VALUE(shape.size() == 2, "rank_linear: ", name, "_shape must be (k, features)");
+  TORCH_CHECK_VALUE(shape.size() == 2, "rank_linear: ", name, "_shape must be (k, features), two sizes >= 0, got ",
+                    shape.size(), " values");
   Factor f;
   f.k = shape[0].expect_int();
   f.n = shape[1].expect_int();
   f.bs = bs;
+  check_rank_linear_factor(name, t, scale, fmt, bs, f.k, f.n);
   if (fmt == "fp") {
     f.data = t.to(at::kFloat).contiguous();
     return f;
   }
-  TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", fmt, " factor ", name, " needs ", name, "_scale");
-  TORCH_CHECK_VALUE(fmt != "nf4" || (bs >= 2 && bs % 2 == 0), "rank_linear: NF4 blocksize must be even >= 2");
   f.format = fmt == "nf4" ? kNF4 : kInt8;
   f.data = t.contiguous();
   f.scale = scale->to(at::kFloat).contiguous();
@@ -77,21 +76,25 @@ at::Tensor rank_linear_cuda(const at::Tensor& x, const std::optional<at::Tensor>
                             const std::optional<at::Tensor>& b_scale, c10::string_view b_format,
                             c10::SymInt b_blocksize, c10::SymIntArrayRef b_shape,
                             const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(a.has_value() || b.has_value(), "rank_linear needs at least one factor (a or b)");
+  check_rank_linear_x(x, a.has_value(), b.has_value());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = x.size(-1);
-  at::Tensor h = x.to(at::kFloat).reshape({-1, in}).contiguous();
   int64_t width = in;
+  Factor fa, fb;
   if (a.has_value()) {
-    Factor fa = make_factor("a", *a, a_scale, std::string(a_format), a_blocksize.expect_int(), a_shape);
-    h = product(h, fa, true, b.has_value() ? std::optional<at::Tensor>() : bias, at::kFloat);
+    fa = make_factor("a", *a, a_scale, std::string(a_format), a_blocksize.expect_int(), a_shape);
+    TORCH_CHECK_VALUE(fa.n == in, "rank_linear: x has ", in, " features, factor a expects ", fa.n);
     width = fa.k;
   }
   if (b.has_value()) {
-    Factor fb = make_factor("b", *b, b_scale, std::string(b_format), b_blocksize.expect_int(), b_shape);
-    h = product(h, fb, false, bias, at::kFloat);
+    fb = make_factor("b", *b, b_scale, std::string(b_format), b_blocksize.expect_int(), b_shape);
+    TORCH_CHECK_VALUE(fb.k == width, "rank_linear: factor b has rank ", fb.k, ", its input has ", width, " features");
     width = fb.n;
   }
+  check_rank_linear_bias(bias, width);
+  at::Tensor h = x.to(at::kFloat).reshape({-1, in}).contiguous();
+  if (a.has_value()) h = product(h, fa, true, b.has_value() ? std::optional<at::Tensor>() : bias, at::kFloat);
+  if (b.has_value()) h = product(h, fb, false, bias, at::kFloat);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = width;
   return h.reshape(shape).to(x.scalar_type());
