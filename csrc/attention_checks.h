@@ -16,6 +16,10 @@ inline void check_attention(const at::Tensor& q, const at::Tensor& k, const at::
                     q.dim(), ", ", k.dim(), ", ", v.dim(), " dims");
   TORCH_CHECK_VALUE(at::isFloatingType(q.scalar_type()),
                     "attention: q must be floating (float32, float64, float16 or bfloat16), got ", q.scalar_type());
+  const bool one_device = k.device() == q.device() && v.device() == q.device() &&
+                          (!mask.has_value() || mask->device() == q.device());
+  TORCH_CHECK_VALUE(one_device, "attention: q, k, v and mask must be on one device, got ", q.device(), ", ", k.device(),
+                    ", ", v.device(), mask.has_value() ? ", " : "", mask.has_value() ? mask->device().str() : "");
   TORCH_CHECK_VALUE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                     "attention: q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                     v.scalar_type());

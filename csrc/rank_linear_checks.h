@@ -5,13 +5,18 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 
 namespace adaptwin {
 
-inline void check_rank_linear_x(const at::Tensor& x, bool has_a, bool has_b) {
+inline void check_rank_linear_x(const at::Tensor& x, std::initializer_list<const std::optional<at::Tensor>*> others,
+                                bool has_a, bool has_b) {
   TORCH_CHECK_VALUE(has_a || has_b, "rank_linear needs at least one factor (a or b)");
+  for (const std::optional<at::Tensor>* t : others)
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device() == x.device(), "rank_linear: every tensor must be on x's device (",
+                      x.device(), "), got one on ", (*t)->device());
   TORCH_CHECK_VALUE(x.dim() >= 1, "rank_linear: x must have a last dimension of features (..., in), got a 0-d tensor");
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "rank_linear: x must be floating, got ", x.scalar_type());
 }

@@ -168,6 +168,8 @@ def _bad_attention_calls():
         "mask shape": ((q, k, v, torch.ones(5, 6, dtype=torch.bool), 0.2),
                        r"mask of shape .*5, 6.* does not broadcast to \(B, H, T, S\) = \(1, 6, 5, 7\)"),
         "5-D mask": ((q, k, v, torch.ones(1, 1, 1, 5, 7, dtype=torch.bool), 0.2), "does not broadcast"),
+        "mask device": ((q, k, v, torch.ones(5, 7, dtype=torch.bool, device="meta"), 0.2),
+                        r"must be on one device, got \['cpu', 'meta'\]"),
         "nan scale": ((q, k, v, None, float("nan")), "scale must be a finite number"),
         "inf scale": ((q, k, v, None, float("inf")), "scale must be a finite number"),
     }
@@ -184,6 +186,9 @@ def test_attention_bad_input_names_the_problem(entry, case):
     (q, k, v, mask, scale), message = BAD_ATTENTION[case]
     if entry == "fast" and backends.FAST.get("attention") is None:
         pytest.skip("adaptwin._C is not built")
+    if entry == "fast" and case == "mask device":  # the fast entry takes CPU calls only, and hands this one back
+        assert backends.FAST["attention"](q, k, v, mask, scale, False) is NotImplemented
+        return
     call = {"reference": lambda *a: attention_reference(*a),
             "op": lambda *a: torch.ops.adaptwin.attention(*a),
             "fast": lambda *a: backends.FAST["attention"](*a),
@@ -373,6 +378,8 @@ def _bad_rank_linear_calls():
         "bias width": ((x, *a, *b, torch.randn(31)), "bias must be a floating \\(32,\\) vector"),
         "bias 2-D": ((x, *a, *b, torch.randn(1, 32)), "bias must be a floating \\(32,\\) vector"),
         "integer bias": ((x, *a, *b, torch.ones(32, dtype=torch.int64)), "bias must be a floating"),
+        "scale device": ((x, a[0], a[1].to("meta"), *a[2:], *b, None),
+                         r"every tensor must be on x's device \(cpu\), got one on meta"),
     }
 
 
@@ -387,6 +394,9 @@ def test_rank_linear_bad_input_names_the_problem(entry, case):
     args, message = BAD_RANK_LINEAR[case]
     if entry == "fast" and backends.FAST.get("rank_linear") is None:
         pytest.skip("adaptwin._C is not built")
+    if entry == "fast" and case == "scale device":  # the fast entry takes CPU calls only, and hands this one back
+        assert backends.FAST["rank_linear"](*args) is NotImplemented
+        return
     if entry == "fake":
         from torch._subclasses.fake_tensor import FakeTensorMode
 

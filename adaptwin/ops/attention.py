@@ -163,6 +163,9 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
         raise ValueError(f"attention: q, k, v must be 4-D (B, H, T|S, D), got {q.dim()}, {k.dim()}, {v.dim()} dims")
     if not q.is_floating_point():
         raise ValueError(f"attention: q must be floating (float32, float64, float16 or bfloat16), got {q.dtype}")
+    devices = {t.device for t in (q, k, v, mask) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"attention: q, k, v and mask must be on one device, got {sorted(map(str, devices))}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     (b, h, t, dq), (bk, hkv, s, dk), (bv, hv, sv, _) = q.shape, k.shape, v.shape

@@ -108,6 +108,9 @@ def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a
         raise ValueError("rank_linear: x must have a last dimension of features (..., in), got a 0-d tensor")
     if not x.is_floating_point():
         raise ValueError(f"rank_linear: x must be floating, got {x.dtype}")
+    for t in (a, a_scale, b, b_scale, bias):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"rank_linear: every tensor must be on x's device ({x.device}), got one on {t.device}")
     width = x.shape[-1]
     for name, t, scale, fmt, blocksize, shape in (("a", a, a_scale, a_format, a_blocksize, a_shape),
                                                   ("b", b, b_scale, b_format, b_blocksize, b_shape)):

@@ -207,7 +207,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                            c10::SymIntArrayRef a_shape, const std::optional<at::Tensor>& b,
                            const std::optional<at::Tensor>& b_scale, c10::string_view b_format, c10::SymInt b_blocksize,
                            c10::SymIntArrayRef b_shape, const std::optional<at::Tensor>& bias) {
-  check_rank_linear_x(x, a.has_value(), b.has_value());
+  check_rank_linear_x(x, {&a, &a_scale, &b, &b_scale, &bias}, a.has_value(), b.has_value());
   const int64_t in = x.size(-1);
   const int64_t rows = in == 0 ? 0 : x.numel() / in;
   int64_t width = in;

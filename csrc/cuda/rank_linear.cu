@@ -76,7 +76,7 @@ at::Tensor rank_linear_cuda(const at::Tensor& x, const std::optional<at::Tensor>
                             const std::optional<at::Tensor>& b_scale, c10::string_view b_format,
                             c10::SymInt b_blocksize, c10::SymIntArrayRef b_shape,
                             const std::optional<at::Tensor>& bias) {
-  check_rank_linear_x(x, a.has_value(), b.has_value());
+  check_rank_linear_x(x, {&a, &a_scale, &b, &b_scale, &bias}, a.has_value(), b.has_value());
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t in = x.size(-1);
   int64_t width = in;
