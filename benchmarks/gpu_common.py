@@ -43,7 +43,7 @@ def bench(fn: Callable[[], object], graph: bool = False) -> float:
 
     if graph:
         return 1000 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-    return 1000 * triton.testing.dobench(fn, warmup=25, rep=200, return_mode="median")
+    return 1000 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def ceilings(device: torch.device) -> dict[str, float]:

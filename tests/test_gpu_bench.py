@@ -8,6 +8,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,34 @@ def test_accounting():
     assert gpu_common.half_rank(4096) * 2 * 4096 == 4096 * 4096 // 2  # two factors hold half the weight
     r = gpu_common.half_rank(1024)
     assert gpu_common.nf4_bytes(r, 1024, 1024) == r * 2048 // 2 + 4 * (r * 2048 // 64)
+
+
+def test_bench_times_through_tritons_timers(monkeypatch):
+    """`gpu_common.bench` (which the other tests here replace) calls triton.testing's do_bench and, for graphs,
+    do_bench_cudagraph, by those names: checked against the installed triton, or a stand-in module where
+    there is none. (A misspelt name here once waited for a GPU run to fail.)"""
+    try:
+        import triton.testing as timers
+    except ImportError:
+        timers = types.ModuleType("triton.testing")
+        timers.do_bench = timers.do_bench_cudagraph = None
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(testing=timers))
+        monkeypatch.setitem(sys.modules, "triton.testing", timers)
+    seen = []
+
+    def timer(name):
+        def run(fn, **kwargs):
+            fn()
+            seen.append((name, kwargs.get("return_mode")))
+            return 0.005  # ms
+        return run
+
+    monkeypatch.setattr(timers, "do_bench", timer("do_bench"))  # raises where triton has no such name
+    monkeypatch.setattr(timers, "do_bench_cudagraph", timer("do_bench_cudagraph"))
+    ran = []
+    assert gpu_common.bench(lambda: ran.append(1)) == pytest.approx(5.0)
+    assert gpu_common.bench(lambda: ran.append(1), graph=True) == pytest.approx(5.0)
+    assert seen == [("do_bench", "median"), ("do_bench_cudagraph", "median")] and len(ran) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the script would run")
