@@ -68,9 +68,7 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
     weights, factors, packed4 = [], [], []
     for _ in range(sets):
         w = torch.randn(d, d, device=device) / d ** 0.5
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        a = (vh[:r] * s[:r, None].sqrt()).float()  # (r, in)
-        b = (u[:, :r] * s[:r].sqrt()).T.float().contiguous()  # (r, out)
+        a, b = gc.low_rank_factors(r, d, d, device)  # (r, in), (r, out)
         qa, qb = fmt.quantize(a), fmt.quantize(b)
         factors.append((qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64,
                         [r, d], None))

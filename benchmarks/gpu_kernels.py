@@ -196,9 +196,7 @@ def _batched_shape(device: torch.device, dname: str, m: int, d_in: int, r: int, 
     dtype, fmt = DTYPES[dname], quant.QuantFormat("nf4", 64)
     shape = f"M{m}:{d_in}x{d_out}:r{r}"
     w = torch.randn(d_out, d_in, device=device) / d_in ** 0.5
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    a = (vh[:r] * s[:r, None].sqrt()).float()  # (r, in)
-    b = (u[:, :r] * s[:r].sqrt()).T.float().contiguous()  # (r, out)
+    a, b = gc.low_rank_factors(r, d_in, d_out, device)  # (r, in), (r, out)
     qa, qb = fmt.quantize(a), fmt.quantize(b)
     nf4 = (qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d_in], qb["qweight"], fmt.scale(qb), "nf4", 64, [r, d_out],
            None)
@@ -264,29 +262,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device_string()}; {props.name}, {props.multi_processor_count} SMs, L2 {l2 >> 20} MiB, torch "
           f"{torch.__version__}", flush=True)
     torch.manual_seed(0)
-    ceil = ceilings(device)
-    print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()), flush=True)
-    shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
-    widths = (16, 48) if args.quick else WIDTHS
-    rows = bench_attention(device, dtypes, shapes, widths, args.tune, ceil) if "attention" in parts else []
-    if "gemv" in parts:
-        rows += bench_gemv(device, sizes, l2, ceil, args.tune)
-    if "batched" in parts:
-        rows += bench_batched(device, dtypes, BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES)
-    vers, stamp, dev = versions(), now_utc(), f"{props.name}"
-    for row in rows:
-        row.update(device=dev, timestamp=stamp, **vers)
-    ceiling_note = "; ".join(f"{k}={v:.1f}" for k, v in ceil.items())
-    rows.append(result_row("ceiling", "-", "-", "measured", 0.0, config=ceiling_note, device=dev, timestamp=stamp,
-                           **vers))
+    rows = collect(device, props.name, l2, args.out, dtypes, parts,
+                   shapes=ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES,
+                   widths=(16, 48) if args.quick else WIDTHS, sizes=sizes,
+                   batched=BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES, tune=args.tune)
     table = [[r["kind"], r["shape"], r["dtype"], r["provider"], f"{r['median_us']:.1f}",
               f"{r.get('speedup', 0):.2f}x" if r.get("speedup") else "", f"{r.get('tflops', 0):.1f}" if r.get("tflops")
               else "", f"{r.get('gbps', 0):.0f}" if r.get("gbps") else "", r.get("config", "")] for r in rows]
     print(format_table(["kind", "shape", "dtype", "provider", "us", "vs base", "TFLOP/s", "GB/s", "note"], table))
-    path = write_rows(args.out, rows, fields=FIELDS, key=KEY)
-    print(f"\nwrote {len(rows)} rows to {path}")
+    print(f"\nwrote {len(rows)} rows to {args.out}")
     return 0
 
+
+def collect(device: torch.device, name: str, l2: int, out: str, dtypes: list[str], parts, *, shapes, widths, sizes,
+            batched, tune: bool) -> list[dict]:
+    """The ceilings, then each part asked for, every row stamped and merged into the CSV at ``out`` as soon as
+    its part is done: a run that a lease or a time limit cuts short keeps the parts it finished."""
+    vers, stamp = versions(), now_utc()
+    rows: list[dict] = []
+
+    def keep(new: list[dict]) -> None:
+        for row in new:
+            row.update(device=name, timestamp=stamp, **vers)
+        rows.extend(new)
+        write_rows(out, rows, fields=FIELDS, key=KEY)
+
+    ceil = ceilings(device)
+    print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()), flush=True)
+    note = "; ".join(f"{k}={v:.1f}" for k, v in ceil.items())
+    keep([result_row("ceiling", "-", "-", "measured", 0.0, config=note)])
+    if "attention" in parts:
+        keep(bench_attention(device, dtypes, shapes, widths, tune, ceil))
+    if "gemv" in parts:
+        keep(bench_gemv(device, sizes, l2, ceil, tune))
+    if "batched" in parts:
+        keep(bench_batched(device, dtypes, batched))
+    return rows
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,9 +25,12 @@ if [ "${BENCH:-1}" = 1 ]; then
     # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows
     PYTHONPATH=.device/site timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu_kernels ${BENCH_ARGS:-} \
         --out "$out/gpu_kernels.csv" 2>"$out/progress.log" >"$out/gpu_kernels.log"
-    echo "gpu_kernels exit $?"
+    rc=$?
+    echo "gpu_kernels exit $rc"
     tail -n 80 "$out/gpu_kernels.log"
-    tail -n 3 "$out/progress.log"
+    # cut short (124: BENCH_S) or failed: the table never printed, but every finished part is in the CSV and
+    # every timed row in the progress log
+    if [ "$rc" = 0 ]; then tail -n 3 "$out/progress.log"; else tail -n 60 "$out/progress.log"; fi
 fi
 if [ "${PROFILE:-0}" = 1 ]; then
     timeout "${PROFILE_S:-400}" ncu --csv --page details --set detailed \

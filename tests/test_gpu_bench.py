@@ -114,6 +114,23 @@ assert [r["provider"] for r in rows] == ["cublas_dense", "adaptwin_nf4", "adaptw
                                          "adaptwin_fp_one_launch", "cublas_lowrank_two_gemms"], rows
 assert all(r["rel_err"] < 1e-2 for r in rows) and rows[0]["speedup"] == 1.0, rows
 assert rows[1]["tflops"] == 2 * 40 * 20 * (96 + 80) / 10.0 / 1e6 and calls[n:] == [True] * 8
+# a run cut short keeps the parts it finished: each part's rows reach the CSV as it ends
+import csv, os, tempfile
+g.ceilings = lambda device: {"copy_gbps": 100.0}
+def cut_short(*args, **kwargs):
+    raise RuntimeError("cut short")
+g.bench_batched = cut_short
+out = os.path.join(tempfile.mkdtemp(), "g.csv")
+try:
+    g.collect(torch.device("cpu"), "cpu", 0, out, ["fp16"], ["gemv", "batched"], shapes=(), widths=(), sizes=(128,),
+              batched=[(40, 96, 20, 80)], tune=False)
+except RuntimeError as exc:
+    assert "cut short" in str(exc)
+else:
+    raise AssertionError("the batched part should have failed")
+kept = list(csv.DictReader(open(out)))
+assert [r["kind"] for r in kept][:2] == ["ceiling", "gemv"] and {r["kind"] for r in kept} == {"ceiling", "gemv"}, kept
+assert all(r["device"] == "cpu" and r["timestamp"] for r in kept) and "copy_gbps=100.0" in kept[0]["config"], kept
 print("ok", len(calls))
 """
 
@@ -129,7 +146,8 @@ def test_checks_and_rows_on_cpu_under_the_interpreter():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quick_run_on_gpu(tmp_path):
-    assert gpu_kernels.main(["--quick", "--dtypes", "fp16", "--out", str(tmp_path / "g.csv")]) == 0
+    assert gpu_kernels.main(["--quick", "--dtypes", "fp16", "--gemv-sizes", "1024", "--out",
+                             str(tmp_path / "g.csv")]) == 0
     assert (tmp_path / "g.csv").exists()
 
 
