@@ -2,8 +2,10 @@
 # One call on a lent GPU machine: install, every CUDA op case, then the figures; logs and CSVs under $OUT
 # (the device tool's output folder; results/gpu elsewhere). Each step has its own time limit so that a
 # slow one cannot eat the call, and pytest prints its failures (-rf) before the figures start.
-#   bash benchmarks/gpu_session.sh                          # tests, then every figure
+#   BENCH=0 bash benchmarks/gpu_session.sh                  # the CUDA tests and the causal probe
+#   TESTS=0 bash benchmarks/gpu_session.sh                  # every figure
 #   BENCH_ARGS="--tune --dtypes fp16" TESTS=0 bash benchmarks/gpu_session.sh
+# (one call does both with no variable set, but the steps' limits then add up past a 10-minute device call)
 #   PROFILE=1 TESTS=0 BENCH=0 bash benchmarks/gpu_session.sh    # Nsight Compute on benchmarks.gpu_profile
 # Env: TESTS (1: run the CUDA tests and benchmarks.gpu_causal_probe), BENCH (1: the figures), PROFILE (0: ncu), TEST_S / PROBE_S / BENCH_S / PROFILE_S
 # (seconds), JOBS (pytest workers), BENCH_ARGS, PROFILE_CALLS (gpu_profile --calls).
@@ -14,10 +16,13 @@ export PYTHONUNBUFFERED=1
 ADAPTWIN_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
     || { tail -5 "$out/install.log"; exit 1; }
 if [ "${TESTS:-1}" = 1 ]; then
-    timeout "${TEST_S:-200}" python3 -m pytest -q -rfxX -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
+    # -v: a line per test as it ends, so a run cut short by TEST_S still says what passed and failed
+    timeout "${TEST_S:-300}" python3 -m pytest -v -rfxX -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
         tests/test_kernels_cuda.py tests/test_gpu_bench.py >"$out/pytest.log" 2>&1
-    echo "pytest exit $?"
+    rc=$?
+    echo "pytest exit $rc ($(grep -c ' PASSED ' "$out/pytest.log") PASSED, $(grep -c ' FAILED ' "$out/pytest.log") FAILED lines)"
     grep -E "^FAILED|^ERROR|^XFAIL|^XPASS|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
+    grep -E "^\[gw[0-9]+\].* (FAILED|ERROR) " "$out/pytest.log" | head -20
     # the causal 16-bit calls routed to SDPA, on the kernel at the default pipeline depth and at one stage
     timeout "${PROBE_S:-120}" python3 -m benchmarks.gpu_causal_probe --out "$out/causal_probe.csv" 2>&1 | tail -n 25
 fi
