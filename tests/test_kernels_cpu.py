@@ -106,7 +106,7 @@ def check_attention_case(case: tuple, dtype: torch.dtype, device: str = "cpu", o
     assert_within_twice(out, ref, ref64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
 def test_attention_matches_reference(case, dtype):
     check_attention_case(case, dtype)
