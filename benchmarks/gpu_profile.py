@@ -6,8 +6,8 @@
 
 (`benchmarks/gpu_session.sh` does both with PROFILE=1.) Each call runs twice (the first compiles), at the
 sizes the figures in `benchmarks.gpu_kernels` left open:
-- gemv: the batch-1 NF4 rank-r linear at d = 4096, r = 1024 (fp16), as planned, with ``GATHER`` and with
-  x·Aᵀ split further;
+- gemv: the batch-1 NF4 rank-r linear at d = 4096, r = 1024 (fp16), as planned, with ``GATHER``, with
+  x·Aᵀ split further, and in one launch (``gemv="one_launch"``);
 - batched: NF4 rows M1500 384 -> 1536 r64 and M256 4096² r64, decoded once (the default) and in the tiles;
 - attention: T = 1500, batch 16, 20 heads, widths 16 and 48, and 48 padded to one dot (``ONE_PART``).
 
@@ -59,7 +59,8 @@ def run_calls(calls: list[str], device: torch.device, small: bool = False) -> li
         args = (*_nf4(r, d, device), *_nf4(r, d, device), None)
         x = torch.randn(1, d, device=device, dtype=dtype)
         for label, config in (("planned", {}), ("gather", {"rows": {"GATHER": True}, "cols": {"GATHER": True}}),
-                              ("split32", {"rows": {"WAVES": 16, "MAX_SPLITS": 32}})):
+                              ("split32", {"rows": {"WAVES": 16, "MAX_SPLITS": 32}}),
+                              ("one launch", {"gemv": "one_launch"})):
             twice(f"gemv d{d} {label}", partial(rank_linear, x, *args, config=config))
     if "batched" in calls:
         shapes = ((40, 64, 16, 96),) if small else ((1500, 384, 64, 1536), (256, 4096, 64, 4096))

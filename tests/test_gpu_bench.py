@@ -194,4 +194,5 @@ def test_profile_calls_run_under_the_interpreter():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = [line for line in proc.stderr.splitlines() if line.startswith("ran ")]
-    assert len(ran) == 8 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
+    assert len(ran) == 9 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
+    assert "ran gemv d128 one launch" in ran, ran
