@@ -34,9 +34,9 @@ def nf4_bytes(rank: int, d_in: int, d_out: int, blocksize: int = 64) -> int:
 
 def low_rank_factors(r: int, d_in: int, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random float32 rank-r factors A (r, in) and B (r, out) with the entry size of a random d_out x d_in
-    weight's SVD factors split as sqrt(s) (unit singular vectors, singular values near 1). No SVD is run:
-    a kernel's time does not depend on the values, every check compares a call with a float64 reference of
-    its own factors, and a float64 SVD of each of eight 8192² weight sets would cost a lease minutes."""
+    weight's SVD factors split as sqrt(s) (unit singular vectors, singular values near 1). No SVD is run
+    (the GEMV rows once ran a float64 one per weight set, up to eight sets of 8192²): a kernel's time does not
+    depend on the values, and every check compares a call with a float64 reference of its own factors."""
     return (torch.randn(r, d_in, device=device) / d_in ** 0.5, torch.randn(r, d_out, device=device) / d_out ** 0.5)
 
 

@@ -299,5 +299,6 @@ def collect(device: torch.device, name: str, l2: int, out: str, dtypes: list[str
         keep(bench_batched(device, dtypes, batched))
     return rows
 
+
 if __name__ == "__main__":
     sys.exit(main())
