@@ -279,6 +279,32 @@ def test_rank_linear_leaves_inputs_alone(rows):
             assert torch.equal(t, t0)
     torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, args)
 
+@pytest.mark.parametrize("fmt,bs", [("nf4", 64), ("int8", 0)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_rank_linear_decode_is_the_same_on_any_thread_count(fmt, rows, bs):
+    """The decode path splits both products of a large enough call into parts, one per thread, that wait on
+    each other between the products: 1-5 threads (more than this machine's cores included: parts then wait
+    for, or take over, parts whose thread has not started) give bit-identical results, within the reference's
+    error. Rank 203 = 8·25 + 3 also runs the 8-row kernel's remainders."""
+    gen = torch.Generator().manual_seed(11)
+    fa, fb = _factor(fmt, bs, torch.randn(203, 768, generator=gen) / 28), _factor(fmt, bs, torch.randn(203, 832) / 14)
+    x, bias = torch.randn(rows, 768, generator=gen), torch.randn(832, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(1)
+            torch.ops.adaptwin.rank_linear(-x, *fa, *fb, bias)  # other values left in any reused buffer
+            torch.set_num_threads(threads)
+            outs.append(torch.ops.adaptwin.rank_linear(x, *fa, *fb, bias))
+    finally:
+        torch.set_num_threads(before)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    assert_within_twice(outs[0], rank_linear_reference(x, *fa, *fb, bias),
+                        rank_linear_reference(x.double(), *fa, *fb, bias.double()))
+
+
 
 # --------------------------------------------------------------------------------------------------
 # opcheck: schema, fake tensors, autograd registration, AOT dispatch, with the C++ kernels active

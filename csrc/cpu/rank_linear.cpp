@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -109,6 +110,80 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
   });
 }
 
+#if ADAPTWIN_X86
+// Work (factor elements of both factors, times the rows of x) per part of gemv_both. Its one parallel
+// region costs about 0.7 us to open here (an empty at::parallel_for on 2 threads), and the second core
+// then reads codes, x and y lines the first one last wrote. One thread decodes ~28 G NF4 elements/s, and a
+// call at d = 384, rank 96 (73.7k elements) took 3.64 us on one thread and 3.69 us on two (C++ dispatcher
+// loop, medians of 7), so that size stays on one thread; at d = 512 (131k) two took 4.74 us against
+// 5.65, at d = 768 7.84 against 11.5.
+constexpr int64_t kBothGrainElems = 1 << 16;
+
+// y (rows, out) += (x·Aᵀ)·B, both factors taken by the fused kernels, in ONE parallel region: h = x·Aᵀ
+// split into row ranges, then, once every range is done, y split into column ranges. gemv_in + gemv_out
+// opened a region each: d = 768 took 8.7 us a call that way, 7.8 us in one region.
+void gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, float* h, float* y) {
+  const int64_t work = rows * (a.k * a.n + b.k * b.n);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kBothGrainElems));
+  const float* xin = x;
+  if (a.format == Format::kNf4) {  // x with every group of 16 in the NF4 kernels' lane order
+    thread_local std::vector<float> lanes;
+    lanes.resize(static_cast<size_t>(rows * a.n));
+    for (int64_t m = 0; m < rows; ++m) to_lane_order(x + m * a.n, a.n, lanes.data() + m * a.n);
+    xin = lanes.data();
+  }
+  auto in_part = [&](int64_t p) {  // rank rows [r0, r1): multiples of 8 where it can (the 1-row kernel's step)
+    const int64_t step = ((a.k + parts - 1) / parts + 7) / 8 * 8;
+    const int64_t r0 = std::min(a.k, p * step), r1 = std::min(a.k, r0 + step);
+    for (int64_t m0 = 0; m0 < rows && r0 < r1; m0 += kFusedRows)
+      for_rows(std::min(kFusedRows, rows - m0), [&](auto m) {
+        if (a.format == Format::kInt8)
+          int8_gemv_in_fused<m()>(a, xin + m0 * a.n, h + m0 * a.k, r0, r1);
+        else
+          nf4_gemv_in_fused<m()>(a, xin + m0 * a.n, h + m0 * a.k, r0, r1);
+      });
+  };
+  auto out_part = [&](int64_t p) {  // whole groups of 32 columns
+    const int64_t groups = b.n / 32, step = (groups + parts - 1) / parts;
+    const int64_t c0 = 32 * std::min(groups, p * step), c1 = 32 * std::min(groups, (p + 1) * step);
+    for (int64_t m0 = 0; m0 < rows && c0 < c1; m0 += kFusedRows)
+      for_rows(std::min(kFusedRows, rows - m0), [&](auto m) {
+        if (b.format == Format::kInt8)
+          int8_gemv_out_fused<m()>(b, h + m0 * b.k, y + m0 * b.n, c0, c1);
+        else
+          nf4_gemv_out_fused<m()>(b, h + m0 * b.k, y + m0 * b.n, c0, c1);
+      });
+  };
+  if (parts == 1) {
+    in_part(0);
+    out_part(0);
+    return;
+  }
+  // Part p runs on the worker that at::parallel_for gives index p (the same thread call after call, so its
+  // codes stay in that core's cache); a worker that finds a part nobody has started (fewer workers than
+  // parts) runs it itself, so a wait below is only ever for a part that a running thread is computing.
+  std::vector<std::atomic<int>> taken(static_cast<size_t>(2 * parts));
+  for (auto& t : taken) t.store(0, std::memory_order_relaxed);
+  std::atomic<int64_t> done_in{0};
+  auto claim = [&](int64_t i) {
+    int expected = 0;
+    return taken[i].load(std::memory_order_relaxed) == 0 &&
+           taken[i].compare_exchange_strong(expected, 1, std::memory_order_acq_rel);
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      if (claim(p)) in_part(p), done_in.fetch_add(1, std::memory_order_release);
+    for (int64_t p = 0; p < parts; ++p)
+      if (claim(p)) in_part(p), done_in.fetch_add(1, std::memory_order_release);
+    while (done_in.load(std::memory_order_acquire) < parts) _mm_pause();  // the rest of h, being computed
+    for (int64_t p = p0; p < p1; ++p)
+      if (claim(parts + p)) out_part(p);
+    for (int64_t p = 0; p < parts; ++p)
+      if (claim(parts + p)) out_part(p);
+  });
+}
+#endif
+
 // The whole factor as a float32 (k, n) tensor.
 at::Tensor dequantize(const Factor& f) {
   auto out = at::empty({f.k, f.n}, at::kFloat);
@@ -175,21 +250,29 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor& fa, const Factor* fb, co
     hbuf.resize(static_cast<size_t>(rows * fa.k));
     h = hbuf.data();
   }
-  gemv_in(fa, xf, rows, h);
   const float* bp = nullptr;
   if (bias.has_value()) bp = float_values(bias->is_contiguous() ? *bias : bias->contiguous(), bbuf);
   if (fb == nullptr) {
+    gemv_in(fa, xf, rows, h);
     if (bp != nullptr)
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t c = 0; c < width; ++c) y[m * width + c] += bp[c];
   } else {
-    for (int64_t m = 0; m < rows; ++m) {  // y starts from the bias; gemv_out accumulates into it
+    for (int64_t m = 0; m < rows; ++m) {  // y starts from the bias; the second product accumulates into it
       if (bp != nullptr)
         std::copy(bp, bp + width, y + m * width);
       else
         std::fill(y + m * width, y + (m + 1) * width, 0.0f);
     }
-    gemv_out(*fb, h, rows, y);
+#if ADAPTWIN_X86
+    if (fused_all(&fa, fb)) {
+      gemv_both(fa, *fb, xf, rows, h, y);
+    } else
+#endif
+    {
+      gemv_in(fa, xf, rows, h);
+      gemv_out(*fb, h, rows, y);
+    }
   }
   const int64_t n = rows * width;
   if (out.scalar_type() == at::kBFloat16) {
