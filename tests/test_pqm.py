@@ -105,6 +105,22 @@ def test_lora_update_and_scaling():
     assert m.lora_A.grad is not None and m.lora_B.grad is not None
 
 
+def test_base_arguments_follow_loaded_weights():
+    """The base's op arguments are kept between calls (adaptwin.compressors.packed_args) and still follow
+    a state dict loaded into the module, and a call under inference_mode does not stop a later backward."""
+    gen = torch.Generator().manual_seed(1)
+    fmt = PQMConfig().quant_format()
+    m, other = (NF4LoRALinear.from_linear(nn.Linear(64, 40), 2, 2.0, fmt, gen) for _ in range(2))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        before = m(x)
+    assert torch.equal(m(x), before)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m(x), other(x)) and not torch.equal(m(x), before)
+    m(x.requires_grad_()).sum().backward()
+    assert m.lora_A.grad is not None and x.grad is not None
+
+
 @pytest.mark.parametrize("rank", [0, 5, 2.0, True, "4"])
 def test_lora_rank_is_checked(rank):
     with pytest.raises(ValueError, match=r"must be one of \[1, 2, 3, 4\]"):

@@ -235,3 +235,57 @@ def test_cli_quantization_and_inspect(tmp_path):
                    "--quantization", "nf3"])
     assert rc == 2 and "invalid choice: 'nf3'" in e.getvalue()
     assert math.isfinite(data["modules"][0]["bits_per_param"])
+
+
+def _packed_low_rank(fmt: QuantFormat, seed: int = 0) -> QuantLowRankLinear:
+    m = QuantLowRankLinear(64, 96, 16, 0, True, fmt=fmt, quantize_lora=True, packed=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    m.pack()
+    return m
+
+
+def _fresh_output(m: QuantLowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """The module's output with its op arguments built anew (no reuse)."""
+    for f in m._factors.values():
+        f.packed_args.clear()
+    return m(x)
+
+
+@pytest.mark.parametrize("fmt", QAT_FORMATS, ids=["nf4-64-dq", "int8-0"])
+def test_packed_arguments_follow_the_buffers(fmt):
+    """A packed module reuses its op arguments between calls, and still computes with its buffers as they
+    are now: after a buffer is replaced behind nn.Module's back, written in place (the double-quantised
+    scales are computed from such buffers), or converted by `.to`."""
+    m, donor = _packed_low_rank(fmt), _packed_low_rank(fmt, seed=1)
+    x = torch.randn(3, 64)
+    first = m(x)
+    assert torch.equal(m(x), first)
+    name = "in_factor_qweight"
+    m._buffers[name] = donor._buffers[name].clone()  # as accelerate's set_module_tensor_to_device does
+    replaced = m(x)
+    assert not torch.equal(replaced, first) and torch.equal(replaced, _fresh_output(m, x))
+    for key, t in m._buffers.items():  # every other buffer written in place
+        if key != name:
+            t.copy_(donor._buffers[key])
+    with torch.no_grad():
+        m.bias.copy_(donor.bias)
+    assert torch.equal(m(x), donor(x))
+    m.double()
+    assert all(f.packed_args._sources is None for f in m._factors.values())  # no float32 scales kept alive
+    assert m(x.double()).dtype == torch.float64
+
+
+def test_packed_arguments_made_in_inference_mode_allow_backward():
+    """Double-quantised scales computed under inference_mode are inference tensors: they are not reused for
+    a later call that autograd records (it could not save them for the backward)."""
+    m = _packed_low_rank(QuantFormat("nf4", 64, True))
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        expected = m(x)
+    x.requires_grad_()
+    y = m(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), expected) and x.grad is not None and x.grad.abs().sum() > 0

@@ -14,15 +14,18 @@ Only ``lora_A`` and ``lora_B`` are Parameters; the packed codes, scales and the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
+from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs
 from adaptwin.ops.rank_linear import ABSENT
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
 
-class NF4LoRALinear(nn.Module):
+class NF4LoRALinear(DropsPackedArgs):
     """See the module docstring.
 
     Args:
@@ -46,6 +49,8 @@ class NF4LoRALinear(nn.Module):
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(rank, out_features, dtype=dtype))  # (r, out)
+        self._base = PackedArgs()
+        self._base_names = tuple(f"weight_{key}" for key in fmt.layout((out_features, in_features)))
 
     @classmethod
     @torch.no_grad()
@@ -66,11 +71,17 @@ class NF4LoRALinear(nn.Module):
         return new
 
     def base_args(self) -> tuple:
-        """rank_linear's arguments for the frozen base as factor ``a``."""
-        stored = {key: getattr(self, f"weight_{key}") for key in self.fmt.layout((self.out_features,
-                                                                                   self.in_features))}
-        return (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize,
-                [self.out_features, self.in_features])
+        """rank_linear's arguments for the frozen base as factor ``a`` (kept between calls: `PackedArgs`)."""
+        buffers = self._buffers
+        args = self._base.get(buffers)
+        if args is None:
+            stored = {name[len("weight_"):]: buffers[name] for name in self._base_names}
+            args = self._base.put(buffers, self._base_names, (stored["qweight"], self.fmt.scale(stored),
+                                  self.fmt.kind, self.fmt.blocksize, [self.out_features, self.in_features]))
+        return args
+
+    def _packed_args_kept(self) -> Iterable[PackedArgs]:
+        return (self._base,) if "_base" in self.__dict__ else ()
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The frozen base Ŵ (out, in) as ``dtype`` (for tests and inspection; forward never forms it)."""
@@ -79,10 +90,11 @@ class NF4LoRALinear(nn.Module):
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = rank_linear(x, *self.base_args(), *ABSENT, self.bias)  # (..., out)
-        update = rank_linear(x, self.lora_A, None, "fp", 0, [self.rank, self.in_features],
-                             self.lora_B, None, "fp", 0, [self.rank, self.out_features], None)  # (..., out)
-        return y + self.scaling * update
+        y = rank_linear(x, *self.base_args(), *ABSENT, self._buffers["bias"])  # (..., out)
+        params = self._parameters
+        update = rank_linear(x, params["lora_A"], None, "fp", 0, [self.rank, self.in_features],
+                             params["lora_B"], None, "fp", 0, [self.rank, self.out_features], None)  # (..., out)
+        return torch.add(y, update, alpha=self.scaling)  # y + scaling·update in one op
 
     def storage(self) -> tuple[int, int]:
         """``(logical parameters, bytes stored)``: out·in + bias + r·(in + out); every stored tensor's bytes."""

@@ -23,11 +23,13 @@ spectral, the rest LoRA (the layout `TwinAttention` and `LowRankLinear` use).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs
 from adaptwin.ops.rank_linear import ABSENT
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -67,6 +69,8 @@ class _Factor:
         self.idx_l = torch.nonzero(pos >= self.rank).flatten()  # (blocks·lora,)
 
         self._names: tuple | None = None
+        self.lora_name = f"{name}_lora"
+        self.packed_args = PackedArgs()  # the op arguments of the packed state
 
     def buffer_names(self, fmt: QuantFormat) -> tuple[tuple[str, str], ...]:
         """``(key, buffer name)`` of the packed quantised directions in ``fmt``, worked out once."""
@@ -90,7 +94,7 @@ class _Factor:
         return (self.n, self.k) if self.transposed else (self.k, self.n)
 
 
-class _QuantModule(nn.Module):
+class _QuantModule(DropsPackedArgs):
     """Shared storage logic: master Parameters or packed buffers for each `_Factor`."""
 
     def _setup(self, fmt: QuantFormat, factors: list[_Factor], packed: bool) -> None:
@@ -119,19 +123,33 @@ class _QuantModule(nn.Module):
 
     def _parts(self, f: _Factor) -> tuple[tuple | None, torch.Tensor | None]:
         """``(op arguments of the quantised directions or None, fp LoRA directions (k_l, n) or None)``."""
-        if self.packed:  # per decoding step and layer: buffers by precomputed name, no layout() or getattr
-            q = None
-            if f.rank:
-                buffers = self._buffers
-                stored = {key: buffers[name] for key, name in f.buffer_names(self.fmt)}
-                q = (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
-            return q, (self._parameters[f"{f.name}_lora"] if f.split else None)
+        if self.packed:
+            return (self._packed_args(f) if f.rank else None), (self._parameters[f.lora_name] if f.split else None)
         w = self._direction_major(f)  # (k, n)
         if not f.split:
             return (fake_quantize(w, self.fmt), None, "fp", 0, f.q_shape), None
         idx_q, idx_l = f.idx_q.to(w.device), f.idx_l.to(w.device)
         q = (fake_quantize(w[idx_q], self.fmt), None, "fp", 0, f.q_shape) if f.rank else None
         return q, w[idx_l]
+
+    def _packed_args(self, f: _Factor) -> tuple:
+        """The op arguments of ``f``'s packed directions (kept between calls: `PackedArgs`)."""
+        buffers = self._buffers
+        q = f.packed_args.get(buffers)
+        if q is None:
+            names = f.buffer_names(self.fmt)
+            stored = {key: buffers[name] for key, name in names}
+            q = (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
+            f.packed_args.put(buffers, (name for _, name in names), q)
+        return q
+
+    def _bias(self) -> torch.Tensor | None:
+        """``self.bias`` without `nn.Module.__getattr__` (0.6 us a call here)."""
+        params = self._parameters
+        return params["bias"] if "bias" in params else self.bias
+
+    def _packed_args_kept(self) -> Iterable[PackedArgs]:
+        return (f.packed_args for f in self.__dict__.get("_factors", {}).values())
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -182,22 +200,23 @@ class QuantLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors["weight"]
         q, lora = self._parts(f)
+        bias = self._bias()
         if self.role == "in":
             if not f.split:
-                return rank_linear(x, *q, *ABSENT, self.bias)
+                return rank_linear(x, *q, *ABSENT, bias)
             parts = []
             if q is not None:
                 parts.append(rank_linear(x, *q, *ABSENT, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
             lora_h = rank_linear(x, lora, None, "fp", 0, f.l_shape, *ABSENT, None)  # (..., H·l)
             parts.append(lora_h.unflatten(-1, (f.blocks, f.lora)))
             y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
-            return y + self.bias if self.bias is not None else y
+            return y + bias if bias is not None else y
         if not f.split:
-            return rank_linear(x, *ABSENT, *q, self.bias)
+            return rank_linear(x, *ABSENT, *q, bias)
         h = x.unflatten(-1, (f.blocks, f.width))  # (..., H, width)
-        y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, lora, None, "fp", 0, f.l_shape, None if q else self.bias)
+        y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, lora, None, "fp", 0, f.l_shape, None if q else bias)
         if q is not None:
-            y = rank_linear(h[..., :f.rank].flatten(-2), *ABSENT, *q, self.bias) + y
+            y = rank_linear(h[..., :f.rank].flatten(-2), *ABSENT, *q, bias) + y
         return y
 
     def extra_repr(self) -> str:
@@ -223,12 +242,13 @@ class QuantLowRankLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
         f = self._factors["in_factor"]
+        bias = self._bias()
         y = None
         if f.split:  # LoRA directions in higher precision: a second rank-l product
             y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
-                            None if qa else self.bias)
+                            None if qa else bias)
         if qa is not None:
-            main = rank_linear(x, *qa, *qb, self.bias)
+            main = rank_linear(x, *qa, *qb, bias)
             y = main if y is None else main + y
         return y
 
