@@ -26,6 +26,13 @@ does), where a custom op's Python autograd kernel runs on every call:
   (`backends.call_without_autograd`), what `run_rank_linear` does without that entry point;
 * ``nf4_no_grad_direct``: the op called directly, through its autograd kernel.
 
+and, module against module (what a model's forward pays per layer, ``nn.Module.__call__`` included; their
+``time/dense`` is against ``dense_module``):
+
+* ``dense_module``: an ``nn.Linear`` holding W and the bias (fp32 runs only);
+* ``nf4_module``: a packed `QuantLowRankLinear` (NF4, blocksize 64) holding the same factors and bias,
+  as `adaptwin.load` builds it for a quantised compressed model.
+
 With ``--cpp-loop``, two more, timed in loops written in C++ (``benchmarks/cpp/dispatch_loop.cpp``, built
 on first use, ~45 s): ``dense_cpp_loop`` (``at::linear``) and ``nf4_cpp_loop`` (the NF4 op called through
 the C++ dispatcher). That is what a libtorch / AOTInductor deployment pays per call, without the Python
@@ -46,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptwin import quant
+from adaptwin.compressors.quantized import QuantLowRankLinear
 from adaptwin.ops import backends
 from adaptwin.ops.backends import call_without_autograd
 from adaptwin.ops.rank_linear import rank_linear_reference, run_rank_linear
@@ -85,6 +93,21 @@ def _args(fmt: quant.QuantFormat, a: torch.Tensor, b: torch.Tensor, bias: torch.
     sa, sb = fmt.quantize(a), fmt.quantize(b)
     return (sa["qweight"], fmt.scale(sa), fmt.kind, fmt.blocksize, list(a.shape),
             sb["qweight"], fmt.scale(sb), fmt.kind, fmt.blocksize, list(b.shape), bias)
+
+
+def _modules(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor) -> tuple:
+    """(nn.Linear with W and the bias, packed NF4 `QuantLowRankLinear` with the factors A, B and the bias)."""
+    dense = torch.nn.Linear(w.shape[1], w.shape[0])
+    low = QuantLowRankLinear(w.shape[1], w.shape[0], a.shape[0], 0, True, fmt=quant.QuantFormat("nf4", 64),
+                             quantize_lora=True, packed=False)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        dense.bias.copy_(bias)
+        low.in_factor.copy_(a)  # (k, in)
+        low.out_factor.copy_(b.t())  # stored (out, k)
+        low.bias.copy_(bias)
+    low.pack()
+    return dense, low
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -146,6 +169,13 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
     no_grad = {"nf4_no_grad": rep(lambda: run_rank_linear(x, *nf4)),
                "nf4_no_grad_torch_ops": rep(lambda: call_without_autograd(op.default, x, *nf4)),
                "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
+    if dtype == "fp32":
+        dense_module, nf4_module = _modules(w, a, b, bias)
+        no_grad.update(dense_module=rep(lambda: dense_module(x)), nf4_module=rep(lambda: nf4_module(x)))
+        weight_bytes.update(dense_module=weight_bytes["dense"], nf4_module=weight_bytes["nf4"])
+        with torch.no_grad():
+            errs.update({p: float((m(x).double() - ref).norm() / ref.norm())
+                         for p, m in (("dense_module", dense_module), ("nf4_module", nf4_module))})
     loops = {}
     if cpp is not None:
         loops = {"dense_cpp_loop": lambda: cpp.linear_loop(x, w, bias, CPP_LOOP_CALLS),
@@ -171,7 +201,8 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
     rows = []
     for p in fns:
         t = timings[p]
-        dense = timings["dense_cpp_loop" if p.endswith("_cpp_loop") else "dense"].p50
+        dense = timings["dense_cpp_loop" if p.endswith("_cpp_loop") else "dense_module" if p.endswith("_module")
+                        else "dense"].p50
         rows.append({
             "benchmark": BENCHMARK, "shape": f"{n_in}x{n_out}:r{r}", "dtype": dtype, "provider": p,
             "p20_ms": t.p20, "p50_ms": t.p50, "p80_ms": t.p80, "repeats": repeats, "ratio_p50": t.p50 / dense,

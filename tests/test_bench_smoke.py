@@ -255,6 +255,21 @@ def test_rank_linear_speed_benchmark_in_bf16(tmp_path):
     assert float(rows["dense"]["ratio_p50"]) == 1.0 and float(rows["nf4"]["p50_ms"]) > 0
     with pytest.raises(SystemExit):
         speed.main(["--dtype", "fp16", "--out", str(out)])
+    assert "nf4_module" not in rows  # modules only in fp32 runs (nn.Linear and the packed module are fp32)
+
+
+def test_rank_linear_speed_benchmark_times_modules(tmp_path):
+    """In fp32 the benchmark also times the packed NF4 module against nn.Linear, module against module: the
+    module computes what the op does on the same factors, and its ratio is against the dense module."""
+    from benchmarks import rank_linear_speed as speed
+
+    out = tmp_path / "speed.csv"
+    assert speed.main(["--sizes", "128", "--repeats", "2", "--inner", "1", "--threads", "1", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert float(rows["dense_module"]["ratio_p50"]) == 1.0 and float(rows["nf4_module"]["p50_ms"]) > 0
+    assert float(rows["dense_module"]["rel_err"]) < 1e-6
+    assert abs(float(rows["nf4_module"]["rel_err"]) - float(rows["nf4"]["rel_err"])) < 1e-5
 
 
 # ------------------------------------------------------------- MiniLM fine-tuning and its extra calibration text
