@@ -197,8 +197,39 @@ ADAPTWIN_AVX512 void nf4_gemv_out_fused(const Factor& f, const float* h, float* 
 
 // h[m·k + r] = A[r, :]·x_m for r in [r0, r1) and the M rows of x (rows n apart); each group of 16 codes
 // widened once for all M rows, the sum of a scale group multiplied by its scale.
+//
+// With one row of x, R rank rows at a time, as nf4_gemv_in_rows (one accumulator per row and scale group).
+template <int R>
+ADAPTWIN_AVX512 void int8_gemv_in_rows(const Factor& f, const float* x, float* h, int64_t r) {
+  const int8_t* codes = static_cast<const int8_t*>(f.data) + r * f.n;
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  __m512 tot[R];
+  for (int i = 0; i < R; ++i) tot[i] = _mm512_setzero_ps();
+  for (int64_t g0 = 0; g0 < f.n; g0 += group) {
+    __m512 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = g0; c < g0 + group; c += 32) {
+      const __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
+      for (int i = 0; i < R; ++i) {
+        acc[i] = _mm512_fmadd_ps(int8_16(codes + i * f.n + c), x0, acc[i]);
+        acc[i] = _mm512_fmadd_ps(int8_16(codes + i * f.n + c + 16), x1, acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i)
+      tot[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(f.scale[(r + i) * (f.n / group) + g0 / group]), tot[i]);
+  }
+  for (int i = 0; i < R; ++i) h[r + i] = _mm512_reduce_add_ps(tot[i]);
+}
+
 template <int M>
 ADAPTWIN_AVX512 void int8_gemv_in_fused(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+  if constexpr (M == 1) {
+    for (; r0 + kInRows <= r1; r0 += kInRows) int8_gemv_in_rows<kInRows>(f, x, h, r0);
+    if (r0 + 4 <= r1) int8_gemv_in_rows<4>(f, x, h, r0), r0 += 4;
+    if (r0 + 2 <= r1) int8_gemv_in_rows<2>(f, x, h, r0), r0 += 2;
+    if (r0 < r1) int8_gemv_in_rows<1>(f, x, h, r0), r0 += 1;
+    return;
+  }
   const int8_t* codes = static_cast<const int8_t*>(f.data);
   const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
   for (int64_t r = r0; r < r1; ++r) {
@@ -226,17 +257,22 @@ ADAPTWIN_AVX512 void int8_gemv_in_fused(const Factor& f, const float* x, float* 
 template <int M, int G>
 ADAPTWIN_AVX512 void int8_out_pass(const Factor& f, const float* h, float* y, int64_t c) {
   const int8_t* codes = static_cast<const int8_t*>(f.data);
-  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  // scale groups tile each row (fused_ok: n % group == 0), so group g of the pass is in the row's group
+  // group_of[g]: no division per code group (one per 16 codes took int8 twice NF4's time at d = 384)
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize, per_row = f.n / group;
+  int64_t group_of[G];
+  for (int g = 0; g < G; ++g) group_of[g] = (c + 16 * g) / group;
   __m512 acc[M][G];
   for (int g = 0; g < G; ++g)
     for (int m = 0; m < M; ++m) acc[m][g] = _mm512_loadu_ps(y + m * f.n + c + 16 * g);
   for (int64_t r = 0; r < f.k; ++r) {
     const int8_t* p = codes + r * f.n + c;
-    int64_t at = (r * f.n + c) / group;  // the scale group of the pass's first column
+    const int64_t row = r * per_row;
+    int64_t at = row + group_of[0];  // the scale group of the pass's first column
     __m512 coef[M];
     for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * f.scale[at]);
     for (int g = 0; g < G; ++g) {
-      const int64_t now = (r * f.n + c + 16 * g) / group;
+      const int64_t now = row + group_of[g];
       if (now != at) {
         at = now;
         for (int m = 0; m < M; ++m) coef[m] = _mm512_set1_ps(h[m * f.k + r] * f.scale[at]);
