@@ -289,3 +289,17 @@ def test_packed_arguments_made_in_inference_mode_allow_backward():
     y = m(x)
     y.sum().backward()
     assert torch.equal(y.detach(), expected) and x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fmt", QAT_FORMATS, ids=["nf4-64-dq", "int8-0"])
+def test_modules_packed_in_inference_mode_run(fmt):
+    """Buffers made under inference_mode are inference tensors, which have no version counter: the kept
+    arguments do without one where the buffers are passed as they are, and are not kept where a tensor is
+    computed from them (double-quantised scales)."""
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        m = _packed_low_rank(fmt)
+        first = m(x)
+        assert torch.equal(m(x), first)
+        m._buffers["out_factor_qweight"] = _packed_low_rank(fmt, seed=1)._buffers["out_factor_qweight"]
+        assert not torch.equal(m(x), first) and torch.equal(m(x), _fresh_output(m, x))

@@ -3,9 +3,10 @@
 A batch-1 decoding step calls every compressed layer once, and each call is a few microseconds of kernel:
 rebuilding the op's argument tuple per call (buffer lookups by name, the format's scales, the shape list)
 took 0.9 us of a 9.4 us call of a 384-wide NF4 `QuantLowRankLinear`, and 2.75 us of PQM's 24.8 us one.
-`PackedArgs` keeps the tuple while every buffer it was built from is the same tensor object at the same
-version: a buffer replaced behind `nn.Module`'s back (``module._buffers[name] = t``, as accelerate does) or
-written in place (``copy_``, ``load_state_dict``) makes it build anew. Modules that keep one drop it in
+`PackedArgs` keeps the tuple while every buffer it was built from is the same tensor object, and, where a
+tensor in it was computed from them (double-quantised scales), at the same version: a buffer replaced
+behind `nn.Module`'s back (``module._buffers[name] = t``, as accelerate does), or such a source written in
+place (``copy_``, ``load_state_dict``), makes it build anew. Modules that keep one drop it in
 `_apply` (``.to``, ``.half``) and on state-dict loading (`DropsPackedArgs`), so a replaced buffer is not kept
 alive. Under `torch.compile` nothing is kept or reused (Dynamo traces the plain build).
 """
@@ -39,7 +40,7 @@ class PackedArgs:
         if sources is None or _is_compiling():
             return None
         for name, t, version in sources:
-            if buffers.get(name) is not t or t._version != version:
+            if buffers.get(name) is not t or (version is not None and t._version != version):
                 return None
         return self._args
 
@@ -51,10 +52,12 @@ class PackedArgs:
         if _is_compiling():
             return args
         sources = tuple((name, buffers[name]) for name in names)
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.is_inference() and not any(a is t for _, t in sources):
-                return args
-        self._sources = tuple((name, t, t._version) for name, t in sources)
+        derived = [a for a in args if isinstance(a, torch.Tensor) and not any(a is t for _, t in sources)]
+        if derived and any(t.is_inference() for t in (*derived, *(t for _, t in sources))):
+            return args  # (an inference tensor has no version counter to watch)
+        # versions matter only where a tensor was computed from the buffers: the buffers themselves are
+        # passed as they are, so writes into them reach the op anyway
+        self._sources = tuple((name, t, t._version if derived else None) for name, t in sources)
         self._args = args
         return args
 
