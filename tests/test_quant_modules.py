@@ -274,7 +274,7 @@ def test_packed_arguments_follow_the_buffers(fmt):
         m.bias.copy_(donor.bias)
     assert torch.equal(m(x), donor(x))
     m.double()
-    assert all(f.packed_args._sources is None for f in m._factors.values())  # no float32 scales kept alive
+    assert not any(f.packed_args.kept for f in m._factors.values())  # no float32 scales kept alive
     assert m(x.double()).dtype == torch.float64
 
 

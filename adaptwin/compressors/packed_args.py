@@ -23,26 +23,30 @@ from adaptwin.ops.backends import _is_compiling
 
 
 class PackedArgs:
-    """One cached argument tuple and the (name, tensor, version) of each buffer it came from."""
+    """One cached argument tuple and the (name, tensor, version or None) of each buffer it came from, kept
+    as one pair (one assignment: a call on another thread never sees one half of an update)."""
 
-    __slots__ = ("_sources", "_args")
+    __slots__ = ("_kept",)
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self._sources: tuple | None = None
-        self._args: tuple | None = None
+        self._kept: tuple | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self._kept is not None
 
     def get(self, buffers: Mapping[str, torch.Tensor | None]) -> tuple | None:
         """The kept arguments if every source buffer in ``buffers`` is unchanged, else None."""
-        sources = self._sources
-        if sources is None or _is_compiling():
+        kept = self._kept
+        if kept is None or _is_compiling():
             return None
-        for name, t, version in sources:
+        for name, t, version in kept[0]:
             if buffers.get(name) is not t or (version is not None and t._version != version):
                 return None
-        return self._args
+        return kept[1]
 
     def put(self, buffers: Mapping[str, torch.Tensor | None], names: Iterable[str], args: tuple) -> tuple:
         """Keep ``args``, built from ``buffers[name]`` for ``names``, and return them. Not kept under
@@ -57,8 +61,7 @@ class PackedArgs:
             return args  # (an inference tensor has no version counter to watch)
         # versions matter only where a tensor was computed from the buffers: the buffers themselves are
         # passed as they are, so writes into them reach the op anyway
-        self._sources = tuple((name, t, t._version if derived else None) for name, t in sources)
-        self._args = args
+        self._kept = (tuple((name, t, t._version if derived else None) for name, t in sources), args)
         return args
 
 
