@@ -279,16 +279,22 @@ def test_rank_linear_leaves_inputs_alone(rows):
             assert torch.equal(t, t0)
     torch.library.opcheck(torch.ops.adaptwin.rank_linear.default, args)
 
+@pytest.mark.parametrize("factors", ["both", "a", "b"])
 @pytest.mark.parametrize("fmt,bs", [("nf4", 64), ("int8", 0)])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_rank_linear_decode_is_the_same_on_any_thread_count(fmt, rows, bs):
-    """The decode path splits both products of a large enough call into parts, one per thread, that wait on
-    each other between the products: 1-5 threads (more than this machine's cores included: parts then wait
-    for, or take over, parts whose thread has not started) give bit-identical results, within the reference's
-    error. Rank 203 = 8·25 + 3 also runs the 8-row kernel's remainders."""
+def test_rank_linear_decode_is_the_same_on_any_thread_count(fmt, rows, bs, factors):
+    """The decode path splits a large enough call into parts, one per thread (both products: parts that wait
+    on each other between the products; one factor: at::parallel_for's chunks): 1-5 threads (more than this
+    machine's cores included: parts then wait for, or take over, parts whose thread has not started) give
+    bit-identical results, within the reference's error. Rank 203 = 8·25 + 3 also runs the 8-row kernel's
+    remainders."""
     gen = torch.Generator().manual_seed(11)
     fa, fb = _factor(fmt, bs, torch.randn(203, 768, generator=gen) / 28), _factor(fmt, bs, torch.randn(203, 832) / 14)
     x, bias = torch.randn(rows, 768, generator=gen), torch.randn(832, generator=gen)
+    if factors == "a":
+        fb, bias = NONE, bias[:203]
+    elif factors == "b":
+        fa, x = NONE, torch.randn(rows, 203, generator=gen)
     before = torch.get_num_threads()
     try:
         outs = []

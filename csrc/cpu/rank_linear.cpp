@@ -37,12 +37,34 @@ namespace {
 
 // --- the two products -------------------------------------------------------------------------------
 
+// Work (factor elements, times the rows of x) per part of the fused decode kernels' parallel loops. A
+// parallel region costs about 0.7 us to open here (an empty at::parallel_for on 2 threads), and the second
+// core then reads codes, x and y lines the first one last wrote. One thread decodes ~28 G NF4 elements/s,
+// and a call at d = 384, rank 96 (73.7k elements) took 3.64 us on one thread and 3.69 us on two (C++
+// dispatcher loop, medians of 7), so that size stays on one thread; at d = 512 (131k) two took 4.74 us
+// against 5.65, at d = 768 7.84 against 11.5. A lone 192x384 NF4 factor (74k) took 4.8 us on one thread
+// and 4.5 on two from Python, but 7.1-8.0 on two in some processes (in one of three runs of the same
+// script, for the whole process: where the OS put the second thread), so it stays on one too.
+constexpr int64_t kPartElems = 1 << 16;
+
+// Parts to split `work` into (at most one per thread) and the grain that makes at::parallel_for cut
+// `range` into that many.
+int64_t parts_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kPartElems));
+}
+
+int64_t grain_for(int64_t range, int64_t work) {
+  const int64_t parts = parts_for(work);
+  return std::max<int64_t>(1, (range + parts - 1) / parts);
+}
+
 // h (rows, k) = x (rows, in) · Aᵀ, decoding each direction of A once for all rows.
 void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
 #if ADAPTWIN_X86
+  const int64_t fused_grain = grain_for(a.k, rows * a.k * a.n);
   if (has_avx512() && fused_ok(a) && a.format == Format::kInt8) {
-    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, a.k, fused_grain, [&](int64_t r0, int64_t r1) {
       for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)
         for_rows(std::min(kFusedRows, rows - m0),
                  [&](auto m) { int8_gemv_in_fused<m()>(a, x + m0 * a.n, h + m0 * a.k, r0, r1); });
@@ -54,7 +76,7 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
     lanes.resize(static_cast<size_t>(rows * a.n));
     float* xp = lanes.data();
     for (int64_t m = 0; m < rows; ++m) to_lane_order(x + m * a.n, a.n, xp + m * a.n);
-    at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, a.k, fused_grain, [&](int64_t r0, int64_t r1) {
       for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)  // up to kFusedRows rows per decode of the codes
         for_rows(std::min(kFusedRows, rows - m0),
                  [&](auto m) { nf4_gemv_in_fused<m()>(a, xp + m0 * a.n, h + m0 * a.k, r0, r1); });
@@ -83,7 +105,7 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
 #if ADAPTWIN_X86
   if (has_avx512() && fused_ok(b)) {
     const int64_t groups = b.n / 32;  // tasks own whole groups of 32 columns
-    at::parallel_for(0, groups, std::max<int64_t>(1, grain / 32), [&](int64_t g0, int64_t g1) {
+    at::parallel_for(0, groups, grain_for(groups, rows * b.k * b.n), [&](int64_t g0, int64_t g1) {
       for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows) {
         const float* hm = h + m0 * b.k;
         float* ym = y + m0 * b.n;
@@ -111,20 +133,12 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
 }
 
 #if ADAPTWIN_X86
-// Work (factor elements of both factors, times the rows of x) per part of gemv_both. Its one parallel
-// region costs about 0.7 us to open here (an empty at::parallel_for on 2 threads), and the second core
-// then reads codes, x and y lines the first one last wrote. One thread decodes ~28 G NF4 elements/s, and a
-// call at d = 384, rank 96 (73.7k elements) took 3.64 us on one thread and 3.69 us on two (C++ dispatcher
-// loop, medians of 7), so that size stays on one thread; at d = 512 (131k) two took 4.74 us against
-// 5.65, at d = 768 7.84 against 11.5.
-constexpr int64_t kBothGrainElems = 1 << 16;
-
 // y (rows, out) += (x·Aᵀ)·B, both factors taken by the fused kernels, in ONE parallel region: h = x·Aᵀ
 // split into row ranges, then, once every range is done, y split into column ranges. gemv_in + gemv_out
 // opened a region each: d = 768 took 8.7 us a call that way, 7.8 us in one region.
 void gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, float* h, float* y) {
   const int64_t work = rows * (a.k * a.n + b.k * b.n);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kBothGrainElems));
+  const int64_t parts = parts_for(work);
   const float* xin = x;
   if (a.format == Format::kNf4) {  // x with every group of 16 in the NF4 kernels' lane order
     thread_local std::vector<float> lanes;
