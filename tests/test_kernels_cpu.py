@@ -264,6 +264,31 @@ def test_rank_linear_one_factor(rows, which):
     assert_within_twice(torch.ops.adaptwin.rank_linear(*args), rank_linear_reference(*args), ref64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("formats", [("fp", "nf4"), ("nf4", "fp"), ("fp", None), (None, "fp"), ("fp", "int8")])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rank_linear_decoding_with_fp_factors(rows, formats, dtype):
+    """fp factors (the LoRA directions quantised modules keep in higher precision), alone or beside a packed
+    one, in float32 / bf16 / fp16, take the decode path's loops for a few rows: within twice the reference's
+    error, and the same as the dequantise-and-GEMM path that 17 rows take."""
+    gen = torch.Generator().manual_seed(9)
+    n_in, rank, n_out = 384, 48, 448
+    fa = NONE if formats[0] is None else _factor(formats[0], 64, torch.randn(rank, n_in, generator=gen) / 20)
+    fb = NONE if formats[1] is None else _factor(formats[1], 64, torch.randn(rank, n_out, generator=gen) / 7)
+    fa, fb = ((f[0].to(dtype), *f[1:]) if f[2] == "fp" and f[0] is not None else f for f in (fa, fb))
+    n_x = n_in if formats[0] is not None else rank
+    width = n_out if formats[1] is not None else rank
+    x, bias = torch.randn(17, n_x, generator=gen).to(dtype), torch.randn(width, generator=gen).to(dtype)
+    out = torch.ops.adaptwin.rank_linear(x[:rows], *fa, *fb, bias)
+    f64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() and i in (0, 5) else t
+                for i, t in enumerate((*fa, *fb)))
+    ref64 = rank_linear_reference(x[:rows].double(), *f64, bias.double())
+    assert_within_twice(out, rank_linear_reference(x[:rows], *fa, *fb, bias), ref64)
+    many = torch.ops.adaptwin.rank_linear(x, *fa, *fb, bias)[:rows]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), many.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_rank_linear_leaves_inputs_alone(rows):
     """No input is written (the decode path starts its output from the bias: it must copy it)."""

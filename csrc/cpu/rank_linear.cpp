@@ -239,13 +239,29 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
   return f;
 }
 
-// Batch-1 decoding with a quantised first factor, x float32, bf16 or fp16: the whole op as raw loops over
-// one output allocation, in float32 (16-bit x and bias widened, the result rounded once to x's dtype). At
-// d = 64..768 a call is a few microseconds, so each ATen call saved (reshape, expand + copy of the bias,
-// casts) is a measurable share of it: with ATen casts, bf16 calls took 12.4 us against float32's 8.1 at
-// d = 384 (rank 96).
-at::Tensor gemv_path(const at::Tensor& x, const Factor& fa, const Factor* fb, const std::optional<at::Tensor>& bias,
-                     int64_t width) {
+// An fp factor (float32, bf16 or fp16) with `data` pointing at float32 values: its own, or converted into buf.
+Factor with_values(const Factor& f, std::vector<float>& buf) {
+  if (f.format != Format::kFp) return f;
+  Factor g = f;
+  g.keep = f.keep.is_contiguous() ? f.keep : f.keep.contiguous();
+  g.data = float_values(g.keep, buf);
+  return g;
+}
+
+// Decoding (a few rows of x, float32, bf16 or fp16), each factor quantised or fp: the whole op as raw loops
+// over one output allocation, in float32 (16-bit x, factors and bias widened, the result rounded once to
+// x's dtype). At d = 64..768 a call is a few microseconds, so each ATen call saved (reshape, expand + copy
+// of the bias, casts) is a measurable share of it: with ATen casts, bf16 calls took 12.4 us against
+// float32's 8.1 at d = 384 (rank 96). fp factors are the small LoRA directions that quantised modules keep
+// in higher precision; through at::mm a 1x384 · 384x48 product took 9 us in a Whisper decoding step.
+at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_in,
+                     const std::optional<at::Tensor>& bias, int64_t width) {
+  thread_local std::vector<float> abuf, bbuf_f;
+  std::optional<Factor> fa_v, fb_v;
+  if (fa_in != nullptr) fa_v = with_values(*fa_in, abuf);
+  if (fb_in != nullptr) fb_v = with_values(*fb_in, bbuf_f);
+  const Factor* fa = fa_v ? &*fa_v : nullptr;
+  const Factor* fb = fb_v ? &*fb_v : nullptr;
   const int64_t in = x.size(-1);
   const int64_t rows = x.numel() / in;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -260,31 +276,34 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor& fa, const Factor* fb, co
     y = ybuf.data();
   }
   float* h = y;  // without b, h is the output itself
-  if (fb != nullptr) {
-    hbuf.resize(static_cast<size_t>(rows * fa.k));
+  if (fa != nullptr && fb != nullptr) {
+    hbuf.resize(static_cast<size_t>(rows * fa->k));
     h = hbuf.data();
   }
   const float* bp = nullptr;
   if (bias.has_value()) bp = float_values(bias->is_contiguous() ? *bias : bias->contiguous(), bbuf);
   if (fb == nullptr) {
-    gemv_in(fa, xf, rows, h);
+    gemv_in(*fa, xf, rows, h);
     if (bp != nullptr)
       for (int64_t m = 0; m < rows; ++m)
         for (int64_t c = 0; c < width; ++c) y[m * width + c] += bp[c];
   } else {
-    for (int64_t m = 0; m < rows; ++m) {  // y starts from the bias; the second product accumulates into it
+    for (int64_t m = 0; m < rows; ++m) {  // y starts from the bias; the (last) product accumulates into it
       if (bp != nullptr)
         std::copy(bp, bp + width, y + m * width);
       else
         std::fill(y + m * width, y + (m + 1) * width, 0.0f);
     }
+    if (fa == nullptr) {
+      gemv_out(*fb, xf, rows, y);
+    }
 #if ADAPTWIN_X86
-    if (fused_all(&fa, fb)) {
-      gemv_both(fa, *fb, xf, rows, h, y);
-    } else
+    else if (fused_all(fa, fb)) {
+      gemv_both(*fa, *fb, xf, rows, h, y);
+    }
 #endif
-    {
-      gemv_in(fa, xf, rows, h);
+    else {
+      gemv_in(*fa, xf, rows, h);
       gemv_out(*fb, h, rows, y);
     }
   }
@@ -340,11 +359,12 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     shape.back() = width;
     return y.reshape(shape);  // a fresh tensor: every path above runs at least one GEMM
   }
-  if (gemv && a.has_value() && fa.format != Format::kFp && (!b.has_value() || fb.format != Format::kFp) &&
-      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
-      (!bias.has_value() || bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16 ||
-       bias->scalar_type() == at::kHalf) && rows > 0) {
-    return gemv_path(x, fa, b.has_value() ? &fb : nullptr, bias, width);
+  auto widened = [](at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; };
+  if (gemv && rows > 0 && (a.has_value() || b.has_value()) && widened(x.scalar_type()) &&
+      (!bias.has_value() || widened(bias->scalar_type())) &&
+      (!a.has_value() || fa.format != Format::kFp || widened(fa.keep.scalar_type())) &&
+      (!b.has_value() || fb.format != Format::kFp || widened(fb.keep.scalar_type()))) {
+    return gemv_path(x, a.has_value() ? &fa : nullptr, b.has_value() ? &fb : nullptr, bias, width);
   }
   const at::Tensor x32 = x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous()
                              ? x

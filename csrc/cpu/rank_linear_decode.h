@@ -137,6 +137,7 @@ ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs
 // itself, or into buf after decoding.
 const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t e0 = r * f.n + c0;
+  if (f.format == Format::kFp) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
   if (f.format == Format::kNf4) {
 #if ADAPTWIN_X86
     if (has_avx512()) {
