@@ -70,13 +70,14 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
   return f;
 }
 
-// An fp factor (float32, bf16 or fp16) with `data` pointing at float32 values: its own, or converted into buf.
-Factor with_values(const Factor& f, std::vector<float>& buf) {
-  if (f.format != Format::kFp) return f;
-  Factor g = f;
-  g.keep = f.keep.is_contiguous() ? f.keep : f.keep.contiguous();
-  g.data = float_values(g.keep, buf);
-  return g;
+// f itself, or for an fp factor (float32, bf16 or fp16) `local`: f with `data` pointing at float32 values,
+// its own or converted into buf. (Quantised factors are not copied: a call is a few microseconds.)
+const Factor* with_values(const Factor* f, Factor& local, std::vector<float>& buf) {
+  if (f == nullptr || f->format != Format::kFp) return f;
+  local = *f;
+  local.keep = f->keep.is_contiguous() ? f->keep : f->keep.contiguous();
+  local.data = float_values(local.keep, buf);
+  return &local;
 }
 
 // Decoding (a few rows of x, float32, bf16 or fp16), each factor quantised or fp: the whole op as raw loops
@@ -88,11 +89,9 @@ Factor with_values(const Factor& f, std::vector<float>& buf) {
 at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_in,
                      const std::optional<at::Tensor>& bias, int64_t width) {
   thread_local std::vector<float> abuf, bbuf_f;
-  std::optional<Factor> fa_v, fb_v;
-  if (fa_in != nullptr) fa_v = with_values(*fa_in, abuf);
-  if (fb_in != nullptr) fb_v = with_values(*fb_in, bbuf_f);
-  const Factor* fa = fa_v ? &*fa_v : nullptr;
-  const Factor* fb = fb_v ? &*fb_v : nullptr;
+  Factor fa_fp, fb_fp;
+  const Factor* fa = with_values(fa_in, fa_fp, abuf);
+  const Factor* fb = with_values(fb_in, fb_fp, bbuf_f);
   const int64_t in = x.size(-1);
   const int64_t rows = x.numel() / in;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
