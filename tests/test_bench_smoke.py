@@ -186,6 +186,29 @@ def test_finetune_modes_benchmark_runs(tmp_path, monkeypatch, capsys):
     assert "RANDOM" in text and all(label in text for label, _, _ in finetune_modes.CONFIGS)
 
 
+def test_decode_benchmark_generates_every_token_asked_for():
+    """The decoding benchmark's `generate` runs to the asked token count even where the model would end the
+    text at once (its end-of-text score pushed to the top by a hook), and leaves the other scores as they are."""
+    from benchmarks import whisper_decode_speed as decode
+
+    model = decode.build_models(TOY)["dense"]
+    eos = model.generation_config.eos_token_id
+    model.proj_out.register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.tensor([eos]), 1e4))
+    features = torch.randn(1, TOY.mel_bins, TOY.frames)
+    start = model.generation_config.decoder_start_token_id
+    with torch.inference_mode():  # without the block the text ends after one token
+        plain = model.generate(features, max_new_tokens=6, do_sample=False, num_beams=1, output_scores=True,
+                               return_dict_in_generate=True)
+    assert plain.sequences[0, -1].item() == eos and len(plain.scores) == 1
+    out = decode.generate(model, features, 6)
+    assert out.sequences.shape == (1, 7) and out.sequences[0, 0].item() == start and len(out.scores) == 6
+    assert eos not in out.sequences[0, 1:].tolist()
+    scores = torch.stack(out.scores)  # (6, 1, vocab)
+    assert torch.isinf(scores[..., eos]).all() and torch.isfinite(scores[..., :eos]).all()
+    with pytest.raises(ValueError, match="eos_token_id"):
+        decode.NoEndOfText(None)
+
+
 def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     """benchmarks/whisper_decode_speed.py at the toy shape: generates, checks adaptwin's decoding scores
     against the SDPA reference ops, times, writes its CSV."""
