@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ import torch
 CSV_FIELDS = (
     "benchmark", "shape", "dtype", "provider",
     "p20_ms", "p50_ms", "p80_ms", "repeats", "ratio_p50",
-    "gflop", "gflop_ratio", "rel_err",
+    "gflop", "gflop_ratio", "rel_err", "weight_mb",
     "device", "threads", "other_load", "torch", "transformers", "adaptwin", "timestamp",
 )
 # Rows with the same values here are the same measurement: a new run replaces them in the CSV.
@@ -84,6 +85,54 @@ def time_interleaved(
             fns[name]()
             out[name].samples.append(time.perf_counter() - t0)
     return out
+
+
+def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` replaced by torch's dynamically quantised int8 linear
+    (``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``, as PyTorch's dynamic
+    quantisation tutorial applies it to BERT: int8 weights with one scale per matrix, activations quantised on
+    each call, fbgemm / oneDNN int8 GEMMs): the stock CPU peer of the compressed models. It takes float32
+    activations only (a caller runs it in its fp32 rows)."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError as err:  # announced for removal in a later torch
+        raise RuntimeError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic ({err}); "
+                           "leave the int8 peer out of --providers") from err
+    import copy
+
+    with warnings.catch_warnings():  # its per-tensor quantised weights are deprecated, not yet removed
+        warnings.simplefilter("ignore")
+        if isinstance(model, torch.nn.Linear):  # quantize_dynamic swaps submodules, never the root
+            return quantize_dynamic(torch.nn.Sequential(copy.deepcopy(model)), {torch.nn.Linear}, dtype=torch.qint8)[0]
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def stored_bytes(module: torch.nn.Module) -> int:
+    """Bytes of every tensor in ``module``'s state dict (parameters, buffers, the packed weights of quantised
+    modules), a tensor shared by several entries (tied embeddings) counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(value: object) -> None:
+        nonlocal total
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+            return
+        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            return
+        size = value.numel() * value.element_size()
+        if value.is_quantized and value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            size += sum(t.numel() * t.element_size()
+                        for t in (value.q_per_channel_scales(), value.q_per_channel_zero_points()))
+        key = (value.data_ptr(), size)
+        if size and key not in seen:
+            seen.add(key)
+            total += size
+
+    for v in module.state_dict(keep_vars=True).values():
+        add(v)
+    return total
 
 
 def pick(ap: argparse.ArgumentParser, text: str, allowed: Iterable[str], what: str) -> list[str]:

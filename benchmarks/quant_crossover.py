@@ -17,6 +17,13 @@ the same factors stored fp16, and NF4 (double quant) / int8 factors at r = 0.1..
 every stored tensor of the compressed modules (codes, scales, fp LoRA directions, biases);
 ``bytes_fraction`` divides by the original attention + FFN weights' fp32 bytes. The crossover table
 interpolates each quantised curve (linear in log bytes) at each fp32 point's bytes.
+
+Peers (``part=peer``, no rank reduction, the same 36 matrices, the same score and bytes): ``dense_nf4``,
+every matrix stored NF4 with double quantisation (blocksize 64; the codes and scales bitsandbytes' NF4
+gives, see part 1), computed in fp32 after the round trip; ``dense_int8_dynamic``, every matrix as torch's
+dynamically quantised int8 linear (`benchmarks.common.int8_dynamic`: int8 weights with one scale per matrix,
+activations quantised on each call, int8 GEMMs). The script prints each AdaPTwin curve's cosine at each
+peer's bytes (interpolated, as above).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from benchmarks.common import now_utc, save_figure, versions, write_rows  # noqa: E402
+from benchmarks.common import int8_dynamic, now_utc, save_figure, stored_bytes, versions, write_rows  # noqa: E402
 from benchmarks.minilm_finetune import embed, load, sentences, tokenise  # noqa: E402
 
 BENCHMARK = "quant_crossover"
@@ -50,6 +57,7 @@ KEY = ("benchmark", "part", "provider", "matrix", "ratio", "epochs")
 FP_RATIOS = (0.4, 0.5, 0.6, 0.7, 0.8)
 Q_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 QUANT = {"nf4": dict(quantization="nf4", double_quant=True), "int8": dict(quantization="int8")}
+PEERS = ("dense_nf4", "dense_int8_dynamic")
 
 
 def sqnr_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -75,6 +83,51 @@ def sqnr_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
             rows.append({"part": "sqnr", "provider": "bitsandbytes_nf4", "matrix": name, "params": w.numel(),
                          "sqnr_db": sqnr_db(w, bnbf.dequantize_4bit(q, state).reshape(w.shape)),
                          "bits_per_param": 4.5})
+    return rows
+
+
+def layer_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The transformer layers' attention + FFN linears (36 in MiniLM): what AdaPTwin compresses."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder.layer" in n]
+
+
+def peer(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, int, int]:
+    """``(model with every layer linear stored as peer `name`, their bytes, their parameters)``; see `PEERS`."""
+    from adaptwin.quant import QuantFormat
+
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; allowed: {PEERS}")
+    out = copy.deepcopy(model)
+    nbytes = params = 0
+    fmt = QuantFormat("nf4", 64, True)
+    for path, lin in layer_linears(out):
+        params += sum(t.numel() for t in lin.parameters())
+        if name == "dense_nf4":
+            shape = tuple(lin.weight.shape)
+            with torch.no_grad():
+                lin.weight.copy_(fmt.dequantize(fmt.quantize(lin.weight.detach()), shape))
+            nbytes += fmt.nbytes(shape) + (lin.bias.numel() * 4 if lin.bias is not None else 0)
+        else:
+            q = int8_dynamic(lin)
+            parent, _, child = path.rpartition(".")
+            setattr(out.get_submodule(parent), child, q)
+            nbytes += stored_bytes(q)
+    return out, nbytes, params
+
+
+def peer_rows(model, evaluation, reference, original_bytes: int) -> list[dict[str, Any]]:
+    rows = []
+    for name in PEERS:
+        start = time.perf_counter()
+        m, nbytes, params = peer(model, name)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            cos = (embed(m, evaluation) * reference).sum(-1)
+        rows.append({"part": "peer", "provider": name, "ratio": 0.0, "epochs": 0, "cos_mean": cos.mean().item(),
+                     "cos_min": cos.min().item(), "bytes": nbytes, "bytes_fraction": nbytes / original_bytes,
+                     "bits_per_param": 8 * nbytes / params, "params": params, "seconds": seconds})
+        print(f"{name:>18}: cosine {rows[-1]['cos_mean']:.4f} (min {rows[-1]['cos_min']:.4f}), "
+              f"{nbytes / 2**20:.2f} MiB = {100 * rows[-1]['bytes_fraction']:.1f} % of fp32 attention+FFN", flush=True)
     return rows
 
 
@@ -131,7 +184,9 @@ def crossover_rows(model, tokenizer, epochs: int, lr: float, fp_ratios, q_ratios
     evaluation = tokenise(tokenizer, sentences("eval_sentences.txt"), 32)
     reference = embed(model, evaluation)
     with cached_stats():
-        return _sweep(model, calibration, evaluation, reference, epochs, lr, fp_ratios, q_ratios)
+        rows = _sweep(model, calibration, evaluation, reference, epochs, lr, fp_ratios, q_ratios)
+    original = 4 * sum(sum(t.numel() for t in lin.parameters()) for _, lin in layer_linears(model))
+    return rows + peer_rows(model, evaluation, reference, original)
 
 
 def _sweep(model, calibration, evaluation, reference, epochs, lr, fp_ratios, q_ratios) -> list[dict[str, Any]]:
@@ -176,11 +231,13 @@ def crossover_table(rows: list[dict[str, Any]]) -> list[str]:
     bytes, so often only this direction has points inside the other curve's range)."""
     curves: dict[str, list[tuple[float, float, float]]] = {}
     for r in rows:
-        if r["part"] == "crossover":
+        if r["part"] in ("crossover", "peer"):
             curves.setdefault(r["provider"], []).append((float(r["bytes"]), float(r["cos_mean"]), float(r["ratio"])))
     lines = crossover_lines(curves, "fp32", ("fp16", "nf4", "int8"), "cosine", higher_is_better=True)
     for q in QUANT:
         lines += crossover_lines(curves, q, ("fp32",), "cosine", higher_is_better=True)
+    for p in PEERS:  # each peer is one point: the AdaPTwin curves at its bytes
+        lines += crossover_lines(curves, p, ("fp32", "fp16", "nf4", "int8"), "cosine", higher_is_better=True)
     return lines
 
 
@@ -243,6 +300,11 @@ def plot(csv_path: Path, png: Path) -> Path | None:
             ax1.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=marker, label=provider)
             for x, y, r in pts:
                 ax1.annotate(f"{r:.1f}", (100 * x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for provider, marker in zip(PEERS, ("*", "X")):
+        pts = [(float(r["bytes_fraction"]), float(r["cos_mean"])) for r in rows
+               if r["part"] == "peer" and r["provider"] == provider]
+        if pts:
+            ax1.scatter([100 * x for x, _ in pts], [y for _, y in pts], marker=marker, s=90, label=provider)
     ax1.set_xscale("log")
     ax1.set_xlabel("bytes of the compressed modules, % of the original attention + FFN fp32 bytes (log)")
     ax1.set_ylabel("mean embedding cosine vs original (eval sentences)")

@@ -31,7 +31,9 @@ and, module against module (what a model's forward pays per layer, ``nn.Module._
 
 * ``dense_module``: an ``nn.Linear`` holding W and the bias (fp32 runs only);
 * ``nf4_module``: a packed `QuantLowRankLinear` (NF4, blocksize 64) holding the same factors and bias,
-  as `adaptwin.load` builds it for a quantised compressed model.
+  as `adaptwin.load` builds it for a quantised compressed model;
+* ``dense_int8_module``: the peer: that ``nn.Linear`` as torch's dynamically quantised int8 linear
+  (`benchmarks.common.int8_dynamic`: the full-rank W in int8, x quantised on each call).
 
 With ``--cpp-loop``, two more, timed in loops written in C++ (``benchmarks/cpp/dispatch_loop.cpp``, built
 on first use, ~45 s): ``dense_cpp_loop`` (``at::linear``) and ``nf4_cpp_loop`` (the NF4 op called through
@@ -62,7 +64,9 @@ from benchmarks.common import (
     Timing,
     device_string,
     format_table,
+    int8_dynamic,
     now_utc,
+    stored_bytes,
     time_interleaved,
     versions,
     write_rows,
@@ -171,11 +175,15 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
                "nf4_no_grad_direct": rep(lambda: op(x, *nf4))}
     if dtype == "fp32":
         dense_module, nf4_module = _modules(w, a, b, bias)
-        no_grad.update(dense_module=rep(lambda: dense_module(x)), nf4_module=rep(lambda: nf4_module(x)))
-        weight_bytes.update(dense_module=weight_bytes["dense"], nf4_module=weight_bytes["nf4"])
+        int8_module = int8_dynamic(dense_module)
+        no_grad.update(dense_module=rep(lambda: dense_module(x)), nf4_module=rep(lambda: nf4_module(x)),
+                       dense_int8_module=rep(lambda: int8_module(x)))
+        weight_bytes.update(dense_module=weight_bytes["dense"], nf4_module=weight_bytes["nf4"],
+                            dense_int8_module=stored_bytes(int8_module))
         with torch.no_grad():
             errs.update({p: float((m(x).double() - ref).norm() / ref.norm())
-                         for p, m in (("dense_module", dense_module), ("nf4_module", nf4_module))})
+                         for p, m in (("dense_module", dense_module), ("nf4_module", nf4_module),
+                                      ("dense_int8_module", int8_module))})
     loops = {}
     if cpp is not None:
         loops = {"dense_cpp_loop": lambda: cpp.linear_loop(x, w, bias, CPP_LOOP_CALLS),
@@ -209,6 +217,7 @@ def run_size(n_in: int, n_out: int, repeats: int, inner: int, seed: int = 0, cpp
             "gflop": 2 * (n_in * n_out if p.startswith("dense") else r * (n_in + n_out)) / 1e9,
             "rel_err": errs[p], "device": device_string(), "threads": torch.get_num_threads(),
             "other_load": other, **versions(), "timestamp": now_utc(), "_bytes": weight_bytes[p],
+            "weight_mb": weight_bytes[p] / 1e6,
         })
     return rows
 

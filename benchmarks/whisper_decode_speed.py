@@ -8,8 +8,9 @@ Models are `WhisperForConditionalGeneration` from `WhisperConfig` with random we
 Whisper tiny / base shapes with the real vocabulary (51865) and a 30 s input (1500 encoder positions).
 Each generates exactly the asked number of tokens greedily, with its key/value cache (the end-of-text token
 is never chosen: `NoEndOfText`, one indexed fill per step, where ``min_new_tokens`` would add two
-vocabulary-wide ``torch.isin`` calls, 0.4 ms per token here, to every provider alike), for ``--batch`` inputs at once (as ``adaptwin eval --batch-size`` transcribes: every
-decoding step then multiplies that many rows; its rows carry ``-B<batch>`` in their shape).
+vocabulary-wide ``torch.isin`` calls, 0.4 ms per token here, to every provider alike), for ``--batch``
+inputs at once (as ``adaptwin eval --batch-size`` transcribes: every decoding step then multiplies that many
+rows; its rows carry ``-B<batch>`` in their shape).
 Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the encoder
 pass and the first steps cancel; each generate call is timed interleaved with the other providers'.
 
@@ -23,6 +24,12 @@ pass and the first steps cancel; each generate call is timed interleaved with th
 * ``adaptwin_nf4``: ``adaptwin`` with NF4 factors and the token table (and the output head tied to it) in
   NF4 (``quantization="nf4", quantize_embeddings=True``): the factors and the 51865-way head decoded in
   registers by ``torch.ops.adaptwin.rank_linear``: about an eighth of the float32 head's bytes.
+* ``dense_int8``: the peer: the dense model with every ``nn.Linear`` (the output head included) replaced by
+  torch's dynamically quantised int8 linear (`benchmarks.common.int8_dynamic`); float32 rows only (it takes
+  float32 activations).
+
+``MB`` is what each model stores (`benchmarks.common.stored_bytes`: parameters, buffers, packed weights; the
+tied token table and head once).
 
 Op-level rows (benchmark ``whisper_decode_attention``): one decoding query per head against S = 448 (the
 self-attention cache at its longest) and 1500 keys (cross-attention over a 30 s window), per call, at the
@@ -46,7 +53,16 @@ import transformers
 from transformers import LogitsProcessor, LogitsProcessorList, WhisperConfig, WhisperForConditionalGeneration
 
 import adaptwin
-from benchmarks.common import device_string, format_table, now_utc, time_interleaved, versions, write_rows
+from benchmarks.common import (
+    device_string,
+    format_table,
+    int8_dynamic,
+    now_utc,
+    stored_bytes,
+    time_interleaved,
+    versions,
+    write_rows,
+)
 from benchmarks.whisper_encoder_speed import (
     DTYPES,
     SHAPES,
@@ -58,17 +74,19 @@ from benchmarks.whisper_encoder_speed import (
 )
 
 BENCHMARK = "whisper_decode_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4")
+PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4", "dense_int8")
+FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows
 PROMPT_TOKENS = 8  # new tokens of the shorter generate call, subtracted out
 REL_TOL_FP32 = 1e-4  # adaptwin against adaptwin_sdpa: the same factors, two attention kernels
 FIELDS = ("benchmark", "shape", "dtype", "provider", "ms_per_token", "us_per_call", "ratio", "generate_ms", "tokens",
-          "repeats", "rel_err", "device", "threads", "torch", "transformers", "adaptwin", "timestamp")
+          "repeats", "rel_err", "weight_mb", "device", "threads", "torch", "transformers", "adaptwin", "timestamp")
 CALLS = 200  # attention calls per timed sample of the op-level rows
 KEY = ("benchmark", "shape", "dtype", "provider")
 
 
-def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> dict[str, torch.nn.Module]:
-    """fp32 models of every provider, in eval mode."""
+def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5, int8: bool = True
+                 ) -> dict[str, torch.nn.Module]:
+    """fp32 models of every provider (``dense_int8`` only with ``int8``), in eval mode."""
     torch.manual_seed(seed)
     config = WhisperConfig(
         d_model=shape.d_model, encoder_layers=shape.layers, decoder_layers=shape.layers,
@@ -82,7 +100,8 @@ def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> dict
         ratio=ratio, width_multiple=WIDTH_MULTIPLE, quantization="nf4", quantize_embeddings=True))
     for m in (small, packed):
         adaptwin.fuse_activations(m)
-    return {"dense": dense, "adaptwin": small, "adaptwin_sdpa": small, "adaptwin_nf4": packed}
+    models = {"dense": dense, "adaptwin": small, "adaptwin_sdpa": small, "adaptwin_nf4": packed}
+    return {**models, "dense_int8": int8_dynamic(dense)} if int8 else models
 
 
 class NoEndOfText(LogitsProcessor):
@@ -139,7 +158,7 @@ def time_attention(shape: EncoderShape, model: torch.nn.Module, dtype: torch.dty
 
 def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], tokens: int, repeats: int,
               seed: int = 0, batch: int = 1) -> list[dict]:
-    models = build_models(shape, seed)
+    models = build_models(shape, seed, int8="dense_int8" in providers)
     gen = torch.Generator().manual_seed(seed + 1)
     features = torch.randn(batch, shape.mel_bins, shape.frames, generator=gen)
     label = shape.label() + (f"-B{batch}" if batch > 1 else "")
@@ -147,7 +166,9 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
         dtype = DTYPES[dname]
-        typed = {name: copy.deepcopy(m).to(dtype) for name, m in models.items() if name != "adaptwin_sdpa"}
+        here = [p for p in providers if dname == "fp32" or p not in FP32_ONLY]
+        typed = {name: copy.deepcopy(m).to(dtype) for name, m in models.items()
+                 if name != "adaptwin_sdpa" and (dname == "fp32" or name not in FP32_ONLY)}
         typed["adaptwin_sdpa"] = typed["adaptwin"]
         x = features.to(dtype)
         err = None
@@ -160,20 +181,21 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
                 raise RuntimeError(f"{shape.name}: adaptwin's decoding scores differ from the SDPA reference ops' by "
                                    f"{err:.2e} relative (> {REL_TOL_FP32:.0e}); the attention kernel is wrong")
         calls = {}
-        for p in providers:
+        for p in here:
             for n in (PROMPT_TOKENS, PROMPT_TOKENS + tokens):
                 calls[f"{p}/{n}"] = (lambda m=typed[p], x=x, n=n, r=p == "adaptwin_sdpa": generate(m, x, n, r))
         timings = time_interleaved(calls, repeats=repeats, warmup=1)
         per_token = {p: (timings[f"{p}/{PROMPT_TOKENS + tokens}"].p50 - timings[f"{p}/{PROMPT_TOKENS}"].p50) / tokens
-                     for p in providers}
-        noisy = [p for p in providers if not per_token[p] > 0]
+                     for p in here}
+        noisy = [p for p in here if not per_token[p] > 0]
         if noisy:  # the longer call was not slower: its extra tokens cost less than the timing noise
             print(f"warning: {shape.name} {dname}: per-token time <= 0 for {noisy} (the {tokens} extra tokens took "
                   f"less than the timing noise); raise --tokens or --repeats", file=sys.stderr)
-        for p in providers:
+        for p in here:
             rows.append({
                 "benchmark": BENCHMARK, "shape": label, "dtype": dname, "provider": p,
                 "ms_per_token": per_token[p], "tokens": tokens, "repeats": repeats,
+                "weight_mb": stored_bytes(typed[p]) / 1e6,
                 "ratio": per_token[p] / per_token["dense"],
                 "generate_ms": timings[f"{p}/{PROMPT_TOKENS + tokens}"].p50,
                 "rel_err": err if p in ("adaptwin", "adaptwin_sdpa") else None, "device": device, "threads": threads,
@@ -211,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.repeats} repeats)...", flush=True)
         rows += run_shape(shape, dtypes, providers, args.tokens, args.repeats, batch=args.batch)
     tokens_rows = [r for r in rows if r["benchmark"] == BENCHMARK]
-    print(format_table(["shape", "dtype", "provider", "ms/token", "vs dense", "rel err"],
+    print(format_table(["shape", "dtype", "provider", "ms/token", "vs dense", "MB", "rel err"],
                        [[r["shape"].split(":")[0], r["dtype"], r["provider"], f"{r['ms_per_token']:.2f}",
-                         f"{r['ratio']:.3f}x", "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"]
+                         f"{r['ratio']:.3f}x", f"{r['weight_mb']:.1f}",
+                         "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"]
                         for r in tokens_rows]))
     print("\nrel err: adaptwin's generate scores against the same model on the op's SDPA reference.\n")
     print(format_table(["attention call", "dtype", "provider", "us/call", "vs dense SDPA"],

@@ -1,7 +1,7 @@
 """Whisper encoder on CPU: dense HF encoder vs adaptwin (ratio 0.5, encoder only) vs an unfused low-rank baseline.
 
     python -m benchmarks.whisper_encoder_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--repeats N]
-        [--providers dense,adaptwin,adaptwin_even,adaptwin_nofuse,adaptwin_sdpa,adaptwin_nopad,unfused]
+        [--providers dense,adaptwin,adaptwin_even,adaptwin_nofuse,adaptwin_sdpa,adaptwin_nopad,dense_int8,unfused]
         [--threads 2] [--profile]
         [--out results/whisper_encoder_speed.csv]
 
@@ -27,6 +27,10 @@ interleaved in one run and compared like with like (each dtype against the dense
   CPU width) in place of the C++ kernel: what the fused kernel buys.
 * ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
   width r + l as is), to show what the padding buys.
+* ``dense_int8``: the peer: the dense encoder with every ``nn.Linear`` replaced by torch's dynamically
+  quantised int8 linear (`benchmarks.common.int8_dynamic`: int8 weights, activations quantised per call,
+  int8 GEMMs); float32 rows only (it takes float32 activations). Its rel err is against the fp32 dense
+  encoder.
 * ``unfused``: the *same factors* used naively: every call multiplies each head's twins back into the
   d×d products M_h = P_hᵀQ_h and N_h = V_hᵀO_hᵀ and attends with per-head width d (queries x·M_h, keys
   x, values x·N_h, heads summed), and every FFN multiplies its factors back into the dense out×in
@@ -37,6 +41,7 @@ FLOPs are counted from the shapes each module actually sees (forward hooks): GEM
 multiply-adds ×2 (projections, QKᵀ, AV, FFN, convolutions, the baseline's rebuilds), at the widths the
 model defines (not counting `attend`'s zero padding); softmax, GELU and LayerNorm are left out. That
 work does not shrink with the ranks, so the time ratio stays above the FLOP ratio by about its share.
+``weight_mb`` is what each encoder stores (`benchmarks.common.stored_bytes`).
 """
 
 from __future__ import annotations
@@ -62,20 +67,29 @@ from benchmarks.common import (
     OtherLoad,
     device_string,
     format_table,
+    int8_dynamic,
     keep_heap,
     now_utc,
     pick,
+    stored_bytes,
     time_interleaved,
     versions,
     write_rows,
 )
 from benchmarks.unfused import UnfusedLowRankLinear, UnfusedTwinAttention, unfuse
 
+try:  # torch's dynamically quantised linear (the dense_int8 peer's), announced for removal in a later torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+except ImportError:  # pragma: no cover
+    DynamicInt8Linear = nn.Linear
+
 BENCHMARK = "whisper_encoder_speed"
 PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse", "adaptwin_sdpa",
-             "adaptwin_nopad", "unfused")
+             "adaptwin_nopad", "dense_int8", "unfused")
+FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
-REFERENCE = {"dense": "dense", "adaptwin_even": "_unfused_even", "adaptwin_unaligned": "_unfused_unaligned"}
+REFERENCE = {"dense": "dense", "dense_int8": "dense", "adaptwin_even": "_unfused_even",
+             "adaptwin_unaligned": "_unfused_unaligned"}
 WIDTH_MULTIPLE = 8  # CompressionConfig.width_multiple of every adaptwin provider but adaptwin_unaligned
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
@@ -172,6 +186,7 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
     encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
                 "adaptwin_unaligned": unaligned.encoder, "adaptwin_nofuse": nofuse.encoder,
                 "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
+    encoders["dense_int8"] = int8_dynamic(model.encoder)
     encoders["unfused"] = unfuse(small.encoder).eval()
     encoders["_unfused_even"] = unfuse(even.encoder).eval()
     encoders["_unfused_unaligned"] = unfuse(unaligned.encoder).eval()
@@ -204,7 +219,7 @@ def count_flops(encoder: nn.Module, features: torch.Tensor) -> dict[str, int]:
         elif isinstance(module, LowRankLinear):
             on(module, lambda m, a, k, kind=kind: add(
                 kind, 2 * a[0].numel() // m.in_features * (m.rank + m.lora_rank) * (m.in_features + m.out_features)))
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, DynamicInt8Linear)):
             on(module, lambda m, a, k, kind=kind: add(kind, 2 * a[0].numel() * m.out_features))
         elif isinstance(module, nn.Conv1d):
             hooks.append(module.register_forward_hook(lambda m, a, out: add(
@@ -250,20 +265,21 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
         dtype = DTYPES[dname]
-        encs = {p: copy.deepcopy(encoders[p]).to(dtype) for p in providers}
+        here = [p for p in providers if dname == "fp32" or p not in FP32_ONLY]
+        encs = {p: copy.deepcopy(encoders[p]).to(dtype) for p in here}
         x = features.to(dtype)
         with torch.inference_mode():
-            errs = {p: rel_err(encs[p](x).last_hidden_state, ref[REFERENCE.get(p, "unfused")]) for p in providers}
+            errs = {p: rel_err(encs[p](x).last_hidden_state, ref[REFERENCE.get(p, "unfused")]) for p in here}
             for p in ("adaptwin", "adaptwin_even", "adaptwin_unaligned"):
                 if dname == "fp32" and p in errs and errs[p] > REL_TOL_FP32:
                     raise RuntimeError(f"{shape.name}: {p} differs from the unfused rebuild of its own factors by "
                                        f"{errs[p]:.2e} relative (> {REL_TOL_FP32:.0e}); the fast path is wrong")
             load = OtherLoad().start()
-            timings = time_interleaved({p: (lambda e=encs[p], x=x: e(x)) for p in providers},
+            timings = time_interleaved({p: (lambda e=encs[p], x=x: e(x)) for p in here},
                                        repeats=repeats, warmup=warmup)
             other = load.stop()
         base = timings["dense"].p50 if "dense" in timings else None
-        for p in providers:
+        for p in here:
             t = timings[p]
             rows.append({
                 "benchmark": BENCHMARK, "shape": shape.label(), "dtype": dname, "provider": p,
@@ -271,7 +287,7 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
                 "ratio_p50": t.p50 / base if base else None,
                 "gflop": flops[p]["total"] / 1e9,
                 "gflop_ratio": flops[p]["total"] / flops["dense"]["total"] if "dense" in flops else None,
-                "rel_err": errs[p], "device": device, "threads": threads,
+                "rel_err": errs[p], "weight_mb": stored_bytes(encs[p]) / 1e6, "device": device, "threads": threads,
                 "other_load": other, **vers, "timestamp": now_utc(),
             })
         del encs
@@ -304,10 +320,11 @@ def print_report(rows: list[dict], flops: dict[str, dict[str, dict[str, int]]]) 
     table = []
     for r in rows:
         table.append([r["shape"].split(":")[0], r["dtype"], r["provider"], r["p20_ms"], r["p50_ms"], r["p80_ms"],
-                      _x(r["ratio_p50"]), r["gflop"], _x(r["gflop_ratio"]), f"{r['rel_err']:.1e}",
+                      _x(r["ratio_p50"]), r["gflop"], _x(r["gflop_ratio"]), f"{r['weight_mb']:.1f}",
+                      f"{r['rel_err']:.1e}",
                       "" if r["other_load"] is None else f"{r['other_load']:.2f}"])
     print(format_table(["shape", "dtype", "provider", "p20 ms", "p50 ms", "p80 ms", "time/dense", "GFLOP",
-                        "FLOP/dense", "rel err", "other load"], table))
+                        "FLOP/dense", "MB", "rel err", "other load"], table))
     print("\nrel err: vs the fp32 dense encoder (dense) or the fp32 unfused rebuild of the same factors (low-rank)."
           "\nother load: cores busy with other processes during the timing (of "
           f"{torch.get_num_threads()} threads used here).")
@@ -368,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += shape_rows
         if args.profile:
             for d in dtypes:
-                profile_shape(shape, d, [p for p in providers if p != "unfused"])
+                profile_shape(shape, d, [p for p in providers
+                                         if p != "unfused" and (d == "fp32" or p not in FP32_ONLY)])
     print()
     print_report(rows, flops)
     path = write_rows(args.out, rows)

@@ -41,7 +41,7 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
         rows = list(reader)
     assert tuple(reader.fieldnames) == common.CSV_FIELDS
     assert {(r["dtype"], r["provider"]) for r in rows} == {
-        (d, p) for d in ("fp32", "bf16") for p in bench.PROVIDERS}
+        (d, p) for d in ("fp32", "bf16") for p in bench.PROVIDERS if d == "fp32" or p not in bench.FP32_ONLY}
     for r in rows:
         assert r["shape"] == TOY.label() and r["benchmark"] == "whisper_encoder_speed"
         assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
@@ -50,12 +50,15 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     assert float(fp32["dense"]["ratio_p50"]) == 1.0
     assert float(fp32["adaptwin"]["gflop_ratio"]) < 1.0 < float(fp32["unfused"]["gflop_ratio"])
     assert float(fp32["adaptwin"]["rel_err"]) < bench.REL_TOL_FP32
+    # the int8 peer: the dense encoder's multiply-adds in int8, a quarter of its linear weights' bytes
+    assert float(fp32["dense_int8"]["gflop_ratio"]) == 1.0 and 0 < float(fp32["dense_int8"]["rel_err"]) < 0.1
+    assert float(fp32["dense_int8"]["weight_mb"]) < float(fp32["dense"]["weight_mb"])
     assert "time/dense" in capsys.readouterr().out
 
     # A second run of one dtype replaces its own rows and keeps the others.
     assert bench.main([*argv[:2], "--dtypes", "fp32", *argv[4:]]) == 0
     with open(out, newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2 * len(bench.PROVIDERS)
+        assert len(list(csv.DictReader(f))) == 2 * len(bench.PROVIDERS) - len(bench.FP32_ONLY)
 
 
 def test_plot_from_csv(tmp_path, monkeypatch):
@@ -229,6 +232,8 @@ def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     assert len(ops) == 6 and all(0 < float(r["us_per_call"]) < 5000 for r in ops)  # microseconds, toy heads
     assert float(rows["dense"]["ratio"]) == 1.0 and all(float(r["ms_per_token"]) > 0 for r in rows.values())
     assert float(rows["adaptwin"]["rel_err"]) < decode.REL_TOL_FP32
+    mb = {p: float(r["weight_mb"]) for p, r in rows.items()}  # what each model stores
+    assert mb["adaptwin_nf4"] < mb["adaptwin"] < mb["dense"]
     assert "ms/token" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         decode.main(["--tokens", "0"])
@@ -293,6 +298,10 @@ def test_rank_linear_speed_benchmark_times_modules(tmp_path):
     assert float(rows["dense_module"]["ratio_p50"]) == 1.0 and float(rows["nf4_module"]["p50_ms"]) > 0
     assert float(rows["dense_module"]["rel_err"]) < 1e-6
     assert abs(float(rows["nf4_module"]["rel_err"]) - float(rows["nf4"]["rel_err"])) < 1e-5
+    # the int8 peer: the full-rank weight in int8 (a quarter of nn.Linear's weight bytes), close to it
+    int8 = rows["dense_int8_module"]
+    assert 0 < float(int8["rel_err"]) < 0.05 and float(int8["gflop"]) == float(rows["dense_module"]["gflop"])
+    assert float(int8["weight_mb"]) < 0.3 * float(rows["dense_module"]["weight_mb"])
 
 
 # ------------------------------------------------------------- MiniLM fine-tuning and its extra calibration text
@@ -338,3 +347,32 @@ def test_minilm_finetune_benchmark_runs(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="holds no sentences"):
         minilm_finetune.main(["--providers", "svd", "--extra-calib", str(tmp_path / "empty.txt"), "--out", str(out)])
+
+
+def test_quant_crossover_peers_on_a_tiny_bert():
+    """The MiniLM quantisation benchmark's peers (dense NF4, torch's dynamic int8) on a tiny BERT: every layer
+    linear stored as the peer, scored and sized as the AdaPTwin rows are."""
+    from transformers import BertConfig, BertModel
+
+    from benchmarks import quant_crossover as qc
+    from benchmarks.minilm_finetune import embed
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128)).eval()
+    ids = torch.randint(1, 100, (4, 12))
+    evaluation = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    with torch.no_grad():
+        reference = embed(model, evaluation)
+    linears = qc.layer_linears(model)
+    assert len(linears) == 12  # q, k, v, attention output, intermediate, output per layer
+    fp32_bytes = 4 * sum(sum(t.numel() for t in lin.parameters()) for _, lin in linears)
+    rows = {r["provider"]: r for r in qc.peer_rows(model, evaluation, reference, fp32_bytes)}
+    assert set(rows) == set(qc.PEERS)
+    nf4, int8 = rows["dense_nf4"], rows["dense_int8_dynamic"]
+    assert 0.9 < nf4["cos_mean"] < 1.0 and 0.99 < int8["cos_mean"] < 1.0  # lossy, close
+    assert 0.1 < nf4["bytes_fraction"] < 0.2 and 0.25 < int8["bytes_fraction"] < 0.3  # 4.13 bits, 8 bits + fp32 bias
+    swapped, _, _ = qc.peer(model, "dense_int8_dynamic")
+    assert not qc.layer_linears(swapped) and qc.layer_linears(model)  # swapped in the copy only
+    with pytest.raises(ValueError, match="allowed"):
+        qc.peer(model, "dense_int4")
