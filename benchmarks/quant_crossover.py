@@ -87,8 +87,10 @@ def sqnr_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 
 def layer_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The transformer layers' attention + FFN linears (36 in MiniLM): what AdaPTwin compresses."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "encoder.layer" in n]
+    """The transformer layers' attention + FFN linears (BERT's ``encoder.layer.N``, Whisper's ``layers.N``; 36
+    in MiniLM): what AdaPTwin compresses."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ("encoder.layer." in n or ".layers." in n)]
 
 
 def peer(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, int, int]:

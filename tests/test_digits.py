@@ -265,7 +265,7 @@ def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     got = {(r["provider"], float(r["ratio"])) for r in rows}
     assert got == {("dense", 0.0), ("fp32", 0.4), ("fp32", 0.6), ("nf4", 0.3), ("nf4", 0.6), ("int8", 0.3),
-                   ("int8", 0.6)}
+                   ("int8", 0.6), ("dense_nf4", 0.0), ("dense_int8_dynamic", 0.0)}
     assert {r["speaker"] for r in rows} == {"jackson", "lucas", "others"}
     at = {(r["provider"], float(r["ratio"])): r for r in rows if r["speaker"] == "jackson"}
     assert int(at["nf4", 0.6]["bytes"]) < int(at["int8", 0.6]["bytes"]) < int(at["fp32", 0.6]["bytes"])
@@ -273,6 +273,10 @@ def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
     assert float(at["fp32", 0.6]["bits_per_param"]) == 32.0
     assert float(at["dense", 0.0]["bytes_fraction"]) == 1.0
     assert 0.3 < float(at["fp32", 0.6]["bytes_fraction"]) < 0.5  # 60 % of the parameters removed
+    # the peers quantise the same attention + FFN matrices, unfactored: 4.13 and 8 bits per weight, fp32 biases
+    assert int(at["dense_nf4", 0.0]["params"]) == int(at["dense", 0.0]["params"])
+    assert 0.1 < float(at["dense_nf4", 0.0]["bytes_fraction"]) < 0.2
+    assert 0.25 < float(at["dense_int8_dynamic", 0.0]["bytes_fraction"]) < 0.32
     assert all(0.0 <= float(r["wer"]) for r in rows)
     printed = capsys.readouterr().out
     assert "crossover, jackson" in printed and "fp32 ratio 0.4" in printed

@@ -11,6 +11,10 @@ decoder with ``CompressionConfig(ratio=r)`` and the activation-whitened initiali
 ``--epochs`` > 0 adds layer-wise fine-tuning on the same set, quantisation-aware for the quantised rows
 (their own run); with 0 the quantised rows pack the fp32 row's factors.
 
+Peers (ratio 0, no rank reduction; `benchmarks.quant_crossover.peer`): ``dense_nf4``, every attention / FFN
+matrix of the layers stored NF4 with double quantisation (bitsandbytes' codes), and ``dense_int8_dynamic``,
+every one as torch's dynamically quantised int8 linear; their WER and bytes sit beside the curves.
+
 Providers: fp32 factors at r = 0.4..0.8 (AdaPTwin alone) and NF4 (double quant) / int8 (per row) factors
 at r = 0.1..0.8, plus the dense model. WER is measured on the held-out takes 40-49 for the target speaker
 and for the other speakers pooled (and each, in the CSV). ``bytes`` counts every stored tensor of the
@@ -32,7 +36,17 @@ from typing import Any
 import torch
 
 from benchmarks.common import format_table, now_utc, save_figure, versions, write_rows
-from benchmarks.quant_crossover import FP_RATIOS, Q_RATIOS, QUANT, cached_stats, crossover_lines, derive, module_bytes
+from benchmarks.quant_crossover import (
+    FP_RATIOS,
+    PEERS,
+    Q_RATIOS,
+    QUANT,
+    cached_stats,
+    crossover_lines,
+    derive,
+    module_bytes,
+    peer,
+)
 
 BENCHMARK = "digits_quant_crossover"
 FIELDS = ("benchmark", "provider", "ratio", "epochs", "speaker", "wer", "errors", "words", "bytes", "bytes_fraction",
@@ -56,6 +70,14 @@ def sweep(bench: Any, fp_ratios: Sequence[float], q_ratios: Sequence[float], epo
     targeted = adaptwin.plan(bench.dense, adaptwin.CompressionConfig(ratio=0.5)).summary()["total"]["params_before"]
     rows = _rows("dense", 0.0, epochs, bench.score(bench.dense), 4 * targeted, None, targeted, 0.0)
     _say(f"dense: {_line(rows, bench.target)}")
+    for name in PEERS:
+        start = time.perf_counter()
+        model, nbytes, params = peer(bench.dense, name)
+        new = _rows(name, 0.0, 0, bench.score(model.eval()), nbytes, 4 * targeted, params,
+                    time.perf_counter() - start)
+        rows += new
+        _say(f"{name}: {_line(new, bench.target)}, {nbytes / 2**20:.3f} MiB = {100 * new[0]['bytes_fraction']:.1f} % "
+             "of fp32 attention+FFN")
     with cached_stats():  # the Grams of one model on one calibration set serve every ratio
         for ratio in sorted(set(fp_ratios) | set(q_ratios)):
             ft = adaptwin.FinetuneConfig(init="whiten", epochs=epochs, lr=lr, seed=seed, progress=False)
@@ -126,6 +148,8 @@ def report(rows: Sequence[dict[str, Any]], target: str) -> str:
         lines += crossover_lines(curves(rows, who), "fp32", tuple(QUANT), "WER %", higher_is_better=False, digits=2)
         for q in QUANT:  # the other way round: the fp32 curve at each quantised point's bytes
             lines += crossover_lines(curves(rows, who), q, ("fp32",), "WER %", higher_is_better=False, digits=2)
+        for p in PEERS:  # each peer is one point: the AdaPTwin curves at its bytes
+            lines += crossover_lines(curves(rows, who), p, PROVIDERS, "WER %", higher_is_better=False, digits=2)
     text = "\n".join(lines)
     print(text)
     return text
@@ -148,6 +172,10 @@ def plot(rows: Sequence[dict[str, Any]], target: str, out: Path) -> Path | None:
                 ax.plot([p[0] / 2**20 for p in pts], [p[1] for p in pts], marker=marker, label=provider)
                 for b, w, r in pts:
                     ax.annotate(f"{r:.1f}", (b / 2**20, w), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for provider, marker in zip(PEERS, "*X"):
+            pts = curves(rows, who).get(provider, [])
+            if pts:
+                ax.scatter([p[0] / 2**20 for p in pts], [p[1] for p in pts], marker=marker, s=90, label=provider)
         dense = [100 * float(r["wer"]) for r in rows if r["provider"] == "dense" and r["speaker"] == who]
         if dense:
             ax.axhline(dense[0], color="grey", linestyle="--", label="dense")
