@@ -223,26 +223,13 @@ def test_tiny_training_run_reloads_and_generates(tmp_path, clips):
         assert set(text.split()) <= set(DIGIT_WORDS)
 
 
-def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
-    """The speech crossover benchmark end to end on a tiny random Whisper and synthetic tones (no FSDD needed):
-    rows for every provider, ratio and speaker, bytes ordered nf4 < int8 < fp32, and the tables and PNG."""
-    import csv
-
-    import torch
-    from tiny_speech import WORDS, save_model_dir
+def tone_sets(sets: Path) -> Path:
+    """``test.jsonl`` (6 utterances) and ``jackson_calib.jsonl`` (4) of synthetic tones with digit-word texts,
+    two speakers: what the digit benchmarks read, without FFSD."""
+    from tiny_speech import WORDS
 
     from adaptwin.speech.audio import write_wav
-    from benchmarks.digits.quant_crossover import main
-    from benchmarks.quant_crossover import crossover_lines, interpolate
 
-    # The interpolation both crossover benchmarks use: linear in log bytes, None outside a curve.
-    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 100.0) == pytest.approx(12.5)
-    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 300.0) is None
-    lines = crossover_lines({"fp32": [(100.0, 10.0, 0.5)], "nf4": [(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)]}, "fp32",
-                            ("nf4", "int8"), "WER %", higher_is_better=False, digits=2)
-    assert "nf4: 12.50 (+2.50)" in lines[0] and "int8: outside its range" in lines[0]
-
-    sets = tmp_path / "sets"
     rng = np.random.default_rng(0)
     manifests: dict[str, list[str]] = {"test.jsonl": [], "jackson_calib.jsonl": []}
     for i in range(10):
@@ -255,6 +242,28 @@ def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
         manifests["jackson_calib.jsonl" if i >= 6 else "test.jsonl"].append(json.dumps(row))
     for name, texts in manifests.items():
         (sets / name).write_text("\n".join(texts) + "\n")
+    return sets
+
+
+def test_quant_crossover_on_a_tiny_model(tmp_path, capsys):
+    """The speech crossover benchmark end to end on a tiny random Whisper and synthetic tones (no FSDD needed):
+    rows for every provider, ratio and speaker, bytes ordered nf4 < int8 < fp32, and the tables and PNG."""
+    import csv
+
+    import torch
+    from tiny_speech import save_model_dir
+
+    from benchmarks.digits.quant_crossover import main
+    from benchmarks.quant_crossover import crossover_lines, interpolate
+
+    # The interpolation both crossover benchmarks use: linear in log bytes, None outside a curve.
+    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 100.0) == pytest.approx(12.5)
+    assert interpolate([(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)], 300.0) is None
+    lines = crossover_lines({"fp32": [(100.0, 10.0, 0.5)], "nf4": [(50.0, 20.0, 0.6), (200.0, 5.0, 0.2)]}, "fp32",
+                            ("nf4", "int8"), "WER %", higher_is_better=False, digits=2)
+    assert "nf4: 12.50 (+2.50)" in lines[0] and "int8: outside its range" in lines[0]
+
+    sets = tone_sets(tmp_path / "sets")
     model = save_model_dir(tmp_path / "model")
     out = tmp_path / "res" / "dqc.csv"
     threads = torch.get_num_threads()
@@ -349,3 +358,36 @@ def test_digits_residual_benchmark_rows(tmp_path, capsys):
     assert float(by[("residual-whiten", "jackson")]["output_err"]) < float(res["output_err"])
     assert all(0.0 <= float(r["wer"]) for r in rows) and png.stat().st_size > 0
     assert "residual-whiten" in capsys.readouterr().out
+
+
+def test_side_by_side_on_a_tiny_model(tmp_path, capsys):
+    """The side-by-side benchmark end to end on a tiny random Whisper and synthetic tones: every provider in both
+    dtypes (the int8 peer in float32 only), three WER rows each, sizes in the expected order, speeds timed."""
+    import csv
+
+    from tiny_speech import save_model_dir
+
+    from benchmarks.digits import side_by_side
+
+    sets = tone_sets(tmp_path / "sets")
+    model = save_model_dir(tmp_path / "model")
+    out = tmp_path / "sbs.csv"
+    assert side_by_side.main(["--model", str(model), "--sets", str(sets), "--timed", "4", "--repeats", "1",
+                              "--threads", "1", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    want = {(p, d) for p in side_by_side.PROVIDERS for d in ("fp32", "bf16")} - {("dense_int8", "bf16")}
+    assert {(r["provider"], r["dtype"]) for r in rows} == want
+    assert {r["speaker"] for r in rows} == {"jackson", "others", "all"}
+    every = {(r["provider"], r["dtype"]): r for r in rows if r["speaker"] == "all"}
+    assert int(every["dense", "fp32"]["words"]) == 9 and all(0 <= float(r["wer"]) for r in every.values())
+    assert float(every["dense", "fp32"]["time_ratio"]) == 1.0 and float(every["dense", "bf16"]["time_ratio"]) == 1.0
+    assert all(float(r["ms_per_utterance"]) > 0 and float(r["real_time_factor"]) > 0 for r in every.values())
+    mb = {k: float(r["weight_mb"]) for k, r in every.items()}
+    assert mb["adaptwin_nf4", "fp32"] < mb["adaptwin_int8", "fp32"] < mb["adaptwin", "fp32"] < mb["dense", "fp32"]
+    assert mb["pqm_nf4", "fp32"] < mb["dense", "fp32"] and mb["dense", "bf16"] < mb["dense", "fp32"]
+    assert "time/dense" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--providers", "adaptwin"])  # no dense baseline
+    with pytest.raises(SystemExit):
+        side_by_side.main(["--ratio", "1.5"])
