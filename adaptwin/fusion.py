@@ -6,7 +6,8 @@
 The architecture adapter names the pairs (``activation_pairs``: Whisper's fc1 -> activation_fn, BERT's
 intermediate.dense -> intermediate_act_fn, wav2vec2's intermediate_dense -> intermediate_act_fn). A pair
 is fused when the linear is a compressed module that lists the activation in ``fusable_activations``
-(`LowRankLinear`: exact GELU) and the activation module is that function. The activation module is then
+(`LowRankLinear` and the packed `QuantLowRankLinear`: exact GELU) and the activation module is that
+function. The activation module is then
 replaced by `FusedActivation` (an identity that keeps the original), so the model computes the same
 function: the fused form only changes the rounding (see `adaptwin.ops.linear_act`).
 

@@ -119,15 +119,32 @@ def test_fuse_activations_keeps_the_function(name, monkeypatch):
     assert all(m.activation is None for m in small.modules() if isinstance(m, LowRankLinear))
 
 
-def test_fuse_leaves_dense_quantised_and_other_activations_alone():
+def test_fuse_leaves_dense_and_other_activations_alone():
     model = tiny_models.whisper()
     assert adaptwin.fuse_activations(model) == []  # nothing compressed: nothing to fuse
-    packed = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5, quantization="nf4"))
-    assert adaptwin.fuse_activations(packed) == []  # quantised factors: the op runs them, GELU stays apart
     small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5))
     small.model.encoder.layers[0].activation_fn = torch.nn.ReLU()
     fused = adaptwin.fuse_activations(small)
     assert "model.encoder.layers.0.fc1" not in fused and "model.encoder.layers.1.fc1" in fused
+
+
+@pytest.mark.parametrize("quantize_lora", [False, True])
+def test_quantised_factors_fuse_too(quantize_lora):
+    """Packed NF4 factors take their GELU over as well: in the whole-factor GEMM of a batched CPU call (the
+    encoder's frames), applied after the op on its other calls (decoding); the model computes the same."""
+    model = tiny_models.whisper()
+    packed = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5, quantization="nf4",
+                                                                 quantize_lora=quantize_lora))
+    inputs = tiny_models.whisper_inputs()
+    with torch.no_grad():
+        ref = packed(**inputs).logits
+    fused = adaptwin.fuse_activations(packed)
+    assert fused and all(p.endswith("fc1") for p in fused)
+    assert {p.split(".")[1] for p in fused} == {"encoder", "decoder"}
+    assert all(type(packed.get_submodule(p)).__name__ == "QuantLowRankLinear" for p in fused)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    assert adaptwin.unfuse_activations(packed) == fused
 
 
 def test_fused_model_saves_loads_and_refuses_quantisation(tmp_path):

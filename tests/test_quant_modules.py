@@ -303,3 +303,98 @@ def test_modules_packed_in_inference_mode_run(fmt):
         assert torch.equal(m(x), first)
         m._buffers["out_factor_qweight"] = _packed_low_rank(fmt, seed=1)._buffers["out_factor_qweight"]
         assert not torch.equal(m(x), first) and torch.equal(m(x), _fresh_output(m, x))
+
+
+def _packed(kind: str, fmt: QuantFormat, quantize_lora: bool, seed: int = 0) -> _QuantModule:
+    """A packed module with random factors: QuantLinear in / out role (4 heads of 12 directions, 8 spectral) or
+    QuantLowRankLinear (rank 16 + LoRA 4)."""
+    if kind == "low_rank":
+        m = QuantLowRankLinear(64, 96, 16, 4, True, fmt=fmt, quantize_lora=quantize_lora, packed=False)
+    else:
+        shape = (64, 48) if kind == "in" else (48, 64)
+        m = QuantLinear(*shape, True, role=kind, blocks=4, width=12, rank=8, fmt=fmt, quantize_lora=quantize_lora,
+                        packed=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    m.pack()
+    return m
+
+
+@pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
+@pytest.mark.parametrize("fmt", [*QAT_FORMATS, QuantFormat("nf4", 64)], ids=["nf4-64-dq", "int8-0", "nf4-64"])
+@pytest.mark.parametrize("quantize_lora", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_batched_calls_decode_whole_factors(kind, fmt, quantize_lora, dtype, monkeypatch):
+    """Packed modules given more than MIN_BATCHED_ROWS rows (CPU inference) decode each factor whole, LoRA
+    directions in place, and run one GEMM per product: the same result as the op path (one op call per
+    format, the concatenation, the add) to rounding; fewer rows, or a gradient to record, take the op path."""
+    from adaptwin.compressors.quantized import layer
+
+    m = _packed(kind, fmt, quantize_lora).to(dtype)
+    decoded = []
+    real = layer.dequantize_factor
+    monkeypatch.setattr(layer, "dequantize_factor", lambda *a: decoded.append(a[2]) or real(*a))
+    x = torch.randn(2, layer.MIN_BATCHED_ROWS // 2 + 1, m.in_features, dtype=dtype)
+    with torch.inference_mode():
+        whole = m(x)
+        assert decoded and set(decoded) == {fmt.kind}  # the quantised directions, decoded whole
+        decoded.clear()
+        one_row = m(x[:1, :1])
+        assert not decoded  # a decoding call stays on the op's decode path
+        monkeypatch.setattr(layer, "MIN_BATCHED_ROWS", 10**9)
+        by_op = m(x)
+        assert not decoded
+    assert whole.dtype == dtype and whole.shape == by_op.shape
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    scale = by_op.float().abs().max().item()
+    torch.testing.assert_close(whole.float(), by_op.float(), rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(one_row.float(), by_op[:1, :1].float(), rtol=tol, atol=tol * scale)
+    if kind == "low_rank":  # a fused GELU runs inside the second GEMM on this path
+        monkeypatch.setattr(layer, "MIN_BATCHED_ROWS", 32)
+        m.activation = "gelu"
+        with torch.inference_mode():
+            fused = m(x)
+        torch.testing.assert_close(fused.float(), torch.nn.functional.gelu(by_op.float()), rtol=tol,
+                                   atol=tol * scale)
+
+
+def test_batched_calls_with_gradients_take_the_op():
+    """With a gradient to record (LoRA directions trained on a packed model, as PQM and QAT-then-pack allow),
+    the call runs through the op and its autograd, not the whole-factor path."""
+    from adaptwin.compressors.quantized import layer
+
+    m = _packed("low_rank", QuantFormat("nf4", 64), quantize_lora=False)
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        expected = m(x)
+    y = m(x)  # grad mode on, the fp LoRA directions require grad
+    y.square().sum().backward()
+    assert m.in_factor_lora.grad is not None and m.in_factor_lora.grad.abs().sum() > 0
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert m._batched(x) is False and layer.MIN_BATCHED_ROWS == 32
+
+
+@pytest.mark.parametrize("fmt", [*QAT_FORMATS, QuantFormat("nf4", 64), QuantFormat("int8", 32)],
+                         ids=["nf4-64-dq", "int8-0", "nf4-64", "int8-32"])
+def test_dequantize_factor_matches_the_reference(fmt):
+    """`dequantize_factor` (the CPU kernels' decoding where adaptwin._C takes the call) gives the reference's
+    values bit for bit, takes the reference where the entry point declines (a scale that requires grad), and
+    refuses a short buffer with the op's error."""
+    from adaptwin.ops import backends
+    from adaptwin.ops.rank_linear import dequantize_factor
+
+    w = torch.randn(24, 160)
+    stored = fmt.quantize(w)
+    scale = fmt.scale(stored)
+    expected = fmt.dequantize(stored, (24, 160))
+    got = dequantize_factor(stored["qweight"], scale, fmt.kind, fmt.blocksize, [24, 160])
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    if backends.load()["cpp"]:
+        assert backends.FAST["dequantize"](stored["qweight"], scale.clone().requires_grad_(), fmt.kind,
+                                           fmt.blocksize, [24, 160]) is NotImplemented
+    assert torch.equal(dequantize_factor(stored["qweight"], scale.clone().requires_grad_(), fmt.kind, fmt.blocksize,
+                                         [24, 160]).detach(), expected)
+    with pytest.raises(ValueError, match="shape"):  # the C++ check or the reference's, same sense
+        dequantize_factor(stored["qweight"][:-2], scale, fmt.kind, fmt.blocksize, [24, 160])

@@ -54,6 +54,8 @@ def load() -> dict[str, object]:
             _STATE["cpp"] = True
             FAST.update((name, getattr(native, f"call_{name}")) for name in ("attention", "rank_linear")
                         if hasattr(native, f"call_{name}"))
+            if hasattr(native, "dequantize"):  # a factor decoded by the CPU kernels' loops
+                FAST["dequantize"] = native.dequantize
         except ModuleNotFoundError:
             pass  # built without a compiler: the reference runs
         except (ImportError, OSError) as err:  # present but unloadable (e.g. built against another torch)

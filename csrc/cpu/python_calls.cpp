@@ -29,6 +29,10 @@
 #include "cpu_features.h"
 
 namespace adaptwin {
+
+at::Tensor dequantize_factor(const at::Tensor& data, const std::optional<at::Tensor>& scale, c10::string_view format,
+                             int64_t blocksize, c10::SymIntArrayRef shape);  // rank_linear.cpp
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -154,6 +158,32 @@ PyObject* call_attention(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
+// dequantize(data, scale, format, blocksize, shape) -> the (k, n) float32 matrix of one rank_linear factor on
+// the CPU (`adaptwin.ops.rank_linear.dequantize_factor`), or NotImplemented for arguments of other types or
+// devices, or a gradient to record.
+PyObject* dequantize(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5 || at::impl::torch_function_mode_enabled()) return not_implemented();
+  const at::Tensor* data;
+  OptTensor scale;
+  c10::string_view format;
+  int64_t blocksize;
+  c10::SymInt shape[kMaxShape];
+  Py_ssize_t n;
+  if (!read_tensor(args[0], &data) || !read_opt_tensor(args[1], &scale) || !read_str(args[2], &format) ||
+      !read_int(args[3], &blocksize) || !read_shape(args[4], shape, &n))
+    return not_implemented();
+  if (!plain_cpu_inference({data, scale ? &*scale : nullptr})) return not_implemented();
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
+    out = dequantize_factor(*data, scale, format, blocksize, c10::SymIntArrayRef(shape, n));
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
 // {"avx512": bool, "avx512_rows": bool, "avx512_bf16": bool}: the SIMD paths the CPU kernels take in this
 // process (the CPU's features, capped by ADAPTWIN_CPU_CAP; all False in a build without x86 intrinsics).
 PyObject* cpu_features(PyObject* /*self*/, PyObject* /*unused*/) {
@@ -169,6 +199,8 @@ PyMethodDef kPythonMethods[] = {
     {"call_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_attention)), METH_FASTCALL,
      "adaptwin::attention for an inference call on plain tensors, else NotImplemented"},
     {"cpu_features", &cpu_features, METH_NOARGS, "the SIMD paths the CPU kernels take in this process"},
+    {"dequantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&dequantize)), METH_FASTCALL,
+     "the (k, n) float32 matrix one rank_linear factor stores, decoded on the CPU, else NotImplemented"},
     {nullptr, nullptr, 0, nullptr},
 };
 

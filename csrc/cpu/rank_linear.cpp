@@ -240,6 +240,15 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 
 }  // namespace
 
+// The (k, n) float32 matrix one rank_linear factor stores, decoded by the kernels' own loops (for the
+// compressed modules' batched CPU calls, which decode a factor once and multiply it with ATen GEMMs).
+// Checked as the op checks a factor (same errors).
+at::Tensor dequantize_factor(const at::Tensor& data, const std::optional<at::Tensor>& scale, c10::string_view format,
+                             int64_t blocksize, c10::SymIntArrayRef shape) {
+  const Factor f = make_factor("factor", data, scale, format, blocksize, shape);
+  return f.format == Format::kFp ? f.keep.to(at::kFloat) : dequantize(f);
+}
+
 TORCH_LIBRARY_IMPL(adaptwin, CPU, m) { m.impl("rank_linear", &rank_linear_cpu); }
 
 }  // namespace adaptwin

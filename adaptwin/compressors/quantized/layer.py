@@ -15,6 +15,14 @@ dequantise bit for bit to the values the master module last computed with. The o
 rounding, not bit for bit: the packed factors' CPU kernels decode in registers and sum in another order
 than the master's GEMMs on the fake-quantised factors.
 
+Batched CPU inference calls (more than `MIN_BATCHED_ROWS` rows of x, no gradient to record, eager) of packed
+modules decode each factor once into its full float32 (k, n) matrix, quantised and fp LoRA directions in
+their places (`adaptwin.ops.rank_linear.dequantize_factor`, the CPU kernels' own decoding), and run the
+module's products as one GEMM each, as its fp32 counterpart does: the op, which takes one format per
+factor, would need two calls (quantised and fp directions), an add and, for q / k / v, a concatenation,
+and its small-rank GEMM (rank l, e.g. 150 x 9 x 1024) is slow. `QuantLowRankLinear` then also runs a fused
+activation (`adaptwin.fuse_activations`) inside its second GEMM, as `LowRankLinear` does.
+
 Every factor is handled *direction-major* (k, n): one row per rank direction (for an output factor,
 stored (out, k), that is its transpose), so quantisation blocks run along a single direction.
 Directions are grouped per head: ``blocks`` groups of ``width`` directions, the first ``rank`` of each
@@ -27,12 +35,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs
-from adaptwin.ops.rank_linear import ABSENT
+from adaptwin.ops.activation import ACTIVATIONS, linear_act
+from adaptwin.ops.backends import _is_compiling
+from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
+
+# Rows of x above which a packed module's CPU inference call decodes its factors whole and runs GEMMs (the
+# op's own crossover for quantised factors: csrc/cpu/rank_linear_fused.h, kFusedMaxRows).
+MIN_BATCHED_ROWS = 32
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # else the products run in float32
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -132,6 +148,30 @@ class _QuantModule(DropsPackedArgs):
         q = (fake_quantize(w[idx_q], self.fmt), None, "fp", 0, f.q_shape) if f.rank else None
         return q, w[idx_l]
 
+    def _batched(self, x: torch.Tensor) -> bool:
+        """Whether this call takes the whole-factor GEMM path (see the module docstring)."""
+        if x.dim() == 0 or x.numel() <= MIN_BATCHED_ROWS * max(x.shape[-1], 1):
+            return False  # (first: decoding calls leave here)
+        if not self.packed or x.device.type != "cpu" or _is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for p in self._parameters.values() if p is not None)))
+
+    def _whole(self, f: _Factor, dtype: torch.dtype) -> torch.Tensor:
+        """``f``'s full direction-major (k, n) matrix in ``dtype``: its quantised directions decoded, its fp LoRA
+        directions in their places."""
+        q, lora = self._parts(f)
+        w = dequantize_factor(q[0], q[1], q[2], q[3], q[4]) if q is not None else None  # (blocks·rank, n)
+        if lora is not None:
+            if w is None:
+                w = lora.float()
+            else:
+                full = w.new_empty((f.k, f.n))
+                full.index_copy_(0, f.idx_q, w)
+                full.index_copy_(0, f.idx_l, lora.float())
+                w = full
+        return w if w.dtype == dtype else w.to(dtype)
+
     def _packed_args(self, f: _Factor) -> tuple:
         """The op arguments of ``f``'s packed directions (kept between calls: `PackedArgs`)."""
         buffers = self._buffers
@@ -199,8 +239,14 @@ class QuantLinear(_QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors["weight"]
-        q, lora = self._parts(f)
         bias = self._bias()
+        if self._batched(x):
+            dt = x.dtype if x.dtype in _GEMM_DTYPES else torch.float32
+            w = self._whole(f, dt)  # (k, n): in-role (out, in), out-role (in, out)
+            b = bias.to(dt) if bias is not None else None
+            y = F.linear(x.to(dt), w if self.role == "in" else w.t(), b)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        q, lora = self._parts(f)
         if self.role == "in":
             if not f.split:
                 return rank_linear(x, *q, *ABSENT, bias)
@@ -238,11 +284,33 @@ class QuantLowRankLinear(_QuantModule):
         self._setup(fmt, [_Factor("in_factor", k, in_features, False, 1, k, rank, quantize_lora),
                           _Factor("out_factor", k, out_features, True, 1, k, rank, quantize_lora)], packed)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.activation: str | None = None  # see LowRankLinear; set by adaptwin.fuse_activations
+
+    fusable_activations = tuple(ACTIVATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._batched(x):
+            return self._whole_gemms(x)
+        y = self._linear(x)
+        return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
+
+    def _whole_gemms(self, x: torch.Tensor) -> torch.Tensor:
+        """The batched path: x·Uᵀ, then ·Vᵀ + b with the fused activation in the same GEMM."""
+        bias = self._bias()
+        dt = x.dtype if x.dtype in _GEMM_DTYPES else torch.float32
+        a = self._whole(self._factors["in_factor"], dt)  # (k, in)
+        b = self._whole(self._factors["out_factor"], dt).t()  # (out, k)
+        bias_t = bias.to(dt) if bias is not None else None
+        h = F.linear(x.to(dt), a)
+        y = F.linear(h, b, bias_t) if self.activation is None else linear_act(h, b.contiguous(), bias_t,
+                                                                              self.activation)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Uᵀ·Vᵀ + b through the op (the activation is the caller's)."""
+        bias = self._bias()
         (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
         f = self._factors["in_factor"]
-        bias = self._bias()
         y = None
         if f.split:  # LoRA directions in higher precision: a second rank-l product
             y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
@@ -255,4 +323,5 @@ class QuantLowRankLinear(_QuantModule):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, lora_rank={self.lora_rank}, "
                 f"{self.fmt.kind}(blocksize={self.fmt.blocksize}, double_quant={self.fmt.double_quant}), "
-                f"lora {'quantised' if not self._factors['in_factor'].split else 'fp'}, packed={self.packed}")
+                f"lora {'quantised' if not self._factors['in_factor'].split else 'fp'}, packed={self.packed}"
+                + (f", activation={self.activation}" if self.activation else ""))
