@@ -27,6 +27,9 @@ interleaved in one run and compared like with like (each dtype against the dense
   CPU width) in place of the C++ kernel: what the fused kernel buys.
 * ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
   width r + l as is), to show what the padding buys.
+* ``adaptwin_nf4``: ``adaptwin``'s configuration with NF4 factors (``quantization="nf4"``, LoRA directions
+  kept in float32), fused: each factor decoded whole once per call, then the same GEMMs. Its rel err is
+  against the fp32 ``adaptwin`` encoder (the NF4 rounding of the same factors).
 * ``dense_int8``: the peer: the dense encoder with every ``nn.Linear`` replaced by torch's dynamically
   quantised int8 linear (`benchmarks.common.int8_dynamic`: int8 weights, activations quantised per call,
   int8 GEMMs); float32 rows only (it takes float32 activations). Its rel err is against the fp32 dense
@@ -62,6 +65,7 @@ from transformers.models.whisper.modeling_whisper import WhisperAttention
 import adaptwin
 from adaptwin.compressors.ffn_svd.layer import LowRankLinear
 from adaptwin.compressors.product_twin.layer import TwinAttention
+from adaptwin.compressors.quantized import QuantLinear, QuantLowRankLinear
 from adaptwin.ops import attention
 from benchmarks.common import (
     OtherLoad,
@@ -85,11 +89,11 @@ except ImportError:  # pragma: no cover
 
 BENCHMARK = "whisper_encoder_speed"
 PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse", "adaptwin_sdpa",
-             "adaptwin_nopad", "dense_int8", "unfused")
+             "adaptwin_nopad", "adaptwin_nf4", "dense_int8", "unfused")
 FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
 REFERENCE = {"dense": "dense", "dense_int8": "dense", "adaptwin_even": "_unfused_even",
-             "adaptwin_unaligned": "_unfused_unaligned"}
+             "adaptwin_unaligned": "_unfused_unaligned", "adaptwin_nf4": "adaptwin"}
 WIDTH_MULTIPLE = 8  # CompressionConfig.width_multiple of every adaptwin provider but adaptwin_unaligned
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 adaptwin vs the unfused rebuild of the same factors: the same math in another summation order.
@@ -180,12 +184,14 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
         return adaptwin.compress(model, adaptwin.CompressionConfig(ratio=ratio, components=("encoder",), **options))
 
     small, even, unaligned = compressed(), compressed(attention_factor=1.0), compressed(width_multiple=1)
+    nf4 = compressed(quantization="nf4")
     nofuse = copy.deepcopy(small)
-    for m in (small, even, unaligned):
+    for m in (small, even, unaligned, nf4):
         adaptwin.fuse_activations(m)
     encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
                 "adaptwin_unaligned": unaligned.encoder, "adaptwin_nofuse": nofuse.encoder,
                 "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
+    encoders["adaptwin_nf4"] = nf4.encoder
     encoders["dense_int8"] = int8_dynamic(model.encoder)
     encoders["unfused"] = unfuse(small.encoder).eval()
     encoders["_unfused_even"] = unfuse(even.encoder).eval()
@@ -216,9 +222,11 @@ def count_flops(encoder: nn.Module, features: torch.Tensor) -> dict[str, int]:
                     add(key, n)
 
             on(module, unfused)
-        elif isinstance(module, LowRankLinear):
+        elif isinstance(module, (LowRankLinear, QuantLowRankLinear)):
             on(module, lambda m, a, k, kind=kind: add(
                 kind, 2 * a[0].numel() // m.in_features * (m.rank + m.lora_rank) * (m.in_features + m.out_features)))
+        elif isinstance(module, QuantLinear):
+            on(module, lambda m, a, k, kind=kind: add(kind, 2 * a[0].numel() * m.out_features))
         elif isinstance(module, (nn.Linear, DynamicInt8Linear)):
             on(module, lambda m, a, k, kind=kind: add(kind, 2 * a[0].numel() * m.out_features))
         elif isinstance(module, nn.Conv1d):

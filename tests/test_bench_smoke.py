@@ -53,6 +53,10 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     # the int8 peer: the dense encoder's multiply-adds in int8, a quarter of its linear weights' bytes
     assert float(fp32["dense_int8"]["gflop_ratio"]) == 1.0 and 0 < float(fp32["dense_int8"]["rel_err"]) < 0.1
     assert float(fp32["dense_int8"]["weight_mb"]) < float(fp32["dense"]["weight_mb"])
+    # NF4 factors: the same multiply-adds as the fp32 factors, fewer bytes, close to them
+    assert float(fp32["adaptwin_nf4"]["gflop"]) == float(fp32["adaptwin"]["gflop"])
+    assert float(fp32["adaptwin_nf4"]["weight_mb"]) < float(fp32["adaptwin"]["weight_mb"])
+    assert 0 < float(fp32["adaptwin_nf4"]["rel_err"]) < 0.2
     assert "time/dense" in capsys.readouterr().out
 
     # A second run of one dtype replaces its own rows and keeps the others.
