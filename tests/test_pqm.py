@@ -105,6 +105,39 @@ def test_lora_update_and_scaling():
     assert m.lora_A.grad is not None and m.lora_B.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batched_inference_forms_the_weight(dtype, monkeypatch):
+    """A batched CPU inference call (more than 32 rows, no gradient to record) runs one GEMM on Ŵ + s·Bᵀ·A,
+    decoded whole once: the same values as the two op calls of a decoding call or of a training call."""
+    from adaptwin.compressors.pqm import layer
+
+    lin = nn.Linear(96, 80)
+    m = NF4LoRALinear.from_linear(lin, 4, 2.0, PQMConfig().quant_format(), torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m.lora_B.normal_()
+    m = m.to(dtype)
+    formed = []
+    real = layer.dequantize_factor
+    monkeypatch.setattr(layer, "dequantize_factor", lambda *a: formed.append(1) or real(*a))
+    x = torch.randn(2, 20, 96, dtype=dtype)
+    w = m.dequantized_weight(torch.float64) + 2.0 * m.lora_B.double().T @ m.lora_A.double()
+    want = x.double() @ w.T + m.bias.double()
+    with torch.no_grad():
+        batched = m(x)
+        assert len(formed) == 1
+        one_row = m(x[:1, :1])
+        assert len(formed) == 1  # a decoding call runs the op
+    trained = m(x)  # LoRA requires grad: the op and its autograd
+    assert len(formed) == 1 and trained.requires_grad
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = want.abs().max().item()
+    for got in (batched, one_row, trained.detach()):
+        assert got.dtype == dtype
+    torch.testing.assert_close(batched.double(), want, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(one_row.double(), want[:1, :1], rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(trained.detach().double(), want, rtol=tol, atol=tol * scale)
+
+
 def test_base_arguments_follow_loaded_weights():
     """The base's op arguments are kept between calls (adaptwin.compressors.packed_args) and still follow
     a state dict loaded into the module, and a call under inference_mode does not stop a later backward."""

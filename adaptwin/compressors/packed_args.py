@@ -21,6 +21,23 @@ from torch import nn
 
 from adaptwin.ops.backends import _is_compiling
 
+# Rows of x above which a packed module's CPU inference call decodes its factors whole and runs GEMMs (the
+# op's own crossover for quantised factors: csrc/cpu/rank_linear_fused.h, kFusedMaxRows).
+MIN_BATCHED_ROWS = 32
+
+
+def batched_inference(module: nn.Module, x: torch.Tensor, min_rows: int = MIN_BATCHED_ROWS) -> bool:
+    """Whether a call of packed ``module`` on ``x`` is a batched CPU inference call: more than ``min_rows`` rows,
+    on the CPU, eager, and no gradient to record (grad mode off, or neither x nor a parameter requires one).
+    Such calls may decode the module's factors whole and multiply with ATen GEMMs (one per product, the fp
+    LoRA directions folded in) instead of calling the op once per storage format."""
+    if x.dim() == 0 or x.numel() <= min_rows * max(x.shape[-1], 1):
+        return False  # (first: decoding calls leave here)
+    if x.device.type != "cpu" or _is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for p in module._parameters.values() if p is not None)))
+
 
 class PackedArgs:
     """One cached argument tuple and the (name, tensor, version or None) of each buffer it came from, kept

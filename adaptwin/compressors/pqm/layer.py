@@ -8,6 +8,11 @@ never kept), the update as two fp factors. The LoRA factors are stored *directio
 takes them, one row per rank direction: ``lora_A`` (r, in) and ``lora_B`` (r, out) (PEFT's ``lora_B`` is
 our ``lora_B.T``). ``lora_B`` starts at zero, so a fresh module computes exactly the NF4 base.
 
+Batched CPU inference calls (more than 32 rows, no gradient to record: a Whisper encoder's frames under
+``torch.no_grad``) form the weight instead, Ŵ + (alpha / r)·Bᵀ·A (decoded by the CPU kernels' own loops,
+`adaptwin.ops.rank_linear.dequantize_factor`), and run one GEMM: the update's own rank-r GEMM to ``out``
+columns is slow on the CPU (a product of inner size 4 runs far below the GEMM's rate).
+
 Only ``lora_A`` and ``lora_B`` are Parameters; the packed codes, scales and the bias are buffers, so
 ``module.parameters()`` is exactly what speaker adaptation trains.
 """
@@ -17,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs
-from adaptwin.ops.rank_linear import ABSENT
+from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs, batched_inference
+from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
@@ -84,12 +90,20 @@ class NF4LoRALinear(DropsPackedArgs):
         return (self._base,) if "_base" in self.__dict__ else ()
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The frozen base Ŵ (out, in) as ``dtype`` (for tests and inspection; forward never forms it)."""
+        """The frozen base Ŵ (out, in) as ``dtype`` (for tests and inspection; forward forms it only for a
+        batched CPU inference call, per call)."""
         stored = {key: getattr(self, f"weight_{key}") for key in self.fmt.layout((self.out_features,
                                                                                    self.in_features))}
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if batched_inference(self, x):
+            dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+            params, bias = self._parameters, self._buffers["bias"]
+            w = torch.addmm(dequantize_factor(*self.base_args()), params["lora_B"].t().float(),
+                            params["lora_A"].float(), alpha=self.scaling)  # Ŵ + s·Bᵀ·A (out, in)
+            y = F.linear(x.to(dt), w.to(dt), bias.to(dt) if bias is not None else None)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         y = rank_linear(x, *self.base_args(), *ABSENT, self._buffers["bias"])  # (..., out)
         params = self._parameters
         update = rank_linear(x, params["lora_A"], None, "fp", 0, [self.rank, self.in_features],

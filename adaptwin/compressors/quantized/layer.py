@@ -38,16 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs
+from adaptwin.compressors.packed_args import MIN_BATCHED_ROWS, DropsPackedArgs, PackedArgs, batched_inference
 from adaptwin.ops.activation import ACTIVATIONS, linear_act
-from adaptwin.ops.backends import _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
 
-# Rows of x above which a packed module's CPU inference call decodes its factors whole and runs GEMMs (the
-# op's own crossover for quantised factors: csrc/cpu/rank_linear_fused.h, kFusedMaxRows).
-MIN_BATCHED_ROWS = 32
 _GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # else the products run in float32
 
 
@@ -150,12 +146,7 @@ class _QuantModule(DropsPackedArgs):
 
     def _batched(self, x: torch.Tensor) -> bool:
         """Whether this call takes the whole-factor GEMM path (see the module docstring)."""
-        if x.dim() == 0 or x.numel() <= MIN_BATCHED_ROWS * max(x.shape[-1], 1):
-            return False  # (first: decoding calls leave here)
-        if not self.packed or x.device.type != "cpu" or _is_compiling():
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in self._parameters.values() if p is not None)))
+        return self.packed and batched_inference(self, x, MIN_BATCHED_ROWS)
 
     def _whole(self, f: _Factor, dtype: torch.dtype) -> torch.Tensor:
         """``f``'s full direction-major (k, n) matrix in ``dtype``: its quantised directions decoded, its fp LoRA
