@@ -335,7 +335,7 @@ def test_batched_calls_decode_whole_factors(kind, fmt, quantize_lora, dtype, mon
     m = _packed(kind, fmt, quantize_lora).to(dtype)
     decoded = []
     real = layer.dequantize_factor
-    monkeypatch.setattr(layer, "dequantize_factor", lambda *a: decoded.append(a[2]) or real(*a))
+    monkeypatch.setattr(layer, "dequantize_factor", lambda *a, **k: decoded.append(a[2]) or real(*a, **k))
     x = torch.randn(2, layer.MIN_BATCHED_ROWS // 2 + 1, m.in_features, dtype=dtype)
     with torch.inference_mode():
         whole = m(x)
@@ -398,3 +398,13 @@ def test_dequantize_factor_matches_the_reference(fmt):
                                          [24, 160]).detach(), expected)
     with pytest.raises(ValueError, match="shape"):  # the C++ check or the reference's, same sense
         dequantize_factor(stored["qweight"][:-2], scale, fmt.kind, fmt.blocksize, [24, 160])
+    # into a larger matrix: groups of 6 rows, each at the start of a stride of 8 (the rest left alone)
+    for s in (scale, scale.clone().requires_grad_()):  # the C++ entry, then the reference
+        out = torch.full((32, 160), 7.0)
+        assert dequantize_factor(stored["qweight"], s, fmt.kind, fmt.blocksize, [24, 160], out=out, group=6,
+                                 stride=8) is out
+        assert torch.equal(out.view(4, 8, 160)[:, :6].detach(), expected.view(4, 6, 160))
+        assert (out.view(4, 8, 160)[:, 6:] == 7.0).all()
+    with pytest.raises(ValueError, match="group"):
+        dequantize_factor(stored["qweight"], scale, fmt.kind, fmt.blocksize, [24, 160], out=torch.empty(32, 160),
+                          group=5, stride=8)

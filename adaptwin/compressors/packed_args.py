@@ -39,6 +39,17 @@ def batched_inference(module: nn.Module, x: torch.Tensor, min_rows: int = MIN_BA
         p.requires_grad for p in module._parameters.values() if p is not None)))
 
 
+def derived(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` computed outside ``torch.inference_mode`` (a tensor derived from a module's buffers, e.g.
+    double-quantised scales): an inference tensor cannot be kept (`PackedArgs.put`), so under
+    ``inference_mode``, as ``generate`` runs, it would be recomputed on every call (tens of microseconds per
+    factor). From inference-tensor buffers (a model built under inference_mode) it is still not kept."""
+    if not torch.is_inference_mode_enabled() or _is_compiling():
+        return fn(*args)
+    with torch.inference_mode(False):
+        return fn(*args)
+
+
 class PackedArgs:
     """One cached argument tuple and the (name, tensor, version or None) of each buffer it came from, kept
     as one pair (one assignment: a call on another thread never sees one half of an update)."""

@@ -201,19 +201,31 @@ rank_linear.register_autograd(_backward, setup_context=_setup_context)
 _OP = torch.ops.adaptwin.rank_linear.default
 
 
-def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Sequence[int]) -> Tensor:
+def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: int, shape: Sequence[int],
+                      out: Tensor | None = None, group: int = 1, stride: int = 1) -> Tensor:
     """The ``shape`` = (k, n) float32 matrix one `rank_linear` factor stores (its arguments as the op takes
     them): decoded by the CPU kernels' own loops where ``adaptwin._C`` takes the call (CPU tensors, eager,
     no gradient to record: 11 us for a 122 x 1536 NF4 factor on the 2-core CPU), else by the reference
-    (`adaptwin.quant.dequantize`, 455 us there). The values are the same either way, bit for bit."""
+    (`adaptwin.quant.dequantize`, 455 us there). The values are the same either way, bit for bit.
+
+    With ``out`` (a contiguous float32 tensor), row r goes to row (r // group)·stride + r % group of ``out``
+    viewed as (-1, n), the other rows are left as they are, and ``out`` is returned: a compressed module
+    decodes each head's spectral directions straight into its full matrix, between its LoRA ones."""
     fast = FAST.get("dequantize")
     if fast is not None and not _is_compiling():
-        w = fast(data, scale, fmt, int(blocksize), list(shape))
+        w = fast(data, scale, fmt, int(blocksize), list(shape), *((out, int(group), int(stride)) if out is not None
+                                                                 else ()))
         if w is not NotImplemented:
             return w
-    if fmt == "fp":
-        return data.float()
-    return quant.dequantize(data, scale, fmt, int(blocksize), (int(shape[0]), int(shape[1])))
+    k, n = int(shape[0]), int(shape[1])
+    w = data.float() if fmt == "fp" else quant.dequantize(data, scale, fmt, int(blocksize), (k, n))
+    if out is None:
+        return w
+    if group < 1 or stride < group or k % group:
+        raise ValueError(f"dequantize: group must be >= 1 and divide {k} rows, stride >= group; got group {group}, "
+                         f"stride {stride}")
+    out.view(-1)[: k // group * stride * n].view(k // group, stride, n)[:, :group] = w.view(k // group, group, n)
+    return out
 
 
 def run_rank_linear(

@@ -17,8 +17,9 @@ Providers (every one built from the same trained recogniser, `benchmarks.digits.
 * ``adaptwin``: ``CompressionConfig(ratio=--ratio)`` with the activation-whitened initialisation calibrated
   on the target speaker's calibration utterances (``{target}_calib.jsonl``), no fine-tuning unless
   ``--epochs``, activations fused (`adaptwin.fuse_activations`).
-* ``adaptwin_nf4`` / ``adaptwin_int8``: the same factors stored NF4 (double quantisation) / int8 per row,
-  decoded in registers by the op's kernels (`benchmarks.quant_crossover.derive`).
+* ``adaptwin_nf4`` / ``adaptwin_int8``: the same factors stored NF4 (double quantisation) / int8 per row
+  (`benchmarks.quant_crossover.derive`), activations fused likewise: decoded in registers by the op's
+  kernels when decoding, decoded whole once per call for the encoder's frames.
 
 Every provider runs in every ``--dtypes`` entry (``.to(dtype)``; quantised codes stay as they are), except
 ``dense_int8`` (float32 activations only); ratios compare like with like, each against the dense model in
@@ -84,6 +85,7 @@ def build(bench: Any, providers: list[str], ratio: float, epochs: int, seed: int
         for name, fmt in (("adaptwin_nf4", "nf4"), ("adaptwin_int8", "int8")):
             if name in providers:
                 models[name] = derive(small, fmt).eval()
+                adaptwin.fuse_activations(models[name])
         adaptwin.fuse_activations(small)
         models["adaptwin"] = small
     return {p: models[p] for p in providers}

@@ -31,7 +31,8 @@
 namespace adaptwin {
 
 at::Tensor dequantize_factor(const at::Tensor& data, const std::optional<at::Tensor>& scale, c10::string_view format,
-                             int64_t blocksize, c10::SymIntArrayRef shape);  // rank_linear.cpp
+                             int64_t blocksize, c10::SymIntArrayRef shape, const std::optional<at::Tensor>& out,
+                             int64_t group, int64_t stride);  // rank_linear.cpp
 
 namespace {
 
@@ -158,29 +159,32 @@ PyObject* call_attention(PyObject* /*self*/, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
-// dequantize(data, scale, format, blocksize, shape) -> the (k, n) float32 matrix of one rank_linear factor on
-// the CPU (`adaptwin.ops.rank_linear.dequantize_factor`), or NotImplemented for arguments of other types or
-// devices, or a gradient to record.
+// dequantize(data, scale, format, blocksize, shape[, out, group, stride]) -> the (k, n) float32 matrix of one
+// rank_linear factor on the CPU (`adaptwin.ops.rank_linear.dequantize_factor`), or, with out, its rows written
+// into out (row r at (r / group)·stride + r % group) and out returned; NotImplemented for arguments of other
+// types or devices, or a gradient to record.
 PyObject* dequantize(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 5 || at::impl::torch_function_mode_enabled()) return not_implemented();
+  if ((nargs != 5 && nargs != 8) || at::impl::torch_function_mode_enabled()) return not_implemented();
   const at::Tensor* data;
-  OptTensor scale;
+  OptTensor scale, out;
   c10::string_view format;
-  int64_t blocksize;
+  int64_t blocksize, group = 1, stride = 1;
   c10::SymInt shape[kMaxShape];
   Py_ssize_t n;
   if (!read_tensor(args[0], &data) || !read_opt_tensor(args[1], &scale) || !read_str(args[2], &format) ||
       !read_int(args[3], &blocksize) || !read_shape(args[4], shape, &n))
     return not_implemented();
-  if (!plain_cpu_inference({data, scale ? &*scale : nullptr})) return not_implemented();
-  at::Tensor out;
+  if (nargs == 8 && (!read_opt_tensor(args[5], &out) || !read_int(args[6], &group) || !read_int(args[7], &stride)))
+    return not_implemented();
+  if (!plain_cpu_inference({data, scale ? &*scale : nullptr, out ? &*out : nullptr})) return not_implemented();
+  at::Tensor result;
   {
     pybind11::gil_scoped_release no_gil;
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
-    out = dequantize_factor(*data, scale, format, blocksize, c10::SymIntArrayRef(shape, n));
+    result = dequantize_factor(*data, scale, format, blocksize, c10::SymIntArrayRef(shape, n), out, group, stride);
   }
-  return THPVariable_Wrap(std::move(out));
+  return THPVariable_Wrap(std::move(result));
   END_HANDLE_TH_ERRORS
 }
 

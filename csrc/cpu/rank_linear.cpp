@@ -29,19 +29,27 @@
 namespace adaptwin {
 namespace {
 
-// The whole factor as a float32 (k, n) tensor.
-at::Tensor dequantize(const Factor& f) {
-  auto out = at::empty({f.k, f.n}, at::kFloat);
-  float* dst = out.data_ptr<float>();
+// The whole factor decoded into float32 rows of dst: row r of the factor into dst row (r / group)·stride +
+// r % group (group = k, stride = k: in order; a compressed module's heads interleave their spectral rows
+// with fp LoRA ones).
+void dequantize_into(const Factor& f, float* dst, int64_t group, int64_t stride) {
   at::parallel_for(0, f.k, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(f.n, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = dst + ((r / group) * stride + r % group) * f.n;
       for (int64_t c = 0; c < f.n; c += kChunk) {
         const int64_t len = std::min(kChunk, f.n - c);
-        float* d = dst + r * f.n + c;
+        float* d = row + c;
         const float* w = row_chunk(f, r, c, len, d);
         if (w != d) std::copy(w, w + len, d);
       }
+    }
   });
+}
+
+// The whole factor as a float32 (k, n) tensor.
+at::Tensor dequantize(const Factor& f) {
+  auto out = at::empty({f.k, f.n}, at::kFloat);
+  dequantize_into(f, out.data_ptr<float>(), std::max<int64_t>(f.k, 1), std::max<int64_t>(f.k, 1));
   return out;
 }
 
@@ -243,10 +251,29 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 // The (k, n) float32 matrix one rank_linear factor stores, decoded by the kernels' own loops (for the
 // compressed modules' batched CPU calls, which decode a factor once and multiply it with ATen GEMMs).
 // Checked as the op checks a factor (same errors).
+// With `out` (a contiguous float32 tensor of (k / group)·stride·n elements or more), the rows go into out
+// as dequantize_into places them, and out is returned.
 at::Tensor dequantize_factor(const at::Tensor& data, const std::optional<at::Tensor>& scale, c10::string_view format,
-                             int64_t blocksize, c10::SymIntArrayRef shape) {
+                             int64_t blocksize, c10::SymIntArrayRef shape, const std::optional<at::Tensor>& out,
+                             int64_t group, int64_t stride) {
   const Factor f = make_factor("factor", data, scale, format, blocksize, shape);
-  return f.format == Format::kFp ? f.keep.to(at::kFloat) : dequantize(f);
+  if (!out.has_value()) return f.format == Format::kFp ? f.keep.to(at::kFloat) : dequantize(f);
+  TORCH_CHECK_VALUE(group >= 1 && stride >= group && f.k % group == 0, "dequantize: group must be >= 1 and divide ",
+                    f.k, " rows, stride >= group; got group ", group, ", stride ", stride);
+  TORCH_CHECK_VALUE(out->scalar_type() == at::kFloat && out->is_contiguous() && out->device().is_cpu() &&
+                        out->numel() >= (f.k / group) * stride * f.n,
+                    "dequantize: out must be a contiguous float32 CPU tensor of at least ", (f.k / group) * stride * f.n,
+                    " elements");
+  if (f.format == Format::kFp) {
+    out->view({-1})
+        .narrow(0, 0, (f.k / group) * stride * f.n)
+        .view({f.k / group, stride, f.n})
+        .narrow(1, 0, group)
+        .copy_(f.keep.reshape({f.k / group, group, f.n}));
+  } else {
+    dequantize_into(f, out->data_ptr<float>(), group, stride);
+  }
+  return *out;
 }
 
 TORCH_LIBRARY_IMPL(adaptwin, CPU, m) { m.impl("rank_linear", &rank_linear_cpu); }

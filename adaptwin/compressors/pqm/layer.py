@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs, batched_inference
+from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs, batched_inference, derived
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -82,7 +82,7 @@ class NF4LoRALinear(DropsPackedArgs):
         args = self._base.get(buffers)
         if args is None:
             stored = {name[len("weight_"):]: buffers[name] for name in self._base_names}
-            args = self._base.put(buffers, self._base_names, (stored["qweight"], self.fmt.scale(stored),
+            args = self._base.put(buffers, self._base_names, (stored["qweight"], derived(self.fmt.scale, stored),
                                   self.fmt.kind, self.fmt.blocksize, [self.out_features, self.in_features]))
         return args
 
@@ -100,8 +100,8 @@ class NF4LoRALinear(DropsPackedArgs):
         if batched_inference(self, x):
             dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
             params, bias = self._parameters, self._buffers["bias"]
-            w = torch.addmm(dequantize_factor(*self.base_args()), params["lora_B"].t().float(),
-                            params["lora_A"].float(), alpha=self.scaling)  # Ŵ + s·Bᵀ·A (out, in)
+            w = dequantize_factor(*self.base_args())  # Ŵ (out, in), a fresh float32 tensor: updated in place
+            w.addmm_(params["lora_B"].t().float(), params["lora_A"].float(), alpha=self.scaling)  # + s·Bᵀ·A
             y = F.linear(x.to(dt), w.to(dt), bias.to(dt) if bias is not None else None)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         y = rank_linear(x, *self.base_args(), *ABSENT, self._buffers["bias"])  # (..., out)

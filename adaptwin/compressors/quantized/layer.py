@@ -38,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptwin.compressors.packed_args import MIN_BATCHED_ROWS, DropsPackedArgs, PackedArgs, batched_inference
+from adaptwin.compressors.packed_args import (
+    MIN_BATCHED_ROWS,
+    DropsPackedArgs,
+    PackedArgs,
+    batched_inference,
+    derived,
+)
 from adaptwin.ops.activation import ACTIVATIONS, linear_act
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
@@ -152,15 +158,13 @@ class _QuantModule(DropsPackedArgs):
         """``f``'s full direction-major (k, n) matrix in ``dtype``: its quantised directions decoded, its fp LoRA
         directions in their places."""
         q, lora = self._parts(f)
-        w = dequantize_factor(q[0], q[1], q[2], q[3], q[4]) if q is not None else None  # (blocks·rank, n)
-        if lora is not None:
-            if w is None:
-                w = lora.float()
-            else:
-                full = w.new_empty((f.k, f.n))
-                full.index_copy_(0, f.idx_q, w)
-                full.index_copy_(0, f.idx_l, lora.float())
-                w = full
+        if lora is None:
+            w = dequantize_factor(*q)
+        elif q is None:
+            w = lora.float()
+        else:  # each block's `rank` spectral directions decoded into place, then its `lora` LoRA ones
+            w = dequantize_factor(*q, out=torch.empty((f.k, f.n)), group=f.rank, stride=f.width)
+            w.view(f.blocks, f.width, f.n)[:, f.rank:] = lora.view(f.blocks, f.lora, f.n)
         return w if w.dtype == dtype else w.to(dtype)
 
     def _packed_args(self, f: _Factor) -> tuple:
@@ -170,7 +174,7 @@ class _QuantModule(DropsPackedArgs):
         if q is None:
             names = f.buffer_names(self.fmt)
             stored = {key: buffers[name] for key, name in names}
-            q = (stored["qweight"], self.fmt.scale(stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
+            q = (stored["qweight"], derived(self.fmt.scale, stored), self.fmt.kind, self.fmt.blocksize, f.q_shape)
             f.packed_args.put(buffers, (name for _, name in names), q)
         return q
 
