@@ -61,7 +61,9 @@ def test_compiled_whisper_encoder_matches_eager(quantization, fuse):
 @pytest.mark.parametrize("quantization", [None, "nf4"])
 def test_exported_whisper_encoder_keeps_the_ops(quantization):
     """`torch.export` (the front end of AOTInductor and ExecuTorch) keeps both ops as single nodes; the exported
-    program computes what the eager encoder does."""
+    program computes what the eager encoder does: exactly for fp32 factors, to float32 rounding for packed
+    ones (eager, their batched calls multiply whole decoded factors with ATen GEMMs; the program calls the
+    op, which sums in another order)."""
     encoder = _encoder(quantization)
     x = tiny_models.whisper_inputs()["input_features"]
     with torch.no_grad():
@@ -71,7 +73,8 @@ def test_exported_whisper_encoder_keeps_the_ops(quantization):
         assert "adaptwin.attention" in code
         if quantization:
             assert "adaptwin.rank_linear" in code
-        torch.testing.assert_close(program.module()(x).last_hidden_state, eager, rtol=0, atol=0)
+        tol = 1e-5 if quantization else 0.0
+        torch.testing.assert_close(program.module()(x).last_hidden_state, eager, rtol=tol, atol=tol)
 
 
 def test_aot_inductor_package_runs_the_ops(tmp_path):

@@ -44,7 +44,7 @@ def derived(fn: Any, *args: Any) -> Any:
     double-quantised scales): an inference tensor cannot be kept (`PackedArgs.put`), so under
     ``inference_mode``, as ``generate`` runs, it would be recomputed on every call (tens of microseconds per
     factor). From inference-tensor buffers (a model built under inference_mode) it is still not kept."""
-    if not torch.is_inference_mode_enabled() or _is_compiling():
+    if _is_compiling() or not torch.is_inference_mode_enabled():  # (Dynamo breaks on the second)
         return fn(*args)
     with torch.inference_mode(False):
         return fn(*args)
