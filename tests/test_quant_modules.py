@@ -237,14 +237,18 @@ def test_cli_quantization_and_inspect(tmp_path):
     assert math.isfinite(data["modules"][0]["bits_per_param"])
 
 
-def _packed_low_rank(fmt: QuantFormat, seed: int = 0) -> QuantLowRankLinear:
-    m = QuantLowRankLinear(64, 96, 16, 0, True, fmt=fmt, quantize_lora=True, packed=False)
+def _random_packed(m: _QuantModule, seed: int) -> _QuantModule:
+    """``m`` (master state) with random factors and bias, packed."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     m.pack()
     return m
+
+
+def _packed_low_rank(fmt: QuantFormat, seed: int = 0) -> QuantLowRankLinear:
+    return _random_packed(QuantLowRankLinear(64, 96, 16, 0, True, fmt=fmt, quantize_lora=True, packed=False), seed)
 
 
 def _fresh_output(m: QuantLowRankLinear, x: torch.Tensor) -> torch.Tensor:
@@ -314,12 +318,7 @@ def _packed(kind: str, fmt: QuantFormat, quantize_lora: bool, seed: int = 0) -> 
         shape = (64, 48) if kind == "in" else (48, 64)
         m = QuantLinear(*shape, True, role=kind, blocks=4, width=12, rank=8, fmt=fmt, quantize_lora=quantize_lora,
                         packed=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    m.pack()
-    return m
+    return _random_packed(m, seed)
 
 
 @pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
