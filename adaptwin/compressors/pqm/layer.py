@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptwin.compressors.packed_args import DropsPackedArgs, PackedArgs, batched_inference, derived
+from adaptwin.compressors.packed_args import (
+    MIN_BATCHED_ROWS,
+    DropsPackedArgs,
+    PackedArgs,
+    batched_inference,
+    derived,
+)
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -97,7 +103,7 @@ class NF4LoRALinear(DropsPackedArgs):
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if batched_inference(self, x):
+        if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and batched_inference(self, x):
             dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
             params, bias = self._parameters, self._buffers["bias"]
             w = dequantize_factor(*self.base_args())  # Ŵ (out, in), a fresh float32 tensor: updated in place

@@ -151,7 +151,8 @@ class _QuantModule(DropsPackedArgs):
         return q, w[idx_l]
 
     def _batched(self, x: torch.Tensor) -> bool:
-        """Whether this call takes the whole-factor GEMM path (see the module docstring)."""
+        """Whether this call takes the whole-factor GEMM path (see the module docstring). The forwards test the
+        row count first, inline: a decoding call is a few microseconds, and a method call costs a few tenths."""
         return self.packed and batched_inference(self, x, MIN_BATCHED_ROWS)
 
     def _whole(self, f: _Factor, dtype: torch.dtype) -> torch.Tensor:
@@ -235,7 +236,7 @@ class QuantLinear(_QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self._factors["weight"]
         bias = self._bias()
-        if self._batched(x):
+        if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
             dt = x.dtype if x.dtype in _GEMM_DTYPES else torch.float32
             w = self._whole(f, dt)  # (k, n): in-role (out, in), out-role (in, out)
             b = bias.to(dt) if bias is not None else None
@@ -284,9 +285,17 @@ class QuantLowRankLinear(_QuantModule):
     fusable_activations = tuple(ACTIVATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._batched(x):
+        if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
             return self._whole_gemms(x)
-        y = self._linear(x)
+        bias = self._bias()
+        (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
+        y = None
+        if la is not None:  # LoRA directions in higher precision: a second rank-l product
+            y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
+                            None if qa else bias)
+        if qa is not None:
+            main = rank_linear(x, *qa, *qb, bias)
+            y = main if y is None else main + y
         return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
 
     def _whole_gemms(self, x: torch.Tensor) -> torch.Tensor:
@@ -300,20 +309,6 @@ class QuantLowRankLinear(_QuantModule):
         y = F.linear(h, b, bias_t) if self.activation is None else linear_act(h, b.contiguous(), bias_t,
                                                                               self.activation)
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
-    def _linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x·Uᵀ·Vᵀ + b through the op (the activation is the caller's)."""
-        bias = self._bias()
-        (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
-        f = self._factors["in_factor"]
-        y = None
-        if f.split:  # LoRA directions in higher precision: a second rank-l product
-            y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
-                            None if qa else bias)
-        if qa is not None:
-            main = rank_linear(x, *qa, *qb, bias)
-            y = main if y is None else main + y
-        return y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, lora_rank={self.lora_rank}, "
