@@ -39,6 +39,12 @@ def batched_inference(module: nn.Module, x: torch.Tensor, min_rows: int = MIN_BA
         p.requires_grad for p in module._parameters.values() if p is not None)))
 
 
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a batched call's GEMMs run in for x of ``dtype``, as the op's batched path chooses it: x's own
+    for float32, bfloat16 (AVX512-BF16 GEMMs) and float64; float32 otherwise (CPU fp16 GEMMs are slow)."""
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+
+
 def derived(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` computed outside ``torch.inference_mode`` (a tensor derived from a module's buffers, e.g.
     double-quantised scales): an inference tensor cannot be kept (`PackedArgs.put`), so under

@@ -31,6 +31,7 @@ from adaptwin.compressors.packed_args import (
     PackedArgs,
     batched_inference,
     derived,
+    gemm_dtype,
 )
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
@@ -104,7 +105,7 @@ class NF4LoRALinear(DropsPackedArgs):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and batched_inference(self, x):
-            dt = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
+            dt = gemm_dtype(x.dtype)
             params, bias = self._parameters, self._buffers["bias"]
             w = dequantize_factor(*self.base_args())  # Ŵ (out, in), a fresh float32 tensor: updated in place
             w.addmm_(params["lora_B"].t().float(), params["lora_A"].float(), alpha=self.scaling)  # + s·Bᵀ·A

@@ -44,13 +44,12 @@ from adaptwin.compressors.packed_args import (
     PackedArgs,
     batched_inference,
     derived,
+    gemm_dtype,
 )
 from adaptwin.ops.activation import ACTIVATIONS, linear_act
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
-
-_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # else the products run in float32
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -237,7 +236,7 @@ class QuantLinear(_QuantModule):
         f = self._factors["weight"]
         bias = self._bias()
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
-            dt = x.dtype if x.dtype in _GEMM_DTYPES else torch.float32
+            dt = gemm_dtype(x.dtype)
             w = self._whole(f, dt)  # (k, n): in-role (out, in), out-role (in, out)
             b = bias.to(dt) if bias is not None else None
             y = F.linear(x.to(dt), w if self.role == "in" else w.t(), b)
@@ -301,7 +300,7 @@ class QuantLowRankLinear(_QuantModule):
     def _whole_gemms(self, x: torch.Tensor) -> torch.Tensor:
         """The batched path: x·Uᵀ, then ·Vᵀ + b with the fused activation in the same GEMM."""
         bias = self._bias()
-        dt = x.dtype if x.dtype in _GEMM_DTYPES else torch.float32
+        dt = gemm_dtype(x.dtype)
         a = self._whole(self._factors["in_factor"], dt)  # (k, in)
         b = self._whole(self._factors["out_factor"], dt).t()  # (out, k)
         bias_t = bias.to(dt) if bias is not None else None
