@@ -87,6 +87,14 @@ def time_interleaved(
     return out
 
 
+FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows: torch's dynamic int8 linear takes float32 only
+
+
+def runs_in(provider: str, dtype: str) -> bool:
+    """Whether a benchmark row exists for ``provider`` in ``dtype`` ("fp32", "bf16", ...)."""
+    return dtype == "fp32" or provider not in FP32_ONLY
+
+
 def int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` replaced by torch's dynamically quantised int8 linear
     (``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``, as PyTorch's dynamic

@@ -58,6 +58,7 @@ from benchmarks.common import (
     format_table,
     int8_dynamic,
     now_utc,
+    runs_in,
     stored_bytes,
     time_interleaved,
     versions,
@@ -75,7 +76,6 @@ from benchmarks.whisper_encoder_speed import (
 
 BENCHMARK = "whisper_decode_speed"
 PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4", "dense_int8")
-FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows
 PROMPT_TOKENS = 8  # new tokens of the shorter generate call, subtracted out
 REL_TOL_FP32 = 1e-4  # adaptwin against adaptwin_sdpa: the same factors, two attention kernels
 FIELDS = ("benchmark", "shape", "dtype", "provider", "ms_per_token", "us_per_call", "ratio", "generate_ms", "tokens",
@@ -166,9 +166,9 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], toke
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
         dtype = DTYPES[dname]
-        here = [p for p in providers if dname == "fp32" or p not in FP32_ONLY]
+        here = [p for p in providers if runs_in(p, dname)]
         typed = {name: copy.deepcopy(m).to(dtype) for name, m in models.items()
-                 if name != "adaptwin_sdpa" and (dname == "fp32" or name not in FP32_ONLY)}
+                 if name != "adaptwin_sdpa" and runs_in(name, dname)}
         typed["adaptwin_sdpa"] = typed["adaptwin"]
         x = features.to(dtype)
         err = None

@@ -75,6 +75,7 @@ from benchmarks.common import (
     keep_heap,
     now_utc,
     pick,
+    runs_in,
     stored_bytes,
     time_interleaved,
     versions,
@@ -90,7 +91,6 @@ except ImportError:  # pragma: no cover
 BENCHMARK = "whisper_encoder_speed"
 PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse", "adaptwin_sdpa",
              "adaptwin_nopad", "adaptwin_nf4", "dense_int8", "unfused")
-FP32_ONLY = ("dense_int8",)  # providers without 16-bit rows
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
 REFERENCE = {"dense": "dense", "dense_int8": "dense", "adaptwin_even": "_unfused_even",
              "adaptwin_unaligned": "_unfused_unaligned", "adaptwin_nf4": "adaptwin"}
@@ -273,7 +273,7 @@ def run_shape(shape: EncoderShape, dtypes: list[str], providers: list[str], repe
     device, vers, threads = device_string(), versions(), torch.get_num_threads()
     for dname in dtypes:
         dtype = DTYPES[dname]
-        here = [p for p in providers if dname == "fp32" or p not in FP32_ONLY]
+        here = [p for p in providers if runs_in(p, dname)]
         encs = {p: copy.deepcopy(encoders[p]).to(dtype) for p in here}
         x = features.to(dtype)
         with torch.inference_mode():
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             for d in dtypes:
                 profile_shape(shape, d, [p for p in providers
-                                         if p != "unfused" and (d == "fp32" or p not in FP32_ONLY)])
+                                         if p != "unfused" and runs_in(p, d)])
     print()
     print_report(rows, flops)
     path = write_rows(args.out, rows)

@@ -41,7 +41,7 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
         rows = list(reader)
     assert tuple(reader.fieldnames) == common.CSV_FIELDS
     assert {(r["dtype"], r["provider"]) for r in rows} == {
-        (d, p) for d in ("fp32", "bf16") for p in bench.PROVIDERS if d == "fp32" or p not in bench.FP32_ONLY}
+        (d, p) for d in ("fp32", "bf16") for p in bench.PROVIDERS if common.runs_in(p, d)}
     for r in rows:
         assert r["shape"] == TOY.label() and r["benchmark"] == "whisper_encoder_speed"
         assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
@@ -62,7 +62,7 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     # A second run of one dtype replaces its own rows and keeps the others.
     assert bench.main([*argv[:2], "--dtypes", "fp32", *argv[4:]]) == 0
     with open(out, newline="") as f:
-        assert len(list(csv.DictReader(f))) == 2 * len(bench.PROVIDERS) - len(bench.FP32_ONLY)
+        assert len(list(csv.DictReader(f))) == sum(common.runs_in(p, d) for p in bench.PROVIDERS for d in ("fp32", "bf16"))
 
 
 def test_plot_from_csv(tmp_path, monkeypatch):

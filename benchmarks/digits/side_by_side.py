@@ -51,6 +51,7 @@ from benchmarks.common import (
     int8_dynamic,
     now_utc,
     pick,
+    runs_in,
     stored_bytes,
     time_interleaved,
     versions,
@@ -59,7 +60,6 @@ from benchmarks.common import (
 
 BENCHMARK = "digits_side_by_side"
 PROVIDERS = ("dense", "dense_int8", "pqm_nf4", "adaptwin", "adaptwin_nf4", "adaptwin_int8")
-FP32_ONLY = ("dense_int8",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIELDS = ("benchmark", "provider", "dtype", "speaker", "wer", "ci_low", "ci_high", "errors", "words", "weight_mb",
           "ms_per_utterance", "real_time_factor", "time_ratio", "timed_utterances", "batch", "repeats", "ratio",
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, providers: list[str], dtypes: list[str]) -> li
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
-        here = [p for p in providers if dname == "fp32" or p not in FP32_ONLY]
+        here = [p for p in providers if runs_in(p, dname)]
         typed = {p: models[p] if dname == "fp32" else copy.deepcopy(models[p]).to(dtype) for p in here}
         wers = {}
         for p in here:
