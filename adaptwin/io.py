@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from adaptwin._files import fsync_dir, give_default_mode
 from adaptwin.compress import RECORD_ATTR, CompressionRecord, _submodule_setter, compression_record
 from adaptwin.registry import get_architecture, get_compressor
 
@@ -115,6 +116,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
             "summary": record.summary(),
         }
         _fsync_write(tmp / CONFIG_NAME, json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+        give_default_mode(tmp / WEIGHTS_NAME)  # safetensors writes it 0600
+        give_default_mode(tmp, directory=True)  # mkdtemp makes it 0700
         if target.exists():  # swap: old -> trash, new -> target, drop trash
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, trash / "old")
@@ -122,6 +125,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

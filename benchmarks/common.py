@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from adaptwin._files import give_default_mode
+
 # One header for every benchmark's CSV; a benchmark leaves the fields it has no use for empty.
 CSV_FIELDS = (
     "benchmark", "shape", "dtype", "provider",
@@ -265,14 +267,12 @@ def write_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]
             if tuple(reader.fieldnames or ()) == fields:
                 old = [r for r in reader if tuple(r[k] for k in key) not in keys]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(old + new)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
+        give_default_mode(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

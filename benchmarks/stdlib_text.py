@@ -23,6 +23,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from adaptwin._files import give_default_mode
+
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3", "pydoc_data",
         "ensurepip", "venv", "__main__"}
 CODE = re.compile(r"[_=(){}\[\]<>`*#/\\@$%^~]|\w\.\w|--")
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    give_default_mode(tmp)  # mkstemp makes it 0600
     os.replace(tmp, out)
     print(f"{len(lines)} sentences from Python {sys.version.split()[0]}'s docstrings -> {out}")
     return 0

@@ -62,7 +62,8 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     # A second run of one dtype replaces its own rows and keeps the others.
     assert bench.main([*argv[:2], "--dtypes", "fp32", *argv[4:]]) == 0
     with open(out, newline="") as f:
-        assert len(list(csv.DictReader(f))) == sum(common.runs_in(p, d) for p in bench.PROVIDERS for d in ("fp32", "bf16"))
+        rows = len(list(csv.DictReader(f)))
+    assert rows == sum(common.runs_in(p, d) for p in bench.PROVIDERS for d in ("fp32", "bf16"))
 
 
 def test_plot_from_csv(tmp_path, monkeypatch):

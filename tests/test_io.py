@@ -157,3 +157,49 @@ def test_missing_files_refused(saved, tmp_path):
     (saved / "adaptwin.json").unlink()
     with pytest.raises(ValueError, match="adaptwin.json is missing"):
         adaptwin.load(saved)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, and restore it."""
+    saved_mask = os.umask(0o022)
+    os.umask(saved_mask)
+
+    def set_mask(mask):
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(saved_mask)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_saved_files_get_the_mode_open_would_give(small, tmp_path, umask, mask):
+    # mkdtemp (0700), mkstemp and safetensors (0600) would leave a model only its owner can read; every
+    # published file and folder gets 0666 / 0777 less the umask, as open() and mkdir give.
+    from safetensors.torch import save_file
+
+    from adaptwin._files import umask as read_umask
+    from adaptwin.finetune.checkpoint import write_atomic
+    from adaptwin.speech.audio import write_wav
+    from benchmarks.digits import atomic_dir
+
+    umask(mask)
+    assert read_umask() == mask
+    extra = tmp_path / "tokenizer_config.json"
+    extra.write_text("{}")
+    out = adaptwin.save(small, tmp_path / "m", extra_files=[extra])
+    adaptwin.save(small, out, extra_files=[extra])  # the replacing path too
+    write_atomic(tmp_path / "ckpt.safetensors", {"w": torch.ones(2)}, {"step": 1})
+    write_atomic(tmp_path / "run.json", None, {"step": 1})
+    write_wav(tmp_path / "a.wav", torch.zeros(160).numpy(), 16000)
+    with atomic_dir(tmp_path / "trained") as folder:  # the benchmarks' model folders
+        save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"))  # as save_pretrained writes it
+        (folder / "sub").mkdir(mode=0o700)
+    files = [out / name for name in os.listdir(out)]
+    files += [tmp_path / name for name in ("ckpt.safetensors", "run.json", "a.wav", "trained/model.safetensors")]
+    assert len(files) == 7
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
+    for folder in (out, tmp_path / "trained", tmp_path / "trained" / "sub"):
+        assert oct(folder.stat().st_mode & 0o777) == oct(0o777 & ~mask)
+    assert sorted(os.listdir(tmp_path)) == ["a.wav", "ckpt.safetensors", "m", "run.json", "tokenizer_config.json",
+                                            "trained"]

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from adaptwin._files import fsync_dir, give_default_mode
+
 
 def safe_name(path: str) -> str:
     """A layer path as a file name (characters outside [A-Za-z0-9_.-] become _)."""
@@ -61,20 +63,6 @@ def weights_digest(model: nn.Module) -> str:
 _TMP = ".tmp-"  # prefix of files being written; never a checkpoint, removed when a run starts
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (the directory entry), where the platform allows opening a directory."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, tensors: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> None:
     """Write ``path`` (safetensors with ``meta`` as JSON, or a JSON file when ``tensors`` is None) atomically.
 
@@ -92,11 +80,9 @@ def write_atomic(path: Path, tensors: dict[str, torch.Tensor] | None, meta: dict
                       metadata={"result": json.dumps(meta)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode open() would have
+        give_default_mode(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,7 +92,6 @@ def remove_stale(run_dir: Path) -> None:
     for folder in (run_dir, run_dir / "layers"):
         for leftover in folder.glob(f"{_TMP}*"):
             leftover.unlink(missing_ok=True)
-
 
 
 def check_run(run_file: Path, fingerprint: dict[str, Any]) -> None:

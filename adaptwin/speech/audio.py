@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptwin._files import give_default_mode
+
 __all__ = ["load_audio", "resample", "write_wav"]
 
 
@@ -97,6 +99,7 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sampling_rate: int) ->
                 w.writeframes(np.ascontiguousarray(pcm).astype("<i2").tobytes())
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

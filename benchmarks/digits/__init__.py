@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from adaptwin._files import give_default_modes
+
 __all__ = ["atomic_dir"]
 
 
@@ -36,6 +38,7 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out) a
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        give_default_modes(self.tmp)  # mkdtemp makes it 0700, save_pretrained's safetensors 0600
         if self.target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
             os.rename(self.target, trash / "old")
