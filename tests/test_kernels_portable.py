@@ -95,6 +95,47 @@ def test_capped_dispatch_passes_the_cpu_cases(cap, expected):
     assert_cases_passed(proc)
 
 
+SDPA_ROUTE = """
+import torch
+from adaptwin.ops import backends
+from adaptwin.ops.attention import attention_reference
+assert backends.cpu_features() == {"avx512": False, "avx512_rows": False, "avx512_bf16": False}
+op = torch.ops.adaptwin.attention.default
+torch.manual_seed(0)
+cases = 0
+widths = [(w, w) for w in range(1, 70, 3)] + [(20, 13), (39, 52), (64, 64)]
+shapes = [(1, 2, 2, 256, 256), (2, 4, 2, 3, 40), (1, 2, 1, 1, 300), (1, 1, 1, 5, 0)]  # B, H, Hkv, T, S
+for dq, dv in widths:
+    for b, h, hkv, t, s in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k = torch.randn(b, h, t, dq, dtype=dtype), torch.randn(b, hkv, s, dq, dtype=dtype)
+            v = torch.randn(b, hkv, s, dv, dtype=dtype)
+            pad = torch.ones(b, 1, 1, s, dtype=torch.bool)
+            pad[0, ..., s // 2:] = False
+            additive = torch.randn(b, 1, t, s, dtype=torch.float16)  # a third dtype
+            for mask, causal in [(None, False), (None, True), (pad, False), (pad, True), (additive, True)]:
+                want = attention_reference(q, k, v, mask, 0.3, causal)
+                got = op(q, k, v, mask, 0.3, causal)
+                assert got.shape == want.shape and torch.equal(got, want), (dq, dv, b, h, hkv, t, s, dtype, causal)
+                cases += 1
+print("cases", cases)
+"""
+
+
+def test_without_avx512_the_kernel_is_the_reference_sdpa():
+    # Without AVX-512 the C++ kernel hands every call to ATen's SDPA (csrc/cpu/attention.cpp: attention_sdpa),
+    # padded as the reference pads (its sdpa_width is _cpu_width): the same bits as the reference, for
+    # every width around the padding rule's cases, both sides of its T·S threshold, masks, GQA, no keys.
+    from adaptwin.ops import backends
+
+    if not backends.load()["cpp"]:
+        pytest.skip("adaptwin._C is not built (run `make install`)")
+    env = {**os.environ, "ADAPTWIN_CPU_CAP": "portable", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", SDPA_ROUTE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "cases 1040" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_an_unknown_cap_is_refused():
     env = {**os.environ, "ADAPTWIN_CPU_CAP": "avx2", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", "import adaptwin.ops"], cwd=ROOT, env=env, capture_output=True,

@@ -48,6 +48,8 @@ from adaptwin.ops.backends import FAST, _is_compiling, call_without_autograd
 # Padding copies q, k and v, which costs more than it saves on small problems: at D = 39, T = S = 128 it
 # took 0.232 → 0.267 ms, at 256 0.666 → 0.618 ms, and decoding (T = 1, S = 1500) 0.40 → 0.96 ms.
 _CPU_PAD_MIN_SCORES = 256 * 256  # T·S per head below which q/k/v go to SDPA unpadded
+# csrc/cpu/attention.cpp (sdpa_width, kSdpaPadMinScores) carries the same rule for the CPU kernel's SDPA route
+# (CPUs without AVX-512); tests/test_kernels_portable.py checks the two give the same bits.
 
 
 def _cpu_width(d: int) -> int:

@@ -78,9 +78,9 @@ ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int
   }
   lanes_store(p, b, h, i0, nq, l, ot);
 }
-#endif
 
-void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<float>& ws) {
+// Decoding (T < kMinLanes) on AVX-512 CPUs without the BW / VL forms of the row path.
+ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<float>& ws) {
   const int64_t nq = std::min(kBQ, p.T - i0);
   const int64_t hk = h / (p.H / p.Hkv);
   const int64_t dvp = (p.Dv + 15) / 16 * 16;  // accumulator rows padded to whole vectors
@@ -99,15 +99,9 @@ void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<f
   const float* kt = p.kt + (b * p.Hkv + hk) * p.Dq * p.S;
   const float* vbase = p.v + b * p.vs[0] + hk * p.vs[1];
   const int64_t s_end = p.causal ? std::min(p.S, i0 + nq) : p.S;  // keys j <= i (top-left, as SDPA)
-  const bool avx = has_avx512();
   for (int64_t j0 = 0; j0 < s_end; j0 += kBK) {
     const int64_t nk = std::min(kBK, s_end - j0);
-#if ADAPTWIN_X86
-    if (avx)
-      scores_avx512(p, qb, kt, j0, nq, nk, s);
-    else
-#endif
-      scores_scalar(p, qb, kt, j0, nq, nk, s);
+    scores_avx512(p, qb, kt, j0, nq, nk, s);
     if (p.mask_f || p.mask_b || p.causal) {
       for (int64_t i = 0; i < nq; ++i) {
         float* row = s + i * kBK;
@@ -122,12 +116,7 @@ void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<f
       }
     }
     softmax_update(p, s, nq, mx, l, o, dvp);
-#if ADAPTWIN_X86
-    if (avx)
-      pv_avx512(p, s, vbase + j0 * p.vs[2], p.vs[2], nq, nk, o, dvp);
-    else
-#endif
-      pv_scalar(p, s, vbase + j0 * p.vs[2], p.vs[2], nq, nk, o, dvp);
+    pv_avx512(p, s, vbase + j0 * p.vs[2], p.vs[2], nq, nk, o, dvp);
   }
   for (int64_t i = 0; i < nq; ++i) {
     // A row with every key masked has l = 0: its output is 0 (SDPA's CPU kernels give 0 there too;
@@ -138,22 +127,14 @@ void run_block(const Problem& p, int64_t b, int64_t h, int64_t i0, std::vector<f
   }
 }
 
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
-  check_attention(q, k, v, mask, scale);
+// The op on AVX-512 CPUs: the query-vectorised paths (T >= kMinLanes), the row path (decoding) or run_block.
+at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   Problem p{};
   p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
   p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
-  if (q.scalar_type() == at::kDouble) {  // float64 (gradcheck, oracles): ATen's math, no float32 rounding
-    at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale, p.H != p.Hkv);
-    return o.transpose(1, 2).contiguous();
-  }
-#if ADAPTWIN_X86
-  const bool lanes = has_avx512() && p.T >= kMinLanes;
+  const bool lanes = p.T >= kMinLanes;
   const bool rows = !lanes && has_avx512_rows();  // decoding: attention_rows.h, the cache read in place
-#else
-  const bool lanes = false, rows = false;
-#endif
   // bf16 q, k, v with AVX512-BF16: products in bf16 pairs (attention_bf16.h), no float32 copies
   const bool bf16 = lanes && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                     v.scalar_type() == at::kBFloat16 && has_avx512_bf16();
@@ -213,7 +194,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       p.mask_f = m.data_ptr<float>();
   }
   if (p.T > 0 && p.H > 0 && p.B > 0) {
-#if ADAPTWIN_X86
     if (rows) {
       at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
         std::vector<float> ws(row_workspace(p));
@@ -227,20 +207,16 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       });
       return out.to(q.scalar_type());
     }
-#endif
     const int64_t bq = lanes ? 32 : kBQ;
     const int64_t qblocks = (p.T + bq - 1) / bq;
     const int64_t dvp = (p.Dv + 15) / 16 * 16;
     size_t ws_size = lanes ? 32 * (p.Dq + kBK + p.Dv) : kBQ * p.Dq + kBQ * kBK + kBQ * dvp + 2 * kBQ;
-#if ADAPTWIN_X86
     if (bf16) ws_size = lanes_bf16_workspace(p);
-#endif
     at::parallel_for(0, p.B * p.H * qblocks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> ws(ws_size);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / (p.H * qblocks), h = (t / qblocks) % p.H, qb = t % qblocks;
         if (p.S == 0) continue;
-#if ADAPTWIN_X86
         if (bf16) {
           run_block_lanes_bf16(p, b, h, qb * bq, ws.data());
           continue;
@@ -249,7 +225,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
           run_block_lanes(p, b, h, qb * bq, ws.data());
           continue;
         }
-#endif
         run_block(p, b, h, qb * bq, ws);
       }
     });
@@ -257,6 +232,63 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   return out.to(q.scalar_type());
 }
+#endif  // ADAPTWIN_X86
+
+// Width ATen's CPU SDPA runs fastest at for heads of width d, and the T·S per head from which q, k and v are
+// zero-padded to it: the rule, and the sweep behind it, of adaptwin/ops/attention.py's _cpu_width and
+// _CPU_PAD_MIN_SCORES (the op's reference); tests/test_kernels_portable.py checks the two give the same bits.
+constexpr int64_t kSdpaPadMinScores = 256 * 256;
+
+int64_t sdpa_width(int64_t d) {
+  if (d <= 16) return 16;
+  const int64_t w8 = (d + 7) / 8 * 8, pad = w8 - d;
+  return w8 % 16 == 0 || pad <= 2 || (d % 2 == 1 && pad <= 5) ? w8 : d;
+}
+
+// The op through ATen's SDPA, as the reference computes it (adaptwin/ops/attention.py: _sdpa): a causal
+// flag given with a mask folded into the mask, a mask in a third dtype made float32, heads zero-padded to
+// a fast width (exact: zero columns change neither q·kᵀ nor the kept columns of p·v). Returns (B, T, H, Dv).
+at::Tensor attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
+  const int64_t T = q.size(2), S = k.size(2), dq = q.size(3), dv = v.size(3);
+  std::optional<at::Tensor> m = mask;
+  bool causal = is_causal;
+  if (causal && m.has_value()) {
+    const at::Tensor keep = at::ones({T, S}, q.options().dtype(at::kBool)).tril();
+    m = m->scalar_type() == at::kBool ? at::logical_and(*m, keep)
+                                      : m->masked_fill(at::logical_not(keep), -std::numeric_limits<double>::infinity());
+    causal = false;
+  }
+  if (m.has_value() && m->scalar_type() != at::kBool && m->scalar_type() != q.scalar_type() &&
+      m->scalar_type() != at::kFloat)
+    m = m->to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor qq = q, kk = k, vv = v;
+  if (T * S >= kSdpaPadMinScores) {
+    const int64_t w = sdpa_width(std::max(dq, dv));
+    if (w != dq || w != dv) {
+      auto pad = [w](const at::Tensor& t) { return t.size(3) == w ? t : at::constant_pad_nd(t, {0, w - t.size(3)}); };
+      qq = pad(q), kk = pad(k), vv = pad(v);
+    }
+  }
+  at::Tensor out = at::scaled_dot_product_attention(qq, kk, vv, m, 0.0, causal, scale, q.size(1) != k.size(1));
+  if (out.size(3) != dv) out = out.narrow(3, 0, dv);
+  return out.transpose(1, 2).contiguous();
+}
+
+// Without AVX-512 (ARM CPUs, x86 ones with AVX2 at most, ADAPTWIN_CPU_CAP=portable) every call runs
+// attention_sdpa: ATen's SDPA is vectorised for those CPUs, and portable loops were 1.3-5.8x slower than it
+// on an emulated AVX2 CPU (README: "CPUs without AVX-512"). float64 (gradcheck, oracles) runs it too.
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
+  check_attention(q, k, v, mask, scale);
+  if (q.scalar_type() == at::kDouble || !has_avx512()) return attention_sdpa(q, k, v, mask, scale, is_causal);
+#if ADAPTWIN_X86
+  return attention_avx512(q, k, v, mask, scale, is_causal);
+#else
+  return at::Tensor();  // unreachable: has_avx512() is false in a portable build
+#endif
+}
+
 
 }  // namespace
 

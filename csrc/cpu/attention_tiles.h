@@ -1,6 +1,6 @@
 // Tile primitives of the CPU kernel of adaptwin::attention (included by attention.cpp only): the Problem
-// view of one call, the score tile q·kᵀ, the online-softmax update of a tile and the p·v accumulation,
-// each with an AVX-512 variant chosen at run time and a portable one.
+// view of one call, the score tile q·kᵀ, the online-softmax update of a tile and the p·v accumulation, in
+// AVX-512 (CPUs without it run ATen's SDPA instead: attention.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,21 +41,6 @@ struct Problem {
   const uint16_t* vp = nullptr;   // (B, Hkv, S2, Dv, 2): value rows j, j + 1 interleaved, S zero-padded
   int64_t dq2 = 0, s2 = 0;        // Dq and S rounded up to pairs
 };
-
-// Scores tile s[i][j] (i < nq, j < nk) = qb[i]·kt[:, j0 + j], plus mask; -inf where masked or j >= nk.
-void scores_scalar(const Problem& p, const float* qb, const float* kt, int64_t j0, int64_t nq, int64_t nk,
-                   float* s) {
-  for (int64_t i = 0; i < nq; ++i) {
-    float* row = s + i * kBK;
-    for (int64_t j = 0; j < kBK; ++j) row[j] = 0.0f;
-    for (int64_t d = 0; d < p.Dq; ++d) {
-      const float qd = qb[i * p.Dq + d];
-      const float* k = kt + d * p.S + j0;
-      for (int64_t j = 0; j < nk; ++j) row[j] += qd * k[j];
-    }
-    for (int64_t j = nk; j < kBK; ++j) row[j] = kNegInf;
-  }
-}
 
 #if ADAPTWIN_X86
 // Four query rows at a time: 16 accumulators, each key vector loaded once for four FMAs.
@@ -105,10 +90,9 @@ ADAPTWIN_AVX512 float exp_row_avx512(float* row, float m) {
   }
   return _mm512_reduce_add_ps(acc);
 }
-#endif
 
 // Online-softmax update of rows [0, nq) with the tile s: p = exp(s - m_new) in place, rescale o.
-void softmax_update(const Problem& p, float* s, int64_t nq, float* mx, float* l, float* o, int64_t dvp) {
+ADAPTWIN_AVX512 void softmax_update(const Problem& p, float* s, int64_t nq, float* mx, float* l, float* o, int64_t dvp) {
   for (int64_t i = 0; i < nq; ++i) {
     float* row = s + i * kBK;
     float tile_max = kNegInf;
@@ -119,18 +103,7 @@ void softmax_update(const Problem& p, float* s, int64_t nq, float* mx, float* l,
       continue;
     }
     const float alpha = std::exp(mx[i] - m_new);  // exp(-inf) = 0 on the first visible tile
-    float sum = 0.0f;
-#if ADAPTWIN_X86
-    if (has_avx512()) {
-      sum = exp_row_avx512(row, m_new);
-    } else
-#endif
-    {
-      for (int64_t j = 0; j < kBK; ++j) {
-        row[j] = std::exp(row[j] - m_new);
-        sum += row[j];
-      }
-    }
+    const float sum = exp_row_avx512(row, m_new);
     l[i] = l[i] * alpha + sum;
     mx[i] = m_new;
     if (alpha != 1.0f)
@@ -139,18 +112,6 @@ void softmax_update(const Problem& p, float* s, int64_t nq, float* mx, float* l,
 }
 
 // o[i] += Σ_j s[i][j] · v[j] for rows [0, nq), keys [0, nk).
-void pv_scalar(const Problem& p, const float* s, const float* v, int64_t vstride, int64_t nq, int64_t nk, float* o,
-               int64_t dvp) {
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < nk; ++j) {
-      const float w = s[i * kBK + j];
-      if (w == 0.0f) continue;
-      const float* vj = v + j * vstride;
-      for (int64_t d = 0; d < p.Dv; ++d) o[i * dvp + d] += w * vj[d];
-    }
-}
-
-#if ADAPTWIN_X86
 ADAPTWIN_AVX512 void pv_avx512(const Problem& p, const float* s, const float* v, int64_t vstride, int64_t nq,
                                int64_t nk, float* o, int64_t dvp) {
   for (int64_t c = 0; c < p.Dv; c += 16) {
