@@ -181,3 +181,57 @@ def test_fused_layer_fine_tunes_like_the_unfused_one():
     layer(x, attention_mask=None)[0].square().sum().backward()
     for n, p in layer.named_parameters():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_linear_act_falls_back_where_the_primitive_cannot_be_built(monkeypatch):
+    # oneDNN's bf16 inner product needs AVX512-BF16 / AMX / AVX-NE-CONVERT: where creating it fails, the
+    # call and every later one of that dtype take the two-step form; a genuine error still surfaces.
+    if linear_act_module._ONEDNN is None:
+        pytest.skip("torch was built without oneDNN")
+    calls: list[torch.dtype] = []
+
+    def no_primitive(x, *args):
+        calls.append(x.dtype)
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+
+    monkeypatch.setattr(linear_act_module, "_ONEDNN", no_primitive)
+    monkeypatch.setattr(linear_act_module, "_UNFUSABLE", set())
+    x, w, b = torch.randn(6, 8), torch.randn(5, 8), torch.randn(5)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            linear_act(x, torch.randn(5, 7), b, "gelu")  # the two-step form's own error
+        assert linear_act_module._UNFUSABLE == set()  # a genuine error does not switch fusing off
+        for _ in range(2):
+            torch.testing.assert_close(linear_act(x, w, b, "gelu"), F.gelu(F.linear(x, w, b)))
+    assert calls == [torch.float32, torch.float32]  # the second call no longer tries
+    assert linear_act_module._UNFUSABLE == {torch.float32}
+
+
+def test_linear_act_skips_bf16_where_onednn_lacks_it(monkeypatch):
+    calls = _calls_onednn(monkeypatch)
+    if linear_act_module._ONEDNN is None:
+        pytest.skip("torch was built without oneDNN")
+    monkeypatch.setattr(linear_act_module, "_BF16", [False])  # torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        out = linear_act(x.bfloat16(), w.bfloat16(), None, "gelu")
+        assert torch.equal(out, F.gelu(F.linear(x.bfloat16(), w.bfloat16()))) and calls == []
+        linear_act(x, w, None, "gelu")
+    assert calls == [1]  # float32 still fused
+
+
+def test_bf16_linear_act_on_onednn_capped_to_avx2():
+    # What an AVX2-only CPU's oneDNN can do, on this one: a bf16 call returns the two-step result.
+    import subprocess
+
+    code = ("import torch, torch.nn.functional as F\n"
+            "from adaptwin.ops import activation as a\n"
+            "x, w = torch.randn(6, 8).bfloat16(), torch.randn(5, 8).bfloat16()\n"
+            "with torch.no_grad():\n"
+            "    out = a.linear_act(x, w, None, 'gelu')\n"
+            "assert torch.equal(out, F.gelu(F.linear(x, w))), out\n"
+            "print('unfusable', sorted(str(d) for d in a._UNFUSABLE), 'bf16 check', a._bf16_supported())\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unfusable" in proc.stdout

@@ -24,6 +24,12 @@ ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none")}  # exact (erf) GELU, as Whisper
 
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _DTYPES = (torch.float32, torch.bfloat16)
+# dtypes whose fused primitive this process cannot build. oneDNN's bf16 inner product needs AVX512-BF16,
+# AMX or AVX-NE-CONVERT (torch.ops.mkldnn._is_mkldnn_bf16_supported); without them, or with oneDNN capped
+# below them (ONEDNN_MAX_CPU_ISA), creating the primitive fails: the first failure puts the dtype here and
+# that call, and every later one, takes the two-step form.
+_UNFUSABLE: set[torch.dtype] = set()
+_BF16: list[bool] = []  # torch.ops.mkldnn._is_mkldnn_bf16_supported(), asked once
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
@@ -32,12 +38,19 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) 
         raise ValueError(f"linear_act: unknown activation {activation!r}; allowed: {sorted(ACTIVATIONS)}")
     fn, post_op, algorithm = ACTIVATIONS[activation]
     if _fusable(x, weight, bias):
-        return _ONEDNN(x, weight, bias, post_op, [], algorithm)
+        try:
+            return _ONEDNN(x, weight, bias, post_op, [], algorithm)
+        except RuntimeError:
+            y = fn(F.linear(x, weight, bias))  # a genuine error (shapes, ...) is raised here
+            _UNFUSABLE.add(x.dtype)  # the two-step form works where the primitive failed: not for this dtype
+            return y
     return fn(F.linear(x, weight, bias))
 
 
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _ONEDNN is None or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        return False
+    if x.dtype in _UNFUSABLE or (x.dtype == torch.bfloat16 and not _bf16_supported()):
         return False
     if x.dim() < 2 or x.numel() <= x.shape[-1] or (bias is not None and bias.dtype != x.dtype):
         return False  # a single row: the GEMV path of F.linear is faster (41 vs 54 us at 153 -> 1536)
@@ -45,3 +58,10 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
                                     or (bias is not None and bias.requires_grad)):
         return False
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+
+
+def _bf16_supported() -> bool:
+    if not _BF16:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        _BF16.append(bool(check()) if check is not None else True)  # without the check the first call decides
+    return _BF16[0]
