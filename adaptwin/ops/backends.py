@@ -11,8 +11,8 @@
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
 ``ADAPTWIN_CPU_CAP`` (one of `CPU_CAPS`) caps the SIMD paths of the CPU kernels, to run and test what
-other CPUs take: ``portable`` as an x86 CPU without AVX-512 (or an ARM one), ``avx512`` as one without
-AVX512-BF16; `cpu_features` says which paths this process takes.
+other CPUs take: ``portable`` as an ARM CPU (no SIMD path), ``avx2`` as an x86 CPU without AVX-512,
+``avx512`` as one without AVX512-BF16; `cpu_features` says which paths this process takes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import warnings
 import torch
 
 _STATE: dict[str, object] = {}
-CPU_CAPS = ("native", "avx512", "portable")  # csrc/cpu/cpu_features.h's cpu_cap()
+CPU_CAPS = ("native", "avx512", "avx2", "portable")  # csrc/cpu/cpu_features.h's cpu_cap()
 OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 # op name ("attention", "rank_linear") -> adaptwin._C's inference entry point for it (csrc/cpu/python_calls.cpp),
 # filled by `load`. Called with the op's arguments, it converts them in C++ and calls the op through the
@@ -69,11 +69,11 @@ def load() -> dict[str, object]:
 
 
 def cpu_features() -> dict[str, bool]:
-    """The SIMD paths the CPU kernels take in this process: ``{"avx512", "avx512_rows", "avx512_bf16"}``, the
-    CPU's features capped by ``ADAPTWIN_CPU_CAP``; all False without the native library."""
+    """The SIMD paths the CPU kernels take in this process: ``{"avx2", "avx512", "avx512_rows",
+    "avx512_bf16"}``, the CPU's features capped by ``ADAPTWIN_CPU_CAP``; all False without the native library."""
     load()
     if not _STATE["cpp"]:
-        return {"avx512": False, "avx512_rows": False, "avx512_bf16": False}
+        return {"avx2": False, "avx512": False, "avx512_rows": False, "avx512_bf16": False}
     return importlib.import_module("adaptwin._C").cpu_features()
 
 

@@ -1,9 +1,10 @@
 // Runtime CPU-feature dispatch shared by the CPU kernels.
 //
 // The extension is compiled for a portable x86-64 baseline (no -march=native: a wheel built on an
-// AVX-512 machine must still load on an AVX2 one). The hot loops exist twice: an AVX-512 version
-// compiled with `__attribute__((target("avx512f")))` and a plain C++ version; `has_avx512()` picks one
-// once per process (the "avx512f" bit of cpuid, via GCC/Clang's __builtin_cpu_supports).
+// AVX-512 machine must still load on an AVX2 one). The hot loops exist in an AVX-512 version compiled with
+// `__attribute__((target("avx512f")))` and a plain C++ version, the NF4 / int8 decoding and the float32
+// dot / axpy of rank_linear also in an AVX2 + FMA one (x86 CPUs without AVX-512); `has_avx512()` /
+// `has_avx2()` pick one once per process (cpuid bits, via GCC/Clang's __builtin_cpu_supports).
 #pragma once
 
 #include <cmath>
@@ -17,6 +18,7 @@
 #define ADAPTWIN_X86 1
 #include <immintrin.h>
 #define ADAPTWIN_AVX512 __attribute__((target("avx512f")))
+#define ADAPTWIN_AVX2 __attribute__((target("avx2,fma")))
 // AVX512-BF16 (vdpbf16ps: two bf16 products summed into each float32 lane) with the BW permutes
 #define ADAPTWIN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 #else
@@ -26,22 +28,33 @@
 namespace adaptwin {
 
 // ADAPTWIN_CPU_CAP (environment, read once per process) caps what the dispatch below may use, so that the
-// paths of other CPUs can be run and tested on this one: "portable" (no AVX-512: what an AVX2-only x86 CPU
-// runs), "avx512" (AVX-512 without AVX512-BF16, as on Skylake-X), unset or "native" (what the CPU has).
-// adaptwin.ops.backends rejects any other value before a kernel runs; here it counts as "native".
+// paths of other CPUs can be run and tested on this one: "portable" (no SIMD path: what an ARM CPU runs),
+// "avx2" (AVX2 + FMA, no AVX-512: most x86 laptops and desktops), "avx512" (AVX-512 without AVX512-BF16,
+// as on Skylake-X), unset or "native" (what the CPU has). adaptwin.ops.backends rejects any other value
+// before a kernel runs; here it counts as "native".
 inline int cpu_cap() {
   static const int cap = [] {
     const char* s = std::getenv("ADAPTWIN_CPU_CAP");
     if (s != nullptr && std::strcmp(s, "portable") == 0) return 0;
-    if (s != nullptr && std::strcmp(s, "avx512") == 0) return 1;
-    return 2;
+    if (s != nullptr && std::strcmp(s, "avx2") == 0) return 1;
+    if (s != nullptr && std::strcmp(s, "avx512") == 0) return 2;
+    return 3;
   }();
   return cap;
 }
 
+inline bool has_avx2() {
+#if ADAPTWIN_X86
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_cap() >= 1;
+  return yes;
+#else
+  return false;
+#endif
+}
+
 inline bool has_avx512() {
 #if ADAPTWIN_X86
-  static const bool yes = __builtin_cpu_supports("avx512f") && cpu_cap() >= 1;
+  static const bool yes = __builtin_cpu_supports("avx512f") && cpu_cap() >= 2;
   return yes;
 #else
   return false;
@@ -61,7 +74,7 @@ inline bool has_avx512_rows() {
 inline bool has_avx512_bf16() {
 #if ADAPTWIN_X86
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16") && cpu_cap() >= 2;
+                          __builtin_cpu_supports("avx512bf16") && cpu_cap() >= 3;
   return yes;
 #else
   return false;

@@ -152,6 +152,58 @@ ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs
 }
 #endif
 
+#if ADAPTWIN_X86
+// AVX2 + FMA (x86 CPUs without AVX-512): 8 codes (4 bytes) -> 8 NF4 values in element order. The word is
+// broadcast and lane e shifted right to its nibble (high nibble of each byte first); vpermps reads the
+// low 3 bits of an index, so the two halves of the 16-entry table are looked up and bit 3 picks one.
+ADAPTWIN_AVX2 inline __m256 nf4_8(const uint8_t* p, __m256 lut_lo, __m256 lut_hi) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+  const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx), hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+ADAPTWIN_AVX2 void nf4_avx2(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4), lut_hi = _mm256_loadu_ps(kNF4 + 8);
+  int64_t i = 0;
+  if (e0 & 1) {  // odd start: one low nibble, then byte-aligned
+    nf4_scalar(p, absmax, bs, e0, 1, out);
+    i = 1;
+  }
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t block = e / bs;
+    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
+    const __m256 s = _mm256_set1_ps(absmax[block]);
+    int64_t j = 0;
+    for (; j + 8 <= seg; j += 8) _mm256_storeu_ps(out + i + j, _mm256_mul_ps(nf4_8(p + ((e + j) >> 1), lut_lo, lut_hi), s));
+    if (j < seg) nf4_scalar(p, absmax, bs, e + j, seg - j, out + i + j);
+    i += seg;
+  }
+}
+
+ADAPTWIN_AVX2 void int8_avx2(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len,
+                             float* out) {
+  const int64_t group = bs == 0 ? n : bs;  // elements per scale
+  int64_t i = 0;
+  while (i < len) {
+    const int64_t e = e0 + i;
+    const int64_t g = e / group;
+    const int64_t seg = std::min(len - i, (g + 1) * group - e);
+    const __m256 s = _mm256_set1_ps(scale[g]);
+    int64_t j = 0;
+    for (; j + 8 <= seg; j += 8) {
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e + j));
+      _mm256_storeu_ps(out + i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+    }
+    for (; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * scale[g];
+    i += seg;
+  }
+}
+#endif
+
 // Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
 // itself, or into buf after decoding.
 const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, float* buf) {
@@ -164,12 +216,22 @@ const float* row_chunk(const Factor& f, int64_t r, int64_t c0, int64_t len, floa
       return buf;
     }
 #endif
+#if ADAPTWIN_X86
+    if (has_avx2()) {
+      nf4_avx2(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
     nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
     return buf;
   }
 #if ADAPTWIN_X86
   if (has_avx512()) {
     int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+  if (has_avx2()) {
+    int8_avx2(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
     return buf;
   }
 #endif
@@ -217,11 +279,35 @@ ADAPTWIN_AVX512 void axpy_avx512(float* y, float alpha, const float* x, int64_t 
                                                     _mm512_maskz_loadu_ps(m, y + i)));
   }
 }
+
+ADAPTWIN_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += lanes[j];
+  return s;
+}
+
+ADAPTWIN_AVX2 void axpy_avx2(float* y, float alpha, const float* x, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
 #endif
 
 inline float dot(const float* a, const float* b, int64_t n) {
 #if ADAPTWIN_X86
   if (has_avx512()) return dot_avx512(a, b, n);
+  if (has_avx2()) return dot_avx2(a, b, n);
 #endif
   return dot_scalar(a, b, n);
 }
@@ -229,6 +315,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline void axpy(float* y, float alpha, const float* x, int64_t n) {
 #if ADAPTWIN_X86
   if (has_avx512()) return axpy_avx512(y, alpha, x, n);
+  if (has_avx2()) return axpy_avx2(y, alpha, x, n);
 #endif
   axpy_scalar(y, alpha, x, n);
 }
