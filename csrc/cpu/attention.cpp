@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_avx2.h"
 #include "attention_bf16.h"
 #include "attention_rows.h"
 #include "attention_tiles.h"
@@ -232,6 +233,47 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
   }
   return out.to(q.scalar_type());
 }
+
+// The op on CPUs with AVX2 + FMA but no AVX-512, for T >= kMinLanes (attention_avx2.h): float32 copies of
+// q, k and v where they are not already float32 with unit last stride, 16 queries per task.
+at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
+  Problem p{};
+  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
+  p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
+  auto f32 = [](const at::Tensor& t) {
+    at::Tensor u = t.to(at::kFloat);
+    return u.stride(-1) == 1 ? u : u.contiguous();
+  };
+  const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v);
+  p.q = q32.data_ptr<float>(), p.k = k32.data_ptr<float>(), p.v = v32.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
+  at::Tensor out = at::empty({p.B, p.T, p.H, p.Dv}, at::kFloat);
+  p.scale = static_cast<float>(scale);
+  p.causal = is_causal;
+  p.out = out.data_ptr<float>();
+  at::Tensor m;
+  if (mask.has_value()) {
+    m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
+    m = m.expand({p.B, p.H, p.T, p.S});
+    if (m.stride(3) != 1 && m.stride(3) != 0) m = m.contiguous();
+    for (int d = 0; d < 4; ++d) p.ms[d] = m.stride(d);
+    if (m.scalar_type() == at::kBool)
+      p.mask_b = m.data_ptr<bool>();
+    else
+      p.mask_f = m.data_ptr<float>();
+  }
+  const int64_t qblocks = (p.T + kLanes2 - 1) / kLanes2;
+  const size_t ws_size = kLanes2 * (p.Dq + kBK + p.Dv);
+  at::parallel_for(0, p.B * p.H * qblocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ws(ws_size);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (p.H * qblocks), h = (t / qblocks) % p.H, qb = t % qblocks;
+      run_block_lanes_avx2(p, b, h, qb * kLanes2, ws.data());
+    }
+  });
+  return out.to(q.scalar_type());
+}
 #endif  // ADAPTWIN_X86
 
 // Width ATen's CPU SDPA runs fastest at for heads of width d, and the T·S per head from which q, k and v are
@@ -275,12 +317,18 @@ at::Tensor attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out.transpose(1, 2).contiguous();
 }
 
-// Without AVX-512 (ARM CPUs, x86 ones with AVX2 at most, ADAPTWIN_CPU_CAP=portable) every call runs
-// attention_sdpa: ATen's SDPA is vectorised for those CPUs, and portable loops were 1.3-5.8x slower than it
-// on an emulated AVX2 CPU (README: "CPUs without AVX-512"). float64 (gradcheck, oracles) runs it too.
+// Without AVX-512, calls of at least kMinLanes queries with keys run the AVX2 kernel where the CPU has AVX2
+// + FMA; every other call (decoding, ARM CPUs, ADAPTWIN_CPU_CAP=portable) runs attention_sdpa: ATen's
+// SDPA is vectorised for those CPUs, and portable loops were 1.3-5.8x slower than it on an emulated AVX2
+// CPU (README: "CPUs without AVX-512"). float64 (gradcheck, oracles) runs it too.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   check_attention(q, k, v, mask, scale);
+#if ADAPTWIN_X86
+  if (q.scalar_type() != at::kDouble && !has_avx512() && has_avx2() && q.size(2) >= kMinLanes && k.size(2) > 0 &&
+      q.size(0) > 0 && q.size(1) > 0)
+    return attention_avx2(q, k, v, mask, scale, is_causal);
+#endif
   if (q.scalar_type() == at::kDouble || !has_avx512()) return attention_sdpa(q, k, v, mask, scale, is_causal);
 #if ADAPTWIN_X86
   return attention_avx512(q, k, v, mask, scale, is_causal);

@@ -1,0 +1,206 @@
+// Query-vectorised attention for x86 CPUs with AVX2 + FMA but no AVX-512 (included by attention.cpp only):
+// the AVX-512 lanes path of attention_tiles.h / attention.cpp with 8-float vectors. A task's 16 queries
+// are the lanes of two vectors; tiles are kept transposed (keys × 16 queries); scores are in log2 units
+// (queries pre-multiplied by scale·log2e, additive masks by log2e) and the softmax takes 2^x. float32
+// arithmetic (bf16 / fp16 inputs are widened first). Calls with fewer than kMinLanes queries (decoding)
+// go to ATen's SDPA instead (attention.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "attention_tiles.h"
+#include "cpu_features.h"
+
+namespace adaptwin {
+namespace {
+
+#if ADAPTWIN_X86
+constexpr int64_t kLanes2 = 16;  // queries per task
+
+// 2^x for 8 floats x <= 0 (-inf gives 0): 2^n · p(f), n = round(x), f = x - n, the polynomial of
+// exp2_512_nonpos; 2^n assembled in the exponent bits, so x below -126 (2^x < 1.2e-38, beside the row
+// maximum's 1 in every softmax sum) is flushed to 0.
+ADAPTWIN_AVX2 inline __m256 exp2_256_nonpos(__m256 x) {
+  const __m256 floor_ = _mm256_set1_ps(-126.0f);
+  const __m256 tiny = _mm256_cmp_ps(x, floor_, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor_);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// Oᵀ[d][:] += Σ_j v[j][d]·Pᵀ[j][:] for DN value columns (fresh accumulators per tile, then added: blocked
+// summation, as the AVX-512 path does).
+template <int DN>
+ADAPTWIN_AVX2 inline void pv_lanes_avx2(const float* st, const float* v, int64_t vstride, int64_t nk, float* ot) {
+  __m256 acc[DN][2];
+  for (int d = 0; d < DN; ++d) acc[d][0] = acc[d][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < nk; ++j) {
+    const __m256 p0 = _mm256_loadu_ps(st + j * kLanes2), p1 = _mm256_loadu_ps(st + j * kLanes2 + 8);
+    const float* vj = v + j * vstride;
+    for (int d = 0; d < DN; ++d) {
+      const __m256 vd = _mm256_set1_ps(vj[d]);
+      acc[d][0] = _mm256_fmadd_ps(vd, p0, acc[d][0]);
+      acc[d][1] = _mm256_fmadd_ps(vd, p1, acc[d][1]);
+    }
+  }
+  for (int d = 0; d < DN; ++d) {
+    float* o = ot + d * kLanes2;
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[d][0]));
+    _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[d][1]));
+  }
+}
+
+ADAPTWIN_AVX2 void pv_lanes_avx2_any(int dn, const float* st, const float* v, int64_t vstride, int64_t nk, float* ot) {
+  switch (dn) {
+    case 1: return pv_lanes_avx2<1>(st, v, vstride, nk, ot);
+    case 2: return pv_lanes_avx2<2>(st, v, vstride, nk, ot);
+    case 3: return pv_lanes_avx2<3>(st, v, vstride, nk, ot);
+    case 4: return pv_lanes_avx2<4>(st, v, vstride, nk, ot);
+    case 5: return pv_lanes_avx2<5>(st, v, vstride, nk, ot);
+    default: return pv_lanes_avx2<6>(st, v, vstride, nk, ot);
+  }
+}
+
+// Masks, causal cut and the online-softmax update of one transposed score tile (nk keys × 16 lanes, log2
+// units): st becomes 2^(s - m_new), the running max mx / sum l advance, Oᵀ (Dv × 16) is rescaled.
+ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
+                                             int64_t j0, int64_t nk, float* st, __m256* mx, __m256* l, float* ot) {
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  if (p.mask_f || p.mask_b) {
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
+      float* row = st + jj * kLanes2;
+      if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
+        if (p.mask_f) {
+          const __m256 mv = _mm256_set1_ps(p.mask_f[base] * kLog2e);
+          _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), mv));
+          _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_loadu_ps(row + 8), mv));
+        } else if (!p.mask_b[base]) {
+          _mm256_storeu_ps(row, ninf), _mm256_storeu_ps(row + 8, ninf);
+        }
+      } else {
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t at = base + i * p.ms[2];
+          if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
+          else if (!p.mask_b[at]) row[i] = kNegInf;
+        }
+      }
+    }
+  }
+  if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const int64_t first = j0 + jj - i0;  // lowest lane that may see this key
+      if (first <= 0) continue;
+      const __m256i f = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(first, kLanes2)));
+      float* row = st + jj * kLanes2;
+      const __m256 hide0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, lane));
+      const __m256 hide1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(f, _mm256_add_epi32(lane, _mm256_set1_epi32(8))));
+      _mm256_storeu_ps(row, _mm256_blendv_ps(_mm256_loadu_ps(row), ninf, hide0));
+      _mm256_storeu_ps(row + 8, _mm256_blendv_ps(_mm256_loadu_ps(row + 8), ninf, hide1));
+    }
+  }
+  for (int c = 0; c < 2; ++c) {
+    __m256 tmax = ninf;
+    for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm256_max_ps(tmax, _mm256_loadu_ps(st + jj * kLanes2 + 8 * c));
+    const __m256 m_new = _mm256_max_ps(mx[c], tmax);
+    // lanes that have seen only masked keys keep m = -inf; subtract 0 there so 2^x gives 0, not NaN
+    const __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
+    const __m256 alpha = exp2_256_nonpos(_mm256_sub_ps(mx[c], m_use));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      float* at = st + jj * kLanes2 + 8 * c;
+      const __m256 e = exp2_256_nonpos(_mm256_sub_ps(_mm256_loadu_ps(at), m_use));
+      _mm256_storeu_ps(at, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    l[c] = _mm256_fmadd_ps(l[c], alpha, sum);
+    mx[c] = m_new;
+    for (int64_t d = 0; d < p.Dv; ++d) {
+      float* o = ot + d * kLanes2 + 8 * c;
+      _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), alpha));
+    }
+  }
+}
+
+// One task: queries [i0, i0 + 16) of head h in batch b, written to p.out (0 where every key was masked).
+ADAPTWIN_AVX2 void run_block_lanes_avx2(const Problem& p, int64_t b, int64_t h, int64_t i0, float* ws) {
+  const int64_t nq = std::min<int64_t>(kLanes2, p.T - i0);
+  const int64_t hk = h / (p.H / p.Hkv);
+  float* qt = ws;                    // (Dq, 16)
+  float* st = qt + p.Dq * kLanes2;   // (kBK, 16)
+  float* ot = st + kBK * kLanes2;    // (Dv, 16)
+  std::fill(qt, qt + p.Dq * kLanes2, 0.0f);
+  const float qscale = p.scale * kLog2e;
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* qi = p.q + b * p.qs[0] + h * p.qs[1] + (i0 + i) * p.qs[2];
+    for (int64_t d = 0; d < p.Dq; ++d) qt[d * kLanes2 + i] = qi[d] * qscale;
+  }
+  std::fill(ot, ot + p.Dv * kLanes2, 0.0f);
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  __m256 mx[2] = {ninf, ninf}, l[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const float* kb = p.k + b * p.ks[0] + hk * p.ks[1];
+  const float* vb = p.v + b * p.vs[0] + hk * p.vs[1];
+  const int64_t s_end = p.causal ? std::min(p.S, i0 + nq) : p.S;
+  for (int64_t j0 = 0; j0 < s_end; j0 += kBK) {
+    const int64_t nk = std::min(kBK, s_end - j0);
+    // scores, four keys at a time: Qᵀ[d] loaded once for four broadcast-FMAs per vector
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      const float* k0 = kb + (j0 + j) * p.ks[2];
+      for (int64_t d = 0; d < p.Dq; ++d) {
+        const __m256 q0 = _mm256_loadu_ps(qt + d * kLanes2), q1 = _mm256_loadu_ps(qt + d * kLanes2 + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 kd = _mm256_set1_ps(k0[r * p.ks[2] + d]);
+          acc[r][0] = _mm256_fmadd_ps(kd, q0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(kd, q1, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm256_storeu_ps(st + (j + r) * kLanes2, acc[r][0]);
+        _mm256_storeu_ps(st + (j + r) * kLanes2 + 8, acc[r][1]);
+      }
+    }
+    for (; j < nk; ++j) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      const float* kj = kb + (j0 + j) * p.ks[2];
+      for (int64_t d = 0; d < p.Dq; ++d) {
+        const __m256 kd = _mm256_set1_ps(kj[d]);
+        a0 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(qt + d * kLanes2), a0);
+        a1 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(qt + d * kLanes2 + 8), a1);
+      }
+      _mm256_storeu_ps(st + j * kLanes2, a0), _mm256_storeu_ps(st + j * kLanes2 + 8, a1);
+    }
+    lanes_softmax_avx2(p, b, h, i0, nq, j0, nk, st, mx, l, ot);
+    const float* v0 = vb + j0 * p.vs[2];
+    for (int64_t d = 0; d < p.Dv; d += 6)
+      pv_lanes_avx2_any(static_cast<int>(std::min<int64_t>(6, p.Dv - d)), st, v0 + d, p.vs[2], nk,
+                        ot + d * kLanes2);
+  }
+  alignas(32) float inv[kLanes2];
+  for (int c = 0; c < 2; ++c) {
+    const __m256 positive = _mm256_cmp_ps(l[c], _mm256_setzero_ps(), _CMP_GT_OQ);
+    _mm256_store_ps(inv + 8 * c, _mm256_and_ps(positive, _mm256_div_ps(_mm256_set1_ps(1.0f), l[c])));
+  }
+  for (int64_t i = 0; i < nq; ++i) {
+    float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
+    for (int64_t d = 0; d < p.Dv; ++d) dst[d] = ot[d * kLanes2 + i] * inv[i];
+  }
+}
+#endif
+
+}  // namespace
+}  // namespace adaptwin
