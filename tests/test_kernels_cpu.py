@@ -188,6 +188,7 @@ LINEAR_CASES = [
     # int8 with per-row scales, or flat blocks of whole 32-code steps: the fused kernels too (no lane order)
     (1, 384, 96, 384, "int8", 0),
     (5, 768, 40, 800, "int8", 32),
+    (1, 768, 40, 800, "int8", 32),  # one row, flat blocks: the AVX2 register decode's int8 case too
     (16, 416, 29, 480, "int8", 32),
     (8, 3072, 13, 1536, "int8", 128),
     (3, 431, 20, 384, "nf4", 6),

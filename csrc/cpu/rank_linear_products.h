@@ -95,8 +95,8 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
                      [&](int64_t r0, int64_t r1) { fused_in(a, xf, rows, h, r0, r1); });
     return;
   }
-  if (rows == 1 && a.format == Format::kNf4 && has_avx2() && fused_ok(a)) {  // rank_linear_avx2.h
-    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { nf4_in_avx2(a, x, h, r0, r1); });
+  if (rows == 1 && has_avx2() && fused_ok(a)) {  // rank_linear_avx2.h
+    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { gemv_in_avx2(a, x, h, r0, r1); });
     return;
   }
 #endif
@@ -125,10 +125,10 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
                      [&](int64_t g0, int64_t g1) { fused_out(b, h, rows, y, 32 * g0, 32 * g1); });
     return;
   }
-  if (rows == 1 && b.format == Format::kNf4 && has_avx2() && fused_ok(b)) {  // rank_linear_avx2.h
+  if (rows == 1 && has_avx2() && fused_ok(b)) {  // rank_linear_avx2.h
     const int64_t groups = b.n / 32;
     at::parallel_for(0, groups, grain_for(groups, b.k * b.n),
-                     [&](int64_t g0, int64_t g1) { nf4_out_avx2(b, h, y, 32 * g0, 32 * g1); });
+                     [&](int64_t g0, int64_t g1) { gemv_out_avx2(b, h, y, 32 * g0, 32 * g1); });
     return;
   }
 #endif
