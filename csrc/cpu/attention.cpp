@@ -7,6 +7,11 @@
 // so that a score tile is kBQ·Dq broadcast-FMAs over contiguous key rows; values are read in place.
 // Queries are pre-multiplied by `scale`. Output is written straight into (B, T, H, Dv), the layout the
 // output projection reads, so no transpose copy follows. float32 arithmetic; bf16/fp16 are upcast.
+//
+// Which path runs (attention_cpu, at the end): on AVX-512 CPUs the query-vectorised kernels (T >= 8; bf16
+// in bf16 pairs where the CPU has AVX512-BF16), the row path (decoding) or run_block; on CPUs with AVX2 +
+// FMA but no AVX-512 the query-vectorised kernel in 8-float vectors (attention_avx2.h, T >= 8); every other
+// call (decoding there, ARM, float64) goes to ATen's SDPA as the op's reference calls it (attention_sdpa).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -3,8 +3,9 @@
 // y = (x·Aᵀ)·B + bias with A (k, in) and B (k, out) stored "fp", "nf4" or "int8", direction-major.
 // * Decode path (at most kGemvRows rows of x, e.g. batch-1 decoding, or kFusedMaxRows with NF4 / int8
 //   factors the fused AVX-512 kernels take, 8 rows per decode of the codes: beam search, batched
-//   decoding, short prompts): the packed factors are read once
-//   and decoded chunk by chunk into an L1 buffer (512 floats) that is consumed at once; h = x·Aᵀ
+//   decoding, short prompts; on CPUs with AVX2 but no AVX-512, one row with the factors rank_linear_avx2.h
+//   takes): the packed factors are read once
+//   and decoded chunk by chunk into an L1 buffer (512 floats) that is consumed at once, or in registers; h = x·Aᵀ
 //   ((rows, k) floats) stays in cache between the two products and no fp32 copy of a factor is made.
 //   This is memory-bound: an NF4 factor is 1/8 of its fp32 bytes.
 // * Batched path: each quantised factor is dequantised once to fp32 (parallel over directions) and the
