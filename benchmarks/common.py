@@ -222,10 +222,18 @@ def cpu_name() -> str:
 
 
 def device_string(device: str = "cpu") -> str:
-    """E.g. ``cpu: AMD EPYC (2 of 2 cores, AVX512)``."""
+    """E.g. ``cpu: AMD EPYC (2 threads of 2 cores, torch AVX512, adaptwin avx512_bf16)``: the SIMD level torch's
+    kernels run at (``ATEN_CPU_CAPABILITY`` lowers it) and the highest path adaptwin's CPU kernels take
+    (``ADAPTWIN_CPU_CAP`` lowers it; "reference" without the native library)."""
     if device == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        return f"cpu: {cpu_name()} ({torch.get_num_threads()} threads of {os.cpu_count()} cores, {cap})"
+        from adaptwin.ops.backends import cpu_features, load
+
+        torch_cap = torch.backends.cpu.get_cpu_capability()
+        paths = cpu_features()
+        ours = next((name for name in ("avx512_bf16", "avx512", "avx2") if paths.get(name)),
+                    "portable" if load()["cpp"] else "reference")
+        return (f"cpu: {cpu_name()} ({torch.get_num_threads()} threads of {os.cpu_count()} cores, "
+                f"torch {torch_cap}, adaptwin {ours})")
     return f"{device}: {torch.cuda.get_device_name()}" if device.startswith("cuda") else device
 
 

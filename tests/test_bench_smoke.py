@@ -46,6 +46,7 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
         assert r["shape"] == TOY.label() and r["benchmark"] == "whisper_encoder_speed"
         assert 0 < float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"])
         assert float(r["gflop"]) > 0 and r["torch"] and r["device"]
+        assert " threads of " in r["device"] and ", adaptwin " in r["device"]  # which kernel paths ran
     fp32 = {r["provider"]: r for r in rows if r["dtype"] == "fp32"}
     assert float(fp32["dense"]["ratio_p50"]) == 1.0
     assert float(fp32["adaptwin"]["gflop_ratio"]) < 1.0 < float(fp32["unfused"]["gflop_ratio"])
