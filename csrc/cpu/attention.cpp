@@ -31,6 +31,27 @@ namespace adaptwin {
 namespace {
 
 #if ADAPTWIN_X86
+// t as float32 with a unit last stride (a copy only where it is not one already).
+at::Tensor f32(const at::Tensor& t) {
+  at::Tensor u = t.to(at::kFloat);
+  return u.stride(-1) == 1 ? u : u.contiguous();
+}
+
+// The mask's view in p (bool keep-mask or float32 additive, broadcast to (B, H, T, S)); returns the tensor
+// that owns it, to be kept alive while the kernel runs.
+at::Tensor set_mask(Problem& p, const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return at::Tensor();
+  at::Tensor m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
+  m = m.expand({p.B, p.H, p.T, p.S});
+  if (m.stride(3) != 1 && m.stride(3) != 0) m = m.contiguous();
+  for (int d = 0; d < 4; ++d) p.ms[d] = m.stride(d);
+  if (m.scalar_type() == at::kBool)
+    p.mask_b = m.data_ptr<bool>();
+  else
+    p.mask_f = m.data_ptr<float>();
+  return m;
+}
+
 ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int64_t i0, float* ws) {
   const int64_t nq = std::min<int64_t>(32, p.T - i0);
   const int64_t hk = h / (p.H / p.Hkv);
@@ -144,10 +165,6 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
   // bf16 q, k, v with AVX512-BF16: products in bf16 pairs (attention_bf16.h), no float32 copies
   const bool bf16 = lanes && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                     v.scalar_type() == at::kBFloat16 && has_avx512_bf16();
-  auto f32 = [](const at::Tensor& t) {
-    at::Tensor u = t.to(at::kFloat);
-    return u.stride(-1) == 1 ? u : u.contiguous();
-  };
   at::Tensor q32, k32, v32, kt, q16, kp, vp;
   // the row path reads bfloat16 keys and values as they are (widened in registers)
   const bool rows16 = rows && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
@@ -188,17 +205,7 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.out = out.data_ptr<float>();
-  at::Tensor m;
-  if (mask.has_value()) {
-    m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
-    m = m.expand({p.B, p.H, p.T, p.S});
-    if (m.stride(3) != 1 && m.stride(3) != 0) m = m.contiguous();
-    for (int d = 0; d < 4; ++d) p.ms[d] = m.stride(d);
-    if (m.scalar_type() == at::kBool)
-      p.mask_b = m.data_ptr<bool>();
-    else
-      p.mask_f = m.data_ptr<float>();
-  }
+  const at::Tensor m = set_mask(p, mask);
   if (p.T > 0 && p.H > 0 && p.B > 0) {
     if (rows) {
       at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
@@ -246,10 +253,6 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
   Problem p{};
   p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
   p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
-  auto f32 = [](const at::Tensor& t) {
-    at::Tensor u = t.to(at::kFloat);
-    return u.stride(-1) == 1 ? u : u.contiguous();
-  };
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v);
   p.q = q32.data_ptr<float>(), p.k = k32.data_ptr<float>(), p.v = v32.data_ptr<float>();
   for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
@@ -257,17 +260,7 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.scale = static_cast<float>(scale);
   p.causal = is_causal;
   p.out = out.data_ptr<float>();
-  at::Tensor m;
-  if (mask.has_value()) {
-    m = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
-    m = m.expand({p.B, p.H, p.T, p.S});
-    if (m.stride(3) != 1 && m.stride(3) != 0) m = m.contiguous();
-    for (int d = 0; d < 4; ++d) p.ms[d] = m.stride(d);
-    if (m.scalar_type() == at::kBool)
-      p.mask_b = m.data_ptr<bool>();
-    else
-      p.mask_f = m.data_ptr<float>();
-  }
+  const at::Tensor m = set_mask(p, mask);
   const int64_t qblocks = (p.T + kLanes2 - 1) / kLanes2;
   const size_t ws_size = kLanes2 * (p.Dq + kBK + p.Dv);
   at::parallel_for(0, p.B * p.H * qblocks, 1, [&](int64_t t0, int64_t t1) {

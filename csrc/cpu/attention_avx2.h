@@ -77,27 +77,7 @@ ADAPTWIN_AVX2 void pv_lanes_avx2_any(int dn, const float* st, const float* v, in
 ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
                                              int64_t j0, int64_t nk, float* st, __m256* mx, __m256* l, float* ot) {
   const __m256 ninf = _mm256_set1_ps(kNegInf);
-  if (p.mask_f || p.mask_b) {
-    for (int64_t jj = 0; jj < nk; ++jj) {
-      const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
-      float* row = st + jj * kLanes2;
-      if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
-        if (p.mask_f) {
-          const __m256 mv = _mm256_set1_ps(p.mask_f[base] * kLog2e);
-          _mm256_storeu_ps(row, _mm256_add_ps(_mm256_loadu_ps(row), mv));
-          _mm256_storeu_ps(row + 8, _mm256_add_ps(_mm256_loadu_ps(row + 8), mv));
-        } else if (!p.mask_b[base]) {
-          _mm256_storeu_ps(row, ninf), _mm256_storeu_ps(row + 8, ninf);
-        }
-      } else {
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t at = base + i * p.ms[2];
-          if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
-          else if (!p.mask_b[at]) row[i] = kNegInf;
-        }
-      }
-    }
-  }
+  mask_tile(p, b, h, i0, nq, j0, nk, st, kLanes2);
   if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t jj = 0; jj < nk; ++jj) {

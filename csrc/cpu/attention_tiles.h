@@ -178,6 +178,32 @@ ADAPTWIN_AVX512 void pv_lanes_any(int dn, const float* st, const float* v, int64
   }
 }
 
+// Masks of a transposed score tile (nk keys × `lanes` query lanes, log2 units): an additive mask, times
+// log2e, added; a false keep-mask entry set to -inf. Shared by the AVX-512 (32 lanes) and AVX2 (16 lanes)
+// query-vectorised paths.
+inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                      float* st, int64_t lanes) {
+  if (!p.mask_f && !p.mask_b) return;
+  for (int64_t jj = 0; jj < nk; ++jj) {
+    const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
+    float* row = st + jj * lanes;
+    if (p.ms[2] == 0) {  // one value for every query (padding masks)
+      if (p.mask_f) {
+        const float add = p.mask_f[base] * kLog2e;
+        for (int64_t i = 0; i < lanes; ++i) row[i] += add;
+      } else if (!p.mask_b[base]) {
+        for (int64_t i = 0; i < lanes; ++i) row[i] = kNegInf;
+      }
+    } else {
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t at = base + i * p.ms[2];
+        if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
+        else if (!p.mask_b[at]) row[i] = kNegInf;
+      }
+    }
+  }
+}
+
 // Masks, causal cut and the online-softmax update of one transposed score tile st (nk keys × 32 query
 // lanes, float32, in log2 units: the callers scale scores by scale·log2e): st becomes 2^(s - m_new) =
 // exp of the natural-unit difference, the running max mx / sum l advance, and Oᵀ (Dv × 32) is rescaled.
@@ -186,28 +212,7 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
                                           int64_t nk, float* st, __m512* mx, __m512* l, float* ot) {
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  // masks
-  if (p.mask_f || p.mask_b) {
-    for (int64_t jj = 0; jj < nk; ++jj) {
-      const int64_t base = b * p.ms[0] + h * p.ms[1] + i0 * p.ms[2] + (j0 + jj) * p.ms[3];
-      float* row = st + jj * 32;
-      if (p.ms[2] == 0) {  // one value for every query (padding masks): a broadcast
-        if (p.mask_f) {
-          const __m512 mv = _mm512_set1_ps(p.mask_f[base] * kLog2e);
-          _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), mv));
-          _mm512_storeu_ps(row + 16, _mm512_add_ps(_mm512_loadu_ps(row + 16), mv));
-        } else if (!p.mask_b[base]) {
-          _mm512_storeu_ps(row, ninf), _mm512_storeu_ps(row + 16, ninf);
-        }
-      } else {
-        for (int64_t i = 0; i < nq; ++i) {
-          const int64_t at = base + i * p.ms[2];
-          if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
-          else if (!p.mask_b[at]) row[i] = kNegInf;
-        }
-      }
-    }
-  }
+  mask_tile(p, b, h, i0, nq, j0, nk, st, 32);
   if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
     for (int64_t jj = 0; jj < nk; ++jj) {
       const int64_t first = j0 + jj - i0;  // lowest lane that may see this key
