@@ -211,7 +211,7 @@ def test_linear_act_skips_bf16_where_onednn_lacks_it(monkeypatch):
     calls = _calls_onednn(monkeypatch)
     if linear_act_module._ONEDNN is None:
         pytest.skip("torch was built without oneDNN")
-    monkeypatch.setattr(linear_act_module, "_BF16", [False])  # torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(linear_act_module, "_bf16_supported", lambda: False)  # as on a CPU without bf16 GEMMs
     x, w = torch.randn(6, 8), torch.randn(5, 8)
     with torch.no_grad():
         out = linear_act(x.bfloat16(), w.bfloat16(), None, "gelu")

@@ -15,6 +15,8 @@ activation, where the two-step form rounds the pre-activation to bfloat16 first.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,7 +31,6 @@ _DTYPES = (torch.float32, torch.bfloat16)
 # below them (ONEDNN_MAX_CPU_ISA), creating the primitive fails: the first failure puts the dtype here and
 # that call, and every later one, takes the two-step form.
 _UNFUSABLE: set[torch.dtype] = set()
-_BF16: list[bool] = []  # torch.ops.mkldnn._is_mkldnn_bf16_supported(), asked once
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
@@ -60,8 +61,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
+@functools.cache
 def _bf16_supported() -> bool:
-    if not _BF16:
-        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        _BF16.append(bool(check()) if check is not None else True)  # without the check the first call decides
-    return _BF16[0]
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True  # without the check, the first call decides
