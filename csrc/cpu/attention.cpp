@@ -37,6 +37,23 @@ at::Tensor f32(const at::Tensor& t) {
   return u.stride(-1) == 1 ? u : u.contiguous();
 }
 
+// The call's sizes, scale and causal flag (the data pointers are set by each path).
+Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool is_causal) {
+  Problem p{};
+  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
+  p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
+  p.scale = static_cast<float>(scale);
+  p.causal = is_causal;
+  return p;
+}
+
+// The float32 (B, T, H, Dv) output, its pointer in p.
+at::Tensor set_output(Problem& p) {
+  at::Tensor out = at::empty({p.B, p.T, p.H, p.Dv}, at::kFloat);
+  p.out = out.data_ptr<float>();
+  return out;
+}
+
 // The mask's view in p (bool keep-mask or float32 additive, broadcast to (B, H, T, S)); returns the tensor
 // that owns it, to be kept alive while the kernel runs.
 at::Tensor set_mask(Problem& p, const std::optional<at::Tensor>& mask) {
@@ -157,9 +174,7 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
 // The op on AVX-512 CPUs: the query-vectorised paths (T >= kMinLanes), the row path (decoding) or run_block.
 at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
-  Problem p{};
-  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
-  p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
+  Problem p = problem_of(q, k, v, scale, is_causal);
   const bool lanes = p.T >= kMinLanes;
   const bool rows = !lanes && has_avx512_rows();  // decoding: attention_rows.h, the cache read in place
   // bf16 q, k, v with AVX512-BF16: products in bf16 pairs (attention_bf16.h), no float32 copies
@@ -201,11 +216,7 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
     p.v = v32.data_ptr<float>();
     for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
   }
-  at::Tensor out = at::empty({p.B, p.T, p.H, p.Dv}, at::kFloat);
-  p.scale = static_cast<float>(scale);
-  p.causal = is_causal;
-  p.out = out.data_ptr<float>();
-  const at::Tensor m = set_mask(p, mask);
+  const at::Tensor out = set_output(p), m = set_mask(p, mask);
   if (p.T > 0 && p.H > 0 && p.B > 0) {
     if (rows) {
       at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
@@ -250,17 +261,11 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
 // q, k and v where they are not already float32 with unit last stride, 16 queries per task.
 at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
-  Problem p{};
-  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dq = q.size(3);
-  p.Hkv = k.size(1), p.S = k.size(2), p.Dv = v.size(3);
+  Problem p = problem_of(q, k, v, scale, is_causal);
   const at::Tensor q32 = f32(q), k32 = f32(k), v32 = f32(v);
   p.q = q32.data_ptr<float>(), p.k = k32.data_ptr<float>(), p.v = v32.data_ptr<float>();
   for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d), p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
-  at::Tensor out = at::empty({p.B, p.T, p.H, p.Dv}, at::kFloat);
-  p.scale = static_cast<float>(scale);
-  p.causal = is_causal;
-  p.out = out.data_ptr<float>();
-  const at::Tensor m = set_mask(p, mask);
+  const at::Tensor out = set_output(p), m = set_mask(p, mask);
   const int64_t qblocks = (p.T + kLanes2 - 1) / kLanes2;
   const size_t ws_size = kLanes2 * (p.Dq + kBK + p.Dv);
   at::parallel_for(0, p.B * p.H * qblocks, 1, [&](int64_t t0, int64_t t1) {

@@ -62,24 +62,38 @@ const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
 
 // --- decoding of elements [e0, e0 + len) of the flat (k, n) factor into out -----------------------
 
-// A run of elements one scale block at a time (no division per element), a byte's two codes per step.
+// The runs of elements [e0, e0 + len) that share one scale (groups of `group` elements, so no division per
+// element): `for (ScaleRuns r(e0, len, group); r.next();)` visits each with its offset i from e0, its first
+// element e, its length seg and its group g.
+struct ScaleRuns {
+  ScaleRuns(int64_t e0, int64_t len, int64_t group) : e0_(e0), len_(len), group_(group) {}
+  bool next() {
+    i += seg;
+    if (i >= len_) return false;
+    e = e0_ + i;
+    g = e / group_;
+    seg = std::min(len_ - i, (g + 1) * group_ - e);
+    return true;
+  }
+  int64_t i = 0, e = 0, seg = 0, g = 0;
+
+ private:
+  int64_t e0_, len_, group_;
+};
+
+// A run of elements one scale block at a time, a byte's two codes per step.
 void nf4_scalar(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
-  int64_t i = 0;
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t block = e / bs;
-    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
-    const float s = absmax[block];
-    float* o = out + i;
+  for (ScaleRuns r(e0, len, bs); r.next();) {
+    const float s = absmax[r.g];
+    float* o = out + r.i;
     int64_t j = 0;
-    if (e & 1) o[j++] = kNF4[p[e >> 1] & 0xF] * s;  // odd start: the low nibble of its byte
-    const uint8_t* q = p + ((e + j) >> 1);
-    for (; j + 2 <= seg; j += 2, ++q) {
+    if (r.e & 1) o[j++] = kNF4[p[r.e >> 1] & 0xF] * s;  // odd start: the low nibble of its byte
+    const uint8_t* q = p + ((r.e + j) >> 1);
+    for (; j + 2 <= r.seg; j += 2, ++q) {
       o[j] = kNF4[*q >> 4] * s;
       o[j + 1] = kNF4[*q & 0xF] * s;
     }
-    if (j < seg) o[j] = kNF4[*q >> 4] * s;
-    i += seg;
+    if (j < r.seg) o[j] = kNF4[*q >> 4] * s;
   }
 }
 
@@ -99,55 +113,35 @@ ADAPTWIN_AVX512 inline void nf4_32(const uint8_t* p, __m512 lut, __m512 s, float
 ADAPTWIN_AVX512 void nf4_avx512(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len,
                                 float* out) {
   const __m512 lut = _mm512_loadu_ps(kNF4);
-  int64_t i = 0;
-  if (e0 & 1) {  // odd start: one low nibble, then byte-aligned
-    nf4_scalar(p, absmax, bs, e0, 1, out);
-    i = 1;
-  }
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t block = e / bs;
-    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
-    const __m512 s = _mm512_set1_ps(absmax[block]);
+  const int64_t skip = (e0 & 1) && len > 0;  // odd start: one low nibble, then byte-aligned
+  if (skip) nf4_scalar(p, absmax, bs, e0, 1, out);
+  for (ScaleRuns r(e0 + skip, len - skip, bs); r.next();) {
+    const __m512 s = _mm512_set1_ps(absmax[r.g]);
+    float* o = out + skip + r.i;
     int64_t j = 0;
-    for (; j + 32 <= seg; j += 32) nf4_32(p + ((e + j) >> 1), lut, s, out + i + j);
-    if (j < seg) nf4_scalar(p, absmax, bs, e + j, seg - j, out + i + j);
-    i += seg;
+    for (; j + 32 <= r.seg; j += 32) nf4_32(p + ((r.e + j) >> 1), lut, s, o + j);
+    if (j < r.seg) nf4_scalar(p, absmax, bs, r.e + j, r.seg - j, o + j);
   }
 }
 #endif
 
 // A run of elements one scale group (a row, or a flat block) at a time.
 void int8_scalar(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len, float* out) {
-  const int64_t group = bs == 0 ? n : bs;  // elements per scale
-  int64_t i = 0;
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t g = e / group;
-    const int64_t seg = std::min(len - i, (g + 1) * group - e);
-    const float s = scale[g];
-    for (int64_t j = 0; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * s;
-    i += seg;
-  }
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();)  // groups: a row, or a flat block
+    for (int64_t j = 0; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
 }
 
 #if ADAPTWIN_X86
 ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0,
                                  int64_t len, float* out) {
-  const int64_t group = bs == 0 ? n : bs;  // elements per scale
-  int64_t i = 0;
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t g = e / group;
-    const int64_t seg = std::min(len - i, (g + 1) * group - e);
-    const __m512 s = _mm512_set1_ps(scale[g]);
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();) {
+    const __m512 s = _mm512_set1_ps(scale[r.g]);
     int64_t j = 0;
-    for (; j + 16 <= seg; j += 16) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + e + j));
-      _mm512_storeu_ps(out + i + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+    for (; j + 16 <= r.seg; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r.e + j));
+      _mm512_storeu_ps(out + r.i + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
     }
-    for (; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * scale[g];
-    i += seg;
+    for (; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
   }
 }
 #endif
@@ -167,39 +161,27 @@ ADAPTWIN_AVX2 inline __m256 nf4_8(const uint8_t* p, __m256 lut_lo, __m256 lut_hi
 
 ADAPTWIN_AVX2 void nf4_avx2(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
   const __m256 lut_lo = _mm256_loadu_ps(kNF4), lut_hi = _mm256_loadu_ps(kNF4 + 8);
-  int64_t i = 0;
-  if (e0 & 1) {  // odd start: one low nibble, then byte-aligned
-    nf4_scalar(p, absmax, bs, e0, 1, out);
-    i = 1;
-  }
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t block = e / bs;
-    const int64_t seg = std::min(len - i, (block + 1) * bs - e);  // up to the end of this scale block
-    const __m256 s = _mm256_set1_ps(absmax[block]);
+  const int64_t skip = (e0 & 1) && len > 0;  // odd start: one low nibble, then byte-aligned
+  if (skip) nf4_scalar(p, absmax, bs, e0, 1, out);
+  for (ScaleRuns r(e0 + skip, len - skip, bs); r.next();) {
+    const __m256 s = _mm256_set1_ps(absmax[r.g]);
+    float* o = out + skip + r.i;
     int64_t j = 0;
-    for (; j + 8 <= seg; j += 8) _mm256_storeu_ps(out + i + j, _mm256_mul_ps(nf4_8(p + ((e + j) >> 1), lut_lo, lut_hi), s));
-    if (j < seg) nf4_scalar(p, absmax, bs, e + j, seg - j, out + i + j);
-    i += seg;
+    for (; j + 8 <= r.seg; j += 8) _mm256_storeu_ps(o + j, _mm256_mul_ps(nf4_8(p + ((r.e + j) >> 1), lut_lo, lut_hi), s));
+    if (j < r.seg) nf4_scalar(p, absmax, bs, r.e + j, r.seg - j, o + j);
   }
 }
 
 ADAPTWIN_AVX2 void int8_avx2(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len,
                              float* out) {
-  const int64_t group = bs == 0 ? n : bs;  // elements per scale
-  int64_t i = 0;
-  while (i < len) {
-    const int64_t e = e0 + i;
-    const int64_t g = e / group;
-    const int64_t seg = std::min(len - i, (g + 1) * group - e);
-    const __m256 s = _mm256_set1_ps(scale[g]);
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();) {
+    const __m256 s = _mm256_set1_ps(scale[r.g]);
     int64_t j = 0;
-    for (; j + 8 <= seg; j += 8) {
-      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e + j));
-      _mm256_storeu_ps(out + i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+    for (; j + 8 <= r.seg; j += 8) {
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r.e + j));
+      _mm256_storeu_ps(out + r.i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
     }
-    for (; j < seg; ++j) out[i + j] = static_cast<float>(q[e + j]) * scale[g];
-    i += seg;
+    for (; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
   }
 }
 #endif
