@@ -230,7 +230,7 @@ def device_string(device: str = "cpu") -> str:
 
         torch_cap = torch.backends.cpu.get_cpu_capability()
         paths = cpu_features()
-        ours = next((name for name in ("avx512_bf16", "avx512", "avx2") if paths.get(name)),
+        ours = next((name for name in ("avx512_bf16", "avx512", "avx2", "neon") if paths.get(name)),
                     "portable" if load()["cpp"] else "reference")
         return (f"cpu: {cpu_name()} ({torch.get_num_threads()} threads of {os.cpu_count()} cores, "
                 f"torch {torch_cap}, adaptwin {ours})")

@@ -7,7 +7,7 @@ criterion: error at most twice the reference's) in a child process on one of the
 
 1. The installed build with its dispatch capped (``ADAPTWIN_CPU_CAP=portable`` / ``avx2`` / ``avx512``): the
    same binary an AVX2 laptop or a Skylake-X server loads, taking the paths theirs take (``portable``: no
-   SIMD path, as on ARM).
+   SIMD path; ARM's NEON loops are checked by test_kernels_neon.py under qemu-aarch64).
 2. `csrc/cpu` built again with ``-DADAPTWIN_PORTABLE`` (no x86 intrinsics compiled at all, as on a non-x86
    CPU) and loaded in place of ``adaptwin._C`` (``ADAPTWIN_NO_EXTENSION=1`` keeps the installed one out;
    both register the same kernels); the child checks first that the CPU kernels come from that build.
@@ -78,10 +78,13 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py
 """
 
 
+NO_PATHS = {"avx2": False, "avx512": False, "avx512_rows": False, "avx512_bf16": False, "neon": False}
+
+
 @pytest.mark.parametrize("cap,expected", [
-    ("portable", {"avx2": False, "avx512": False, "avx512_rows": False, "avx512_bf16": False}),  # as ARM
-    ("avx2", {"avx2": True, "avx512": False, "avx512_rows": False, "avx512_bf16": False}),  # x86 without AVX-512
-    ("avx512", {"avx2": True, "avx512": True, "avx512_rows": True, "avx512_bf16": False}),  # no AVX512-BF16
+    ("portable", NO_PATHS),  # as any CPU without a SIMD path of ours
+    ("avx2", {**NO_PATHS, "avx2": True}),  # x86 without AVX-512
+    ("avx512", {**NO_PATHS, "avx2": True, "avx512": True, "avx512_rows": True}),  # no AVX512-BF16
 ])
 def test_capped_dispatch_passes_the_cpu_cases(cap, expected):
     from adaptwin.ops import backends
@@ -161,7 +164,7 @@ def test_an_emulated_avx2_cpu_runs_the_cpu_cases():
     probe = subprocess.run([*cmd, "-c", "import torch, adaptwin.ops.backends as b; "
                             "print(torch.backends.cpu.get_cpu_capability(), b.cpu_features())"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    want = "AVX2 {'avx2': True, 'avx512': False, 'avx512_rows': False, 'avx512_bf16': False}"
+    want = "AVX2 {'avx2': True, 'avx512': False, 'avx512_rows': False, 'avx512_bf16': False, 'neon': False}"
     assert probe.stdout.startswith(want), probe.stdout + probe.stderr[-2000:]
     proc = subprocess.run([*cmd, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py",
                            "tests/test_fast_calls.py"], cwd=ROOT, capture_output=True, text=True, timeout=1800)

@@ -11,8 +11,9 @@
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
 ``ADAPTWIN_CPU_CAP`` (one of `CPU_CAPS`) caps the SIMD paths of the CPU kernels, to run and test what
-other CPUs take: ``portable`` as an ARM CPU (no SIMD path), ``avx2`` as an x86 CPU without AVX-512,
-``avx512`` as one without AVX512-BF16; `cpu_features` says which paths this process takes.
+other CPUs take: ``portable`` as a CPU without a SIMD path of ours (on AArch64 it turns NEON off), ``avx2`` as
+an x86 CPU without AVX-512, ``avx512`` as one without AVX512-BF16; `cpu_features` says which paths this process
+takes.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def load() -> dict[str, object]:
 
 def cpu_features() -> dict[str, bool]:
     """The SIMD paths the CPU kernels take in this process: ``{"avx2", "avx512", "avx512_rows",
-    "avx512_bf16"}``, the CPU's features capped by ``ADAPTWIN_CPU_CAP``; all False without the native library."""
+    "avx512_bf16", "neon"}``, the CPU's features capped by ``ADAPTWIN_CPU_CAP``; all False without the native
+    library."""
     load()
     if not _STATE["cpp"]:
-        return {"avx2": False, "avx512": False, "avx512_rows": False, "avx512_bf16": False}
+        return {"avx2": False, "avx512": False, "avx512_rows": False, "avx512_bf16": False, "neon": False}
     return importlib.import_module("adaptwin._C").cpu_features()
 
 

@@ -4,7 +4,8 @@
 // AVX-512 machine must still load on an AVX2 one). The hot loops exist in an AVX-512 version compiled with
 // `__attribute__((target("avx512f")))` and a plain C++ version, the NF4 / int8 decoding and the float32
 // dot / axpy of rank_linear also in an AVX2 + FMA one (x86 CPUs without AVX-512); `has_avx512()` /
-// `has_avx2()` pick one once per process (cpuid bits, via GCC/Clang's __builtin_cpu_supports).
+// `has_avx2()` pick one once per process (cpuid bits, via GCC/Clang's __builtin_cpu_supports). On AArch64
+// those loops, and rank_linear's batch-1 register decode, exist in a NEON version instead (`has_neon()`).
 #pragma once
 
 #include <cmath>
@@ -12,8 +13,8 @@
 #include <cstdlib>
 #include <cstring>
 
-// ADAPTWIN_PORTABLE (a -D flag) builds only the portable loops, as on a non-x86 CPU; tests/test_kernels_portable.py
-// builds and checks that variant here.
+// ADAPTWIN_PORTABLE (a -D flag) builds only the portable loops, as on a CPU that is neither x86-64 nor AArch64;
+// tests/test_kernels_portable.py builds and checks that variant here.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ADAPTWIN_PORTABLE)
 #define ADAPTWIN_X86 1
 #include <immintrin.h>
@@ -25,10 +26,19 @@
 #define ADAPTWIN_X86 0
 #endif
 
+// AArch64 (phones, Raspberry Pi 3 and later, Apple silicon, Graviton): NEON is part of the base ISA, so its
+// loops need no run-time check beyond the cap.
+#if defined(__aarch64__) && !defined(ADAPTWIN_PORTABLE)
+#define ADAPTWIN_NEON 1
+#include <arm_neon.h>
+#else
+#define ADAPTWIN_NEON 0
+#endif
+
 namespace adaptwin {
 
 // ADAPTWIN_CPU_CAP (environment, read once per process) caps what the dispatch below may use, so that the
-// paths of other CPUs can be run and tested on this one: "portable" (no SIMD path: what an ARM CPU runs),
+// paths of other CPUs can be run and tested on this one: "portable" (no SIMD path: what other CPUs run),
 // "avx2" (AVX2 + FMA, no AVX-512: most x86 laptops and desktops), "avx512" (AVX-512 without AVX512-BF16,
 // as on Skylake-X), unset or "native" (what the CPU has). adaptwin.ops.backends rejects any other value
 // before a kernel runs; here it counts as "native".
@@ -46,6 +56,16 @@ inline int cpu_cap() {
 inline bool has_avx2() {
 #if ADAPTWIN_X86
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_cap() >= 1;
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// NEON on AArch64 unless ADAPTWIN_CPU_CAP=portable (the caps above AVX2 and below native mean nothing there).
+inline bool has_neon() {
+#if ADAPTWIN_NEON
+  static const bool yes = cpu_cap() >= 1;
   return yes;
 #else
   return false;

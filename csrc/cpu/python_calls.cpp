@@ -188,13 +188,13 @@ PyObject* dequantize(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   END_HANDLE_TH_ERRORS
 }
 
-// {"avx2": bool, "avx512": bool, "avx512_rows": bool, "avx512_bf16": bool}: the SIMD paths the CPU kernels
-// take in this process (the CPU's features, capped by ADAPTWIN_CPU_CAP; all False in a build without x86
-// intrinsics).
+// {"avx2": bool, "avx512": bool, "avx512_rows": bool, "avx512_bf16": bool, "neon": bool}: the SIMD paths the
+// CPU kernels take in this process (the CPU's features, capped by ADAPTWIN_CPU_CAP; all False in a build
+// without SIMD intrinsics).
 PyObject* cpu_features(PyObject* /*self*/, PyObject* /*unused*/) {
-  return Py_BuildValue("{s:O,s:O,s:O,s:O}", "avx2", has_avx2() ? Py_True : Py_False, "avx512",
-                       has_avx512() ? Py_True : Py_False, "avx512_rows",
-                       has_avx512_rows() ? Py_True : Py_False, "avx512_bf16", has_avx512_bf16() ? Py_True : Py_False);
+  auto b = [](bool yes) { return yes ? Py_True : Py_False; };
+  return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O}", "avx2", b(has_avx2()), "avx512", b(has_avx512()), "avx512_rows",
+                       b(has_avx512_rows()), "avx512_bf16", b(has_avx512_bf16()), "neon", b(has_neon()));
 }
 
 }  // namespace

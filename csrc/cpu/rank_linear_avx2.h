@@ -1,14 +1,13 @@
 // Fused register-decode kernels of the CPU rank_linear for x86 CPUs with AVX2 + FMA but no AVX-512
-// (included by rank_linear_products.h only): one row of x (batch-1 decoding), NF4 or int8 factors that
-// `fused_ok` takes, 8 codes at a time decoded in registers (NF4 by nf4_8 of rank_linear_decode.h, int8
-// widened) and consumed at once, as rank_linear_fused.h does with AVX-512. Other calls on those CPUs take the buffered AVX2 path (a chunk
-// decoded into L1, then dot / axpy). Layouts: adaptwin/ops/rank_linear.py.
+// (included by rank_linear_products.h, and by tests/simd_decode.cpp: free of torch): one row of x (batch-1
+// decoding), NF4 or int8 factors that `fused_ok` takes, 8 codes at a time decoded in registers (NF4 by nf4_8
+// of codes.h, int8 widened) and consumed at once, as rank_linear_fused.h does with AVX-512. Other calls on
+// those CPUs take the buffered AVX2 path (a chunk decoded into L1, then dot / axpy). Layouts:
+// adaptwin/ops/rank_linear.py.
 #pragma once
 
-#include <ATen/ATen.h>
-
+#include "codes.h"
 #include "cpu_features.h"
-#include "rank_linear_decode.h"
 
 namespace adaptwin {
 namespace {
@@ -23,7 +22,7 @@ ADAPTWIN_AVX2 inline float hsum256(__m256 v) {
 
 // 8 codes of the factor from element e (a multiple of 8, in one row) as floats, unscaled.
 template <bool kInt8>
-ADAPTWIN_AVX2 inline __m256 codes_8(const Factor& f, int64_t e, __m256 lo, __m256 hi) {
+ADAPTWIN_AVX2 inline __m256 codes_8(const Codes& f, int64_t e, __m256 lo, __m256 hi) {
   if constexpr (kInt8) {
     const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(f.data) + e));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
@@ -32,14 +31,10 @@ ADAPTWIN_AVX2 inline __m256 codes_8(const Factor& f, int64_t e, __m256 lo, __m25
   }
 }
 
-// Elements per scale: NF4 blocks; int8 flat blocks, or whole rows (blocksize 0). fused_ok makes every row
-// hold whole groups.
-inline int64_t scale_group(const Factor& f) { return f.blocksize == 0 ? f.n : f.blocksize; }
-
 // h[r + i] = A[r + i, :]·x for i < R: R rank rows at a time, x loaded once for all of them, each scale
 // group's sum multiplied by its scale.
 template <bool kInt8, int R>
-ADAPTWIN_AVX2 void in_rows_avx2(const Factor& f, const float* x, float* h, int64_t r, __m256 lo, __m256 hi) {
+ADAPTWIN_AVX2 void in_rows_avx2(const Codes& f, const float* x, float* h, int64_t r, __m256 lo, __m256 hi) {
   const int64_t group = scale_group(f), blocks = f.n / group;
   const float* scale = f.scale + r * blocks;
   __m256 tot[R];
@@ -63,13 +58,13 @@ ADAPTWIN_AVX2 void in_rows_avx2(const Factor& f, const float* x, float* h, int64
 
 // h[r0:r1] = A[r0:r1]·x.
 template <bool kInt8>
-ADAPTWIN_AVX2 void in_avx2(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+ADAPTWIN_AVX2 void in_avx2(const Codes& f, const float* x, float* h, int64_t r0, int64_t r1) {
   const __m256 lo = _mm256_loadu_ps(kNF4), hi = _mm256_loadu_ps(kNF4 + 8);
   for (; r0 + 4 <= r1; r0 += 4) in_rows_avx2<kInt8, 4>(f, x, h, r0, lo, hi);
   for (; r0 < r1; ++r0) in_rows_avx2<kInt8, 1>(f, x, h, r0, lo, hi);
 }
 
-void gemv_in_avx2(const Factor& f, const float* x, float* h, int64_t r0, int64_t r1) {
+void gemv_in_avx2(const Codes& f, const float* x, float* h, int64_t r0, int64_t r1) {
   if (f.format == Format::kInt8)
     in_avx2<true>(f, x, h, r0, r1);
   else
@@ -79,7 +74,7 @@ void gemv_in_avx2(const Factor& f, const float* x, float* h, int64_t r0, int64_t
 // y[c : c + 8·kG] += h·B[:, c : c + 8·kG]: kG accumulators held across all k directions, h times the scale
 // formed once per direction and scale block.
 template <bool kInt8, int kG>
-ADAPTWIN_AVX2 void out_pass_avx2(const Factor& f, const float* h, float* y, int64_t c, __m256 lo, __m256 hi) {
+ADAPTWIN_AVX2 void out_pass_avx2(const Codes& f, const float* h, float* y, int64_t c, __m256 lo, __m256 hi) {
   const int64_t group = scale_group(f), blocks = f.n / group;
   int64_t block_of[kG];
   __m256 acc[kG];
@@ -102,14 +97,14 @@ ADAPTWIN_AVX2 void out_pass_avx2(const Factor& f, const float* h, float* y, int6
 
 // y[c0:c1] += h·B[:, c0:c1] (c0, c1 multiples of 32).
 template <bool kInt8>
-ADAPTWIN_AVX2 void out_avx2(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+ADAPTWIN_AVX2 void out_avx2(const Codes& f, const float* h, float* y, int64_t c0, int64_t c1) {
   const __m256 lo = _mm256_loadu_ps(kNF4), hi = _mm256_loadu_ps(kNF4 + 8);
   int64_t c = c0;
   for (; c + 64 <= c1; c += 64) out_pass_avx2<kInt8, 8>(f, h, y, c, lo, hi);
   if (c < c1) out_pass_avx2<kInt8, 4>(f, h, y, c, lo, hi);
 }
 
-void gemv_out_avx2(const Factor& f, const float* h, float* y, int64_t c0, int64_t c1) {
+void gemv_out_avx2(const Codes& f, const float* h, float* y, int64_t c0, int64_t c1) {
   if (f.format == Format::kInt8)
     out_avx2<true>(f, h, y, c0, c1);
   else

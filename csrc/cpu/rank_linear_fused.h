@@ -1,7 +1,7 @@
 // Fused register-decode kernels of the CPU rank_linear (included by rank_linear.cpp only): NF4 and int8
 // factors decoded in AVX-512 registers and consumed at once, for 1-8 rows of x per decode of the codes
 // (templated on the row count), x·Aᵀ over rank rows and h·B over column passes. Which factors they take
-// (`fused_ok`) and for how many rows (`kFusedMaxRows`) is decided here too; the callers are gemv_in /
+// (codes.h's `fused_ok`) and for how many rows (`kFusedMaxRows`) is decided here too; the callers are gemv_in /
 // gemv_out in rank_linear.cpp. Layouts: adaptwin/ops/rank_linear.py.
 #pragma once
 
@@ -16,15 +16,6 @@
 
 namespace adaptwin {
 namespace {
-
-// Whether the fused register-decode kernels take the factor: NF4 whose rows start on whole scale blocks of
-// whole 32-code steps, or int8 whose scale groups (a row, or a flat block) are too.
-bool fused_ok(const Factor& f) {
-  if (f.format == Format::kNf4) return f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
-  if (f.format != Format::kInt8) return false;
-  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
-  return group > 0 && group % 32 == 0 && f.n % group == 0;
-}
 
 bool fused_all(const Factor* fa, const Factor* fb) {
   return has_avx512() && (fa == nullptr || fused_ok(*fa)) && (fb == nullptr || fused_ok(*fb));

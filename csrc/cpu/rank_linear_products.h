@@ -16,6 +16,7 @@
 #include "rank_linear_avx2.h"
 #include "rank_linear_decode.h"
 #include "rank_linear_fused.h"
+#include "rank_linear_neon.h"
 
 namespace adaptwin {
 namespace {
@@ -100,6 +101,12 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
     return;
   }
 #endif
+#if ADAPTWIN_NEON
+  if (rows == 1 && has_neon() && fused_ok(a)) {  // rank_linear_neon.h
+    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { gemv_in_neon(a, x, h, r0, r1); });
+    return;
+  }
+#endif
   at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(kChunk);
     std::vector<float> acc(rows);
@@ -129,6 +136,14 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
     const int64_t groups = b.n / 32;
     at::parallel_for(0, groups, grain_for(groups, b.k * b.n),
                      [&](int64_t g0, int64_t g1) { gemv_out_avx2(b, h, y, 32 * g0, 32 * g1); });
+    return;
+  }
+#endif
+#if ADAPTWIN_NEON
+  if (rows == 1 && has_neon() && fused_ok(b)) {  // rank_linear_neon.h
+    const int64_t groups = b.n / 32;
+    at::parallel_for(0, groups, grain_for(groups, b.k * b.n),
+                     [&](int64_t g0, int64_t g1) { gemv_out_neon(b, h, y, 32 * g0, 32 * g1); });
     return;
   }
 #endif

@@ -1,0 +1,388 @@
+// The codes of a rank_linear factor and their decoding, free of torch so that tests/simd_decode.cpp can build
+// them for other CPUs (an AArch64 cross build run under qemu): the Codes view of a packed or plain factor,
+// NF4 / int8 decoding of a run of elements into floats (scalar, AVX-512, AVX2 + FMA and NEON), float32 dot /
+// axpy, and which factors the register-decode kernels take. Layouts: adaptwin/ops/rank_linear.py.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_features.h"
+
+namespace adaptwin {
+namespace {
+
+enum class Format { kFp, kNf4, kInt8 };  // the op's "fp" / "nf4" / "int8", parsed once per call
+
+// A factor's codes: the (k, n) direction-major matrix, packed NF4 / int8 with its scales, or float32 values.
+struct Codes {
+  const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes; fp: float32 values (where set)
+  const float* scale = nullptr;
+  Format format = Format::kFp;
+  int64_t blocksize = 0;
+  int64_t k = 0, n = 0;
+};
+
+// Whether the register-decode kernels take the factor (rank_linear_fused.h, rank_linear_avx2.h,
+// rank_linear_neon.h): NF4 whose rows start on whole scale blocks of whole 32-code steps, or int8 whose
+// scale groups (a row, or a flat block) are too.
+inline bool fused_ok(const Codes& f) {
+  if (f.format == Format::kNf4) return f.blocksize % 32 == 0 && f.n % f.blocksize == 0;
+  if (f.format != Format::kInt8) return false;
+  const int64_t group = f.blocksize == 0 ? f.n : f.blocksize;
+  return group > 0 && group % 32 == 0 && f.n % group == 0;
+}
+
+// Elements per scale: NF4 blocks; int8 flat blocks, or whole rows (blocksize 0). fused_ok makes every row
+// hold whole groups.
+inline int64_t scale_group(const Codes& f) { return f.blocksize == 0 ? f.n : f.blocksize; }
+
+// --- decoding of elements [e0, e0 + len) of the flat (k, n) factor into out -----------------------
+
+// The runs of elements [e0, e0 + len) that share one scale (groups of `group` elements, so no division per
+// element): `for (ScaleRuns r(e0, len, group); r.next();)` visits each with its offset i from e0, its first
+// element e, its length seg and its group g.
+struct ScaleRuns {
+  ScaleRuns(int64_t e0, int64_t len, int64_t group) : e0_(e0), len_(len), group_(group) {}
+  bool next() {
+    i += seg;
+    if (i >= len_) return false;
+    e = e0_ + i;
+    g = e / group_;
+    seg = std::min(len_ - i, (g + 1) * group_ - e);
+    return true;
+  }
+  int64_t i = 0, e = 0, seg = 0, g = 0;
+
+ private:
+  int64_t e0_, len_, group_;
+};
+
+// A run of elements one scale block at a time, a byte's two codes per step.
+void nf4_scalar(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  for (ScaleRuns r(e0, len, bs); r.next();) {
+    const float s = absmax[r.g];
+    float* o = out + r.i;
+    int64_t j = 0;
+    if (r.e & 1) o[j++] = kNF4[p[r.e >> 1] & 0xF] * s;  // odd start: the low nibble of its byte
+    const uint8_t* q = p + ((r.e + j) >> 1);
+    for (; j + 2 <= r.seg; j += 2, ++q) {
+      o[j] = kNF4[*q >> 4] * s;
+      o[j + 1] = kNF4[*q & 0xF] * s;
+    }
+    if (j < r.seg) o[j] = kNF4[*q >> 4] * s;
+  }
+}
+
+#if ADAPTWIN_X86
+// 32 codes (16 bytes) -> 32 floats in element order (high nibble first), times s.
+ADAPTWIN_AVX512 inline void nf4_32(const uint8_t* p, __m512 lut, __m512 s, float* out) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
+  const __m128i lo = _mm_and_si128(v, low4);
+  const __m512 a = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), lut);
+  const __m512 b = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
+  _mm512_storeu_ps(out, _mm512_mul_ps(a, s));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(b, s));
+}
+
+ADAPTWIN_AVX512 void nf4_avx512(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len,
+                                float* out) {
+  const __m512 lut = _mm512_loadu_ps(kNF4);
+  const int64_t skip = (e0 & 1) && len > 0;  // odd start: one low nibble, then byte-aligned
+  if (skip) nf4_scalar(p, absmax, bs, e0, 1, out);
+  for (ScaleRuns r(e0 + skip, len - skip, bs); r.next();) {
+    const __m512 s = _mm512_set1_ps(absmax[r.g]);
+    float* o = out + skip + r.i;
+    int64_t j = 0;
+    for (; j + 32 <= r.seg; j += 32) nf4_32(p + ((r.e + j) >> 1), lut, s, o + j);
+    if (j < r.seg) nf4_scalar(p, absmax, bs, r.e + j, r.seg - j, o + j);
+  }
+}
+#endif
+
+// A run of elements one scale group (a row, or a flat block) at a time.
+void int8_scalar(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len, float* out) {
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();)  // groups: a row, or a flat block
+    for (int64_t j = 0; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 void int8_avx512(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0,
+                                 int64_t len, float* out) {
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();) {
+    const __m512 s = _mm512_set1_ps(scale[r.g]);
+    int64_t j = 0;
+    for (; j + 16 <= r.seg; j += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r.e + j));
+      _mm512_storeu_ps(out + r.i + j, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+    }
+    for (; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
+  }
+}
+#endif
+
+#if ADAPTWIN_X86
+// AVX2 + FMA (x86 CPUs without AVX-512): 8 codes (4 bytes) -> 8 NF4 values in element order. The word is
+// broadcast and lane e shifted right to its nibble (high nibble of each byte first); vpermps reads the
+// low 3 bits of an index, so the two halves of the 16-entry table are looked up and bit 3 picks one.
+ADAPTWIN_AVX2 inline __m256 nf4_8(const uint8_t* p, __m256 lut_lo, __m256 lut_hi) {
+  int32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(15));
+  const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx), hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+ADAPTWIN_AVX2 void nf4_avx2(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  const __m256 lut_lo = _mm256_loadu_ps(kNF4), lut_hi = _mm256_loadu_ps(kNF4 + 8);
+  const int64_t skip = (e0 & 1) && len > 0;  // odd start: one low nibble, then byte-aligned
+  if (skip) nf4_scalar(p, absmax, bs, e0, 1, out);
+  for (ScaleRuns r(e0 + skip, len - skip, bs); r.next();) {
+    const __m256 s = _mm256_set1_ps(absmax[r.g]);
+    float* o = out + skip + r.i;
+    int64_t j = 0;
+    for (; j + 8 <= r.seg; j += 8) _mm256_storeu_ps(o + j, _mm256_mul_ps(nf4_8(p + ((r.e + j) >> 1), lut_lo, lut_hi), s));
+    if (j < r.seg) nf4_scalar(p, absmax, bs, r.e + j, r.seg - j, o + j);
+  }
+}
+
+ADAPTWIN_AVX2 void int8_avx2(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len,
+                             float* out) {
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();) {
+    const __m256 s = _mm256_set1_ps(scale[r.g]);
+    int64_t j = 0;
+    for (; j + 8 <= r.seg; j += 8) {
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + r.e + j));
+      _mm256_storeu_ps(out + r.i + j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+    }
+    for (; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
+  }
+}
+#endif
+
+#if ADAPTWIN_NEON
+// ARM (AArch64, where NEON is part of the base ISA): 16 NF4 codes (8 bytes) -> 16 values in element order, in
+// four float32x4. The nibbles are split, interleaved into element order (high nibble first) and times 4;
+// each code is repeated into the four bytes of its lane and 0..3 added, the byte offsets of its float in
+// the 64-byte table, which one vqtbl4q looks up per four values: the floats come out bit-exact.
+inline uint8x16x4_t nf4_table_neon() {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(kNF4);
+  return {{vld1q_u8(bytes), vld1q_u8(bytes + 16), vld1q_u8(bytes + 32), vld1q_u8(bytes + 48)}};
+}
+
+inline void nf4_16_neon(const uint8_t* p, const uint8x16x4_t& lut, float32x4_t out[4]) {
+  const uint8x8_t b = vld1_u8(p);
+  const uint8x8_t hi = vshr_n_u8(b, 4), lo = vand_u8(b, vdup_n_u8(0x0F));
+  const uint8x16_t idx = vshlq_n_u8(vcombine_u8(vzip1_u8(hi, lo), vzip2_u8(hi, lo)), 2);
+  const uint8x16_t offs = vreinterpretq_u8_u32(vdupq_n_u32(0x03020100u));
+  const uint8x16_t twice_lo = vzip1q_u8(idx, idx), twice_hi = vzip2q_u8(idx, idx);  // codes 0-7, 8-15
+  const uint8x16_t four[4] = {vzip1q_u8(twice_lo, twice_lo), vzip2q_u8(twice_lo, twice_lo),
+                              vzip1q_u8(twice_hi, twice_hi), vzip2q_u8(twice_hi, twice_hi)};
+  for (int q = 0; q < 4; ++q) out[q] = vreinterpretq_f32_u8(vqtbl4q_u8(lut, vorrq_u8(four[q], offs)));
+}
+
+// 16 int8 codes widened to float32 in four float32x4.
+inline void int8_16_neon(const int8_t* p, float32x4_t out[4]) {
+  const int8x16_t v = vld1q_s8(p);
+  const int16x8_t a = vmovl_s8(vget_low_s8(v)), b = vmovl_high_s8(v);
+  out[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(a)));
+  out[1] = vcvtq_f32_s32(vmovl_high_s16(a));
+  out[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(b)));
+  out[3] = vcvtq_f32_s32(vmovl_high_s16(b));
+}
+
+void nf4_neon(const uint8_t* p, const float* absmax, int64_t bs, int64_t e0, int64_t len, float* out) {
+  const uint8x16x4_t lut = nf4_table_neon();
+  const int64_t skip = (e0 & 1) && len > 0;  // odd start: one low nibble, then byte-aligned
+  if (skip) nf4_scalar(p, absmax, bs, e0, 1, out);
+  for (ScaleRuns r(e0 + skip, len - skip, bs); r.next();) {
+    const float32x4_t s = vdupq_n_f32(absmax[r.g]);
+    float* o = out + skip + r.i;
+    int64_t j = 0;
+    for (; j + 16 <= r.seg; j += 16) {
+      float32x4_t v[4];
+      nf4_16_neon(p + ((r.e + j) >> 1), lut, v);
+      for (int q = 0; q < 4; ++q) vst1q_f32(o + j + 4 * q, vmulq_f32(v[q], s));
+    }
+    if (j < r.seg) nf4_scalar(p, absmax, bs, r.e + j, r.seg - j, o + j);
+  }
+}
+
+void int8_neon(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64_t e0, int64_t len, float* out) {
+  for (ScaleRuns r(e0, len, bs == 0 ? n : bs); r.next();) {
+    const float32x4_t s = vdupq_n_f32(scale[r.g]);
+    int64_t j = 0;
+    for (; j + 16 <= r.seg; j += 16) {
+      float32x4_t v[4];
+      int8_16_neon(q + r.e + j, v);
+      for (int i = 0; i < 4; ++i) vst1q_f32(out + r.i + j + 4 * i, vmulq_f32(v[i], s));
+    }
+    for (; j < r.seg; ++j) out[r.i + j] = static_cast<float>(q[r.e + j]) * scale[r.g];
+  }
+}
+#endif
+
+// Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
+// itself, or into buf after decoding.
+const float* row_chunk(const Codes& f, int64_t r, int64_t c0, int64_t len, float* buf) {
+  const int64_t e0 = r * f.n + c0;
+  if (f.format == Format::kFp) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
+  if (f.format == Format::kNf4) {
+#if ADAPTWIN_X86
+    if (has_avx512()) {
+      nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
+#if ADAPTWIN_X86
+    if (has_avx2()) {
+      nf4_avx2(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
+#if ADAPTWIN_NEON
+    if (has_neon()) {
+      nf4_neon(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+      return buf;
+    }
+#endif
+    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
+    return buf;
+  }
+#if ADAPTWIN_X86
+  if (has_avx512()) {
+    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+  if (has_avx2()) {
+    int8_avx2(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+#endif
+#if ADAPTWIN_NEON
+  if (has_neon()) {
+    int8_neon(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+    return buf;
+  }
+#endif
+  int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+  return buf;
+}
+
+// --- dot and axpy over float32 ----------------------------------------------------------------------
+
+float dot_scalar(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without -ffast-math
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+void axpy_scalar(float* y, float alpha, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if ADAPTWIN_X86
+ADAPTWIN_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+ADAPTWIN_AVX512 void axpy_avx512(float* y, float alpha, const float* x, int64_t n) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+ADAPTWIN_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
+  float s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += lanes[j];
+  return s;
+}
+
+ADAPTWIN_AVX2 void axpy_avx2(float* y, float alpha, const float* x, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+#if ADAPTWIN_NEON
+float dot_neon(const float* a, const float* b, int64_t n) {
+  float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+    s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+    s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), vld1q_f32(b + i + 8));
+    s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), vld1q_f32(b + i + 12));
+  }
+  for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), vld1q_f32(b + i));
+  float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_neon(float* y, float alpha, const float* x, int64_t n) {
+  const float32x4_t a = vdupq_n_f32(alpha);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), a, vld1q_f32(x + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return dot_avx512(a, b, n);
+  if (has_avx2()) return dot_avx2(a, b, n);
+#endif
+#if ADAPTWIN_NEON
+  if (has_neon()) return dot_neon(a, b, n);
+#endif
+  return dot_scalar(a, b, n);
+}
+
+inline void axpy(float* y, float alpha, const float* x, int64_t n) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return axpy_avx512(y, alpha, x, n);
+  if (has_avx2()) return axpy_avx2(y, alpha, x, n);
+#endif
+#if ADAPTWIN_NEON
+  if (has_neon()) return axpy_neon(y, alpha, x, n);
+#endif
+  axpy_scalar(y, alpha, x, n);
+}
+
+}  // namespace
+}  // namespace adaptwin

@@ -1,0 +1,231 @@
+// The SIMD decoding of rank_linear's factors against its scalar loops, outside torch, so that it can be built for a
+// CPU this machine is not: tests/test_kernels_neon.py builds it natively (the AVX-512 and AVX2 paths, where the
+// CPU has them) and with an AArch64 cross compiler, run under qemu-aarch64 (the NEON paths, which the
+// extension takes on ARM). Checked, on random codes and scales:
+// * decoding a run of elements (any start, any length, NF4 / int8 with per-row or flat scales): the same bits
+//   as the scalar loop;
+// * float32 dot / axpy: within 4 n ulp of the float64 sum of |terms|;
+// * the batch-1 register-decode kernels (x·Aᵀ over rank rows, h·B over column ranges): the same bound against
+//   float64 products of the decoded factor.
+// Prints one "PATH ok CASES" line per SIMD path run and exits 0, or prints the first mismatch and exits 1.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../csrc/cpu/codes.h"
+#include "../csrc/cpu/rank_linear_avx2.h"
+#include "../csrc/cpu/rank_linear_neon.h"
+
+using namespace adaptwin;
+
+namespace {
+
+std::mt19937 rng(1234);
+
+int64_t uniform(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+
+std::vector<float> randn(int64_t n) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// A random factor: codes (random bytes), positive scales, as rank_linear stores them.
+struct Made {
+  std::vector<uint8_t> bytes;
+  std::vector<float> scale;
+  Codes codes;
+};
+
+Made make(Format format, int64_t k, int64_t n, int64_t bs) {
+  Made m;
+  const int64_t numel = k * n;
+  m.bytes.resize(static_cast<size_t>(format == Format::kNf4 ? (numel + 1) / 2 : numel) + 64);  // slack: no reads past
+  for (auto& b : m.bytes) b = static_cast<uint8_t>(uniform(0, 255));
+  const int64_t groups = format == Format::kNf4 ? (numel + bs - 1) / bs : bs == 0 ? k : (numel + bs - 1) / bs;
+  m.scale.resize(static_cast<size_t>(groups));
+  for (auto& s : m.scale) s = std::ldexp(1.0f + static_cast<float>(uniform(0, 1000)) / 1000.0f, static_cast<int>(uniform(-8, 2)));
+  m.codes.data = m.bytes.data();
+  m.codes.scale = m.scale.data();
+  m.codes.format = format;
+  m.codes.blocksize = bs;
+  m.codes.k = k;
+  m.codes.n = n;
+  return m;
+}
+
+void scalar_decode(const Codes& f, int64_t e0, int64_t len, float* out) {
+  if (f.format == Format::kNf4)
+    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
+  else
+    int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
+}
+
+std::vector<float> dense(const Codes& f) {
+  std::vector<float> w(static_cast<size_t>(f.k * f.n));
+  scalar_decode(f, 0, f.k * f.n, w.data());
+  return w;
+}
+
+[[noreturn]] void fail(const std::string& what) {
+  std::printf("FAIL %s\n", what.c_str());
+  std::exit(1);
+}
+
+// |got - exact| <= 4 n eps sum|terms| (+ a denormal floor)
+void check_sum(double got, double exact, double abs_sum, int64_t n, const std::string& what) {
+  const double bound = 4.0 * static_cast<double>(n + 1) * 5.96e-8 * abs_sum + 1e-30;
+  if (!(std::fabs(got - exact) <= bound))
+    fail(what + ": got " + std::to_string(got) + ", want " + std::to_string(exact) + " (bound " + std::to_string(bound) + ")");
+}
+
+using DecodeFn = void (*)(const Codes&, int64_t, int64_t, float*);
+using DotFn = float (*)(const float*, const float*, int64_t);
+using AxpyFn = void (*)(float*, float, const float*, int64_t);
+using GemvFn = void (*)(const Codes&, const float*, float*, int64_t, int64_t);
+
+struct Path {
+  const char* name;
+  DecodeFn decode;
+  DotFn dot;
+  AxpyFn axpy;
+  GemvFn gemv_in, gemv_out;
+};
+
+// The factor shapes: scale groups that do and do not divide a row, odd sizes, and those the register kernels take.
+struct Shape {
+  Format format;
+  int64_t k, n, bs;
+};
+
+const Shape kShapes[] = {
+    {Format::kNf4, 7, 384, 64},   {Format::kNf4, 96, 384, 64},  {Format::kNf4, 5, 431, 64},  {Format::kNf4, 3, 70, 6},
+    {Format::kNf4, 9, 33, 2},     {Format::kNf4, 13, 768, 128}, {Format::kNf4, 6, 96, 32},   {Format::kNf4, 40, 64, 64},
+    {Format::kInt8, 7, 384, 0},   {Format::kInt8, 9, 431, 0},   {Format::kInt8, 11, 768, 32}, {Format::kInt8, 5, 100, 7},
+    {Format::kInt8, 33, 96, 96},  {Format::kInt8, 3, 17, 0},    {Format::kInt8, 24, 800, 32},
+};
+
+int64_t run(const Path& p) {
+  int64_t cases = 0;
+  for (const Shape& s : kShapes) {
+    const Made m = make(s.format, s.k, s.n, s.bs);
+    const Codes& f = m.codes;
+    const std::string tag = std::string(p.name) + (s.format == Format::kNf4 ? " nf4 " : " int8 ") +
+                            std::to_string(s.k) + "x" + std::to_string(s.n) + " bs " + std::to_string(s.bs);
+    // decoding: random runs, and whole rows
+    const int64_t numel = s.k * s.n;
+    std::vector<float> want(static_cast<size_t>(numel)), got(static_cast<size_t>(numel));
+    for (int t = 0; t < 60; ++t) {
+      const int64_t e0 = t < s.k ? t * s.n : uniform(0, numel - 1);
+      const int64_t len = t < s.k ? s.n : uniform(0, std::min<int64_t>(numel - e0, 700));
+      scalar_decode(f, e0, len, want.data());
+      std::fill(got.begin(), got.end(), -7.0f);
+      p.decode(f, e0, len, got.data());
+      for (int64_t i = 0; i < len; ++i)
+        if (std::memcmp(&want[i], &got[i], sizeof(float)) != 0)
+          fail(tag + " decode from " + std::to_string(e0) + " len " + std::to_string(len) + " at " + std::to_string(i));
+      if (len < numel && got[len] != -7.0f) fail(tag + " decode wrote past its run");
+      ++cases;
+    }
+    // dot / axpy on rows of the decoded factor
+    const std::vector<float> w = dense(f);
+    const std::vector<float> x = randn(std::max(s.n, s.k));
+    for (int64_t n = 0; n <= s.n; n += (n < 40 ? 1 : 37)) {
+      double exact = 0, abs_sum = 0;
+      for (int64_t i = 0; i < n; ++i) exact += double(w[i]) * x[i], abs_sum += std::fabs(double(w[i]) * x[i]);
+      check_sum(p.dot(w.data(), x.data(), n), exact, abs_sum, n, tag + " dot n " + std::to_string(n));
+      std::vector<float> y(x.begin(), x.begin() + n);
+      p.axpy(y.data(), 0.75f, w.data(), n);
+      for (int64_t i = 0; i < n; ++i)
+        check_sum(y[i], double(x[i]) + 0.75 * w[i], std::fabs(x[i]) + std::fabs(0.75 * w[i]), 1, tag + " axpy");
+      ++cases;
+    }
+    if (p.gemv_in == nullptr || !fused_ok(f)) continue;
+    // h[r] = A[r]·x over rank ranges, y[c0:c1] += h·B[:, c0:c1] over column ranges (multiples of 32)
+    for (int t = 0; t < 6; ++t) {
+      const int64_t r0 = t == 0 ? 0 : uniform(0, s.k - 1), r1 = t == 0 ? s.k : uniform(r0, s.k);
+      std::vector<float> h(static_cast<size_t>(s.k), -7.0f);
+      p.gemv_in(f, x.data(), h.data(), r0, r1);
+      for (int64_t r = 0; r < s.k; ++r) {
+        if (r < r0 || r >= r1) {
+          if (h[r] != -7.0f) fail(tag + " gemv_in wrote outside its rows");
+          continue;
+        }
+        double exact = 0, abs_sum = 0;
+        for (int64_t c = 0; c < s.n; ++c) exact += double(w[r * s.n + c]) * x[c], abs_sum += std::fabs(double(w[r * s.n + c]) * x[c]);
+        check_sum(h[r], exact, abs_sum, s.n, tag + " gemv_in row " + std::to_string(r));
+      }
+      const int64_t groups = s.n / 32, g0 = t == 0 ? 0 : uniform(0, groups), g1 = t == 0 ? groups : uniform(g0, groups);
+      const std::vector<float> hk = randn(s.k), y0 = randn(s.n);
+      std::vector<float> y = y0;
+      p.gemv_out(f, hk.data(), y.data(), 32 * g0, 32 * g1);
+      for (int64_t c = 0; c < s.n; ++c) {
+        if (c < 32 * g0 || c >= 32 * g1) {
+          if (y[c] != y0[c]) fail(tag + " gemv_out wrote outside its columns");
+          continue;
+        }
+        double exact = y0[c], abs_sum = std::fabs(y0[c]);
+        for (int64_t r = 0; r < s.k; ++r) exact += double(hk[r]) * w[r * s.n + c], abs_sum += std::fabs(double(hk[r]) * w[r * s.n + c]);
+        check_sum(y[c], exact, abs_sum, s.k + 1, tag + " gemv_out column " + std::to_string(c));
+      }
+      cases += 2;
+    }
+  }
+  return cases;
+}
+
+#if ADAPTWIN_X86
+void decode_avx512(const Codes& f, int64_t e0, int64_t len, float* out) {
+  if (f.format == Format::kNf4)
+    nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
+  else
+    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
+}
+
+void decode_avx2(const Codes& f, int64_t e0, int64_t len, float* out) {
+  if (f.format == Format::kNf4)
+    nf4_avx2(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
+  else
+    int8_avx2(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
+}
+#endif
+
+#if ADAPTWIN_NEON
+void decode_neon(const Codes& f, int64_t e0, int64_t len, float* out) {
+  if (f.format == Format::kNf4)
+    nf4_neon(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
+  else
+    int8_neon(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
+}
+#endif
+
+// row_chunk as the extension dispatches it (whatever this CPU and ADAPTWIN_CPU_CAP pick), over a run in one row.
+void decode_dispatched(const Codes& f, int64_t e0, int64_t len, float* out) {
+  while (len > 0) {
+    const int64_t r = e0 / f.n, c = e0 % f.n, seg = std::min(len, f.n - c);
+    const float* w = row_chunk(f, r, c, seg, out);
+    if (w != out) std::copy(w, w + seg, out);
+    e0 += seg, len -= seg, out += seg;
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::vector<Path> paths = {{"scalar", scalar_decode, dot_scalar, axpy_scalar, nullptr, nullptr},
+                             {"dispatched", decode_dispatched, dot, axpy, nullptr, nullptr}};
+#if ADAPTWIN_X86
+  if (__builtin_cpu_supports("avx512f")) paths.push_back({"avx512", decode_avx512, dot_avx512, axpy_avx512, nullptr, nullptr});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    paths.push_back({"avx2", decode_avx2, dot_avx2, axpy_avx2, gemv_in_avx2, gemv_out_avx2});
+#endif
+#if ADAPTWIN_NEON
+  paths.push_back({"neon", decode_neon, dot_neon, axpy_neon, gemv_in_neon, gemv_out_neon});
+#endif
+  for (const Path& p : paths) std::printf("%s ok %lld\n", p.name, static_cast<long long>(run(p)));
+  return 0;
+}
