@@ -8,6 +8,7 @@
 // * the batch-1 register-decode kernels (x·Aᵀ over rank rows, h·B over column ranges): the same bound against
 //   float64 products of the decoded factor.
 // Prints one "PATH ok CASES" line per SIMD path run and exits 0, or prints the first mismatch and exits 1.
+// `simd_decode run ...` (see main) runs a workload instead, for benchmarks/simd_instructions.py to count.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,20 @@ std::vector<float> randn(int64_t n) {
   return v;
 }
 
+// Cheap random bits (xorshift64): the run mode fills megabytes, which std::mt19937 per byte makes slow under qemu.
+uint64_t bits() {
+  static uint64_t state = 0x9E3779B97F4A7C15ull;
+  state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+  return state;
+}
+
+// n floats in [-1, 1).
+std::vector<float> uniform_floats(int64_t n) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = static_cast<float>(static_cast<int64_t>(bits() >> 40) - (1 << 23)) * (1.0f / (1 << 23));
+  return v;
+}
+
 // A random factor: codes (random bytes), positive scales, as rank_linear stores them.
 struct Made {
   std::vector<uint8_t> bytes;
@@ -45,7 +60,10 @@ Made make(Format format, int64_t k, int64_t n, int64_t bs) {
   Made m;
   const int64_t numel = k * n;
   m.bytes.resize(static_cast<size_t>(format == Format::kNf4 ? (numel + 1) / 2 : numel) + 64);  // slack: no reads past
-  for (auto& b : m.bytes) b = static_cast<uint8_t>(uniform(0, 255));
+  for (size_t i = 0; i < m.bytes.size(); i += 8) {
+    const uint64_t word = bits();
+    std::memcpy(m.bytes.data() + i, &word, std::min<size_t>(8, m.bytes.size() - i));
+  }
   const int64_t groups = format == Format::kNf4 ? (numel + bs - 1) / bs : bs == 0 ? k : (numel + bs - 1) / bs;
   m.scale.resize(static_cast<size_t>(groups));
   for (auto& s : m.scale) s = std::ldexp(1.0f + static_cast<float>(uniform(0, 1000)) / 1000.0f, static_cast<int>(uniform(-8, 2)));
@@ -213,9 +231,43 @@ void decode_dispatched(const Codes& f, int64_t e0, int64_t len, float* out) {
   }
 }
 
+// y = (x·Aᵀ)·B for one row of x, A and B (k, n) factors: the rank_linear decode path's two products as the
+// extension runs them on a CPU without AVX-512 (rank_linear_products.h), "buffered" (chunks decoded by `decode`,
+// then dot / axpy) or "register" (the batch-1 register-decode kernels).
+void product(const Path& p, bool registers, const Codes& a, const Codes& b, const float* x, float* h, float* y) {
+  if (registers) {
+    p.gemv_in(a, x, h, 0, a.k);
+    p.gemv_out(b, h, y, 0, b.n);
+    return;
+  }
+  constexpr int64_t kChunk = 512;  // as rank_linear_decode.h
+  float buf[kChunk];
+  for (int64_t r = 0; r < a.k; ++r) {
+    float acc = 0;
+    for (int64_t c = 0; c < a.n; c += kChunk) {
+      const int64_t len = std::min(kChunk, a.n - c);
+      p.decode(a, r * a.n + c, len, buf);
+      acc += p.dot(buf, x + c, len);
+    }
+    h[r] = acc;
+  }
+  for (int64_t c = 0; c < b.n; c += kChunk) {
+    const int64_t len = std::min(kChunk, b.n - c);
+    for (int64_t r = 0; r < b.k; ++r) {
+      p.decode(b, r * b.n + c, len, buf);
+      p.axpy(y + c, h[r], buf, len);
+    }
+  }
+}
+
+// A dense float32 GEMV y = W·x (W (n, n)) with this path's dot: the dense layer's arithmetic, for counting.
+void dense_gemv(const Path& p, const float* w, const float* x, float* y, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) y[r] = p.dot(w + r * n, x, n);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   std::vector<Path> paths = {{"scalar", scalar_decode, dot_scalar, axpy_scalar, nullptr, nullptr},
                              {"dispatched", decode_dispatched, dot, axpy, nullptr, nullptr}};
 #if ADAPTWIN_X86
@@ -226,6 +278,29 @@ int main() {
 #if ADAPTWIN_NEON
   paths.push_back({"neon", decode_neon, dot_neon, axpy_neon, gemv_in_neon, gemv_out_neon});
 #endif
+  if (argc == 8 && std::string(argv[1]) == "run") {
+    // run PATH KIND FORMAT N K CALLS: CALLS products at width N, rank K, for counting what one costs (the
+    // instructions of CALLS = 2 minus those of CALLS = 1, under `qemu -singlestep -d exec`: see
+    // benchmarks/simd_instructions.py). KIND: buffered, register or dense (FORMAT then ignored).
+    const std::string name = argv[2], kind = argv[3], format = argv[4];
+    const int64_t n = std::atoll(argv[5]), k = std::atoll(argv[6]), calls = std::atoll(argv[7]);
+    const Path* p = nullptr;
+    for (const Path& q : paths)
+      if (name == q.name) p = &q;
+    if (p == nullptr || (kind == "register" && p->gemv_in == nullptr)) fail("no path " + name + " " + kind + " here");
+    const Made a = make(format == "nf4" ? Format::kNf4 : Format::kInt8, k, n, format == "nf4" ? 64 : 0);
+    const Made b = make(format == "nf4" ? Format::kNf4 : Format::kInt8, k, n, format == "nf4" ? 64 : 0);
+    const std::vector<float> x = randn(n), w = kind == "dense" ? uniform_floats(n * n) : std::vector<float>();
+    std::vector<float> h(static_cast<size_t>(k)), y(static_cast<size_t>(n));
+    for (int64_t i = 0; i < calls; ++i) {
+      if (kind == "dense")
+        dense_gemv(*p, w.data(), x.data(), y.data(), n);
+      else
+        product(*p, kind == "register", a.codes, b.codes, x.data(), h.data(), y.data());
+    }
+    std::printf("y[0] %g\n", static_cast<double>(y[0]));
+    return 0;
+  }
   for (const Path& p : paths) std::printf("%s ok %lld\n", p.name, static_cast<long long>(run(p)));
   return 0;
 }

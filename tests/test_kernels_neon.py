@@ -95,3 +95,22 @@ def test_the_extension_compiles_for_aarch64(cross, tmp_path):
     if objdump is not None:  # the NEON table lookup of the NF4 decode is in the object
         text = subprocess.run([objdump, "-d", str(tmp_path / "rank_linear.o")], capture_output=True, text=True).stdout
         assert "tbl\tv" in text or "tbl v" in text, text[:500]
+
+
+def test_the_instruction_count_benchmark_runs(cross, tmp_path, capsys):
+    import csv
+
+    from benchmarks import simd_instructions
+
+    out = tmp_path / "simd.csv"
+    simd_instructions.main(["--sizes", "64", "--out", str(out)])
+    rows = {r["provider"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == set(simd_instructions.PROVIDERS), rows
+    calls = {p: float(r["instructions_per_call"]) for p, r in rows.items()}
+    assert all(n > 0 for n in calls.values()), calls
+    # the NEON register decode executes fewer instructions than the scalar loops it replaced
+    assert calls["nf4_neon_register"] < calls["nf4_neon_buffered"] < calls["nf4_scalar"], calls
+    assert calls["int8_neon_register"] < calls["int8_scalar"], calls
+    with pytest.raises(SystemExit):
+        simd_instructions.main(["--sizes", "100", "--out", str(out)])
+    assert "--sizes must be multiples of 64" in capsys.readouterr().err
