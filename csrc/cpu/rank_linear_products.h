@@ -86,6 +86,23 @@ void fused_out(const Factor& b, const float* h, int64_t rows, float* y, int64_t 
 }
 #endif
 
+// The one-row register-decode kernels of a CPU without AVX-512 (x·Aᵀ over rank rows [r0, r1), h·B over
+// columns [c0, c1)): rank_linear_avx2.h's with AVX2 + FMA, rank_linear_neon.h's on AArch64, else none.
+struct OneRowKernels {
+  using Kernel = void (*)(const Codes&, const float*, float*, int64_t, int64_t);
+  Kernel in = nullptr, out = nullptr;
+};
+
+OneRowKernels one_row_kernels() {
+#if ADAPTWIN_X86
+  if (has_avx2()) return {gemv_in_avx2, gemv_out_avx2};
+#endif
+#if ADAPTWIN_NEON
+  if (has_neon()) return {gemv_in_neon, gemv_out_neon};
+#endif
+  return {};
+}
+
 // h (rows, k) = x (rows, in) · Aᵀ, decoding each direction of A once for all rows.
 void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(a.n, 1));
@@ -96,17 +113,12 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
                      [&](int64_t r0, int64_t r1) { fused_in(a, xf, rows, h, r0, r1); });
     return;
   }
-  if (rows == 1 && has_avx2() && fused_ok(a)) {  // rank_linear_avx2.h
-    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { gemv_in_avx2(a, x, h, r0, r1); });
+#endif
+  const OneRowKernels one = one_row_kernels();
+  if (rows == 1 && one.in != nullptr && fused_ok(a)) {
+    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { one.in(a, x, h, r0, r1); });
     return;
   }
-#endif
-#if ADAPTWIN_NEON
-  if (rows == 1 && has_neon() && fused_ok(a)) {  // rank_linear_neon.h
-    at::parallel_for(0, a.k, grain_for(a.k, a.k * a.n), [&](int64_t r0, int64_t r1) { gemv_in_neon(a, x, h, r0, r1); });
-    return;
-  }
-#endif
   at::parallel_for(0, a.k, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(kChunk);
     std::vector<float> acc(rows);
@@ -132,21 +144,14 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
                      [&](int64_t g0, int64_t g1) { fused_out(b, h, rows, y, 32 * g0, 32 * g1); });
     return;
   }
-  if (rows == 1 && has_avx2() && fused_ok(b)) {  // rank_linear_avx2.h
-    const int64_t groups = b.n / 32;
+#endif
+  const OneRowKernels one = one_row_kernels();
+  if (rows == 1 && one.out != nullptr && fused_ok(b)) {
+    const int64_t groups = b.n / 32;  // tasks own whole groups of 32 columns
     at::parallel_for(0, groups, grain_for(groups, b.k * b.n),
-                     [&](int64_t g0, int64_t g1) { gemv_out_avx2(b, h, y, 32 * g0, 32 * g1); });
+                     [&](int64_t g0, int64_t g1) { one.out(b, h, y, 32 * g0, 32 * g1); });
     return;
   }
-#endif
-#if ADAPTWIN_NEON
-  if (rows == 1 && has_neon() && fused_ok(b)) {  // rank_linear_neon.h
-    const int64_t groups = b.n / 32;
-    at::parallel_for(0, groups, grain_for(groups, b.k * b.n),
-                     [&](int64_t g0, int64_t g1) { gemv_out_neon(b, h, y, 32 * g0, 32 * g1); });
-    return;
-  }
-#endif
   at::parallel_for(0, b.n, grain, [&](int64_t c0, int64_t c1) {
     std::vector<float> buf(kChunk);
     for (int64_t c = c0; c < c1; c += kChunk) {
