@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../csrc/cpu/codes.h"
+#include "../csrc/cpu/dot_axpy.h"
 #include "../csrc/cpu/rank_linear_avx2.h"
 #include "../csrc/cpu/rank_linear_neon.h"
 

@@ -1,6 +1,6 @@
 // Factor storage for the CPU kernel of adaptwin::rank_linear (included by rank_linear.cpp only): the Factor
 // (codes.h's Codes with the tensors that own them), float32 views of tensors, and the decode path's sizes.
-// The decoding itself is in codes.h. Layouts: adaptwin/ops/rank_linear.py.
+// The decoding itself is in codes.h, dot / axpy in dot_axpy.h. Layouts: adaptwin/ops/rank_linear.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "codes.h"
+#include "dot_axpy.h"
 #include "cpu_features.h"
 
 namespace adaptwin {
