@@ -77,12 +77,7 @@ Made make(Format format, int64_t k, int64_t n, int64_t bs) {
   return m;
 }
 
-void scalar_decode(const Codes& f, int64_t e0, int64_t len, float* out) {
-  if (f.format == Format::kNf4)
-    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
-  else
-    int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
-}
+constexpr auto scalar_decode = decode_run<nf4_scalar, int8_scalar>;
 
 std::vector<float> dense(const Codes& f) {
   std::vector<float> w(static_cast<size_t>(f.k * f.n));
@@ -197,31 +192,6 @@ int64_t run(const Path& p) {
   return cases;
 }
 
-#if ADAPTWIN_X86
-void decode_avx512(const Codes& f, int64_t e0, int64_t len, float* out) {
-  if (f.format == Format::kNf4)
-    nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
-  else
-    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
-}
-
-void decode_avx2(const Codes& f, int64_t e0, int64_t len, float* out) {
-  if (f.format == Format::kNf4)
-    nf4_avx2(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
-  else
-    int8_avx2(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
-}
-#endif
-
-#if ADAPTWIN_NEON
-void decode_neon(const Codes& f, int64_t e0, int64_t len, float* out) {
-  if (f.format == Format::kNf4)
-    nf4_neon(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
-  else
-    int8_neon(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
-}
-#endif
-
 // row_chunk as the extension dispatches it (whatever this CPU and ADAPTWIN_CPU_CAP pick), over a run in one row.
 void decode_dispatched(const Codes& f, int64_t e0, int64_t len, float* out) {
   while (len > 0) {
@@ -272,12 +242,12 @@ int main(int argc, char** argv) {
   std::vector<Path> paths = {{"scalar", scalar_decode, dot_scalar, axpy_scalar, nullptr, nullptr},
                              {"dispatched", decode_dispatched, dot, axpy, nullptr, nullptr}};
 #if ADAPTWIN_X86
-  if (__builtin_cpu_supports("avx512f")) paths.push_back({"avx512", decode_avx512, dot_avx512, axpy_avx512, nullptr, nullptr});
+  if (__builtin_cpu_supports("avx512f")) paths.push_back({"avx512", decode_run<nf4_avx512, int8_avx512>, dot_avx512, axpy_avx512, nullptr, nullptr});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    paths.push_back({"avx2", decode_avx2, dot_avx2, axpy_avx2, gemv_in_avx2, gemv_out_avx2});
+    paths.push_back({"avx2", decode_run<nf4_avx2, int8_avx2>, dot_avx2, axpy_avx2, gemv_in_avx2, gemv_out_avx2});
 #endif
 #if ADAPTWIN_NEON
-  paths.push_back({"neon", decode_neon, dot_neon, axpy_neon, gemv_in_neon, gemv_out_neon});
+  paths.push_back({"neon", decode_run<nf4_neon, int8_neon>, dot_neon, axpy_neon, gemv_in_neon, gemv_out_neon});
 #endif
   if (argc == 8 && std::string(argv[1]) == "run") {
     // run PATH KIND FORMAT N K CALLS: CALLS products at width N, rank K, for counting what one costs (the

@@ -307,50 +307,36 @@ void int8_neon(const int8_t* q, const float* scale, int64_t bs, int64_t n, int64
 }
 #endif
 
+// Elements [e0, e0 + len) of a packed factor decoded into out by one instruction set's pair of decoders.
+using Nf4Decoder = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, float*);
+using Int8Decoder = void (*)(const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
+
+template <Nf4Decoder kNf4Decode, Int8Decoder kInt8Decode>
+void decode_run(const Codes& f, int64_t e0, int64_t len, float* out) {
+  if (f.format == Format::kNf4)
+    kNf4Decode(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, out);
+  else
+    kInt8Decode(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, out);
+}
+
+// decode_run with the decoders this CPU (under ADAPTWIN_CPU_CAP) takes.
+void decode_any(const Codes& f, int64_t e0, int64_t len, float* out) {
+#if ADAPTWIN_X86
+  if (has_avx512()) return decode_run<nf4_avx512, int8_avx512>(f, e0, len, out);
+  if (has_avx2()) return decode_run<nf4_avx2, int8_avx2>(f, e0, len, out);
+#endif
+#if ADAPTWIN_NEON
+  if (has_neon()) return decode_run<nf4_neon, int8_neon>(f, e0, len, out);
+#endif
+  decode_run<nf4_scalar, int8_scalar>(f, e0, len, out);
+}
+
 // Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
 // itself, or into buf after decoding.
 const float* row_chunk(const Codes& f, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t e0 = r * f.n + c0;
   if (f.format == Format::kFp) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
-  if (f.format == Format::kNf4) {
-#if ADAPTWIN_X86
-    if (has_avx512()) {
-      nf4_avx512(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
-      return buf;
-    }
-#endif
-#if ADAPTWIN_X86
-    if (has_avx2()) {
-      nf4_avx2(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
-      return buf;
-    }
-#endif
-#if ADAPTWIN_NEON
-    if (has_neon()) {
-      nf4_neon(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
-      return buf;
-    }
-#endif
-    nf4_scalar(static_cast<const uint8_t*>(f.data), f.scale, f.blocksize, e0, len, buf);
-    return buf;
-  }
-#if ADAPTWIN_X86
-  if (has_avx512()) {
-    int8_avx512(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
-    return buf;
-  }
-  if (has_avx2()) {
-    int8_avx2(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
-    return buf;
-  }
-#endif
-#if ADAPTWIN_NEON
-  if (has_neon()) {
-    int8_neon(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
-    return buf;
-  }
-#endif
-  int8_scalar(static_cast<const int8_t*>(f.data), f.scale, f.blocksize, f.n, e0, len, buf);
+  decode_any(f, e0, len, buf);
   return buf;
 }
 
