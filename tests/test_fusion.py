@@ -34,9 +34,17 @@ def _calls_onednn(monkeypatch) -> list[int]:
     return calls
 
 
+def _fused_on(monkeypatch, on: bool = True) -> None:
+    """Take (or leave) the fused primitive whatever this CPU is: on CPUs without AVX-512 linear_act runs the
+    two steps, where oneDNN's fused GELU is slower (adaptwin/ops/activation.py)."""
+    monkeypatch.setattr(linear_act_module, "_fused_is_faster", lambda: on)
+
+
 @pytest.mark.parametrize("shape", [(59, 21), (2, 7, 21), (3, 5, 7, 21), (1, 1, 21)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_act_matches_two_step_form(shape, bias, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_act_matches_two_step_form(shape, bias, fused, monkeypatch):
+    _fused_on(monkeypatch, fused)
     calls = _calls_onednn(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen)
@@ -47,7 +55,7 @@ def test_linear_act_matches_two_step_form(shape, bias, monkeypatch):
     torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-6)
     rows = x.numel() // x.shape[-1]
     if linear_act_module._ONEDNN is not None:
-        assert len(calls) == (rows > 1)  # one row: F.linear's GEMV path
+        assert len(calls) == (rows > 1 and fused)  # one row: F.linear's GEMV path
 
 
 def test_linear_act_strided_input_and_bf16():
@@ -95,6 +103,7 @@ def test_linear_act_rejects_unknown_activation():
 
 @pytest.mark.parametrize("name", ["whisper", "bert", "wav2vec2", "hubert"])
 def test_fuse_activations_keeps_the_function(name, monkeypatch):
+    _fused_on(monkeypatch)
     model = getattr(tiny_models, name)()
     inputs = {"whisper": tiny_models.whisper_inputs, "bert": tiny_models.text_inputs}.get(
         name, tiny_models.speech_inputs)()
@@ -184,6 +193,7 @@ def test_fused_layer_fine_tunes_like_the_unfused_one():
 
 
 def test_linear_act_falls_back_where_the_primitive_cannot_be_built(monkeypatch):
+    _fused_on(monkeypatch)
     # oneDNN's bf16 inner product needs AVX512-BF16 / AMX / AVX-NE-CONVERT: where creating it fails, the
     # call and every later one of that dtype take the two-step form; a genuine error still surfaces.
     if linear_act_module._ONEDNN is None:
@@ -208,6 +218,7 @@ def test_linear_act_falls_back_where_the_primitive_cannot_be_built(monkeypatch):
 
 
 def test_linear_act_skips_bf16_where_onednn_lacks_it(monkeypatch):
+    _fused_on(monkeypatch)
     calls = _calls_onednn(monkeypatch)
     if linear_act_module._ONEDNN is None:
         pytest.skip("torch was built without oneDNN")
@@ -218,6 +229,47 @@ def test_linear_act_skips_bf16_where_onednn_lacks_it(monkeypatch):
         assert torch.equal(out, F.gelu(F.linear(x.bfloat16(), w.bfloat16()))) and calls == []
         linear_act(x, w, None, "gelu")
     assert calls == [1]  # float32 still fused
+
+
+def test_linear_act_without_avx512_runs_two_steps_in_place(monkeypatch):
+    # CPUs without AVX-512 (and ARM): F.linear, then GELU in place on its fresh output where no gradient is
+    # recorded (the same bits as F.gelu), out of place where autograd records one.
+    _fused_on(monkeypatch, False)
+    calls = _calls_onednn(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(40, 24, generator=gen), torch.randn(56, 24, generator=gen), torch.randn(56, generator=gen)
+    gelu_calls: list[str] = []
+    real_in_place = linear_act_module.ACTIVATIONS["gelu"]
+
+    def spy(y):
+        gelu_calls.append("in place")
+        return real_in_place[3](y)
+
+    monkeypatch.setitem(linear_act_module.ACTIVATIONS, "gelu", (*real_in_place[:3], spy))
+    with torch.no_grad():
+        out = linear_act(x, w, b, "gelu")
+    assert torch.equal(out, F.gelu(F.linear(x, w, b))) and calls == [] and gelu_calls == ["in place"]
+    w.requires_grad_(True)
+    out = linear_act(x, w, b, "gelu")
+    assert out.grad_fn is not None and gelu_calls == ["in place"]  # recorded: the out-of-place GELU
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.autograd.grad(F.gelu(F.linear(x, w, b)).sum(), w)[0])
+
+
+def test_fused_primitive_runs_only_with_avx512_kernels():
+    # ATen's AVX2 capability (as on an AVX2-only CPU): float32 takes the two steps; AVX-512: the primitive.
+    import subprocess
+
+    code = ("from adaptwin.ops import activation as a\n"
+            "import torch\n"
+            "print(torch.backends.cpu.get_cpu_capability(), a._fused_is_faster())\n")
+    root = os.path.dirname(os.path.dirname(__file__))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["AVX2", "False"], proc.stdout
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert linear_act_module._fused_is_faster()
 
 
 def test_bf16_linear_act_on_onednn_capped_to_avx2():

@@ -1,11 +1,16 @@
 """``act(x·Wᵀ + b)`` as one pass where a fused CPU primitive exists: an FFN's first matrix and its activation.
 
-On CPU, for float32 / bfloat16 inputs of more than one row with no gradient to record, oneDNN's
-``linear_pointwise`` primitive applies the activation while the GEMM's output tiles are still in cache,
-so the (rows, out) pre-activation is never written out, read back and written again, and one fewer
-(rows, out) tensor is allocated. Everywhere else (autograd, other devices and dtypes, single rows, where
-oneDNN was left out of the torch build, and while ``torch.compile`` traces: inductor fuses on its own)
-it is ``F.gelu(F.linear(x, weight, bias))``; under CPU autocast too, so that autocast picks the GEMM's dtype.
+On CPUs where ATen runs AVX-512 kernels, for float32 / bfloat16 inputs of more than one row with no
+gradient to record, oneDNN's ``linear_pointwise`` primitive applies the activation while the GEMM's output
+tiles are still in cache, so the (rows, out) pre-activation is never written out, read back and written
+again, and one fewer (rows, out) tensor is allocated. Everywhere else it is ``F.gelu(F.linear(x, weight,
+bias))``, the activation applied in place (``aten.gelu_``) where no gradient is recorded: autograd, other
+devices and dtypes, single rows, where oneDNN was left out of the torch build, under CPU autocast (so that
+autocast picks the GEMM's dtype), while ``torch.compile`` traces (inductor fuses on its own), and on CPUs
+without AVX-512. There oneDNN's fused GELU is slower than the two steps: 1500 x 152 -> 1536 in float32 took
+6.50 ms fused against 5.04 ms for ``F.linear`` and an in-place GELU (3.99 ms without the GELU; torch, oneDNN
+and MKL capped to AVX2 on the 2-core Zen 4, 2 threads, p20 of 40), while with AVX-512 the fused form wins
+(4.21 against 4.71 ms).
 
 Measured on the 2-core CPU (``benchmarks/whisper_encoder_speed.py``, providers ``adaptwin`` vs
 ``adaptwin_nofuse``), see the README. float32 results equal the two-step form's to rounding (0 to
@@ -21,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# activation name -> (reference function, oneDNN post-op name, oneDNN algorithm)
-ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none")}  # exact (erf) GELU, as Whisper / BERT / wav2vec2 use it
+# activation name -> (reference function, oneDNN post-op name, oneDNN algorithm, in-place function)
+ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none", torch.ops.aten.gelu_)}  # exact (erf) GELU, as Whisper / BERT /
+# wav2vec2 use it
 
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _DTYPES = (torch.float32, torch.bfloat16)
@@ -37,19 +43,31 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str) 
     """``activation(F.linear(x, weight, bias))``; ``activation`` is a key of `ACTIVATIONS`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear_act: unknown activation {activation!r}; allowed: {sorted(ACTIVATIONS)}")
-    fn, post_op, algorithm = ACTIVATIONS[activation]
+    _, post_op, algorithm, _ = ACTIVATIONS[activation]
     if _fusable(x, weight, bias):
         try:
             return _ONEDNN(x, weight, bias, post_op, [], algorithm)
         except RuntimeError:
-            y = fn(F.linear(x, weight, bias))  # a genuine error (shapes, ...) is raised here
+            y = activate(F.linear(x, weight, bias), activation)  # a genuine error (shapes, ...) is raised here
             _UNFUSABLE.add(x.dtype)  # the two-step form works where the primitive failed: not for this dtype
             return y
-    return fn(F.linear(x, weight, bias))
+    return activate(F.linear(x, weight, bias), activation)
+
+
+def activate(y: Tensor, activation: str) -> Tensor:
+    """``activation(y)`` for ``y`` a fresh output no one else holds (a GEMM's): in place where no gradient is
+    recorded through it and ``torch.compile`` is not tracing (no second (rows, out) tensor to allocate and
+    fault in: 9.2 MB for 1500 x 1536 float32)."""
+    fn, _, _, in_place = ACTIVATIONS[activation]
+    if y.requires_grad or torch.compiler.is_compiling():
+        return fn(y)
+    return in_place(y)
 
 
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _ONEDNN is None or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        return False
+    if not _fused_is_faster():
         return False
     if x.dtype in _UNFUSABLE or (x.dtype == torch.bfloat16 and not _bf16_supported()):
         return False
@@ -59,6 +77,13 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
                                     or (bias is not None and bias.requires_grad)):
         return False
     return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+
+
+@functools.cache
+def _fused_is_faster() -> bool:
+    """Whether ATen runs AVX-512 kernels in this process (``ATEN_CPU_CAPABILITY`` lowers it), where the fused
+    primitive beats the two steps (see the module docstring). Other CPUs (AVX2, ARM) take the two steps."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @functools.cache

@@ -71,10 +71,37 @@ ADAPTWIN_AVX2 void pv_lanes_avx2_any(int dn, const float* st, const float* v, in
   }
 }
 
+constexpr int kKeys2 = 6;  // keys per score micro-tile: 12 accumulators
+
+// Sᵀ[r][:] = Σ_d k[r][d]·Qᵀ[d][:] for R keys (rows kstride apart) and the 16 query lanes; tmax[2] takes the
+// lanes' maximum over them (the tile's maximum, read again only where masks change the scores).
+template <int R>
+ADAPTWIN_AVX2 inline void scores_avx2(const float* qt, const float* k, int64_t kstride, int64_t dq, float* st,
+                                      __m256* tmax) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dq; ++d) {
+    const __m256 q0 = _mm256_loadu_ps(qt + d * kLanes2), q1 = _mm256_loadu_ps(qt + d * kLanes2 + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 kd = _mm256_set1_ps(k[r * kstride + d]);
+      acc[r][0] = _mm256_fmadd_ps(kd, q0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(kd, q1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(st + r * kLanes2, acc[r][0]);
+    _mm256_storeu_ps(st + r * kLanes2 + 8, acc[r][1]);
+    tmax[0] = _mm256_max_ps(tmax[0], acc[r][0]);
+    tmax[1] = _mm256_max_ps(tmax[1], acc[r][1]);
+  }
+}
+
 // Masks, causal cut and the online-softmax update of one transposed score tile (nk keys × 16 lanes, log2
 // units): st becomes 2^(s - m_new), the running max mx / sum l advance, Oᵀ (Dv × 16) is rescaled.
 ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
-                                             int64_t j0, int64_t nk, float* st, __m256* mx, __m256* l, float* ot) {
+                                             int64_t j0, int64_t nk, float* st, const __m256* scores_max, __m256* mx,
+                                             __m256* l, float* ot) {
+  const bool masked = p.mask_f || p.mask_b || p.causal;  // scores changed since scores_max was taken
   const __m256 ninf = _mm256_set1_ps(kNegInf);
   mask_tile(p, b, h, i0, nq, j0, nk, st, kLanes2);
   if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
@@ -91,8 +118,11 @@ ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_
     }
   }
   for (int c = 0; c < 2; ++c) {
-    __m256 tmax = ninf;
-    for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm256_max_ps(tmax, _mm256_loadu_ps(st + jj * kLanes2 + 8 * c));
+    __m256 tmax = scores_max[c];
+    if (masked) {
+      tmax = ninf;
+      for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm256_max_ps(tmax, _mm256_loadu_ps(st + jj * kLanes2 + 8 * c));
+    }
     const __m256 m_new = _mm256_max_ps(mx[c], tmax);
     // lanes that have seen only masked keys keep m = -inf; subtract 0 there so 2^x gives 0, not NaN
     const __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
@@ -105,7 +135,10 @@ ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_
       sum = _mm256_add_ps(sum, e);
     }
     l[c] = _mm256_fmadd_ps(l[c], alpha, sum);
+    // O is rescaled only where a lane's maximum rose (after the first tiles, rarely)
+    const bool same = _mm256_movemask_ps(_mm256_cmp_ps(m_new, mx[c], _CMP_EQ_OQ)) == 0xff;
     mx[c] = m_new;
+    if (same) continue;
     for (int64_t d = 0; d < p.Dv; ++d) {
       float* o = ot + d * kLanes2 + 8 * c;
       _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_loadu_ps(o), alpha));
@@ -134,40 +167,23 @@ ADAPTWIN_AVX2 void run_block_lanes_avx2(const Problem& p, int64_t b, int64_t h, 
   const int64_t s_end = p.causal ? std::min(p.S, i0 + nq) : p.S;
   for (int64_t j0 = 0; j0 < s_end; j0 += kBK) {
     const int64_t nk = std::min(kBK, s_end - j0);
-    // scores, four keys at a time: Qᵀ[d] loaded once for four broadcast-FMAs per vector
+    // scores, kKeys2 keys at a time: Qᵀ[d] loaded once for kKeys2 broadcast-FMAs per vector
+    __m256 tmax[2] = {ninf, ninf};
+    const float* kt = kb + j0 * p.ks[2];
     int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-      __m256 acc[4][2];
-      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-      const float* k0 = kb + (j0 + j) * p.ks[2];
-      for (int64_t d = 0; d < p.Dq; ++d) {
-        const __m256 q0 = _mm256_loadu_ps(qt + d * kLanes2), q1 = _mm256_loadu_ps(qt + d * kLanes2 + 8);
-        for (int r = 0; r < 4; ++r) {
-          const __m256 kd = _mm256_set1_ps(k0[r * p.ks[2] + d]);
-          acc[r][0] = _mm256_fmadd_ps(kd, q0, acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(kd, q1, acc[r][1]);
-        }
-      }
-      for (int r = 0; r < 4; ++r) {
-        _mm256_storeu_ps(st + (j + r) * kLanes2, acc[r][0]);
-        _mm256_storeu_ps(st + (j + r) * kLanes2 + 8, acc[r][1]);
-      }
-    }
-    for (; j < nk; ++j) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      const float* kj = kb + (j0 + j) * p.ks[2];
-      for (int64_t d = 0; d < p.Dq; ++d) {
-        const __m256 kd = _mm256_set1_ps(kj[d]);
-        a0 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(qt + d * kLanes2), a0);
-        a1 = _mm256_fmadd_ps(kd, _mm256_loadu_ps(qt + d * kLanes2 + 8), a1);
-      }
-      _mm256_storeu_ps(st + j * kLanes2, a0), _mm256_storeu_ps(st + j * kLanes2 + 8, a1);
-    }
-    lanes_softmax_avx2(p, b, h, i0, nq, j0, nk, st, mx, l, ot);
+    for (; j + kKeys2 <= nk; j += kKeys2) scores_avx2<kKeys2>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * kLanes2, tmax);
+    for (; j + 4 <= nk; j += 4) scores_avx2<4>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * kLanes2, tmax);
+    for (; j < nk; ++j) scores_avx2<1>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * kLanes2, tmax);
+    lanes_softmax_avx2(p, b, h, i0, nq, j0, nk, st, tmax, mx, l, ot);
     const float* v0 = vb + j0 * p.vs[2];
-    for (int64_t d = 0; d < p.Dv; d += 6)
-      pv_lanes_avx2_any(static_cast<int>(std::min<int64_t>(6, p.Dv - d)), st, v0 + d, p.vs[2], nk,
-                        ot + d * kLanes2);
+    // value columns in chunks of at most 6 (12 accumulators), as even as they come: a short last chunk
+    // (2 of Dv = 32) leaves too few accumulators to cover the FMA latency
+    const int64_t chunks = (p.Dv + 5) / 6;
+    for (int64_t c = 0, d = 0; c < chunks; ++c) {
+      const int64_t dn = (p.Dv - d) / (chunks - c);
+      pv_lanes_avx2_any(static_cast<int>(dn), st, v0 + d, p.vs[2], nk, ot + d * kLanes2);
+      d += dn;
+    }
   }
   alignas(32) float inv[kLanes2];
   for (int c = 0; c < 2; ++c) {

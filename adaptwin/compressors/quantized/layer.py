@@ -46,7 +46,7 @@ from adaptwin.compressors.packed_args import (
     derived,
     gemm_dtype,
 )
-from adaptwin.ops.activation import ACTIVATIONS, linear_act
+from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -295,7 +295,7 @@ class QuantLowRankLinear(_QuantModule):
         if qa is not None:
             main = rank_linear(x, *qa, *qb, bias)
             y = main if y is None else main + y
-        return y if self.activation is None else ACTIVATIONS[self.activation][0](y)
+        return y if self.activation is None else activate(y, self.activation)
 
     def _whole_gemms(self, x: torch.Tensor) -> torch.Tensor:
         """The batched path: x·Uᵀ, then ·Vᵀ + b with the fused activation in the same GEMM."""
