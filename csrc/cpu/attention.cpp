@@ -69,6 +69,31 @@ at::Tensor set_mask(Problem& p, const std::optional<at::Tensor>& mask) {
   return m;
 }
 
+constexpr int kKeys = 8;  // keys per score micro-tile of the float32 lanes path: 16 accumulators
+
+// Sᵀ[r][:] = Σ_d k[r][d]·Qᵀ[d][:] for R keys (rows kstride apart) and the 32 query lanes; tmax[2] takes the
+// lanes' maximum over them.
+template <int R>
+ADAPTWIN_AVX512 inline void scores_lanes(const float* qt, const float* k, int64_t kstride, int64_t dq, float* st,
+                                         __m512* tmax) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dq; ++d) {
+    const __m512 q0 = _mm512_loadu_ps(qt + d * 32), q1 = _mm512_loadu_ps(qt + d * 32 + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 kd = _mm512_set1_ps(k[r * kstride + d]);
+      acc[r][0] = _mm512_fmadd_ps(kd, q0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(kd, q1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(st + r * 32, acc[r][0]);
+    _mm512_storeu_ps(st + r * 32 + 16, acc[r][1]);
+    tmax[0] = _mm512_max_ps(tmax[0], acc[r][0]);
+    tmax[1] = _mm512_max_ps(tmax[1], acc[r][1]);
+  }
+}
+
 ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int64_t i0, float* ws) {
   const int64_t nq = std::min<int64_t>(32, p.T - i0);
   const int64_t hk = h / (p.H / p.Hkv);
@@ -89,33 +114,14 @@ ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int
   const int64_t s_end = p.causal ? std::min(p.S, i0 + nq) : p.S;
   for (int64_t j0 = 0; j0 < s_end; j0 += kBK) {
     const int64_t nk = std::min(kBK, s_end - j0);
-    // scores, four keys at a time: Qᵀ[d] is loaded once for four broadcast-FMAs per vector
+    // scores, kKeys keys at a time: Qᵀ[d] is loaded once for kKeys broadcast-FMAs per vector
+    __m512 tmax[2] = {ninf, ninf};
+    const float* kt = kb + j0 * p.ks[2];
     int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-      __m512 acc[4][2];
-      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-      const float* k0 = kb + (j0 + j) * p.ks[2];
-      for (int64_t d = 0; d < p.Dq; ++d) {
-        const __m512 q0 = _mm512_loadu_ps(qt + d * 32), q1 = _mm512_loadu_ps(qt + d * 32 + 16);
-        for (int r = 0; r < 4; ++r) {
-          const __m512 kd = _mm512_set1_ps(k0[r * p.ks[2] + d]);
-          acc[r][0] = _mm512_fmadd_ps(kd, q0, acc[r][0]);
-          acc[r][1] = _mm512_fmadd_ps(kd, q1, acc[r][1]);
-        }
-      }
-      for (int r = 0; r < 4; ++r) _mm512_storeu_ps(st + (j + r) * 32, acc[r][0]), _mm512_storeu_ps(st + (j + r) * 32 + 16, acc[r][1]);
-    }
-    for (; j < nk; ++j) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      const float* kj = kb + (j0 + j) * p.ks[2];
-      for (int64_t d = 0; d < p.Dq; ++d) {
-        const __m512 kd = _mm512_set1_ps(kj[d]);
-        a0 = _mm512_fmadd_ps(kd, _mm512_loadu_ps(qt + d * 32), a0);
-        a1 = _mm512_fmadd_ps(kd, _mm512_loadu_ps(qt + d * 32 + 16), a1);
-      }
-      _mm512_storeu_ps(st + j * 32, a0), _mm512_storeu_ps(st + j * 32 + 16, a1);
-    }
-    lanes_softmax(p, b, h, i0, nq, j0, nk, st, mx, l, ot);
+    for (; j + kKeys <= nk; j += kKeys) scores_lanes<kKeys>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * 32, tmax);
+    for (; j + 4 <= nk; j += 4) scores_lanes<4>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * 32, tmax);
+    for (; j < nk; ++j) scores_lanes<1>(qt, kt + j * p.ks[2], p.ks[2], p.Dq, st + j * 32, tmax);
+    lanes_softmax(p, b, h, i0, nq, j0, nk, st, tmax, mx, l, ot);
     const float* v0 = vb + j0 * p.vs[2];
     for (int64_t d = 0; d < p.Dv; d += 8)
       pv_lanes_any(static_cast<int>(std::min<int64_t>(8, p.Dv - d)), st, v0 + d, p.vs[2], nk, ot + d * 32);

@@ -122,7 +122,7 @@ ADAPTWIN_AVX512BF16 void run_block_lanes_bf16(const Problem& p, int64_t b, int64
       _mm512_storeu_ps(st + j * 32, _mm512_mul_ps(a0, scale));
       _mm512_storeu_ps(st + j * 32 + 16, _mm512_mul_ps(a1, scale));
     }
-    lanes_softmax(p, b, h, i0, nq, j0, nk, st, mx, l, ot);
+    lanes_softmax(p, b, h, i0, nq, j0, nk, st, nullptr, mx, l, ot);
     // P (float32, keys × lanes) -> bf16 pairs of keys per lane; an odd last key pairs with a zero
     const int64_t npairs = (nk + 1) / 2;
     for (int64_t jp = 0; jp < npairs; ++jp) {

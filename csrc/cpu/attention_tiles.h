@@ -206,10 +206,13 @@ inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_
 
 // Masks, causal cut and the online-softmax update of one transposed score tile st (nk keys × 32 query
 // lanes, float32, in log2 units: the callers scale scores by scale·log2e): st becomes 2^(s - m_new) =
-// exp of the natural-unit difference, the running max mx / sum l advance, and Oᵀ (Dv × 32) is rescaled.
-// Shared by the float32 and the bfloat16 query-vectorised paths.
+// exp of the natural-unit difference, the running max mx / sum l advance, and Oᵀ (Dv × 32) is rescaled where
+// a lane's maximum rose. scores_max (2 vectors, or nullptr): the tile's maximum as the scores were computed,
+// used where no mask or causal cut changed them since. Shared by the float32 and bfloat16 paths.
 ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0,
-                                          int64_t nk, float* st, __m512* mx, __m512* l, float* ot) {
+                                          int64_t nk, float* st, const __m512* scores_max, __m512* mx, __m512* l,
+                                          float* ot) {
+  if (p.mask_f || p.mask_b || p.causal) scores_max = nullptr;
   const __m512 ninf = _mm512_set1_ps(kNegInf);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   mask_tile(p, b, h, i0, nq, j0, nk, st, 32);
@@ -227,7 +230,10 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
   // online softmax down the key rows (per lane)
   for (int c = 0; c < 2; ++c) {
     __m512 tmax = ninf;
-    for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm512_max_ps(tmax, _mm512_loadu_ps(st + jj * 32 + 16 * c));
+    if (scores_max)
+      tmax = scores_max[c];
+    else
+      for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm512_max_ps(tmax, _mm512_loadu_ps(st + jj * 32 + 16 * c));
     const __m512 m_new = _mm512_max_ps(mx[c], tmax);
     // lanes that have seen only masked keys keep m = -inf; subtract 0 there so exp gives 0, not NaN
     const __m512 m_use = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), _mm512_setzero_ps());
@@ -240,7 +246,10 @@ ADAPTWIN_AVX512 inline void lanes_softmax(const Problem& p, int64_t b, int64_t h
       sum = _mm512_add_ps(sum, e);
     }
     l[c] = _mm512_fmadd_ps(l[c], alpha, sum);
+    // alpha is exactly 1 where the maximum stayed (2^0; a lane still at -inf has O = 0): no rescale
+    const bool same = _mm512_cmp_ps_mask(m_new, mx[c], _CMP_EQ_OQ) == 0xffff;
     mx[c] = m_new;
+    if (same) continue;
     for (int64_t d = 0; d < p.Dv; ++d)
       _mm512_storeu_ps(ot + d * 32 + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(ot + d * 32 + 16 * c), alpha));
   }
