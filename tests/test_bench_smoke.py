@@ -382,3 +382,28 @@ def test_quant_crossover_peers_on_a_tiny_bert():
     assert not qc.layer_linears(swapped) and qc.layer_linears(model)  # swapped in the copy only
     with pytest.raises(ValueError, match="allowed"):
         qc.peer(model, "dense_int4")
+
+
+def test_attention_speed_benchmark(tmp_path, capsys):
+    """benchmarks/attention_speed.py at a toy shape: every provider in both dtypes, each against its own float64
+    arithmetic, ratios against SDPA at the dense width; malformed widths are refused with the allowed form."""
+    from benchmarks import attention_speed as att
+
+    out = tmp_path / "att.csv"
+    argv = ["--widths", "20,8", "--heads", "2", "--length", "40", "--dense-width", "16", "--repeats", "1",
+            "--threads", "1", "--out", str(out)]
+    assert att.main(argv) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["shape"], r["dtype"], r["provider"]) for r in rows} == {
+        (f"H2-T40-w{w}", d, p) for w in (20, 8) for d in ("fp32", "bf16") for p in att.PROVIDERS}
+    for r in rows:
+        assert float(r["p50_ms"]) > 0 and float(r["rel_err"]) < (1e-5 if r["dtype"] == "fp32" else 2e-2), r
+        assert (float(r["ratio_p50"]) == 1.0) == (r["provider"] == "sdpa_dense")
+        width = 16 if r["provider"] == "sdpa_dense" else int(r["shape"].rsplit("w", 1)[1])
+        assert float(r["gflop"]) == pytest.approx(4 * 2 * 40 * 40 * width / 1e9)
+    for bad in ("0", "a,8", ""):
+        with pytest.raises(SystemExit) as exc:
+            att.main(["--widths", bad, "--out", str(out)])
+        assert exc.value.code == 2
+        assert "--widths takes comma-separated head widths" in capsys.readouterr().err
