@@ -67,7 +67,7 @@ def activate(y: Tensor, activation: str) -> Tensor:
 def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if _ONEDNN is None or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
-    if not _fused_is_faster():
+    if torch.compiler.is_compiling() or not _fused_is_faster():  # (first: Dynamo cannot trace the second)
         return False
     if x.dtype in _UNFUSABLE or (x.dtype == torch.bfloat16 and not _bf16_supported()):
         return False
@@ -76,7 +76,7 @@ def _fusable(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
-    return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+    return not torch.is_autocast_enabled("cpu")
 
 
 @functools.cache
