@@ -16,6 +16,7 @@ compressed attention hands the op. Providers, timed interleaved under ``torch.in
 
 ``gflop`` counts 4·H·T·S·w (q·kᵀ and P·v; the softmax not counted). ``rel_err`` is the error against
 the op's arithmetic in float64 (q, k, v rounded to the dtype first), so rounding only.
+``python -m benchmarks.plot results/attention_speed.csv`` draws the CSV.
 """
 
 from __future__ import annotations
