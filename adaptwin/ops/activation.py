@@ -8,10 +8,9 @@ bias))``: under autograd, on other devices and dtypes, for single rows, where on
 torch build, under CPU autocast (so that autocast picks the GEMM's dtype), while ``torch.compile`` traces
 (inductor fuses on its own), and on CPUs without AVX-512. Where no gradient is recorded the GELU then runs
 in place (``aten.gelu_``) on the GEMM's fresh output. Without AVX-512 oneDNN's fused GELU is slower than
-the two steps: 1500 x 152 -> 1536 in float32 took
-6.50 ms fused against 5.04 ms for ``F.linear`` and an in-place GELU (3.99 ms without the GELU; torch, oneDNN
-and MKL capped to AVX2 on the 2-core Zen 4, 2 threads, p20 of 40), while with AVX-512 the fused form wins
-(4.21 against 4.71 ms).
+the two steps: 1500 x 152 -> 1536 in float32 took 6.50 ms fused against 5.04 ms for ``F.linear`` and an
+in-place GELU (3.99 ms without the GELU; torch, oneDNN and MKL capped to AVX2 on the 2-core Zen 4, 2
+threads, p20 of 40), while with AVX-512 the fused form wins (4.21 against 4.71 ms).
 
 Measured on the 2-core CPU (``benchmarks/whisper_encoder_speed.py``, providers ``adaptwin`` vs
 ``adaptwin_nofuse``), see the README. float32 results equal the two-step form's to rounding (0 to
