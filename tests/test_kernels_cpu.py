@@ -153,6 +153,41 @@ def test_attention_fully_masked_rows_are_zero():
     torch.testing.assert_close(out, attention_reference(q, k, v, keep, 0.2, False), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("kind", ["bool", "causal", "float_min", "float_plus"])
+@pytest.mark.parametrize("tokens", [40, 3], ids=["lanes", "rows"])
+def test_attention_softmax_max_is_taken_after_the_mask(kind, tokens):
+    # The query-vectorised kernels take a score tile's maximum as they compute the scores; a mask changes
+    # the scores afterwards. One key with a raw score far above the others (hidden by the mask, or raised
+    # further by a positive additive mask) must not set the softmax's maximum: 2^(s - max) would underflow
+    # to 0 for every visible key, or overflow where the mask adds to a score.
+    gen = torch.Generator().manual_seed(7)
+    t, s, w = tokens, 70, 24
+    u = torch.randn(w, generator=gen)
+    u /= u.norm()
+    q = torch.randn(1, 2, t, w, generator=gen) + 2.0 * u  # every query has a component along u
+    k, v = (torch.randn(1, 2, s, w, generator=gen) for _ in range(2))
+    # causal: key t // 2 is hidden from the first half of the queries and seen by the rest (top-left, as SDPA)
+    big = t // 2 if kind == "causal" else 3
+    k[:, :, big] = 400.0 * u  # raw scores ~ 800 / sqrt(w) = 163 natural units: 2^-235 for the others
+    mask, causal = None, kind == "causal"
+    if kind == "bool":
+        mask = torch.ones(1, 1, 1, s, dtype=torch.bool)
+        mask[..., big] = False
+    elif kind == "float_min":
+        mask = torch.zeros(1, 1, 1, s)
+        mask[..., big] = torch.finfo(torch.float32).min
+    elif kind == "float_plus":  # no large key; the mask raises one key by 300 (2^433 if not in the maximum)
+        k[:, :, big] = torch.randn(w, generator=gen)
+        mask = torch.zeros(1, 1, t, s)
+        mask[..., 11] = 300.0
+    scale = w ** -0.5
+    out = torch.ops.adaptwin.attention(q, k, v, mask, scale, causal)
+    mask64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    ref = attention_reference(q.double(), k.double(), v.double(), mask64, scale, causal)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # rank_linear
 
