@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# activation name -> (reference function, oneDNN post-op name, oneDNN algorithm, in-place function)
-ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none", torch.ops.aten.gelu_)}  # exact (erf) GELU, as Whisper / BERT /
-# wav2vec2 use it
+# activation name -> (reference function, oneDNN post-op name, oneDNN algorithm, in-place function);
+# "gelu" is the exact (erf) GELU, as Whisper / BERT / wav2vec2 use it
+ACTIVATIONS = {"gelu": (F.gelu, "gelu", "none", torch.ops.aten.gelu_)}
 
 _ONEDNN = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _DTYPES = (torch.float32, torch.bfloat16)

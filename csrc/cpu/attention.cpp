@@ -69,31 +69,6 @@ at::Tensor set_mask(Problem& p, const std::optional<at::Tensor>& mask) {
   return m;
 }
 
-constexpr int kKeys = 8;  // keys per score micro-tile of the float32 lanes path: 16 accumulators
-
-// Sᵀ[r][:] = Σ_d k[r][d]·Qᵀ[d][:] for R keys (rows kstride apart) and the 32 query lanes; tmax[2] takes the
-// lanes' maximum over them.
-template <int R>
-ADAPTWIN_AVX512 inline void scores_lanes(const float* qt, const float* k, int64_t kstride, int64_t dq, float* st,
-                                         __m512* tmax) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < dq; ++d) {
-    const __m512 q0 = _mm512_loadu_ps(qt + d * 32), q1 = _mm512_loadu_ps(qt + d * 32 + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 kd = _mm512_set1_ps(k[r * kstride + d]);
-      acc[r][0] = _mm512_fmadd_ps(kd, q0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(kd, q1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(st + r * 32, acc[r][0]);
-    _mm512_storeu_ps(st + r * 32 + 16, acc[r][1]);
-    tmax[0] = _mm512_max_ps(tmax[0], acc[r][0]);
-    tmax[1] = _mm512_max_ps(tmax[1], acc[r][1]);
-  }
-}
-
 ADAPTWIN_AVX512 void run_block_lanes(const Problem& p, int64_t b, int64_t h, int64_t i0, float* ws) {
   const int64_t nq = std::min<int64_t>(32, p.T - i0);
   const int64_t hk = h / (p.H / p.Hkv);

@@ -97,11 +97,12 @@ ADAPTWIN_AVX2 inline void scores_avx2(const float* qt, const float* k, int64_t k
 }
 
 // Masks, causal cut and the online-softmax update of one transposed score tile (nk keys × 16 lanes, log2
-// units): st becomes 2^(s - m_new), the running max mx / sum l advance, Oᵀ (Dv × 16) is rescaled.
+// units): st becomes 2^(s - m_new), the running max mx / sum l advance, Oᵀ (Dv × 16) is rescaled where a
+// lane's maximum rose. scores_max: the tile's maximum as scores_avx2 took it (lanes_softmax's rule).
 ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq,
                                              int64_t j0, int64_t nk, float* st, const __m256* scores_max, __m256* mx,
                                              __m256* l, float* ot) {
-  const bool masked = p.mask_f || p.mask_b || p.causal;  // scores changed since scores_max was taken
+  if (p.mask_f || p.mask_b || p.causal) scores_max = nullptr;  // scores changed since scores_max was taken
   const __m256 ninf = _mm256_set1_ps(kNegInf);
   mask_tile(p, b, h, i0, nq, j0, nk, st, kLanes2);
   if (p.causal) {  // key j0 + jj is hidden from query i0 + lane when j0 + jj > i0 + lane
@@ -118,11 +119,11 @@ ADAPTWIN_AVX2 inline void lanes_softmax_avx2(const Problem& p, int64_t b, int64_
     }
   }
   for (int c = 0; c < 2; ++c) {
-    __m256 tmax = scores_max[c];
-    if (masked) {
-      tmax = ninf;
+    __m256 tmax = ninf;
+    if (scores_max)
+      tmax = scores_max[c];
+    else
       for (int64_t jj = 0; jj < nk; ++jj) tmax = _mm256_max_ps(tmax, _mm256_loadu_ps(st + jj * kLanes2 + 8 * c));
-    }
     const __m256 m_new = _mm256_max_ps(mx[c], tmax);
     // lanes that have seen only masked keys keep m = -inf; subtract 0 there so 2^x gives 0, not NaN
     const __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, ninf, _CMP_EQ_OQ));
