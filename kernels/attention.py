@@ -27,6 +27,8 @@ import triton.language as tl
 from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count, with_launch_options
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -79,7 +81,10 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
                 keep = tl.load(mask_base + m_off, mask=ok, other=0)
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
-                s = s + tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                add = tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32)
+                # log2 units, clamped at -FLT_MAX: finfo.min times log2e would overflow to -inf, and a row masked
+                # that way throughout would give zeros where the reference (SDPA) averages its values; -inf stays
+                s = s + tl.where(add == float("-inf"), add, tl.maximum(add * _LOG2E, -_FLT_MAX))
         if TAIL:  # after the scale, which may be negative or zero
             s = tl.where(col_ok[None, :], s, float("-inf"))
         if CAUSAL:

@@ -27,7 +27,7 @@ from adaptwin.ops.attention import attention_reference
 from adaptwin.ops.rank_linear import rank_linear_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, masked_throughout, seed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"fp": 0, "nf4": 1, "int8": 2}  # csrc/cuda/rank_linear_kernel.cuh's Format
@@ -101,13 +101,20 @@ def test_cuda_attention_kernel_emulated(lib, case, dtype):
     assert_within_twice(out, attention_reference(q, k, v, mask, scale, causal), ref64)
 
 
-def test_cuda_attention_kernel_fully_masked_rows_give_zero(lib):
-    q = k = v = torch.randn(1, 2, 5, 8)
-    mask = torch.ones(1, 2, 5, 5, dtype=torch.bool)
-    mask[:, :, 2] = False
+@pytest.mark.parametrize("kind", ["bool", "neg_inf", "finfo_min", "finfo_min_bf16"])
+def test_cuda_attention_kernel_query_with_every_key_masked(lib, kind):
+    """As SDPA: zeros where every key is masked out (False, -inf); the values' mean where a finite mask
+    (finfo.min) hides them all."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=gen) for n in (5, 9, 9))
+    mask = masked_throughout(kind, 5, 9, 2, gen)
     out = _attention(lib, q, k, v, mask, 0.3, False)
-    assert torch.equal(out[:, 2], torch.zeros(1, 2, 8))
     assert torch.isfinite(out).all()
+    if kind in ("bool", "neg_inf"):
+        assert torch.equal(out[:, 2], torch.zeros(1, 2, 8))
+    else:
+        torch.testing.assert_close(out[:, 2], v.mean(2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, 0.3, False), rtol=2e-5, atol=2e-6)
 
 
 def _product(lib, x, factor, transposed: bool, bias):

@@ -153,6 +153,40 @@ def test_attention_fully_masked_rows_are_zero():
     torch.testing.assert_close(out, attention_reference(q, k, v, keep, 0.2, False), rtol=2e-5, atol=2e-6)
 
 
+def masked_throughout(kind: str, t: int, s: int, row: int, gen: torch.Generator) -> torch.Tensor:
+    """A (1, 2, t, s) mask hiding about half the keys, and every key from query ``row``: False (``bool``),
+    or added: -inf (``neg_inf``), or the float32 / bfloat16 finfo.min Hugging Face masks with (finite)."""
+    keep = torch.rand(1, 2, t, s, generator=gen) > 0.5
+    keep[:, :, row] = False
+    if kind == "bool":
+        return keep
+    fill = {"neg_inf": float("-inf"), "finfo_min": torch.finfo(torch.float32).min,
+            "finfo_min_bf16": torch.finfo(torch.bfloat16).min}[kind]
+    mask = torch.zeros(1, 2, t, s).masked_fill(~keep, fill)
+    return mask.bfloat16() if kind == "finfo_min_bf16" else mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bool", "neg_inf", "finfo_min", "finfo_min_bf16"])
+@pytest.mark.parametrize("tokens,keys", [(40, 33), (3, 70), (1, 1)], ids=["lanes", "rows", "one-key"])
+def test_attention_query_with_every_key_masked(kind, tokens, keys, dtype):
+    # As SDPA: a query whose keys are all masked out (False, -inf) gets zeros; a finite mask, however large,
+    # is added as it is, so every score of that query is the same (-3.4e38) and it gets the mean of the
+    # values. finfo.min times log2e (the kernels' log2 units) overflows to -inf: zeros there would be wrong.
+    gen = torch.Generator().manual_seed(5)
+    row = tokens // 2
+    q, k, v = (torch.randn(1, 2, n, 20, generator=gen).to(dtype) for n in (tokens, keys, keys))
+    mask = masked_throughout(kind, tokens, keys, row, gen)
+    out = torch.ops.adaptwin.attention(q, k, v, mask, 0.2, False)
+    expect = torch.zeros_like(v[:, :, 0]) if kind in ("bool", "neg_inf") else v.mean(2)  # (1, 2, 20)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, row].float(), expect.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    ref = attention_reference(q, k, v, mask, 0.2, False)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2 if dtype == torch.bfloat16 else 2e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 2e-6)
+
+
 @pytest.mark.parametrize("kind", ["bool", "causal", "float_min", "float_plus"])
 @pytest.mark.parametrize("tokens", [40, 3], ids=["lanes", "rows"])
 def test_attention_softmax_max_is_taken_after_the_mask(kind, tokens):

@@ -18,7 +18,7 @@ import torch
 from adaptwin.ops.attention import attention_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, seed  # noqa: E402
+from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, masked_throughout, seed  # noqa: E402
 
 # TRITON_INTERPRET must be set before triton is first imported (its standard library is decorated at
 # import), so the cases below run in a child pytest that starts with it; in this process they skip.
@@ -231,6 +231,22 @@ def test_triton_attention_any_scale(tk, scale, kind):
     ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, False)
     out = tk["attention"].attention(q, k, v, mask, scale, False)
     assert_within_twice(out, attention_reference(q, k, v, mask, scale, False), ref64)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["bool", "neg_inf", "finfo_min"])
+@pytest.mark.parametrize("tokens,keys", [(40, 33), (1, 70)])
+def test_triton_attention_query_with_every_key_masked(tk, kind, tokens, keys):
+    """As SDPA: zeros for a query whose keys are all masked out (False, -inf); the mean of the values where
+    a finite mask (finfo.min) hides them all, since every score is then the same."""
+    gen = torch.Generator().manual_seed(5)
+    row = tokens // 2
+    q, k, v = (torch.randn(1, 2, n, 20, generator=gen) for n in (tokens, keys, keys))
+    mask = masked_throughout(kind, tokens, keys, row, gen)
+    out = tk["attention"].attention(q, k, v, mask, 0.2, False)
+    expect = torch.zeros_like(v[:, :, 0]) if kind != "finfo_min" else v.mean(2)
+    torch.testing.assert_close(out[:, row], expect, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, 0.2, False), rtol=2e-5, atol=2e-6)
 
 
 @needs_interpreter

@@ -15,7 +15,9 @@ schema)::
     scale    multiplier of q·kᵀ (the original model's, never a default)
     is_causal  key j is visible to query i only when j <= i (top-left aligned, as SDPA)
     returns  (B, T, H, Dv) contiguous, q's dtype: the layout the output projection reads. A query whose
-             keys are all masked gets zeros (as SDPA's CPU kernels).
+             keys are all masked out (False, or -inf) gets zeros, as SDPA's CPU kernels; a finite additive
+             mask, however large (Hugging Face's finfo.min), is added as it is, as SDPA adds it: a query
+             with all its keys so masked gets the mean of the values.
 
 The reference (every device; fallback when no fused kernel is built) is SDPA with the CPU width padding
 below. Fused kernels are flash-style: online softmax over key tiles, so no T×S matrix reaches memory.

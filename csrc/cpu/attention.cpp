@@ -144,8 +144,8 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
     pv_avx512(p, s, vbase + j0 * p.vs[2], p.vs[2], nq, nk, o, dvp);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    // A row with every key masked has l = 0: its output is 0 (SDPA's CPU kernels give 0 there too;
-    // HF masks with finfo.min, not -inf, so real models never take this branch).
+    // A row with every key masked out (False, -inf) has l = 0: its output is 0, as SDPA's CPU kernels give.
+    // A finite mask, however large (HF's finfo.min), leaves l > 0: that row averages its values, as SDPA.
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
     float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
     for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[i * dvp + d] * inv;

@@ -82,7 +82,7 @@ ADAPTWIN_AVX512_ROWS void run_row(const Problem& p, const Elem* k, const Elem* v
       const int64_t base = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j0 * p.ms[3];
       for (int64_t j = 0; j < nk; ++j) {
         if (p.mask_f)
-          s[j] += p.mask_f[base + j * p.ms[3]] * kLog2e;
+          s[j] += mask_log2(p.mask_f[base + j * p.ms[3]]);
         else if (!p.mask_b[base + j * p.ms[3]])
           s[j] = kNegInf;
       }

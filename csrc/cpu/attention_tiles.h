@@ -178,9 +178,17 @@ ADAPTWIN_AVX512 void pv_lanes_any(int dn, const float* st, const float* v, int64
   }
 }
 
-// Masks of a transposed score tile (nk keys × `lanes` query lanes, log2 units): an additive mask, times
-// log2e, added; a false keep-mask entry set to -inf. Shared by the AVX-512 (32 lanes) and AVX2 (16 lanes)
-// query-vectorised paths.
+// An additive mask value in log2 units. Hugging Face masks with finfo(float32).min, which times log2e
+// overflows to -inf: a row whose keys were all masked that way would then give zeros where SDPA (the
+// reference) gives the mean of its values (every score equal after adding -3.4e38). Clamped at -FLT_MAX, a
+// finite mask stays finite; -inf stays -inf, and a row of those still gives zeros, as SDPA's CPU kernels.
+inline float mask_log2(float m) {
+  return m == kNegInf ? m : std::max(m * kLog2e, -std::numeric_limits<float>::max());
+}
+
+// Masks of a transposed score tile (nk keys × `lanes` query lanes, log2 units): an additive mask, in log2
+// units (mask_log2), added; a false keep-mask entry set to -inf. Shared by the AVX-512 (32 lanes) and AVX2
+// (16 lanes) query-vectorised paths.
 inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk,
                       float* st, int64_t lanes) {
   if (!p.mask_f && !p.mask_b) return;
@@ -189,7 +197,7 @@ inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_
     float* row = st + jj * lanes;
     if (p.ms[2] == 0) {  // one value for every query (padding masks)
       if (p.mask_f) {
-        const float add = p.mask_f[base] * kLog2e;
+        const float add = mask_log2(p.mask_f[base]);
         for (int64_t i = 0; i < lanes; ++i) row[i] += add;
       } else if (!p.mask_b[base]) {
         for (int64_t i = 0; i < lanes; ++i) row[i] = kNegInf;
@@ -197,7 +205,7 @@ inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_
     } else {
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t at = base + i * p.ms[2];
-        if (p.mask_f) row[i] += p.mask_f[at] * kLog2e;
+        if (p.mask_f) row[i] += mask_log2(p.mask_f[at]);
         else if (!p.mask_b[at]) row[i] = kNegInf;
       }
     }
