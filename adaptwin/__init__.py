@@ -14,7 +14,7 @@ from adaptwin.config import CompressionConfig
 from adaptwin.finetune import FinetuneConfig, FinetuneReport
 from adaptwin.finetune import run_finetune as finetune
 from adaptwin.finetune.select import select_layers
-from adaptwin.fusion import fuse_activations, unfuse_activations
+from adaptwin.fusion import contiguous_layer_inputs, fuse_activations, unfuse_activations
 from adaptwin.io import load, read_meta, save
 from adaptwin.registry import (
     get_architecture,
@@ -40,6 +40,7 @@ __all__ = [
     "adapt",
     "compress",
     "compression_record",
+    "contiguous_layer_inputs",
     "finetune",
     "fuse_activations",
     "plan",

@@ -1,7 +1,9 @@
-"""Hand an FFN's activation to the compressed linear before it, so both run as one primitive.
+"""Inference-time rewiring that changes no weights: FFN activations fused into the compressed linear before
+them, and layer stacks fed contiguous hidden states.
 
     fused = adaptwin.fuse_activations(model)   # paths of the linears that took their activation over
     adaptwin.unfuse_activations(model)         # back to the model's own activation modules
+    adaptwin.contiguous_layer_inputs(model)    # first layer of each stack: its input made contiguous
 
 The architecture adapter names the pairs (``activation_pairs``: Whisper's fc1 -> activation_fn, BERT's
 intermediate.dense -> intermediate_act_fn, wav2vec2's intermediate_dense -> intermediate_act_fn). A pair
@@ -19,6 +21,7 @@ the layers left compressed again. Code that swaps a fused linear out by hand mus
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,3 +76,48 @@ def unfuse_activations(model: nn.Module) -> list[str]:
             _submodule_setter(model, path, module.original)
             undone.append(module.into)
     return undone
+
+
+def _contiguous_input(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: the layer's hidden states (first positional argument, or ``hidden_states=``) made
+    contiguous when they are not; nothing else touched."""
+    if args and isinstance(args[0], torch.Tensor):
+        return None if args[0].is_contiguous() else ((args[0].contiguous(), *args[1:]), kwargs)
+    x = kwargs.get("hidden_states")
+    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+        return args, {**kwargs, "hidden_states": x.contiguous()}
+    return None
+
+
+def _hook_keys(layer: nn.Module) -> list[int]:
+    return [key for key, hook in layer._forward_pre_hooks.items() if hook is _contiguous_input]
+
+
+def contiguous_layer_inputs(model: nn.Module, enable: bool = True) -> list[str]:
+    """Feed the first layer of each of the model's layer stacks contiguous hidden states (a forward pre-hook);
+    ``enable=False`` removes the hooks. Returns the paths of the layers changed now (idempotent).
+
+    Whisper's encoder adds its positions to the convolution output transposed to (batch, time, channels),
+    so its hidden states keep the transposed strides through every layer: each residual add then mixes
+    two layouts (about 1 ms instead of 0.1 ms for a 30 s window at width 512 on a 2-core CPU) and each
+    LayerNorm copies its input first. One copy before the first layer gives every later op contiguous
+    tensors. The values are the same bit for bit; it helps dense and compressed models alike. Like
+    `fuse_activations` it is not saved: apply it again after `adaptwin.load`.
+    """
+    adapter = get_architecture(model_type_of(model))
+    changed = []
+    for stack in adapter.layer_stacks(model).values():
+        layers = model.get_submodule(stack)
+        if len(layers) == 0:
+            continue
+        path, layer = f"{stack}.0", layers[0]
+        keys = _hook_keys(layer)
+        if enable and not keys:
+            layer.register_forward_pre_hook(_contiguous_input, with_kwargs=True)
+            changed.append(path)
+        elif not enable and keys:
+            for key in keys:
+                del layer._forward_pre_hooks[key]
+                layer._forward_pre_hooks_with_kwargs.pop(key, None)
+            changed.append(path)
+    return changed

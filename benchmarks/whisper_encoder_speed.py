@@ -1,7 +1,7 @@
 """Whisper encoder on CPU: dense HF encoder vs adaptwin (ratio 0.5, encoder only) vs an unfused low-rank baseline.
 
     python -m benchmarks.whisper_encoder_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--repeats N]
-        [--providers dense,adaptwin,adaptwin_even,adaptwin_nofuse,adaptwin_sdpa,adaptwin_nopad,dense_int8,unfused]
+        [--providers dense,dense_contig,adaptwin,adaptwin_even,adaptwin_nofuse,adaptwin_strided,adaptwin_sdpa,...]
         [--threads 2] [--profile]
         [--out results/whisper_encoder_speed.csv]
 
@@ -10,10 +10,14 @@ input_features (1, 80, 3000), i.e. 1500 positions after the stride-2 convolution
 interleaved in one run and compared like with like (each dtype against the dense encoder in that dtype):
 
 * ``dense``: the Hugging Face encoder, ``attn_implementation="sdpa"``.
+* ``dense_contig``: the same with ``adaptwin.contiguous_layer_inputs``: its first layer takes contiguous
+  hidden states, where Hugging Face hands it the convolution output's transposed strides, which every
+  residual add and LayerNorm then pays for. Every ``adaptwin*`` provider but ``adaptwin_strided`` has it
+  too, so ``/dense_contig`` is the like-for-like ratio and ``time/dense`` the ratio to the stock encoder.
 * ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, components=("encoder",),
-  width_multiple=8))``, then ``adaptwin.fuse_activations``. Attention runs in rank space (per-head width
-  r + l), FFN matrices as two thin GEMMs, fc1's second GEMM with the GELU in one oneDNN primitive
-  (`adaptwin.ops.linear_act`).
+  width_multiple=8))``, then ``adaptwin.fuse_activations`` and ``adaptwin.contiguous_layer_inputs``.
+  Attention runs in rank space (per-head width r + l), FFN matrices as two thin GEMMs, fc1's second GEMM
+  with the GELU in one oneDNN primitive (`adaptwin.ops.linear_act`).
   Inference attention runs ``torch.ops.adaptwin.attention``: the CPU C++ flash kernel where
   ``adaptwin._C`` is built (`make install`), else the SDPA reference.
 * ``adaptwin_even``: the same ratio with ``attention_factor=1.0``: attention loses as large a share of its
@@ -23,6 +27,7 @@ interleaved in one run and compared like with like (each dtype against the dense
   per head and 137 for tiny), not rounded to multiples of 8: what the rounding buys.
 * ``adaptwin_nofuse``: ``adaptwin`` without ``fuse_activations`` (GELU a separate op, as in the HF
   layer): what the fusion buys.
+* ``adaptwin_strided``: ``adaptwin`` without ``contiguous_layer_inputs``: what the contiguous layout buys.
 * ``adaptwin_sdpa``: the same compressed encoder with the op's SDPA reference (zero-padded to a fast
   CPU width) in place of the C++ kernel: what the fused kernel buys.
 * ``adaptwin_nopad``: the SDPA reference with that width padding switched off (SDPA then runs at head
@@ -89,10 +94,10 @@ except ImportError:  # pragma: no cover
     DynamicInt8Linear = nn.Linear
 
 BENCHMARK = "whisper_encoder_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse", "adaptwin_sdpa",
-             "adaptwin_nopad", "adaptwin_nf4", "dense_int8", "unfused")
+PROVIDERS = ("dense", "dense_contig", "adaptwin", "adaptwin_even", "adaptwin_unaligned", "adaptwin_nofuse",
+             "adaptwin_strided", "adaptwin_sdpa", "adaptwin_nopad", "adaptwin_nf4", "dense_int8", "unfused")
 # Each provider's fp32 reference for rel_err: the dense encoder, or the unfused rebuild of its own factors.
-REFERENCE = {"dense": "dense", "dense_int8": "dense", "adaptwin_even": "_unfused_even",
+REFERENCE = {"dense": "dense", "dense_contig": "dense", "dense_int8": "dense", "adaptwin_even": "_unfused_even",
              "adaptwin_unaligned": "_unfused_unaligned", "adaptwin_nf4": "adaptwin"}
 WIDTH_MULTIPLE = 8  # CompressionConfig.width_multiple of every adaptwin provider but adaptwin_unaligned
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -188,8 +193,13 @@ def build_encoders(shape: EncoderShape, seed: int = 0, ratio: float = 0.5) -> di
     nofuse = copy.deepcopy(small)
     for m in (small, even, unaligned, nf4):
         adaptwin.fuse_activations(m)
-    encoders = {"dense": model.encoder, "adaptwin": small.encoder, "adaptwin_even": even.encoder,
-                "adaptwin_unaligned": unaligned.encoder, "adaptwin_nofuse": nofuse.encoder,
+    strided = copy.deepcopy(small)
+    dense_contig = copy.deepcopy(model)
+    for m in (small, even, unaligned, nf4, nofuse, dense_contig):
+        adaptwin.contiguous_layer_inputs(m)
+    encoders = {"dense": model.encoder, "dense_contig": dense_contig.encoder, "adaptwin": small.encoder,
+                "adaptwin_even": even.encoder, "adaptwin_unaligned": unaligned.encoder,
+                "adaptwin_nofuse": nofuse.encoder, "adaptwin_strided": strided.encoder,
                 "adaptwin_sdpa": ReferenceOps(small.encoder), "adaptwin_nopad": NoPadding(small.encoder)}
     encoders["adaptwin_nf4"] = nf4.encoder
     encoders["dense_int8"] = int8_dynamic(model.encoder)
@@ -326,14 +336,18 @@ def profile_shape(shape: EncoderShape, dname: str, providers: list[str], rows: i
 
 def print_report(rows: list[dict], flops: dict[str, dict[str, dict[str, int]]]) -> None:
     table = []
+    contig = {(r["shape"], r["dtype"]): r["p50_ms"] for r in rows if r["provider"] == "dense_contig"}
     for r in rows:
+        like = contig.get((r["shape"], r["dtype"]))
         table.append([r["shape"].split(":")[0], r["dtype"], r["provider"], r["p20_ms"], r["p50_ms"], r["p80_ms"],
-                      _x(r["ratio_p50"]), r["gflop"], _x(r["gflop_ratio"]), f"{r['weight_mb']:.1f}",
-                      f"{r['rel_err']:.1e}",
+                      _x(r["ratio_p50"]), _x(r["p50_ms"] / like if like else None), r["gflop"], _x(r["gflop_ratio"]),
+                      f"{r['weight_mb']:.1f}", f"{r['rel_err']:.1e}",
                       "" if r["other_load"] is None else f"{r['other_load']:.2f}"])
-    print(format_table(["shape", "dtype", "provider", "p20 ms", "p50 ms", "p80 ms", "time/dense", "GFLOP",
-                        "FLOP/dense", "MB", "rel err", "other load"], table))
-    print("\nrel err: vs the fp32 dense encoder (dense) or the fp32 unfused rebuild of the same factors (low-rank)."
+    print(format_table(["shape", "dtype", "provider", "p20 ms", "p50 ms", "p80 ms", "time/dense", "/dense_contig",
+                        "GFLOP", "FLOP/dense", "MB", "rel err", "other load"], table))
+    print("\n/dense_contig: time over dense_contig's, the dense encoder with the same contiguous layer inputs as "
+          "the adaptwin providers (like for like)."
+          "\nrel err: vs the fp32 dense encoder (dense) or the fp32 unfused rebuild of the same factors (low-rank)."
           "\nother load: cores busy with other processes during the timing (of "
           f"{torch.get_num_threads()} threads used here).")
     kinds = ["conv", "proj", "qk", "av", "ffn", "rebuild", "total"]

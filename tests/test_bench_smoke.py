@@ -58,7 +58,12 @@ def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     assert float(fp32["adaptwin_nf4"]["gflop"]) == float(fp32["adaptwin"]["gflop"])
     assert float(fp32["adaptwin_nf4"]["weight_mb"]) < float(fp32["adaptwin"]["weight_mb"])
     assert 0 < float(fp32["adaptwin_nf4"]["rel_err"]) < 0.2
-    assert "time/dense" in capsys.readouterr().out
+    # the layout hook changes no value: dense_contig is the dense encoder, adaptwin_strided adaptwin
+    assert float(fp32["dense_contig"]["rel_err"]) == 0.0
+    assert fp32["adaptwin_strided"]["rel_err"] == fp32["adaptwin"]["rel_err"]
+    assert float(fp32["adaptwin_strided"]["gflop"]) == float(fp32["adaptwin"]["gflop"])
+    printed = capsys.readouterr().out
+    assert "time/dense" in printed and "/dense_contig" in printed
 
     # A second run of one dtype replaces its own rows and keeps the others.
     assert bench.main([*argv[:2], "--dtypes", "fp32", *argv[4:]]) == 0

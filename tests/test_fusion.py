@@ -1,5 +1,6 @@
 """`adaptwin.ops.linear_act` and `adaptwin.fuse_activations`: an FFN's activation run inside the compressed
-linear before it (one oneDNN primitive on CPU), the same function as the model's own activation module."""
+linear before it (one oneDNN primitive on CPU), the same function as the model's own activation module; and
+`adaptwin.contiguous_layer_inputs`, contiguous hidden states into each layer stack."""
 
 from __future__ import annotations
 
@@ -287,3 +288,51 @@ def test_bf16_linear_act_on_onednn_capped_to_avx2():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "unfusable" in proc.stdout
+
+
+def _layouts(model: torch.nn.Module, paths: list[str]) -> dict[str, list[bool]]:
+    """Whether each listed layer's hidden states arrive contiguous, per call (a pre-hook registered last, so
+    it sees what the earlier hooks handed on)."""
+    seen: dict[str, list[bool]] = {p: [] for p in paths}
+    for p in paths:
+        def look(module, args, kwargs, p=p):
+            seen[p].append((args[0] if args else kwargs["hidden_states"]).is_contiguous())
+        model.get_submodule(p).register_forward_pre_hook(look, with_kwargs=True)
+    return seen
+
+
+def test_contiguous_layer_inputs_on_whisper():
+    import copy
+
+    model = tiny_models.whisper().eval()
+    inputs = tiny_models.whisper_inputs()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    hooked = adaptwin.contiguous_layer_inputs(model)
+    assert hooked == ["model.encoder.layers.0", "model.decoder.layers.0"]
+    assert adaptwin.contiguous_layer_inputs(model) == []  # once per layer
+    twin = copy.deepcopy(model)
+    enc = ["model.encoder.layers.0", "model.encoder.layers.1"]
+    seen = _layouts(model, enc)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)  # a copy, not a change of values
+    assert seen == {p: [True] for p in enc}  # and the layer after it inherits the layout
+    assert adaptwin.contiguous_layer_inputs(model, enable=False) == hooked
+    with torch.no_grad():
+        model(**inputs)
+    # without it the encoder's layers see the convolution output's transposed strides (the reason for it)
+    assert seen == {p: [True, False] for p in enc}
+    seen = _layouts(twin, enc)  # the deep copy kept its own hook
+    with torch.no_grad():
+        twin(**inputs)
+    assert seen == {p: [True] for p in enc}
+
+
+@pytest.mark.parametrize("name", [r.name for r in tiny_models.ROWS])
+def test_contiguous_layer_inputs_keep_every_model_the_same(name):
+    row = tiny_models.ROW_BY_NAME[name]
+    model = adaptwin.compress(row.build("sdpa"), adaptwin.CompressionConfig(ratio=0.5, twins=row.twins)).eval()
+    with torch.no_grad():
+        ref = row.output(model(**row.inputs()))
+        assert adaptwin.contiguous_layer_inputs(model)
+        assert torch.equal(row.output(model(**row.inputs())), ref)

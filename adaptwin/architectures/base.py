@@ -136,6 +136,22 @@ class ArchitectureAdapter:
             out.append((".".join(common), component))
         return out
 
+    def layer_stacks(self, model: nn.Module) -> dict[str, str]:
+        """``{component: path}`` of the ``nn.ModuleList`` holding each component's layers, in the compressed
+        model as in the original (`adaptwin.contiguous_layer_inputs` hooks the first layer of each).
+
+        By default: an adapter with one component and a ``_stack(model)`` method (the built-in adapters'
+        convention) has that stack; otherwise each layer path of `layer_paths` less its index, which needs
+        the original modules. Adapters may override.
+        """
+        stack = getattr(self, "_stack", None)
+        if callable(stack) and len(self.components) == 1:
+            return {self.components[0]: stack(model)}
+        stacks: dict[str, str] = {}
+        for path, component in self.layer_paths(model):
+            stacks.setdefault(component, path.rsplit(".", 1)[0])
+        return stacks
+
     # Saving and rebuilding: Hugging Face models by default.
     def model_record(self, model: nn.Module) -> dict[str, Any]:
         """What `build_empty` needs to rebuild ``model``'s skeleton (JSON-able).

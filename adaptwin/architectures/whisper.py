@@ -49,6 +49,9 @@ class WhisperAdapter(ArchitectureAdapter):
             pass
         return stacks
 
+    def layer_stacks(self, model: nn.Module) -> dict[str, str]:
+        return self._stacks(model)
+
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
         sites = []
         for component, stack in self._stacks(model).items():
