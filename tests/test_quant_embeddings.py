@@ -44,6 +44,38 @@ def test_row_gather_equals_full_dequantisation(fmt, cols):
             fmt.dequantize_rows(stored, (301, cols), bad)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.kind}-{f.blocksize}{'-dq' if f.double_quant else ''}")
+@pytest.mark.parametrize("cols", [37, 64, 128])
+def test_embedding_lookup_equals_the_table_rows(fmt, cols, monkeypatch):
+    """QuantEmbedding's lookup, on the CPU kernels' decoding of whole rows where it applies (NF4, no double
+    quantisation, cols a multiple of the blocksize) and on the general gather elsewhere: the table's rows bit
+    for bit, nn.Embedding's IndexError out of range, empty lookups, the model's dtype."""
+    from adaptwin.ops import backends
+
+    gen = torch.Generator().manual_seed(cols + 1)
+    table = nn.Embedding(301, cols)
+    with torch.no_grad():
+        table.weight.copy_(torch.randn(301, cols, generator=gen))
+    emb = QuantEmbedding.from_embedding(table, fmt)
+    calls = []
+    fast = backends.FAST.get("dequantize")
+    if fast is not None:
+        monkeypatch.setitem(backends.FAST, "dequantize", lambda *a: calls.append(1) or fast(*a))
+    ids = torch.randint(0, 301, (3, 17), generator=gen)
+    ids[0, 0], ids[0, 1] = 0, 300
+    with torch.no_grad():
+        out = emb(ids)
+    assert out.shape == (3, 17, cols) and torch.equal(out, emb.dequantized_weight()[ids])
+    whole_rows = fmt.kind == "nf4" and not fmt.double_quant and cols % fmt.blocksize == 0
+    assert bool(calls) == (whole_rows and fast is not None)
+    for bad in (torch.tensor([301]), torch.tensor([-1])):
+        with pytest.raises(IndexError, match="out of range"):
+            emb(bad)
+    assert emb(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, cols)
+    emb.to(torch.bfloat16)
+    assert torch.equal(emb(ids), emb.dequantized_weight().bfloat16()[ids])
+
+
 def test_config_needs_a_format():
     with pytest.raises(ValueError, match="quantize_embeddings=True needs quantization"):
         adaptwin.CompressionConfig(ratio=0.5, quantize_embeddings=True)

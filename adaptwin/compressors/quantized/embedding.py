@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from adaptwin.compressors.base import Compressor
+from adaptwin.ops.backends import FAST, _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, run_rank_linear
 from adaptwin.quant import QuantFormat
 
@@ -90,7 +91,32 @@ class QuantEmbedding(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self._whole_rows(input_ids)
+        if rows is not None:
+            return rows
         return self.fmt.dequantize_rows(self.stored(), self.shape, input_ids, self.dtype)  # (..., d)
+
+    def _whole_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """The CPU kernels' decoding of the gathered rows, where each row is whole bytes and whole scale blocks
+        (NF4 without double quantisation, d even and a multiple of the blocksize: Whisper's and MiniLM's
+        tables): one gather of code bytes, one of scales, one decode. Whisper-tiny's one-token lookup took
+        57 us through `QuantFormat.dequantize_rows`' dozen small ops. The same values bit for bit (the same
+        float32 products); None where it does not apply (the caller then takes that general path)."""
+        fmt, (n_rows, d) = self.fmt, self.shape
+        if (fmt.kind != "nf4" or fmt.double_quant or d % 2 or d % fmt.blocksize or input_ids.device.type != "cpu"
+                or input_ids.numel() == 0 or _is_compiling()):
+            return None
+        fast = FAST.get("dequantize")
+        if fast is None:
+            return None
+        ids = input_ids.reshape(-1).long()
+        # index_select raises IndexError on an id < 0 or >= n_rows, as nn.Embedding does
+        codes = self.weight_qweight.view(n_rows, d // 2).index_select(0, ids)  # (n, d/2) bytes
+        scales = self.weight_absmax.view(n_rows, d // fmt.blocksize).index_select(0, ids)
+        w = fast(codes.view(-1), scales.view(-1), "nf4", fmt.blocksize, [ids.numel(), d])
+        if w is NotImplemented:
+            return None
+        return w.view(*input_ids.shape, d).to(self.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The whole table (V, d) as ``dtype`` (tests and inspection; forward never forms it)."""
