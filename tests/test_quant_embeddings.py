@@ -47,8 +47,8 @@ def test_row_gather_equals_full_dequantisation(fmt, cols):
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.kind}-{f.blocksize}{'-dq' if f.double_quant else ''}")
 @pytest.mark.parametrize("cols", [37, 64, 128])
 def test_embedding_lookup_equals_the_table_rows(fmt, cols, monkeypatch):
-    """QuantEmbedding's lookup, on the CPU kernels' decoding of whole rows where it applies (NF4, no double
-    quantisation, cols a multiple of the blocksize) and on the general gather elsewhere: the table's rows bit
+    """QuantEmbedding's lookup, on the CPU kernels' decoding of whole rows where it applies (NF4, cols a
+    multiple of the blocksize) and on the general gather elsewhere: the table's rows bit
     for bit, nn.Embedding's IndexError out of range, empty lookups, the model's dtype."""
     from adaptwin.ops import backends
 
@@ -66,7 +66,7 @@ def test_embedding_lookup_equals_the_table_rows(fmt, cols, monkeypatch):
     with torch.no_grad():
         out = emb(ids)
     assert out.shape == (3, 17, cols) and torch.equal(out, emb.dequantized_weight()[ids])
-    whole_rows = fmt.kind == "nf4" and not fmt.double_quant and cols % fmt.blocksize == 0
+    whole_rows = fmt.kind == "nf4" and cols % fmt.blocksize == 0
     assert bool(calls) == (whole_rows and fast is not None)
     for bad in (torch.tensor([301]), torch.tensor([-1])):
         with pytest.raises(IndexError, match="out of range"):
