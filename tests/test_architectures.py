@@ -45,6 +45,21 @@ def test_every_builtin_architecture_has_a_row() -> None:
     assert all(original(row.name).config.model_type == row.name for row in ROWS)
 
 
+@rows
+def test_layer_stacks_are_the_same_before_and_after_compression(row: Row) -> None:
+    # contiguous_layer_inputs finds the stacks in compressed models, whose attention modules no longer have
+    # the attributes the site lists read; the default (from layer_paths) needs the original modules.
+    model = original(row.name)
+    adapter = adaptwin.get_architecture(row.name)
+    stacks = adapter.layer_stacks(model)
+    assert set(stacks) == set(adapter.components)
+    expected = {c: sorted({p.rsplit(".", 1)[0] for p, cc in adapter.layer_paths(model) if cc == c}) for c in stacks}
+    assert {c: [p] for c, p in stacks.items()} == expected
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5, twins=row.twins))
+    assert adapter.layer_stacks(small) == stacks
+    assert all(isinstance(small.get_submodule(p), nn.ModuleList) for p in stacks.values())
+
+
 # --------------------------------------------------------------------------------------- 1. full-rank exact
 
 @rows
