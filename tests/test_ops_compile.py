@@ -93,3 +93,21 @@ def test_aot_inductor_package_runs_the_ops(tmp_path):
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "encoder.pt2"))
         out = torch._inductor.aoti_load_package(path)(x)
     torch.testing.assert_close(out.last_hidden_state, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_packed_embedding_lookup_traces_without_graph_breaks(double_quant):
+    """A packed token table's lookup (whole-row NF4 rows: gathered codes and scales, one decode) is one graph,
+    and so is the double-quantised scales' decoding (bitsandbytes' dynamic map, built at import)."""
+    from torch import nn
+
+    from adaptwin.compressors.quantized import QuantEmbedding
+    from adaptwin.quant import QuantFormat
+
+    torch._dynamo.reset()
+    emb = QuantEmbedding.from_embedding(nn.Embedding(300, 128), QuantFormat("nf4", 64, double_quant))
+    ids = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(emb)(ids)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert torch.equal(torch.compile(emb, fullgraph=True)(ids), emb(ids))

@@ -47,9 +47,10 @@ def test_row_gather_equals_full_dequantisation(fmt, cols):
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.kind}-{f.blocksize}{'-dq' if f.double_quant else ''}")
 @pytest.mark.parametrize("cols", [37, 64, 128])
 def test_embedding_lookup_equals_the_table_rows(fmt, cols, monkeypatch):
-    """QuantEmbedding's lookup, on the CPU kernels' decoding of whole rows where it applies (NF4, cols a
-    multiple of the blocksize) and on the general gather elsewhere: the table's rows bit
-    for bit, nn.Embedding's IndexError out of range, empty lookups, the model's dtype."""
+    """QuantEmbedding's lookup, decoding whole rows as one small factor where it applies (NF4, cols a multiple
+    of the blocksize; the CPU kernels' decoding where the extension is built) and on the general gather
+    elsewhere: the table's rows bit for bit, nn.Embedding's IndexError out of range, empty lookups, the
+    model's dtype."""
     from adaptwin.ops import backends
 
     gen = torch.Generator().manual_seed(cols + 1)

@@ -64,9 +64,12 @@ def _dynamic_values() -> tuple[float, ...]:
     return tuple(sorted(data))
 
 
+_DYNAMIC_VALUES = _dynamic_values()  # computed at import: torch.compile cannot trace its tensor -> list steps
+
+
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (256 float32 values, sorted), used for double quantisation."""
-    return torch.tensor(_dynamic_values(), dtype=torch.float32, device=device)
+    return torch.tensor(_DYNAMIC_VALUES, dtype=torch.float32, device=device)
 
 
 def _blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

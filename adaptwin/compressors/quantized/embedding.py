@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from adaptwin.compressors.base import Compressor
-from adaptwin.ops.backends import FAST, _is_compiling
-from adaptwin.ops.rank_linear import ABSENT, run_rank_linear
+from adaptwin.ops.rank_linear import ABSENT, dequantize_factor, run_rank_linear
 from adaptwin.quant import QuantFormat, nf4
 
 log = logging.getLogger(__name__)
@@ -97,34 +96,29 @@ class QuantEmbedding(nn.Module):
         return self.fmt.dequantize_rows(self.stored(), self.shape, input_ids, self.dtype)  # (..., d)
 
     def _whole_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """The CPU kernels' decoding of the gathered rows, where each row is whole bytes and whole scale blocks
-        (NF4, d even and a multiple of the blocksize: Whisper's and MiniLM's tables): one gather of code
-        bytes, one of scales (their double-quantised form decoded for the gathered blocks only), one decode.
-        On the 2-core CPU, 30522 x 384 at blocksize 64: one token 19 us against `QuantFormat.dequantize_rows`'
-        64 us, 32 x 128 tokens 0.18 against 11.7 ms (double quantised: 72 against 105 us, 0.76 against 23 ms).
-        The same values bit for bit (the same float32 products); None where it does not apply (the caller then
-        takes that general path)."""
+        """The gathered rows decoded as one small factor (`adaptwin.ops.rank_linear.dequantize_factor`: the CPU
+        kernels' decoding where they take the call), where each row is whole bytes and whole scale blocks (NF4,
+        d even and a multiple of the blocksize: Whisper's and MiniLM's tables): one gather of code bytes, one
+        of scales (their double-quantised form decoded for the gathered blocks only), one decode. On the 2-core
+        CPU, 30522 x 384 at blocksize 64: one token 19 us against `QuantFormat.dequantize_rows`' 64 us, 32 x
+        128 tokens 0.18 against 11.7 ms (double quantised: 72 against 105 us, 0.76 against 23 ms). The same
+        values bit for bit (the same float32 products); None where it does not apply (the caller then takes
+        that general path)."""
         fmt, (n_rows, d) = self.fmt, self.shape
-        if (fmt.kind != "nf4" or d % 2 or d % fmt.blocksize or input_ids.device.type != "cpu"
-                or input_ids.numel() == 0 or _is_compiling()):
-            return None
-        fast = FAST.get("dequantize")
-        if fast is None:
+        if fmt.kind != "nf4" or d % 2 or d % fmt.blocksize or input_ids.numel() == 0:
             return None
         ids = input_ids.reshape(-1).long()
         # index_select raises IndexError on an id < 0 or >= n_rows, as nn.Embedding does
         codes = self.weight_qweight.view(n_rows, d // 2).index_select(0, ids)  # (n, d/2) bytes
         per_row = d // fmt.blocksize
         if fmt.double_quant:  # the gathered blocks' scales only, as QuantFormat.dequantize_rows computes them
-            block = ids[:, None] * per_row + torch.arange(per_row)
+            block = ids[:, None] * per_row + torch.arange(per_row, device=ids.device)
             q = self.weight_qabsmax.view(n_rows, per_row).index_select(0, ids).long()
             scales = (nf4.dynamic_map(ids.device)[q] * self.weight_absmax2[block // nf4.DOUBLE_BLOCKSIZE].float()
                       + self.weight_offset.float().reshape(()))
         else:
             scales = self.weight_absmax.view(n_rows, per_row).index_select(0, ids)
-        w = fast(codes.view(-1), scales.view(-1), "nf4", fmt.blocksize, [ids.numel(), d])
-        if w is NotImplemented:
-            return None
+        w = dequantize_factor(codes.view(-1), scales.reshape(-1), "nf4", fmt.blocksize, [ids.numel(), d])
         return w.view(*input_ids.shape, d).to(self.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
