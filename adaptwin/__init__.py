@@ -14,7 +14,13 @@ from adaptwin.config import CompressionConfig
 from adaptwin.finetune import FinetuneConfig, FinetuneReport
 from adaptwin.finetune import run_finetune as finetune
 from adaptwin.finetune.select import select_layers
-from adaptwin.fusion import contiguous_layer_inputs, fuse_activations, unfuse_activations
+from adaptwin.fusion import (
+    contiguous_layer_inputs,
+    fuse_activations,
+    gemv_output_head,
+    prepare_inference,
+    unfuse_activations,
+)
 from adaptwin.io import load, read_meta, save
 from adaptwin.registry import (
     get_architecture,
@@ -43,8 +49,10 @@ __all__ = [
     "contiguous_layer_inputs",
     "finetune",
     "fuse_activations",
+    "gemv_output_head",
     "plan",
     "Plan",
+    "prepare_inference",
     "get_architecture",
     "get_compressor",
     "list_architectures",

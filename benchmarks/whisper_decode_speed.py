@@ -1,7 +1,7 @@
 """Whisper greedy decoding on CPU: time per generated token, dense HF model against adaptwin (ratio 0.5).
 
     python -m benchmarks.whisper_decode_speed [--shapes tiny,base] [--dtypes fp32,bf16] [--tokens 32]
-        [--repeats 5] [--providers dense,adaptwin,adaptwin_sdpa] [--threads 2] [--batch 1]
+        [--repeats 5] [--providers dense,dense_gemv,adaptwin,adaptwin_sdpa] [--threads 2] [--batch 1]
         [--out results/whisper_decode_speed.csv]
 
 Models are `WhisperForConditionalGeneration` from `WhisperConfig` with random weights (no hub access), the
@@ -15,10 +15,14 @@ Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the 
 pass and the first steps cancel; each generate call is timed interleaved with the other providers'.
 
 * ``dense``: the Hugging Face model, ``attn_implementation="sdpa"``.
+* ``dense_gemv``: the same with ``adaptwin.gemv_output_head``: its float32 output head's decoding steps run
+  as the CPU kernels' streaming GEMV (``torch.ops.adaptwin.rank_linear`` with the weight as its one factor)
+  instead of MKL's sgemv, the same function; the like-for-like baseline of ``adaptwin``'s float32 rows.
 * ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, width_multiple=8))`` (encoder and
-  decoder) and ``adaptwin.fuse_activations``. Decoder self- and cross-attention run in rank space with the
-  cache in rank space, through ``torch.ops.adaptwin.attention``: the CPU C++ kernel's row path, one query
-  against the cache, read in place.
+  decoder) and ``adaptwin.prepare_inference`` (fused activations, contiguous layer inputs, the GEMV head).
+  Decoder self- and cross-attention run in rank space with the cache in rank space, through
+  ``torch.ops.adaptwin.attention``: the CPU C++ kernel's row path, one query against the cache, read in
+  place.
 * ``adaptwin_sdpa``: the same compressed model with `attend` calling the op's SDPA reference: what the
   kernel buys. Its scores are the check of the kernel (fp32: relative difference at most 1e-4).
 * ``adaptwin_nf4``: ``adaptwin`` with NF4 factors and the token table (and the output head tied to it) in
@@ -75,7 +79,7 @@ from benchmarks.whisper_encoder_speed import (
 )
 
 BENCHMARK = "whisper_decode_speed"
-PROVIDERS = ("dense", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4", "dense_int8")
+PROVIDERS = ("dense", "dense_gemv", "adaptwin", "adaptwin_sdpa", "adaptwin_nf4", "dense_int8")
 PROMPT_TOKENS = 8  # new tokens of the shorter generate call, subtracted out
 REL_TOL_FP32 = 1e-4  # adaptwin against adaptwin_sdpa: the same factors, two attention kernels
 FIELDS = ("benchmark", "shape", "dtype", "provider", "ms_per_token", "us_per_call", "ratio", "generate_ms", "tokens",
@@ -99,8 +103,11 @@ def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5, int8: b
     packed = adaptwin.compress(dense, adaptwin.CompressionConfig(
         ratio=ratio, width_multiple=WIDTH_MULTIPLE, quantization="nf4", quantize_embeddings=True))
     for m in (small, packed):
-        adaptwin.fuse_activations(m)
-    models = {"dense": dense, "adaptwin": small, "adaptwin_sdpa": small, "adaptwin_nf4": packed}
+        adaptwin.prepare_inference(m)
+    dense_gemv = copy.deepcopy(dense)
+    adaptwin.gemv_output_head(dense_gemv)
+    models = {"dense": dense, "dense_gemv": dense_gemv, "adaptwin": small, "adaptwin_sdpa": small,
+              "adaptwin_nf4": packed}
     return {**models, "dense_int8": int8_dynamic(dense)} if int8 else models
 
 

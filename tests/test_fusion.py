@@ -336,3 +336,60 @@ def test_contiguous_layer_inputs_keep_every_model_the_same(name):
         ref = row.output(model(**row.inputs()))
         assert adaptwin.contiguous_layer_inputs(model)
         assert torch.equal(row.output(model(**row.inputs())), ref)
+
+
+def test_gemv_output_head_on_whisper(tmp_path, monkeypatch):
+    from adaptwin.fusion import GemvLinear
+    from adaptwin.ops import backends
+
+    model = adaptwin.compress(tiny_models.whisper(), adaptwin.CompressionConfig(ratio=0.5)).eval()
+    head, table = model.proj_out, model.model.decoder.embed_tokens
+    keys = set(model.state_dict())
+    x = torch.randn(2, 3, head.in_features)
+    with torch.no_grad():
+        one, many = head(x[:1, :1]), head(x)
+    assert adaptwin.gemv_output_head(model) == "proj_out" and adaptwin.gemv_output_head(model) is None
+    assert type(model.proj_out) is GemvLinear and model.proj_out.weight is table.weight  # the tie stays
+    assert set(model.state_dict()) == keys
+    calls = []
+    fast = backends.FAST.get("rank_linear")
+    if fast is not None:
+        monkeypatch.setitem(backends.FAST, "rank_linear", lambda *a: calls.append(a[0].shape) or fast(*a))
+    big = torch.randn(4, 5, head.in_features)  # 20 rows: F.linear, as nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(head(x[:1, :1]), one, rtol=1e-5, atol=1e-5)  # another summation order
+        torch.testing.assert_close(head(x), many, rtol=1e-5, atol=1e-5)  # 6 rows: still the GEMV
+        assert torch.equal(head(big), F.linear(big, head.weight, head.bias))
+        half = torch.nn.Linear(head.in_features, head.out_features).bfloat16()
+        half.__class__ = type(head)
+        assert torch.equal(half(x[:1, :1].bfloat16()), F.linear(x[:1, :1].bfloat16(), half.weight, half.bias))
+    rows = [torch.Size([1, 1, head.in_features]), torch.Size([2, 3, head.in_features])]
+    assert calls == (rows if fast is not None else [])
+    y = head(x[:1, :1].clone().requires_grad_())  # a gradient to record: F.linear
+    y.sum().backward()
+    assert table.weight.grad is not None and len(calls) == len(rows if fast is not None else [])
+    with torch.no_grad():
+        out = tiny_models.whisper_generate(model)
+    adaptwin.save(model, tmp_path / "m")  # the class is not saved: load gives nn.Linear again
+    assert type(adaptwin.load(tmp_path / "m").proj_out) is torch.nn.Linear
+    assert adaptwin.gemv_output_head(model, enable=False) == "proj_out" and type(model.proj_out) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(tiny_models.whisper_generate(model).sequences, out.sequences)
+
+
+def test_gemv_output_head_leaves_packed_heads_and_prepare_inference_does_all_three():
+    packed = adaptwin.compress(tiny_models.whisper(), adaptwin.CompressionConfig(
+        ratio=0.5, quantization="nf4", quantize_embeddings=True))
+    assert adaptwin.gemv_output_head(packed) is None  # QuantTiedLinear runs the kernels already
+    model = adaptwin.compress(tiny_models.gpt2(), adaptwin.CompressionConfig(ratio=0.5)).eval()
+    with torch.no_grad():
+        ref = tiny_models.lm_output(model(**tiny_models.lm_inputs()))
+    done = adaptwin.prepare_inference(model)
+    assert done["gemv_head"] == "lm_head" and done["contiguous"] == ["transformer.h.0"]
+    assert adaptwin.prepare_inference(model) == {"fused": [], "contiguous": [], "gemv_head": None}
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_models.lm_output(model(**tiny_models.lm_inputs())), ref, rtol=1e-5,
+                                   atol=1e-5)
+    undone = adaptwin.prepare_inference(model, enable=False)
+    assert undone["gemv_head"] == "lm_head" and undone["contiguous"] == ["transformer.h.0"]
+    assert type(model.lm_head) is torch.nn.Linear
