@@ -359,6 +359,20 @@ def test_rank_linear_decoding_with_fp_factors(rows, formats, dtype):
     torch.testing.assert_close(out.float(), many.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("k,n,rows", [(1000, 384, 1), (37, 431, 3), (48, 384, 8)])
+def test_rank_linear_bf16_fp_factors_widen_exactly(k, n, rows):
+    """bf16 fp factors on the decoding path are widened a chunk at a time (not copied whole to float32 per
+    call): the result is the same bits as with the widened factors given in float32."""
+    gen = torch.Generator().manual_seed(k + n)
+    a, b = torch.randn(k, n, generator=gen).bfloat16(), torch.randn(k, 40, generator=gen).bfloat16()
+    x = torch.randn(rows, n, generator=gen).bfloat16()
+    op = torch.ops.adaptwin.rank_linear
+    for fb in (NONE, (b, None, "fp", 0, [k, 40])):
+        wide = fb if fb[0] is None else (fb[0].float(), *fb[1:])
+        assert torch.equal(op(x, a, None, "fp", 0, [k, n], *fb, None),
+                           op(x, a.float(), None, "fp", 0, [k, n], *wide, None))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_rank_linear_leaves_inputs_alone(rows):
     """No input is written (the decode path starts its output from the bias: it must copy it)."""

@@ -20,6 +20,7 @@ struct Codes {
   const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes; fp: float32 values (where set)
   const float* scale = nullptr;
   Format format = Format::kFp;
+  bool bf16 = false;  // fp only: data holds bfloat16 values, widened a chunk at a time by row_chunk
   int64_t blocksize = 0;
   int64_t k = 0, n = 0;
 };
@@ -332,10 +333,18 @@ void decode_any(const Codes& f, int64_t e0, int64_t len, float* out) {
 }
 
 // Row r, columns [c0, c0 + len) of the factor as float32. Returns a pointer to them: into the fp factor
-// itself, or into buf after decoding.
+// itself, or into buf after decoding (or widening, for bfloat16 values: exact, the upper half of a float).
 const float* row_chunk(const Codes& f, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t e0 = r * f.n + c0;
-  if (f.format == Format::kFp) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
+  if (f.format == Format::kFp) {
+    if (!f.bf16) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
+    const uint16_t* src = static_cast<const uint16_t*>(f.data) + e0;
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(buf + i, &bits, sizeof(float));
+    }
+    return buf;
+  }
   decode_any(f, e0, len, buf);
   return buf;
 }

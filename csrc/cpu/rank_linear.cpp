@@ -80,12 +80,19 @@ Factor make_factor(const char* name, const std::optional<at::Tensor>& t, const s
 }
 
 // f itself, or for an fp factor (float32, bf16 or fp16) `local`: f with `data` pointing at float32 values,
-// its own or converted into buf. (Quantised factors are not copied: a call is a few microseconds.)
+// its own or converted into buf, or at its own bfloat16 values, which row_chunk widens a chunk at a time: a
+// 51865 x 384 bf16 output head took 9.1 ms a row converted whole first (an 80 MB float32 copy per call)
+// against 2.4 ms for oneDNN's GEMV. (Quantised factors are not copied: a call is a few microseconds.)
 const Factor* with_values(const Factor* f, Factor& local, std::vector<float>& buf) {
   if (f == nullptr || f->format != Format::kFp) return f;
   local = *f;
   local.keep = f->keep.is_contiguous() ? f->keep : f->keep.contiguous();
-  local.data = float_values(local.keep, buf);
+  if (local.keep.scalar_type() == at::kBFloat16) {
+    local.data = local.keep.data_ptr();
+    local.bf16 = true;
+  } else {
+    local.data = float_values(local.keep, buf);
+  }
   return &local;
 }
 
