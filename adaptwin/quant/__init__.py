@@ -117,13 +117,15 @@ class QuantFormat:
             return (code[rows].float() * stored["scale"][pos // self.blocksize].float()).to(dtype)
         byte = code[pos >> 1]
         nibble = torch.where((pos & 1) == 0, byte >> 4, byte & 0xF).long()  # element 2i: high nibble
-        block = pos // self.blocksize
-        if self.double_quant:  # absmax of the gathered blocks only, as nf4.dequantize_absmax computes it
-            absmax = (nf4.dynamic_map(rows.device)[stored["qabsmax"][block].long()]
-                      * stored["absmax2"][block // nf4.DOUBLE_BLOCKSIZE].float() + stored["offset"].float().reshape(()))
-        else:
-            absmax = stored["absmax"][block].float()
-        return (nf4._code(rows.device)[nibble] * absmax).to(dtype)
+        return (nf4._code(rows.device)[nibble] * self.block_scales(stored, pos // self.blocksize)).to(dtype)
+
+    def block_scales(self, stored: dict[str, torch.Tensor], blocks: torch.Tensor) -> torch.Tensor:
+        """float32 scales of the NF4 blocks ``blocks`` (integer tensor, any shape): the stored absmax, or, double
+        quantised, those blocks' scales decoded alone, as `nf4.dequantize_absmax` computes them (same bits)."""
+        if self.double_quant:
+            return (nf4.dynamic_map(blocks.device)[stored["qabsmax"][blocks].long()]
+                    * stored["absmax2"][blocks // nf4.DOUBLE_BLOCKSIZE].float() + stored["offset"].float().reshape(()))
+        return stored["absmax"][blocks].float()
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "blocksize": self.blocksize, "double_quant": self.double_quant}

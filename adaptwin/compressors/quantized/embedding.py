@@ -37,7 +37,7 @@ from torch import nn
 
 from adaptwin.compressors.base import Compressor
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor, run_rank_linear
-from adaptwin.quant import QuantFormat, nf4
+from adaptwin.quant import QuantFormat
 
 log = logging.getLogger(__name__)
 NAME = "quantized_embedding"
@@ -111,11 +111,8 @@ class QuantEmbedding(nn.Module):
         # index_select raises IndexError on an id < 0 or >= n_rows, as nn.Embedding does
         codes = self.weight_qweight.view(n_rows, d // 2).index_select(0, ids)  # (n, d/2) bytes
         per_row = d // fmt.blocksize
-        if fmt.double_quant:  # the gathered blocks' scales only, as QuantFormat.dequantize_rows computes them
-            block = ids[:, None] * per_row + torch.arange(per_row, device=ids.device)
-            q = self.weight_qabsmax.view(n_rows, per_row).index_select(0, ids).long()
-            scales = (nf4.dynamic_map(ids.device)[q] * self.weight_absmax2[block // nf4.DOUBLE_BLOCKSIZE].float()
-                      + self.weight_offset.float().reshape(()))
+        if fmt.double_quant:  # the gathered blocks' scales only
+            scales = fmt.block_scales(self.stored(), ids[:, None] * per_row + torch.arange(per_row, device=ids.device))
         else:
             scales = self.weight_absmax.view(n_rows, per_row).index_select(0, ids)
         w = dequantize_factor(codes.view(-1), scales.reshape(-1), "nf4", fmt.blocksize, [ids.numel(), d])
