@@ -79,7 +79,7 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
             ok = row_ok[:, None] & col_ok[None, :]
             if MASK_BOOL:
                 keep = tl.load(mask_base + m_off, mask=ok, other=0)
-                s = tl.where(keep != 0, s, float("-inf"))
+                s = s + tl.where(keep != 0, 0.0, float("-inf"))  # added, as SDPA: a NaN score stays NaN
             else:
                 add = tl.load(mask_base + m_off, mask=ok, other=0.0).to(tl.float32)
                 # log2 units, clamped at -FLT_MAX: finfo.min times log2e would overflow to -inf, and a row masked
@@ -184,7 +184,8 @@ def _attention_kernel(
             e2 = D1V + tl.arange(0, D2V)
             tl.store(ws_acc_ptr + row[:, None] * DV + e2[None, :], acc2, mask=row_ok[:, None] & (e2[None, :] < DV))
     else:
-        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)  # fully masked rows give 0, as the reference
+        # fully masked rows give 0, as the reference; a NaN or +inf score left l NaN: the row is NaN, as SDPA
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), tl.where(l_i == 0, 0.0, l_i))
         o_base = out_ptr + ((b * T + rows[:, None]) * H + h) * DV  # (B, T, H, Dv) contiguous
         tl.store(o_base + e1[None, :], (acc1 * inv[:, None]).to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (e1[None, :] < DV))
@@ -215,7 +216,7 @@ def _combine_kernel(ws_acc_ptr, ws_ml_ptr, out_ptr, H, T, SPLITS, DV: tl.constex
         w = tl.exp2(tl.load(ws_ml_ptr + 2 * row, mask=row_ok, other=float("-inf")) - m_use)  # 0 for empty splits
         total += w * tl.load(ws_ml_ptr + 2 * row + 1, mask=row_ok, other=0.0)
         acc += w[:, None] * tl.load(ws_acc_ptr + row[:, None] * DV + e[None, :], mask=ok, other=0.0)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), tl.where(total == 0, 0.0, total))
     b = bh // H
     h = bh % H
     tl.store(out_ptr + ((b * T + rows[:, None]) * H + h) * DV + e[None, :],

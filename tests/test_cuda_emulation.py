@@ -27,7 +27,17 @@ from adaptwin.ops.attention import attention_reference
 from adaptwin.ops.rank_linear import rank_linear_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, masked_throughout, seed  # noqa: E402
+from test_kernels_cpu import (  # noqa: E402
+    NON_FINITE,
+    _factor,
+    _mask,
+    _to,
+    assert_nan_rows_as_sdpa,
+    assert_within_twice,
+    masked_throughout,
+    non_finite_case,
+    seed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {"fp": 0, "nf4": 1, "int8": 2}  # csrc/cuda/rank_linear_kernel.cuh's Format
@@ -115,6 +125,17 @@ def test_cuda_attention_kernel_query_with_every_key_masked(lib, kind):
     else:
         torch.testing.assert_close(out[:, 2], v.mean(2), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, attention_reference(q, k, v, mask, 0.3, False), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,mask_kind", NON_FINITE)
+def test_cuda_attention_kernel_non_finite_inputs_give_nan_rows_as_sdpa(lib, where, mask_kind, dtype):
+    """A NaN or infinite entry of q or k makes the rows that score it NaN, as SDPA (a False keep-mask entry
+    adds -inf, so a NaN score stays NaN; keys past the causal cut are not read)."""
+    gen = torch.Generator().manual_seed(seed((where, mask_kind)))
+    q, k, v, mask, causal = non_finite_case(6, 40, where, mask_kind, gen)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    assert_nan_rows_as_sdpa(_attention(lib, q, k, v, mask, 0.25, causal), q, k, v, mask, causal, 0.25)
 
 
 def _product(lib, x, factor, transposed: bool, bias):

@@ -222,6 +222,88 @@ def test_attention_softmax_max_is_taken_after_the_mask(kind, tokens):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def nan_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """(B, T, H) bool: the query rows attention makes NaN, as SDPA does: those with a NaN or +inf score
+    (NaN or infinite entries of q or k) once the mask is added (a boolean mask as 0 / -inf: a NaN score
+    stays NaN under False, an +inf one becomes NaN), the keys past the causal cut left out (SDPA's CPU and
+    CUDA flash kernels never read them)."""
+    kk = k.double().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = q.double() @ kk.transpose(-1, -2)  # (B, H, T, S)
+    if mask is not None:
+        s = s + (torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+                 if mask.dtype == torch.bool else mask.double())
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).tril().logical_not(), float("-inf"))
+    return (s.isnan() | (s == float("inf"))).any(-1).transpose(1, 2)
+
+
+def runs_adaptwin_kernel(tokens: int) -> bool:
+    """Whether an attention call of ``tokens`` queries runs the CPU kernels of csrc/cpu (else ATen's SDPA)."""
+    features = backends.cpu_features()
+    return features["avx512"] or (features["avx2"] and tokens >= 8)
+
+
+def non_finite_case(tokens: int, keys: int, where: str, mask_kind: str | None, gen: torch.Generator) -> tuple:
+    """``(q, k, v, mask, causal)``: grouped-query attention (2 x 4 heads of width 20 over 2 key heads) with
+    one NaN or +inf entry (``where``: q_nan, q_inf, k_nan, k_inf) in q's last query row or in a key that the
+    causal cut leaves to some queries; ``mask_kind`` None, "bool" (hiding that key from half the queries),
+    "additive" or "causal"."""
+    q = torch.randn(2, 4, tokens, 20, generator=gen)
+    k, v = (torch.randn(2, 2, keys, 20, generator=gen) for _ in range(2))
+    bad = float("nan") if where.endswith("nan") else float("inf")
+    row, key, col = tokens - 1, min(keys // 3, tokens // 2), 7
+    if where.startswith("q"):
+        q[1, 2, row, col] = bad
+        k[1, 1, :, col] = k[1, 1, :, col].abs()  # scores +inf (-inf for every key would read as masked)
+    else:
+        k[0, 1, key, col] = bad  # seen by heads 2 and 3; +inf where q[..., col] > 0, -inf where < 0
+        q[0, 2, :, col] = q[0, 2, :, col].abs()  # (head 3's signs left to chance)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, tokens, keys, generator=gen) > 0.3
+        mask[..., : tokens // 2, key] = False
+        mask[..., -1] = True
+    elif mask_kind == "additive":
+        mask = torch.randn(2, 1, tokens, keys, generator=gen)
+    return q, k, v, mask, mask_kind == "causal"
+
+
+def assert_nan_rows_as_sdpa(out: torch.Tensor, q, k, v, mask, causal: bool, scale: float) -> None:
+    """``out`` (B, T, H, Dv) is NaN in exactly the rows `nan_rows` names, whole, and its other rows match the
+    reference where that is finite."""
+    expect = nan_rows(q, k, mask, causal)
+    assert expect.any() and not expect.all()
+    assert torch.equal(out.isnan().any(-1), expect)
+    assert not out[expect].isfinite().any()  # whole rows
+    ref = attention_reference(q, k, v, mask, scale, causal)
+    keep = ~expect & ref.isfinite().all(-1)
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    tol = {"rtol": 2e-2, "atol": 1e-2} if low else {"rtol": 2e-5, "atol": 2e-6}
+    torch.testing.assert_close(out[keep].float(), ref[keep].float(), **tol)
+
+
+NON_FINITE = [pytest.param(where, mask_kind, id=f"{where}-{mask_kind}")
+              for where in ("q_nan", "q_inf", "k_nan", "k_inf") for mask_kind in (None, "bool", "additive", "causal")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where,mask_kind", NON_FINITE)
+@pytest.mark.parametrize("tokens,keys", [(40, 150), (3, 300), (1, 1)], ids=["lanes", "rows", "one-key"])
+def test_attention_non_finite_inputs_give_nan_rows_as_sdpa(tokens, keys, where, mask_kind, dtype):
+    # A NaN or infinite entry in q or k makes every query row that scores it NaN, as SDPA: the kernels'
+    # exp2 once clamped its argument with max(x, -150), which turns NaN into -150 (max returns its second
+    # operand where one is NaN), so such a key got weight 0, or, from a NaN query, a finite row; and a
+    # False keep-mask entry replaced the score by -inf, where SDPA adds -inf (NaN stays NaN).
+    if not runs_adaptwin_kernel(tokens):  # (its CPU flash kernel gives finite rows for a NaN query, for bf16
+        # infinities and for a NaN single key, where SDPA's math definition and these kernels give NaN)
+        pytest.skip("ATen's SDPA runs this call on this CPU (or under this ADAPTWIN_CPU_CAP)")
+    gen = torch.Generator().manual_seed(seed((tokens, keys, where, mask_kind)))
+    q, k, v, mask, causal = non_finite_case(tokens, keys, where, mask_kind, gen)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = torch.ops.adaptwin.attention(q, k, v, mask, 0.25, causal)  # (B, T, H, Dv)
+    assert_nan_rows_as_sdpa(out, q, k, v, mask, causal, 0.25)
+
+
 # --------------------------------------------------------------------------------------------------
 # rank_linear
 

@@ -18,7 +18,17 @@ import torch
 from adaptwin.ops.attention import attention_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_kernels_cpu import _factor, _mask, _to, assert_within_twice, masked_throughout, seed  # noqa: E402
+from test_kernels_cpu import (  # noqa: E402
+    NON_FINITE,
+    _factor,
+    _mask,
+    _to,
+    assert_nan_rows_as_sdpa,
+    assert_within_twice,
+    masked_throughout,
+    non_finite_case,
+    seed,
+)
 
 # TRITON_INTERPRET must be set before triton is first imported (its standard library is decorated at
 # import), so the cases below run in a child pytest that starts with it; in this process they skip.
@@ -247,6 +257,18 @@ def test_triton_attention_query_with_every_key_masked(tk, kind, tokens, keys):
     expect = torch.zeros_like(v[:, :, 0]) if kind != "finfo_min" else v.mean(2)
     torch.testing.assert_close(out[:, row], expect, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, attention_reference(q, k, v, mask, 0.2, False), rtol=2e-5, atol=2e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("where,mask_kind", NON_FINITE)
+@pytest.mark.parametrize("tokens,keys", [(40, 150), (1, 70)])
+def test_triton_attention_non_finite_inputs_give_nan_rows_as_sdpa(tk, tokens, keys, where, mask_kind):
+    """A NaN or infinite entry of q or k makes the rows that score it NaN, as SDPA (a False keep-mask entry
+    adds -inf, so a NaN score stays NaN; keys past the causal cut are not read)."""
+    gen = torch.Generator().manual_seed(seed((tokens, keys, where, mask_kind)))
+    q, k, v, mask, causal = non_finite_case(tokens, keys, where, mask_kind, gen)
+    out = tk["attention"].attention(q, k, v, mask, 0.25, causal)
+    assert_nan_rows_as_sdpa(out, q, k, v, mask, causal, 0.25)
 
 
 @needs_interpreter

@@ -135,7 +135,7 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
           for (int64_t j = 0; j < nk; ++j) row[j] += p.mask_f[base + j * p.ms[3]];
         else if (p.mask_b)
           for (int64_t j = 0; j < nk; ++j)
-            if (!p.mask_b[base + j * p.ms[3]]) row[j] = kNegInf;
+            if (!p.mask_b[base + j * p.ms[3]]) row[j] += kNegInf;  // NaN stays NaN, as SDPA
         if (p.causal)
           for (int64_t j = std::max<int64_t>(0, i0 + i + 1 - j0); j < nk; ++j) row[j] = kNegInf;
       }
@@ -146,7 +146,8 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
   for (int64_t i = 0; i < nq; ++i) {
     // A row with every key masked out (False, -inf) has l = 0: its output is 0, as SDPA's CPU kernels give.
     // A finite mask, however large (HF's finfo.min), leaves l > 0: that row averages its values, as SDPA.
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    // A NaN or +inf score left l NaN: the row is NaN.
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : (l[i] == 0.0f ? 0.0f : l[i]);
     float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
     for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[i * dvp + d] * inv;
   }

@@ -24,7 +24,7 @@ constexpr int64_t kLanes2 = 16;  // queries per task
 // a zero factor, so x below -126.5 (2^x < 1.2e-38, beside the row maximum's 1 in every softmax sum) gives
 // exactly 0 without a compare and mask.
 ADAPTWIN_AVX2 inline __m256 exp2_256_nonpos(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // NaN stays NaN (max returns its second operand there)
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
   __m256 p = _mm256_set1_ps(1.535336188319500e-4f);

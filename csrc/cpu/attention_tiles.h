@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -98,8 +99,10 @@ ADAPTWIN_AVX512 void softmax_update(const Problem& p, float* s, int64_t nq, floa
     float tile_max = kNegInf;
     for (int64_t j = 0; j < kBK; ++j) tile_max = std::max(tile_max, row[j]);
     const float m_new = std::max(mx[i], tile_max);
-    if (m_new == kNegInf) {  // every key so far is masked: contributes nothing yet
-      for (int64_t j = 0; j < kBK; ++j) row[j] = 0.0f;
+    if (m_new == kNegInf) {  // every key so far is masked (std::max passes NaN scores over): nothing yet
+      bool nan = false;
+      for (int64_t j = 0; j < kBK; ++j) nan |= std::isnan(row[j]), row[j] = 0.0f;
+      if (nan) l[i] = std::numeric_limits<float>::quiet_NaN();  // a NaN score makes the row NaN, as in SDPA
       continue;
     }
     const float alpha = std::exp(mx[i] - m_new);  // exp(-inf) = 0 on the first visible tile
@@ -187,7 +190,8 @@ inline float mask_log2(float m) {
 }
 
 // Masks of a transposed score tile (nk keys × `lanes` query lanes, log2 units): an additive mask, in log2
-// units (mask_log2), added; a false keep-mask entry set to -inf. Shared by the AVX-512 (32 lanes) and AVX2
+// units (mask_log2), added; -inf added where a keep-mask is false (as SDPA, which makes a boolean mask
+// additive: a NaN score stays NaN there, and its row NaN). Shared by the AVX-512 (32 lanes) and AVX2
 // (16 lanes) query-vectorised paths.
 inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t j0, int64_t nk,
                       float* st, int64_t lanes) {
@@ -200,13 +204,13 @@ inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_
         const float add = mask_log2(p.mask_f[base]);
         for (int64_t i = 0; i < lanes; ++i) row[i] += add;
       } else if (!p.mask_b[base]) {
-        for (int64_t i = 0; i < lanes; ++i) row[i] = kNegInf;
+        for (int64_t i = 0; i < lanes; ++i) row[i] += kNegInf;
       }
     } else {
       for (int64_t i = 0; i < nq; ++i) {
         const int64_t at = base + i * p.ms[2];
         if (p.mask_f) row[i] += mask_log2(p.mask_f[at]);
-        else if (!p.mask_b[at]) row[i] = kNegInf;
+        else if (!p.mask_b[at]) row[i] += kNegInf;
       }
     }
   }

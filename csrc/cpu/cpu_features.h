@@ -115,8 +115,8 @@ constexpr float kNF4[16] = {
 ADAPTWIN_AVX512 inline __m512 exp512(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3365f);
   const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.3762f));
+  x = _mm512_max_ps(lo, x);  // (max / min return their second operand where one is NaN: NaN stays NaN)
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762f), x);
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -139,10 +139,11 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // 2^x for 16 floats x <= 0 (softmax scores minus their running max; -inf must give exactly 0):
 // 2^n · p(f), n = round(x), f = x - n in [-0.5, 0.5], Cephes exp2f's degree-6 polynomial (peak relative
-// error 1.7e-7), scaled with vscalefps. Clamped at -150: 2^-150 rounds to 0, so -inf gives 0. Ten
+// error 1.7e-7), scaled with vscalefps. Clamped at -150: 2^-150 rounds to 0, so -inf gives 0; NaN gives NaN
+// (a NaN or +inf score makes its row NaN, as in SDPA, instead of dropping out of the softmax). Ten
 // instructions against sixteen for exp512 (no ln2 range split, no upper clamp, no underflow mask).
 ADAPTWIN_AVX512 inline __m512 exp2_512_nonpos(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // NaN stays NaN (max returns its second operand there)
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.535336188319500e-4f);

@@ -37,7 +37,7 @@ __global__ void attention_kernel(const scalar_t* __restrict__ q, const scalar_t*
     if (has_mask) {
       const mask_t mv = mask[b * ms.s[0] + h * ms.s[1] + i * ms.s[2] + j * ms.s[3]];
       if (mask_bool) {
-        if (!static_cast<bool>(mv)) continue;
+        if (!static_cast<bool>(mv)) s += -INFINITY;  // added, as SDPA: a NaN score stays NaN (its row NaN)
       } else {
         s += static_cast<float>(mv);
       }
@@ -51,7 +51,8 @@ __global__ void attention_kernel(const scalar_t* __restrict__ q, const scalar_t*
     for (int d = 0; d < Dv; ++d) acc[d] = acc[d] * alpha + p * static_cast<float>(vj[d * vs.s[3]]);
     m = m_new;
   }
-  const float inv = l > 0.f ? 1.f / l : 0.f;  // fully masked rows give 0, as the reference
+  // fully masked rows give 0, as the reference; a NaN or +inf score left l NaN: the row is NaN, as SDPA
+  const float inv = l > 0.f ? 1.f / l : (l == 0.f ? 0.f : l);
   scalar_t* o = out + ((static_cast<int64_t>(b) * T + i) * H + h) * Dv;
   for (int d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
 }
