@@ -17,7 +17,11 @@ schema)::
     returns  (B, T, H, Dv) contiguous, q's dtype: the layout the output projection reads. A query whose
              keys are all masked out (False, or -inf) gets zeros, as SDPA's CPU kernels; a finite additive
              mask, however large (Hugging Face's finfo.min), is added as it is, as SDPA adds it: a query
-             with all its keys so masked gets the mean of the values.
+             with all its keys so masked gets the mean of the values. A NaN or infinite entry of q or k
+             makes every row that scores it NaN, as SDPA defines it (a False mask entry adds -inf, so a
+             NaN score stays NaN; keys past the causal cut are not read). The fused kernels keep to that
+             everywhere; ATen's CPU flash SDPA (the CPU reference) gives finite rows for a NaN query,
+             bfloat16 infinities and a NaN single key.
 
 The reference (every device; fallback when no fused kernel is built) is SDPA with the CPU width padding
 below. Fused kernels are flash-style: online softmax over key tiles, so no T×S matrix reaches memory.
