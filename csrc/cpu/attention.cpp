@@ -144,10 +144,8 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
     pv_avx512(p, s, vbase + j0 * p.vs[2], p.vs[2], nq, nk, o, dvp);
   }
   for (int64_t i = 0; i < nq; ++i) {
-    // A row with every key masked out (False, -inf) has l = 0: its output is 0, as SDPA's CPU kernels give.
     // A finite mask, however large (HF's finfo.min), leaves l > 0: that row averages its values, as SDPA.
-    // A NaN or +inf score left l NaN: the row is NaN.
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : (l[i] == 0.0f ? 0.0f : l[i]);
+    const float inv = inverse_sum(l[i]);
     float* dst = p.out + ((b * p.T + i0 + i) * p.H + h) * p.Dv;
     for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[i * dvp + d] * inv;
   }

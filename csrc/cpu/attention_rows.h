@@ -116,9 +116,7 @@ ADAPTWIN_AVX512_ROWS void run_row(const Problem& p, const Elem* k, const Elem* v
       _mm512_storeu_ps(o + c, _mm512_add_ps(a0, a1));
     }
   }
-  // A row with every key masked has l = 0: its output is 0, as the other paths give. A NaN or +inf score
-  // (NaN or infinite q or k) left l NaN: the row is NaN, as in SDPA.
-  const float inv = l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l);
+  const float inv = inverse_sum(l);
   float* dst = p.out + ((b * p.T + i) * p.H + h) * p.Dv;
   for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[d] * inv;
 }

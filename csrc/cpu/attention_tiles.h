@@ -43,6 +43,10 @@ struct Problem {
   int64_t dq2 = 0, s2 = 0;        // Dq and S rounded up to pairs
 };
 
+// 1 / l for a row's softmax sum l: 0 where every key was masked (l = 0: the row gives zeros, as SDPA's CPU
+// kernels), NaN where a NaN or +inf score made l NaN (the row is NaN, as SDPA).
+inline float inverse_sum(float l) { return l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : l); }
+
 #if ADAPTWIN_X86
 // Four query rows at a time: 16 accumulators, each key vector loaded once for four FMAs.
 ADAPTWIN_AVX512 void scores_avx512(const Problem& p, const float* qb, const float* kt, int64_t j0, int64_t nq,
