@@ -66,6 +66,7 @@ ATTENTION_CASES = [
     (1, 4, 2, 1, 700, 52, 39, False, "float"),  # GQA, a full additive mask, three key tiles
     (2, 2, 2, 5, 5, 1, 64, True, None),  # causal, width 1
     (1, 3, 3, 7, 257, 40, 40, False, "bool"),  # one key past a tile
+    (1, 4, 2, 2, 300, 26, 34, True, "bool"),  # causal T < S (top-left), GQA, even widths with tails (AVX2 bf16)
 ]
 
 
@@ -237,10 +238,10 @@ def nan_rows(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal
     return (s.isnan() | (s == float("inf"))).any(-1).transpose(1, 2)
 
 
-def runs_adaptwin_kernel(tokens: int) -> bool:
-    """Whether an attention call of ``tokens`` queries runs the CPU kernels of csrc/cpu (else ATen's SDPA)."""
+def runs_adaptwin_kernel() -> bool:
+    """Whether attention calls run the CPU kernels of csrc/cpu (AVX-512 or AVX2), else ATen's SDPA."""
     features = backends.cpu_features()
-    return features["avx512"] or (features["avx2"] and tokens >= 8)
+    return features["avx512"] or features["avx2"]
 
 
 def non_finite_case(tokens: int, keys: int, where: str, mask_kind: str | None, gen: torch.Generator) -> tuple:
@@ -294,7 +295,7 @@ def test_attention_non_finite_inputs_give_nan_rows_as_sdpa(tokens, keys, where, 
     # exp2 once clamped its argument with max(x, -150), which turns NaN into -150 (max returns its second
     # operand where one is NaN), so such a key got weight 0, or, from a NaN query, a finite row; and a
     # False keep-mask entry replaced the score by -inf, where SDPA adds -inf (NaN stays NaN).
-    if not runs_adaptwin_kernel(tokens):  # (its CPU flash kernel gives finite rows for a NaN query, for bf16
+    if not runs_adaptwin_kernel():  # (its CPU flash kernel gives finite rows for a NaN query, for bf16
         # infinities and for a NaN single key, where SDPA's math definition and these kernels give NaN)
         pytest.skip("ATen's SDPA runs this call on this CPU (or under this ADAPTWIN_CPU_CAP)")
     gen = torch.Generator().manual_seed(seed((tokens, keys, where, mask_kind)))

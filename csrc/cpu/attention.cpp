@@ -23,6 +23,7 @@
 #include "attention_avx2.h"
 #include "attention_bf16.h"
 #include "attention_rows.h"
+#include "attention_rows_avx2.h"
 #include "attention_tiles.h"
 #include "cpu_features.h"
 #include "../attention_checks.h"
@@ -257,6 +258,41 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
   return out.to(q.scalar_type());
 }
+
+// Decoding (T < kMinLanes) on CPUs with AVX2 + FMA but no AVX-512 (attention_rows_avx2.h): q in float32, the
+// keys and values read in place where they are float32 or bfloat16 of even widths (else widened first).
+at::Tensor attention_avx2_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
+  Problem p = problem_of(q, k, v, scale, is_causal);
+  const at::Tensor q32 = f32(q);
+  p.q = q32.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d);
+  const bool half = k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && p.Dq % 2 == 0 &&
+                    p.Dv % 2 == 0;
+  at::Tensor k_, v_;
+  if (half) {
+    k_ = k.stride(-1) == 1 ? k : k.contiguous();
+    v_ = v.stride(-1) == 1 ? v : v.contiguous();
+    p.k16 = reinterpret_cast<const uint16_t*>(k_.data_ptr<at::BFloat16>());
+    p.v16 = reinterpret_cast<const uint16_t*>(v_.data_ptr<at::BFloat16>());
+  } else {
+    k_ = f32(k), v_ = f32(v);
+    p.k = k_.data_ptr<float>(), p.v = v_.data_ptr<float>();
+  }
+  for (int d = 0; d < 3; ++d) p.ks[d] = k_.stride(d), p.vs[d] = v_.stride(d);
+  const at::Tensor out = set_output(p), m = set_mask(p, mask);
+  at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ws(row_workspace_avx2(p));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (p.H * p.T), h = (t / p.T) % p.H, i = t % p.T;
+      if (half)
+        run_row_avx2(p, p.k16, p.v16, b, h, i, ws.data());
+      else
+        run_row_avx2(p, p.k, p.v, b, h, i, ws.data());
+    }
+  });
+  return out.to(q.scalar_type());
+}
 #endif  // ADAPTWIN_X86
 
 // Width ATen's CPU SDPA runs fastest at for heads of width d, and the T·S per head from which q, k and v are
@@ -300,17 +336,18 @@ at::Tensor attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out.transpose(1, 2).contiguous();
 }
 
-// Without AVX-512, calls of at least kMinLanes queries with keys run the AVX2 kernel where the CPU has AVX2
-// + FMA; every other call (decoding, ARM CPUs, ADAPTWIN_CPU_CAP=portable) runs attention_sdpa: ATen's
-// SDPA is vectorised for those CPUs, and portable loops were 1.3-5.8x slower than it on an emulated AVX2
-// CPU (README: "CPUs without AVX-512"). float64 (gradcheck, oracles) runs it too.
+// Without AVX-512, calls with keys run the AVX2 kernels where the CPU has AVX2 + FMA (the lanes path from
+// kMinLanes queries, the row path below); every other call (ARM CPUs, ADAPTWIN_CPU_CAP=portable) runs
+// attention_sdpa: ATen's SDPA is vectorised for those CPUs, and portable loops were 1.3-5.8x slower than
+// it on an emulated AVX2 CPU (README: "CPUs without AVX-512"). float64 (gradcheck, oracles) runs it too.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   check_attention(q, k, v, mask, scale);
 #if ADAPTWIN_X86
-  if (q.scalar_type() != at::kDouble && !has_avx512() && has_avx2() && q.size(2) >= kMinLanes && k.size(2) > 0 &&
-      q.size(0) > 0 && q.size(1) > 0)
-    return attention_avx2(q, k, v, mask, scale, is_causal);
+  if (q.scalar_type() != at::kDouble && !has_avx512() && has_avx2() && k.size(2) > 0 && q.size(0) > 0 &&
+      q.size(1) > 0 && q.size(2) > 0)
+    return q.size(2) >= kMinLanes ? attention_avx2(q, k, v, mask, scale, is_causal)
+                                  : attention_avx2_rows(q, k, v, mask, scale, is_causal);
 #endif
   if (q.scalar_type() == at::kDouble || !has_avx512()) return attention_sdpa(q, k, v, mask, scale, is_causal);
 #if ADAPTWIN_X86
