@@ -10,8 +10,9 @@
 //
 // Which path runs (attention_cpu, at the end): on AVX-512 CPUs the query-vectorised kernels (T >= 8; bf16
 // in bf16 pairs where the CPU has AVX512-BF16), the row path (decoding) or run_block; on CPUs with AVX2 +
-// FMA but no AVX-512 the query-vectorised kernel in 8-float vectors (attention_avx2.h, T >= 8); every other
-// call (decoding there, ARM, float64) goes to ATen's SDPA as the op's reference calls it (attention_sdpa).
+// FMA but no AVX-512 the query-vectorised kernel in 8-float vectors (attention_avx2.h, T >= 8) or the row
+// path in 8-float vectors (attention_rows_avx2.h, decoding); every other call (ARM, float64) goes to ATen's
+// SDPA as the op's reference calls it (attention_sdpa).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -3,7 +3,7 @@
 // are the lanes of two vectors; tiles are kept transposed (keys × 16 queries); scores are in log2 units
 // (queries pre-multiplied by scale·log2e, additive masks by log2e) and the softmax takes 2^x. float32
 // arithmetic (bf16 / fp16 inputs are widened first). Calls with fewer than kMinLanes queries (decoding)
-// go to ATen's SDPA instead (attention.cpp).
+// run the row path of attention_rows_avx2.h (attention.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
