@@ -78,15 +78,7 @@ ADAPTWIN_AVX512_ROWS void run_row(const Problem& p, const Elem* k, const Elem* v
       }
       _mm512_mask_storeu_ps(s + jj, tail_mask(n), hsum16(acc));
     }
-    if (p.mask_f || p.mask_b) {
-      const int64_t base = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j0 * p.ms[3];
-      for (int64_t j = 0; j < nk; ++j) {
-        if (p.mask_f)
-          s[j] += mask_log2(p.mask_f[base + j * p.ms[3]]);
-        else if (!p.mask_b[base + j * p.ms[3]])
-          s[j] += kNegInf;  // added, as SDPA: -inf, or NaN where the score is NaN
-      }
-    }
+    mask_row(p, b, h, i, j0, nk, s);
     __m512 tmax = ninf;
     for (int64_t j = 0; j < nk; j += 16) tmax = _mm512_max_ps(tmax, _mm512_mask_loadu_ps(ninf, tail_mask(nk - j), s + j));
     const float m_new = std::max(m, _mm512_reduce_max_ps(tmax));
@@ -116,9 +108,7 @@ ADAPTWIN_AVX512_ROWS void run_row(const Problem& p, const Elem* k, const Elem* v
       _mm512_storeu_ps(o + c, _mm512_add_ps(a0, a1));
     }
   }
-  const float inv = inverse_sum(l);
-  float* dst = p.out + ((b * p.T + i) * p.H + h) * p.Dv;
-  for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[d] * inv;
+  store_row(p, b, h, i, o, l);
 }
 
 inline size_t row_workspace(const Problem& p) {

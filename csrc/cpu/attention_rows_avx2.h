@@ -102,15 +102,7 @@ ADAPTWIN_AVX2 void run_row_avx2(const Problem& p, const Elem* k, const Elem* v, 
       _mm256_storeu_ps(s + jj, n == 8 ? sc : _mm256_blendv_ps(_mm256_set1_ps(kNegInf), sc,
                                                                _mm256_castsi256_ps(tail8(n))));
     }
-    if (p.mask_f || p.mask_b) {
-      const int64_t base = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j0 * p.ms[3];
-      for (int64_t j = 0; j < nk; ++j) {
-        if (p.mask_f)
-          s[j] += mask_log2(p.mask_f[base + j * p.ms[3]]);
-        else if (!p.mask_b[base + j * p.ms[3]])
-          s[j] += kNegInf;  // added, as SDPA: -inf, or NaN where the score is NaN
-      }
-    }
+    mask_row(p, b, h, i, j0, nk, s);
     const int64_t nk8 = (nk + 7) / 8 * 8;  // whole groups: the lanes past nk hold -inf
     __m256 tmax = _mm256_set1_ps(kNegInf);
     for (int64_t j = 0; j < nk8; j += 8) tmax = _mm256_max_ps(tmax, _mm256_loadu_ps(s + j));
@@ -144,9 +136,7 @@ ADAPTWIN_AVX2 void run_row_avx2(const Problem& p, const Elem* k, const Elem* v, 
       _mm256_storeu_ps(o + c, _mm256_add_ps(a0, a1));
     }
   }
-  const float inv = inverse_sum(l);
-  float* dst = p.out + ((b * p.T + i) * p.H + h) * p.Dv;
-  for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[d] * inv;
+  store_row(p, b, h, i, o, l);
 }
 
 inline size_t row_workspace_avx2(const Problem& p) {

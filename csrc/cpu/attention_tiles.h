@@ -227,6 +227,26 @@ inline void mask_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_
   }
 }
 
+// The row paths' mask: scores s[0, nk) of query i against keys j0 + j, in log2 units, plus the mask as
+// mask_tile adds it (mask_log2 of a float mask; -inf added where a keep-mask is false, as SDPA adds it).
+inline void mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nk, float* s) {
+  if (!p.mask_f && !p.mask_b) return;
+  const int64_t base = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j0 * p.ms[3];
+  for (int64_t j = 0; j < nk; ++j) {
+    if (p.mask_f)
+      s[j] += mask_log2(p.mask_f[base + j * p.ms[3]]);
+    else if (!p.mask_b[base + j * p.ms[3]])
+      s[j] += kNegInf;  // NaN stays NaN
+  }
+}
+
+// The row paths' output: out[b, i, h, :] = o / l (inverse_sum's rule for l = 0 or NaN).
+inline void store_row(const Problem& p, int64_t b, int64_t h, int64_t i, const float* o, float l) {
+  const float inv = inverse_sum(l);
+  float* dst = p.out + ((b * p.T + i) * p.H + h) * p.Dv;
+  for (int64_t d = 0; d < p.Dv; ++d) dst[d] = o[d] * inv;
+}
+
 #if ADAPTWIN_X86
 // r[j] becomes column j of the 16 x 16 block whose rows were r[0..15] (unpack, 4-wide shuffle, two lane
 // shuffles: 64 shuffles).
