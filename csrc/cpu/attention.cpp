@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -153,6 +154,42 @@ ADAPTWIN_AVX512 void run_block(const Problem& p, int64_t b, int64_t h, int64_t i
   }
 }
 
+// The row paths' inputs (decoding: attention_rows.h, attention_rows_avx2.h): q in float32; keys and values read
+// in place as bfloat16 bits where `half` (unit last stride made so), else in float32. Returns the tensors p
+// points into, for the caller to keep.
+std::array<at::Tensor, 3> set_row_inputs(Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         bool half) {
+  std::array<at::Tensor, 3> kept{f32(q), at::Tensor(), at::Tensor()};
+  p.q = kept[0].data_ptr<float>();
+  if (half) {
+    kept[1] = k.stride(-1) == 1 ? k : k.contiguous();
+    kept[2] = v.stride(-1) == 1 ? v : v.contiguous();
+    p.k16 = reinterpret_cast<const uint16_t*>(kept[1].data_ptr<at::BFloat16>());
+    p.v16 = reinterpret_cast<const uint16_t*>(kept[2].data_ptr<at::BFloat16>());
+  } else {
+    kept[1] = f32(k), kept[2] = f32(v);
+    p.k = kept[1].data_ptr<float>(), p.v = kept[2].data_ptr<float>();
+  }
+  for (int d = 0; d < 3; ++d) p.qs[d] = kept[0].stride(d), p.ks[d] = kept[1].stride(d), p.vs[d] = kept[2].stride(d);
+  return kept;
+}
+
+// Every (batch, head, query) row through run(p, k, v, b, h, i, workspace), k / v the bfloat16 bits where
+// `half`, else the float32 keys and values; a workspace of ws_size floats per thread.
+template <typename Run>
+void run_rows(const Problem& p, bool half, size_t ws_size, Run run) {
+  at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ws(ws_size);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (p.H * p.T), h = (t / p.T) % p.H, i = t % p.T;
+      if (half)
+        run(p, p.k16, p.v16, b, h, i, ws.data());
+      else
+        run(p, p.k, p.v, b, h, i, ws.data());
+    }
+  });
+}
+
 // The op on AVX-512 CPUs: the query-vectorised paths (T >= kMinLanes), the row path (decoding) or run_block.
 at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
@@ -163,23 +200,11 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
   const bool bf16 = lanes && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                     v.scalar_type() == at::kBFloat16 && has_avx512_bf16();
   at::Tensor q32, k32, v32, kt, q16, kp, vp;
+  std::array<at::Tensor, 3> row_inputs;
   // the row path reads bfloat16 keys and values as they are (widened in registers)
   const bool rows16 = rows && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16;
   if (rows) {
-    q32 = f32(q);
-    p.q = q32.data_ptr<float>();
-    for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d);
-    if (rows16) {
-      k32 = k.stride(-1) == 1 ? k : k.contiguous();
-      v32 = v.stride(-1) == 1 ? v : v.contiguous();
-      p.k16 = reinterpret_cast<const uint16_t*>(k32.data_ptr<at::BFloat16>());
-      p.v16 = reinterpret_cast<const uint16_t*>(v32.data_ptr<at::BFloat16>());
-    } else {
-      k32 = f32(k), v32 = f32(v);
-      p.k = k32.data_ptr<float>();
-      p.v = v32.data_ptr<float>();
-    }
-    for (int d = 0; d < 3; ++d) p.ks[d] = k32.stride(d), p.vs[d] = v32.stride(d);
+    row_inputs = set_row_inputs(p, q, k, v, rows16);
   } else if (bf16) {
     q16 = q.stride(-1) == 1 ? q : q.contiguous();
     p.dq2 = (p.Dq + 1) / 2, p.s2 = (p.S + 1) / 2;
@@ -201,16 +226,7 @@ at::Tensor attention_avx512(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor out = set_output(p), m = set_mask(p, mask);
   if (p.T > 0 && p.H > 0 && p.B > 0) {
     if (rows) {
-      at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> ws(row_workspace(p));
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t b = t / (p.H * p.T), h = (t / p.T) % p.H, i = t % p.T;
-          if (rows16)
-            run_row(p, p.k16, p.v16, b, h, i, ws.data());
-          else
-            run_row(p, p.k, p.v, b, h, i, ws.data());
-        }
-      });
+      run_rows(p, rows16, row_workspace(p), [](auto&&... args) { run_row(args...); });
       return out.to(q.scalar_type());
     }
     const int64_t bq = lanes ? 32 : kBQ;
@@ -265,33 +281,11 @@ at::Tensor attention_avx2(const at::Tensor& q, const at::Tensor& k, const at::Te
 at::Tensor attention_avx2_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   Problem p = problem_of(q, k, v, scale, is_causal);
-  const at::Tensor q32 = f32(q);
-  p.q = q32.data_ptr<float>();
-  for (int d = 0; d < 3; ++d) p.qs[d] = q32.stride(d);
   const bool half = k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && p.Dq % 2 == 0 &&
                     p.Dv % 2 == 0;
-  at::Tensor k_, v_;
-  if (half) {
-    k_ = k.stride(-1) == 1 ? k : k.contiguous();
-    v_ = v.stride(-1) == 1 ? v : v.contiguous();
-    p.k16 = reinterpret_cast<const uint16_t*>(k_.data_ptr<at::BFloat16>());
-    p.v16 = reinterpret_cast<const uint16_t*>(v_.data_ptr<at::BFloat16>());
-  } else {
-    k_ = f32(k), v_ = f32(v);
-    p.k = k_.data_ptr<float>(), p.v = v_.data_ptr<float>();
-  }
-  for (int d = 0; d < 3; ++d) p.ks[d] = k_.stride(d), p.vs[d] = v_.stride(d);
+  const auto kept = set_row_inputs(p, q, k, v, half);
   const at::Tensor out = set_output(p), m = set_mask(p, mask);
-  at::parallel_for(0, p.B * p.H * p.T, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> ws(row_workspace_avx2(p));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (p.H * p.T), h = (t / p.T) % p.H, i = t % p.T;
-      if (half)
-        run_row_avx2(p, p.k16, p.v16, b, h, i, ws.data());
-      else
-        run_row_avx2(p, p.k, p.v, b, h, i, ws.data());
-    }
-  });
+  run_rows(p, half, row_workspace_avx2(p), [](auto&&... args) { run_row_avx2(args...); });
   return out.to(q.scalar_type());
 }
 #endif  // ADAPTWIN_X86
