@@ -1,31 +1,43 @@
-"""Which pipeline depth gets the causal 16-bit attention calls that `unverified_causal` routes to SDPA right.
+"""Which causal 16-bit attention calls that `unverified_causal` routes to SDPA the kernel itself gets right.
 
 On an H100 (triton 3.6) one such call (B 1, H 2, Hkv 1, T = S = 123, Dq 52, Dv 39) came out wrong (relative
 error 0.73) while the interpreter, at the GPU's own tiles and fp16 dots, gets it right
-(tests/test_kernels_triton.py, ``routed_causal_logic``). The one compute-sanitizer sighting was an
-out-of-bounds shared-memory read in the P·V dot of a key loop whose trip count varies per program, as a
-causal row block's does, so this runs those calls on the kernel itself (no routing) at the default tiles with
-the default pipeline depth and with one stage, and prints each call's relative error against float64 beside
-SDPA's own. A row whose kernel error is within twice SDPA's passes the test suite's criterion.
+(tests/test_kernels_triton.py, ``routed_causal_logic``); a later run of it stopped the process with an
+illegal memory access. The one compute-sanitizer sighting was an out-of-bounds shared-memory read in the
+P·V dot of a key loop whose trip count varies per program, as a causal row block's does. So this runs
+those calls, and variants that change one trait at a time (grouped heads, a two-part or unaligned width,
+a whole number of tiles), on the kernel itself (no routing) at the default tiles with the default pipeline
+depth and with one stage, and prints each call's relative error against float64 beside SDPA's own. A row
+whose kernel error is within twice SDPA's passes the test suite's criterion. On a GPU each row runs in its
+own process, so a call that faults is reported ("fault") instead of ending the run.
 
-    python3 -m benchmarks.gpu_causal_probe [--out probe.csv]      # a CUDA GPU; gpu_session.sh runs it
+    python3 -m benchmarks.gpu_causal_probe [--out probe.csv] [--sanitize]   # a CUDA GPU; gpu_session.sh runs it
 
-A measurement, not a test: it reports and exits 0 (skipping where no CUDA device is visible).
+``--sanitize``: then compute-sanitizer (memcheck) on the first row that faults or misses, its report's head
+printed. A measurement, not a test: it reports and exits 0 (skipping where no CUDA device is visible).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from benchmarks.common import format_table, write_rows
 from benchmarks.gpu_common import rel_err
 
-# (B, H, Hkv, T, S, Dq, Dv): the call that failed, then each of its two routed traits alone
+# (B, H, Hkv, T, S, Dq, Dv): the call that failed, each of its two routed traits alone (grouped heads; a
+# two-part value width), then one trait at a time: widths whose rows are not 16-byte aligned (52, 39), an
+# aligned two-part width, T a whole number of 64-row tiles
 CASES = [(1, 2, 1, 123, 123, 52, 39), (1, 2, 2, 123, 123, 52, 39), (1, 2, 2, 123, 123, 48, 48),
-         (1, 8, 2, 123, 123, 64, 64), (1, 2, 1, 1500, 1500, 40, 40)]
+         (1, 8, 2, 123, 123, 64, 64), (1, 2, 1, 1500, 1500, 40, 40), (1, 2, 2, 123, 123, 64, 39),
+         (1, 2, 2, 123, 123, 52, 64), (1, 2, 2, 123, 123, 56, 56), (1, 2, 2, 128, 128, 52, 39),
+         (1, 2, 2, 128, 128, 48, 48)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FIELDS = ("case", "dtype", "stages", "kernel_err", "sdpa_err", "within_2x")
 
@@ -41,40 +53,87 @@ def kernel_only(q, k, v, scale: float, stages: int | None) -> torch.Tensor:
     return out
 
 
-def probe(cases: list[tuple] = CASES, device: str = "cuda") -> list[dict]:
-    """One row per (case, dtype, stages); ``device`` "cpu" only for a check under TRITON_INTERPRET=1."""
+def probe_one(case: tuple, dtype: str, stages: int | None, device: str = "cuda") -> dict:
+    """One row: ``case`` (B, H, Hkv, T, S, Dq, Dv) in ``dtype`` at pipeline depth ``stages`` (None: default)."""
     from adaptwin.ops.attention import attention_reference
 
-    rows = []
-    for case in cases:
-        b, h, hkv, t, s, dq, dv = case
-        gen = torch.Generator().manual_seed(sum(case))
-        q, k, v = (torch.randn(b, n, m, d, generator=gen).to(device)
-                   for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
-        scale = dq ** -0.5
-        ref64 = attention_reference(q.double(), k.double(), v.double(), None, scale, True)
-        for name, dt in DTYPES.items():
-            lo = [x.to(dt) for x in (q, k, v)]
-            sdpa = rel_err(attention_reference(*lo, None, scale, True), ref64)
-            for stages in (None, 1):
-                err = rel_err(kernel_only(*lo, scale, stages), ref64)
-                rows.append({"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*case), "dtype": name,
-                             "stages": "default" if stages is None else stages, "kernel_err": err,
-                             "sdpa_err": sdpa, "within_2x": err <= 2 * sdpa})
-    return rows
+    b, h, hkv, t, s, dq, dv = case
+    gen = torch.Generator().manual_seed(sum(case))
+    shapes = ((h, t, dq), (hkv, s, dq), (hkv, s, dv))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen).to(device) for n, m, d in shapes)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, scale, True)
+    lo = [x.to(DTYPES[dtype]) for x in (q, k, v)]
+    sdpa = rel_err(attention_reference(*lo, None, scale, True), ref64)
+    err = rel_err(kernel_only(*lo, scale, stages), ref64)
+    return {"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*case), "dtype": dtype,
+            "stages": "default" if stages is None else stages, "kernel_err": err, "sdpa_err": sdpa,
+            "within_2x": err <= 2 * sdpa}
+
+
+def probe(cases: list[tuple] = CASES, device: str = "cuda") -> list[dict]:
+    """One row per (case, dtype, stages), in this process (``device`` "cpu": under TRITON_INTERPRET=1)."""
+    return [probe_one(case, name, stages, device) for case in cases for name in DTYPES for stages in (None, 1)]
+
+
+def _child(case: tuple, dtype: str, stages: int | None, wrap: list[str] | None = None, timeout: int = 300
+           ) -> tuple[dict, str]:
+    """`probe_one` in a child process (a fault kills only it): (row, the child's output)."""
+    cmd = [*(wrap or []), sys.executable, "-m", "benchmarks.gpu_causal_probe", "--one",
+           json.dumps([list(case), dtype, stages])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        text = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        return {}, f"timed out after {timeout} s: {e}"
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line), text
+    return {}, text
+
+
+def probe_isolated(cases: list[tuple] = CASES, workers: int = 8) -> tuple[list[dict], list[tuple]]:
+    """Every row of `probe`, each in its own process: (rows, the (case, dtype, stages) that faulted or missed)."""
+    jobs = [(case, name, stages) for case in cases for name in DTYPES for stages in (None, 1)]
+    rows, bad = [], []
+    with ThreadPoolExecutor(workers) as pool:
+        for job, (row, text) in zip(jobs, pool.map(lambda j: _child(*j), jobs)):
+            if not row:
+                last = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][-1:] or text.splitlines()[-1:]
+                row = {"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*job[0]), "dtype": job[1],
+                       "stages": "default" if job[2] is None else job[2], "kernel_err": "fault: " + " ".join(last)[:90],
+                       "sdpa_err": "", "within_2x": False}
+            if not row["within_2x"]:
+                bad.append(job)
+            rows.append(row)
+    return rows, bad
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="also write the rows to this CSV")
+    ap.add_argument("--sanitize", action="store_true", help="then compute-sanitizer on the first failing row")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one JSON [case, dtype, stages]
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
         print("benchmarks.gpu_causal_probe: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
         return 0
-    rows = probe()
-    print(format_table(FIELDS, [[r[f] for f in FIELDS] for r in rows]))
+    if args.one is not None:
+        case, dtype, stages = json.loads(args.one)
+        row = probe_one(tuple(case), dtype, stages)
+        torch.cuda.synchronize()
+        print(json.dumps(row))
+        return 0
+    rows, bad = probe_isolated()
+    print(format_table(FIELDS, [[r[f] for f in FIELDS] for r in rows]), flush=True)
     if args.out:
         write_rows(args.out, rows, fields=FIELDS, key=("case", "dtype", "stages"))
+    if args.sanitize and bad and shutil.which("compute-sanitizer"):
+        case, dtype, stages = bad[0]
+        print(f"\ncompute-sanitizer --tool memcheck on {case} {dtype} stages {stages}:")
+        _, text = _child(case, dtype, stages, ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "8"], 400)
+        lines = [ln for ln in text.splitlines() if ln.startswith("=========")]
+        print("\n".join(lines[:60]))
     return 0
 
 

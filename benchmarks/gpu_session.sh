@@ -7,14 +7,22 @@
 #   BENCH_ARGS="--tune --dtypes fp16" TESTS=0 bash benchmarks/gpu_session.sh
 # (one call does both with no variable set, but the steps' limits then add up past a 10-minute device call)
 #   PROFILE=1 TESTS=0 BENCH=0 bash benchmarks/gpu_session.sh    # Nsight Compute on benchmarks.gpu_profile
-# Env: TESTS (1: run the CUDA tests and benchmarks.gpu_causal_probe), BENCH (1: the figures), PROFILE (0: ncu), TEST_S / PROBE_S / BENCH_S / PROFILE_S
-# (seconds), JOBS (pytest workers), BENCH_ARGS, PROFILE_CALLS (gpu_profile --calls).
+#   CPP=1 BENCH=0 bash benchmarks/gpu_session.sh            # also the CUDA C++ kernels (built during the tests)
+# Env: TESTS (1: run the CUDA tests and benchmarks.gpu_causal_probe), BENCH (1: the figures), PROFILE (0: ncu),
+# CPP (0: build adaptwin._C with its CUDA kernels beside the tests, then run test_cuda_cpp_backend), TEST_S /
+# PROBE_S / BENCH_S / PROFILE_S / CPP_S (seconds), JOBS (pytest workers), BENCH_ARGS, PROFILE_CALLS (gpu_profile --calls).
 set -u
 out=${OUT:-results/gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 ADAPTWIN_NO_EXTENSION=1 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1 \
     || { tail -5 "$out/install.log"; exit 1; }
+if [ "${CPP:-0}" = 1 ]; then
+    # built outside the tree, so that the Triton tests never see a half-written adaptwin/_C*.so
+    (MAX_JOBS=${CPP_JOBS:-6} timeout "${CPP_BUILD_S:-400}" python3 setup.py -q build_ext --build-lib /tmp/cpp_build \
+        --build-temp /tmp/cpp_temp >"$out/cpp_build.log" 2>&1; echo "cpp build exit $?" >>"$out/cpp_build.log") &
+    cpp_pid=$!
+fi
 if [ "${TESTS:-1}" = 1 ]; then
     # -v: a line per test as it ends, so a run cut short by TEST_S still says what passed and failed
     timeout "${TEST_S:-300}" python3 -m pytest -v -rfxX -n "${JOBS:-14}" -m gpu -p no:cacheprovider \
@@ -24,7 +32,20 @@ if [ "${TESTS:-1}" = 1 ]; then
     grep -E "^FAILED|^ERROR|^XFAIL|^XPASS|[0-9]+ (passed|failed)" "$out/pytest.log" | head -30
     grep -E "^\[gw[0-9]+\].* (FAILED|ERROR) " "$out/pytest.log" | head -20
     # the causal 16-bit calls routed to SDPA, on the kernel at the default pipeline depth and at one stage
-    timeout "${PROBE_S:-120}" python3 -m benchmarks.gpu_causal_probe --out "$out/causal_probe.csv" 2>&1 | tail -n 25
+    timeout "${PROBE_S:-200}" python3 -m benchmarks.gpu_causal_probe --sanitize --out "$out/causal_probe.csv" 2>&1 | tail -n 70
+fi
+if [ "${CPP:-0}" = 1 ]; then
+    wait "$cpp_pid"
+    tail -n 3 "$out/cpp_build.log"
+    if cp /tmp/cpp_build/adaptwin/_C*.so adaptwin/; then
+        # every CUDA case that goes through the dispatcher again, on the C++ kernels (what test_cuda_cpp_backend
+        # runs in one child process; here over pytest workers, a line per test)
+        ADAPTWIN_CUDA_BACKEND=cpp timeout "${CPP_S:-200}" python3 -m pytest -v -rf -n "${JOBS:-14}" -m gpu \
+            -p no:cacheprovider tests/test_kernels_cuda.py -k "not decoded_in_tiles and not one_launch and not \
+            routed_causal and not cuda_cpp_backend" >"$out/cpp.log" 2>&1
+        echo "cpp tests exit $? ($(grep -c ' PASSED ' "$out/cpp.log") PASSED, $(grep -c ' FAILED ' "$out/cpp.log") FAILED lines)"
+        grep -E "^FAILED|^ERROR|[0-9]+ (passed|failed)" "$out/cpp.log" | head -30
+    fi
 fi
 if [ "${BENCH:-1}" = 1 ]; then
     # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows

@@ -27,7 +27,15 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from test_kernels_cpu import ATTENTION_CASES as CPU_ATTENTION  # noqa: E402
 from test_kernels_cpu import LINEAR_CASES as CPU_LINEAR  # noqa: E402
-from test_kernels_cpu import _factor, check_attention_case, check_rank_linear_case  # noqa: E402
+from test_kernels_cpu import (  # noqa: E402
+    NON_FINITE,
+    _factor,
+    assert_nan_rows_as_sdpa,
+    check_attention_case,
+    check_rank_linear_case,
+    non_finite_case,
+    seed,
+)
 
 import adaptwin.ops  # noqa: E402,F401  (registers the CUDA backends)
 from adaptwin.ops import backends  # noqa: E402
@@ -79,6 +87,29 @@ def test_rank_linear_decoded_in_tiles_on_cuda(case, dtype):
     from adaptwin.kernels.rank_linear import rank_linear
 
     check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config={"decode": "tiles"}))
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where,mask_kind", NON_FINITE)
+@pytest.mark.parametrize("tokens,keys", [(80, 150), (3, 300), (1, 1500), (1, 1)],
+                         ids=["tiles", "rows", "split-keys", "one-key"])
+def test_attention_non_finite_inputs_give_nan_rows_as_sdpa_on_cuda(tokens, keys, where, mask_kind, dtype):
+    """A NaN or infinite entry of q or k gives NaN rows exactly where SDPA's definition does (the CPU test's
+    rule, `nan_rows`), on the GPU's kernels: 16-bit tensor-core tiles (80 queries), a few queries, a decoding
+    step whose 1500 keys are split over the grid, and one key."""
+    gen = torch.Generator().manual_seed(seed((tokens, keys, where, mask_kind)))
+    q, k, v, mask, causal = non_finite_case(tokens, keys, where, mask_kind, gen)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    on = [t.cuda() if t is not None else None for t in (q, k, v, mask)]
+    if backends.load()["triton"] and importlib.util.find_spec("triton") is not None:
+        from adaptwin.kernels.attention import unverified_causal
+
+        if unverified_causal(*on, causal):  # (SDPA's math backend, which CUDA picks for grouped heads with
+            # T != S, adds the causal -inf to the scores, so a NaN key past the cut still gives NaN rows)
+            pytest.skip("handed to SDPA (unverified_causal): SDPA's NaN rows, whichever of its backends runs")
+    out = torch.ops.adaptwin.attention(*on, 0.25, causal).cpu()
+    assert_nan_rows_as_sdpa(out, q, k, v, mask, causal, 0.25)
 
 
 ONE_LAUNCH_CASES = [c for c in LINEAR_CASES if c[0] == 1 and c[4] == "nf4" and c[1] % 2 == 0 and c[3] % 2 == 0

@@ -42,10 +42,20 @@ NF4_CODE = (
 DOUBLE_BLOCKSIZE = 256
 
 
+def _table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A small constant table on ``device``, built per call rather than cached: a cached real tensor would
+    leak into traced graphs (torch.compile / opcheck's fake tensors refuse it). Inside a CUDA graph capture,
+    where a copy from pageable host memory is refused, each value is written by a fill on the device."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        table = torch.empty(len(values), dtype=torch.float32, device=device)
+        for i, value in enumerate(values):
+            table[i].fill_(value)
+        return table
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def _code(device: torch.device) -> torch.Tensor:
-    # Built per call (16 floats) rather than cached: a cached real tensor would leak into traced graphs
-    # (torch.compile / opcheck's fake tensors refuse it).
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _table(NF4_CODE, device)
 
 
 @functools.cache
@@ -69,7 +79,7 @@ _DYNAMIC_VALUES = _dynamic_values()  # computed at import: torch.compile cannot 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (256 float32 values, sorted), used for double quantisation."""
-    return torch.tensor(_DYNAMIC_VALUES, dtype=torch.float32, device=device)
+    return _table(_DYNAMIC_VALUES, torch.device(device))
 
 
 def _blocks(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
