@@ -272,26 +272,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out
     if S == 0:
         return out.zero_()
-    if unverified_causal(q, k, v, mask, is_causal, dot_f32):
-        from adaptwin.ops.attention import attention_reference
-
-        return attention_reference(q, k, v, mask, scale, is_causal)
     for kernel, grid, args, kwargs in launches(q, k, v, mask, out, scale, is_causal, config, dot_f32):
         kernel[grid](*args, **kwargs)
     return out
-
-
-def unverified_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                      dot_f32: bool | None = None) -> bool:
-    """Causal 16-bit calls of the kind that came out wrong on an H100 (triton 3.6), which `attention` hands to
-    the SDPA reference instead: grouped key/value heads, or no mask with a value width in two dot parts.
-    The one such case tested there (B 1, H 2, Hkv 1, T = S = 123, Dq 52, Dv 39) gave a relative error of
-    0.73 in fp16 and bf16 (exact in float32 and under the interpreter) while every other causal case passed;
-    which of its two traits the compiled code trips on is not yet known, so both are routed."""
-    tensor_cores = q.dtype != torch.float32 and not interpreting() if dot_f32 is None else not dot_f32
-    if not (is_causal and tensor_cores):
-        return False
-    return k.shape[1] != q.shape[1] or (mask is None and _parts(v.shape[3])[1] > 0)
 
 
 def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
@@ -329,7 +312,13 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     splits = cdiv(S, split_len)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
-    (d1q, d2q), (d1v, d2v) = _parts(DQ, one_part), _parts(DV, one_part)
+    # Causal tensor-core calls take V's width as one part: with V in two (39 or 48 as 32 + 16), triton 3.6's
+    # sm_90 code read shared memory out of bounds in the second P·V dot (compute-sanitizer, attention.py:103)
+    # and came out wrong (relative error 0.25-0.73) at every width whose rows are not 16-byte aligned, and
+    # at one pipeline stage for aligned ones (benchmarks/gpu_causal_probe.py on an H100, 2026-11-25); one
+    # part was right in every case probed, grouped heads included.
+    one_v = one_part or (bool(is_causal) and not dot_f32)
+    (d1q, d2q), (d1v, d2v) = _parts(DQ, one_part), _parts(DV, one_v)
     strides = [t.stride(i) for t in (q, k, v) for i in range(3)]
     align = 16 // q.element_size()  # elements per 16 bytes, down to the largest power of two all strides share
     while align > 1 and any(st % align for st in strides):

@@ -51,6 +51,13 @@ ATTENTION_CASES = CPU_ATTENTION + [
     (1, 20, 20, 1500, 1500, 48, 48, True, "float"),  # widths in two dot parts (32 + 16), causal, additive
     (4, 20, 20, 1, 1500, 40, 40, False, None),  # a decoding step: the keys split over the grid
     (1, 8, 2, 1, 448, 24, 24, False, "float_keys"),  # grouped heads, one query against a decoder cache
+    # causal tensor-core calls with value widths of two parts (V then taken as one): the kinds that were wrong
+    # on an H100 with V in two parts (benchmarks/gpu_causal_probe.py), grouped heads, unaligned widths
+    (1, 2, 1, 123, 123, 52, 39, True, None),
+    (1, 2, 2, 128, 128, 48, 48, True, None),
+    (1, 2, 1, 1500, 1500, 40, 40, True, None),
+    (1, 8, 2, 300, 300, 32, 39, True, "bool_keys"),
+    (2, 4, 1, 77, 77, 24, 48, True, "float"),
 ]
 # (rows, in, rank, out, format, blocksize)
 LINEAR_CASES = CPU_LINEAR + [
@@ -102,12 +109,6 @@ def test_attention_non_finite_inputs_give_nan_rows_as_sdpa_on_cuda(tokens, keys,
     q, k, v, mask, causal = non_finite_case(tokens, keys, where, mask_kind, gen)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     on = [t.cuda() if t is not None else None for t in (q, k, v, mask)]
-    if backends.load()["triton"] and importlib.util.find_spec("triton") is not None:
-        from adaptwin.kernels.attention import unverified_causal
-
-        if unverified_causal(*on, causal):  # (SDPA's math backend, which CUDA picks for grouped heads with
-            # T != S, adds the causal -inf to the scores, so a NaN key past the cut still gives NaN rows)
-            pytest.skip("handed to SDPA (unverified_causal): SDPA's NaN rows, whichever of its backends runs")
     out = torch.ops.adaptwin.attention(*on, 0.25, causal).cpu()
     assert_nan_rows_as_sdpa(out, q, k, v, mask, causal, 0.25)
 
@@ -144,37 +145,6 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
     torch.cuda.synchronize()
     for acc, count in rank_gemv._WORKSPACES.values():
         assert not acc.any() and not count.any()
-
-
-def _kernel_only(q, k, v, mask, scale, is_causal):
-    """The Triton attention kernel's launches run as planned, without `unverified_causal`'s routing to SDPA."""
-    from adaptwin.kernels import attention as ka
-
-    out = torch.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]), dtype=q.dtype, device=q.device)
-    for kernel, grid, args, kwargs in ka.launches(q, k, v, mask, out, scale, is_causal):
-        kernel[grid](*args, **kwargs)
-    return out
-
-
-# Causal 16-bit calls that `unverified_causal` routes to SDPA, run on the kernel itself: grouped heads with
-# one-part widths, which should pass (if they do on a GPU, the routing can narrow to the two-part trait). The
-# one case that failed (B1 H2 Hkv1 T=S=123 Dq52 Dv39) had grouped heads and an unmasked two-part value width;
-# compiled for sm_90 its TTGIR equals the Hkv = 2 call's except for the head index (h // groups), so the
-# two-part width is the likely trigger. Those calls are measured, not tested, by benchmarks.gpu_causal_probe
-# (at two pipeline depths; gpu_session.sh runs it).
-UNVERIFIED_CAUSAL = [
-    (1, 8, 2, 123, 123, 64, 64, True, None),
-    (1, 8, 2, 300, 300, 32, 32, True, "bool_keys"),
-    (2, 4, 1, 77, 77, 24, 24, True, "float"),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", UNVERIFIED_CAUSAL, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
-def test_routed_causal_calls_on_the_kernel(case, dtype):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    check_attention_case(case, dtype, "cuda", op=_kernel_only)
 
 
 def test_cuda_backend_is_the_one_asked_for():
