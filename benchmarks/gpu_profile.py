@@ -6,10 +6,11 @@
 
 (`benchmarks/gpu_session.sh` does both with PROFILE=1.) Each call runs twice (the first compiles), at the
 sizes the figures in `benchmarks.gpu_kernels` left open:
-- gemv: the batch-1 NF4 rank-r linear at d = 4096, r = 1024 (fp16), as planned, with ``GATHER``, with
-  x·Aᵀ split further, and in one launch (``gemv="one_launch"``);
+- gemv: the batch-1 NF4 rank-r linear at d = 4096, r = 1024 (fp16), as planned (code values gathered),
+  with the select tree instead, with x·Aᵀ split further, and in one launch (``gemv="one_launch"``);
 - batched: NF4 rows M1500 384 -> 1536 r64 and M256 4096² r64, decoded once (the default) and in the tiles;
-- attention: T = 1500, batch 16, 20 heads, widths 16 and 48, and 48 padded to one dot (``ONE_PART``).
+- attention: T = 1500, batch 16, 20 heads, widths 16, 24, 32 and 48, and 48 padded to one dot
+  (``ONE_PART``): width 24 (one 32-wide part, padded) ran 1.3x slower than 32 itself on the H100.
 
 The summary prints, per kernel launch, the metrics that tell what bounds it: duration, DRAM and memory
 throughput, SM throughput, achieved occupancy, registers. ``--small`` shrinks every call (for a check on
@@ -30,7 +31,7 @@ from benchmarks.common import pick
 
 CALLS = ("gemv", "batched", "attention")
 METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
-           "Registers Per Thread")
+           "Registers Per Thread", "Executed Ipc Active", "L1/TEX Cache Throughput", "Dynamic Shared Memory Per Block")
 
 
 def _nf4(r: int, d: int, device: torch.device) -> tuple:
@@ -58,7 +59,7 @@ def run_calls(calls: list[str], device: torch.device, small: bool = False) -> li
         d, r = (128, 32) if small else (4096, 1024)
         args = (*_nf4(r, d, device), *_nf4(r, d, device), None)
         x = torch.randn(1, d, device=device, dtype=dtype)
-        for label, config in (("planned", {}), ("gather", {"rows": {"GATHER": True}, "cols": {"GATHER": True}}),
+        for label, config in (("planned", {}), ("select tree", {"rows": {"GATHER": False}, "cols": {"GATHER": False}}),
                               ("split32", {"rows": {"WAVES": 16, "MAX_SPLITS": 32}}),
                               ("one launch", {"gemv": "one_launch"})):
             twice(f"gemv d{d} {label}", partial(rank_linear, x, *args, config=config))
@@ -72,7 +73,7 @@ def run_calls(calls: list[str], device: torch.device, small: bool = False) -> li
                       partial(rank_linear, x, *args, config={"decode": decode}))
     if "attention" in calls:
         batch, heads, tokens = (1, 2, 40) if small else (16, 20, 1500)
-        for width, one in ((16, False), (48, False), (48, True)):
+        for width, one in ((16, False), (24, False), (32, False), (48, False), (48, True)):
             q, k, v = (torch.randn(batch, heads, tokens, width, device=device, dtype=dtype) for _ in range(3))
             config = {**default_config(q), "ONE_PART": True} if one else None
             twice(f"attention w{width}{' one part' if one else ''}",

@@ -191,7 +191,8 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
                 tiles = {"BLOCK_N": 4, "BLOCK_B": 16}
             else:  # tiles of 32 rows x 32 bytes (64 codes, one scale block at the usual blocksize 64); code
                 # values by warp shuffles (GATHER): on an H100, 1.3x (4096²) to 1.5x (8192²) the select tree's speed
-                tiles = {"BLOCK_N": 32, "BLOCK_B": 32, "GATHER": True}
+                # (with 8 warps: 12.8 against 14.4 us at 4096², the best of benchmarks.gpu_kernels --tune there)
+                tiles = {"BLOCK_N": 32, "BLOCK_B": 32, "GATHER": True, "num_warps": 8}
             tiles.update(config.get("rows", {}))
             waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]

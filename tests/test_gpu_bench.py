@@ -177,8 +177,8 @@ def test_profile_summary_reads_ncu_csv(tmp_path, capsys):
     path = tmp_path / "ncu.csv"
     path.write_text(_ncu_csv())
     rows = gpu_profile.summarize(str(path))
-    assert rows == [["0", "_gemv_nf4_rows_kernel", "7.42 us", "12.5 %", "-", "-", "-", "-"],
-                    ["1", "_sum_rows_kernel", "-", "-", "-", "-", "9.1 %", "-"]]
+    assert rows == [["0", "_gemv_nf4_rows_kernel", "7.42 us", "12.5 %", "-", "-", "-", "-", "-", "-", "-"],
+                    ["1", "_sum_rows_kernel", "-", "-", "-", "-", "9.1 %", "-", "-", "-", "-"]]
     assert gpu_profile.main(["--summarize", str(path)]) == 0
     assert "_gemv_nf4_rows_kernel" in capsys.readouterr().out
     (tmp_path / "other.csv").write_text('"a","b"\n"1","2"\n')
@@ -194,5 +194,5 @@ def test_profile_calls_run_under_the_interpreter():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = [line for line in proc.stderr.splitlines() if line.startswith("ran ")]
-    assert len(ran) == 9 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
+    assert len(ran) == 11 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
     assert "ran gemv d128 one launch" in ran, ran
