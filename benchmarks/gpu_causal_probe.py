@@ -1,15 +1,15 @@
-"""Which causal 16-bit attention calls that `unverified_causal` routes to SDPA the kernel itself gets right.
+"""Causal 16-bit attention calls on the kernel itself, at two pipeline depths, against float64 and SDPA.
 
-On an H100 (triton 3.6) one such call (B 1, H 2, Hkv 1, T = S = 123, Dq 52, Dv 39) came out wrong (relative
-error 0.73) while the interpreter, at the GPU's own tiles and fp16 dots, gets it right
-(tests/test_kernels_triton.py, ``routed_causal_logic``); a later run of it stopped the process with an
-illegal memory access. The one compute-sanitizer sighting was an out-of-bounds shared-memory read in the
-P·V dot of a key loop whose trip count varies per program, as a causal row block's does. So this runs
-those calls, and variants that change one trait at a time (grouped heads, a two-part or unaligned width,
-a whole number of tiles), on the kernel itself (no routing) at the default tiles with the default pipeline
-depth and with one stage, and prints each call's relative error against float64 beside SDPA's own. A row
-whose kernel error is within twice SDPA's passes the test suite's criterion. On a GPU each row runs in its
-own process, so a call that faults is reported ("fault") instead of ending the run.
+Causal calls with a value width in two dot parts (39 or 48 as 32 + 16) came out wrong on an H100
+(triton 3.6): relative errors 0.25-0.73 at widths whose rows are not 16-byte aligned, and at one pipeline
+stage for aligned ones, with compute-sanitizer reporting an out-of-bounds shared-memory read in the second
+P·V dot (attention.py:103) and, once, an illegal memory access. Causal tensor-core calls now take V's
+width as one part (`launches`); this runs the kinds that failed, and variants that change one trait at a
+time (grouped heads, a two-part or unaligned width, a whole number of tiles), at the default tiles with the
+default pipeline depth and with one stage, and prints each call's relative error against float64 beside
+SDPA's own. A row whose kernel error is within twice SDPA's passes the test suite's criterion (all 40 did
+on the H100 on 2026-11-25, against 18 of 40 with V in two parts). On a GPU each row runs in its own
+process, so a call that faults is reported ("fault") instead of ending the run.
 
     python3 -m benchmarks.gpu_causal_probe [--out probe.csv] [--sanitize]   # a CUDA GPU; gpu_session.sh runs it
 

@@ -141,45 +141,41 @@ def test_triton_configs_reject_unknown_keys(tk):
 
 
 @needs_interpreter
-def test_triton_attention_routes_unverified_causal_calls_to_the_reference(tk, monkeypatch):
-    """Causal tensor-core calls with grouped heads, or without a mask and with a two-part value width, go to
-    SDPA (they came out wrong on an H100); other causal calls and float32 dots launch the kernel."""
+def test_triton_attention_causal_tensor_core_calls_take_v_as_one_part(tk):
+    """Causal calls with 16-bit dots take the value width as one dot part (39 -> 64, 48 -> 64): with two
+    parts the H100's compiled kernel read shared memory out of bounds and came out wrong; float32 dots and
+    calls without the causal rule keep two parts (32 + 16). Every call launches the kernel: none is handed
+    to SDPA any more."""
     ka = tk["attention"]
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(1, 2, 9, 52, generator=gen)
-
-    def kv(hkv: int, dv: int):
-        return torch.randn(1, hkv, 9, 52, generator=gen), torch.randn(1, hkv, 9, dv, generator=gen)
-
-    cases = [  # (Hkv, Dv, mask, causal, routed)
-        (1, 39, None, True, True), (2, 39, None, True, True), (1, 32, None, True, True),
-        (2, 39, torch.ones(9, 9, dtype=torch.bool), True, False), (2, 32, None, True, False),
-        (1, 39, None, False, False),
-    ]
-    for hkv, dv, mask, causal, routed in cases:
-        k, v = kv(hkv, dv)
-        assert ka.unverified_causal(q, k, v, mask, causal, dot_f32=False) is routed
-        assert not ka.unverified_causal(q, k, v, mask, causal, dot_f32=True)
-    k, v = kv(1, 39)
-    monkeypatch.setattr(ka, "launches", lambda *a, **kw: pytest.fail("a routed call launched the kernel"))
+    for hkv, dv, causal, dot_f32, parts in [(1, 39, True, False, (64, False)), (2, 48, True, False, (64, False)),
+                                            (2, 48, False, False, (32, True)), (2, 39, True, True, (32, True)),
+                                            (1, 64, True, False, (64, False))]:
+        k, v = torch.randn(1, hkv, 9, 52, generator=gen), torch.randn(1, hkv, 9, dv, generator=gen)
+        out = torch.empty(1, 9, 2, dv)
+        (_, _, _, kwargs), = ka.launches(q, k, v, None, out, 0.2, causal, dot_f32=dot_f32)
+        assert (kwargs["D1V"], kwargs["HAS_V2"]) == parts, (hkv, dv, causal, dot_f32)
+    k, v = torch.randn(1, 1, 9, 52, generator=gen), torch.randn(1, 1, 9, 39, generator=gen)
     out = ka.attention(q, k, v, None, 0.2, True, dot_f32=False)
-    assert torch.equal(out, attention_reference(q, k, v, None, 0.2, True))
+    ref64 = attention_reference(q.double(), k.double(), v.double(), None, 0.2, True)
+    torch.testing.assert_close(out.double(), ref64, rtol=1e-4, atol=1e-5)
 
 
-ROUTED_CAUSAL = [  # (B, H, Hkv, T, S, Dq, Dv): the kinds `unverified_causal` sends to SDPA
-    (1, 2, 1, 123, 123, 52, 39),  # the case that failed on the H100: grouped heads, two-part value width
+CAUSAL_TENSOR_CORE = [  # (B, H, Hkv, T, S, Dq, Dv): kinds that were wrong on an H100 with V in two parts
+    (1, 2, 1, 123, 123, 52, 39),  # the first that failed there: grouped heads, two-part value width
     (1, 2, 2, 123, 123, 48, 48),  # two-part widths, no grouping
     (1, 4, 2, 123, 123, 64, 64),  # grouped heads, one-part widths
 ]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", ROUTED_CAUSAL, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}".format(*c))
-def test_triton_attention_routed_causal_logic_with_the_gpu_tiles(tk, case):
-    """The routed calls' kernel logic is right: with the H100's own tiles for them (64 x 64, as
+@pytest.mark.parametrize("case", CAUSAL_TENSOR_CORE, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}".format(*c))
+def test_triton_attention_causal_logic_with_the_gpu_tiles(tk, case):
+    """Causal tensor-core calls' kernel logic is right: with the H100's own tiles for them (64 x 64, as
     `default_config` plans on a GPU), fp16 operands straight into tl.dot and P rounded to fp16, the
-    interpreted program matches the reference. So the H100's wrong result for these calls came from the
-    compiled code, not from the kernel's indexing or masking; test_kernels_cuda.py runs them there."""
+    interpreted program matches the reference, with V in one part as planned and in two (so the H100's
+    wrong results with two parts came from the compiled code; test_kernels_cuda.py runs them there)."""
     b, h, hkv, t, s, dq, dv = case
     gen = torch.Generator().manual_seed(seed(case))
     q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
@@ -187,14 +183,18 @@ def test_triton_attention_routed_causal_logic_with_the_gpu_tiles(tk, case):
     half = [x.half() for x in (q, k, v)]
     ref = attention_reference(*half, None, dq ** -0.5, True)
     ka = tk["attention"]
-    assert ka.unverified_causal(*half, None, True, dot_f32=False)
     config = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     out = torch.empty(b, t, h, dv, dtype=torch.float16)
     plan = ka.launches(*half, None, out, dq ** -0.5, True, config, dot_f32=False)
     assert len(plan) == 1 and plan[0][3]["CAUSAL"] and not plan[0][3]["DOT_F32"]
-    for kernel, grid, args, kwargs in plan:
-        kernel[grid](*args, **kwargs)
+    kernel, grid, args, kwargs = plan[0]
+    assert not kwargs["HAS_V2"]
+    kernel[grid](*args, **kwargs)
     assert_within_twice(out, ref, ref64)
+    if ka._parts(dv)[1]:  # the two-part plan, as launched before: right here too
+        out.fill_(float("nan"))
+        kernel[grid](*args, **{**kwargs, "D1V": ka._parts(dv)[0], "D2V": ka._parts(dv)[1], "HAS_V2": True})
+        assert_within_twice(out, ref, ref64)
 
 
 @needs_interpreter
