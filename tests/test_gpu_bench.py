@@ -62,6 +62,17 @@ def test_skips_without_cuda(capsys, tmp_path):
     assert not (tmp_path / "g.csv").exists()
 
 
+def test_pitch_probe_skips_without_cuda(capsys):
+    from benchmarks import gpu_attention_pitch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert gpu_attention_pitch.main([]) == 0
+    assert "skipped, it needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_attention_pitch.main(["--batch", "0"])
+
+
 def test_rejects_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         gpu_kernels.main(["--dtypes", "fp8"])
