@@ -20,6 +20,7 @@ criterion: error at most twice the reference's) in a child process on one of the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -169,3 +170,28 @@ def test_an_emulated_avx2_cpu_runs_the_cpu_cases():
     proc = subprocess.run([*cmd, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_cpu.py",
                            "tests/test_fast_calls.py"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert_cases_passed(proc)
+
+
+@pytest.mark.parametrize("asked,serving", [(None, "triton"), ("triton", "triton"), ("reference", "reference"),
+                                           ("cpp", "triton")])
+def test_the_cuda_backend_choice(asked, serving):
+    """Which implementation would serve CUDA tensors (decided at import, no GPU needed): Triton by default, the
+    reference when asked, and Triton again when the CUDA C++ kernels are asked for but not built (a CPU torch
+    builds none); an unknown value is refused, naming the allowed ones."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTWIN_CUDA_BACKEND"}
+    env.update({"PYTHONPATH": str(ROOT)}, **({"ADAPTWIN_CUDA_BACKEND": asked} if asked else {}))
+    code = "from adaptwin.ops import backends; s = backends.load(); print(backends.cuda_serving(), s['cuda_cpp'])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [serving, "False"], proc.stdout
+
+
+def test_an_unknown_cuda_backend_is_refused():
+    env = {**os.environ, "ADAPTWIN_CUDA_BACKEND": "cudnn", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "import adaptwin.ops"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ADAPTWIN_CUDA_BACKEND must be one of ('triton', 'cpp', 'reference'), got 'cudnn'" in proc.stderr

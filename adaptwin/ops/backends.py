@@ -5,9 +5,12 @@
   importing it is all it takes. Absent or unloadable (no compiler at install, another torch ABI): the
   reference implementations run, with a warning only in the second case.
 * Triton kernels (``kernels/``, installed as ``adaptwin.kernels``) are registered for CUDA tensors when
-  triton is importable: they are the tiled GPU path and take the CUDA key over the CUDA C++ kernels, which
-  are exact and simple (one thread per query row or output element) and serve where triton is absent.
-  ``ADAPTWIN_CUDA_BACKEND=cpp`` keeps the C++ ones. Nothing here touches CUDA at import time.
+  triton is importable: they are the tiled GPU path and take the CUDA key over the CUDA C++ kernels. Those
+  are exact and simple (one thread per query row or output element) and, measured on an H100, 45-330x
+  slower than Triton and far slower than the op's reference there (SDPA; torch's dequantisation and two
+  GEMMs), so they serve only when asked for: ``ADAPTWIN_CUDA_BACKEND`` is ``triton`` (default: Triton,
+  else the reference), ``cpp`` (the CUDA C++ kernels where built) or ``reference``. Nothing here touches
+  CUDA at import time.
 
 Set ``ADAPTWIN_NO_EXTENSION=1`` to skip the native library (the reference then runs on every device).
 ``ADAPTWIN_CPU_CAP`` (one of `CPU_CAPS`) caps the SIMD paths of the CPU kernels, to run and test what
@@ -64,9 +67,34 @@ def load() -> dict[str, object]:
             warnings.warn(f"adaptwin: native kernels not loaded ({_STATE['error']}); using the PyTorch reference "
                           "ops. Rebuild with `pip install --no-build-isolation -e .`.", stacklevel=2)
     _STATE["cuda_cpp"] = all(has_kernel(op, "cuda") for op in OPS)  # before Triton takes the CUDA key
-    if importlib.util.find_spec("triton") is not None:
+    choice = cuda_backend()
+    wants_triton = choice == "triton" or (choice == "cpp" and not _STATE["cuda_cpp"])  # cpp asked, not built
+    if wants_triton and importlib.util.find_spec("triton") is not None:
         _STATE["triton"] = _register_triton()
+    elif _STATE["cuda_cpp"] and choice != "cpp":  # no triton, or the reference asked for: the reference
+        # takes the CUDA key back from the CUDA C++ kernels (SDPA and cuBLAS beat them by far on a GPU)
+        _register_cuda(*_reference_kernels())
     return _STATE
+
+
+CUDA_BACKENDS = ("triton", "cpp", "reference")
+
+
+def cuda_backend() -> str:
+    """``ADAPTWIN_CUDA_BACKEND`` (one of `CUDA_BACKENDS`, default "triton"), checked."""
+    choice = os.environ.get("ADAPTWIN_CUDA_BACKEND", "triton")
+    if choice not in CUDA_BACKENDS:
+        raise ValueError(f"ADAPTWIN_CUDA_BACKEND must be one of {CUDA_BACKENDS}, got {choice!r}")
+    return choice
+
+
+def cuda_serving() -> str:
+    """Which implementation serves the ops on CUDA tensors in this process: "triton", "cuda_cpp" or
+    "reference"."""
+    state = load()
+    if state["triton"]:
+        return "triton"
+    return "cuda_cpp" if state["cuda_cpp"] and cuda_backend() == "cpp" else "reference"
 
 
 def cpu_features() -> dict[str, bool]:
@@ -102,15 +130,7 @@ def has_kernel(op: str, device: str) -> bool:
 
 
 def _register_triton() -> bool:
-    """Register the Triton kernels for CUDA tensors (imported on their first call); False where the CUDA C++
-    kernels are asked for (``ADAPTWIN_CUDA_BACKEND=cpp``) and built."""
-    choice = os.environ.get("ADAPTWIN_CUDA_BACKEND", "triton")
-    if choice not in ("triton", "cpp"):
-        raise ValueError(f"ADAPTWIN_CUDA_BACKEND must be 'triton' or 'cpp', got {choice!r}")
-    if choice == "cpp" and _STATE.get("cuda_cpp"):
-        return False
-    from adaptwin.ops.attention import attention
-    from adaptwin.ops.rank_linear import rank_linear
+    """Register the Triton kernels for CUDA tensors (imported on their first call)."""
 
     def attention_cuda(q, k, v, mask, scale, is_causal):
         from adaptwin.kernels.attention import attention as triton_attention
@@ -124,8 +144,23 @@ def _register_triton() -> bool:
         return triton_rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format,
                                   b_blocksize, b_shape, bias)
 
+    _register_cuda(attention_cuda, rank_linear_cuda)
+    return True
+
+
+def _reference_kernels() -> tuple:
+    from adaptwin.ops.attention import attention_reference
+    from adaptwin.ops.rank_linear import rank_linear_reference
+
+    return attention_reference, rank_linear_reference
+
+
+def _register_cuda(attention_cuda, rank_linear_cuda) -> None:
+    """Python kernels for the ops' CUDA key, over any CUDA C++ kernel adaptwin._C registered."""
+    from adaptwin.ops.attention import attention
+    from adaptwin.ops.rank_linear import rank_linear
+
     with warnings.catch_warnings():  # taking the key over from a built CUDA C++ kernel is the intent here
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
         attention.register_kernel("cuda")(attention_cuda)
         rank_linear.register_kernel("cuda")(rank_linear_cuda)
-    return True
