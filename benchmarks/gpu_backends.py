@@ -1,9 +1,10 @@
 """The ops through the dispatcher on a CUDA GPU, for whichever CUDA backend serves them: run it twice to put
 the Triton kernels and the CUDA C++ ones side by side.
 
-    python3 -m benchmarks.gpu_backends                               # Triton (the default CUDA backend)
-    ADAPTWIN_CUDA_BACKEND=cpp python3 -m benchmarks.gpu_backends     # the CUDA C++ kernels (adaptwin._C built
-                                                                     # with nvcc: python3 setup.py build_ext --inplace)
+    python3 -m benchmarks.gpu_backends                                # Triton (the default CUDA backend)
+    ADAPTWIN_CUDA_BACKEND=reference python3 -m benchmarks.gpu_backends  # the op's reference (SDPA; dequantise + GEMMs)
+    ADAPTWIN_CUDA_BACKEND=cpp python3 -m benchmarks.gpu_backends      # the CUDA C++ kernels (adaptwin._C built
+                                                                      # with nvcc: python3 setup.py build_ext --inplace)
 
 Each call is checked against the op's float64 reference first, then timed as CUDA-graph replays (median;
 eager CUDA-event timing where a backend's call cannot be captured, marked so). Shapes: the attention
@@ -79,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     from adaptwin.ops import backends
 
     state = backends.load()
-    served = "cuda_cpp" if state["cuda_cpp"] and not state["triton"] else "triton" if state["triton"] else "reference"
-    print(f"CUDA backend: {served} (ADAPTWIN_CUDA_BACKEND={os.environ.get('ADAPTWIN_CUDA_BACKEND', 'unset')}; "
-          f"C++ CUDA kernels built: {state['cuda_cpp']})", flush=True)
+    asked = os.environ.get("ADAPTWIN_CUDA_BACKEND", "unset")
+    print(f"CUDA backend: {backends.cuda_serving()} (ADAPTWIN_CUDA_BACKEND={asked}; C++ CUDA kernels built: "
+          f"{state['cuda_cpp']})", flush=True)
     print(format_table(["call", "us", "rel err vs float64", "timing"], run(torch.device("cuda"))))
     return 0
 
