@@ -93,7 +93,7 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
                             gbps=dense_bytes / dense_us / 1e3, config=note),
                 result_row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
                             gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
-        rows.append(_gemv_gather(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
+        rows.append(_gemv_select_tree(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
         rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
                                  "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
         # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first
@@ -118,11 +118,12 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
     return rows
 
 
-def _gemv_gather(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
-                 note: str, r: int, d: int) -> dict:
-    """The same GEMV with code values gathered from a register table (warp shuffles) instead of selected."""
-    return _gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_gather",
-                        {"rows": {"GATHER": True}, "cols": {"GATHER": True}})
+def _gemv_select_tree(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
+                      note: str, r: int, d: int) -> dict:
+    """The same GEMV with code values from the select tree instead of gathered from a register table by warp
+    shuffles (the default since the H100 run of 2026-11-25)."""
+    return _gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_select_tree",
+                        {"rows": {"GATHER": False}, "cols": {"GATHER": False}})
 
 
 def _gemv_config(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
@@ -168,7 +169,7 @@ def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dens
 def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                note: str) -> dict:
     """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then its K split, then
-    h·B tiles, then those with and without GATHER."""
+    h·B tiles, then those with the select tree instead of gathered code values."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     def timed(config: dict) -> float:
@@ -182,8 +183,8 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
     # more of x·Aᵀ's K split (more programs, more bytes in flight; h·B sums more partial rows)
     best_rows = min([best_rows] + [{**best_rows, **s} for s in GEMV_TUNE_SPLITS], key=lambda c: timed({"rows": c}))
     best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
-    gathered = {part: {**tiles, "GATHER": True} for part, tiles in best.items()}  # the best tiles, shuffled values
-    best = min((best, gathered), key=timed)
+    selected = {part: {**tiles, "GATHER": False} for part, tiles in best.items()}  # the best tiles, select tree
+    best = min((best, selected), key=timed)
     us = timed(best)
     return result_row("gemv", shape, "fp16", "adaptwin_nf4_rank_tuned", us, speedup=dense_us / us,
                        gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")

@@ -2,15 +2,17 @@
 launch planning; the kernels are in `rank_gemv` (whole-byte GEMVs) and `rank_tiles` (the rest).
 
 y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the launches:
-- one row of x (batch-1 decoding, the memory-bound case): the factors are decoded in registers, never
-  expanded in memory. With NF4 they are read as whole bytes (both nibbles of a byte used, contiguous
-  loads), each code's value comes from a select tree (`nf4_value`, no memory gather) and the scale block
-  size is a compile-time constant. x·Aᵀ reads A's rows (codes packed along K) and is split over K so
-  that a rank-wide output still fills the GPU; its float32 partial rows are summed by the h·B kernel as
-  it loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs,
-  split over byte columns and over K (float32 partial outputs, then a small sum kernel). Both prefetch
-  their next tile's bytes. ``gemv="one_launch"`` runs the call as one kernel instead
-  (`rank_gemv._gemv_nf4_one_launch_kernel`: atomic float32 sums and a ticket per column chunk).
+- one row of x (batch-1 decoding, the memory-bound case): the factors are decoded in registers, never expanded
+  in memory. With NF4 they are read as whole bytes (both nibbles of a byte used, contiguous loads), each
+  code's value comes from a 16-entry register table by warp shuffles (``GATHER``, the GPU default: 1.3-1.5x
+  the select tree `nf4_value` on an H100 at 4096²-8192²; the select tree under the interpreter) and the scale
+  block size is a compile-time constant. x·Aᵀ reads A's rows (codes packed along K) and is split over K so
+  that a rank-wide output still fills the GPU; its float32 partial rows are summed by the h·B kernel as it
+  loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs, split over
+  byte columns and over K (float32 partial outputs, then a small sum kernel). Both prefetch their next tile's
+  bytes. ``gemv="one_launch"`` runs the call as one kernel instead (`rank_gemv._gemv_nf4_one_launch_kernel`:
+  atomic float32 sums and a ticket per column chunk; 2.5-4x slower than the three launches on an H100 at every
+  size timed, so off by default).
 - several rows (prefill, encoders, batches; ``decode="once"``, the default): a quantised factor is
   decoded once per call into x's dtype (`_dequant_kernel`, one launch per factor), then the products
   run on dense factors. Decoding inside the row tiles instead repeats the decode for every block of
@@ -137,7 +139,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
     explains); "gemv": "split" (default) or "one_launch" (1-8 rows, both factors NF4: both products and
-    the output in `rank_gemv._gemv_nf4_one_launch_kernel`, not yet timed on a GPU), with its tiles in
+    the output in `rank_gemv._gemv_nf4_one_launch_kernel`, 2.5-4x slower on an H100), with its tiles in
     "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}. Every Triton launch carries `LAUNCH_OPTIONS`."""
     out, launches = _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
                           b_shape, bias, code, config)

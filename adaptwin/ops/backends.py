@@ -70,7 +70,8 @@ def load() -> dict[str, object]:
     choice = cuda_backend()
     wants_triton = choice == "triton" or (choice == "cpp" and not _STATE["cuda_cpp"])  # cpp asked, not built
     if wants_triton and importlib.util.find_spec("triton") is not None:
-        _STATE["triton"] = _register_triton()
+        _register_triton()
+        _STATE["triton"] = True
     elif _STATE["cuda_cpp"] and choice != "cpp":  # no triton, or the reference asked for: the reference
         # takes the CUDA key back from the CUDA C++ kernels (SDPA and cuBLAS beat them by far on a GPU)
         _register_cuda(*_reference_kernels())
@@ -129,7 +130,7 @@ def has_kernel(op: str, device: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
-def _register_triton() -> bool:
+def _register_triton() -> None:
     """Register the Triton kernels for CUDA tensors (imported on their first call)."""
 
     def attention_cuda(q, k, v, mask, scale, is_causal):
@@ -145,7 +146,6 @@ def _register_triton() -> bool:
                                   b_blocksize, b_shape, bias)
 
     _register_cuda(attention_cuda, rank_linear_cuda)
-    return True
 
 
 def _reference_kernels() -> tuple:
