@@ -3,8 +3,11 @@
 On the H100 (2026-11-25) width 24 (one 32-wide dot part, padded) took 1.3x width 32's time at B16 H20
 T1500, with L2 66 % busy against 22 % (ncu), though both load 16-byte `cp.async` chunks. Rows of 24 fp16
 are 48 bytes, so every other row starts half-way into a 32-byte sector; rows of 32 are 64 bytes. This times
-each width with its rows packed (pitch = width) and padded to a 64-byte pitch (the tensor a slice of a wider
-one), the same kernel and tiles, plus width 32 and 64 for scale, each after a check against float64.
+each width with its rows packed (pitch = width), padded to a 64-byte pitch (the tensor a slice of a wider
+one) and as the compressed attention modules hand them over (views of (B, T, H·width) projections: rows
+H·width apart, head h starting h·width elements in, so at width 24 every odd head's rows start half-way
+into a sector), the same kernel and tiles, plus width 32 and 64 for scale, each after a check against
+float64.
 
     python3 -m benchmarks.gpu_attention_pitch [--batch 16 --heads 20 --tokens 1500]   # a CUDA GPU
 
@@ -41,15 +44,20 @@ def run(batch: int, heads: int, tokens: int, device: torch.device, dtype: torch.
     for width in WIDTHS:
         pitches = sorted({width, -(-width * 2 // 64) * 32})  # packed, and rounded up to 64 bytes
         base = None
-        for pitch in pitches:
-            q, k, v = (pitched((batch, heads, tokens), width, pitch, device, dtype, gen) for _ in range(3))
+        for pitch in [*pitches, "module"]:
+            if pitch == "module":  # (B, T, H, w) projections viewed as (B, H, T, w)
+                q, k, v = (torch.randn(batch, tokens, heads, width, generator=gen).to(device, dtype).transpose(1, 2)
+                           for _ in range(3))
+            else:
+                q, k, v = (pitched((batch, heads, tokens), width, pitch, device, dtype, gen) for _ in range(3))
             scale = width ** -0.5
             small = [t[:1, :2] for t in (q, k, v)]
             err = rel_err(attention(*small, None, scale, False),
                           attention_reference(*(t.double() for t in small), None, scale, False))
             us = bench(lambda q=q, k=k, v=v, s=scale: attention(q, k, v, None, s, False), graph=True)
             base = base or us
-            rows.append([width, pitch, f"{us:.1f}", f"{base / us:.2f}x", f"{err:.1e}"])
+            rows.append([width, f"{heads * width} (module)" if pitch == "module" else pitch, f"{us:.1f}",
+                         f"{base / us:.2f}x", f"{err:.1e}"])
             print(f"  w{width} pitch {pitch}: {us:.1f} us (rel err {err:.1e})", file=sys.stderr, flush=True)
     return rows
 

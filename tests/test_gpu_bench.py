@@ -207,3 +207,25 @@ def test_profile_calls_run_under_the_interpreter():
     ran = [line for line in proc.stderr.splitlines() if line.startswith("ran ")]
     assert len(ran) == 11 and ran[-1] == "ran attention w48 one part", proc.stderr[-2000:]
     assert "ran gemv d128 one launch" in ran, ran
+
+
+PITCH_CHILD = """
+import torch
+import benchmarks.gpu_attention_pitch as g
+g.bench = lambda fn, graph=False: (fn(), 1.0)[1]  # the call once, no GPU timer
+rows = g.run(1, 2, 40, torch.device("cpu"), torch.float32)
+print([(r[0], r[1]) for r in rows], max(float(r[4]) for r in rows))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_pitch_probe_layouts_under_the_interpreter():
+    """benchmarks.gpu_attention_pitch's three layouts per width (packed, a 64-byte pitch, the modules' view of
+    (B, T, H·w) projections) reach the kernel and match the reference, here under TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", PITCH_CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layouts, worst = proc.stdout.rsplit(" ", 1)
+    assert layouts.startswith("[(24, 24), (24, 32), (24, '48 (module)'), (32, 32), (32, '64 (module)')"), layouts
+    assert float(worst) < 1e-4, proc.stdout
