@@ -23,18 +23,10 @@ import sys
 import torch
 
 from benchmarks.common import format_table
-from benchmarks.gpu_common import bench, rel_err
+from benchmarks.gpu_common import bench, nf4_factor, rel_err
 
 ATTENTION = [(16, 20, 1500, 1500, 16), (16, 20, 1500, 1500, 32), (16, 20, 1500, 1500, 48), (16, 20, 1, 1500, 32)]
 LINEAR = [(1, 4096, 1024, 4096), (1500, 384, 64, 1536)]  # (rows, in, rank, out), NF4 factors, blocksize 64
-
-
-def _nf4(rank: int, n: int, device: torch.device, gen: torch.Generator) -> tuple:
-    from adaptwin import quant
-
-    fmt = quant.QuantFormat("nf4", 64)
-    stored = fmt.quantize(torch.randn(rank, n, generator=gen) / n**0.5)
-    return stored["qweight"].to(device), fmt.scale(stored).to(device), "nf4", 64, [rank, n]
 
 
 def _timed(fn) -> tuple[float, str]:
@@ -61,7 +53,7 @@ def run(device: torch.device) -> list[list]:
         rows.append([f"attention B{b} H{h} T{t} S{s} w{w}", f"{us:.1f}", f"{err:.1e}", how])
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
     for m, n_in, r, n_out in LINEAR:
-        fa, fb = _nf4(r, n_in, device, gen), _nf4(r, n_out, device, gen)
+        fa, fb = nf4_factor(r, n_in, device, gen), nf4_factor(r, n_out, device, gen)
         x = torch.randn(m, n_in, generator=gen).to(device, torch.float16)
         ref = rank_linear_reference(x.double(), *fa, *fb, None)
         err = rel_err(torch.ops.adaptwin.rank_linear(x, *fa, *fb, None), ref)

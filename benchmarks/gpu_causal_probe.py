@@ -53,6 +53,17 @@ def kernel_only(q, k, v, scale: float, stages: int | None) -> torch.Tensor:
     return out
 
 
+def _jobs(cases: list[tuple]) -> list[tuple]:
+    """Every (case, dtype, stages) a probe runs: each dtype at the default depth (None) and at one stage."""
+    return [(case, name, stages) for case in cases for name in DTYPES for stages in (None, 1)]
+
+
+def _label(case: tuple, dtype: str, stages: int | None) -> dict:
+    """A row's identifying fields."""
+    return {"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*case), "dtype": dtype,
+            "stages": "default" if stages is None else stages}
+
+
 def probe_one(case: tuple, dtype: str, stages: int | None, device: str = "cuda") -> dict:
     """One row: ``case`` (B, H, Hkv, T, S, Dq, Dv) in ``dtype`` at pipeline depth ``stages`` (None: default)."""
     from adaptwin.ops.attention import attention_reference
@@ -66,14 +77,12 @@ def probe_one(case: tuple, dtype: str, stages: int | None, device: str = "cuda")
     lo = [x.to(DTYPES[dtype]) for x in (q, k, v)]
     sdpa = rel_err(attention_reference(*lo, None, scale, True), ref64)
     err = rel_err(kernel_only(*lo, scale, stages), ref64)
-    return {"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*case), "dtype": dtype,
-            "stages": "default" if stages is None else stages, "kernel_err": err, "sdpa_err": sdpa,
-            "within_2x": err <= 2 * sdpa}
+    return {**_label(case, dtype, stages), "kernel_err": err, "sdpa_err": sdpa, "within_2x": err <= 2 * sdpa}
 
 
 def probe(cases: list[tuple] = CASES, device: str = "cuda") -> list[dict]:
     """One row per (case, dtype, stages), in this process (``device`` "cpu": under TRITON_INTERPRET=1)."""
-    return [probe_one(case, name, stages, device) for case in cases for name in DTYPES for stages in (None, 1)]
+    return [probe_one(*job, device) for job in _jobs(cases)]
 
 
 def _child(case: tuple, dtype: str, stages: int | None, wrap: list[str] | None = None, timeout: int = 300
@@ -94,15 +103,14 @@ def _child(case: tuple, dtype: str, stages: int | None, wrap: list[str] | None =
 
 def probe_isolated(cases: list[tuple] = CASES, workers: int = 8) -> tuple[list[dict], list[tuple]]:
     """Every row of `probe`, each in its own process: (rows, the (case, dtype, stages) that faulted or missed)."""
-    jobs = [(case, name, stages) for case in cases for name in DTYPES for stages in (None, 1)]
+    jobs = _jobs(cases)
     rows, bad = [], []
     with ThreadPoolExecutor(workers) as pool:
         for job, (row, text) in zip(jobs, pool.map(lambda j: _child(*j), jobs)):
             if not row:
                 last = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][-1:] or text.splitlines()[-1:]
-                row = {"case": "B{}H{}kv{}T{}S{}q{}v{}".format(*job[0]), "dtype": job[1],
-                       "stages": "default" if job[2] is None else job[2], "kernel_err": "fault: " + " ".join(last)[:90],
-                       "sdpa_err": "", "within_2x": False}
+                row = {**_label(*job), "kernel_err": "fault: " + " ".join(last)[:90], "sdpa_err": "",
+                       "within_2x": False}
             if not row["within_2x"]:
                 bad.append(job)
             rows.append(row)

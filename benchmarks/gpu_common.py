@@ -32,6 +32,16 @@ def nf4_bytes(rank: int, d_in: int, d_out: int, blocksize: int = 64) -> int:
     return elements // 2 + 4 * math.ceil(elements / blocksize)
 
 
+def nf4_factor(rank: int, n: int, device: torch.device, gen: torch.Generator | None = None) -> tuple:
+    """Op arguments (codes, scales, "nf4", 64, [rank, n]) of a random (rank, n) factor, entries of size
+    n^-1/2, quantised to NF4 with blocksize 64 and moved to ``device``."""
+    from adaptwin import quant
+
+    fmt = quant.QuantFormat("nf4", 64)
+    stored = fmt.quantize(torch.randn(rank, n, generator=gen) / n**0.5)
+    return stored["qweight"].to(device), fmt.scale(stored).to(device), "nf4", 64, [rank, n]
+
+
 def low_rank_factors(r: int, d_in: int, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random float32 rank-r factors A (r, in) and B (r, out) with the entry size of a random d_out x d_in
     weight's SVD factors split as sqrt(s) (unit singular vectors, singular values near 1). No SVD is run

@@ -28,18 +28,11 @@ from functools import partial
 import torch
 
 from benchmarks.common import pick
+from benchmarks.gpu_common import nf4_factor
 
 CALLS = ("gemv", "batched", "attention")
 METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Achieved Occupancy",
            "Registers Per Thread", "Executed Ipc Active", "L1/TEX Cache Throughput", "Dynamic Shared Memory Per Block")
-
-
-def _nf4(r: int, d: int, device: torch.device) -> tuple:
-    from adaptwin import quant
-
-    fmt = quant.QuantFormat("nf4", 64)
-    q = fmt.quantize(torch.randn(r, d, device=device) / d**0.5)
-    return q["qweight"], fmt.scale(q), "nf4", 64, [r, d]
 
 
 def run_calls(calls: list[str], device: torch.device, small: bool = False) -> list[str]:
@@ -57,7 +50,7 @@ def run_calls(calls: list[str], device: torch.device, small: bool = False) -> li
 
     if "gemv" in calls:
         d, r = (128, 32) if small else (4096, 1024)
-        args = (*_nf4(r, d, device), *_nf4(r, d, device), None)
+        args = (*nf4_factor(r, d, device), *nf4_factor(r, d, device), None)
         x = torch.randn(1, d, device=device, dtype=dtype)
         for label, config in (("planned", {}), ("select tree", {"rows": {"GATHER": False}, "cols": {"GATHER": False}}),
                               ("split32", {"rows": {"WAVES": 16, "MAX_SPLITS": 32}}),
@@ -66,7 +59,7 @@ def run_calls(calls: list[str], device: torch.device, small: bool = False) -> li
     if "batched" in calls:
         shapes = ((40, 64, 16, 96),) if small else ((1500, 384, 64, 1536), (256, 4096, 64, 4096))
         for m, d_in, r, d_out in shapes:
-            args = (*_nf4(r, d_in, device), *_nf4(r, d_out, device), None)
+            args = (*nf4_factor(r, d_in, device), *nf4_factor(r, d_out, device), None)
             x = torch.randn(m, d_in, device=device, dtype=dtype)
             for decode in ("once", "tiles"):
                 twice(f"batched M{m} {d_in}x{d_out} r{r} {decode}",
