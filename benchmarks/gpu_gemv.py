@@ -21,12 +21,13 @@ GEMV_SIZES = (1024, 2048, 4096, 8192)
 # (TritonGPUOptimizeThreadLocality, on the H100 and in tests/test_kernels_sm90.py's 3.6 child), and h·B tiles of
 # 64 x 16 bytes on 4 warps (3.9) and 64 x 32 on 8 (3.6) put 8 bytes on the stack (tests/test_kernels_sm90_linear.py):
 # those are left out.
-GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": b, "num_warps": w} for n in (16, 32, 64) for b in (32, 64, 128)
-                  for w in (4, 8) if 512 <= n * b <= 512 * w]
-GEMV_TUNE_SPLITS = [{"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
-GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128) for b in (16, 32, 64)
+GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": 32, "GROUPS": g, "num_warps": w} for n in (16, 32, 64) for g in (1, 2, 4, 8)
+                  for w in (4, 8) if 512 <= n * 32 * g <= 1024 * w]
+GEMV_TUNE_SPLITS = [{"WAVES": 2, "MAX_SPLITS": 8}, {"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
+GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128, 256) for b in (16, 32, 64)
                   for w in (4, 8) if 512 <= k * b <= 512 * w  # 4096 bytes with 4 warps spilled
                   and (k, b, w) not in ((64, 16, 4), (64, 32, 8))]
+GEMV_TUNE_COL_WAVES = (0, 1, 2, 8)  # h·B's K split: 0 is none (no sum kernel)
 # the one-launch GEMV: rank rows per program, bytes per tile and warps (swept first, at the planned number of
 # column chunks), then the column chunks (each one more program per slab recomputing its h)
 GEMV_TUNE_ONE = [{"SLAB": s, "BLOCK_B": b, "num_warps": w} for s in (4, 8, 16, 32) for b in (32, 64)
@@ -69,7 +70,7 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
     r = half_rank(d)
     shape = f"{d}x{d}:r{r}"
     ours_bytes, dense_bytes = nf4_bytes(r, d, d), 2 * d * d
-    sets = max(1, min(8, math.ceil(3 * l2_bytes / ours_bytes)))
+    sets = max(1, min(1024, math.ceil(3 * l2_bytes / ours_bytes)))  # 3x the L2 in NF4 factors (the dense: more)
     weights, factors, packed4 = [], [], []
     for _ in range(sets):
         w = torch.randn(d, d, device=device) / d ** 0.5
@@ -94,6 +95,8 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
                 result_row("gemv", shape, "fp16", "adaptwin_nf4_rank", ours_us, speedup=dense_us / ours_us,
                             gbps=ours_bytes / ours_us / 1e3, rel_err=err, config=note + share)]
         rows.append(_gemv_select_tree(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
+        rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_no_pdl",
+                                 {"pdl": False}))
         rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
                                  "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
         # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first
@@ -169,7 +172,7 @@ def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dens
 def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                note: str) -> dict:
     """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then its K split, then
-    h·B tiles, then those with the select tree instead of gathered code values."""
+    h·B tiles, then h·B's K split, then those with the select tree instead of gathered code values."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     def timed(config: dict) -> float:
@@ -183,6 +186,8 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
     # more of x·Aᵀ's K split (more programs, more bytes in flight; h·B sums more partial rows)
     best_rows = min([best_rows] + [{**best_rows, **s} for s in GEMV_TUNE_SPLITS], key=lambda c: timed({"rows": c}))
     best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
+    best = min([best] + [{"rows": best_rows, "cols": {**best["cols"], "WAVES": w}} for w in GEMV_TUNE_COL_WAVES],
+               key=timed)
     selected = {part: {**tiles, "GATHER": False} for part, tiles in best.items()}  # the best tiles, select tree
     best = min((best, selected), key=timed)
     us = timed(best)

@@ -23,11 +23,14 @@ float64 reference.
 3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
    parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
-   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2. The op takes
-   the code values from a register table by warp shuffles (``GATHER``); a second adaptwin row from the
-   select tree instead; a third runs the whole call in one launch (``gemv="one_launch"``: h per slab of rank rows,
-   its products with B added atomically into a float32 workspace, the last program of each column chunk
-   writing the output) instead of two or three. The same at 8 rows (``:M8``, a batch of decoding
+   Weight sets rotate so that every call reads from device memory, not from the 50 MB L2: as many sets as
+   make the NF4 factors three times the L2 (up to 1024; until 2026-11-25 at most 8, which left the NF4
+   factors of d <= 4096 partly in L2). The op takes the code values from a register table by warp
+   shuffles (``GATHER``) and launches its kernels with programmatic dependent launch (each lets the next
+   launch early); a second adaptwin row takes the values from the select tree instead, a third launches
+   without PDL, a fourth runs the whole call in one launch (``gemv="one_launch"``: h per slab of rank
+   rows, its products with B added atomically into a float32 workspace, the last program of each column
+   chunk writing the output) instead of two or three. The same at 8 rows (``:M8``, a batch of decoding
    streams): cuBLAS, the default plan (both factors decoded into fp16, then the products) and the
    one-launch kernel (each code byte decoded once for the 8 rows). ``--tune`` adds rows with the best
    tiles of the two whole-byte NF4 kernels and of the one-launch kernel.

@@ -42,12 +42,18 @@ def nf4_table(ROWS: tl.constexpr):
 
 
 @triton.jit
-def nf4_lookup(nib, table, GATHER: tl.constexpr):
-    """Code values of 4-bit codes ``nib`` (ROWS, C): GATHER, a gather along the rows of ``table``
-    (`nf4_table`), which Triton lowers to warp shuffles (one per code on sm_90 with triton 3.6, against
-    `nf4_value`'s 15 selects); otherwise `nf4_value`."""
+def nf4_table3(ROWS: tl.constexpr, GROUPS: tl.constexpr):
+    """`nf4_table` for codes in (ROWS, GROUPS, C) tiles: a (ROWS, GROUPS, 16) register tensor."""
+    return nf4_value(tl.arange(0, 16))[None, None, :] + tl.zeros((ROWS, GROUPS, 16), tl.float32)
+
+
+@triton.jit
+def nf4_lookup(nib, table, GATHER: tl.constexpr, AXIS: tl.constexpr = 1):
+    """Code values of 4-bit codes ``nib`` (ROWS, C), or (ROWS, GROUPS, C) with AXIS 2: GATHER, a gather along
+    the last axis of ``table`` (`nf4_table`, `nf4_table3`), which Triton lowers to warp shuffles (one per code
+    on sm_90 with triton 3.6, against `nf4_value`'s 15 selects); otherwise `nf4_value`."""
     if GATHER:
-        return tl.gather(table, nib, 1)
+        return tl.gather(table, nib, AXIS)
     return nf4_value(nib)
 
 

@@ -13,7 +13,12 @@ import torch
 import triton
 import triton.language as tl
 from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
-from adaptwin.kernels.nf4 import gathered_scales, nf4_lookup, nf4_table
+from adaptwin.kernels.nf4 import gathered_scales, nf4_lookup, nf4_table, nf4_table3
+
+try:  # programmatic dependent launch (sm_90+): in triton since 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # Batch-1 NF4 products are split (over K too) to about this many programs per multiprocessor: a memory-bound
 # GEMV needs bytes in flight on every SM, and one program has one tile's loads outstanding at a time
@@ -38,45 +43,70 @@ def _byte_tile(w_ptr, scale_ptr, r, r_ok, c, c0, c_end, ROWBYTES, ROWLEN, BS: tl
 
 
 @triton.jit
+def _group_tile(w_ptr, scale_ptr, r, r_ok, kb0, kb_hi, ROWBYTES, ROWLEN, BS: tl.constexpr, SCALE_ROW: tl.constexpr,
+                GROUPS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Whole bytes of NF4 factor rows ``r`` (1-D, mask ``r_ok``) from byte ``kb0`` on, as a (rows, GROUPS, BLOCK_B)
+    tile (bytes at or past ``kb_hi`` masked), and their scales: with SCALE_ROW each group of BLOCK_B bytes
+    lies in one scale block of its row, so one scale per row and group (shaped (rows, GROUPS, 1)),
+    otherwise one per element. ROWLEN codes per row (ROWBYTES bytes)."""
+    g0 = kb0 + tl.arange(0, GROUPS) * BLOCK_B  # first byte of each group
+    c = g0[:, None] + tl.arange(0, BLOCK_B)[None, :]
+    ok = r_ok[:, None, None] & (c < kb_hi)[None, :, :]
+    byte = tl.load(w_ptr + r[:, None, None] * ROWBYTES + c[None, :, :], mask=ok, other=0)
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + r[:, None] * (ROWLEN // BS) + ((2 * g0) // BS)[None, :],
+                     mask=r_ok[:, None] & (g0 < kb_hi)[None, :], other=0.0)[:, :, None]
+    else:
+        sc = gathered_scales(scale_ptr, r[:, None, None], c[None, :, :], ok, ROWLEN, BS)
+    return byte, sc
+
+
+@triton.jit
 def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                          GATHER: tl.constexpr = False):
+                          GATHER: tl.constexpr = False, GROUPS: tl.constexpr = 1, PDL: tl.constexpr = False):
     """One row x times Aᵀ, A (N, K) NF4 with its codes packed along K (K and BS even): each program reads
     BLOCK_N rows of A as whole bytes (both nibbles of a byte used, contiguous loads) over one K split of
-    SPLIT_BYTES bytes. Bounds are in bytes, so the byte loads' masks stay contiguous and the loads
-    vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by the next product's kernel);
-    otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each tile lies in one scale block
-    of every row (K % BS == 0, BS a multiple of 2·BLOCK_B): one scale per row and tile, not per byte.
-    GATHER: code values by `nf4_lookup`'s warp shuffles instead of its select tree (the GPU default; on
-    sm_90 with triton 3.6 it took the loop from 360 to 169 instructions per 32 x 32-byte tile)."""
+    SPLIT_BYTES bytes, GROUPS x BLOCK_B bytes of each row per step. Bounds are in bytes, so the byte loads'
+    masks stay contiguous and the loads vectorise. PARTIAL: float32 partial sums to out[split, n] (summed by
+    the next product's kernel); otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each
+    group of BLOCK_B bytes lies in one scale block of every row (K % BS == 0, BS a multiple of 2·BLOCK_B):
+    one scale per row and group, not per byte; several GROUPS make a step wider (more bytes in flight)
+    without a scale per byte. GATHER: code values by `nf4_lookup`'s warp shuffles instead of its select
+    tree (the GPU default; on sm_90 with triton 3.6 it took the loop from 360 to 169 instructions per
+    32 x 32-byte tile). PDL (programmatic dependent launch, sm_90+): the first step's bytes of A are
+    loaded, the next kernel is let launch, and only then does the program wait for the previous kernel
+    (which may write x) before it reads x or writes anything."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rn < N
     kb_lo = split * SPLIT_BYTES
     kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
-    acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
-    table = nf4_table(BLOCK_N)
-    # software prefetch: the next tile's bytes and scales are loaded before this tile is decoded, so that
-    # two tiles' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
+    acc = tl.zeros((BLOCK_N, GROUPS, BLOCK_B), tl.float32)
+    table = nf4_table3(BLOCK_N, GROUPS)
+    # software prefetch: the next step's bytes and scales are loaded before this step is decoded, so that
+    # two steps' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
     # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
-    byte, sc = _byte_tile(w_ptr, scale_ptr, rn, row_ok, kb_lo + tl.arange(0, BLOCK_B), kb_lo, kb_hi, ROWBYTES, K, BS,
-                          SCALE_ROW)
-    for kb0 in range(kb_lo, kb_hi, BLOCK_B):
-        kb = kb0 + tl.arange(0, BLOCK_B)
-        k_ok = kb < kb_hi
-        byte_next, sc_next = _byte_tile(w_ptr, scale_ptr, rn, row_ok, kb + BLOCK_B, kb0 + BLOCK_B, kb_hi, ROWBYTES, K,
-                                        BS, SCALE_ROW)
-        # x's even and odd elements as one contiguous (BLOCK_B, 2) load, split in registers: two strided loads
-        # were 16 of the loop's 18 load instructions (one L1 wavefront each) on sm_90
-        pair = tl.arange(0, 2)
-        x2 = tl.load(x_ptr + 2 * kb[:, None] + pair[None, :], mask=k_ok[:, None], other=0.0).to(tl.float32)
+    byte, sc = _group_tile(w_ptr, scale_ptr, rn, row_ok, kb_lo, kb_hi, ROWBYTES, K, BS, SCALE_ROW, GROUPS, BLOCK_B)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    pair = tl.arange(0, 2)
+    for kb0 in range(kb_lo, kb_hi, GROUPS * BLOCK_B):
+        byte_next, sc_next = _group_tile(w_ptr, scale_ptr, rn, row_ok, kb0 + GROUPS * BLOCK_B, kb_hi, ROWBYTES, K,
+                                         BS, SCALE_ROW, GROUPS, BLOCK_B)
+        # x's even and odd elements as one contiguous (GROUPS, BLOCK_B, 2) load, split in registers: two
+        # strided loads were 16 of the loop's 18 load instructions (one L1 wavefront each) on sm_90
+        kb = kb0 + tl.arange(0, GROUPS)[:, None] * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
+        x2 = tl.load(x_ptr + 2 * kb[:, :, None] + pair[None, None, :], mask=(kb < kb_hi)[:, :, None],
+                     other=0.0).to(tl.float32)
         xe, xo = tl.split(x2)
         b32 = byte.to(tl.int32)
-        hi, lo = nf4_lookup(b32 >> 4, table, GATHER), nf4_lookup(b32 & 15, table, GATHER)
-        acc += (hi * xe[None, :] + lo * xo[None, :]) * sc
+        hi, lo = nf4_lookup(b32 >> 4, table, GATHER, 2), nf4_lookup(b32 & 15, table, GATHER, 2)
+        acc += (hi * xe[None, :, :] + lo * xo[None, :, :]) * sc
         byte, sc = byte_next, sc_next
-    y = tl.sum(acc, 1)
+    y = tl.sum(tl.sum(acc, 2), 1)
     if PARTIAL:
         tl.store(out_ptr + split * N + rn, y, mask=row_ok)
     else:
@@ -88,14 +118,16 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
 @triton.jit
 def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False):
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False,
+                          PDL: tl.constexpr = False):
     """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
     packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
     consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
     PARTIAL: float32 partial outputs to out[k split, n], summed by `_sum_rows_kernel`. SCALE_ROW: the
     program's columns lie in one scale block of every row (N % BS == 0, BS a multiple of 2·BLOCK_B).
     GATHER: as `_gemv_nf4_rows_kernel`'s (678 to 413 instructions per 64 x 32-byte tile; with 16-byte
-    column tiles, d < 2048, triton 3.9 puts 8 bytes of it on the stack)."""
+    column tiles, d < 2048, triton 3.9 puts 8 bytes of it on the stack). PDL: as `_gemv_nf4_rows_kernel`'s,
+    the wait coming after the first tile of B and before h is read."""
     jb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # byte column: outputs 2·jb and 2·jb + 1
     col_ok = jb < ROWBYTES
     k_lo = tl.program_id(1) * K_SPLIT
@@ -112,6 +144,9 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
         sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
     else:
         sc = gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, N, BS)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
@@ -145,8 +180,13 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
 
 
 @triton.jit
-def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`."""
+def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`.
+    PDL: launched early, it waits for that kernel before reading."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rn < N
     y = tl.zeros((BLOCK,), tl.float32)
@@ -298,10 +338,24 @@ def one_launch(x, a, sa, a_blocksize, b, sb, b_blocksize, r, k, n, bias, out, co
                   HAS_BIAS=bias is not None, **t))]
 
 
-def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict) -> list[Launch]:
+def pdl_kwargs(device: torch.device, want: bool | None) -> dict:
+    """The batch-1 GEMV kernels' launch keywords for programmatic dependent launch: each kernel loads its first
+    tile of weights, lets the next kernel launch, then waits for the previous one (`_gemv_nf4_rows_kernel`),
+    so a kernel's launch and its first weight loads overlap the kernel before it. On where the GPU has it
+    (sm_90 and later, triton with `gdc_wait`, not the interpreter) unless ``want`` is False; True where it
+    cannot be had is an error."""
+    able = (gdc_wait is not None and device.type == "cuda" and not interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+    if want and not able:
+        raise ValueError("rank_linear config: pdl=True needs a GPU of compute capability 9.0 or later and a triton "
+                         "with programmatic dependent launch (triton.language.extra.cuda.gdc_wait)")
+    return {"PDL": True, "launch_pdl": True} if able and want is not False else {}
+
+
+def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dict, pdl: dict) -> list[Launch]:
     """h (1, k) as ``splits`` float32 partial rows, times B (k, n) NF4 packed along n: `_gemv_nf4_cols_kernel`
-    over byte columns and, to reach about GEMV_WAVES programs per multiprocessor, over splits of k too
-    (float32 partial outputs, then `_sum_rows_kernel`)."""
+    over byte columns and, to reach about WAVES (default `GEMV_WAVES`) programs per multiprocessor, over
+    splits of k too (float32 partial outputs, then `_sum_rows_kernel`). ``pdl``: `pdl_kwargs`."""
     dev = out.device
     if interpreting():
         t = {"BLOCK_K": 16, "BLOCK_B": 16}
@@ -309,9 +363,11 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
         # rows of h per step and 8 warps: the best of benchmarks.gpu_kernels --tune on an H100 at 4096² and 8192²
         t = {"BLOCK_K": 128, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32))), "GATHER": True, "num_warps": 8}
     t.update(tiles)
+    waves = t.pop("WAVES", GEMV_WAVES)
+    t.update(pdl)
     scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
     col_blocks = cdiv(n // 2, t["BLOCK_B"])
-    want = max(1, min(cdiv(GEMV_WAVES * sm_count(dev), col_blocks), cdiv(k, 2 * t["BLOCK_K"])))
+    want = max(1, min(cdiv(waves * sm_count(dev), col_blocks), cdiv(k, 2 * t["BLOCK_K"])))
     k_split = cdiv(cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
     k_splits = cdiv(k, k_split)
     has_bias = bias is not None
@@ -324,7 +380,7 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
                                                              k_split),
              dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
             (_sum_rows_kernel, (cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
-             dict(HAS_BIAS=has_bias, BLOCK=1024))]
+             dict(HAS_BIAS=has_bias, BLOCK=1024, **pdl))]
 
 
 def pow2_floor(n: int) -> int:

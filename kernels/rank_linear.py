@@ -42,6 +42,7 @@ from adaptwin.kernels.rank_gemv import (
     _gemv_nf4_rows_kernel,
     cols_launches,
     one_launch,
+    pdl_kwargs,
 )
 from adaptwin.kernels.rank_tiles import _dequant_kernel, _fused_kernel, _gemm_kernel, _gemv_kernel
 
@@ -49,7 +50,7 @@ _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
 # `plan`'s config: tiles per kernel, the switches
-CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode", "gemv", "one_launch"}
+CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode", "gemv", "one_launch", "pdl"}
 DECODES = ("once", "tiles")  # several rows: quantised factors decoded once per call, or in every row tile
 GEMVS = ("split", "one_launch")  # batch-1 NF4 with both factors: x·Aᵀ, h·B (and a K-split sum), or one launch
 DEQUANT_BLOCK = 1024  # factor elements per program of `_dequant_kernel`
@@ -140,7 +141,10 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
     explains); "gemv": "split" (default) or "one_launch" (1-8 rows, both factors NF4: both products and
     the output in `rank_gemv._gemv_nf4_one_launch_kernel`, 2.5-4x slower on an H100), with its tiles in
-    "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}. Every Triton launch carries `LAUNCH_OPTIONS`."""
+    "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}; "pdl": True / False for the whole-byte GEMV
+    kernels' programmatic dependent launch (`rank_gemv.pdl_kwargs`; default: where the GPU has it). "rows"
+    also takes GROUPS (BLOCK_B-byte groups per step, each with its own scale) and "cols" WAVES. Every
+    Triton launch carries `LAUNCH_OPTIONS`."""
     out, launches = _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
                           b_shape, bias, code, config)
     return out, with_launch_options(launches)
@@ -156,6 +160,8 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
     decode = config.get("decode", "once")
     if decode not in DECODES:
         raise ValueError(f"rank_linear config: decode must be one of {DECODES}, got {decode!r}")
+    if config.get("pdl") not in (None, True, False):
+        raise ValueError(f"rank_linear config: pdl must be True, False or absent (automatic), got {config['pdl']!r}")
     if config.get("fuse") not in (None, True, False):
         raise ValueError(f"rank_linear config: fuse must be True, False or absent (automatic), got {config['fuse']!r}")
     gemv = config.get("gemv", "split")
@@ -163,6 +169,7 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
         raise ValueError(f"rank_linear config: gemv must be one of {GEMVS}, got {gemv!r}")
     M = x.shape[0]
     dev = x.device
+    pdl = pdl_kwargs(dev, config.get("pdl"))
     width = int(b_shape[1]) if b is not None else int(a_shape[0])
     out = torch.empty((M, width), dtype=x.dtype, device=dev)
     if M == 0 or width == 0:
@@ -198,7 +205,7 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
             tiles.update(config.get("rows", {}))
             waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
-            step, n_prog = 2 * block_b, cdiv(r, block_n)
+            step, n_prog = 2 * block_b * tiles.get("GROUPS", 1), cdiv(r, block_n)
             if cols_b:  # a K split to about GEMV_WAVES programs per multiprocessor, two steps or more each:
                 # float32 partial rows for the h·B kernel to sum
                 want = max(1, min(waves * sm_count(dev) // n_prog, cdiv(k, 2 * step), max_splits))
@@ -212,8 +219,8 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
             b_arg = bias if (last and bias is not None) else code
             launches.append((_gemv_nf4_rows_kernel, (n_prog, splits),
                              (x, a.contiguous(), sc, b_arg, h, r, k, k // 2, k_split),
-                             dict(BS=a_blocksize, SCALE_ROW=k % a_blocksize == 0 and a_blocksize % step == 0,
-                                  HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles)))
+                             dict(BS=a_blocksize, SCALE_ROW=k % a_blocksize == 0 and a_blocksize % (2 * block_b) == 0,
+                                  HAS_BIAS=last and bias is not None, PARTIAL=partial, **tiles, **pdl)))
         else:
             h = out if last else torch.empty((M, r), dtype=middle_dtype(x), device=dev)
             launches.append(_generic(x, a.contiguous(), sc, a_format, a_blocksize, (r, k), True,
@@ -223,7 +230,7 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
         sc = _scales(b_scale, code)
         if cols_b:
             launches += cols_launches(h, splits, b.contiguous(), sc, b_blocksize, k, n, bias, out, code,
-                                      config.get("cols", {}))
+                                      config.get("cols", {}), pdl)
         else:
             launches.append(_generic(h, b.contiguous(), sc, b_format, b_blocksize, (k, n), False, bias, out, code))
     return out, launches

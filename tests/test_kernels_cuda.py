@@ -147,6 +147,64 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
         assert not acc.any() and not count.any()
 
 
+GEMV_CASES = [(1, 4096, 1024, 4096, "nf4", 64), (1, 2048, 512, 2048, "nf4", 64), (1, 384, 96, 432, "nf4", 64),
+              (1, 4096, 37, 1536, "nf4", 64), (1, 416, 29, 480, "nf4", 32)]
+GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 4, "BLOCK_B": 32}}, {"rows": {"GROUPS": 2}, "cols": {"WAVES": 0}},
+                {"rows": {"BLOCK_N": 16, "BLOCK_B": 64, "GROUPS": 2, "num_warps": 4}}]
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
+def test_rank_linear_gemv_variants_on_cuda(case, dtype, config):
+    """The whole-byte batch-1 NF4 GEMVs with and without programmatic dependent launch (the default on sm_90),
+    with wider x·Aᵀ steps (GROUPS scale groups per step) and h·B not split over K, against the reference."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from adaptwin.kernels.rank_linear import rank_linear
+
+    check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config=config))
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_rank_linear_gemv_waits_for_its_input(graph):
+    """Programmatic dependent launch lets a GEMV kernel start before the kernel before it ends: each call's x is
+    written by the kernel just before it (and each output read by the one after), eagerly and replayed from
+    a CUDA graph; every output must match its own x's product, none a neighbour's."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from adaptwin.kernels.rank_linear import _code_on, plan, rank_linear
+
+    gen = torch.Generator().manual_seed(17)
+    fa, fb = (_factor("nf4", 64, torch.randn(1024, 4096, generator=gen) / 64) for _ in range(2))
+    fa, fb = (tuple(v.cuda() if isinstance(v, torch.Tensor) else v for v in f) for f in (fa, fb))
+    base = torch.randn(1, 4096, generator=gen).to("cuda", torch.float16)
+    code = _code_on(base.device)
+    if torch.cuda.get_device_capability()[0] >= 9:  # the plan asks for it where the GPU has it
+        assert all(kw.get("launch_pdl") for _, _, _, kw in plan(base, *fa, *fb, None, code)[1])
+
+    def calls():
+        outs = []
+        for i in range(12):
+            x = base * (i + 1) - outs[-1][:, :1] * 0 if outs else base * (i + 1)  # written just before the call
+            outs.append(rank_linear(x, *fa, *fb, None))
+        return torch.cat(outs)
+
+    if graph:
+        calls()  # compile outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = calls()
+        base.mul_(-0.5)  # new inputs for the replay
+        g.replay()
+    else:
+        out = calls()
+    torch.cuda.synchronize()
+    ref = torch.cat([rank_linear(base * (i + 1), *fa, *fb, None, config={"pdl": False}) for i in range(12)])
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_cuda_backend_is_the_one_asked_for():
     """Triton takes the CUDA key unless ADAPTWIN_CUDA_BACKEND asks for the CUDA C++ kernels (where built) or
     the reference; without triton the reference serves, not the (far slower) CUDA C++ kernels."""

@@ -108,7 +108,9 @@ def test_every_fused_variant_compiles_for_sm90():
 
 @pytest.mark.slow
 def test_every_gemv_tuning_config_compiles_for_sm90():
-    """benchmarks/gpu_gemv.py (--tune) times each whole-byte GEMV tile; none may fail to build or spill."""
+    """benchmarks/gpu_gemv.py (--tune) times each whole-byte GEMV tile; none may fail to build or spill. Each is
+    compiled as an H100 runs it, with programmatic dependent launch (`rank_gemv.pdl_kwargs`: the plan made
+    here, on CPU tensors, leaves it out), whose wait must be in the PTX."""
     from adaptwin.kernels import rank_linear as kr
 
     from benchmarks.gpu_gemv import GEMV_TUNE_COLS, GEMV_TUNE_ROWS
@@ -123,8 +125,9 @@ def test_every_gemv_tuning_config_compiles_for_sm90():
     for config in [{"rows": c} for c in GEMV_TUNE_ROWS] + [{"cols": c} for c in GEMV_TUNE_COLS]:
         _, launches = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), config)
         kernel, _, args, kwargs = launches[0] if "rows" in config else launches[1]
-        use = resources(compile_sm90(kernel, args, kwargs))
-        if use["LOCAL"] or use["STACK"]:
+        compiled = compile_sm90(kernel, args, {**kwargs, "PDL": True, "launch_pdl": True})
+        use = resources(compiled)
+        if use["LOCAL"] or use["STACK"] or "griddepcontrol.wait" not in compiled.asm["ptx"]:
             bad.append((config, use))
     assert not bad, bad
 

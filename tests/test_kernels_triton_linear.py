@@ -69,6 +69,9 @@ def test_triton_rank_linear(tk, case):
     if rows == 1 and fmt == "nf4":  # the whole-byte GEMVs with code values gathered from a register table,
         configs.append({"rows": {"GATHER": True}, "cols": {"GATHER": True}})  # and with x·Aᵀ split further
         configs.append({"rows": {"WAVES": 16, "MAX_SPLITS": 32}})
+        # wider x·Aᵀ steps (several scale groups each, the last step partly masked), h·B not split over K
+        configs.append({"rows": {"GROUPS": 4, "BLOCK_B": 32}, "cols": {"WAVES": 0}})
+        configs.append({"rows": {"GROUPS": 2, "BLOCK_B": 8, "BLOCK_N": 8}})
     for config in configs:
         out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(out, ref, ref64)
