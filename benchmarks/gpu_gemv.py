@@ -19,14 +19,16 @@ GEMV_SIZES = (1024, 2048, 4096, 8192)
 # The two whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
 # With the code values gathered (GATHER, the default), triton 3.6 fails to compile x·Aᵀ tiles of 8 rows
 # (TritonGPUOptimizeThreadLocality, on the H100 and in tests/test_kernels_sm90.py's 3.6 child), and h·B tiles of
-# 64 x 16 bytes on 4 warps (3.9) and 64 x 32 on 8 (3.6) put 8 bytes on the stack (tests/test_kernels_sm90_linear.py):
+# 64 x 16 bytes on 4 warps (3.9), 64 x 32 on 8 (3.6) and, with lane shuffles, 32 x 64 on 8 (3.6) put 8 bytes on the
+# stack (tests/test_kernels_sm90_linear.py):
 # those are left out.
-GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": 32, "GROUPS": g, "num_warps": w} for n in (16, 32, 64) for g in (1, 2, 4, 8)
-                  for w in (4, 8) if 512 <= n * 32 * g <= 1024 * w]
+GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": 32, "GROUPS": g, "num_warps": w, "GATHER": 2} for n in (16, 32, 64)
+                  for g in (1, 2, 4, 8) for w in (4, 8) if 512 <= n * 32 * g <= 1024 * w]
 GEMV_TUNE_SPLITS = [{"WAVES": 2, "MAX_SPLITS": 8}, {"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
-GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w} for k in (32, 64, 128, 256) for b in (16, 32, 64)
+GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "GATHER": 2} for k in (32, 64, 128, 256)
+                  for b in (16, 32, 64)
                   for w in (4, 8) if 512 <= k * b <= 512 * w  # 4096 bytes with 4 warps spilled
-                  and (k, b, w) not in ((64, 16, 4), (64, 32, 8))]
+                  and (k, b, w) not in ((64, 16, 4), (64, 32, 8), (32, 64, 8))]
 GEMV_TUNE_COL_WAVES = (0, 1, 2, 8)  # h·B's K split: 0 is none (no sum kernel)
 # the one-launch GEMV: rank rows per program, bytes per tile and warps (swept first, at the planned number of
 # column chunks), then the column chunks (each one more program per slab recomputing its h)
@@ -172,7 +174,8 @@ def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dens
 def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: float, ours_bytes: int,
                note: str) -> dict:
     """The best whole-byte GEMV tiles for this size: x·Aᵀ tiles first (default h·B), then its K split, then
-    h·B tiles, then h·B's K split, then those with the select tree instead of gathered code values."""
+    h·B tiles, then h·B's K split (code values by lane shuffles, GATHER 2), then those tiles with Triton's
+    gather and with the select tree instead."""
     from adaptwin.kernels.rank_linear import rank_linear as triton_rank_linear
 
     def timed(config: dict) -> float:
@@ -188,8 +191,9 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
     best = min(({"rows": best_rows, "cols": c} for c in GEMV_TUNE_COLS), key=timed)
     best = min([best] + [{"rows": best_rows, "cols": {**best["cols"], "WAVES": w}} for w in GEMV_TUNE_COL_WAVES],
                key=timed)
-    selected = {part: {**tiles, "GATHER": False} for part, tiles in best.items()}  # the best tiles, select tree
-    best = min((best, selected), key=timed)
+    # the best tiles with Triton's gather (GATHER True) and with the select tree instead of lane shuffles
+    others = [{part: {**tiles, "GATHER": g} for part, tiles in best.items()} for g in (True, False)]
+    best = min([best] + others, key=timed)
     us = timed(best)
     return result_row("gemv", shape, "fp16", "adaptwin_nf4_rank_tuned", us, speedup=dense_us / us,
                        gbps=ours_bytes / us / 1e3, config=f"{note}; {best}")

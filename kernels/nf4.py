@@ -48,13 +48,29 @@ def nf4_table3(ROWS: tl.constexpr, GROUPS: tl.constexpr):
 
 
 @triton.jit
+def nf4_lane_table(like):
+    """For `nf4_lookup`'s lane shuffles (GATHER 2): the code book entry (lane id mod 16) this thread holds for
+    the other lanes of its warp to read, shaped like ``like`` (an int32 tile; every element of a thread has
+    the same value, so the compiler keeps one register). CUDA only (inline PTX)."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    return nf4_value(lane & 15)
+
+
+@triton.jit
 def nf4_lookup(nib, table, GATHER: tl.constexpr, AXIS: tl.constexpr = 1):
-    """Code values of 4-bit codes ``nib`` (ROWS, C), or (ROWS, GROUPS, C) with AXIS 2: GATHER, a gather along
-    the last axis of ``table`` (`nf4_table`, `nf4_table3`), which Triton lowers to warp shuffles (one per code
-    on sm_90 with triton 3.6, against `nf4_value`'s 15 selects); otherwise `nf4_value`."""
-    if GATHER:
+    """Code values of 4-bit codes ``nib`` (ROWS, C), or (ROWS, GROUPS, C) with AXIS 2. GATHER 1 (True): a gather
+    along the last axis of ``table`` (`nf4_table`, `nf4_table3`), which Triton lowers to warp shuffles plus
+    index arithmetic (on sm_90 with triton 3.6: 2 shuffles, a select and about 8 integer instructions per
+    code). GATHER 2: one ``shfl.sync.idx`` per code, lane ``nib`` of the warp holding entry ``nib`` of the
+    book (``table`` from `nf4_lane_table`); CUDA only, every lane of the warp taking part (Triton's
+    elementwise code has no divergence). Otherwise (0, False) `nf4_value`'s 15 selects."""
+    if GATHER == 2:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 31, -1;", "=f,f,r", [table, nib],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    elif GATHER:
         return tl.gather(table, nib, AXIS)
-    return nf4_value(nib)
+    else:
+        return nf4_value(nib)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
-from adaptwin.kernels.nf4 import gathered_scales, nf4_lookup, nf4_table, nf4_table3
+from adaptwin.kernels.nf4 import gathered_scales, nf4_lane_table, nf4_lookup, nf4_table, nf4_table3
 
 try:  # programmatic dependent launch (sm_90+): in triton since 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -84,7 +84,10 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
     kb_lo = split * SPLIT_BYTES
     kb_hi = tl.minimum(ROWBYTES, kb_lo + SPLIT_BYTES)
     acc = tl.zeros((BLOCK_N, GROUPS, BLOCK_B), tl.float32)
-    table = nf4_table3(BLOCK_N, GROUPS)
+    if GATHER == 2:
+        table = nf4_lane_table(tl.zeros((BLOCK_N, GROUPS, BLOCK_B), tl.int32))
+    else:
+        table = nf4_table3(BLOCK_N, GROUPS)
     # software prefetch: the next step's bytes and scales are loaded before this step is decoded, so that
     # two steps' loads are in flight (the decode depends on the bytes; Triton pipelines only dot operands)
     # byte kb holds elements 2·kb (high nibble) and 2·kb + 1
@@ -134,7 +137,10 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
     acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-    table = nf4_table(BLOCK_K)
+    if GATHER == 2:
+        table = nf4_lane_table(tl.zeros((BLOCK_K, BLOCK_B), tl.int32))
+    else:
+        table = nf4_table(BLOCK_K)
     # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
     rk = k_lo + tl.arange(0, BLOCK_K)
     ok = (rk < k_hi)[:, None] & col_ok[None, :]
@@ -361,7 +367,7 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
         t = {"BLOCK_K": 16, "BLOCK_B": 16}
     else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64)
         # rows of h per step and 8 warps: the best of benchmarks.gpu_kernels --tune on an H100 at 4096² and 8192²
-        t = {"BLOCK_K": 128, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32))), "GATHER": True, "num_warps": 8}
+        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32))), "GATHER": 2, "num_warps": 4}
     t.update(tiles)
     waves = t.pop("WAVES", GEMV_WAVES)
     t.update(pdl)

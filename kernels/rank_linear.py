@@ -160,6 +160,9 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
     decode = config.get("decode", "once")
     if decode not in DECODES:
         raise ValueError(f"rank_linear config: decode must be one of {DECODES}, got {decode!r}")
+    if interpreting() and any(config.get(part, {}).get("GATHER") == 2 for part in ("rows", "cols")):
+        raise ValueError("rank_linear config: GATHER 2 (lane shuffles, inline PTX) runs on CUDA GPUs only, not under "
+                         "TRITON_INTERPRET=1; allowed there: True (Triton's gather) or False (the select tree)")
     if config.get("pdl") not in (None, True, False):
         raise ValueError(f"rank_linear config: pdl must be True, False or absent (automatic), got {config['pdl']!r}")
     if config.get("fuse") not in (None, True, False):
@@ -201,7 +204,7 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
             else:  # tiles of 32 rows x 32 bytes (64 codes, one scale block at the usual blocksize 64); code
                 # values by warp shuffles (GATHER): on an H100, 1.3x (4096²) to 1.5x (8192²) the select tree's speed
                 # (with 8 warps: 12.8 against 14.4 us at 4096², the best of benchmarks.gpu_kernels --tune there)
-                tiles = {"BLOCK_N": 32, "BLOCK_B": 32, "GATHER": True, "num_warps": 8}
+                tiles = {"BLOCK_N": 16, "BLOCK_B": 32, "GROUPS": 4, "GATHER": 2, "num_warps": 4}
             tiles.update(config.get("rows", {}))
             waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]

@@ -149,8 +149,9 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
 
 GEMV_CASES = [(1, 4096, 1024, 4096, "nf4", 64), (1, 2048, 512, 2048, "nf4", 64), (1, 384, 96, 432, "nf4", 64),
               (1, 4096, 37, 1536, "nf4", 64), (1, 416, 29, 480, "nf4", 32)]
-GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 4, "BLOCK_B": 32}}, {"rows": {"GROUPS": 2}, "cols": {"WAVES": 0}},
-                {"rows": {"BLOCK_N": 16, "BLOCK_B": 64, "GROUPS": 2, "num_warps": 4}}]
+GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 1, "BLOCK_B": 32}}, {"rows": {"GROUPS": 2}, "cols": {"WAVES": 0}},
+                {"rows": {"BLOCK_N": 32, "BLOCK_B": 64, "GROUPS": 2, "num_warps": 8}},
+                {"rows": {"GATHER": True}, "cols": {"GATHER": True}}, {"rows": {"GATHER": False}, "cols": {"GATHER": False}}]
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
@@ -158,7 +159,9 @@ GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 4, "BLOCK_B": 32}}, {"rows":
 @pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
 def test_rank_linear_gemv_variants_on_cuda(case, dtype, config):
     """The whole-byte batch-1 NF4 GEMVs with and without programmatic dependent launch (the default on sm_90),
-    with wider x·Aᵀ steps (GROUPS scale groups per step) and h·B not split over K, against the reference."""
+    with other x·Aᵀ steps (GROUPS scale groups per step; 64-byte groups crossing scale blocks), h·B not
+    split over K, and code values from Triton's gather or the select tree instead of lane shuffles (the
+    default, GATHER 2), against the reference."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     from adaptwin.kernels.rank_linear import rank_linear
