@@ -151,7 +151,8 @@ GEMV_CASES = [(1, 4096, 1024, 4096, "nf4", 64), (1, 2048, 512, 2048, "nf4", 64),
               (1, 4096, 37, 1536, "nf4", 64), (1, 416, 29, 480, "nf4", 32)]
 GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 1, "BLOCK_B": 32}}, {"rows": {"GROUPS": 2}, "cols": {"WAVES": 0}},
                 {"rows": {"BLOCK_N": 32, "BLOCK_B": 64, "GROUPS": 2, "num_warps": 8}},
-                {"rows": {"GATHER": True}, "cols": {"GATHER": True}}, {"rows": {"GATHER": False}, "cols": {"GATHER": False}}]
+                {"rows": {"GATHER": True}, "cols": {"GATHER": True}},
+                {"rows": {"GATHER": False}, "cols": {"GATHER": False}}]
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
