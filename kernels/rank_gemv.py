@@ -122,7 +122,7 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
 def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, SPLITS_P2: tl.constexpr = 1):
     """One row h (the sum of SPLITS float32 partial rows, K wide) times B, B (K, N) NF4 with its codes
     packed along N (N and BS even): each program owns 2·BLOCK_B outputs, the two nibbles of BLOCK_B
     consecutive bytes of every row of B, and reduces over its K_SPLIT rows of B (a multiple of BLOCK_K).
@@ -163,9 +163,12 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
             sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
         else:
             sc_next = gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
-        h = tl.zeros((BLOCK_K,), tl.float32)
-        for s in range(SPLITS):
-            h += tl.load(h_ptr + s * K + rk, mask=k_ok, other=0.0).to(tl.float32)
+        # h's SPLITS partial rows (SPLITS_P2 >= SPLITS, a power of two) as one tile: all its loads in flight at
+        # once (a loop over the rows waited for each load in turn: the h·B kernel took 7.4 against 3.4 us for
+        # x·Aᵀ on an H100 at 4096², r 1024)
+        s = tl.arange(0, SPLITS_P2)
+        h = tl.sum(tl.load(h_ptr + s[:, None] * K + rk[None, :], mask=(s < SPLITS)[:, None] & k_ok[None, :],
+                           other=0.0).to(tl.float32), 0)
         hs = sc * h[:, None]
         b32 = byte.to(tl.int32)
         acc_e += nf4_lookup(b32 >> 4, table, GATHER) * hs
@@ -187,7 +190,7 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
 
 @triton.jit
 def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, SPLITS_P2: tl.constexpr = 1):
     """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`.
     PDL: launched early, it waits for that kernel before reading."""
     if PDL:
@@ -195,9 +198,8 @@ def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.conste
         gdc_wait()
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = rn < N
-    y = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLITS):
-        y += tl.load(part_ptr + s * N + rn, mask=ok, other=0.0)
+    s = tl.arange(0, SPLITS_P2)  # the SPLITS rows as one tile, all loads in flight (SPLITS_P2 >= SPLITS)
+    y = tl.sum(tl.load(part_ptr + s[:, None] * N + rn[None, :], mask=(s < SPLITS)[:, None] & ok[None, :], other=0.0), 0)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rn, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -380,13 +382,15 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
     bias_arg = bias if has_bias else code
     if k_splits == 1:
         return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, n // 2, k_split),
-                 dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, **t))]
+                 dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, SPLITS_P2=next_pow2(splits),
+                      **t))]
     part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
+    sum_block = max(64, 4096 // next_pow2(k_splits))  # 4096 floats a program at most
     return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
                                                              k_split),
-             dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, **t)),
-            (_sum_rows_kernel, (cdiv(n, 1024),), (part, k_splits, bias_arg, out, n),
-             dict(HAS_BIAS=has_bias, BLOCK=1024, **pdl))]
+             dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, SPLITS_P2=next_pow2(splits), **t)),
+            (_sum_rows_kernel, (cdiv(n, sum_block),), (part, k_splits, bias_arg, out, n),
+             dict(HAS_BIAS=has_bias, BLOCK=sum_block, SPLITS_P2=next_pow2(k_splits), **pdl))]
 
 
 def pow2_floor(n: int) -> int:
