@@ -73,9 +73,9 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
     the next product's kernel); otherwise the finished row, bias added, in out's dtype. SCALE_ROW: each
     group of BLOCK_B bytes lies in one scale block of every row (K % BS == 0, BS a multiple of 2·BLOCK_B):
     one scale per row and group, not per byte; several GROUPS make a step wider (more bytes in flight)
-    without a scale per byte. GATHER: code values by `nf4_lookup`'s warp shuffles instead of its select
-    tree (the GPU default; on sm_90 with triton 3.6 it took the loop from 360 to 169 instructions per
-    32 x 32-byte tile). PDL (programmatic dependent launch, sm_90+): the first step's bytes of A are
+    without a scale per byte. GATHER: `nf4_lookup`'s (2, the GPU default: one lane shuffle per code; on sm_90
+    with triton 3.6 the loop of a 16 x 4 x 32-byte step on 4 warps took 216 instructions, against 480 with
+    Triton's gather, GATHER True; 0 / False, the select tree, for the interpreter). PDL (programmatic dependent launch, sm_90+): the first step's bytes of A are
     loaded, the next kernel is let launch, and only then does the program wait for the previous kernel
     (which may write x) before it reads x or writes anything."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,8 +367,9 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
     dev = out.device
     if interpreting():
         t = {"BLOCK_K": 16, "BLOCK_B": 16}
-    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64)
-        # rows of h per step and 8 warps: the best of benchmarks.gpu_kernels --tune on an H100 at 4096² and 8192²
+    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64), 64
+        # rows of h per step, lane shuffles, 4 warps: the best of benchmarks.gpu_kernels --tune on an H100 at 4096²
+        # and 8192² (2026-11-26)
         t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32))), "GATHER": 2, "num_warps": 4}
     t.update(tiles)
     waves = t.pop("WAVES", GEMV_WAVES)

@@ -4,12 +4,15 @@ launch planning; the kernels are in `rank_gemv` (whole-byte GEMVs) and `rank_til
 y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the launches:
 - one row of x (batch-1 decoding, the memory-bound case): the factors are decoded in registers, never expanded
   in memory. With NF4 they are read as whole bytes (both nibbles of a byte used, contiguous loads), each
-  code's value comes from a 16-entry register table by warp shuffles (``GATHER``, the GPU default: 1.3-1.5x
-  the select tree `nf4_value` on an H100 at 4096²-8192²; the select tree under the interpreter) and the scale
-  block size is a compile-time constant. x·Aᵀ reads A's rows (codes packed along K) and is split over K so
+  code's value comes from one ``shfl.sync.idx`` (``GATHER`` 2, the GPU default: lane i of the warp holds
+  entry i mod 16 of the book; 1.6-1.8x the select tree `nf4_value` on an H100 at 4096²-8192²; GATHER True,
+  Triton's gather from a register table, costs 2 shuffles and a select per code; the select tree under the
+  interpreter) and the scale block size is a compile-time constant.
+  x·Aᵀ reads A's rows (codes packed along K) and is split over K so
   that a rank-wide output still fills the GPU; its float32 partial rows are summed by the h·B kernel as it
   loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs, split over
-  byte columns and over K (float32 partial outputs, then a small sum kernel). Both prefetch their next tile's
+  byte columns and over K (float32 partial outputs, then a small sum kernel). On sm_90 each kernel is launched
+  with programmatic dependent launch (`rank_gemv.pdl_kwargs`). Both prefetch their next tile's
   bytes. ``gemv="one_launch"`` runs the call as one kernel instead (`rank_gemv._gemv_nf4_one_launch_kernel`:
   atomic float32 sums and a ticket per column chunk; 2.5-4x slower than the three launches on an H100 at every
   size timed, so off by default).
@@ -201,10 +204,10 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
         if M == 1 and _packed(a_format, a_blocksize, k):
             if interpreting():
                 tiles = {"BLOCK_N": 4, "BLOCK_B": 16}
-            else:  # tiles of 32 rows x 32 bytes (64 codes, one scale block at the usual blocksize 64); code
-                # values by warp shuffles (GATHER): on an H100, 1.3x (4096²) to 1.5x (8192²) the select tree's speed
-                # (with 8 warps: 12.8 against 14.4 us at 4096², the best of benchmarks.gpu_kernels --tune there)
-                tiles = {"BLOCK_N": 16, "BLOCK_B": 32, "GROUPS": 4, "GATHER": 2, "num_warps": 4}
+            else:  # 16 rows x 4 groups of 32 bytes (64 codes, one scale block at the usual blocksize 64) per step,
+                # code values by one lane shuffle each (GATHER 2), 8 warps: the best of benchmarks.gpu_kernels --tune
+                # on an H100 at 4096² and 8192² (2026-11-26; GATHER 2 ran 1.6-1.8x the select tree's speed there)
+                tiles = {"BLOCK_N": 16, "BLOCK_B": 32, "GROUPS": 4, "GATHER": 2, "num_warps": 8}
             tiles.update(config.get("rows", {}))
             waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
