@@ -75,9 +75,10 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
     one scale per row and group, not per byte; several GROUPS make a step wider (more bytes in flight)
     without a scale per byte. GATHER: `nf4_lookup`'s (2, the GPU default: one lane shuffle per code; on sm_90
     with triton 3.6 the loop of a 16 x 4 x 32-byte step on 4 warps took 216 instructions, against 480 with
-    Triton's gather, GATHER True; 0 / False, the select tree, for the interpreter). PDL (programmatic dependent launch, sm_90+): the first step's bytes of A are
-    loaded, the next kernel is let launch, and only then does the program wait for the previous kernel
-    (which may write x) before it reads x or writes anything."""
+    Triton's gather, GATHER True; 0 / False, the select tree, for the interpreter). PDL (programmatic
+    dependent launch, sm_90+): the first step's bytes of A are loaded, the next kernel is let launch, and
+    only then does the program wait for the previous kernel (which may write x) before it reads x or
+    writes anything."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     row_ok = rn < N
