@@ -347,6 +347,20 @@ def one_launch(x, a, sa, a_blocksize, b, sb, b_blocksize, r, k, n, bias, out, co
                   HAS_BIAS=bias is not None, **t))]
 
 
+# Batch-1 h·B tiles on a GPU by N (the first entry whose bound N is within): the best of benchmarks.gpu_kernels
+# --tune on an H100 (2026-11-26; with `rank_linear.GEMV_ROWS_TILES`). Up to N = 1024 one launch over all of K
+# (WAVES 0: no K split, so no sum kernel); above, 64 rows of h by 32 bytes (64 codes, a scale block at
+# blocksize 64) on 4 warps, K split to about WAVES programs per multiprocessor.
+GEMV_COLS_TILES = ((1024, {"BLOCK_K": 128, "BLOCK_B": 16, "num_warps": 8, "WAVES": 0}),
+                   (2048, {"BLOCK_K": 64, "BLOCK_B": 32, "num_warps": 4, "WAVES": 8}),
+                   (None, {"BLOCK_K": 64, "BLOCK_B": 32, "num_warps": 4}))
+
+
+def by_width(table, width: int) -> dict:
+    """The tiles of the first (bound, tiles) entry of ``table`` with ``width`` <= bound (None: any width), copied."""
+    return next(dict(tiles) for bound, tiles in table if bound is None or width <= bound)
+
+
 def pdl_kwargs(device: torch.device, want: bool | None) -> dict:
     """The batch-1 GEMV kernels' launch keywords for programmatic dependent launch: each kernel loads its first
     tile of weights, lets the next kernel launch, then waits for the previous one (`_gemv_nf4_rows_kernel`),
@@ -368,10 +382,8 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
     dev = out.device
     if interpreting():
         t = {"BLOCK_K": 16, "BLOCK_B": 16}
-    else:  # 16 to 32 bytes of every row of B per program (32: 64 codes, a scale block at blocksize 64), 64
-        # rows of h per step, lane shuffles, 4 warps: the best of benchmarks.gpu_kernels --tune on an H100 at 4096²
-        # and 8192² (2026-11-26)
-        t = {"BLOCK_K": 64, "BLOCK_B": max(16, min(32, pow2_floor(n // 2 // 32))), "GATHER": 2, "num_warps": 4}
+    else:  # lane shuffles; tiles by N (`GEMV_COLS_TILES`)
+        t = {"GATHER": 2, **by_width(GEMV_COLS_TILES, n)}
     t.update(tiles)
     waves = t.pop("WAVES", GEMV_WAVES)
     t.update(pdl)
@@ -393,7 +405,3 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
              dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, SPLITS_P2=next_pow2(splits), **t)),
             (_sum_rows_kernel, (cdiv(n, sum_block),), (part, k_splits, bias_arg, out, n),
              dict(HAS_BIAS=has_bias, BLOCK=sum_block, SPLITS_P2=next_pow2(k_splits), **pdl))]
-
-
-def pow2_floor(n: int) -> int:
-    return 1 << max(0, int(n).bit_length() - 1)

@@ -43,6 +43,7 @@ from adaptwin.kernels.rank_gemv import (
     ONE_LAUNCH_MAX_ROWS,
     Launch,
     _gemv_nf4_rows_kernel,
+    by_width,
     cols_launches,
     one_launch,
     pdl_kwargs,
@@ -52,6 +53,12 @@ from adaptwin.kernels.rank_tiles import _dequant_kernel, _fused_kernel, _gemm_ke
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
+# Batch-1 x·Aᵀ tiles on a GPU by K (the first entry whose bound K is within): the best of benchmarks.gpu_kernels
+# --tune on an H100 at d = 1024, 2048, 4096 and 8192 (2026-11-26): 4.4, 7.8, 11.0 and 22.8 us with h·B's tiles
+# (`rank_gemv.GEMV_COLS_TILES`), against 8.0, 9.9, 11.0 and 22.8 with the 8192² tiles at every size
+GEMV_ROWS_TILES = ((1024, {"BLOCK_N": 32, "GROUPS": 2, "num_warps": 4}),
+                   (2048, {"BLOCK_N": 32, "GROUPS": 8, "num_warps": 8, "WAVES": 2, "MAX_SPLITS": 8}),
+                   (None, {"BLOCK_N": 16, "GROUPS": 4, "num_warps": 8}))
 # `plan`'s config: tiles per kernel, the switches
 CONFIG_KEYS = {"rows", "cols", "fused", "fuse", "decode", "gemv", "one_launch", "pdl"}
 DECODES = ("once", "tiles")  # several rows: quantised factors decoded once per call, or in every row tile
@@ -204,10 +211,9 @@ def _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b
         if M == 1 and _packed(a_format, a_blocksize, k):
             if interpreting():
                 tiles = {"BLOCK_N": 4, "BLOCK_B": 16}
-            else:  # 16 rows x 4 groups of 32 bytes (64 codes, one scale block at the usual blocksize 64) per step,
-                # code values by one lane shuffle each (GATHER 2), 8 warps: the best of benchmarks.gpu_kernels --tune
-                # on an H100 at 4096² and 8192² (2026-11-26; GATHER 2 ran 1.6-1.8x the select tree's speed there)
-                tiles = {"BLOCK_N": 16, "BLOCK_B": 32, "GROUPS": 4, "GATHER": 2, "num_warps": 8}
+            else:  # groups of 32 bytes (64 codes, one scale block at the usual blocksize 64), code values by one
+                # lane shuffle each (GATHER 2), the rest by K: `GEMV_ROWS_TILES`
+                tiles = {"BLOCK_B": 32, "GATHER": 2, **by_width(GEMV_ROWS_TILES, k)}
             tiles.update(config.get("rows", {}))
             waves, max_splits = tiles.pop("WAVES", GEMV_WAVES), tiles.pop("MAX_SPLITS", GEMV_MAX_SPLITS)
             block_n, block_b = tiles["BLOCK_N"], tiles["BLOCK_B"]
