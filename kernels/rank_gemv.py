@@ -62,17 +62,6 @@ def _group_tile(w_ptr, scale_ptr, r, r_ok, kb0, kb_hi, ROWBYTES, ROWLEN, BS: tl.
 
 
 @triton.jit
-def _x_pairs(x_ptr, kb0, kb_hi, GROUPS: tl.constexpr, BLOCK_B: tl.constexpr):
-    """x's even and odd elements under the (GROUPS, BLOCK_B) bytes from byte ``kb0`` on (0 at or past byte
-    ``kb_hi``), as float32 (xe, xo): one contiguous (GROUPS, BLOCK_B, 2) load, split in registers (two strided
-    loads were 16 of the loop's 18 load instructions, one L1 wavefront each, on sm_90)."""
-    kb = kb0 + tl.arange(0, GROUPS)[:, None] * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
-    x2 = tl.load(x_ptr + 2 * kb[:, :, None] + tl.arange(0, 2)[None, None, :], mask=(kb < kb_hi)[:, :, None],
-                 other=0.0).to(tl.float32)
-    return tl.split(x2)
-
-
-@triton.jit
 def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, SPLIT_BYTES,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                           PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -107,15 +96,20 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    xe, xo = _x_pairs(x_ptr, kb_lo, kb_hi, GROUPS, BLOCK_B)
+    pair = tl.arange(0, 2)
     for kb0 in range(kb_lo, kb_hi, GROUPS * BLOCK_B):
         byte_next, sc_next = _group_tile(w_ptr, scale_ptr, rn, row_ok, kb0 + GROUPS * BLOCK_B, kb_hi, ROWBYTES, K,
                                          BS, SCALE_ROW, GROUPS, BLOCK_B)
-        xe_next, xo_next = _x_pairs(x_ptr, kb0 + GROUPS * BLOCK_B, kb_hi, GROUPS, BLOCK_B)  # x a step ahead too
+        # x's even and odd elements as one contiguous (GROUPS, BLOCK_B, 2) load, split in registers: two
+        # strided loads were 16 of the loop's 18 load instructions (one L1 wavefront each) on sm_90
+        kb = kb0 + tl.arange(0, GROUPS)[:, None] * BLOCK_B + tl.arange(0, BLOCK_B)[None, :]
+        x2 = tl.load(x_ptr + 2 * kb[:, :, None] + pair[None, None, :], mask=(kb < kb_hi)[:, :, None],
+                     other=0.0).to(tl.float32)
+        xe, xo = tl.split(x2)
         b32 = byte.to(tl.int32)
         hi, lo = nf4_lookup(b32 >> 4, table, GATHER, 2), nf4_lookup(b32 & 15, table, GATHER, 2)
         acc += (hi * xe[None, :, :] + lo * xo[None, :, :]) * sc
-        byte, sc, xe, xo = byte_next, sc_next, xe_next, xo_next
+        byte, sc = byte_next, sc_next
     y = tl.sum(tl.sum(acc, 2), 1)
     if PARTIAL:
         tl.store(out_ptr + split * N + rn, y, mask=row_ok)
@@ -123,16 +117,6 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
         if HAS_BIAS:
             y += tl.load(bias_ptr + rn, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def _h_rows(h_ptr, SPLITS, K, rk, k_hi, SPLITS_P2: tl.constexpr):
-    """h at rows ``rk`` (past ``k_hi`` 0): the sum of its SPLITS float32 partial rows, loaded as one
-    (SPLITS_P2, rows) tile so that all its loads are in flight at once (a loop over the partial rows waited
-    for each load in turn: the h·B kernel took 7.4 against 3.4 us for x·Aᵀ on an H100 at 4096², r 1024)."""
-    s = tl.arange(0, SPLITS_P2)
-    return tl.sum(tl.load(h_ptr + s[:, None] * K + rk[None, :], mask=(s < SPLITS)[:, None] & (rk < k_hi)[None, :],
-                          other=0.0).to(tl.float32), 0)
 
 
 @triton.jit
@@ -170,9 +154,9 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    h = _h_rows(h_ptr, SPLITS, K, rk, k_hi, SPLITS_P2)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
         nxt = rk + BLOCK_K
         ok = (nxt < k_hi)[:, None] & col_ok[None, :]
         byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
@@ -180,12 +164,17 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
             sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
         else:
             sc_next = gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
-        h_next = _h_rows(h_ptr, SPLITS, K, nxt, k_hi, SPLITS_P2)  # h too is loaded a step ahead
+        # h's SPLITS partial rows (SPLITS_P2 >= SPLITS, a power of two) as one tile: all its loads in flight at
+        # once (a loop over the rows waited for each load in turn: the h·B kernel took 7.4 against 3.4 us for
+        # x·Aᵀ on an H100 at 4096², r 1024)
+        s = tl.arange(0, SPLITS_P2)
+        h = tl.sum(tl.load(h_ptr + s[:, None] * K + rk[None, :], mask=(s < SPLITS)[:, None] & k_ok[None, :],
+                           other=0.0).to(tl.float32), 0)
         hs = sc * h[:, None]
         b32 = byte.to(tl.int32)
         acc_e += nf4_lookup(b32 >> 4, table, GATHER) * hs
         acc_o += nf4_lookup(b32 & 15, table, GATHER) * hs
-        byte, sc, h = byte_next, sc_next, h_next
+        byte, sc = byte_next, sc_next
     ye = tl.sum(acc_e, 0)
     yo = tl.sum(acc_o, 0)
     if PARTIAL:
