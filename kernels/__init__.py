@@ -35,6 +35,20 @@ def sm_count(device) -> int:
 _SMS: dict[int, int] = {}
 
 
+def capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of ``device`` (a CUDA torch.device), asked once per GPU: the launch
+    plans ask it on every call."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPS:
+        _CAPS[index] = torch.cuda.get_device_capability(index)
+    return _CAPS[index]
+
+
+_CAPS: dict[int, tuple[int, int]] = {}
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers' planning on the host. ``triton.cdiv`` and ``triton.next_power_of_2`` are
     constexpr functions: from Python each call goes through their argument unwrapping, 2-3 us; an

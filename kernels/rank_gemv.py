@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count
+from adaptwin.kernels import capability, cdiv, interpreting, next_pow2, sm_count
 from adaptwin.kernels.nf4 import gathered_scales, nf4_lane_table, nf4_lookup, nf4_table, nf4_table3
 
 try:  # programmatic dependent launch (sm_90+): in triton since 3.3
@@ -368,7 +368,7 @@ def pdl_kwargs(device: torch.device, want: bool | None) -> dict:
     (sm_90 and later, triton with `gdc_wait`, not the interpreter) unless ``want`` is False; True where it
     cannot be had is an error."""
     able = (gdc_wait is not None and device.type == "cuda" and not interpreting()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and capability(device)[0] >= 9)
     if want and not able:
         raise ValueError("rank_linear config: pdl=True needs a GPU of compute capability 9.0 or later and a triton "
                          "with programmatic dependent launch (triton.language.extra.cuda.gdc_wait)")
