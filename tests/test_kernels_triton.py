@@ -124,7 +124,7 @@ def test_triton_configs_reject_unknown_keys(tk):
     gen = torch.Generator().manual_seed(12)
     fa, fb = (_factor("nf4", 64, torch.randn(8, 64, generator=gen)) for _ in range(2))
     x = torch.randn(3, 64, generator=gen)
-    allowed = r"allowed: \['cols', 'decode', 'fuse', 'fused', 'gemv', 'one_launch', 'rows'\]"
+    allowed = r"allowed: \['cols', 'decode', 'fuse', 'fused', 'gemv', 'one_launch', 'pdl', 'rows'\]"
     with pytest.raises(ValueError, match=r"unknown keys \['fusd'\]; " + allowed):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fusd": {}})
     with pytest.raises(ValueError, match=r"decode must be one of \('once', 'tiles'\), got 'twice'"):
@@ -133,6 +133,14 @@ def test_triton_configs_reject_unknown_keys(tk):
         tk["rank_linear"].rank_linear(x, *fa, *fb, None, config={"fuse": "yes"})
     with pytest.raises(ValueError, match=r"gemv must be one of \('split', 'one_launch'\), got 'fused'"):
         tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"gemv": "fused"})
+    with pytest.raises(ValueError, match="pdl must be True, False or absent"):
+        tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"pdl": "on"})
+    with pytest.raises(ValueError, match="pdl=True needs a GPU of compute capability 9.0 or later"):
+        tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"pdl": True})
+    with pytest.raises(ValueError, match="GATHER 2 .* runs on CUDA GPUs only"):
+        tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"rows": {"GATHER": 2}})
+    assert torch.equal(tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None, config={"pdl": False}),
+                       tk["rank_linear"].rank_linear(x[:1], *fa, *fb, None))  # no PDL here either way
     q = torch.randn(1, 1, 16, 16, generator=gen)
     with pytest.raises(ValueError, match="needs BLOCK_M and BLOCK_N"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16})
