@@ -251,3 +251,26 @@ def test_gemv_loads_x_in_element_pairs():
     loads = [i for i in loop_sass(compile_sm90(kernel, args, kwargs)) if "LDG" in i]
     assert len(loads) <= 4 and any(".64" in i.split()[1] or ".128" in i.split()[1] for i in loads), loads
     assert sum("LDG.E.U16" in i for i in loads) <= 1, loads
+
+
+@pytest.mark.parametrize("d,launches,rows_tiles", [(1024, 2, {"BLOCK_N": 32, "GROUPS": 2, "num_warps": 4}),
+                                                   (2048, 3, {"BLOCK_N": 32, "GROUPS": 8, "num_warps": 8}),
+                                                   (4096, 3, {"BLOCK_N": 16, "GROUPS": 4, "num_warps": 8})])
+def test_gemv_tiles_follow_the_width(d, launches, rows_tiles):
+    """A GPU's batch-1 NF4 plan takes its tiles by width (`GEMV_ROWS_TILES` by K, `GEMV_COLS_TILES` by N, from
+    the H100 tunes): up to 1024 outputs h·B runs over all of K (two launches, no sum kernel), above it h·B is
+    split over K and summed (three); every kernel reads lane-shuffled code values and compiles for sm_90."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(d // 4, d, generator=gen)) for _ in range(2))
+    x = torch.empty(1, d, dtype=torch.float16)
+    plan = kr.plan(x, *fa, *fb, None, kr._code_on(x.device))[1]
+    assert len(plan) == launches, [k.fn.__name__ for k, *_ in plan]
+    assert rows_tiles.items() <= plan[0][3].items(), plan[0][3]
+    for kernel, _, args, kwargs in plan[:2]:
+        assert kwargs["GATHER"] == 2
+        check(compile_sm90(kernel, args, kwargs), tensor_cores=False)
