@@ -54,8 +54,8 @@ _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
 # Ranks up to which several rows of x take the one-launch kernel (h in registers: BLOCK_M x 64 floats)
 FUSED_MAX_RANK = 64
 # Batch-1 x·Aᵀ tiles on a GPU by K (the first entry whose bound K is within): the best of benchmarks.gpu_kernels
-# --tune on an H100 at d = 1024, 2048, 4096 and 8192 (2026-11-26): 4.4, 7.8, 11.0 and 22.8 us with h·B's tiles
-# (`rank_gemv.GEMV_COLS_TILES`), against 8.0, 9.9, 11.0 and 22.8 with the 8192² tiles at every size
+# --tune on an H100 at d = 1024, 2048, 4096 and 8192 (2026-11-26): 4.5, 7.7, 11.0 and 22.8 us a call as defaults,
+# with h·B's (`rank_gemv.GEMV_COLS_TILES`), against 8.0, 9.9, 11.0 and 22.8 with the 8192² tiles at every size
 GEMV_ROWS_TILES = ((1024, {"BLOCK_N": 32, "GROUPS": 2, "num_warps": 4}),
                    (2048, {"BLOCK_N": 32, "GROUPS": 8, "num_warps": 8, "WAVES": 2, "MAX_SPLITS": 8}),
                    (None, {"BLOCK_N": 16, "GROUPS": 4, "num_warps": 8}))
