@@ -73,6 +73,19 @@ def test_pitch_probe_skips_without_cuda(capsys):
         gpu_attention_pitch.main(["--batch", "0"])
 
 
+def test_gemv_parts_checks_its_arguments_and_skips_without_cuda(capsys):
+    from benchmarks import gpu_gemv_parts
+
+    for bad in (["--sizes", "4096,100"], ["--sizes", "big"], ["--config", "[1]"], ["--config", "{rows"]):
+        with pytest.raises(SystemExit):
+            gpu_gemv_parts.main(bad)
+    assert "--sizes must be" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    assert gpu_gemv_parts.main(["--sizes", "128"]) == 0
+    assert "skipped, it needs a CUDA device" in capsys.readouterr().err
+
+
 def test_rejects_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         gpu_kernels.main(["--dtypes", "fp8"])
@@ -143,6 +156,12 @@ else:
 kept = list(csv.DictReader(open(out)))
 assert [r["kind"] for r in kept][:2] == ["ceiling", "gemv"] and {r["kind"] for r in kept} == {"ceiling", "gemv"}, kept
 assert all(r["device"] == "cpu" and r["timestamp"] for r in kept) and "copy_gbps=100.0" in kept[0]["config"], kept
+import benchmarks.gpu_gemv_parts as parts
+rows = parts.parts(torch.device("cpu"), 128, 0, {"rows": {"GROUPS": 2}})
+assert [r["provider"] for r in rows] == (["whole", "kernel 0 _gemv_nf4_rows_kernel", "kernel 1 _gemv_nf4_cols_kernel"]
+                                          + ["read A 2048 bytes"] * 3 + ["read B 2048 bytes"] * 3
+                                          + ["empty x1", "empty x2", "empty x3"]), rows
+assert "'GROUPS': 2" in rows[1]["config"] and rows[3]["gbps"] == 2048 / 10.0 / 1e3, rows
 print("ok", len(calls))
 """
 
