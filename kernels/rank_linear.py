@@ -1,5 +1,6 @@
 """The Triton launcher of ``torch.ops.adaptwin.rank_linear`` (schema: `adaptwin.ops.rank_linear`) and its
-launch planning; the kernels are in `rank_gemv` (whole-byte GEMVs) and `rank_tiles` (the rest).
+launch planning; the kernels are in `rank_gemv` (whole-byte GEMVs), `rank_gemv_one` (the one-launch GEMV) and
+`rank_tiles` (the rest).
 
 y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the launches:
 - one row of x (batch-1 decoding, the memory-bound case): the factors are decoded in registers, never expanded
@@ -13,7 +14,7 @@ y = (x·Aᵀ)·B + bias; factors are stored fp / NF4 / int8. `plan` picks the la
   loads h. h·B reads B's rows (codes packed along N), each byte giving two neighbouring outputs, split over
   byte columns and over K (float32 partial outputs, then a small sum kernel). On sm_90 each kernel is launched
   with programmatic dependent launch (`rank_gemv.pdl_kwargs`). Both prefetch their next tile's
-  bytes. ``gemv="one_launch"`` runs the call as one kernel instead (`rank_gemv._gemv_nf4_one_launch_kernel`:
+  bytes. ``gemv="one_launch"`` runs the call as one kernel instead (`rank_gemv_one._gemv_nf4_one_launch_kernel`:
   atomic float32 sums and a ticket per column chunk; 2.5-4x slower than the three launches on an H100 at every
   size timed, so off by default).
 - several rows (prefill, encoders, batches; ``decode="once"``, the default): a quantised factor is
@@ -40,14 +41,13 @@ from adaptwin.kernels import cdiv, interpreting, next_pow2, sm_count, with_launc
 from adaptwin.kernels.rank_gemv import (
     GEMV_MAX_SPLITS,
     GEMV_WAVES,
-    ONE_LAUNCH_MAX_ROWS,
     Launch,
     _gemv_nf4_rows_kernel,
     by_width,
     cols_launches,
-    one_launch,
     pdl_kwargs,
 )
+from adaptwin.kernels.rank_gemv_one import ONE_LAUNCH_MAX_ROWS, one_launch
 from adaptwin.kernels.rank_tiles import _dequant_kernel, _fused_kernel, _gemm_kernel, _gemv_kernel
 
 _FORMATS = {"fp": 0, "nf4": 1, "int8": 2}
@@ -150,7 +150,7 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     chosen by the number of programs with ``decode`` "once", the one launch with "tiles"); "decode":
     "once" (default) or "tiles" (several rows decoded in the tiled kernels, as `rank_linear`'s docstring
     explains); "gemv": "split" (default) or "one_launch" (1-8 rows, both factors NF4: both products and
-    the output in `rank_gemv._gemv_nf4_one_launch_kernel`, 2.5-4x slower on an H100), with its tiles in
+    the output in `rank_gemv_one._gemv_nf4_one_launch_kernel`, 2.5-4x slower on an H100), with its tiles in
     "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}; "pdl": True / False for the whole-byte GEMV
     kernels' programmatic dependent launch (`rank_gemv.pdl_kwargs`; default: where the GPU has it). "rows"
     also takes GROUPS (BLOCK_B-byte groups per step, each with its own scale) and "cols" WAVES. Every

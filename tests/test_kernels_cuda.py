@@ -128,7 +128,7 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
 
-    from adaptwin.kernels import rank_gemv
+    from adaptwin.kernels import rank_gemv_one
     from adaptwin.kernels.rank_linear import rank_linear
 
     op = partial(rank_linear, config={"gemv": "one_launch"})
@@ -143,7 +143,7 @@ def test_rank_linear_one_launch_gemv_on_cuda(case, dtype):
     torch.testing.assert_close(outs, first.expand_as(outs), rtol=1e-2 if dtype != torch.float32 else 1e-5,
                                atol=1e-3 if dtype != torch.float32 else 1e-5)
     torch.cuda.synchronize()
-    for acc, count in rank_gemv._WORKSPACES.values():
+    for acc, count in rank_gemv_one._WORKSPACES.values():
         assert not acc.any() and not count.any()
 
 

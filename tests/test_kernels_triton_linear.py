@@ -1,5 +1,5 @@
-"""The rank_linear Triton kernels (kernels/rank_linear.py, kernels/rank_gemv.py) against the reference, on CPU
-under TRITON_INTERPRET=1, in float32: every plan (decode once, tiles, fused, the GEMVs) and its launch
+"""The rank_linear Triton kernels (kernels/rank_linear.py, rank_gemv.py, rank_gemv_one.py) against the reference,
+on CPU under TRITON_INTERPRET=1, in float32: every plan (decode once, tiles, fused, the GEMVs) and its launch
 planning. These cases run in the interpreter child that test_kernels_triton.py starts (with that module's
 attention cases); in a plain process they skip.
 """
@@ -167,7 +167,7 @@ def test_triton_rank_linear_one_launch_gemv(tk, tiles):
     that are not a multiple of the slab, column chunks of unequal length, B's tiles crossing scale
     blocks (432 columns) and no bias; the workspace and tickets are zero again after every call, so a
     second call gives the same result."""
-    from adaptwin.kernels import rank_gemv
+    from adaptwin.kernels import rank_gemv_one
     from adaptwin.kernels.rank_linear import _code_on, plan
 
     gen = torch.Generator().manual_seed(31)
@@ -185,7 +185,7 @@ def test_triton_rank_linear_one_launch_gemv(tk, tiles):
         ref = rank_linear_reference(x, *fa, *fb, bias)
         first = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(first, ref, ref64)
-        for acc, count in rank_gemv._WORKSPACES.values():
+        for acc, count in rank_gemv_one._WORKSPACES.values():
             assert not acc.any() and not count.any()
         assert torch.equal(tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config), first)
 
