@@ -17,11 +17,10 @@ from benchmarks.gpu_common import half_rank, nf4_bytes, rel_err, result_row
 
 GEMV_SIZES = (1024, 2048, 4096, 8192)
 # The two whole-byte kernels are swept one after the other (x·Aᵀ tiles with the default h·B, then h·B tiles).
-# With the code values gathered (GATHER, the default), triton 3.6 fails to compile x·Aᵀ tiles of 8 rows
-# (TritonGPUOptimizeThreadLocality, on the H100 and in tests/test_kernels_sm90.py's 3.6 child), and h·B tiles of
-# 64 x 16 bytes on 4 warps (3.9), 64 x 32 on 8 (3.6) and, with lane shuffles, 32 x 64 on 8 (3.6) put 8 bytes on the
-# stack (tests/test_kernels_sm90_linear.py):
-# those are left out.
+# Left out: x·Aᵀ tiles of 8 rows (with gathered code values triton 3.6 fails to compile them:
+# TritonGPUOptimizeThreadLocality, on the H100 and in tests/test_kernels_sm90.py's 3.6 child), and h·B tiles that
+# put 8 bytes on the stack (tests/test_kernels_sm90_linear.py): 64 x 16 bytes on 4 warps (3.9), 64 x 32 on 8 (3.6)
+# and, with lane shuffles, 32 x 64 on 8 (3.6).
 GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": 32, "GROUPS": g, "num_warps": w, "GATHER": 2} for n in (16, 32, 64)
                   for g in (1, 2, 4, 8) for w in (4, 8) if 512 <= n * 32 * g <= 1024 * w]
 GEMV_TUNE_SPLITS = [{"WAVES": 2, "MAX_SPLITS": 8}, {"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
@@ -46,7 +45,20 @@ def _bnb():
     return bnb, bnbf
 
 
-class _Cycle:
+def weight_sets(l2_bytes: int, set_bytes: int) -> int:
+    """How many weight sets a GEMV timing rotates over: enough that the NF4 factors make three times the L2 (the
+    dense weights, larger, more), so every call reads from device memory; 1024 at most."""
+    return max(1, min(1024, math.ceil(3 * l2_bytes / set_bytes)))
+
+
+def nf4_rank_args(fmt, r: int, d: int, device: torch.device) -> tuple:
+    """``rank_linear``'s arguments after x for fresh random factors (r, d) and (r, d), both NF4 in ``fmt``, no bias."""
+    a, b = gc.low_rank_factors(r, d, d, device)  # (r, in), (r, out)
+    qa, qb = fmt.quantize(a), fmt.quantize(b)
+    return (qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64, [r, d], None)
+
+
+class Cycle:
     """Calls ``fn(i)`` with i rotating over ``n`` weight sets (captured as n_repeat calls in a CUDA graph)."""
 
     def __init__(self, fn: Callable[[int], object], n: int) -> None:
@@ -72,14 +84,11 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
     r = half_rank(d)
     shape = f"{d}x{d}:r{r}"
     ours_bytes, dense_bytes = nf4_bytes(r, d, d), 2 * d * d
-    sets = max(1, min(1024, math.ceil(3 * l2_bytes / ours_bytes)))  # 3x the L2 in NF4 factors (the dense: more)
+    sets = weight_sets(l2_bytes, ours_bytes)
     weights, factors, packed4 = [], [], []
     for _ in range(sets):
         w = torch.randn(d, d, device=device) / d ** 0.5
-        a, b = gc.low_rank_factors(r, d, d, device)  # (r, in), (r, out)
-        qa, qb = fmt.quantize(a), fmt.quantize(b)
-        factors.append((qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64,
-                        [r, d], None))
+        factors.append(nf4_rank_args(fmt, r, d, device))
         weights.append(w.half())
         if lib is not None:
             packed4.append(lib[1].quantize_4bit(w.half(), quant_type="nf4", blocksize=64))
@@ -89,8 +98,8 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
         raise RuntimeError(f"rank_linear {shape}: relative error {err:.2e} against its own dequantised factors")
     note = f"{sets} weight sets"
     with torch.inference_mode():
-        dense_us = gc.bench(_Cycle(lambda i: F.linear(x, weights[i]), sets), graph=True)
-        ours_us = gc.bench(_Cycle(lambda i: run_rank_linear(x, *factors[i]), sets), graph=True)
+        dense_us = gc.bench(Cycle(lambda i: F.linear(x, weights[i]), sets), graph=True)
+        ours_us = gc.bench(Cycle(lambda i: run_rank_linear(x, *factors[i]), sets), graph=True)
         share = f"; {ours_bytes / ours_us / 1e3 / copy:.0%} of copy GB/s" if copy else ""
         rows = [result_row("gemv", shape, "fp16", "cublas_dense_fp16", dense_us, speedup=1.0,
                             gbps=dense_bytes / dense_us / 1e3, config=note),
@@ -103,8 +112,8 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
                                  "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
         # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first
         x8 = torch.randn(8, d, device=device, dtype=torch.float16)
-        dense8 = gc.bench(_Cycle(lambda i: F.linear(x8, weights[i]), sets), graph=True)
-        ours8 = gc.bench(_Cycle(lambda i: run_rank_linear(x8, *factors[i]), sets), graph=True)
+        dense8 = gc.bench(Cycle(lambda i: F.linear(x8, weights[i]), sets), graph=True)
+        ours8 = gc.bench(Cycle(lambda i: run_rank_linear(x8, *factors[i]), sets), graph=True)
         rows += [result_row("gemv", f"{shape}:M8", "fp16", "cublas_dense_fp16", dense8, speedup=1.0,
                              gbps=dense_bytes / dense8 / 1e3, config=note),
                  result_row("gemv", f"{shape}:M8", "fp16", "adaptwin_nf4_rank", ours8, speedup=dense8 / ours8,
@@ -116,7 +125,7 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
             rows.append(_tune_one_launch(factors, sets, x, shape, dense_us, ours_bytes, note))
         if lib is not None:
             bnb = lib[0]
-            bnb_us = gc.bench(_Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
+            bnb_us = gc.bench(Cycle(lambda i: bnb.matmul_4bit(x, packed4[i][0].t(), quant_state=packed4[i][1]), sets),
                               graph=True)
             rows.append(result_row("gemv", shape, "fp16", "bitsandbytes_nf4_dense", bnb_us, speedup=dense_us / bnb_us,
                                     gbps=(d * d // 2 + 4 * d * d // 64) / bnb_us / 1e3, config=note))
@@ -141,7 +150,7 @@ def _gemv_config(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us
     err = max(rel_err(triton_rank_linear(x, *factors[0], config=config), ref) for _ in range(2))
     if not err < 1e-2:
         raise RuntimeError(f"rank_linear {shape} ({provider}): relative error {err:.2e}")
-    us = gc.bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+    us = gc.bench(Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
     return result_row("gemv", shape, "fp16", provider, us, speedup=dense_us / us, gbps=ours_bytes / us / 1e3,
                        rel_err=err, config=f"{note}; {config}")
 
@@ -155,7 +164,7 @@ def _tune_one_launch(factors: list, sets: int, x: torch.Tensor, shape: str, dens
     def timed(tiles: dict) -> float:
         config = {"gemv": "one_launch", "one_launch": tiles}
         try:
-            return gc.bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+            return gc.bench(Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
         except Exception as exc:  # a tile the compiler refuses: skip it
             print(f"  gemv {shape} one-launch tiles {tiles} failed: {type(exc).__name__}", file=sys.stderr)
             return math.inf
@@ -180,7 +189,7 @@ def _tune_gemv(factors: list, sets: int, x: torch.Tensor, shape: str, dense_us: 
 
     def timed(config: dict) -> float:
         try:
-            return gc.bench(_Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
+            return gc.bench(Cycle(lambda i: triton_rank_linear(x, *factors[i], config=config), sets), graph=True)
         except Exception as exc:  # a tile the compiler refuses: skip it
             print(f"  gemv {shape} config {config} failed: {type(exc).__name__}", file=sys.stderr)
             return math.inf

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import torch
@@ -26,6 +25,7 @@ import triton.language as tl
 from benchmarks import gpu_common as gc
 from benchmarks.common import write_rows
 from benchmarks.gpu_common import half_rank, nf4_bytes, result_row
+from benchmarks.gpu_gemv import Cycle, nf4_rank_args, weight_sets
 from benchmarks.gpu_kernels import FIELDS, KEY
 
 
@@ -45,16 +45,6 @@ def _one_kernel(out_ptr):
     tl.store(out_ptr, tl.load(out_ptr) + 1.0)
 
 
-def _cycle(fn, n: int):
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % n
-        return fn(state["i"])
-
-    return call
-
-
 def parts(device: torch.device, d: int, l2_bytes: int, config: dict | None) -> list[dict]:
     from adaptwin.kernels.rank_linear import _code_on, plan
 
@@ -64,16 +54,11 @@ def parts(device: torch.device, d: int, l2_bytes: int, config: dict | None) -> l
     r = half_rank(d)
     shape = f"{d}x{d}:r{r}"
     ours = nf4_bytes(r, d, d)
-    sets = max(1, min(1024, math.ceil(3 * l2_bytes / ours)))
+    sets = weight_sets(l2_bytes, ours)
     x = torch.randn(1, d, device=device, dtype=torch.float16)
     code = _code_on(device)
-    factors, plans = [], []
-    for _ in range(sets):
-        a, b = gc.low_rank_factors(r, d, d, device)
-        qa, qb = fmt.quantize(a), fmt.quantize(b)
-        f = (qa["qweight"], fmt.scale(qa), "nf4", 64, [r, d], qb["qweight"], fmt.scale(qb), "nf4", 64, [r, d], None)
-        factors.append(f)
-        plans.append(plan(x, *f, code, config)[1])
+    factors = [nf4_rank_args(fmt, r, d, device) for _ in range(sets)]
+    plans = [plan(x, *f, code, config)[1] for f in factors]
     note = f"{sets} weight sets; {config or 'planned'}"
     rows = []
 
@@ -85,10 +70,10 @@ def parts(device: torch.device, d: int, l2_bytes: int, config: dict | None) -> l
         for i in range(len(plans[j])):
             launch(i, j)
 
-    whole = gc.bench(_cycle(run_all, sets), graph=True)
+    whole = gc.bench(Cycle(run_all, sets), graph=True)
     rows.append(result_row("gemv_parts", shape, "fp16", "whole", whole, gbps=ours / whole / 1e3, config=note))
     for i, (kernel, grid, _, kwargs) in enumerate(plans[0]):
-        us = gc.bench(_cycle(lambda j, i=i: launch(i, j), sets), graph=True)
+        us = gc.bench(Cycle(lambda j, i=i: launch(i, j), sets), graph=True)
         tiles = {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}
         rows.append(result_row("gemv_parts", shape, "fp16", f"kernel {i} {kernel.fn.__name__}", us,
                                config=f"grid {grid}; {tiles}"))
@@ -102,7 +87,7 @@ def parts(device: torch.device, d: int, l2_bytes: int, config: dict | None) -> l
             def read(j, words=words, n=n, grid=grid, block=block, steps=steps):
                 _read_kernel[grid](words[j], n, out, BLOCK=block, STEPS=steps)
 
-            us = gc.bench(_cycle(read, sets), graph=True)
+            us = gc.bench(Cycle(read, sets), graph=True)
             rows.append(result_row("gemv_parts", shape, "fp16", f"read {name} {4 * n} bytes", us,
                                    gbps=4 * n / us / 1e3, config=f"grid {grid}; {block} words x {steps}"))
     one = torch.zeros(1, device=device)
