@@ -142,13 +142,7 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_
     }
     if (fa == nullptr) {
       gemv_out(*fb, xf, rows, y);
-    }
-#if ADAPTWIN_X86
-    else if (fused_all(fa, fb)) {
-      gemv_both(*fa, *fb, xf, rows, h, y);
-    }
-#endif
-    else {
+    } else if (!gemv_both(*fa, *fb, xf, rows, h, y)) {
       gemv_in(*fa, xf, rows, h);
       gemv_out(*fb, h, rows, y);
     }

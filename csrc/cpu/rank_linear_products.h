@@ -38,11 +38,17 @@ namespace {
 // and 4.5 on two from Python, but 7.1-8.0 on two in some processes (in one of three runs of the same
 // script, for the whole process: where the OS put the second thread), so it stays on one too.
 constexpr int64_t kPartElems = 1 << 16;
+// The same for the one-row AVX2 / NEON kernels of both products in one region (gemv_both), which decode at
+// about half AVX-512's rate, so that two threads pay from half the work. With AVX2 (ADAPTWIN_CPU_CAP=avx2
+// on this Zen 4, C++ dispatcher loop, medians of 15 x 200 calls, 8 processes each): d = 384, rank 96 took
+// 4.5-4.9 us on two threads against 5.9-6.1 on one; d = 768 12.4-12.8 us in one region against 13.2-16.7
+// in gemv_in's and gemv_out's; 1536 and 3072 the same either way. Not timed on an ARM CPU.
+constexpr int64_t kPartElemsOneRow = 1 << 15;
 
 // Parts to split `work` into (at most one per thread) and the grain that makes at::parallel_for cut
 // `range` into that many.
-int64_t parts_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kPartElems));
+int64_t parts_for(int64_t work, int64_t part_elems = kPartElems) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / part_elems));
 }
 
 int64_t grain_for(int64_t range, int64_t work) {
@@ -164,22 +170,30 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
   });
 }
 
+// A worker waiting on another's part of h: the x86 / ARM spin-wait hint, else nothing.
+inline void spin_pause() {
 #if ADAPTWIN_X86
-// y (rows, out) += (x·Aᵀ)·B, both factors taken by the fused kernels, in ONE parallel region: h = x·Aᵀ
-// split into row ranges, then, once every range is done, y split into column ranges. gemv_in + gemv_out
-// opened a region each: d = 768 took 8.7 us a call that way, 7.8 us in one region.
-void gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, float* h, float* y) {
-  const int64_t work = rows * (a.k * a.n + b.k * b.n);
-  const int64_t parts = parts_for(work);
-  const float* xf = fused_x(a, x, rows);
-  auto in_part = [&](int64_t p) {  // rank rows [r0, r1): multiples of 8 where it can (the 1-row kernel's step)
-    const int64_t step = ((a.k + parts - 1) / parts + 7) / 8 * 8;
-    const int64_t r0 = std::min(a.k, p * step), r1 = std::min(a.k, r0 + step);
-    fused_in(a, xf, rows, h, r0, r1);
+  _mm_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+// y += (x·Aᵀ)·B in ONE parallel region of `parts` parts: h = x·Aᵀ split into rank-row ranges (`in(r0, r1)`,
+// multiples of 8 where it can: the kernels' row step), then, once every range is done, y split into ranges
+// of whole 32-column groups (`out(c0, c1)`). gemv_in + gemv_out opened a region each: d = 768 took 8.7 us a
+// call that way on AVX-512, 7.8 us in one region.
+template <typename In, typename Out>
+void both_in_one_region(int64_t parts, int64_t k, int64_t n, const In& in, const Out& out) {
+  auto in_part = [&](int64_t p) {
+    const int64_t step = ((k + parts - 1) / parts + 7) / 8 * 8;
+    const int64_t r0 = std::min(k, p * step), r1 = std::min(k, r0 + step);
+    if (r0 < r1) in(r0, r1);
   };
-  auto out_part = [&](int64_t p) {  // whole groups of 32 columns
-    const int64_t groups = b.n / 32, step = (groups + parts - 1) / parts;
-    fused_out(b, h, rows, y, 32 * std::min(groups, p * step), 32 * std::min(groups, (p + 1) * step));
+  auto out_part = [&](int64_t p) {
+    const int64_t groups = n / 32, step = (groups + parts - 1) / parts;
+    const int64_t c0 = 32 * std::min(groups, p * step), c1 = 32 * std::min(groups, (p + 1) * step);
+    if (c0 < c1) out(c0, c1);
   };
   if (parts == 1) {
     in_part(0);
@@ -202,14 +216,37 @@ void gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, f
       if (claim(p)) in_part(p), done_in.fetch_add(1, std::memory_order_release);
     for (int64_t p = 0; p < parts; ++p)
       if (claim(p)) in_part(p), done_in.fetch_add(1, std::memory_order_release);
-    while (done_in.load(std::memory_order_acquire) < parts) _mm_pause();  // the rest of h, being computed
+    while (done_in.load(std::memory_order_acquire) < parts) spin_pause();  // the rest of h, being computed
     for (int64_t p = p0; p < p1; ++p)
       if (claim(parts + p)) out_part(p);
     for (int64_t p = 0; p < parts; ++p)
       if (claim(parts + p)) out_part(p);
   });
 }
+
+// y (rows, out) += (x·Aᵀ)·B with both factors in one parallel region, where the register-decode kernels
+// take both: AVX-512's fused kernels (any rows up to the caller's limit), or, for one row of x, the AVX2 /
+// NEON one-row kernels. False (nothing done) otherwise: the caller runs gemv_in, then gemv_out.
+bool gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, float* h, float* y) {
+#if ADAPTWIN_X86
+  if (fused_all(&a, &b)) {
+    const float* xf = fused_x(a, x, rows);
+    both_in_one_region(
+        parts_for(rows * (a.k * a.n + b.k * b.n)), a.k, b.n,
+        [&](int64_t r0, int64_t r1) { fused_in(a, xf, rows, h, r0, r1); },
+        [&](int64_t c0, int64_t c1) { fused_out(b, h, rows, y, c0, c1); });
+    return true;
+  }
 #endif
+  const OneRowKernels one = one_row_kernels();
+  if (rows != 1 || one.in == nullptr || !fused_ok(a) || !fused_ok(b)) return false;
+  both_in_one_region(
+      parts_for(a.k * a.n + b.k * b.n, kPartElemsOneRow), a.k, b.n,
+      [&](int64_t r0, int64_t r1) { one.in(a, x, h, r0, r1); },
+      [&](int64_t c0, int64_t c1) { one.out(b, h, y, c0, c1); });
+  return true;
+}
+
 
 }  // namespace
 }  // namespace adaptwin
