@@ -24,10 +24,11 @@ GEMV_SIZES = (1024, 2048, 4096, 8192)
 GEMV_TUNE_ROWS = [{"BLOCK_N": n, "BLOCK_B": 32, "GROUPS": g, "num_warps": w, "GATHER": 2} for n in (16, 32, 64)
                   for g in (1, 2, 4, 8) for w in (4, 8) if 512 <= n * 32 * g <= 1024 * w]
 GEMV_TUNE_SPLITS = [{"WAVES": 2, "MAX_SPLITS": 8}, {"WAVES": 8, "MAX_SPLITS": 16}, {"WAVES": 16, "MAX_SPLITS": 32}]
-GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "GATHER": 2} for k in (32, 64, 128, 256)
+GEMV_TUNE_COLS = [{"BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "GATHER": 2, **words} for k in (32, 64, 128, 256)
                   for b in (16, 32, 64)
                   for w in (4, 8) if 512 <= k * b <= 512 * w  # 4096 bytes with 4 warps spilled
-                  and (k, b, w) not in ((64, 16, 4), (64, 32, 8), (32, 64, 8))]
+                  and (k, b, w) not in ((64, 16, 4), (64, 32, 8), (32, 64, 8))
+                  for words in ({}, {"WORDS": True})]  # B's codes as bytes, or as 32-bit words
 GEMV_TUNE_COL_WAVES = (0, 1, 2, 8)  # h·B's K split: 0 is none (no sum kernel)
 # the one-launch GEMV: rank rows per program, bytes per tile and warps (swept first, at the planned number of
 # column chunks), then the column chunks (each one more program per slab recomputing its h)
@@ -108,6 +109,8 @@ def _gemv_size(device: torch.device, d: int, l2_bytes: int, ceil: dict, tune: bo
         rows.append(_gemv_select_tree(factors, sets, x, shape, dense_us, ours_bytes, note, r, d))
         rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_no_pdl",
                                  {"pdl": False}))
+        rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d, "adaptwin_nf4_rank_words",
+                                 {"cols": {"WORDS": True}}))  # h·B reading B as 32-bit words
         rows.append(_gemv_config(factors, sets, x, shape, dense_us, ours_bytes, note, r, d,
                                  "adaptwin_nf4_rank_one_launch", {"gemv": "one_launch"}))
         # 8 rows (a batch of decoding streams): the default plan decodes both factors into fp16 first

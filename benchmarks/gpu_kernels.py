@@ -28,7 +28,8 @@ float64 reference.
    factors of d <= 4096 partly in L2). The op takes the code values from a register table by warp
    shuffles (``GATHER``) and launches its kernels with programmatic dependent launch (each lets the next
    launch early); a second adaptwin row takes the values from the select tree instead, a third launches
-   without PDL, a fourth runs the whole call in one launch (``gemv="one_launch"``: h per slab of rank
+   without PDL, a fourth reads B's codes as 32-bit words in h·B (``cols: {"WORDS": True}``), a fifth runs
+   the whole call in one launch (``gemv="one_launch"``: h per slab of rank
    rows, its products with B added atomically into a float32 workspace, the last program of each column
    chunk writing the output) instead of two or three. The same at 8 rows (``:M8``, a batch of decoding
    streams): cuBLAS, the default plan (both factors decoded into fp16, then the products) and the

@@ -74,6 +74,17 @@ def nf4_lookup(nib, table, GATHER: tl.constexpr, AXIS: tl.constexpr = 1):
 
 
 @triton.jit
+def nf4_lookup_bits(bits, table, GATHER: tl.constexpr):
+    """Code values of the 4-bit codes in bits 0-3 of ``bits`` (int32, any higher bits: a code word shifted so
+    that the code lies lowest), as `nf4_lookup` (2-D ``table`` for GATHER 1). GATHER 2 passes ``bits`` to the
+    lane shuffle as they are: the shuffle reads lane bits 0-4 only, and lanes 16-31 hold the book again
+    (`nf4_lane_table`), so no mask is needed; otherwise the code is masked first."""
+    if GATHER == 2:
+        return nf4_lookup(bits, table, 2)
+    return nf4_lookup(bits & 15, table, GATHER)
+
+
+@triton.jit
 def nf4_bytes(w_ptr, r, c, ok, ROWLEN):
     """Whole bytes of an NF4 factor with rows of ROWLEN codes (even): byte column ``c`` of factor row ``r``
     (broadcast index tensors) -> (high, low) code values, unscaled: the factor's elements (r, 2c) and

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from adaptwin.kernels import capability, cdiv, interpreting, next_pow2, sm_count
-from adaptwin.kernels.nf4 import gathered_scales, nf4_lane_table, nf4_lookup, nf4_table, nf4_table3
+from adaptwin.kernels.nf4 import gathered_scales, nf4_lane_table, nf4_lookup, nf4_lookup_bits, nf4_table, nf4_table3
 
 try:  # programmatic dependent launch (sm_90+): in triton since 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -174,6 +174,106 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
 
 
 @triton.jit
+def _word_fma(acc, word, SHIFT: tl.constexpr, table, hs, GATHER: tl.constexpr):
+    """acc + (the code in bits SHIFT to SHIFT + 3 of ``word``)·hs: a shift and a lookup (`nf4_lookup_bits`)."""
+    if SHIFT == 0:
+        return acc + nf4_lookup_bits(word, table, GATHER) * hs
+    return acc + nf4_lookup_bits(word >> SHIFT, table, GATHER) * hs
+
+
+@triton.jit
+def _store_cols(base, col, acc, ok, bias_ptr, HAS_BIAS: tl.constexpr):
+    """acc's sum over its rows (+ bias) to ``base`` at columns ``col``, in the output's dtype."""
+    y = tl.sum(acc, 0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(base + col, y.to(base.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gemv_nf4_cols_words_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWWORDS, K_SPLIT,
+                                BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                PARTIAL: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr,
+                                GATHER: tl.constexpr = False, PDL: tl.constexpr = False,
+                                SPLITS_P2: tl.constexpr = 1):
+    """`_gemv_nf4_cols_kernel` reading B's codes as 32-bit words (config "cols": {"WORDS": True}; N % 8 == 0, BS
+    % 8 == 0, B 4-byte aligned): each program owns 8·BLOCK_W outputs, the 8 codes of BLOCK_W consecutive words
+    of every row of B, in 8 accumulators, one per code of a word. Byte i of a word (little-endian) holds
+    output 8·w + 2i in bits 8i + 4 to 8i + 7 and 8·w + 2i + 1 in bits 8i to 8i + 3; with GATHER 2 each code
+    costs a shift of the word and one lane shuffle (no byte extraction, no mask: `nf4_lookup_bits`). h's
+    SPLITS partial rows are loaded one split at a time as rank vectors (unrolled, all loads in flight), which
+    the tile uses as they are: no shared-memory round trip or barrier per step. On sm_90 (triton 3.6, the
+    8192² tiles: 64 rows x 32 bytes, 4 warps) the loop takes 110 instructions per step against the byte
+    kernel's 203, with 5 barriers there and none here; not yet timed on a GPU."""
+    jw = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # word column: outputs 8·jw to 8·jw + 7
+    col_ok = jw < ROWWORDS
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    acc0 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc1 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc3 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc4 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc5 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc6 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    acc7 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
+    if GATHER == 2:
+        table = nf4_lane_table(tl.zeros((BLOCK_K, BLOCK_W), tl.int32))
+    else:
+        table = nf4_table(BLOCK_K)
+    rk = k_lo + tl.arange(0, BLOCK_K)
+    ok = (rk < k_hi)[:, None] & col_ok[None, :]
+    word = tl.load(w32 + rk[:, None] * ROWWORDS + jw[None, :], mask=ok, other=0)
+    block = (8 * tl.program_id(0) * BLOCK_W) // BS  # SCALE_ROW: the scale block of the program's columns
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
+    else:  # a word's 8 codes share a block (BS % 8 == 0, N % 8 == 0)
+        sc = tl.load(scale_ptr + (rk[:, None] * N + 8 * jw[None, :]) // BS, mask=ok, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_hi
+        nxt = rk + BLOCK_K
+        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
+        word_next = tl.load(w32 + nxt[:, None] * ROWWORDS + jw[None, :], mask=ok, other=0)
+        if SCALE_ROW:
+            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
+        else:
+            sc_next = tl.load(scale_ptr + (nxt[:, None] * N + 8 * jw[None, :]) // BS, mask=ok, other=0.0)
+        h = tl.load(h_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, SPLITS_P2):
+            s_ok = tl.full((BLOCK_K,), s, tl.int32) < SPLITS  # (a tensor: the interpreter takes no scalar mask)
+            h += tl.load(h_ptr + s * K + rk, mask=k_ok & s_ok, other=0.0).to(tl.float32)
+        hs = sc * h[:, None]
+        acc0 = _word_fma(acc0, word, 4, table, hs, GATHER)
+        acc1 = _word_fma(acc1, word, 0, table, hs, GATHER)
+        acc2 = _word_fma(acc2, word, 12, table, hs, GATHER)
+        acc3 = _word_fma(acc3, word, 8, table, hs, GATHER)
+        acc4 = _word_fma(acc4, word, 20, table, hs, GATHER)
+        acc5 = _word_fma(acc5, word, 16, table, hs, GATHER)
+        acc6 = _word_fma(acc6, word, 28, table, hs, GATHER)
+        acc7 = _word_fma(acc7, word, 24, table, hs, GATHER)
+        word, sc = word_next, sc_next
+    if PARTIAL:
+        base = out_ptr + tl.program_id(1) * N
+    else:
+        base = out_ptr
+    bias_here = HAS_BIAS and not PARTIAL
+    col = 8 * jw
+    _store_cols(base, col, acc0, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 1, acc1, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 2, acc2, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 3, acc3, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 4, acc4, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 5, acc5, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 6, acc6, col_ok, bias_ptr, bias_here)
+    _store_cols(base, col + 7, acc7, col_ok, bias_ptr, bias_here)
+
+
+@triton.jit
 def _sum_rows_kernel(part_ptr, SPLITS, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                      PDL: tl.constexpr = False, SPLITS_P2: tl.constexpr = 1):
     """out[n] = sum over s of part[s, n] (+ bias[n]), in out's dtype: the K splits of `_gemv_nf4_cols_kernel`.
@@ -232,22 +332,30 @@ def cols_launches(h, splits, b, sc, blocksize, k, n, bias, out, code, tiles: dic
         t = {"GATHER": 2, **by_width(GEMV_COLS_TILES, n)}
     t.update(tiles)
     waves = t.pop("WAVES", GEMV_WAVES)
+    words = t.pop("WORDS", False)
     t.update(pdl)
     scale_row = n % blocksize == 0 and blocksize % (2 * t["BLOCK_B"]) == 0
     col_blocks = cdiv(n // 2, t["BLOCK_B"])
+    kernel, row_units = _gemv_nf4_cols_kernel, n // 2
+    if words:
+        if n % 8 or blocksize % 8 or t["BLOCK_B"] % 4 or b.data_ptr() % 4:
+            raise ValueError(f"rank_linear config: cols WORDS=True reads B's codes as 32-bit words and needs N and "
+                             f"the blocksize to be multiples of 8, BLOCK_B of 4 and B 4-byte aligned; got N={n}, "
+                             f"blocksize={blocksize}, BLOCK_B={t['BLOCK_B']}, B at byte {b.data_ptr() % 4} of 4")
+        kernel, row_units = _gemv_nf4_cols_words_kernel, n // 8
+        t["BLOCK_W"] = t.pop("BLOCK_B") // 4
     want = max(1, min(cdiv(waves * sm_count(dev), col_blocks), cdiv(k, 2 * t["BLOCK_K"])))
     k_split = cdiv(cdiv(k, want), t["BLOCK_K"]) * t["BLOCK_K"]
     k_splits = cdiv(k, k_split)
     has_bias = bias is not None
     bias_arg = bias if has_bias else code
     if k_splits == 1:
-        return [(_gemv_nf4_cols_kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, n // 2, k_split),
+        return [(kernel, (col_blocks, 1), (h, splits, b, sc, bias_arg, out, n, k, row_units, k_split),
                  dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=has_bias, PARTIAL=False, SPLITS_P2=next_pow2(splits),
                       **t))]
     part = torch.empty((k_splits, n), dtype=torch.float32, device=dev)
     sum_block = max(64, 4096 // next_pow2(k_splits))  # 4096 floats a program at most
-    return [(_gemv_nf4_cols_kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, n // 2,
-                                                             k_split),
+    return [(kernel, (col_blocks, k_splits), (h, splits, b, sc, bias_arg, part, n, k, row_units, k_split),
              dict(BS=blocksize, SCALE_ROW=scale_row, HAS_BIAS=False, PARTIAL=True, SPLITS_P2=next_pow2(splits), **t)),
             (_sum_rows_kernel, (cdiv(n, sum_block),), (part, k_splits, bias_arg, out, n),
              dict(HAS_BIAS=has_bias, BLOCK=sum_block, SPLITS_P2=next_pow2(k_splits), **pdl))]

@@ -153,7 +153,8 @@ def plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_
     the output in `rank_gemv_one._gemv_nf4_one_launch_kernel`, 2.5-4x slower on an H100), with its tiles in
     "one_launch": {SLAB, BLOCK_B, CHUNKS, num_warps, GATHER}; "pdl": True / False for the whole-byte GEMV
     kernels' programmatic dependent launch (`rank_gemv.pdl_kwargs`; default: where the GPU has it). "rows"
-    also takes GROUPS (BLOCK_B-byte groups per step, each with its own scale) and "cols" WAVES. Every
+    also takes GROUPS (BLOCK_B-byte groups per step, each with its own scale), "cols" WAVES and WORDS (True:
+    h·B reads B's codes as 32-bit words, `rank_gemv._gemv_nf4_cols_words_kernel`; off by default until timed). Every
     Triton launch carries `LAUNCH_OPTIONS`."""
     out, launches = _plan(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
                           b_shape, bias, code, config)

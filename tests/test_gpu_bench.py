@@ -123,7 +123,8 @@ assert names[:3] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_ran
 assert rows[1]["rel_err"] < 1e-2 and rows[1]["gbps"] == c.nf4_bytes(32, 128, 128) / 10.0 / 1e3
 assert rows[2]["rel_err"] < 1e-2 and "'GATHER': False" in rows[2]["config"]
 assert names[3] == "adaptwin_nf4_rank_no_pdl" and "'pdl': False" in rows[3]["config"], rows
-assert names[4] == "adaptwin_nf4_rank_one_launch" and rows[4]["rel_err"] < 1e-2, rows
+assert names[4] == "adaptwin_nf4_rank_words" and "'WORDS': True" in rows[4]["config"], rows
+assert names[5] == "adaptwin_nf4_rank_one_launch" and all(r["rel_err"] < 1e-2 for r in rows[4:6]), rows
 m8 = [r for r in rows if r["shape"].endswith(":M8")]
 assert [r["provider"] for r in m8] == ["cublas_dense_fp16", "adaptwin_nf4_rank", "adaptwin_nf4_rank_one_launch"], m8
 assert m8[2]["rel_err"] < 1e-2, m8

@@ -152,7 +152,10 @@ GEMV_CASES = [(1, 4096, 1024, 4096, "nf4", 64), (1, 2048, 512, 2048, "nf4", 64),
 GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 1, "BLOCK_B": 32}}, {"rows": {"GROUPS": 2}, "cols": {"WAVES": 0}},
                 {"rows": {"BLOCK_N": 32, "BLOCK_B": 64, "GROUPS": 2, "num_warps": 8}},
                 {"rows": {"GATHER": True}, "cols": {"GATHER": True}},
-                {"rows": {"GATHER": False}, "cols": {"GATHER": False}}]
+                {"rows": {"GATHER": False}, "cols": {"GATHER": False}},
+                # h·B reading B's codes as 32-bit words: lane shuffles on raw shifts, Triton's gather, no K split
+                {"cols": {"WORDS": True}}, {"cols": {"WORDS": True, "GATHER": True}},
+                {"cols": {"WORDS": True, "WAVES": 0, "BLOCK_B": 16}}]
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS, ids=str)
@@ -161,8 +164,8 @@ GEMV_CONFIGS = [{"pdl": False}, {"rows": {"GROUPS": 1, "BLOCK_B": 32}}, {"rows":
 def test_rank_linear_gemv_variants_on_cuda(case, dtype, config):
     """The whole-byte batch-1 NF4 GEMVs with and without programmatic dependent launch (the default on sm_90),
     with other x·Aᵀ steps (GROUPS scale groups per step; 64-byte groups crossing scale blocks), h·B not
-    split over K, and code values from Triton's gather or the select tree instead of lane shuffles (the
-    default, GATHER 2), against the reference."""
+    split over K, code values from Triton's gather or the select tree instead of lane shuffles (the
+    default, GATHER 2), and h·B over 32-bit words of B, against the reference."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     from adaptwin.kernels.rank_linear import rank_linear
@@ -170,8 +173,9 @@ def test_rank_linear_gemv_variants_on_cuda(case, dtype, config):
     check_rank_linear_case(case, dtype, "cuda", op=partial(rank_linear, config=config))
 
 
+@pytest.mark.parametrize("config", [{}, {"cols": {"WORDS": True}}], ids=["bytes", "words"])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_rank_linear_gemv_waits_for_its_input(graph):
+def test_rank_linear_gemv_waits_for_its_input(graph, config):
     """Programmatic dependent launch lets a GEMV kernel start before the kernel before it ends: each call's x is
     written by the kernel just before it (and each output read by the one after), eagerly and replayed from
     a CUDA graph; every output must match its own x's product, none a neighbour's."""
@@ -185,13 +189,13 @@ def test_rank_linear_gemv_waits_for_its_input(graph):
     base = torch.randn(1, 4096, generator=gen).to("cuda", torch.float16)
     code = _code_on(base.device)
     if torch.cuda.get_device_capability()[0] >= 9:  # the plan asks for it where the GPU has it
-        assert all(kw.get("launch_pdl") for _, _, _, kw in plan(base, *fa, *fb, None, code)[1])
+        assert all(kw.get("launch_pdl") for _, _, _, kw in plan(base, *fa, *fb, None, code, config)[1])
 
     def calls():
         outs = []
         for i in range(12):
             x = base * (i + 1) - outs[-1][:, :1] * 0 if outs else base * (i + 1)  # written just before the call
-            outs.append(rank_linear(x, *fa, *fb, None))
+            outs.append(rank_linear(x, *fa, *fb, None, config=config))
         return torch.cat(outs)
 
     if graph:

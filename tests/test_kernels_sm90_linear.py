@@ -235,6 +235,37 @@ def test_gathered_nf4_values_shorten_the_gemv_loops(d, rank):
     assert counts["SHFL", "_gemv_nf4_rows_kernel", False] == 0, counts
 
 
+@pytest.mark.parametrize("d", [1024, 2048, 4096, 8192])
+def test_word_columns_shorten_the_h_b_loop(d):
+    """h·B over 32-bit words of B (``cols: {"WORDS": True}``), with the default tiles and PDL at each width the
+    GEMV benchmark times, compiles spill-free for sm_90 with PDL's wait, and its loop issues exactly one
+    lane shuffle per code and no barrier or shared-memory access (h's partial rows are loaded as the tile
+    uses them), in at most 4/5 of the byte kernel's instructions (triton 3.6: 96-172 against 131-231)."""
+    from adaptwin.kernels import rank_linear as kr
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_kernels_cpu import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    fa, fb = (_factor("nf4", 64, torch.randn(d // 4, d, generator=gen)) for _ in range(2))
+    x = torch.empty(1, d, dtype=torch.float16)
+    loops = {}
+    for words in (False, True):
+        kernel, _, args, kwargs = kr.plan(x, *fa, *fb, None, kr._code_on(x.device), {"cols": {"WORDS": words}})[1][1]
+        compiled = compile_sm90(kernel, args, {**kwargs, "PDL": True, "launch_pdl": True})
+        check(compiled, tensor_cores=False)
+        assert "griddepcontrol.wait" in compiled.asm["ptx"]
+        loops[words] = [i.split()[0] for i in loop_sass(compiled)]
+        if words:
+            assert kernel.fn.__name__ == "_gemv_nf4_cols_words_kernel"
+            codes = 8 * kwargs["BLOCK_K"] * kwargs["BLOCK_W"] // (32 * kwargs["num_warps"])  # per thread and step
+    ops = loops[True]
+    assert sum(o.startswith("SHFL") for o in ops) == codes, ops
+    assert not [o for o in ops if o.startswith(("BAR", "LDS", "STS"))], ops
+    assert any(o.startswith("BAR") for o in loops[False])  # what the byte kernel pays for h each step
+    assert len(ops) <= 0.8 * len(loops[False]), (len(ops), len(loops[False]))
+
+
 def test_gemv_loads_x_in_element_pairs():
     """The batch-1 x·Aᵀ kernel's loop issues few loads per step and thread on sm_90: its code bytes as one
     vector load (8 bytes per thread with the default 8 warps), its scales, and x's even and odd elements

@@ -72,6 +72,9 @@ def test_triton_rank_linear(tk, case):
         # wider x·Aᵀ steps (several scale groups each, the last step partly masked), h·B not split over K
         configs.append({"rows": {"GROUPS": 4, "BLOCK_B": 32}, "cols": {"WAVES": 0}})
         configs.append({"rows": {"GROUPS": 2, "BLOCK_B": 8, "BLOCK_N": 8}})
+        if n_out % 8 == 0 and bs % 8 == 0:  # h·B reading B as 32-bit words, 8 codes each
+            configs += [{"cols": {"WORDS": True}}, {"cols": {"WORDS": True, "GATHER": True, "WAVES": 0}},
+                        {"cols": {"WORDS": True, "BLOCK_B": 4, "BLOCK_K": 8}}]
     for config in configs:
         out = tk["rank_linear"].rank_linear(x, *fa, *fb, bias, config=config)
         assert_within_twice(out, ref, ref64)
@@ -205,6 +208,25 @@ def test_triton_rank_linear_plans_whole_byte_kernels(tk):
     _, launches = plan(torch.randn(1, 384), *fa, *fb, None, _code_on(torch.device("cpu")))
     assert launches[0][1][1] == 1 and not launches[0][3]["PARTIAL"]
     assert launches[1][0].fn.__name__ == "_gemv_kernel"
+
+
+@needs_interpreter
+def test_triton_rank_linear_plans_word_columns(tk):
+    """``cols: {"WORDS": True}`` plans h·B over 32-bit words of B (BLOCK_B / 4 words a program, N / 8 words a
+    row); a width, blocksize or tile it cannot take is an error naming them."""
+    from adaptwin.kernels.rank_linear import _code_on, plan
+
+    gen = torch.Generator().manual_seed(21)
+    code = _code_on(torch.device("cpu"))
+    fa, fb = (_factor("nf4", 64, torch.randn(96, n, generator=gen)) for n in (384, 512))
+    _, launches = plan(torch.randn(1, 384), *fa, *fb, None, code, {"cols": {"WORDS": True}})
+    kernel, grid, args, kw = launches[1]
+    assert kernel.fn.__name__ == "_gemv_nf4_cols_words_kernel" and "BLOCK_B" not in kw
+    assert kw["BLOCK_W"] == 4 and args[8] == 512 // 8 and grid[0] == 512 // 32
+    for n, bs, tiles in ((436, 64, {}), (512, 4, {}), (512, 64, {"BLOCK_B": 6})):
+        fb = _factor("nf4", bs, torch.randn(96, n, generator=gen))
+        with pytest.raises(ValueError, match=f"multiples of 8.*N={n}, blocksize={bs}"):
+            plan(torch.randn(1, 384), *fa, *fb, None, code, {"cols": {"WORDS": True, **tiles}})
 
 
 @needs_interpreter
