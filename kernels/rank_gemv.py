@@ -104,6 +104,45 @@ def _gemv_nf4_rows_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWB
 
 
 @triton.jit
+def _cols_book(ROWS: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr):
+    """The code book for `nf4_lookup` on (ROWS, COLS) tiles: a lane's entry (GATHER 2) or the (ROWS, 16) table."""
+    if GATHER == 2:
+        table = nf4_lane_table(tl.zeros((ROWS, COLS), tl.int32))
+    else:
+        table = nf4_table(ROWS)
+    return table
+
+
+@triton.jit
+def _cols_tile(w_ptr, scale_ptr, rk, k_hi, unit, unit_ok, ROW_UNITS, N, BS: tl.constexpr, SCALE_ROW: tl.constexpr,
+               CODES: tl.constexpr, block):
+    """Code units of B (k, N) packed along N, CODES codes each (bytes, 2; int32 words, 8: ``w_ptr`` typed to
+    match), at rows ``rk`` (those below ``k_hi``) and unit columns ``unit`` (mask ``unit_ok``), and their
+    scales: with SCALE_ROW one per row, of scale block ``block``, shaped (rows, 1); otherwise one per unit
+    (a unit's codes share a block)."""
+    ok = (rk < k_hi)[:, None] & unit_ok[None, :]
+    units = tl.load(w_ptr + rk[:, None] * ROW_UNITS + unit[None, :], mask=ok, other=0)
+    if SCALE_ROW:
+        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
+    else:
+        sc = tl.load(scale_ptr + (rk[:, None] * N + CODES * unit[None, :]) // BS, mask=ok, other=0.0)
+    return units, sc
+
+
+@triton.jit
+def _cols_start(w_ptr, scale_ptr, k_lo, k_hi, unit, unit_ok, ROW_UNITS, N, BS: tl.constexpr, SCALE_ROW: tl.constexpr,
+                CODES: tl.constexpr, block, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """The first tile of a h·B program (`_cols_tile` at rows k_lo on), then with PDL the hand-over: the next
+    kernel may launch, and this one waits for the previous kernel (which writes h) before going on."""
+    units, sc = _cols_tile(w_ptr, scale_ptr, k_lo + tl.arange(0, BLOCK_K), k_hi, unit, unit_ok, ROW_UNITS, N, BS,
+                           SCALE_ROW, CODES, block)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    return units, sc
+
+
+@triton.jit
 def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, ROWBYTES, K_SPLIT,
                           BS: tl.constexpr, SCALE_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, GATHER: tl.constexpr = False,
@@ -122,32 +161,15 @@ def _gemv_nf4_cols_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_ptr, N,
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     acc_e = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
     acc_o = tl.zeros((BLOCK_K, BLOCK_B), tl.float32)
-    if GATHER == 2:
-        table = nf4_lane_table(tl.zeros((BLOCK_K, BLOCK_B), tl.int32))
-    else:
-        table = nf4_table(BLOCK_K)
+    table = _cols_book(BLOCK_K, BLOCK_B, GATHER)
     # software prefetch of the next tile's bytes and scales, as in `_gemv_nf4_rows_kernel`
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    ok = (rk < k_hi)[:, None] & col_ok[None, :]
-    byte = tl.load(w_ptr + rk[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
     block = (2 * tl.program_id(0) * BLOCK_B) // BS  # SCALE_ROW: the scale block of the program's columns
-    if SCALE_ROW:
-        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
-    else:
-        sc = gathered_scales(scale_ptr, rk[:, None], jb[None, :], ok, N, BS)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    byte, sc = _cols_start(w_ptr, scale_ptr, k_lo, k_hi, jb, col_ok, ROWBYTES, N, BS, SCALE_ROW, 2, block, BLOCK_K, PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
-        nxt = rk + BLOCK_K
-        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
-        byte_next = tl.load(w_ptr + nxt[:, None] * ROWBYTES + jb[None, :], mask=ok, other=0)
-        if SCALE_ROW:
-            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
-        else:
-            sc_next = gathered_scales(scale_ptr, nxt[:, None], jb[None, :], ok, N, BS)
+        byte_next, sc_next = _cols_tile(w_ptr, scale_ptr, rk + BLOCK_K, k_hi, jb, col_ok, ROWBYTES, N, BS, SCALE_ROW,
+                                        2, block)
         # h's SPLITS partial rows (SPLITS_P2 >= SPLITS, a power of two) as one tile: all its loads in flight at
         # once (a loop over the rows waited for each load in turn: the h·B kernel took 7.4 against 3.4 us for
         # x·Aᵀ on an H100 at 4096², r 1024)
@@ -202,14 +224,18 @@ def _gemv_nf4_cols_words_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_p
     output 8·w + 2i in bits 8i + 4 to 8i + 7 and 8·w + 2i + 1 in bits 8i to 8i + 3; with GATHER 2 each code
     costs a shift of the word and one lane shuffle (no byte extraction, no mask: `nf4_lookup_bits`). h's
     SPLITS partial rows are loaded one split at a time as rank vectors (unrolled, all loads in flight), which
-    the tile uses as they are: no shared-memory round trip or barrier per step. On sm_90 (triton 3.6, the
-    8192² tiles: 64 rows x 32 bytes, 4 warps) the loop takes 110 instructions per step against the byte
-    kernel's 203, with 5 barriers there and none here; not yet timed on a GPU."""
+    the tile uses as they are: no shared-memory round trip or barrier per step. On sm_90 (triton 3.6, default
+    tiles and PDL) the loop takes 96 / 130 / 172 / 145 instructions per step at N = 1024 / 2048 / 4096 / 8192,
+    against the byte kernel's 131 / 193 / 231 / 203 with 5 barriers a step; not yet timed on a GPU."""
     jw = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # word column: outputs 8·jw to 8·jw + 7
     col_ok = jw < ROWWORDS
     k_lo = tl.program_id(1) * K_SPLIT
     k_hi = tl.minimum(K, k_lo + K_SPLIT)
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    block = (8 * tl.program_id(0) * BLOCK_W) // BS  # SCALE_ROW: the scale block of the program's columns
+    # (otherwise a scale per word: its 8 codes share a block, BS % 8 == 0 and N % 8 == 0)
+    word, sc = _cols_start(w32, scale_ptr, k_lo, k_hi, jw, col_ok, ROWWORDS, N, BS, SCALE_ROW, 8, block, BLOCK_K, PDL)
+    table = _cols_book(BLOCK_K, BLOCK_W, GATHER)
     acc0 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
     acc1 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
     acc2 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
@@ -218,31 +244,11 @@ def _gemv_nf4_cols_words_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_p
     acc5 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
     acc6 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
     acc7 = tl.zeros((BLOCK_K, BLOCK_W), tl.float32)
-    if GATHER == 2:
-        table = nf4_lane_table(tl.zeros((BLOCK_K, BLOCK_W), tl.int32))
-    else:
-        table = nf4_table(BLOCK_K)
-    rk = k_lo + tl.arange(0, BLOCK_K)
-    ok = (rk < k_hi)[:, None] & col_ok[None, :]
-    word = tl.load(w32 + rk[:, None] * ROWWORDS + jw[None, :], mask=ok, other=0)
-    block = (8 * tl.program_id(0) * BLOCK_W) // BS  # SCALE_ROW: the scale block of the program's columns
-    if SCALE_ROW:
-        sc = tl.load(scale_ptr + rk * (N // BS) + block, mask=rk < k_hi, other=0.0)[:, None]
-    else:  # a word's 8 codes share a block (BS % 8 == 0, N % 8 == 0)
-        sc = tl.load(scale_ptr + (rk[:, None] * N + 8 * jw[None, :]) // BS, mask=ok, other=0.0)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_hi
-        nxt = rk + BLOCK_K
-        ok = (nxt < k_hi)[:, None] & col_ok[None, :]
-        word_next = tl.load(w32 + nxt[:, None] * ROWWORDS + jw[None, :], mask=ok, other=0)
-        if SCALE_ROW:
-            sc_next = tl.load(scale_ptr + nxt * (N // BS) + block, mask=nxt < k_hi, other=0.0)[:, None]
-        else:
-            sc_next = tl.load(scale_ptr + (nxt[:, None] * N + 8 * jw[None, :]) // BS, mask=ok, other=0.0)
+        word_next, sc_next = _cols_tile(w32, scale_ptr, rk + BLOCK_K, k_hi, jw, col_ok, ROWWORDS, N, BS, SCALE_ROW,
+                                        8, block)
         h = tl.load(h_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
         for s in tl.static_range(1, SPLITS_P2):
             s_ok = tl.full((BLOCK_K,), s, tl.int32) < SPLITS  # (a tensor: the interpreter takes no scalar mask)
