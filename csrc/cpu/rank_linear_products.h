@@ -1,8 +1,8 @@
 // The two products of the CPU rank_linear's decode path (included by rank_linear.cpp only): h = x·Aᵀ and
 // y += h·B over parallel ranges, each factor through the fused register-decode kernels where they take it
 // (rank_linear_fused.h) or decoded chunk by chunk (rank_linear_decode.h), and both products in one parallel
-// region when both factors are fused. How the work is split is decided here. Layouts:
-// adaptwin/ops/rank_linear.py.
+// region when both factors are fused (AVX-512) or, for one row of x, both take the AVX2 / NEON one-row
+// kernels. How the work is split is decided here. Layouts: adaptwin/ops/rank_linear.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -246,7 +246,6 @@ bool gemv_both(const Factor& a, const Factor& b, const float* x, int64_t rows, f
       [&](int64_t c0, int64_t c1) { one.out(b, h, y, c0, c1); });
   return true;
 }
-
 
 }  // namespace
 }  // namespace adaptwin
