@@ -16,10 +16,11 @@ float64 reference.
    Triton kernel on rank-space heads of width r + l in 16..48, fp16 and bf16, for (batch, heads) of
    Whisper tiny (1, 6) and large (1, 20), and a batch of 16 large windows. FLOPs 4·B·H·T²·w (q·kᵀ and
    P·V); bytes q, k, v read and the output written once. Widths cut into two dot parts (33-48) are also
-   timed padded to one part (``ONE_PART``: fewer, wider dots). ``--tune`` also sweeps the Triton block sizes
-   on the largest shape and reports the best configuration next to the default. Decoding rows: one query
-   per (batch, head) against the same 1500 keys (the Triton kernel splits the keys over the grid); bytes
-   are the keys and values read.
+   timed padded to one part (``ONE_PART``: fewer, wider dots), and every width with each tile's P·V issued
+   after the next tile's scores (``DEFER_PV``, `adaptwin.kernels.attention`). ``--tune`` also sweeps the
+   Triton block sizes on the largest shape and reports the best configuration next to the default.
+   Decoding rows: one query per (batch, head) against the same 1500 keys (the Triton kernel splits the
+   keys over the grid); bytes are the keys and values read.
 3. Batch-1 rank-r linear (decoding), d = 1024..8192: the op with NF4 factors at the rank that halves the
    parameters against dense fp16 `F.linear` (cuBLAS), and bitsandbytes' NF4 `matmul_4bit` on the dense
    weight where bitsandbytes imports. Bytes: what each provider must read (codes, scales, weights, x).
@@ -164,6 +165,11 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
                 raise RuntimeError(f"attention {shape} w{width} {dname}, one part: relative error "
                                    f"{errs['one part']:.2e}")
             configs.append(("one part", one))
+        deferred = {**default_config(q), "DEFER_PV": True}  # each tile's P·V in flight during the next softmax
+        errs["defer pv"] = rel_err(triton_attention(q, k, v, None, scale, False, config=deferred), ref)
+        if not errs["defer pv"] < 2e-2:
+            raise RuntimeError(f"attention {shape} w{width} {dname}, DEFER_PV: relative error {errs['defer pv']:.2e}")
+        configs.append(("defer pv", deferred))
         for label, config in configs + ([(str(c), c) for c in TUNE] if tune else []):
             try:
                 timed[label] = gc.bench(partial(triton_attention, q, k, v, None, scale, False, config=config),
@@ -173,6 +179,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
         flops = attention_flops(batch, heads, tokens, width)
         moved = attention_bytes(batch, heads, tokens, width, element)
         picks = [("default", f"triton_w{width}")] + [("one part", f"triton_w{width}_one_part")] * ("one part" in timed)
+        picks += [("defer pv", f"triton_w{width}_defer_pv")] * ("defer pv" in timed)
         if tune:
             picks.append((min(timed, key=timed.get), f"triton_w{width}_tuned"))
         for label, provider in picks:

@@ -10,6 +10,16 @@ units (scale·log2e, additive masks times log2e) so the softmax uses exp2, as Fl
 without a mask the scale and the running maximum enter exp2 as one fused multiply-add, and only the
 last, partial key tile masks its columns.
 
+``DEFER_PV`` (a tuning option, off by default; benchmarks/gpu_kernels.py times it beside the default) issues
+each key tile's P·V after the next tile's scores, carrying P in float32 to the next step. On sm_90 the P·V
+wgmma is asynchronous until its accumulators' next use, so in this order it runs on the tensor cores while
+the next tile's softmax runs on the FMA and special-function units; in the plain loop it waits for its
+own tile's probabilities, and the next scores wait for it. At widths 16-64 the softmax, not the dots, sets
+the pace (T² exp2s per head at 16 per clock per multiprocessor), and time grew with the width as if the
+dots were added to it (B16 H20 T1500 on an H100: 310 us at width 16, 399 at 32, 584 at 64). Compiled for
+sm_90 here, over 90 % of the loop's exp2s come after the deferred P·V, for 128-142 registers at width
+24-40 against 110-127 (tests/test_kernels_sm90.py); not yet timed on a GPU.
+
 Operand precision: compiled on a GPU, float16 / bfloat16 inputs go to tl.dot as they are (tensor cores,
 float32 accumulation) and P is rounded to V's dtype before P·V, as FlashAttention and SDPA's fused
 kernels do. float32 inputs, and every input under TRITON_INTERPRET=1 (the interpreter's bf16 dot is
@@ -53,17 +63,13 @@ def _scores(q1, q2, k_base, cols, col_ok, sks, DQ: tl.constexpr, D1Q: tl.constex
 
 
 @triton.jit
-def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows, row_ok, S, sks, svs, smt, sms,
-              qk_scale, DQ: tl.constexpr, DV: tl.constexpr, D1Q: tl.constexpr, D2Q: tl.constexpr,
-              D1V: tl.constexpr, D2V: tl.constexpr, HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
-              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-              FMA_SCALE: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key tile of the online softmax. TAIL: the last, partial tile (its columns masked); the full
-    tiles before it skip that mask. FMA_SCALE (no mask and a positive scale): the scale enters exp2
-    with the running maximum as one fused multiply-add, since then max(s)·scale = max(s·scale)."""
-    cols = start + tl.arange(0, BLOCK_N)  # (BN,)
-    col_ok = cols < S
-    s = _scores(q1, q2, k_base, cols, col_ok, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, TAIL)  # (BM, BN)
+def _probs(s, m_i, l_i, rows, row_ok, cols, col_ok, mask_base, smt, sms, qk_scale, HAS_MASK: tl.constexpr,
+           MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, FMA_SCALE: tl.constexpr, TAIL: tl.constexpr):
+    """The online softmax of one key tile's raw scores ``s``: (p, alpha, m_new, l_i), p unnormalised and
+    relative to the new running maximum, alpha the factor that takes the accumulators to it. TAIL: the last,
+    partial tile (its columns masked); the full tiles before it skip that mask. FMA_SCALE (no mask and a
+    positive scale): the scale enters exp2 with the running maximum as one fused multiply-add, since then
+    max(s)·scale = max(s·scale)."""
     if FMA_SCALE:
         if TAIL:
             s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -94,7 +100,16 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
         p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_ok = col_ok[:, None] if TAIL else tl.full((1, 1), 1, tl.int1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _pv(acc1, acc2, p, alpha, v_base, start, S, svs, DV: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr,
+        HAS_V2: tl.constexpr, DOT_F32: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The accumulators rescaled by ``alpha`` plus P·V for the key tile at ``start`` (p in float32, or already
+    in V's dtype for tensor-core dots). TAIL: V's rows past S are masked."""
+    cols = start + tl.arange(0, BLOCK_N)
+    v_ok = (cols < S)[:, None] if TAIL else tl.full((1, 1), 1, tl.int1)
     e1 = tl.arange(0, D1V)
     v1 = tl.load(v_base + cols[:, None] * svs + e1[None, :], mask=v_ok & (e1[None, :] < DV), other=0.0)
     if DOT_F32:
@@ -108,7 +123,44 @@ def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, ro
             acc2 = acc2 * alpha[:, None] + tl.dot(p, v2.to(tl.float32), input_precision="ieee")
         else:
             acc2 = tl.dot(p.to(v2.dtype), v2, acc=acc2 * alpha[:, None])
-    return acc1, acc2, m_new, l_i
+    return acc1, acc2
+
+
+@triton.jit
+def _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows, row_ok, S, sks, svs, smt, sms,
+              qk_scale, DQ: tl.constexpr, DV: tl.constexpr, D1Q: tl.constexpr, D2Q: tl.constexpr,
+              D1V: tl.constexpr, D2V: tl.constexpr, HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
+              HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+              FMA_SCALE: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile of the online softmax: scores, probabilities, then P·V."""
+    cols = start + tl.arange(0, BLOCK_N)  # (BN,)
+    col_ok = cols < S
+    s = _scores(q1, q2, k_base, cols, col_ok, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, TAIL)  # (BM, BN)
+    p, alpha, m_i, l_i = _probs(s, m_i, l_i, rows, row_ok, cols, col_ok, mask_base, smt, sms, qk_scale, HAS_MASK,
+                                MASK_BOOL, CAUSAL, FMA_SCALE, TAIL)
+    acc1, acc2 = _pv(acc1, acc2, p, alpha, v_base, start, S, svs, DV, D1V, D2V, HAS_V2, DOT_F32, TAIL, BLOCK_N)
+    return acc1, acc2, m_i, l_i
+
+
+@triton.jit
+def _deferred_tile(acc1, acc2, m_i, l_i, p_prev, alpha_prev, q1, q2, k_base, v_base, mask_base, start, rows,
+                   row_ok, S, sks, svs, smt, sms, qk_scale, DQ: tl.constexpr, DV: tl.constexpr, D1Q: tl.constexpr,
+                   D2Q: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr, HAS_Q2: tl.constexpr,
+                   HAS_V2: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+                   DOT_F32: tl.constexpr, FMA_SCALE: tl.constexpr, TAIL: tl.constexpr, PREV_TAIL: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """DEFER_PV's step: the scores of the key tile at ``start``, then P·V of the tile before it (``p_prev``,
+    ``alpha_prev``), then this tile's probabilities, returned as the next step's ``p_prev``. In this order the
+    softmax runs while the previous tile's P·V is still on the tensor cores (on sm_90 the P·V wgmma is
+    asynchronous; the wait for it comes at its accumulators' next use)."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < S
+    s = _scores(q1, q2, k_base, cols, col_ok, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, TAIL)
+    acc1, acc2 = _pv(acc1, acc2, p_prev, alpha_prev, v_base, start - BLOCK_N, S, svs, DV, D1V, D2V, HAS_V2, DOT_F32,
+                     PREV_TAIL, BLOCK_N)
+    p, alpha, m_i, l_i = _probs(s, m_i, l_i, rows, row_ok, cols, col_ok, mask_base, smt, sms, qk_scale, HAS_MASK,
+                                MASK_BOOL, CAUSAL, FMA_SCALE, TAIL)
+    return acc1, acc2, m_i, l_i, p, alpha
 
 
 @triton.jit
@@ -120,7 +172,7 @@ def _attention_kernel(
     D1Q: tl.constexpr, D2Q: tl.constexpr, D1V: tl.constexpr, D2V: tl.constexpr,
     HAS_Q2: tl.constexpr, HAS_V2: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-    FMA_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FMA_SCALE: tl.constexpr, DEFER_PV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -164,16 +216,34 @@ def _attention_kernel(
     # (compute-sanitizer on an H100, T = 64..1500, every tile shape tried)
     if DOT_F32 or CAUSAL:
         full_end = lo
-    for start in range(lo, full_end, BLOCK_N):
-        acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
-                                         row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
-                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, False,
-                                         BLOCK_N)
-    for start in range(full_end, end, BLOCK_N):  # the partial last tile (every tile for float32)
-        acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
-                                         row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
-                                         HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, True,
-                                         BLOCK_N)
+    if DEFER_PV:  # each tile's P·V waits for the next tile's scores (`_deferred_tile`)
+        cols = lo + tl.arange(0, BLOCK_N)  # the first tile, masked: it may be the only, partial one
+        s = _scores(q1, q2, k_base, cols, cols < S, sks, DQ, D1Q, D2Q, HAS_Q2, DOT_F32, True)
+        p, alpha, m_i, l_i = _probs(s, m_i, l_i, rows, row_ok, cols, cols < S, mask_base, smt, sms, qk_scale,
+                                    HAS_MASK, MASK_BOOL, CAUSAL, FMA_SCALE, True)
+        for start in range(lo + BLOCK_N, full_end, BLOCK_N):  # the full tiles after it
+            acc1, acc2, m_i, l_i, p, alpha = _deferred_tile(
+                acc1, acc2, m_i, l_i, p, alpha, q1, q2, k_base, v_base, mask_base, start, rows, row_ok, S, sks, svs,
+                smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V, HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL,
+                DOT_F32, FMA_SCALE, False, False, BLOCK_N)
+        for start in range(tl.maximum(full_end, lo + BLOCK_N), end, BLOCK_N):  # the partial last tile
+            acc1, acc2, m_i, l_i, p, alpha = _deferred_tile(
+                acc1, acc2, m_i, l_i, p, alpha, q1, q2, k_base, v_base, mask_base, start, rows, row_ok, S, sks, svs,
+                smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V, HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL,
+                DOT_F32, FMA_SCALE, True, True, BLOCK_N)
+        last = lo + (tl.cdiv(tl.maximum(end - lo, 1), BLOCK_N) - 1) * BLOCK_N  # the last tile's P·V is left
+        acc1, acc2 = _pv(acc1, acc2, p, alpha, v_base, last, S, svs, DV, D1V, D2V, HAS_V2, DOT_F32, True, BLOCK_N)
+    else:
+        for start in range(lo, full_end, BLOCK_N):
+            acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
+                                             row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
+                                             HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, False,
+                                             BLOCK_N)
+        for start in range(full_end, end, BLOCK_N):  # the partial last tile (every tile for float32)
+            acc1, acc2, m_i, l_i = _key_tile(acc1, acc2, m_i, l_i, q1, q2, k_base, v_base, mask_base, start, rows,
+                                             row_ok, S, sks, svs, smt, sms, qk_scale, DQ, DV, D1Q, D2Q, D1V, D2V,
+                                             HAS_Q2, HAS_V2, HAS_MASK, MASK_BOOL, CAUSAL, DOT_F32, FMA_SCALE, True,
+                                             BLOCK_N)
     e1 = tl.arange(0, D1V)
     if PARTIAL:  # unnormalised accumulators and the row statistics, for `_combine_kernel`
         row = (split * tl.num_programs(1) + bh) * T + rows  # (splits, B·H, T) row-major
@@ -258,7 +328,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Launcher with the op's signature: q (B, H, T, Dq), k (B, Hkv, S, Dq), v (B, Hkv, S, Dv) -> (B, T, H, Dv).
 
     ``config``: BLOCK_M, BLOCK_N (powers of two >= 16) and optionally num_warps / num_stages / SPLITS /
-    ONE_PART (see `launches`), for tuning runs; `default_config` otherwise. ``dot_f32``: force (True) or
+    ONE_PART / DEFER_PV (see `launches`), for tuning runs; `default_config` otherwise. ``dot_f32``: force (True) or
     forbid (False) the float32 cast of 16-bit operands; by default they are cast only for float32 inputs
     and under the interpreter."""
     from adaptwin.ops.attention import _check_attention
@@ -285,7 +355,8 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     Less than a wave of programs (decoding: one new token per (batch, head) against the cache or a 30 s
     encoder window) splits the keys over the grid's third axis, flash-decoding style, so that the GPU is
     not left with B·H programs; float32 partial accumulators then go through `_combine_kernel`.
-    ``config`` may set SPLITS (1: no split) and ONE_PART (`_parts`). Separate from the launches so the
+    ``config`` may set SPLITS (1: no split), ONE_PART (`_parts`) and DEFER_PV (the module docstring; causal
+    tensor-core calls keep the plain loop). Separate from the launches so the
     exact specialisations a call compiles can also be compiled ahead of time for a GPU that is not here
     (tests/test_kernels_sm90.py). Each launch carries `LAUNCH_OPTIONS` (FMA contraction)."""
     B, H, T, DQ = q.shape
@@ -296,11 +367,13 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         mask_arg, mstr = q, (0, 0, 0, 0)
     config = dict(default_config(q, mask is not None) if config is None else config)
-    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS", "ONE_PART"})
+    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS", "ONE_PART",
+                                    "DEFER_PV"})
     if unknown or not {"BLOCK_M", "BLOCK_N"} <= set(config):
         raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS, "
-                         f"ONE_PART; got {sorted(config)}")
+                         f"ONE_PART, DEFER_PV; got {sorted(config)}")
     one_part = bool(config.pop("ONE_PART", False))
+    defer_pv = bool(config.pop("DEFER_PV", False))
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
     programs = cdiv(T, block_m) * B * H
@@ -312,6 +385,10 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     splits = cdiv(S, split_len)
     if dot_f32 is None:
         dot_f32 = q.dtype == torch.float32 or interpreting()
+    # DEFER_PV's loops start one tile in, so their trip counts vary from program to program under a causal
+    # mask: the shape of loop for which triton 3.6's sm_90 code read shared memory out of bounds (see the
+    # kernel's full_end); causal tensor-core calls keep the plain loop
+    defer_pv = defer_pv and not (bool(is_causal) and not dot_f32)
     # Causal tensor-core calls take V's width as one part: with V in two (39 or 48 as 32 + 16), triton 3.6's
     # sm_90 code read shared memory out of bounds in the second P·V dot (compute-sanitizer, attention.py:103)
     # and came out wrong (relative error 0.25-0.73) at every width whose rows are not 16-byte aligned, and
@@ -331,7 +408,8 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     args = (q, k, v, mask_arg, out, *(st // align for st in strides), *mstr, H, T, S, H // Hkv,
             float(scale) * LOG2E, split_len, ws_acc, ws_ml)
     kwargs = dict(HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.bool,
-                  CAUSAL=bool(is_causal), DOT_F32=dot_f32, FMA_SCALE=mask is None and scale > 0, BLOCK_M=block_m,
+                  CAUSAL=bool(is_causal), DOT_F32=dot_f32, FMA_SCALE=mask is None and scale > 0, DEFER_PV=defer_pv,
+                  BLOCK_M=block_m,
                   DQ=DQ, DV=DV, ALIGN=align,
                   PARTIAL=splits > 1, D1Q=d1q, D2Q=max(16, d2q), D1V=d1v, D2V=max(16, d2v), HAS_Q2=d2q > 0,
                   HAS_V2=d2v > 0, **config)

@@ -89,3 +89,17 @@ def check(compiled, tensor_cores: bool) -> dict[str, int]:
     ptx = compiled.asm["ptx"]
     assert ("wgmma" in ptx or "mma.sync" in ptx) == tensor_cores, "tensor-core use differs from the dtype's"
     return use
+
+
+def sass_loops(compiled) -> list[list[str]]:
+    """The SASS instructions of each loop in the cubin (each span from a backward branch's target to it), in
+    address order."""
+    text = dump(compiled, "-sass")
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    found = []
+    for at, ins in lines:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
+        if target and int(target.group(1), 16) < at:
+            found.append([i for a, i in lines if int(target.group(1), 16) <= a <= at])
+    return found
+

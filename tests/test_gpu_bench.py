@@ -106,12 +106,15 @@ import benchmarks.gpu_kernels as g
 calls = []
 c.bench = lambda fn, graph=False: (fn(), calls.append(graph), 10.0)[2]
 rows = g._attention_shape(torch.device("cpu"), "fp16", 1, 2, (16, 20), False, {"gemm_fp16_tflops": 1.0}, tokens=40)
-assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton_w20"], rows
+assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w16", "triton_w16_defer_pv", "triton_w20",
+                                          "triton_w20_defer_pv"], rows
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]), rows
 assert rows[1]["tflops"] == g.attention_flops(1, 2, 40, 16) / 10.0 / 1e6
-assert calls == [False, True] * 3 and all("eager 10.0 us" in r["config"] for r in rows), (calls, rows)  # graphs
+assert calls == [False, True] + [False, True, True] * 2, calls  # eager SDPA, then graphs (eager once a width)
+assert all("eager 10.0 us" in r["config"] for r in rows[:2]) and rows[2]["config"].startswith("defer pv"), rows
 rows = g._attention_shape(torch.device("cpu"), "fp16", 1, 2, (40,), False, {}, tokens=40)  # two dot parts
-assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w40", "triton_w40_one_part"], rows
+assert [r["provider"] for r in rows] == ["sdpa_dense_w64", "triton_w40", "triton_w40_one_part",
+                                          "triton_w40_defer_pv"], rows
 assert all(r["rel_err"] < 2e-3 for r in rows[1:]) and rows[2]["config"].startswith("one part"), rows
 calls.clear()
 rows = g._decode_shape(torch.device("cpu"), "fp16", 1, 2, (16, 40), tokens=300)

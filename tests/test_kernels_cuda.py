@@ -78,6 +78,21 @@ def test_attention_on_cuda(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_attention_deferred_pv_on_cuda(case, dtype):
+    """``DEFER_PV`` (each key tile's P·V issued after the next tile's scores; benchmarks/gpu_kernels.py times
+    it beside the default) at the default tiles: the same criterion as the default loop."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from adaptwin.kernels.attention import attention, default_config
+
+    def deferred(q, k, v, mask, scale, causal):
+        return attention(q, k, v, mask, scale, causal, config={**default_config(q, mask is not None), "DEFER_PV": True})
+
+    check_attention_case(case, dtype, "cuda", op=deferred)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "M{}-{}x{}x{}-{}{}".format(*c))
 def test_rank_linear_on_cuda(case, dtype):
     check_rank_linear_case(case, dtype, "cuda")

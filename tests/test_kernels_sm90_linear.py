@@ -7,7 +7,6 @@ for 16-bit dots only; for the GEMVs also the instruction shapes their speed depe
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (its tuning sweeps) sits beside the package
 
-from sm90_tools import DTYPES, check, compile_sm90, dump, resources  # noqa: E402
+from sm90_tools import DTYPES, check, compile_sm90, resources, sass_loops  # noqa: E402
 
 # ----------------------------------------------------------------------------------------- rank_linear
 LINEAR = [  # (x dtype, rows, in, rank, out, format, blocksize, bias)
@@ -186,16 +185,8 @@ def test_every_one_launch_tuning_config_compiles_for_sm90():
 
 
 def loop_sass(compiled) -> list[str]:
-    """The SASS instructions of the cubin's longest loop (the span up to its longest backward branch)."""
-    text = dump(compiled, "-sass")
-    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
-    best: list[str] = []
-    for at, ins in lines:
-        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", ins)
-        if target and int(target.group(1), 16) < at:
-            body = [i for a, i in lines if int(target.group(1), 16) <= a <= at]
-            best = body if len(body) > len(best) else best
-    return best
+    """The SASS instructions of the cubin's longest loop."""
+    return max(sass_loops(compiled), key=len, default=[])
 
 
 @pytest.mark.parametrize("d,rank", [(4096, 1024), (2048, 512)])

@@ -119,6 +119,34 @@ def test_triton_attention_one_part(tk, causal):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", ATTENTION_CASES[:-1], ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
+def test_triton_attention_deferred_pv(tk, case):
+    """DEFER_PV (each tile's P·V after the next tile's scores) is the same attention, bit for bit the plain
+    loop's: the same products and sums per tile, in another order of issue. 16-key tiles give several full
+    tiles and a partial one; one split, split keys (each split's first tile masked, its last P·V after the
+    loop) and native fp16 dots (P carried in float32, rounded at its P·V)."""
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case) + 3)
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    ref = attention_reference(q, k, v, mask, scale, causal)
+    for splits, half in ((1, False), (3, False), (1, True)):
+        config = {"BLOCK_M": 16, "BLOCK_N": 16, "SPLITS": splits}
+        args = [x.half() for x in (q, k, v)] + [_to(mask, torch.float16)] if half else [q, k, v, mask]
+        plan = tk["attention"].launches(*args[:4], torch.empty(b, t, h, dv), scale, causal,
+                                        {**config, "DEFER_PV": True}, dot_f32=not half)
+        assert plan[0][3]["DEFER_PV"] is not (half and causal)  # causal tensor-core calls keep the plain loop
+        deferred = tk["attention"].attention(*args, scale, causal, config={**config, "DEFER_PV": True},
+                                             dot_f32=not half)
+        plain = tk["attention"].attention(*args, scale, causal, config=config, dot_f32=not half)
+        assert torch.equal(deferred, plain), (splits, half)
+        if not half:
+            assert_within_twice(deferred, ref, ref64)
+
+
+@needs_interpreter
 def test_triton_configs_reject_unknown_keys(tk):
     """A tuning config with a misspelt or missing key is an error that names the allowed keys, not ignored."""
     gen = torch.Generator().manual_seed(12)
