@@ -68,11 +68,14 @@ ATTENTION_SHAPES = ((1, 6), (1, 20), (16, 20))  # (batch, heads): Whisper tiny, 
 # (rows, in, rank, out): Whisper-tiny frames through a rank-40 projection and a rank-64 FFN matrix, a batch
 # of 256 tokens and one of 16 through a 4096-wide layer at rank 64
 BATCHED_SHAPES = ((1500, 384, 40, 384), (1500, 384, 64, 1536), (256, 4096, 64, 4096), (16, 4096, 64, 4096))
-# Tuning sweep, sized for a lease: 20 attention tiles (each compiles spill-free for sm_90,
+# Tuning sweep, sized for a lease: 24 attention tiles (each compiles spill-free for sm_90,
 # tests/test_kernels_sm90.py), timed on one (batch, heads) shape per dtype and width (the GEMV's sweeps:
 # benchmarks/gpu_gemv.py).
 TUNE = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
         for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3) if m * n <= 8192]
+# and DEFER_PV at the tiles around the default (it holds 15-30 more registers: fewer programs per multiprocessor)
+TUNE += [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "DEFER_PV": True}
+         for m, n, w, s in ((64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2))]
 
 
 def attention_flops(batch: int, heads: int, tokens: int, width: int) -> int:
