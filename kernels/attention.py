@@ -17,8 +17,9 @@ the next tile's softmax runs on the FMA and special-function units; in the plain
 own tile's probabilities, and the next scores wait for it. At widths 16-64 the softmax, not the dots, sets
 the pace (T² exp2s per head at 16 per clock per multiprocessor), and time grew with the width as if the
 dots were added to it (B16 H20 T1500 on an H100: 310 us at width 16, 399 at 32, 584 at 64). Compiled for
-sm_90 here, over 90 % of the loop's exp2s come after the deferred P·V, for 128-142 registers at width
-24-40 against 110-127 (tests/test_kernels_sm90.py); not yet timed on a GPU.
+sm_90 here, over 90 % of the loop's exp2s come after the deferred P·V, for 142-166 registers at widths
+24-48 against 109-127 (tests/test_kernels_sm90.py): three programs per multiprocessor instead of four. Not
+yet timed on a GPU.
 
 Operand precision: compiled on a GPU, float16 / bfloat16 inputs go to tl.dot as they are (tensor cores,
 float32 accumulation) and P is rounded to V's dtype before P·V, as FlashAttention and SDPA's fused
