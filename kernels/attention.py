@@ -13,13 +13,14 @@ last, partial key tile masks its columns.
 ``DEFER_PV`` (a tuning option, off by default; benchmarks/gpu_kernels.py times it beside the default) issues
 each key tile's P·V after the next tile's scores, carrying P in float32 to the next step. On sm_90 the P·V
 wgmma is asynchronous until its accumulators' next use, so in this order it runs on the tensor cores while
-the next tile's softmax runs on the FMA and special-function units; in the plain loop it waits for its
-own tile's probabilities, and the next scores wait for it. At widths 16-64 the softmax, not the dots, sets
-the pace (T² exp2s per head at 16 per clock per multiprocessor), and time grew with the width as if the
-dots were added to it (B16 H20 T1500 on an H100: 310 us at width 16, 399 at 32, 584 at 64). Compiled for
-sm_90 here, over 90 % of the loop's exp2s come after the deferred P·V, for 142-166 registers at widths
-24-48 against 109-127 (tests/test_kernels_sm90.py): three programs per multiprocessor instead of four. Not
-yet timed on a GPU.
+the next tile's softmax runs on the FMA and special-function units; in the plain loop it waits for its own
+tile's probabilities, and the next scores wait for it. At widths 16-64 the softmax, not the dots, sets the
+pace (T² exp2s per head at 16 per clock per multiprocessor), and time grew with the width as if the dots
+were added to it (B16 H20 T1500 on an H100: 310 us at width 16, 399 at 32, 584 at 64). Compiled for sm_90
+here, over 90 % of the loop's exp2s come after the deferred P·V, for 142-166 registers at widths 24-48
+against 109-127 (tests/test_kernels_sm90.py): three programs per multiprocessor instead of four. Not yet
+timed on a GPU. (P carried in 16 bits instead went through shared memory, and Triton waited for each P·V
+before overwriting it there, ahead of the next softmax: no overlap, so it is not offered.)
 
 Operand precision: compiled on a GPU, float16 / bfloat16 inputs go to tl.dot as they are (tensor cores,
 float32 accumulation) and P is rounded to V's dtype before P·V, as FlashAttention and SDPA's fused
@@ -374,7 +375,9 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS, "
                          f"ONE_PART, DEFER_PV; got {sorted(config)}")
     one_part = bool(config.pop("ONE_PART", False))
-    defer_pv = bool(config.pop("DEFER_PV", False))
+    defer_pv = config.pop("DEFER_PV", False)
+    if defer_pv not in (False, True):
+        raise ValueError(f"attention config: DEFER_PV must be True or False, got {defer_pv!r}")
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
     programs = cdiv(T, block_m) * B * H
@@ -389,7 +392,7 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     # DEFER_PV's loops start one tile in, so their trip counts vary from program to program under a causal
     # mask: the shape of loop for which triton 3.6's sm_90 code read shared memory out of bounds (see the
     # kernel's full_end); causal tensor-core calls keep the plain loop
-    defer_pv = defer_pv and not (bool(is_causal) and not dot_f32)
+    defer_pv = bool(defer_pv) and not (bool(is_causal) and not dot_f32)
     # Causal tensor-core calls take V's width as one part: with V in two (39 or 48 as 32 + 16), triton 3.6's
     # sm_90 code read shared memory out of bounds in the second P·V dot (compute-sanitizer, attention.py:103)
     # and came out wrong (relative error 0.25-0.73) at every width whose rows are not 16-byte aligned, and

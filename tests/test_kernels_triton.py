@@ -174,6 +174,8 @@ def test_triton_configs_reject_unknown_keys(tk):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16})
     with pytest.raises(ValueError, match="got \\['BLOCK_M', 'BLOCK_N', 'num_wraps'\\]"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "num_wraps": 4})
+    with pytest.raises(ValueError, match="DEFER_PV must be True or False, got 2"):
+        tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "DEFER_PV": 2})
 
 
 @needs_interpreter
