@@ -111,3 +111,24 @@ def test_packed_embedding_lookup_traces_without_graph_breaks(double_quant):
         explained = torch._dynamo.explain(emb)(ids)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert torch.equal(torch.compile(emb, fullgraph=True)(ids), emb(ids))
+
+
+def test_a_kept_call_traces_as_the_op():
+    """A packed module whose batch-1 call is kept (`KeptCall`, run from C++ in eager mode) traces as the op in
+    one graph, no break, and the compiled call matches the eager one."""
+    from adaptwin.compressors.quantized import QuantLowRankLinear
+    from adaptwin.quant import QuantFormat
+
+    torch._dynamo.reset()
+    m = QuantLowRankLinear(64, 96, 16, 4, True, fmt=QuantFormat("nf4", 64, True), quantize_lora=False, packed=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+        m.pack()
+        x = torch.randn(1, 1, 64)
+        eager = m(x)
+        assert m._call.kept is not None
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        assert "adaptwin.rank_linear" in explained.graphs[0].code
+        assert torch.equal(torch.compile(m, fullgraph=True)(x), eager)

@@ -255,6 +255,7 @@ def _fresh_output(m: QuantLowRankLinear, x: torch.Tensor) -> torch.Tensor:
     """The module's output with its op arguments built anew (no reuse)."""
     for f in m._factors.values():
         f.packed_args.clear()
+    m._call.clear()
     return m(x)
 
 
@@ -407,3 +408,83 @@ def test_dequantize_factor_matches_the_reference(fmt):
     with pytest.raises(ValueError, match="group"):
         dequantize_factor(stored["qweight"], scale, fmt.kind, fmt.blocksize, [24, 160], out=torch.empty(32, 160),
                           group=5, stride=8)
+
+
+def _kept_case(kind: str, quantize_lora: bool):
+    """(packed module, donor with other factors) for the kept-call tests; with fp LoRA directions the low-rank
+    module's call is two op calls added, the QuantLinear split ones are not kept (not one call)."""
+    fmt = QuantFormat("nf4", 64, True)  # double-quantised scales: derived tensors, kept with their versions
+    return _packed(kind, fmt, quantize_lora), _packed(kind, fmt, quantize_lora, seed=1)
+
+
+@pytest.mark.skipif(not torch.ops.adaptwin.rank_linear.default.has_kernel_for_dispatch_key("CPU")
+                    or "rank_linear_kept" not in __import__("adaptwin.ops.backends", fromlist=["FAST"]).FAST,
+                    reason="needs adaptwin._C")
+@pytest.mark.parametrize(("kind", "quantize_lora"), [("in", True), ("out", True), ("low_rank", True),
+                                                     ("low_rank", False)])
+def test_kept_calls_follow_the_module(kind, quantize_lora):
+    """A packed module's batch-1 inference call is kept whole after its first call and run from C++
+    (`KeptCall`): the same output bit for bit, and still the module's own after a buffer or parameter is
+    replaced behind nn.Module's back, a source of the double-quantised scales is written in place, the bias
+    is swapped, or `.to` converts it; calls it does not take (more rows, gradients) go the general way."""
+    m, donor = _kept_case(kind, quantize_lora)
+    x = torch.randn(1, 1, m.in_features)
+    with torch.no_grad():
+        first = m(x)
+        assert m._call.kept is not None
+        assert torch.equal(m(x), first) and torch.equal(first, _fresh_output(m, x))
+        name = next(iter(m._buffers))
+        m._buffers[name] = donor._buffers[name].clone()  # as accelerate's set_module_tensor_to_device does
+        replaced = m(x)
+        assert not torch.equal(replaced, first) and torch.equal(replaced, _fresh_output(m, x))
+        absmax = next(n for n in m._buffers if n.endswith("absmax"))  # a source of derived scales, in place
+        m._buffers[absmax].copy_(donor._buffers[absmax])
+        assert torch.equal(m(x), _fresh_output(m, x))
+        for key, t in m._buffers.items():
+            t.copy_(donor._buffers[key])
+        for key, p in donor._parameters.items():  # replaced, not written: the bias and any fp LoRA directions
+            setattr(m, key, torch.nn.Parameter(p.detach().clone()))
+        assert torch.equal(m(x), donor(x))
+        m.bias = None
+        assert torch.equal(m(x), _fresh_output(m, x)) and not torch.equal(m(x), donor(x))
+        many = torch.randn(40, m.in_features)  # more than MIN_BATCHED_ROWS: the whole-factor GEMMs, not kept
+        one = m(many[:1])
+        torch.testing.assert_close(m(many)[:1], one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+    y = m(x.requires_grad_())  # a gradient to record: the op and its autograd
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(y.detach(), m(x.detach()))
+    m.double()
+    assert m._call.kept is None and m(x.detach().double()).dtype == torch.float64
+
+
+def test_split_modules_keep_no_call():
+    """QuantLinear with fp LoRA directions is several ops (calls, a concatenation or slices), not kept whole."""
+    m, _ = _kept_case("in", quantize_lora=False)
+    with torch.no_grad():
+        m(torch.randn(1, m.in_features))
+    assert m._call.kept is None
+
+
+@pytest.mark.skipif("rank_linear_kept" not in __import__("adaptwin.ops.backends", fromlist=["FAST"]).FAST,
+                    reason="needs adaptwin._C")
+def test_kept_call_entry_refuses_what_it_does_not_take():
+    """The C++ entry answers NotImplemented, never a crash or a wrong call, for a kept tuple of another shape,
+    a source that is not a dict entry, no or too many calls, calls of other arity, and x of other kinds."""
+    from adaptwin.ops.backends import FAST
+
+    entry = FAST["rank_linear_kept"]
+    m, _ = _kept_case("low_rank", quantize_lora=True)
+    x = torch.randn(1, m.in_features)
+    with torch.no_grad():
+        m(x)
+        _, (rows, sources, calls) = m._call.kept
+        assert torch.equal(entry(x, (rows, sources, calls)), m(x))
+        bad = [(rows,), (rows, sources), [rows, sources, calls], ("32", sources, calls), (rows, [*sources], calls),
+               (rows, ((1, "x", None, None),), calls), (rows, ((m._buffers, ["unhashable"], None, None),), calls),
+               (rows, sources, ()), (rows, sources, calls * 5), (rows, sources, (calls[0][:-1],)),
+               (0, sources, calls)]
+        for kept in bad:
+            assert entry(x, kept) is NotImplemented, kept
+        assert entry(torch.tensor(1.0), (rows, sources, calls)) is NotImplemented  # 0-d x
+        assert entry(x.numpy(), (rows, sources, calls)) is NotImplemented
+        assert entry(x) is NotImplemented

@@ -72,6 +72,12 @@ class PackedArgs:
     def kept(self) -> bool:
         return self._kept is not None
 
+    def sources_of(self, args: tuple) -> tuple | None:
+        """The (name, tensor, version or None) of each buffer ``args`` came from, if ``args`` is the tuple kept
+        now, else None."""
+        kept = self._kept
+        return kept[0] if kept is not None and kept[1] is args else None
+
     def get(self, buffers: Mapping[str, torch.Tensor | None]) -> tuple | None:
         """The kept arguments if every source buffer in ``buffers`` is unchanged, else None."""
         kept = self._kept
@@ -99,11 +105,55 @@ class PackedArgs:
         return args
 
 
-class DropsPackedArgs(nn.Module):
-    """A module holding `PackedArgs`: they are dropped before `_apply` and state-dict loading replace or
-    rewrite its buffers. Subclasses list them in `_packed_args_kept`."""
+class KeptCall:
+    """A packed module's whole batch-1 CPU inference call of `rank_linear` (one op call, or several whose outputs
+    add up), kept between calls and run by ``adaptwin._C.call_rank_linear_kept``, which checks in C++ that each
+    buffer and parameter it was built from is still the module's (and each derived source at its version, as
+    `PackedArgs` does) before calling the op. A 384-wide NF4 `QuantLowRankLinear`'s Python took 2.3 us of a
+    7.2 us forward here, rebuilding and checking its arguments factor by factor; the C++ check costs about
+    a tenth of a microsecond. ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls))`` (the argument
+    layout is documented at the entry point, csrc/cpu/python_calls.cpp); the module calls
+    ``entry(x, kept[1])``, which answers NotImplemented for anything it does not take (more than ``max_rows``
+    rows, a changed source, another device, a gradient to record): the module then takes its general path,
+    which keeps the call again where it can."""
 
-    def _packed_args_kept(self) -> Iterable[PackedArgs]:
+    __slots__ = ("kept",)
+
+    def __init__(self) -> None:
+        self.kept: tuple | None = None
+
+    def clear(self) -> None:
+        self.kept = None
+
+    def put(self, module: nn.Module, factors: Iterable[tuple[PackedArgs, tuple]], params: Iterable[str],
+            calls: tuple[tuple, ...], max_rows: int) -> None:
+        """Keep ``calls`` (each the op's 11 arguments after x), built from ``factors``' arguments (pairs of a
+        `PackedArgs` and the arguments it gave, which must be the ones it keeps) and from ``module``'s
+        parameters named ``params`` (a missing one as None). Nothing is kept without the native entry point,
+        under `torch.compile`, or for tensors off the CPU."""
+        from adaptwin.ops.backends import FAST
+
+        entry = FAST.get("rank_linear_kept")
+        if entry is None or _is_compiling():
+            return
+        buffers, parameters = module._buffers, module._parameters
+        sources = []
+        for packed, args in factors:
+            kept = packed.sources_of(args)
+            if kept is None:
+                return
+            sources += [(buffers, name, t, version) for name, t, version in kept]
+        sources += [(parameters, name, parameters.get(name), None) for name in params]
+        if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in calls for a in call):
+            return
+        self.kept = (entry, (max_rows, tuple(sources), calls))
+
+
+class DropsPackedArgs(nn.Module):
+    """A module holding `PackedArgs` or `KeptCall`: they are dropped before `_apply` and state-dict loading
+    replace or rewrite its buffers. Subclasses list them in `_packed_args_kept`."""
+
+    def _packed_args_kept(self) -> Iterable[PackedArgs | KeptCall]:
         raise NotImplementedError
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:

@@ -39,7 +39,8 @@ OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 # nf4_no_grad). It answers NotImplemented, and the caller goes on to `call_without_autograd`, for tensors
 # off the CPU, where a gradient is to be recorded, for Tensor subclasses other than Parameter, under a
 # __torch_function__ mode and for arguments not of the schema's plain Python types. `run_rank_linear` and
-# `attend` call it, never while torch.compile traces (the op is traced as is).
+# `attend` call it, never while torch.compile traces (the op is traced as is). "rank_linear_kept": a packed
+# module's whole batch-1 call, kept between calls (`adaptwin.compressors.packed_args.KeptCall`).
 FAST: dict[str, object] = {}
 
 
@@ -56,8 +57,8 @@ def load() -> dict[str, object]:
         try:
             native = importlib.import_module("adaptwin._C")
             _STATE["cpp"] = True
-            FAST.update((name, getattr(native, f"call_{name}")) for name in ("attention", "rank_linear")
-                        if hasattr(native, f"call_{name}"))
+            FAST.update((name, getattr(native, f"call_{name}"))
+                        for name in ("attention", "rank_linear", "rank_linear_kept") if hasattr(native, f"call_{name}"))
             if hasattr(native, "dequantize"):  # a factor decoded by the CPU kernels' loops
                 FAST["dequantize"] = native.dequantize
         except ModuleNotFoundError:

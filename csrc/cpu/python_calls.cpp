@@ -1,5 +1,6 @@
 // Fast Python entry points of the two ops for CPU inference calls: `adaptwin._C.call_rank_linear(...)` and
-// `adaptwin._C.call_attention(...)` take the op's arguments positionally and call it through the C++
+// `adaptwin._C.call_attention(...)` take the op's arguments positionally (`call_rank_linear_kept`: a packed
+// module's kept call, its sources checked here first) and call it through the C++
 // dispatcher below the autograd keys, the GIL released (the dispatcher still picks the kernel, and
 // dispatch modes still see the call). They exist because `torch.ops`
 // converts arguments for any schema (a stack of IValues, a __torch_function__ scan of each one) and a
@@ -103,33 +104,111 @@ PyObject* not_implemented() {
   Py_RETURN_NOTIMPLEMENTED;
 }
 
+// The op's 11 arguments after x, as the fast entries read them.
+struct RankLinearArgs {
+  OptTensor a, a_scale, b, b_scale, bias;
+  c10::string_view a_format, b_format;
+  int64_t a_blocksize = 0, b_blocksize = 0;
+  c10::SymInt a_shape[kMaxShape], b_shape[kMaxShape];
+  Py_ssize_t na = 0, nb = 0;
+};
+
+// False where one of args[0..10] is not of the plain type the fast path takes.
+bool read_rank_linear_args(PyObject* const* args, RankLinearArgs* r) {
+  return read_opt_tensor(args[0], &r->a) && read_opt_tensor(args[1], &r->a_scale) && read_str(args[2], &r->a_format) &&
+         read_int(args[3], &r->a_blocksize) && read_shape(args[4], r->a_shape, &r->na) &&
+         read_opt_tensor(args[5], &r->b) && read_opt_tensor(args[6], &r->b_scale) && read_str(args[7], &r->b_format) &&
+         read_int(args[8], &r->b_blocksize) && read_shape(args[9], r->b_shape, &r->nb) &&
+         read_opt_tensor(args[10], &r->bias);
+}
+
+bool plain_cpu_inference(const at::Tensor& x, const RankLinearArgs& r) {
+  return plain_cpu_inference({&x, r.a ? &*r.a : nullptr, r.a_scale ? &*r.a_scale : nullptr, r.b ? &*r.b : nullptr,
+                              r.b_scale ? &*r.b_scale : nullptr, r.bias ? &*r.bias : nullptr});
+}
+
+// The op through the dispatcher below the autograd keys (the caller holds the GIL released).
+at::Tensor rank_linear_op(const at::Tensor& x, const RankLinearArgs& r) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("adaptwin::rank_linear", "").typed<RankLinear>();
+  return op.call(x, r.a, r.a_scale, r.a_format, c10::SymInt(r.a_blocksize), c10::SymIntArrayRef(r.a_shape, r.na), r.b,
+                 r.b_scale, r.b_format, c10::SymInt(r.b_blocksize), c10::SymIntArrayRef(r.b_shape, r.nb), r.bias);
+}
+
 // call_rank_linear(x, a, a_scale, a_format, a_blocksize, a_shape, b, b_scale, b_format, b_blocksize,
 //                  b_shape, bias) -> Tensor | NotImplemented
 PyObject* call_rank_linear(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 12 || at::impl::torch_function_mode_enabled()) return not_implemented();
   const at::Tensor* x;
-  OptTensor a, a_scale, b, b_scale, bias;
-  c10::string_view a_format, b_format;
-  int64_t a_blocksize, b_blocksize;
-  c10::SymInt a_shape[kMaxShape], b_shape[kMaxShape];
-  Py_ssize_t na, nb;
-  if (!read_tensor(args[0], &x) || !read_opt_tensor(args[1], &a) || !read_opt_tensor(args[2], &a_scale) ||
-      !read_str(args[3], &a_format) || !read_int(args[4], &a_blocksize) || !read_shape(args[5], a_shape, &na) ||
-      !read_opt_tensor(args[6], &b) || !read_opt_tensor(args[7], &b_scale) || !read_str(args[8], &b_format) ||
-      !read_int(args[9], &b_blocksize) || !read_shape(args[10], b_shape, &nb) || !read_opt_tensor(args[11], &bias))
+  RankLinearArgs r;
+  if (!read_tensor(args[0], &x) || !read_rank_linear_args(args + 1, &r) || !plain_cpu_inference(*x, r))
     return not_implemented();
-  if (!plain_cpu_inference({x, a ? &*a : nullptr, a_scale ? &*a_scale : nullptr, b ? &*b : nullptr,
-                            b_scale ? &*b_scale : nullptr, bias ? &*bias : nullptr}))
-    return not_implemented();
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("adaptwin::rank_linear", "").typed<RankLinear>();
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
-    out = op.call(*x, a, a_scale, a_format, c10::SymInt(a_blocksize), c10::SymIntArrayRef(a_shape, na), b, b_scale,
-                  b_format, c10::SymInt(b_blocksize), c10::SymIntArrayRef(b_shape, nb), bias);
+    out = rank_linear_op(*x, r);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+constexpr Py_ssize_t kMaxKeptCalls = 4;
+
+// call_rank_linear_kept(x, kept) -> Tensor | NotImplemented: a packed module's whole batch-1 call, kept between
+// calls (adaptwin/compressors/packed_args.py, `KeptCall`, builds kept and documents it):
+//   kept = (max_rows, sources, calls)
+//   sources: ((mapping, name, tensor or None, version or None), ...): the call is still the module's while
+//            mapping.get(name) is that object (a missing key reads as None) and, with a version, the tensor's
+//            version counter is that number;
+//   calls:   one to four tuples of the op's 11 arguments after x; the result is the first call's output plus
+//            the others', added in that order.
+// NotImplemented (the module then builds its call anew, or takes another path) for x with more than max_rows
+// rows (or none: a 0-d x), a source that changed, and whatever call_rank_linear refuses.
+PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || at::impl::torch_function_mode_enabled()) return not_implemented();
+  const at::Tensor* x;
+  PyObject* kept = args[1];
+  if (!read_tensor(args[0], &x) || !PyTuple_CheckExact(kept) || PyTuple_GET_SIZE(kept) != 3) return not_implemented();
+  int64_t max_rows;
+  PyObject* sources = PyTuple_GET_ITEM(kept, 1);
+  PyObject* calls = PyTuple_GET_ITEM(kept, 2);
+  if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || !PyTuple_CheckExact(sources) || !PyTuple_CheckExact(calls))
+    return not_implemented();
+  if (x->dim() == 0 || x->numel() > max_rows * x->size(-1)) return not_implemented();
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sources); ++i) {
+    PyObject* source = PyTuple_GET_ITEM(sources, i);
+    if (!PyTuple_CheckExact(source) || PyTuple_GET_SIZE(source) != 4 || !PyDict_Check(PyTuple_GET_ITEM(source, 0)))
+      return not_implemented();
+    PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(source, 0), PyTuple_GET_ITEM(source, 1));  // borrowed
+    if (now == nullptr && PyErr_Occurred()) return not_implemented();
+    PyObject* expected = PyTuple_GET_ITEM(source, 2);
+    if ((now == nullptr ? Py_None : now) != expected) return not_implemented();
+    PyObject* version = PyTuple_GET_ITEM(source, 3);
+    if (version != Py_None) {
+      int64_t v;
+      const at::Tensor* t;
+      if (!read_int(version, &v) || !read_tensor(expected, &t) || t->is_inference() || t->_version() != v)
+        return not_implemented();
+    }
+  }
+  const Py_ssize_t n = PyTuple_GET_SIZE(calls);
+  if (n < 1 || n > kMaxKeptCalls) return not_implemented();
+  RankLinearArgs r[kMaxKeptCalls];
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* call = PyTuple_GET_ITEM(calls, i);
+    if (!PyTuple_CheckExact(call) || PyTuple_GET_SIZE(call) != 11 ||
+        !read_rank_linear_args(PySequence_Fast_ITEMS(call), &r[i]) || !plain_cpu_inference(*x, r[i]))
+      return not_implemented();
+  }
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
+    out = rank_linear_op(*x, r[0]);
+    for (Py_ssize_t i = 1; i < n; ++i) out.add_(rank_linear_op(*x, r[i]));
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -202,6 +281,8 @@ PyObject* cpu_features(PyObject* /*self*/, PyObject* /*unused*/) {
 PyMethodDef kPythonMethods[] = {
     {"call_rank_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_rank_linear)),
      METH_FASTCALL, "adaptwin::rank_linear for an inference call on plain tensors, else NotImplemented"},
+    {"call_rank_linear_kept", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_rank_linear_kept)),
+     METH_FASTCALL, "a packed module's kept batch-1 rank_linear call(s) while its sources hold, else NotImplemented"},
     {"call_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_attention)), METH_FASTCALL,
      "adaptwin::attention for an inference call on plain tensors, else NotImplemented"},
     {"cpu_features", &cpu_features, METH_NOARGS, "the SIMD paths the CPU kernels take in this process"},

@@ -41,12 +41,14 @@ from torch import nn
 from adaptwin.compressors.packed_args import (
     MIN_BATCHED_ROWS,
     DropsPackedArgs,
+    KeptCall,
     PackedArgs,
     batched_inference,
     derived,
     gemm_dtype,
 )
 from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
+from adaptwin.ops.backends import _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -117,6 +119,7 @@ class _QuantModule(DropsPackedArgs):
     def _setup(self, fmt: QuantFormat, factors: list[_Factor], packed: bool) -> None:
         self.fmt = fmt
         self._factors = {f.name: f for f in factors}
+        self._call = KeptCall()  # the packed state's whole batch-1 call, where it is one op call or a sum of two
         self.packed = packed
         for f in factors:
             if packed:
@@ -183,8 +186,17 @@ class _QuantModule(DropsPackedArgs):
         params = self._parameters
         return params["bias"] if "bias" in params else self.bias
 
-    def _packed_args_kept(self) -> Iterable[PackedArgs]:
-        return (f.packed_args for f in self.__dict__.get("_factors", {}).values())
+    def _packed_args_kept(self) -> Iterable[PackedArgs | KeptCall]:
+        call = self.__dict__.get("_call")
+        return [f.packed_args for f in self.__dict__.get("_factors", {}).values()] + ([call] if call else [])
+
+    def _keep_call(self, parts: list[tuple[_Factor, tuple | None]], params: list[str], calls: list[tuple]) -> None:
+        """After a batch-1 call of the packed state made as ``calls`` (summed in order) from the quantised
+        directions ``parts`` ((factor, its op arguments)) and the parameters ``params``: keep it (`KeptCall`)
+        where no gradient is recorded, so the next call runs it from C++ without rebuilding it."""
+        if self.packed and not torch.is_grad_enabled():
+            self._call.put(self, [(f.packed_args, q) for f, q in parts if q is not None], params, tuple(calls),
+                           MIN_BATCHED_ROWS)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -233,6 +245,11 @@ class QuantLinear(_QuantModule):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self._call.kept
+        if kept is not None and not _is_compiling():
+            y = kept[0](x, kept[1])
+            if y is not NotImplemented:
+                return y
         f = self._factors["weight"]
         bias = self._bias()
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
@@ -242,9 +259,12 @@ class QuantLinear(_QuantModule):
             y = F.linear(x.to(dt), w if self.role == "in" else w.t(), b)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         q, lora = self._parts(f)
+        if not f.split:
+            call = (*q, *ABSENT, bias) if self.role == "in" else (*ABSENT, *q, bias)
+            y = rank_linear(x, *call)
+            self._keep_call([(f, q)], ["bias"], [call])
+            return y
         if self.role == "in":
-            if not f.split:
-                return rank_linear(x, *q, *ABSENT, bias)
             parts = []
             if q is not None:
                 parts.append(rank_linear(x, *q, *ABSENT, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
@@ -252,8 +272,6 @@ class QuantLinear(_QuantModule):
             parts.append(lora_h.unflatten(-1, (f.blocks, f.lora)))
             y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
             return y + bias if bias is not None else y
-        if not f.split:
-            return rank_linear(x, *ABSENT, *q, bias)
         h = x.unflatten(-1, (f.blocks, f.width))  # (..., H, width)
         y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, lora, None, "fp", 0, f.l_shape, None if q else bias)
         if q is not None:
@@ -284,17 +302,25 @@ class QuantLowRankLinear(_QuantModule):
     fusable_activations = tuple(ACTIVATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self._call.kept
+        if kept is not None and not _is_compiling():
+            y = kept[0](x, kept[1])
+            if y is not NotImplemented:
+                return y if self.activation is None else activate(y, self.activation)
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
             return self._whole_gemms(x)
         bias = self._bias()
-        (qa, la), (qb, lb) = self._parts(self._factors["in_factor"]), self._parts(self._factors["out_factor"])
-        y = None
-        if la is not None:  # LoRA directions in higher precision: a second rank-l product
-            y = rank_linear(x, la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape),
-                            None if qa else bias)
+        fa, fb = self._factors["in_factor"], self._factors["out_factor"]
+        (qa, la), (qb, lb) = self._parts(fa), self._parts(fb)
+        calls = []
         if qa is not None:
-            main = rank_linear(x, *qa, *qb, bias)
-            y = main if y is None else main + y
+            calls.append((*qa, *qb, bias))
+        if la is not None:  # LoRA directions in higher precision: a second rank-l product, added
+            calls.append((la, None, "fp", 0, list(la.shape), lb, None, "fp", 0, list(lb.shape), None if qa else bias))
+        y = rank_linear(x, *calls[0])
+        if len(calls) > 1:
+            y = y + rank_linear(x, *calls[1])
+        self._keep_call([(fa, qa), (fb, qb)], ["bias", fa.lora_name, fb.lora_name], calls)
         return y if self.activation is None else activate(y, self.activation)
 
     def _whole_gemms(self, x: torch.Tensor) -> torch.Tensor:
