@@ -411,8 +411,9 @@ def test_dequantize_factor_matches_the_reference(fmt):
 
 
 def _kept_case(kind: str, quantize_lora: bool):
-    """(packed module, donor with other factors) for the kept-call tests; with fp LoRA directions the low-rank
-    module's call is two op calls added, the QuantLinear split ones are not kept (not one call)."""
+    """(packed module, donor with other factors) for the kept-call tests. With fp LoRA directions the low-rank
+    module's call is two op calls added, QuantLinear's "in" one two calls side by side in each head and its
+    "out" one two calls on each head's columns, added."""
     fmt = QuantFormat("nf4", 64, True)  # double-quantised scales: derived tensors, kept with their versions
     return _packed(kind, fmt, quantize_lora), _packed(kind, fmt, quantize_lora, seed=1)
 
@@ -420,8 +421,8 @@ def _kept_case(kind: str, quantize_lora: bool):
 @pytest.mark.skipif(not torch.ops.adaptwin.rank_linear.default.has_kernel_for_dispatch_key("CPU")
                     or "rank_linear_kept" not in __import__("adaptwin.ops.backends", fromlist=["FAST"]).FAST,
                     reason="needs adaptwin._C")
-@pytest.mark.parametrize(("kind", "quantize_lora"), [("in", True), ("out", True), ("low_rank", True),
-                                                     ("low_rank", False)])
+@pytest.mark.parametrize("quantize_lora", [True, False], ids=["one-format", "fp-lora"])
+@pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
 def test_kept_calls_follow_the_module(kind, quantize_lora):
     """A packed module's batch-1 inference call is kept whole after its first call and run from C++
     (`KeptCall`): the same output bit for bit, and still the module's own after a buffer or parameter is
@@ -450,6 +451,8 @@ def test_kept_calls_follow_the_module(kind, quantize_lora):
         many = torch.randn(40, m.in_features)  # more than MIN_BATCHED_ROWS: the whole-factor GEMMs, not kept
         one = m(many[:1])
         torch.testing.assert_close(m(many)[:1], one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+        other = m(x.bfloat16())  # a float32 bias would promote `y + bias`: the general path, the same result
+        assert torch.equal(other, _fresh_output(m, x.bfloat16())) and m._call.kept is not None
     y = m(x.requires_grad_())  # a gradient to record: the op and its autograd
     y.sum().backward()
     assert x.grad is not None and torch.equal(y.detach(), m(x.detach()))
@@ -457,19 +460,12 @@ def test_kept_calls_follow_the_module(kind, quantize_lora):
     assert m._call.kept is None and m(x.detach().double()).dtype == torch.float64
 
 
-def test_split_modules_keep_no_call():
-    """QuantLinear with fp LoRA directions is several ops (calls, a concatenation or slices), not kept whole."""
-    m, _ = _kept_case("in", quantize_lora=False)
-    with torch.no_grad():
-        m(torch.randn(1, m.in_features))
-    assert m._call.kept is None
-
-
 @pytest.mark.skipif("rank_linear_kept" not in __import__("adaptwin.ops.backends", fromlist=["FAST"]).FAST,
                     reason="needs adaptwin._C")
 def test_kept_call_entry_refuses_what_it_does_not_take():
     """The C++ entry answers NotImplemented, never a crash or a wrong call, for a kept tuple of another shape,
-    a source that is not a dict entry, no or too many calls, calls of other arity, and x of other kinds."""
+    a source that is not a dict entry, no or too many calls, calls of other arity, layouts it does not know or
+    whose widths do not fit, a bias of another kind, and x of other kinds."""
     from adaptwin.ops.backends import FAST
 
     entry = FAST["rank_linear_kept"]
@@ -477,14 +473,20 @@ def test_kept_call_entry_refuses_what_it_does_not_take():
     x = torch.randn(1, m.in_features)
     with torch.no_grad():
         m(x)
-        _, (rows, sources, calls) = m._call.kept
-        assert torch.equal(entry(x, (rows, sources, calls)), m(x))
-        bad = [(rows,), (rows, sources), [rows, sources, calls], ("32", sources, calls), (rows, [*sources], calls),
-               (rows, ((1, "x", None, None),), calls), (rows, ((m._buffers, ["unhashable"], None, None),), calls),
-               (rows, sources, ()), (rows, sources, calls * 5), (rows, sources, (calls[0][:-1],)),
-               (0, sources, calls)]
+        _, (rows, sources, calls, layout) = m._call.kept
+        assert layout is None and torch.equal(entry(x, (rows, sources, calls, layout)), m(x))
+        bad = [(rows,), (rows, sources, calls), [rows, sources, calls, None], ("32", sources, calls, None),
+               (rows, [*sources], calls, None), (rows, ((1, "x", None, None),), calls, None),
+               (rows, ((m._buffers, ["unhashable"], None, None),), calls, None), (rows, sources, (), None),
+               (rows, sources, calls * 5, None), (rows, sources, (calls[0][:-1],), None), (0, sources, calls, None),
+               (rows, sources, calls, ("side", 1, (1,), None)), (rows, sources, calls, ("in", 0, (1,), None)),
+               (rows, sources, calls, ("in", 1, (1, 2), None)), (rows, sources, calls, ("out", 1, (63,), None)),
+               (rows, sources, calls, ("in", 1, (0,), None)), (rows, sources, calls, ("in", 1, (95,), None)),
+               (rows, sources, calls, ("in", 1, (96,), x)),
+               (rows, sources, calls, ("in", 1, (96,), m.bias.double()))]
         for kept in bad:
             assert entry(x, kept) is NotImplemented, kept
-        assert entry(torch.tensor(1.0), (rows, sources, calls)) is NotImplemented  # 0-d x
-        assert entry(x.numpy(), (rows, sources, calls)) is NotImplemented
+        assert torch.equal(entry(x, (rows, sources, calls, ("in", 1, (96,), None))), m(x))  # one part: the same
+        assert entry(torch.tensor(1.0), (rows, sources, calls, layout)) is NotImplemented  # 0-d x
+        assert entry(x.numpy(), (rows, sources, calls, layout)) is NotImplemented
         assert entry(x) is NotImplemented

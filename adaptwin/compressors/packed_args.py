@@ -111,8 +111,9 @@ class KeptCall:
     buffer and parameter it was built from is still the module's (and each derived source at its version, as
     `PackedArgs` does) before calling the op. A 384-wide NF4 `QuantLowRankLinear`'s Python took 2.3 us of a
     7.2 us forward here, rebuilding and checking its arguments factor by factor; the C++ check costs about
-    a tenth of a microsecond. ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls))`` (the argument
-    layout is documented at the entry point, csrc/cpu/python_calls.cpp); the module calls
+    a tenth of a microsecond. ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout))`` (documented
+    at the entry point, csrc/cpu/python_calls.cpp: the calls' outputs added, or, for a `QuantLinear` whose LoRA
+    directions stay in fp, placed side by side in each head or fed from each head's columns); the module calls
     ``entry(x, kept[1])``, which answers NotImplemented for anything it does not take (more than ``max_rows``
     rows, a changed source, another device, a gradient to record): the module then takes its general path,
     which keeps the call again where it can."""
@@ -126,11 +127,11 @@ class KeptCall:
         self.kept = None
 
     def put(self, module: nn.Module, factors: Iterable[tuple[PackedArgs, tuple]], params: Iterable[str],
-            calls: tuple[tuple, ...], max_rows: int) -> None:
+            calls: tuple[tuple, ...], max_rows: int, layout: tuple | None = None) -> None:
         """Keep ``calls`` (each the op's 11 arguments after x), built from ``factors``' arguments (pairs of a
         `PackedArgs` and the arguments it gave, which must be the ones it keeps) and from ``module``'s
-        parameters named ``params`` (a missing one as None). Nothing is kept without the native entry point,
-        under `torch.compile`, or for tensors off the CPU."""
+        parameters named ``params`` (a missing one as None), with ``layout`` (None: the outputs added). Nothing is
+        kept without the native entry point, under `torch.compile`, or for tensors off the CPU."""
         from adaptwin.ops.backends import FAST
 
         entry = FAST.get("rank_linear_kept")
@@ -144,9 +145,9 @@ class KeptCall:
                 return
             sources += [(buffers, name, t, version) for name, t, version in kept]
         sources += [(parameters, name, parameters.get(name), None) for name in params]
-        if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in calls for a in call):
+        if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in (*calls, layout or ()) for a in call):
             return
-        self.kept = (entry, (max_rows, tuple(sources), calls))
+        self.kept = (entry, (max_rows, tuple(sources), calls, layout))
 
 
 class DropsPackedArgs(nn.Module):

@@ -157,24 +157,31 @@ PyObject* call_rank_linear(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
 constexpr Py_ssize_t kMaxKeptCalls = 4;
 
 // call_rank_linear_kept(x, kept) -> Tensor | NotImplemented: a packed module's whole batch-1 call, kept between
-// calls (adaptwin/compressors/packed_args.py, `KeptCall`, builds kept and documents it):
-//   kept = (max_rows, sources, calls)
+// calls (adaptwin/compressors/packed_args.py, `KeptCall`, builds kept):
+//   kept = (max_rows, sources, calls, layout)
 //   sources: ((mapping, name, tensor or None, version or None), ...): the call is still the module's while
 //            mapping.get(name) is that object (a missing key reads as None) and, with a version, the tensor's
 //            version counter is that number;
-//   calls:   one to four tuples of the op's 11 arguments after x; the result is the first call's output plus
-//            the others', added in that order.
+//   calls:   one to four tuples of the op's 11 arguments after x;
+//   layout:  None: the result is the first call's output plus the others', added in that order;
+//            ("in", blocks, widths, bias): call i's output (..., blocks·widths[i]) fills columns
+//            [sum(widths[:i]), sum(widths[:i + 1])) of each of the result's blocks of sum(widths), then bias (a
+//            tensor or None) is added (a QuantLinear "in" factor with LoRA directions kept in fp);
+//            ("out", blocks, widths, None): call i takes those columns of each of x's blocks as its x, and
+//            the outputs are added in order (the "out" factor).
 // NotImplemented (the module then builds its call anew, or takes another path) for x with more than max_rows
-// rows (or none: a 0-d x), a source that changed, and whatever call_rank_linear refuses.
+// rows (or none: a 0-d x), x of another width than a layout's blocks, a source that changed, and whatever
+// call_rank_linear refuses.
 PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 2 || at::impl::torch_function_mode_enabled()) return not_implemented();
   const at::Tensor* x;
   PyObject* kept = args[1];
-  if (!read_tensor(args[0], &x) || !PyTuple_CheckExact(kept) || PyTuple_GET_SIZE(kept) != 3) return not_implemented();
+  if (!read_tensor(args[0], &x) || !PyTuple_CheckExact(kept) || PyTuple_GET_SIZE(kept) != 4) return not_implemented();
   int64_t max_rows;
   PyObject* sources = PyTuple_GET_ITEM(kept, 1);
   PyObject* calls = PyTuple_GET_ITEM(kept, 2);
+  PyObject* layout = PyTuple_GET_ITEM(kept, 3);
   if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || !PyTuple_CheckExact(sources) || !PyTuple_CheckExact(calls))
     return not_implemented();
   if (x->dim() == 0 || x->numel() > max_rows * x->size(-1)) return not_implemented();
@@ -203,12 +210,58 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
         !read_rank_linear_args(PySequence_Fast_ITEMS(call), &r[i]) || !plain_cpu_inference(*x, r[i]))
       return not_implemented();
   }
+  // layout: 0 sum, 1 "in" (outputs side by side in each block), 2 "out" (inputs taken from each block)
+  int kind = 0;
+  int64_t blocks = 0, widths[kMaxKeptCalls] = {}, block_width = 0;
+  OptTensor bias;
+  if (layout != Py_None) {
+    if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 4) return not_implemented();
+    PyObject* role = PyTuple_GET_ITEM(layout, 0);
+    PyObject* sizes = PyTuple_GET_ITEM(layout, 2);
+    c10::string_view name;
+    if (!read_str(role, &name) || (name != "in" && name != "out") || !read_int(PyTuple_GET_ITEM(layout, 1), &blocks) ||
+        blocks < 1 || !PyTuple_CheckExact(sizes) || PyTuple_GET_SIZE(sizes) != n ||
+        !read_opt_tensor(PyTuple_GET_ITEM(layout, 3), &bias) ||
+        (bias && (!plain_cpu_inference({&*bias}) || bias->scalar_type() != x->scalar_type())))
+      return not_implemented();  // (a bias of another dtype would promote the module's `y + bias`)
+    kind = name == "in" ? 1 : 2;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!read_int(PyTuple_GET_ITEM(sizes, i), &widths[i]) || widths[i] < 1) return not_implemented();
+      block_width += widths[i];
+      // the width call i gives ("in") or takes ("out"), from its factors' (k, n) shapes
+      const RankLinearArgs& c = r[i];
+      if (c.na != 2 || c.nb != 2) return not_implemented();
+      const c10::SymInt& side = kind == 1 ? (c.b ? c.b_shape[1] : c.a_shape[0]) : (c.a ? c.a_shape[1] : c.b_shape[0]);
+      if (side != blocks * widths[i]) return not_implemented();
+    }
+    if ((kind == 2 && x->size(-1) != blocks * block_width) ||
+        (bias && (bias->dim() != 1 || bias->size(0) != blocks * block_width)))
+      return not_implemented();
+  }
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
-    out = rank_linear_op(*x, r[0]);
-    for (Py_ssize_t i = 1; i < n; ++i) out.add_(rank_linear_op(*x, r[i]));
+    const int64_t rows = x->numel() / x->size(-1);
+    std::vector<int64_t> shape = x->sizes().vec();
+    if (kind == 0) {
+      out = rank_linear_op(*x, r[0]);
+      for (Py_ssize_t i = 1; i < n; ++i) out.add_(rank_linear_op(*x, r[i]));
+    } else if (kind == 1) {
+      shape.back() = blocks * block_width;
+      out = at::empty(shape, x->options());
+      const at::Tensor each = out.view({rows, blocks, block_width});
+      for (Py_ssize_t i = 0, at = 0; i < n; at += widths[i], ++i)
+        each.narrow(2, at, widths[i]).copy_(rank_linear_op(*x, r[i]).view({rows, blocks, widths[i]}));
+      if (bias) out.add_(*bias);
+    } else {
+      const at::Tensor each = x->reshape({rows, blocks, block_width});
+      for (Py_ssize_t i = 0, at = 0; i < n; at += widths[i], ++i) {
+        shape.back() = blocks * widths[i];
+        const at::Tensor part = rank_linear_op(each.narrow(2, at, widths[i]).reshape(shape), r[i]);
+        out = i == 0 ? part : out.add_(part);
+      }
+    }
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

@@ -190,13 +190,14 @@ class _QuantModule(DropsPackedArgs):
         call = self.__dict__.get("_call")
         return [f.packed_args for f in self.__dict__.get("_factors", {}).values()] + ([call] if call else [])
 
-    def _keep_call(self, parts: list[tuple[_Factor, tuple | None]], params: list[str], calls: list[tuple]) -> None:
-        """After a batch-1 call of the packed state made as ``calls`` (summed in order) from the quantised
-        directions ``parts`` ((factor, its op arguments)) and the parameters ``params``: keep it (`KeptCall`)
-        where no gradient is recorded, so the next call runs it from C++ without rebuilding it."""
+    def _keep_call(self, parts: list[tuple[_Factor, tuple | None]], params: list[str], calls: list[tuple],
+                   layout: tuple | None = None) -> None:
+        """After a batch-1 call of the packed state made as ``calls`` (with ``layout``, `KeptCall`; None: summed in
+        order) from the quantised directions ``parts`` ((factor, its op arguments)) and the parameters ``params``:
+        keep it where no gradient is recorded, so the next call runs it from C++ without rebuilding it."""
         if self.packed and not torch.is_grad_enabled():
             self._call.put(self, [(f.packed_args, q) for f, q in parts if q is not None], params, tuple(calls),
-                           MIN_BATCHED_ROWS)
+                           MIN_BATCHED_ROWS, layout)
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -264,18 +265,26 @@ class QuantLinear(_QuantModule):
             y = rank_linear(x, *call)
             self._keep_call([(f, q)], ["bias"], [call])
             return y
+        lora_args = (lora, None, "fp", 0, f.l_shape)
         if self.role == "in":
             parts = []
             if q is not None:
                 parts.append(rank_linear(x, *q, *ABSENT, None).unflatten(-1, (f.blocks, f.rank)))  # (..., H, r)
-            lora_h = rank_linear(x, lora, None, "fp", 0, f.l_shape, *ABSENT, None)  # (..., H·l)
+            lora_h = rank_linear(x, *lora_args, *ABSENT, None)  # (..., H·l)
             parts.append(lora_h.unflatten(-1, (f.blocks, f.lora)))
             y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
-            return y + bias if bias is not None else y
+            y = y + bias if bias is not None else y
+            if q is not None:  # kept: the two calls' outputs side by side in each head, then the bias
+                self._keep_call([(f, q)], ["bias", f.lora_name], [(*q, *ABSENT, None), (*lora_args, *ABSENT, None)],
+                                ("in", f.blocks, (f.rank, f.lora), bias))
+            return y
         h = x.unflatten(-1, (f.blocks, f.width))  # (..., H, width)
-        y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, lora, None, "fp", 0, f.l_shape, None if q else bias)
+        y = rank_linear(h[..., f.rank:].flatten(-2), *ABSENT, *lora_args, None if q else bias)
         if q is not None:
             y = rank_linear(h[..., :f.rank].flatten(-2), *ABSENT, *q, bias) + y
+            # kept: each head's spectral columns into the quantised call, its LoRA ones into the fp one, added
+            self._keep_call([(f, q)], ["bias", f.lora_name], [(*ABSENT, *q, bias), (*ABSENT, *lora_args, None)],
+                            ("out", f.blocks, (f.rank, f.lora), None))
         return y
 
     def extra_repr(self) -> str:
