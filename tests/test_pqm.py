@@ -154,6 +154,39 @@ def test_base_arguments_follow_loaded_weights():
     assert m.lora_A.grad is not None and x.grad is not None
 
 
+def test_inference_calls_are_kept_and_follow_the_module():
+    """A batch-1 inference call (base plus scaled LoRA update) is kept whole and run from C++ (`KeptCall`):
+    bit for bit the general path's output, and still the module's after the LoRA factors are trained (written
+    in place) or replaced, the bias buffer is swapped, or a state dict is loaded."""
+    from adaptwin.ops.backends import FAST
+
+    if "rank_linear_kept" not in FAST:
+        pytest.skip("needs adaptwin._C")
+    gen = torch.Generator().manual_seed(3)
+    fmt = PQMConfig().quant_format()
+    m, other = (NF4LoRALinear.from_linear(nn.Linear(64, 40), 2, 2.0, fmt, gen) for _ in range(2))
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(1, 64)
+
+    def fresh() -> torch.Tensor:
+        m._call.clear()
+        m._base.clear()
+        return m(x)
+
+    with torch.no_grad():
+        first = m(x)
+        assert m._call.kept is not None and torch.equal(m(x), first)
+        m.lora_A.mul_(2.0)  # trained in place: passed as they are, the kept call reads them
+        assert torch.equal(m(x), fresh()) and not torch.equal(m(x), first)
+        m.lora_B = nn.Parameter(other.lora_B.clone())
+        assert torch.equal(m(x), fresh())
+        m._buffers["bias"] = other.bias.clone()
+        assert torch.equal(m(x), fresh())
+        m.load_state_dict(other.state_dict())
+        assert torch.equal(m(x), other(x))
+
+
 @pytest.mark.parametrize("rank", [0, 5, 2.0, True, "4"])
 def test_lora_rank_is_checked(rank):
     with pytest.raises(ValueError, match=r"must be one of \[1, 2, 3, 4\]"):

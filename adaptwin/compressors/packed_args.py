@@ -127,23 +127,24 @@ class KeptCall:
         self.kept = None
 
     def put(self, module: nn.Module, factors: Iterable[tuple[PackedArgs, tuple]], params: Iterable[str],
-            calls: tuple[tuple, ...], max_rows: int, layout: tuple | None = None) -> None:
+            calls: tuple[tuple, ...], max_rows: int, layout: tuple | None = None, buffers: Iterable[str] = ()) -> None:
         """Keep ``calls`` (each the op's 11 arguments after x), built from ``factors``' arguments (pairs of a
         `PackedArgs` and the arguments it gave, which must be the ones it keeps) and from ``module``'s
-        parameters named ``params`` (a missing one as None), with ``layout`` (None: the outputs added). Nothing is
+        parameters named ``params`` and other buffers named ``buffers`` (a missing one as None), with ``layout``
+        (None: the outputs added). Nothing is
         kept without the native entry point, under `torch.compile`, or for tensors off the CPU."""
         from adaptwin.ops.backends import FAST
 
         entry = FAST.get("rank_linear_kept")
         if entry is None or _is_compiling():
             return
-        buffers, parameters = module._buffers, module._parameters
-        sources = []
+        own, parameters = module._buffers, module._parameters
+        sources = [(own, name, own.get(name), None) for name in buffers]
         for packed, args in factors:
             kept = packed.sources_of(args)
             if kept is None:
                 return
-            sources += [(buffers, name, t, version) for name, t, version in kept]
+            sources += [(own, name, t, version) for name, t, version in kept]
         sources += [(parameters, name, parameters.get(name), None) for name in params]
         if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in (*calls, layout or ()) for a in call):
             return

@@ -168,7 +168,9 @@ constexpr Py_ssize_t kMaxKeptCalls = 4;
 //            [sum(widths[:i]), sum(widths[:i + 1])) of each of the result's blocks of sum(widths), then bias (a
 //            tensor or None) is added (a QuantLinear "in" factor with LoRA directions kept in fp);
 //            ("out", blocks, widths, None): call i takes those columns of each of x's blocks as its x, and
-//            the outputs are added in order (the "out" factor).
+//            the outputs are added in order (the "out" factor);
+//            ("add", 1, alphas, None): the first call's output plus alphas[i] times call i's, in order
+//            (alphas[0] is 1: PQM's base plus its scaled LoRA update).
 // NotImplemented (the module then builds its call anew, or takes another path) for x with more than max_rows
 // rows (or none: a 0-d x), x of another width than a layout's blocks, a source that changed, and whatever
 // call_rank_linear refuses.
@@ -210,22 +212,30 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
         !read_rank_linear_args(PySequence_Fast_ITEMS(call), &r[i]) || !plain_cpu_inference(*x, r[i]))
       return not_implemented();
   }
-  // layout: 0 sum, 1 "in" (outputs side by side in each block), 2 "out" (inputs taken from each block)
+  // layout: 0 sum, 1 "in" (outputs side by side in each block), 2 "out" (inputs taken from each block), 3 "add"
   int kind = 0;
   int64_t blocks = 0, widths[kMaxKeptCalls] = {}, block_width = 0;
+  double alphas[kMaxKeptCalls] = {};
   OptTensor bias;
   if (layout != Py_None) {
     if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 4) return not_implemented();
     PyObject* role = PyTuple_GET_ITEM(layout, 0);
     PyObject* sizes = PyTuple_GET_ITEM(layout, 2);
     c10::string_view name;
-    if (!read_str(role, &name) || (name != "in" && name != "out") || !read_int(PyTuple_GET_ITEM(layout, 1), &blocks) ||
-        blocks < 1 || !PyTuple_CheckExact(sizes) || PyTuple_GET_SIZE(sizes) != n ||
+    if (!read_str(role, &name) || (name != "in" && name != "out" && name != "add") ||
+        !read_int(PyTuple_GET_ITEM(layout, 1), &blocks) || blocks < 1 || !PyTuple_CheckExact(sizes) ||
+        PyTuple_GET_SIZE(sizes) != n ||
         !read_opt_tensor(PyTuple_GET_ITEM(layout, 3), &bias) ||
         (bias && (!plain_cpu_inference({&*bias}) || bias->scalar_type() != x->scalar_type())))
       return not_implemented();  // (a bias of another dtype would promote the module's `y + bias`)
-    kind = name == "in" ? 1 : 2;
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    kind = name == "in" ? 1 : name == "out" ? 2 : 3;
+    for (Py_ssize_t i = 0; kind == 3 && i < n; ++i) {
+      PyObject* a = PyTuple_GET_ITEM(sizes, i);
+      if (!PyFloat_CheckExact(a) || bias) return not_implemented();
+      alphas[i] = PyFloat_AS_DOUBLE(a);
+    }
+    if (kind == 3 && alphas[0] != 1.0) return not_implemented();
+    for (Py_ssize_t i = 0; kind != 3 && i < n; ++i) {
       if (!read_int(PyTuple_GET_ITEM(sizes, i), &widths[i]) || widths[i] < 1) return not_implemented();
       block_width += widths[i];
       // the width call i gives ("in") or takes ("out"), from its factors' (k, n) shapes
@@ -244,9 +254,14 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
     const int64_t rows = x->numel() / x->size(-1);
     std::vector<int64_t> shape = x->sizes().vec();
-    if (kind == 0) {
+    if (kind == 0 || kind == 3) {
       out = rank_linear_op(*x, r[0]);
-      for (Py_ssize_t i = 1; i < n; ++i) out.add_(rank_linear_op(*x, r[i]));
+      for (Py_ssize_t i = 1; i < n; ++i) {
+        if (kind == 0)
+          out.add_(rank_linear_op(*x, r[i]));
+        else
+          out.add_(rank_linear_op(*x, r[i]), alphas[i]);
+      }
     } else if (kind == 1) {
       shape.back() = blocks * block_width;
       out = at::empty(shape, x->options());

@@ -28,11 +28,13 @@ from torch import nn
 from adaptwin.compressors.packed_args import (
     MIN_BATCHED_ROWS,
     DropsPackedArgs,
+    KeptCall,
     PackedArgs,
     batched_inference,
     derived,
     gemm_dtype,
 )
+from adaptwin.ops.backends import _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -63,6 +65,7 @@ class NF4LoRALinear(DropsPackedArgs):
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(rank, out_features, dtype=dtype))  # (r, out)
         self._base = PackedArgs()
+        self._call = KeptCall()
         self._base_names = tuple(f"weight_{key}" for key in fmt.layout((out_features, in_features)))
 
     @classmethod
@@ -93,8 +96,8 @@ class NF4LoRALinear(DropsPackedArgs):
                                   self.fmt.kind, self.fmt.blocksize, [self.out_features, self.in_features]))
         return args
 
-    def _packed_args_kept(self) -> Iterable[PackedArgs]:
-        return (self._base,) if "_base" in self.__dict__ else ()
+    def _packed_args_kept(self) -> Iterable[PackedArgs | KeptCall]:
+        return [self.__dict__[name] for name in ("_base", "_call") if name in self.__dict__]
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The frozen base Ŵ (out, in) as ``dtype`` (for tests and inspection; forward forms it only for a
@@ -104,6 +107,11 @@ class NF4LoRALinear(DropsPackedArgs):
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self._call.kept
+        if kept is not None and not _is_compiling():
+            y = kept[0](x, kept[1])
+            if y is not NotImplemented:
+                return y
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and batched_inference(self, x):
             dt = gemm_dtype(x.dtype)
             params, bias = self._parameters, self._buffers["bias"]
@@ -111,11 +119,17 @@ class NF4LoRALinear(DropsPackedArgs):
             w.addmm_(params["lora_B"].t().float(), params["lora_A"].float(), alpha=self.scaling)  # + s·Bᵀ·A
             y = F.linear(x.to(dt), w.to(dt), bias.to(dt) if bias is not None else None)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        y = rank_linear(x, *self.base_args(), *ABSENT, self._buffers["bias"])  # (..., out)
+        base_args = self.base_args()
+        base = (*base_args, *ABSENT, self._buffers["bias"])
+        y = rank_linear(x, *base)  # (..., out)
         params = self._parameters
-        update = rank_linear(x, params["lora_A"], None, "fp", 0, [self.rank, self.in_features],
-                             params["lora_B"], None, "fp", 0, [self.rank, self.out_features], None)  # (..., out)
-        return torch.add(y, update, alpha=self.scaling)  # y + scaling·update in one op
+        lora = (params["lora_A"], None, "fp", 0, [self.rank, self.in_features],
+                params["lora_B"], None, "fp", 0, [self.rank, self.out_features], None)
+        y = torch.add(y, rank_linear(x, *lora), alpha=self.scaling)  # y + scaling·update in one op
+        if not torch.is_grad_enabled():  # kept whole for the next inference call (`KeptCall`), run from C++
+            self._call.put(self, [(self._base, base_args)], ["lora_A", "lora_B"], (base, lora), MIN_BATCHED_ROWS,
+                           ("add", 1, (1.0, float(self.scaling)), None), buffers=["bias"])
+        return y
 
     def storage(self) -> tuple[int, int]:
         """``(logical parameters, bytes stored)``: out·in + bias + r·(in + out); every stored tensor's bytes."""
