@@ -412,3 +412,30 @@ def test_attention_speed_benchmark(tmp_path, capsys):
             att.main(["--widths", bad, "--out", str(out)])
         assert exc.value.code == 2
         assert "--widths takes comma-separated head widths" in capsys.readouterr().err
+
+
+def test_packed_module_calls_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
+    """benchmarks/packed_module_calls.py at the toy shape: every packed module of a decoder layer, its kept call
+    checked against the general path's bits (it raises otherwise), both timed, a CSV row for each."""
+    from adaptwin.ops.backends import FAST
+    from benchmarks import packed_module_calls as pmc
+    from benchmarks import whisper_decode_speed as decode
+
+    if "rank_linear_kept" not in FAST:
+        pytest.skip("needs adaptwin._C")
+    monkeypatch.setitem(decode.SHAPES, "toy", TOY)
+    out = tmp_path / "calls.csv"
+    assert pmc.main(["--shape", "toy", "--layer", "1", "--calls", "5", "--repeats", "2", "--threads", "1",
+                     "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == pmc.FIELDS
+    kinds = {r["module"]: r["kind"] for r in rows}
+    assert {"in", "out", "low_rank"} <= set(kinds.values()) and "self_attn.q_proj" in kinds, kinds
+    assert sorted(r["provider"] for r in rows) == sorted(pmc.PROVIDERS * len(kinds))
+    assert all(float(r["us_per_call"]) > 0 for r in rows) and "FAST" not in capsys.readouterr().err
+    assert "rank_linear_kept" in FAST  # put back after the general path's timings
+    with pytest.raises(SystemExit):
+        pmc.main(["--layer", "-1"])
+    assert "--layer >= 0, got 2000, 11, 2 and -1" in capsys.readouterr().err
