@@ -30,16 +30,22 @@ def _keep_threads():
     torch.set_num_threads(n)
 
 
+
+def _csv(path) -> tuple[tuple[str, ...], list[dict[str, str]]]:
+    """A benchmark CSV's header and rows."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return tuple(reader.fieldnames or ()), rows
+
 def test_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.SHAPES, "toy", TOY)
     out = tmp_path / "speed.csv"
     argv = ["--shapes", "toy", "--dtypes", "fp32,bf16", "--repeats", "1", "--warmup", "0", "--threads", "1",
             "--out", str(out)]
     assert bench.main(argv) == 0
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == common.CSV_FIELDS
+    fields, rows = _csv(out)
+    assert fields == common.CSV_FIELDS
     assert {(r["dtype"], r["provider"]) for r in rows} == {
         (d, p) for d in ("fp32", "bf16") for p in bench.PROVIDERS if common.runs_in(p, d)}
     for r in rows:
@@ -234,12 +240,10 @@ def test_decode_benchmark_writes_csv(tmp_path, monkeypatch, capsys):
     # clear of the timing noise; with 2 tokens and 1 repeat it came out <= 0 in 1 run of 6
     assert decode.main(["--shapes", "toy", "--dtypes", "fp32", "--tokens", "8", "--repeats", "3", "--threads", "1",
                         "--out", str(out)]) == 0
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        every = list(reader)
+    fields, every = _csv(out)
     rows = {r["provider"]: r for r in every if r["benchmark"] == decode.BENCHMARK}
     ops = [r for r in every if r["benchmark"] == "whisper_decode_attention"]
-    assert tuple(reader.fieldnames) == decode.FIELDS and set(rows) == set(decode.PROVIDERS)
+    assert fields == decode.FIELDS and set(rows) == set(decode.PROVIDERS)
     assert len(ops) == 6 and all(0 < float(r["us_per_call"]) < 5000 for r in ops)  # microseconds, toy heads
     assert float(rows["dense"]["ratio"]) == 1.0 and all(float(r["ms_per_token"]) > 0 for r in rows.values())
     assert float(rows["adaptwin"]["rel_err"]) < decode.REL_TOL_FP32
@@ -427,10 +431,8 @@ def test_packed_module_calls_benchmark_writes_csv(tmp_path, monkeypatch, capsys)
     out = tmp_path / "calls.csv"
     assert pmc.main(["--shape", "toy", "--layer", "1", "--calls", "5", "--repeats", "2", "--threads", "1",
                      "--out", str(out)]) == 0
-    with open(out, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-    assert tuple(reader.fieldnames) == pmc.FIELDS
+    fields, rows = _csv(out)
+    assert fields == pmc.FIELDS
     kinds = {r["module"]: r["kind"] for r in rows}
     assert {"in", "out", "low_rank"} <= set(kinds.values()) and "self_attn.q_proj" in kinds, kinds
     assert sorted(r["provider"] for r in rows) == sorted(pmc.PROVIDERS * len(kinds))

@@ -67,6 +67,17 @@ ATTENTION_CASES = [
 ]
 
 
+def _attention_inputs(case: tuple, salt: int) -> tuple:
+    """(q, k, v, mask, scale, float64 reference) for an ATTENTION_CASES case, drawn from its seed plus ``salt``."""
+    b, h, hkv, t, s, dq, dv, causal, kind = case
+    gen = torch.Generator().manual_seed(seed(case) + salt)
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
+    mask = _mask(kind, b, h, t, s, gen)
+    scale = dq ** -0.5
+    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    return q, k, v, mask, scale, ref64
+
+
 @needs_interpreter
 @pytest.mark.parametrize("splits", [None, 1], ids=["auto-split", "one-split"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "B{}H{}kv{}T{}S{}q{}v{}{}-{}".format(*c))
@@ -74,11 +85,7 @@ def test_triton_attention(tk, case, splits):
     """Keys split over the grid and merged (what a GPU does with under a wave of programs; every case
     here is that small) and the same in one pass."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
-    gen = torch.Generator().manual_seed(seed(case))
-    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
-    mask = _mask(kind, b, h, t, s, gen)
-    scale = dq ** -0.5
-    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    q, k, v, mask, scale, ref64 = _attention_inputs(case, 0)
     ref = attention_reference(q, k, v, mask, scale, causal)
     config = None if splits is None else {**tk["attention"].default_config(q, mask is not None), "SPLITS": splits}
     out = tk["attention"].attention(q, k, v, mask, scale, causal, config=config)
@@ -93,11 +100,7 @@ def test_triton_attention_native_fp16_dots(tk, case):
     """The GPU path for 16-bit inputs: fp16 operands straight into tl.dot, P rounded to fp16 before P·V
     (forced with dot_f32=False; the interpreter computes fp16 dots, only its bf16 dot is wrong)."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
-    gen = torch.Generator().manual_seed(seed(case) + 1)
-    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
-    mask = _mask(kind, b, h, t, s, gen)
-    scale = dq ** -0.5
-    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    q, k, v, mask, scale, ref64 = _attention_inputs(case, 1)
     half = [x.half() for x in (q, k, v)]
     ref = attention_reference(*half, _to(mask, torch.float16), scale, causal)
     out = tk["attention"].attention(*half, _to(mask, torch.float16), scale, causal, dot_f32=False)
@@ -126,11 +129,7 @@ def test_triton_attention_deferred_pv(tk, case):
     tiles and a partial one; one split, split keys (each split's first tile masked, its last P·V after the
     loop) and native fp16 dots (P carried in float32, rounded at its P·V)."""
     b, h, hkv, t, s, dq, dv, causal, kind = case
-    gen = torch.Generator().manual_seed(seed(case) + 3)
-    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m, d in ((h, t, dq), (hkv, s, dq), (hkv, s, dv)))
-    mask = _mask(kind, b, h, t, s, gen)
-    scale = dq ** -0.5
-    ref64 = attention_reference(q.double(), k.double(), v.double(), _to(mask, torch.float64), scale, causal)
+    q, k, v, mask, scale, ref64 = _attention_inputs(case, 3)
     ref = attention_reference(q, k, v, mask, scale, causal)
     for splits, half in ((1, False), (3, False), (1, True)):
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "SPLITS": splits}
