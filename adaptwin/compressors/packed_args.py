@@ -131,12 +131,14 @@ class KeptCall:
         """Keep ``calls`` (each the op's 11 arguments after x), built from ``factors``' arguments (pairs of a
         `PackedArgs` and the arguments it gave, which must be the ones it keeps) and from ``module``'s
         parameters named ``params`` and other buffers named ``buffers`` (a missing one as None), with ``layout``
-        (None: the outputs added). Nothing is
-        kept without the native entry point, under `torch.compile`, or for tensors off the CPU."""
+        (None: the outputs added). Nothing is kept without the native entry point, under `torch.compile`, or
+        for tensors off the CPU."""
         from adaptwin.ops.backends import FAST
 
         entry = FAST.get("rank_linear_kept")
         if entry is None or _is_compiling():
+            return
+        if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in (*calls, layout or ()) for a in call):
             return
         own, parameters = module._buffers, module._parameters
         sources = [(own, name, own.get(name), None) for name in buffers]
@@ -146,8 +148,6 @@ class KeptCall:
                 return
             sources += [(own, name, t, version) for name, t, version in kept]
         sources += [(parameters, name, parameters.get(name), None) for name in params]
-        if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for call in (*calls, layout or ()) for a in call):
-            return
         self.kept = (entry, (max_rows, tuple(sources), calls, layout))
 
 

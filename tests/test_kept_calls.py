@@ -1,0 +1,91 @@
+"""Packed modules keep their whole batch-1 inference call and run it from C++ (`KeptCall`,
+adaptwin/compressors/packed_args.py; the entry point ``adaptwin._C.call_rank_linear_kept``): the kept call
+gives the general path's output bit for bit and follows the module through every change of its buffers and
+parameters; the entry point refuses what it does not take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptwin.ops.backends import FAST
+from adaptwin.quant import QuantFormat
+from tests.test_quant_modules import _fresh_output, _packed
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif("rank_linear_kept" not in FAST, reason="needs adaptwin._C")]
+
+
+def _kept_case(kind: str, quantize_lora: bool):
+    """(packed module, donor with other factors) for the kept-call tests. With fp LoRA directions the low-rank
+    module's call is two op calls added, QuantLinear's "in" one two calls side by side in each head and its
+    "out" one two calls on each head's columns, added."""
+    fmt = QuantFormat("nf4", 64, True)  # double-quantised scales: derived tensors, kept with their versions
+    return _packed(kind, fmt, quantize_lora), _packed(kind, fmt, quantize_lora, seed=1)
+
+
+@pytest.mark.parametrize("quantize_lora", [True, False], ids=["one-format", "fp-lora"])
+@pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
+def test_kept_calls_follow_the_module(kind, quantize_lora):
+    """A packed module's batch-1 inference call is kept whole after its first call and run from C++
+    (`KeptCall`): the same output bit for bit, and still the module's own after a buffer or parameter is
+    replaced behind nn.Module's back, a source of the double-quantised scales is written in place, the bias
+    is swapped, or `.to` converts it; calls it does not take (more rows, gradients) go the general way."""
+    m, donor = _kept_case(kind, quantize_lora)
+    x = torch.randn(1, 1, m.in_features)
+    with torch.no_grad():
+        first = m(x)
+        assert m._call.kept is not None
+        assert torch.equal(m(x), first) and torch.equal(first, _fresh_output(m, x))
+        name = next(iter(m._buffers))
+        m._buffers[name] = donor._buffers[name].clone()  # as accelerate's set_module_tensor_to_device does
+        replaced = m(x)
+        assert not torch.equal(replaced, first) and torch.equal(replaced, _fresh_output(m, x))
+        absmax = next(n for n in m._buffers if n.endswith("absmax"))  # a source of derived scales, in place
+        m._buffers[absmax].copy_(donor._buffers[absmax])
+        assert torch.equal(m(x), _fresh_output(m, x))
+        for key, t in m._buffers.items():
+            t.copy_(donor._buffers[key])
+        for key, p in donor._parameters.items():  # replaced, not written: the bias and any fp LoRA directions
+            setattr(m, key, torch.nn.Parameter(p.detach().clone()))
+        assert torch.equal(m(x), donor(x))
+        m.bias = None
+        assert torch.equal(m(x), _fresh_output(m, x)) and not torch.equal(m(x), donor(x))
+        many = torch.randn(40, m.in_features)  # more than MIN_BATCHED_ROWS: the whole-factor GEMMs, not kept
+        one = m(many[:1])
+        torch.testing.assert_close(m(many)[:1], one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
+        other = m(x.bfloat16())  # a float32 bias would promote `y + bias`: the general path, the same result
+        assert torch.equal(other, _fresh_output(m, x.bfloat16())) and m._call.kept is not None
+    y = m(x.requires_grad_())  # a gradient to record: the op and its autograd
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(y.detach(), m(x.detach()))
+    m.double()
+    assert m._call.kept is None and m(x.detach().double()).dtype == torch.float64
+
+
+def test_kept_call_entry_refuses_what_it_does_not_take():
+    """The C++ entry answers NotImplemented, never a crash or a wrong call, for a kept tuple of another shape,
+    a source that is not a dict entry, no or too many calls, calls of other arity, layouts it does not know or
+    whose widths do not fit, a bias of another kind, and x of other kinds."""
+    entry = FAST["rank_linear_kept"]
+    m, _ = _kept_case("low_rank", quantize_lora=True)
+    x = torch.randn(1, m.in_features)
+    with torch.no_grad():
+        m(x)
+        _, (rows, sources, calls, layout) = m._call.kept
+        assert layout is None and torch.equal(entry(x, (rows, sources, calls, layout)), m(x))
+        bad = [(rows,), (rows, sources, calls), [rows, sources, calls, None], ("32", sources, calls, None),
+               (rows, [*sources], calls, None), (rows, ((1, "x", None, None),), calls, None),
+               (rows, ((m._buffers, ["unhashable"], None, None),), calls, None), (rows, sources, (), None),
+               (rows, sources, calls * 5, None), (rows, sources, (calls[0][:-1],), None), (0, sources, calls, None),
+               (rows, sources, calls, ("side", 1, (1,), None)), (rows, sources, calls, ("in", 0, (1,), None)),
+               (rows, sources, calls, ("in", 1, (1, 2), None)), (rows, sources, calls, ("out", 1, (63,), None)),
+               (rows, sources, calls, ("in", 1, (0,), None)), (rows, sources, calls, ("in", 1, (95,), None)),
+               (rows, sources, calls, ("in", 1, (96,), x)),
+               (rows, sources, calls, ("in", 1, (96,), m.bias.double()))]
+        for kept in bad:
+            assert entry(x, kept) is NotImplemented, kept
+        assert torch.equal(entry(x, (rows, sources, calls, ("in", 1, (96,), None))), m(x))  # one part: the same
+        assert entry(torch.tensor(1.0), (rows, sources, calls, layout)) is NotImplemented  # 0-d x
+        assert entry(x.numpy(), (rows, sources, calls, layout)) is NotImplemented
+        assert entry(x) is NotImplemented
