@@ -9,9 +9,11 @@ Model: `benchmarks.whisper_decode_speed`'s ``adaptwin_nf4`` (Whisper shapes with
 NF4 factors with their LoRA directions kept in fp, the token table in NF4), in `torch.inference_mode`, x of
 shape (1, 1, in): a decoding step. Every `QuantLinear` / `QuantLowRankLinear` of the decoder layer: the
 attention projections (their LoRA directions in fp: two calls per module, placed in each head or fed from
-each head's columns) and the FFN matrices (two calls added; fc1 also runs its fused GELU in Python). Each
-timed sample is ``--calls`` calls; the median of ``--repeats`` samples, the two paths alternating. Their
-outputs are compared first: the kept call must give the general path's bits.
+each head's columns) and the FFN matrices (two calls added; fc1 also runs its fused GELU in Python); and a
+PQM `NF4LoRALinear` of the model's width (``pqm``: an NF4 base plus its rank-4 fp LoRA update scaled by 2,
+from a random d x d `nn.Linear`, B drawn non-zero). Each timed sample is ``--calls`` calls; the median of
+``--repeats`` samples, the two paths alternating. Their outputs are compared first: the kept call must give
+the general path's bits.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _sample(fn, calls: int) -> float:
 
 
 def run(shape_name: str, layer: int, calls: int, repeats: int) -> list[dict]:
+    from adaptwin.compressors.pqm import PQMConfig
+    from adaptwin.compressors.pqm.layer import NF4LoRALinear
     from adaptwin.compressors.quantized import QuantLinear, QuantLowRankLinear
     from adaptwin.ops.backends import FAST
     from benchmarks.whisper_decode_speed import SHAPES, build_models
@@ -69,6 +73,11 @@ def run(shape_name: str, layer: int, calls: int, repeats: int) -> list[dict]:
     if not modules:
         raise ValueError(f"decoder layer {layer} of {shape_name} has no packed modules")
     gen = torch.Generator().manual_seed(0)
+    d = SHAPES[shape_name].d_model
+    pqm = NF4LoRALinear.from_linear(torch.nn.Linear(d, d), 4, 2.0, PQMConfig().quant_format(), gen)
+    with torch.no_grad():
+        pqm.lora_B.normal_(generator=gen)
+    modules["pqm"] = pqm
     rows, stamp = [], dict(device=device_string(), threads=torch.get_num_threads(), **versions(), timestamp=now_utc())
     with torch.inference_mode():
         for name, m in modules.items():
@@ -84,7 +93,7 @@ def run(shape_name: str, layer: int, calls: int, repeats: int) -> list[dict]:
                 with general_path(list(modules.values())):
                     samples["general"].append(_sample(lambda m=m, x=x: m(x), calls))
             us = {p: statistics.median(s) for p, s in samples.items()}
-            kind = getattr(m, "role", None) or "low_rank"
+            kind = getattr(m, "role", None) or ("pqm" if m is pqm else "low_rank")
             for p in PROVIDERS:
                 rows.append(dict(benchmark=BENCHMARK, shape=shape_name, module=name, kind=kind, provider=p,
                                  us_per_call=us[p], ratio=us[p] / us["general"], calls=calls, repeats=repeats,

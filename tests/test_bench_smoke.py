@@ -434,7 +434,7 @@ def test_packed_module_calls_benchmark_writes_csv(tmp_path, monkeypatch, capsys)
     fields, rows = _csv(out)
     assert fields == pmc.FIELDS
     kinds = {r["module"]: r["kind"] for r in rows}
-    assert {"in", "out", "low_rank"} <= set(kinds.values()) and "self_attn.q_proj" in kinds, kinds
+    assert {"in", "out", "low_rank", "pqm"} <= set(kinds.values()) and "self_attn.q_proj" in kinds, kinds
     assert sorted(r["provider"] for r in rows) == sorted(pmc.PROVIDERS * len(kinds))
     assert all(float(r["us_per_call"]) > 0 for r in rows) and "FAST" not in capsys.readouterr().err
     assert "rank_linear_kept" in FAST  # put back after the general path's timings
