@@ -126,6 +126,15 @@ class KeptCall:
     def clear(self) -> None:
         self.kept = None
 
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The kept call on ``x``, or None where nothing is kept, under `torch.compile` (the module's own code is
+        traced), or where the entry point does not take the call."""
+        kept = self.kept
+        if kept is None or _is_compiling():
+            return None
+        y = kept[0](x, kept[1])
+        return None if y is NotImplemented else y
+
     def put(self, module: nn.Module, factors: Iterable[tuple[PackedArgs, tuple]], params: Iterable[str],
             calls: tuple[tuple, ...], max_rows: int, layout: tuple | None = None, buffers: Iterable[str] = ()) -> None:
         """Keep ``calls`` (each the op's 11 arguments after x), built from ``factors``' arguments (pairs of a

@@ -174,6 +174,95 @@ constexpr Py_ssize_t kMaxKeptCalls = 4;
 // NotImplemented (the module then builds its call anew, or takes another path) for x with more than max_rows
 // rows (or none: a 0-d x), x of another width than a layout's blocks, a source that changed, and whatever
 // call_rank_linear refuses.
+// Whether every source of a kept call is still its module's (call_rank_linear_kept's ``sources``).
+bool sources_hold(PyObject* sources) {
+  if (!PyTuple_CheckExact(sources)) return false;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sources); ++i) {
+    PyObject* source = PyTuple_GET_ITEM(sources, i);
+    if (!PyTuple_CheckExact(source) || PyTuple_GET_SIZE(source) != 4 || !PyDict_Check(PyTuple_GET_ITEM(source, 0)))
+      return false;
+    PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(source, 0), PyTuple_GET_ITEM(source, 1));  // borrowed
+    if (now == nullptr && PyErr_Occurred()) return false;
+    PyObject* expected = PyTuple_GET_ITEM(source, 2);
+    if ((now == nullptr ? Py_None : now) != expected) return false;
+    PyObject* version = PyTuple_GET_ITEM(source, 3);
+    if (version != Py_None) {
+      int64_t v;
+      const at::Tensor* t;
+      if (!read_int(version, &v) || !read_tensor(expected, &t) || t->is_inference() || t->_version() != v) return false;
+    }
+  }
+  return true;
+}
+
+// How a kept call's n op calls make its result (call_rank_linear_kept's ``layout``).
+struct KeptLayout {
+  enum Kind { kAdd, kIn, kOut } kind = kAdd;
+  int64_t blocks = 1, block_width = 0, widths[kMaxKeptCalls] = {};
+  double alphas[kMaxKeptCalls] = {1.0, 1.0, 1.0, 1.0};  // kAdd: result = Σ alphas[i]·call i, alphas[0] = 1
+  OptTensor bias;                                         // kIn: added last
+};
+
+// False where ``layout`` is not one call_rank_linear_kept takes for x and these calls (widths that do not fit).
+bool read_layout(PyObject* layout, const at::Tensor& x, const RankLinearArgs* r, Py_ssize_t n, KeptLayout* l) {
+  if (layout == Py_None) return true;  // the outputs added
+  if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 4) return false;
+  PyObject* sizes = PyTuple_GET_ITEM(layout, 2);
+  c10::string_view name;
+  if (!read_str(PyTuple_GET_ITEM(layout, 0), &name) || (name != "in" && name != "out" && name != "add") ||
+      !read_int(PyTuple_GET_ITEM(layout, 1), &l->blocks) || l->blocks < 1 || !PyTuple_CheckExact(sizes) ||
+      PyTuple_GET_SIZE(sizes) != n || !read_opt_tensor(PyTuple_GET_ITEM(layout, 3), &l->bias) ||
+      (l->bias && (!plain_cpu_inference({&*l->bias}) || l->bias->scalar_type() != x.scalar_type())))
+    return false;  // (a bias of another dtype would promote the module's `y + bias`)
+  if (name == "add") {
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* a = PyTuple_GET_ITEM(sizes, i);
+      if (!PyFloat_CheckExact(a)) return false;
+      l->alphas[i] = PyFloat_AS_DOUBLE(a);
+    }
+    return !l->bias && l->alphas[0] == 1.0;
+  }
+  l->kind = name == "in" ? KeptLayout::kIn : KeptLayout::kOut;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!read_int(PyTuple_GET_ITEM(sizes, i), &l->widths[i]) || l->widths[i] < 1) return false;
+    l->block_width += l->widths[i];
+    // the width call i gives ("in") or takes ("out"), from its factors' (k, n) shapes
+    const RankLinearArgs& c = r[i];
+    if (c.na != 2 || c.nb != 2) return false;
+    const c10::SymInt& side =
+        l->kind == KeptLayout::kIn ? (c.b ? c.b_shape[1] : c.a_shape[0]) : (c.a ? c.a_shape[1] : c.b_shape[0]);
+    if (side != l->blocks * l->widths[i]) return false;
+  }
+  return !(l->kind == KeptLayout::kOut && x.size(-1) != l->blocks * l->block_width) &&
+         !(l->bias && (l->bias->dim() != 1 || l->bias->size(0) != l->blocks * l->block_width));
+}
+
+// The kept call's result (the caller holds the GIL released and the autograd keys excluded).
+at::Tensor run_kept(const at::Tensor& x, const RankLinearArgs* r, Py_ssize_t n, const KeptLayout& l) {
+  const int64_t rows = x.numel() / x.size(-1);
+  std::vector<int64_t> shape = x.sizes().vec();
+  at::Tensor out;
+  if (l.kind == KeptLayout::kAdd) {
+    out = rank_linear_op(x, r[0]);
+    for (Py_ssize_t i = 1; i < n; ++i) out.add_(rank_linear_op(x, r[i]), l.alphas[i]);
+  } else if (l.kind == KeptLayout::kIn) {
+    shape.back() = l.blocks * l.block_width;
+    out = at::empty(shape, x.options());
+    const at::Tensor each = out.view({rows, l.blocks, l.block_width});
+    for (Py_ssize_t i = 0, at = 0; i < n; at += l.widths[i], ++i)
+      each.narrow(2, at, l.widths[i]).copy_(rank_linear_op(x, r[i]).view({rows, l.blocks, l.widths[i]}));
+    if (l.bias) out.add_(*l.bias);
+  } else {
+    const at::Tensor each = x.reshape({rows, l.blocks, l.block_width});
+    for (Py_ssize_t i = 0, at = 0; i < n; at += l.widths[i], ++i) {
+      shape.back() = l.blocks * l.widths[i];
+      const at::Tensor part = rank_linear_op(each.narrow(2, at, l.widths[i]).reshape(shape), r[i]);
+      out = i == 0 ? part : out.add_(part);
+    }
+  }
+  return out;
+}
+
 PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 2 || at::impl::torch_function_mode_enabled()) return not_implemented();
@@ -181,28 +270,10 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
   PyObject* kept = args[1];
   if (!read_tensor(args[0], &x) || !PyTuple_CheckExact(kept) || PyTuple_GET_SIZE(kept) != 4) return not_implemented();
   int64_t max_rows;
-  PyObject* sources = PyTuple_GET_ITEM(kept, 1);
   PyObject* calls = PyTuple_GET_ITEM(kept, 2);
-  PyObject* layout = PyTuple_GET_ITEM(kept, 3);
-  if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || !PyTuple_CheckExact(sources) || !PyTuple_CheckExact(calls))
+  if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || !PyTuple_CheckExact(calls) || x->dim() == 0 ||
+      x->numel() > max_rows * x->size(-1) || !sources_hold(PyTuple_GET_ITEM(kept, 1)))
     return not_implemented();
-  if (x->dim() == 0 || x->numel() > max_rows * x->size(-1)) return not_implemented();
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(sources); ++i) {
-    PyObject* source = PyTuple_GET_ITEM(sources, i);
-    if (!PyTuple_CheckExact(source) || PyTuple_GET_SIZE(source) != 4 || !PyDict_Check(PyTuple_GET_ITEM(source, 0)))
-      return not_implemented();
-    PyObject* now = PyDict_GetItemWithError(PyTuple_GET_ITEM(source, 0), PyTuple_GET_ITEM(source, 1));  // borrowed
-    if (now == nullptr && PyErr_Occurred()) return not_implemented();
-    PyObject* expected = PyTuple_GET_ITEM(source, 2);
-    if ((now == nullptr ? Py_None : now) != expected) return not_implemented();
-    PyObject* version = PyTuple_GET_ITEM(source, 3);
-    if (version != Py_None) {
-      int64_t v;
-      const at::Tensor* t;
-      if (!read_int(version, &v) || !read_tensor(expected, &t) || t->is_inference() || t->_version() != v)
-        return not_implemented();
-    }
-  }
   const Py_ssize_t n = PyTuple_GET_SIZE(calls);
   if (n < 1 || n > kMaxKeptCalls) return not_implemented();
   RankLinearArgs r[kMaxKeptCalls];
@@ -212,71 +283,13 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
         !read_rank_linear_args(PySequence_Fast_ITEMS(call), &r[i]) || !plain_cpu_inference(*x, r[i]))
       return not_implemented();
   }
-  // layout: 0 sum, 1 "in" (outputs side by side in each block), 2 "out" (inputs taken from each block), 3 "add"
-  int kind = 0;
-  int64_t blocks = 0, widths[kMaxKeptCalls] = {}, block_width = 0;
-  double alphas[kMaxKeptCalls] = {};
-  OptTensor bias;
-  if (layout != Py_None) {
-    if (!PyTuple_CheckExact(layout) || PyTuple_GET_SIZE(layout) != 4) return not_implemented();
-    PyObject* role = PyTuple_GET_ITEM(layout, 0);
-    PyObject* sizes = PyTuple_GET_ITEM(layout, 2);
-    c10::string_view name;
-    if (!read_str(role, &name) || (name != "in" && name != "out" && name != "add") ||
-        !read_int(PyTuple_GET_ITEM(layout, 1), &blocks) || blocks < 1 || !PyTuple_CheckExact(sizes) ||
-        PyTuple_GET_SIZE(sizes) != n ||
-        !read_opt_tensor(PyTuple_GET_ITEM(layout, 3), &bias) ||
-        (bias && (!plain_cpu_inference({&*bias}) || bias->scalar_type() != x->scalar_type())))
-      return not_implemented();  // (a bias of another dtype would promote the module's `y + bias`)
-    kind = name == "in" ? 1 : name == "out" ? 2 : 3;
-    for (Py_ssize_t i = 0; kind == 3 && i < n; ++i) {
-      PyObject* a = PyTuple_GET_ITEM(sizes, i);
-      if (!PyFloat_CheckExact(a) || bias) return not_implemented();
-      alphas[i] = PyFloat_AS_DOUBLE(a);
-    }
-    if (kind == 3 && alphas[0] != 1.0) return not_implemented();
-    for (Py_ssize_t i = 0; kind != 3 && i < n; ++i) {
-      if (!read_int(PyTuple_GET_ITEM(sizes, i), &widths[i]) || widths[i] < 1) return not_implemented();
-      block_width += widths[i];
-      // the width call i gives ("in") or takes ("out"), from its factors' (k, n) shapes
-      const RankLinearArgs& c = r[i];
-      if (c.na != 2 || c.nb != 2) return not_implemented();
-      const c10::SymInt& side = kind == 1 ? (c.b ? c.b_shape[1] : c.a_shape[0]) : (c.a ? c.a_shape[1] : c.b_shape[0]);
-      if (side != blocks * widths[i]) return not_implemented();
-    }
-    if ((kind == 2 && x->size(-1) != blocks * block_width) ||
-        (bias && (bias->dim() != 1 || bias->size(0) != blocks * block_width)))
-      return not_implemented();
-  }
+  KeptLayout layout;
+  if (!read_layout(PyTuple_GET_ITEM(kept, 3), *x, r, n, &layout)) return not_implemented();
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset);
-    const int64_t rows = x->numel() / x->size(-1);
-    std::vector<int64_t> shape = x->sizes().vec();
-    if (kind == 0 || kind == 3) {
-      out = rank_linear_op(*x, r[0]);
-      for (Py_ssize_t i = 1; i < n; ++i) {
-        if (kind == 0)
-          out.add_(rank_linear_op(*x, r[i]));
-        else
-          out.add_(rank_linear_op(*x, r[i]), alphas[i]);
-      }
-    } else if (kind == 1) {
-      shape.back() = blocks * block_width;
-      out = at::empty(shape, x->options());
-      const at::Tensor each = out.view({rows, blocks, block_width});
-      for (Py_ssize_t i = 0, at = 0; i < n; at += widths[i], ++i)
-        each.narrow(2, at, widths[i]).copy_(rank_linear_op(*x, r[i]).view({rows, blocks, widths[i]}));
-      if (bias) out.add_(*bias);
-    } else {
-      const at::Tensor each = x->reshape({rows, blocks, block_width});
-      for (Py_ssize_t i = 0, at = 0; i < n; at += widths[i], ++i) {
-        shape.back() = blocks * widths[i];
-        const at::Tensor part = rank_linear_op(each.narrow(2, at, widths[i]).reshape(shape), r[i]);
-        out = i == 0 ? part : out.add_(part);
-      }
-    }
+    out = run_kept(*x, r, n, layout);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

@@ -34,7 +34,6 @@ from adaptwin.compressors.packed_args import (
     derived,
     gemm_dtype,
 )
-from adaptwin.ops.backends import _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -107,11 +106,9 @@ class NF4LoRALinear(DropsPackedArgs):
         return self.fmt.dequantize(stored, (self.out_features, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept = self._call.kept
-        if kept is not None and not _is_compiling():
-            y = kept[0](x, kept[1])
-            if y is not NotImplemented:
-                return y
+        y = self._call.run(x)
+        if y is not None:
+            return y
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and batched_inference(self, x):
             dt = gemm_dtype(x.dtype)
             params, bias = self._parameters, self._buffers["bias"]

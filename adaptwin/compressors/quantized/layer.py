@@ -48,7 +48,6 @@ from adaptwin.compressors.packed_args import (
     gemm_dtype,
 )
 from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
-from adaptwin.ops.backends import _is_compiling
 from adaptwin.ops.rank_linear import ABSENT, dequantize_factor
 from adaptwin.ops.rank_linear import run_rank_linear as rank_linear
 from adaptwin.quant import QuantFormat
@@ -246,11 +245,9 @@ class QuantLinear(_QuantModule):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept = self._call.kept
-        if kept is not None and not _is_compiling():
-            y = kept[0](x, kept[1])
-            if y is not NotImplemented:
-                return y
+        y = self._call.run(x)
+        if y is not None:
+            return y
         f = self._factors["weight"]
         bias = self._bias()
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
@@ -311,11 +308,9 @@ class QuantLowRankLinear(_QuantModule):
     fusable_activations = tuple(ACTIVATIONS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kept = self._call.kept
-        if kept is not None and not _is_compiling():
-            y = kept[0](x, kept[1])
-            if y is not NotImplemented:
-                return y if self.activation is None else activate(y, self.activation)
+        y = self._call.run(x)
+        if y is not None:
+            return y if self.activation is None else activate(y, self.activation)
         if x.dim() and x.numel() > MIN_BATCHED_ROWS * x.shape[-1] and self._batched(x):
             return self._whole_gemms(x)
         bias = self._bias()
