@@ -109,11 +109,14 @@ class KeptCall:
     """A packed module's whole batch-1 CPU inference call of `rank_linear` (one op call, or several whose outputs
     add up), kept between calls and run by ``adaptwin._C.call_rank_linear_kept``, which checks in C++ that each
     buffer and parameter it was built from is still the module's (and each derived source at its version, as
-    `PackedArgs` does) before calling the op. A 384-wide NF4 `QuantLowRankLinear`'s Python took 2.3 us of a
-    7.2 us forward here, rebuilding and checking its arguments factor by factor; the C++ check costs about
-    a tenth of a microsecond. ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout))`` (documented
-    at the entry point, csrc/cpu/python_calls.cpp: the calls' outputs added, or, for a `QuantLinear` whose LoRA
-    directions stay in fp, placed side by side in each head or fed from each head's columns); the module calls
+    `PackedArgs` does) before calling the op. A whole 384-wide NF4 `QuantLowRankLinear` took 8.5 us a call
+    here against the op's 5.0 us from Python (`benchmarks.rank_linear_speed`, ``nf4_module`` and
+    ``nf4_no_grad``), most of the difference its Python rebuilding and checking the arguments factor by
+    factor; kept, the module takes 6.2 us.
+
+    ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout))``, documented at the entry point
+    (csrc/cpu/python_calls.cpp): the calls' outputs added, or, for a `QuantLinear` whose LoRA directions stay
+    in fp, placed side by side in each head or fed from each head's columns. `run` calls
     ``entry(x, kept[1])``, which answers NotImplemented for anything it does not take (more than ``max_rows``
     rows, a changed source, another device, a gradient to record): the module then takes its general path,
     which keeps the call again where it can."""
