@@ -47,7 +47,7 @@ def kernel_only(q, k, v, scale: float, stages: int | None) -> torch.Tensor:
     from adaptwin.kernels import attention as ka
 
     out = torch.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[3]), dtype=q.dtype, device=q.device)
-    config = None if stages is None else {**ka.default_config(q, False), "num_stages": stages}
+    config = None if stages is None else {**ka.default_config(q, False, True, v.shape[-1]), "num_stages": stages}
     for kernel, grid, args, kwargs in ka.launches(q, k, v, None, out, scale, True, config):
         kernel[grid](*args, **kwargs)
     return out

@@ -51,6 +51,7 @@ at r + l = 16..48. The GEMV rows' goal is >= 3x over cuBLAS fp16.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from functools import partial
 
@@ -168,7 +169,8 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
                 raise RuntimeError(f"attention {shape} w{width} {dname}, one part: relative error "
                                    f"{errs['one part']:.2e}")
             configs.append(("one part", one))
-        deferred = {**default_config(q), "DEFER_PV": True}  # each tile's P·V in flight during the next softmax
+        # each tile's P·V in flight during the next softmax, at the 64-query tiles (it spills at 128 and width 64)
+        deferred = {**default_config(q), "BLOCK_M": 64, "num_warps": 4, "DEFER_PV": True}
         errs["defer pv"] = rel_err(triton_attention(q, k, v, None, scale, False, config=deferred), ref)
         if not errs["defer pv"] < 2e-2:
             raise RuntimeError(f"attention {shape} w{width} {dname}, DEFER_PV: relative error {errs['defer pv']:.2e}")
@@ -177,6 +179,9 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             try:
                 timed[label] = gc.bench(partial(triton_attention, q, k, v, None, scale, False, config=config),
                                         graph=True)
+                if tune:  # every tile's time, not only the best: the sweep's record
+                    print(f"  tune {shape} w{width} {dname} {label}: {timed[label]:.1f} us", file=sys.stderr,
+                          flush=True)
             except Exception as exc:  # a block shape the compiler refuses (shared memory): skip it
                 print(f"  {shape} w{width} config {label} failed: {type(exc).__name__}", file=sys.stderr)
         flops = attention_flops(batch, heads, tokens, width)
@@ -254,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true",
                     help="also sweep the Triton block sizes (attention on the largest shape, the NF4 GEMV)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {list(PARTS)}")
+    ap.add_argument("--widths", default=None, help=f"attention head widths, comma-separated (default {WIDTHS})")
+    ap.add_argument("--shapes", default=None, help="attention (batch x heads) shapes, comma-separated, e.g. 16x20 "
+                    f"(default {','.join(f'{b}x{h}' for b, h in ATTENTION_SHAPES)}; --tune sweeps the last)")
     ap.add_argument("--gemv-sizes", default=None, help=f"comma-separated d (default {GEMV_SIZES}; --quick: every "
                     "other one)")
     args = ap.parse_args(argv)
@@ -265,6 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         if not text or not all(d.isdigit() and int(d) >= 8 and int(d) % 8 == 0 for d in text):
             ap.error(f"--gemv-sizes must be comma-separated multiples of 8 (>= 8), got {args.gemv_sizes!r}")
         sizes = tuple(int(d) for d in text)
+    widths = (16, 48) if args.quick else WIDTHS
+    if args.widths:
+        text = [w.strip() for w in args.widths.split(",") if w.strip()]
+        if not text or not all(w.isdigit() and 1 <= int(w) <= 256 for w in text):
+            ap.error(f"--widths must be comma-separated integers in 1..256, got {args.widths!r}")
+        widths = tuple(int(w) for w in text)
+    shapes = ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES
+    if args.shapes:
+        found = [re.fullmatch(r"(\d+)x(\d+)", t.strip()) for t in args.shapes.split(",") if t.strip()]
+        if not found or not all(m and int(m[1]) > 0 and int(m[2]) > 0 for m in found):
+            ap.error(f"--shapes must be comma-separated BATCHxHEADS with positive integers (e.g. 16x20), "
+                     f"got {args.shapes!r}")
+        shapes = tuple((int(m[1]), int(m[2])) for m in found)
     if not torch.cuda.is_available():  # skipped, not failed: `make bench` runs every script on CPU machines too
         print("benchmarks.gpu_kernels: skipped, it needs a CUDA device and none is visible here", file=sys.stderr)
         return 0
@@ -277,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__}", flush=True)
     torch.manual_seed(0)
     rows = collect(device, props.name, l2, args.out, dtypes, parts,
-                   shapes=ATTENTION_SHAPES[:1] if args.quick else ATTENTION_SHAPES,
-                   widths=(16, 48) if args.quick else WIDTHS, sizes=sizes,
+                   shapes=shapes, widths=widths, sizes=sizes,
                    batched=BATCHED_SHAPES[1:3] if args.quick else BATCHED_SHAPES, tune=args.tune)
     table = [[r["kind"], r["shape"], r["dtype"], r["provider"], f"{r['median_us']:.1f}",
               f"{r.get('speedup', 0):.2f}x" if r.get("speedup") else "", f"{r.get('tflops', 0):.1f}" if r.get("tflops")

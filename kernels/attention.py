@@ -14,13 +14,12 @@ last, partial key tile masks its columns.
 each key tile's P·V after the next tile's scores, carrying P in float32 to the next step. On sm_90 the P·V
 wgmma is asynchronous until its accumulators' next use, so in this order it runs on the tensor cores while
 the next tile's softmax runs on the FMA and special-function units; in the plain loop it waits for its own
-tile's probabilities, and the next scores wait for it. At widths 16-64 the softmax, not the dots, sets the
-pace (T² exp2s per head at 16 per clock per multiprocessor), and time grew with the width as if the dots
-were added to it (B16 H20 T1500 on an H100: 310 us at width 16, 399 at 32, 584 at 64). Compiled for sm_90
-here, over 90 % of the loop's exp2s come after the deferred P·V, for 142-166 registers at widths 24-48
-against 109-127 (tests/test_kernels_sm90.py): three programs per multiprocessor instead of four. Not yet
-timed on a GPU. (P carried in 16 bits instead went through shared memory, and Triton waited for each P·V
-before overwriting it there, ahead of the next softmax: no overlap, so it is not offered.)
+tile's probabilities, and the next scores wait for it. Compiled for sm_90, over 90 % of the loop's exp2s
+come after the deferred P·V (tests/test_kernels_sm90.py), for 15-30 more registers: a program fewer per
+multiprocessor. Timed on an H100 (2026-11-26) it is slower at every width: B16 H20 T1500 fp16 318-633 us
+at widths 16-48 against 297-510 for the default tiles. (P carried in 16 bits instead went through shared
+memory, and Triton waited for each P·V before overwriting it there, ahead of the next softmax: no overlap,
+so it is not offered.)
 
 Operand precision: compiled on a GPU, float16 / bfloat16 inputs go to tl.dot as they are (tensor cores,
 float32 accumulation) and P is rounded to V's dtype before P·V, as FlashAttention and SDPA's fused
@@ -308,17 +307,27 @@ def _parts(width: int, one: bool = False) -> tuple[int, int]:
     return (first, second) if first + second < whole else (whole, 0)
 
 
-def default_config(q: torch.Tensor, masked: bool = False) -> dict[str, int]:
-    """Block sizes for a call: small fixed tiles under the interpreter, GPU tiles otherwise.
+def default_config(q: torch.Tensor, masked: bool = False, causal: bool = False, dv: int | None = None
+                   ) -> dict[str, int]:
+    """Block sizes for a call: small fixed tiles under the interpreter, GPU tiles otherwise (``dv``: V's
+    width, q's by default).
 
     The GPU tiles are the largest that compile for sm_90 without register spills (checked for every
     dtype, mask kind and widths 9-64 by tests/test_kernels_sm90.py): exact float32 dots run on the FMA
-    units and hold more registers, and a mask tile is one more (BLOCK_M, BLOCK_N) tensor to keep."""
+    units and hold more registers, and a mask tile is one more (BLOCK_M, BLOCK_N) tensor to keep.
+    Unmasked, non-causal 16-bit prefill at widths up to 64 takes 128-query tiles three key tiles deep, the
+    fastest of the tuning sweep at widths 24-48 (B16 H20 T1500 fp16 on an H100, 2026-11-26: 526 -> 384 us at
+    24, 398 -> 365 at 32, 628 -> 495 at 40, 535 -> 487 at 48 against 64 x 64 tiles two deep), with eight
+    warps where the width is two dot parts (40: 495 us against 526 with four)."""
     if interpreting():
         return {"BLOCK_M": 32, "BLOCK_N": 32}
     few = q.shape[2] <= 16  # decoding: one or a few queries, a 16-row tile (tl.dot's minimum) wastes least
     if q.dtype == torch.float32:
         return {"BLOCK_M": 16 if few else 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    width, dv = q.shape[-1], q.shape[-1] if dv is None else dv
+    if not (few or masked or causal) and max(width, dv) <= 64:
+        two_parts = bool(_parts(width)[1] or _parts(dv)[1])
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if two_parts else 4, "num_stages": 3}
     # decoding tiles pipeline three key tiles deep: with two, triton 3.6 (the device's) put 8 bytes on the
     # stack at widths 40 (bool mask) and 48 (additive mask); with three, no variant does in 3.6 or 3.9
     return {"BLOCK_M": 16 if few else 64, "BLOCK_N": 32 if masked else 64, "num_warps": 4,
@@ -368,7 +377,7 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
         mask_arg, mstr = mask, mask.stride()
     else:
         mask_arg, mstr = q, (0, 0, 0, 0)
-    config = dict(default_config(q, mask is not None) if config is None else config)
+    config = dict(default_config(q, mask is not None, bool(is_causal), DV) if config is None else config)
     unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS", "ONE_PART",
                                     "DEFER_PV"})
     if unknown or not {"BLOCK_M", "BLOCK_N"} <= set(config):
@@ -398,7 +407,9 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     # and came out wrong (relative error 0.25-0.73) at every width whose rows are not 16-byte aligned, and
     # at one pipeline stage for aligned ones (benchmarks/gpu_causal_probe.py on an H100, 2026-11-25); one
     # part was right in every case probed, grouped heads included.
-    one_v = one_part or (bool(is_causal) and not dot_f32)
+    # DEFER_PV on tensor cores likewise: with V in two parts, its deferred P·V came out wrong at width 40
+    # (relative error 4e-2) and read out of bounds at B16 H20 T1500 (H100, triton 3.6, 2026-11-26)
+    one_v = one_part or (bool(is_causal) and not dot_f32) or (defer_pv and not dot_f32)
     (d1q, d2q), (d1v, d2v) = _parts(DQ, one_part), _parts(DV, one_v)
     strides = [t.stride(i) for t in (q, k, v) for i in range(3)]
     align = 16 // q.element_size()  # elements per 16 bytes, down to the largest power of two all strides share

@@ -226,7 +226,8 @@ def _gemv_nf4_cols_words_kernel(h_ptr, SPLITS, w_ptr, scale_ptr, bias_ptr, out_p
     SPLITS partial rows are loaded one split at a time as rank vectors (unrolled, all loads in flight), which
     the tile uses as they are: no shared-memory round trip or barrier per step. On sm_90 (triton 3.6, default
     tiles and PDL) the loop takes 96 / 130 / 172 / 145 instructions per step at N = 1024 / 2048 / 4096 / 8192,
-    against the byte kernel's 131 / 193 / 231 / 203 with 5 barriers a step; not yet timed on a GPU."""
+    against the byte kernel's 131 / 193 / 231 / 203 with 5 barriers a step. On an H100 (2026-11-26) it is
+    slower: 14.9 us at 8192², r 2048, against 13.6 for the byte kernel (benchmarks/gpu_runs/2026-11-26-b)."""
     jw = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # word column: outputs 8·jw to 8·jw + 7
     col_ok = jw < ROWWORDS
     k_lo = tl.program_id(1) * K_SPLIT

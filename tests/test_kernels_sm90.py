@@ -128,8 +128,10 @@ def test_deferred_pv_compiles_for_sm90(case):
     from adaptwin.kernels import attention as ka
 
     dtype, causal = case[0], case[6]
-    config = {**ka.default_config(torch.empty(1, 1, 1500, 1, dtype=DTYPES[dtype]), case[5] is not None),
-              "DEFER_PV": True}
+    config = {**ka.default_config(torch.empty(1, 1, 1500, case[3], dtype=DTYPES[dtype]), case[5] is not None, causal,
+                                  case[4]), "DEFER_PV": True}
+    if dtype != "fp32":  # 64-query tiles: with the 128-query prefill tiles, width 64 spills (255 registers)
+        config.update(BLOCK_M=64, num_warps=4)
     kernel, args, kwargs = _attention_launch(*case, config)
     assert kwargs["DEFER_PV"] is not (causal and dtype != "fp32")
     deferred = compile_sm90(kernel, args, kwargs)
@@ -138,6 +140,23 @@ def test_deferred_pv_compiles_for_sm90(case):
         plain = compile_sm90(*_attention_launch(*case))
         assert _exps_after_pv(plain) and max(_exps_after_pv(plain)) < 0.6, _exps_after_pv(plain)
         assert _exps_after_pv(deferred) and min(_exps_after_pv(deferred)) > 0.9, _exps_after_pv(deferred)
+
+
+@pytest.mark.parametrize("widths", [(9, 9), (16, 16), (20, 20), (24, 24), (32, 32), (36, 36), (40, 40), (48, 48),
+                                    (52, 52), (64, 64), (24, 48), (64, 40)], ids=lambda w: "q{}v{}".format(*w))
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_prefill_tiles_compile_for_sm90(dtype, widths):
+    """Unmasked, non-causal 16-bit prefill plans 128-query tiles three key tiles deep (eight warps where a width
+    is two dot parts); spill-free at every width up to 64, grouped heads too. Masked and causal calls keep
+    64-query tiles two deep."""
+    dq, dv = widths
+    kernel, args, kwargs = _attention_launch(dtype, 20, 4, dq, dv, None, False)
+    two = dq in (36, 40, 48) or dv in (36, 40, 48)
+    assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == (128, 64, 8 if two
+                                                                                                    else 4, 3)
+    check(compile_sm90(kernel, args, kwargs), tensor_cores=True)
+    for mask, causal in (("bool", False), (None, True)):
+        assert _attention_launch(dtype, 20, 4, dq, dv, mask, causal)[2]["BLOCK_M"] == 64
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
