@@ -96,6 +96,13 @@ def test_rejects_unknown_dtype(capsys):
     with pytest.raises(SystemExit):
         gpu_kernels.main(["--parts", "gemm"])
     assert "unknown parts ['gemm']; allowed: ['attention', 'batched', 'gemv']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_kernels.main(["--widths", "24,0"])
+    assert "--widths must be comma-separated integers in 1..256, got '24,0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_kernels.main(["--shapes", "16x20,16"])
+    assert "--shapes must be comma-separated BATCHxHEADS with positive integers (e.g. 16x20), got '16x20,16'" in (
+        capsys.readouterr().err)
 
 
 CHILD = """
