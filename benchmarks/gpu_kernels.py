@@ -171,6 +171,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
             configs.append(("one part", one))
         # each tile's P·V in flight during the next softmax, at the 64-query tiles (it spills at 128 and width 64)
         deferred = {**default_config(q), "BLOCK_M": 64, "num_warps": 4, "DEFER_PV": True}
+        deferred.pop("maxnreg", None)  # the register cap is the 128-query tiles'; DEFER_PV needs 142-187
         errs["defer pv"] = rel_err(triton_attention(q, k, v, None, scale, False, config=deferred), ref)
         if not errs["defer pv"] < 2e-2:
             raise RuntimeError(f"attention {shape} w{width} {dname}, DEFER_PV: relative error {errs['defer pv']:.2e}")

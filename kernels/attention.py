@@ -307,6 +307,14 @@ def _parts(width: int, one: bool = False) -> tuple[int, int]:
     return (first, second) if first + second < whole else (whole, 0)
 
 
+# Widths 17-32 (one 32-wide part) on the prefill tiles: capped at 128 registers a thread, four programs fit on a
+# multiprocessor instead of two (ptxas then waits for each wgmma in turn). On an H200 at B16 H20 T1500 fp16
+# (2026-11-26, benchmarks/gpu_runs/2026-11-26-b/7_maxnreg_h200.txt): width 24 388 -> 361 us, 32 369 -> 347.
+# Triton 3.6 (the GPU machine's) compiles that spill-free; 3.9 spills 24 bytes under the cap, untimed, so
+# newer tritons keep the uncapped tiles.
+_CAP_REGISTERS = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) <= (3, 6)
+
+
 def default_config(q: torch.Tensor, masked: bool = False, causal: bool = False, dv: int | None = None
                    ) -> dict[str, int]:
     """Block sizes for a call: small fixed tiles under the interpreter, GPU tiles otherwise (``dv``: V's
@@ -318,7 +326,8 @@ def default_config(q: torch.Tensor, masked: bool = False, causal: bool = False, 
     Unmasked, non-causal 16-bit prefill at widths up to 64 takes 128-query tiles three key tiles deep, the
     fastest of the tuning sweep at widths 24-48 (B16 H20 T1500 fp16 on an H100, 2026-11-26: 526 -> 384 us at
     24, 398 -> 365 at 32, 628 -> 495 at 40, 535 -> 487 at 48 against 64 x 64 tiles two deep), with eight
-    warps where the width is two dot parts (40: 495 us against 526 with four)."""
+    warps where the width is two dot parts (40: 495 us against 526 with four), and at widths 17-32 capped at
+    128 registers a thread where triton compiles that without spills (``_CAP_REGISTERS``)."""
     if interpreting():
         return {"BLOCK_M": 32, "BLOCK_N": 32}
     few = q.shape[2] <= 16  # decoding: one or a few queries, a 16-row tile (tl.dot's minimum) wastes least
@@ -327,7 +336,10 @@ def default_config(q: torch.Tensor, masked: bool = False, causal: bool = False, 
     width, dv = q.shape[-1], q.shape[-1] if dv is None else dv
     if not (few or masked or causal) and max(width, dv) <= 64:
         two_parts = bool(_parts(width)[1] or _parts(dv)[1])
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if two_parts else 4, "num_stages": 3}
+        config = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8 if two_parts else 4, "num_stages": 3}
+        if _parts(width) == _parts(dv) == (32, 0) and _CAP_REGISTERS:
+            config["maxnreg"] = 128
+        return config
     # decoding tiles pipeline three key tiles deep: with two, triton 3.6 (the device's) put 8 bytes on the
     # stack at widths 40 (bool mask) and 48 (additive mask); with three, no variant does in 3.6 or 3.9
     return {"BLOCK_M": 16 if few else 64, "BLOCK_N": 32 if masked else 64, "num_warps": 4,
@@ -378,11 +390,11 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     else:
         mask_arg, mstr = q, (0, 0, 0, 0)
     config = dict(default_config(q, mask is not None, bool(is_causal), DV) if config is None else config)
-    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLITS", "ONE_PART",
-                                    "DEFER_PV"})
+    unknown = sorted(set(config) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg", "SPLITS",
+                                    "ONE_PART", "DEFER_PV"})
     if unknown or not {"BLOCK_M", "BLOCK_N"} <= set(config):
-        raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, SPLITS, "
-                         f"ONE_PART, DEFER_PV; got {sorted(config)}")
+        raise ValueError(f"attention config: needs BLOCK_M and BLOCK_N, may set num_warps, num_stages, maxnreg, "
+                         f"SPLITS, ONE_PART, DEFER_PV; got {sorted(config)}")
     one_part = bool(config.pop("ONE_PART", False))
     defer_pv = config.pop("DEFER_PV", False)
     if defer_pv not in (False, True):

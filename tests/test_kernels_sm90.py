@@ -132,6 +132,7 @@ def test_deferred_pv_compiles_for_sm90(case):
                                   case[4]), "DEFER_PV": True}
     if dtype != "fp32":  # 64-query tiles: with the 128-query prefill tiles, width 64 spills (255 registers)
         config.update(BLOCK_M=64, num_warps=4)
+        config.pop("maxnreg", None)
     kernel, args, kwargs = _attention_launch(*case, config)
     assert kwargs["DEFER_PV"] is not (causal and dtype != "fp32")
     deferred = compile_sm90(kernel, args, kwargs)
@@ -147,13 +148,17 @@ def test_deferred_pv_compiles_for_sm90(case):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_prefill_tiles_compile_for_sm90(dtype, widths):
     """Unmasked, non-causal 16-bit prefill plans 128-query tiles three key tiles deep (eight warps where a width
-    is two dot parts); spill-free at every width up to 64, grouped heads too. Masked and causal calls keep
-    64-query tiles two deep."""
+    is two dot parts, 128 registers at widths 17-32 under triton 3.6); spill-free at every width up to 64,
+    grouped heads too. Masked and causal calls keep 64-query tiles two deep."""
+    from adaptwin.kernels import attention as ka
+
     dq, dv = widths
     kernel, args, kwargs = _attention_launch(dtype, 20, 4, dq, dv, None, False)
     two = dq in (36, 40, 48) or dv in (36, 40, 48)
     assert (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]) == (128, 64, 8 if two
                                                                                                     else 4, 3)
+    capped = 17 <= dq <= 32 and 17 <= dv <= 32 and ka._CAP_REGISTERS  # triton <= 3.6: 128 registers, no spills
+    assert kwargs.get("maxnreg") == (128 if capped else None)
     check(compile_sm90(kernel, args, kwargs), tensor_cores=True)
     for mask, causal in (("bool", False), (None, True)):
         assert _attention_launch(dtype, 20, 4, dq, dv, mask, causal)[2]["BLOCK_M"] == 64
