@@ -133,7 +133,7 @@ def _decode_shape(device: torch.device, dname: str, batch: int, heads: int, widt
 
 def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, widths, tune: bool,
                      ceil: dict, tokens: int = 1500) -> list[dict]:
-    from adaptwin.kernels.attention import _parts, default_config
+    from adaptwin.kernels.attention import _parts, default_config, deferred_pv_config
     from adaptwin.kernels.attention import attention as triton_attention
 
     from adaptwin.ops.attention import attention_reference
@@ -169,9 +169,7 @@ def _attention_shape(device: torch.device, dname: str, batch: int, heads: int, w
                 raise RuntimeError(f"attention {shape} w{width} {dname}, one part: relative error "
                                    f"{errs['one part']:.2e}")
             configs.append(("one part", one))
-        # each tile's P·V in flight during the next softmax, at the 64-query tiles (it spills at 128 and width 64)
-        deferred = {**default_config(q), "BLOCK_M": 64, "num_warps": 4, "DEFER_PV": True}
-        deferred.pop("maxnreg", None)  # the register cap is the 128-query tiles'; DEFER_PV needs 142-187
+        deferred = deferred_pv_config(q)  # each tile's P·V in flight during the next softmax
         errs["defer pv"] = rel_err(triton_attention(q, k, v, None, scale, False, config=deferred), ref)
         if not errs["defer pv"] < 2e-2:
             raise RuntimeError(f"attention {shape} w{width} {dname}, DEFER_PV: relative error {errs['defer pv']:.2e}")

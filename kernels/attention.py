@@ -347,6 +347,17 @@ def default_config(q: torch.Tensor, masked: bool = False, causal: bool = False, 
             "num_stages": 3 if few else 2}
 
 
+def deferred_pv_config(q: torch.Tensor, masked: bool = False, causal: bool = False, dv: int | None = None
+                       ) -> dict[str, int]:
+    """`default_config` with DEFER_PV on, at the tiles it was tuned and checked at: on tensor cores 64 queries on
+    four warps, uncapped (it holds 142-187 registers; with the 128-query prefill tiles width 64 spills)."""
+    config = {**default_config(q, masked, causal, dv), "DEFER_PV": True}
+    if q.dtype != torch.float32 and not interpreting():
+        config.update(BLOCK_M=64, num_warps=4)
+        config.pop("maxnreg", None)
+    return config
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
               is_causal: bool, config: dict[str, int] | None = None, dot_f32: bool | None = None) -> torch.Tensor:
     """Launcher with the op's signature: q (B, H, T, Dq), k (B, Hkv, S, Dq), v (B, Hkv, S, Dv) -> (B, T, H, Dv).

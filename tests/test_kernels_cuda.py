@@ -84,13 +84,10 @@ def test_attention_deferred_pv_on_cuda(case, dtype):
     it beside the default) at the default tiles: the same criterion as the default loop."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    from adaptwin.kernels.attention import attention, default_config
+    from adaptwin.kernels.attention import attention, deferred_pv_config
 
     def deferred(q, k, v, mask, scale, causal):
-        config = {**default_config(q, mask is not None, causal, v.shape[-1]), "DEFER_PV": True}
-        if q.dtype != torch.float32:  # the 64-query tiles it was tuned at (tests/test_kernels_sm90.py)
-            config.update(BLOCK_M=64, num_warps=4)
-            config.pop("maxnreg", None)
+        config = deferred_pv_config(q, mask is not None, causal, v.shape[-1])
         return attention(q, k, v, mask, scale, causal, config=config)
 
     check_attention_case(case, dtype, "cuda", op=deferred)

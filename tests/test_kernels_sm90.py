@@ -128,11 +128,8 @@ def test_deferred_pv_compiles_for_sm90(case):
     from adaptwin.kernels import attention as ka
 
     dtype, causal = case[0], case[6]
-    config = {**ka.default_config(torch.empty(1, 1, 1500, case[3], dtype=DTYPES[dtype]), case[5] is not None, causal,
-                                  case[4]), "DEFER_PV": True}
-    if dtype != "fp32":  # 64-query tiles: with the 128-query prefill tiles, width 64 spills (255 registers)
-        config.update(BLOCK_M=64, num_warps=4)
-        config.pop("maxnreg", None)
+    config = ka.deferred_pv_config(torch.empty(1, 1, 1500, case[3], dtype=DTYPES[dtype]), case[5] is not None,
+                                   causal, case[4])
     kernel, args, kwargs = _attention_launch(*case, config)
     assert kwargs["DEFER_PV"] is not (causal and dtype != "fp32")
     deferred = compile_sm90(kernel, args, kwargs)
