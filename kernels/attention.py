@@ -412,6 +412,10 @@ def launches(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     defer_pv = config.pop("DEFER_PV", False)
     if defer_pv not in (False, True):
         raise ValueError(f"attention config: DEFER_PV must be True or False, got {defer_pv!r}")
+    maxnreg = config.get("maxnreg")
+    if maxnreg is not None and not (type(maxnreg) is int and 16 <= maxnreg <= 255):
+        raise ValueError(f"attention config: maxnreg (registers a thread) must be an integer in 16..255, "
+                         f"got {maxnreg!r}")
     block_m = config.pop("BLOCK_M")
     block_n = config["BLOCK_N"]
     programs = cdiv(T, block_m) * B * H

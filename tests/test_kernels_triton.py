@@ -175,6 +175,10 @@ def test_triton_configs_reject_unknown_keys(tk):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "num_wraps": 4})
     with pytest.raises(ValueError, match="DEFER_PV must be True or False, got 2"):
         tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "DEFER_PV": 2})
+    for bad in (8, 300, 128.0):
+        with pytest.raises(ValueError, match=f"maxnreg \\(registers a thread\\) must be an integer in 16..255, "
+                                             f"got {bad!r}"):
+            tk["attention"].attention(q, q, q, None, 0.25, False, config={"BLOCK_M": 16, "BLOCK_N": 16, "maxnreg": bad})
 
 
 @needs_interpreter
