@@ -72,7 +72,7 @@ def test_kept_call_entry_refuses_what_it_does_not_take():
     x = torch.randn(1, m.in_features)
     with torch.no_grad():
         m(x)
-        _, (rows, sources, calls, layout) = m._call.kept
+        _, (rows, sources, calls, layout, _) = m._call.kept
         assert layout is None and torch.equal(entry(x, (rows, sources, calls, layout)), m(x))
         bad = [(rows,), (rows, sources, calls), [rows, sources, calls, None], ("32", sources, calls, None),
                (rows, [*sources], calls, None), (rows, ((1, "x", None, None),), calls, None),
@@ -89,3 +89,72 @@ def test_kept_call_entry_refuses_what_it_does_not_take():
         assert entry(torch.tensor(1.0), (rows, sources, calls, layout)) is NotImplemented  # 0-d x
         assert entry(x.numpy(), (rows, sources, calls, layout)) is NotImplemented
         assert entry(x) is NotImplemented
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("quantize_lora", [True, False], ids=["one-format", "fp-lora"])
+@pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
+def test_parsed_kept_call_is_the_tuples_own(kind, quantize_lora):
+    """A kept tuple ends with the capsule of its calls read once (``parse_rank_linear_kept``): the entry gives
+    what it gives reading the calls on each call, bit for bit, and refuses the capsule with another tuple's
+    calls or layout, anything else in its place, and a call whose tensor has since become a Tensor subclass
+    (the module then takes its general path, whose result is the same)."""
+    entry, parse = FAST["rank_linear_kept"], FAST["parse_rank_linear_kept"]
+    m, donor = _kept_case(kind, quantize_lora)
+    x = torch.randn(1, m.in_features)
+    with torch.no_grad():
+        m(x)
+        donor(x)
+        _, (rows, sources, calls, layout, parsed) = m._call.kept
+        _, (_, _, other_calls, other_layout, other) = donor._call.kept
+        want = entry(x, (rows, sources, calls, layout))
+        assert torch.equal(entry(x, (rows, sources, calls, layout, parsed)), want) and torch.equal(m(x), want)
+        assert torch.equal(entry(x, (rows, sources, calls, layout, parse((rows, sources, calls, layout)))), want)
+        same_calls = tuple(tuple(call) for call in calls)  # equal calls, but another tuple: not the capsule's
+        for bad in [(rows, sources, calls, layout, other), (rows, sources, other_calls, other_layout, parsed),
+                    (rows, sources, same_calls, layout, parsed), (rows, sources, calls, layout, None),
+                    (rows, sources, calls, layout, calls), (rows, sources, calls, layout, parsed, parsed)]:
+            assert entry(x, bad) is NotImplemented
+        if layout is not None:  # a layout equal to the capsule's, but not its own
+            assert entry(x, (rows, sources, calls, (*layout,), parsed)) is NotImplemented
+        for bad in [(rows, sources, calls), (rows, sources, (), layout), [rows, sources, calls, layout],
+                    (rows, sources, calls, ("side", 1, (1,), None)), (rows, sources, calls, layout, parsed)]:
+            assert parse(bad) is NotImplemented
+        assert parse() is NotImplemented
+        tensor = next(a for a in calls[0] if isinstance(a, torch.Tensor))
+        tensor.__class__ = _Subclass  # in place: the same object, so every source still holds
+        try:
+            assert entry(x, (rows, sources, calls, layout, parsed)) is NotImplemented
+            assert entry(x, (rows, sources, calls, layout)) is NotImplemented
+        finally:
+            tensor.__class__ = torch.Tensor
+        assert torch.equal(entry(x, (rows, sources, calls, layout, parsed)), want)
+        m.bias = None  # a source replaced: the capsule is no longer consulted, and the module keeps anew
+        assert entry(x, (rows, sources, calls, layout, parsed)) is NotImplemented
+        assert torch.equal(m(x), _fresh_output(m, x)) and m._call.kept[1][4] is not parsed
+
+
+def test_copies_keep_their_own_calls():
+    """`copy.deepcopy` gives a module without the kept call (its capsule is the original's), which keeps its
+    own on its first inference call and gives the same output; pickling (torch.save of a whole module) writes
+    the module without it."""
+    import copy
+    import io
+    import pickle
+
+    m, _ = _kept_case("low_rank", quantize_lora=False)
+    x = torch.randn(1, m.in_features)
+    with torch.no_grad():
+        want = m(x)
+        assert m._call.kept is not None
+        for clone in (copy.deepcopy(m),):
+            assert clone._call.kept is None and m._call.kept is not None
+            assert torch.equal(clone(x), want) and clone._call.kept is not None
+            assert clone._call.kept[1][4] is not m._call.kept[1][4]
+        assert b"PyCapsule" not in pickle.dumps(m)
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        assert buf.tell() > 0

@@ -114,9 +114,11 @@ class KeptCall:
     ``nf4_no_grad``), most of the difference its Python rebuilding and checking the arguments factor by
     factor; kept, the module takes 6.2 us.
 
-    ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout))``, documented at the entry point
-    (csrc/cpu/python_calls.cpp): the calls' outputs added, or, for a `QuantLinear` whose LoRA directions stay
-    in fp, placed side by side in each head or fed from each head's columns. `run` calls
+    ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout, parsed))``, documented at the entry
+    point (csrc/cpu/python_calls.cpp): the calls' outputs added, or, for a `QuantLinear` whose LoRA directions
+    stay in fp, placed side by side in each head or fed from each head's columns; ``parsed`` is
+    ``adaptwin._C.parse_rank_linear_kept``'s capsule of the calls and layout, read once (without it, where the
+    extension lacks that function, the entry reads them on each call). `run` calls
     ``entry(x, kept[1])``, which answers NotImplemented for anything it does not take (more than ``max_rows``
     rows, a changed source, another device, a gradient to record): the module then takes its general path,
     which keeps the call again where it can."""
@@ -128,6 +130,11 @@ class KeptCall:
 
     def clear(self) -> None:
         self.kept = None
+
+    def __reduce__(self) -> tuple:
+        """Copied (`copy.deepcopy`) or pickled empty: the kept call belongs to this module's objects (and its
+        capsule cannot be pickled); the copy keeps its own on its first inference call."""
+        return KeptCall, ()
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The kept call on ``x``, or None where nothing is kept, under `torch.compile` (the module's own code is
@@ -160,7 +167,10 @@ class KeptCall:
                 return
             sources += [(own, name, t, version) for name, t, version in kept]
         sources += [(parameters, name, parameters.get(name), None) for name in params]
-        self.kept = (entry, (max_rows, tuple(sources), calls, layout))
+        kept = (max_rows, tuple(sources), calls, layout)
+        parse = FAST.get("parse_rank_linear_kept")  # the calls read once, into a capsule the tuple ends with
+        parsed = parse(kept) if parse is not None else NotImplemented
+        self.kept = (entry, kept if parsed is NotImplemented else (*kept, parsed))
 
 
 class DropsPackedArgs(nn.Module):

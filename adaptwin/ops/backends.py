@@ -61,6 +61,8 @@ def load() -> dict[str, object]:
                         for name in ("attention", "rank_linear", "rank_linear_kept") if hasattr(native, f"call_{name}"))
             if hasattr(native, "dequantize"):  # a factor decoded by the CPU kernels' loops
                 FAST["dequantize"] = native.dequantize
+            if hasattr(native, "parse_rank_linear_kept"):  # a kept call's arguments read once (`KeptCall`)
+                FAST["parse_rank_linear_kept"] = native.parse_rank_linear_kept
         except ModuleNotFoundError:
             pass  # built without a compiler: the reference runs
         except (ImportError, OSError) as err:  # present but unloadable (e.g. built against another torch)
