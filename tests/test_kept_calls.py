@@ -158,3 +158,31 @@ def test_copies_keep_their_own_calls():
         buf = io.BytesIO()
         torch.save(m, buf)
         assert buf.tell() > 0
+
+
+def test_tensors_with_attributes_are_not_held():
+    """A kept call holds its tensors from C++ (its capsule) only where none has attributes of its own: one that
+    could refer back to the module (a library's bookkeeping on a Parameter, say) would keep the module alive
+    unseen by the cycle collector. Such a call is kept without the capsule, read on each call, and gives the
+    same output; a module in a reference cycle is still collected."""
+    import gc
+    import weakref
+
+    m, _ = _kept_case("low_rank", quantize_lora=False)
+    x = torch.randn(1, m.in_features)
+    with torch.no_grad():
+        want = m(x)
+        assert len(m._call.kept[1]) == 5
+        m.bias.owner = m  # a reference cycle through a tensor the kept call holds
+        m._call.clear()
+        assert torch.equal(m(x), want) and len(m._call.kept[1]) == 4 and torch.equal(m(x), want)
+    refs = [weakref.ref(m)]
+    other, _ = _kept_case("in", quantize_lora=True)
+    with torch.no_grad():
+        other(torch.randn(1, other.in_features))
+    assert len(other._call.kept[1]) == 5
+    other.loop = [other]  # a cycle not through the held tensors: collected with its capsule
+    refs.append(weakref.ref(other))
+    del m, other
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -168,8 +168,12 @@ class KeptCall:
             sources += [(own, name, t, version) for name, t, version in kept]
         sources += [(parameters, name, parameters.get(name), None) for name in params]
         kept = (max_rows, tuple(sources), calls, layout)
-        parse = FAST.get("parse_rank_linear_kept")  # the calls read once, into a capsule the tuple ends with
-        parsed = parse(kept) if parse is not None else NotImplemented
+        # the calls read once, into a capsule the tuple ends with. Its tensors are then held from C++, where
+        # Python's cycle collector does not see them (as with any C++ holder of a tensor): only tensors without
+        # attributes of their own, which could refer back to the module and keep it alive, are held that way
+        parse = FAST.get("parse_rank_linear_kept")
+        held = [a for call in (*calls, layout or ()) for a in call if isinstance(a, torch.Tensor)]
+        parsed = parse(kept) if parse is not None and not any(t.__dict__ for t in held) else NotImplemented
         self.kept = (entry, kept if parsed is NotImplemented else (*kept, parsed))
 
 
