@@ -17,6 +17,23 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
         tempfile.gettempdir(), f"torchinductor_cap_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 
+def pytest_collection_modifyitems(config, items):
+    """ADAPTWIN_TEST_SHARD="i/n": keep every n-th collected test from the i-th (a child pytest that runs a share of
+    the interpreted Triton cases beside another, tests/test_kernels_triton.py)."""
+    shard = os.environ.get("ADAPTWIN_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        if not 0 <= i < n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"ADAPTWIN_TEST_SHARD must be 'i/n' with 0 <= i < n, got {shard!r}") from None
+    keep = [item for k, item in enumerate(items) if k % n == i]
+    config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % n != i])
+    items[:] = keep
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tests on one intra-op thread, restored afterwards.
