@@ -186,3 +186,20 @@ def test_tensors_with_attributes_are_not_held():
     del m, other
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("kind", ["in", "out", "low_rank"])
+def test_kept_layouts_in_every_dtype_and_stride(kind):
+    """The kept call's float32 loops (outputs placed side by side, x's columns gathered, sums and the bias
+    added in C++) and its ATen path (a non-contiguous x, bf16) give the general path's bits."""
+    m, _ = _kept_case(kind, quantize_lora=False)
+    with torch.no_grad():
+        xs = [torch.randn(1, m.in_features), torch.randn(m.in_features, 2).t()]  # the second not contiguous
+        for x in (*xs, None):
+            if x is None:
+                m.bfloat16()
+                x = xs[0].bfloat16()
+            want = _fresh_output(m, x)
+            entry, kept = m._call.kept
+            y = entry(x, kept)  # the kept call itself, not the general path behind it
+            assert y is not NotImplemented and torch.equal(y, want) and torch.equal(m(x), want)
