@@ -258,8 +258,8 @@ bool layout_fits(const KeptLayout& l, const at::Tensor& x) {
 // Python's cycle collector does not see these references (as with any C++ holder of a tensor): KeptCall.put
 // asks for a capsule only where no tensor of the calls has attributes of its own.
 struct KeptParsed {
-  PyObject *calls = nullptr, *layout_of = nullptr;  // the kept tuple's calls and layout it was read from (compared,
-                                                    // never dereferenced)
+  // the kept tuple's calls and layout it was read from (compared by identity, never dereferenced)
+  PyObject *calls = nullptr, *layout_of = nullptr;
   Py_ssize_t n = 0;
   RankLinearArgs r[kMaxKeptCalls];
   KeptLayout layout;
@@ -288,8 +288,8 @@ constexpr const char* kParsedName = "adaptwin.rank_linear_kept";
 constexpr int kTensorArgs[] = {0, 1, 5, 6, 10};
 
 // The capsule's parsed calls, where ``parsed`` is parse_rank_linear_kept's capsule of exactly these ``calls``
-// and ``layout``, and every tensor among them and the layout's bias is still a Tensor or Parameter (a __class__ assigned
-// since would bring its own __torch_function__); else null.
+// and ``layout``, and every tensor among them and the layout's bias is still a Tensor or Parameter (a
+// __class__ assigned since would bring its own __torch_function__); else null.
 const KeptParsed* parsed_for(PyObject* parsed, PyObject* calls, PyObject* layout) {
   if (!PyCapsule_CheckExact(parsed)) return nullptr;
   const auto* p = static_cast<const KeptParsed*>(PyCapsule_GetPointer(parsed, kParsedName));
@@ -390,7 +390,8 @@ at::Tensor run_kept(const at::Tensor& x, const RankLinearArgs* r, Py_ssize_t n, 
     }
   } else {
     const bool raw = raw_f32(x);
-    const at::Tensor each = raw ? x : x.reshape({rows, l.blocks, l.block_width});
+    at::Tensor each;  // (not x itself where raw: a second reference to x would take the GIL, as above)
+    if (!raw) each = x.reshape({rows, l.blocks, l.block_width});
     for (Py_ssize_t i = 0, at = 0; i < n; at += l.widths[i], ++i) {
       shape.back() = l.blocks * l.widths[i];
       at::Tensor xi;
@@ -521,7 +522,7 @@ PyMethodDef kPythonMethods[] = {
     {"call_rank_linear_kept", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_rank_linear_kept)),
      METH_FASTCALL, "a packed module's kept batch-1 rank_linear call(s) while its sources hold, else NotImplemented"},
     {"parse_rank_linear_kept", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&parse_rank_linear_kept)),
-     METH_FASTCALL, "a kept call's calls and layout read once, as a capsule to end its kept tuple, else NotImplemented"},
+     METH_FASTCALL, "a kept call's calls and layout read once, a capsule to end its kept tuple, else NotImplemented"},
     {"call_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_attention)), METH_FASTCALL,
      "adaptwin::attention for an inference call on plain tensors, else NotImplemented"},
     {"cpu_features", &cpu_features, METH_NOARGS, "the SIMD paths the CPU kernels take in this process"},
