@@ -115,7 +115,7 @@ class KeptCall:
     factor; kept, the module takes 6.2 us.
 
     ``kept`` is ``None`` or ``(entry, (max_rows, sources, calls, layout, parsed))``, documented at the entry
-    point (csrc/cpu/python_calls.cpp): the calls' outputs added, or, for a `QuantLinear` whose LoRA directions
+    point (csrc/cpu/kept_calls.cpp): the calls' outputs added, or, for a `QuantLinear` whose LoRA directions
     stay in fp, placed side by side in each head or fed from each head's columns; ``parsed`` is
     ``adaptwin._C.parse_rank_linear_kept``'s capsule of the calls and layout, read once (without it, where the
     extension lacks that function, the entry reads them on each call). `run` calls
