@@ -41,7 +41,7 @@ INTERPRETER_SHARDS = 2  # children at once, each every other case (ADAPTWIN_TEST
 
 def test_triton_kernels_under_interpreter():
     """Run this module's cases and test_kernels_triton_linear.py's with TRITON_INTERPRET=1 in two children at once,
-    each every other case (this process only waits: on the 2-core CI machine 2026-11-26 the cases took 121 s
+    each every other case (this process only waits: on the 2-core CI machine 2026-11-26 the cases took 119 s
     this way against 212 s in one child), and require them all to pass."""
     if INTERPRETING:
         pytest.skip("already the interpreter process")
