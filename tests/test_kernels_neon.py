@@ -1,4 +1,5 @@
-"""rank_linear's SIMD decoding outside torch, on this CPU and on an emulated AArch64 one (the NEON paths).
+"""rank_linear's SIMD decoding and the in-place GELU outside torch, on this CPU and on an emulated AArch64 one (the
+NEON paths).
 
 The extension's factor decoding (csrc/cpu/codes.h) and its batch-1 register-decode kernels for CPUs without
 AVX-512 (rank_linear_avx2.h, rank_linear_neon.h) are free of torch, so tests/simd_decode.cpp builds them alone
@@ -57,6 +58,11 @@ def test_the_simd_decoding_of_this_cpu_matches_the_scalar_loops(tmp_path):
         assert paths.get("avx512") == paths["scalar"], paths
     if native.get("avx2"):  # decoding, dot / axpy and the register kernels
         assert paths.get("avx2", 0) > paths["scalar"], paths
+    # the in-place GELU (csrc/cpu/gelu.h): every SIMD path the CPU has, and the dispatched one
+    assert paths["gelu_scalar"] >= 90 and paths["gelu_dispatched"] == paths["gelu_scalar"], paths
+    for name in ("avx512", "avx2"):
+        if native.get(name):
+            assert paths.get(f"gelu_{name}") == paths["gelu_scalar"], paths
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +76,10 @@ def cross():
 def test_the_neon_paths_match_the_scalar_loops_on_an_emulated_aarch64(cross, tmp_path):
     exe = _build(cross, tmp_path / "simd_decode_arm", "-static")
     paths = _paths(_run(["qemu-aarch64", str(exe)]))
-    # NEON: decoding, dot / axpy, and the batch-1 register kernels (more cases than the scalar loops' set)
-    assert set(paths) == {"scalar", "dispatched", "neon"} and paths["neon"] > paths["scalar"] >= 1500, paths
+    # NEON: decoding, dot / axpy, and the batch-1 register kernels (more cases than the scalar loops' set), and
+    # the in-place GELU
+    assert set(paths) == {"scalar", "dispatched", "neon", "gelu_scalar", "gelu_dispatched", "gelu_neon"}, paths
+    assert paths["neon"] > paths["scalar"] >= 1500 and paths["gelu_neon"] == paths["gelu_scalar"] >= 90, paths
     portable = _paths(_run(["qemu-aarch64", str(exe)], "portable"))
     assert portable == paths, portable  # the cap turns the dispatch to the scalar loops, which agree too
 

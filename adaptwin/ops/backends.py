@@ -40,7 +40,8 @@ OPS = ("adaptwin::attention", "adaptwin::rank_linear")
 # off the CPU, where a gradient is to be recorded, for Tensor subclasses other than Parameter, under a
 # __torch_function__ mode and for arguments not of the schema's plain Python types. `run_rank_linear` and
 # `attend` call it, never while torch.compile traces (the op is traced as is). "rank_linear_kept": a packed
-# module's whole batch-1 call, kept between calls (`adaptwin.compressors.packed_args.KeptCall`).
+# module's whole batch-1 call, kept between calls (`adaptwin.compressors.packed_args.KeptCall`); "gelu_":
+# the exact GELU in place on a small CPU tensor (`adaptwin.ops.activation.activate`, csrc/cpu/activation.cpp).
 FAST: dict[str, object] = {}
 
 
@@ -63,6 +64,8 @@ def load() -> dict[str, object]:
                 FAST["dequantize"] = native.dequantize
             if hasattr(native, "parse_rank_linear_kept"):  # a kept call's arguments read once (`KeptCall`)
                 FAST["parse_rank_linear_kept"] = native.parse_rank_linear_kept
+            if hasattr(native, "gelu_"):  # the in-place GELU of small outputs (`adaptwin.ops.activation.activate`)
+                FAST["gelu_"] = native.gelu_
         except ModuleNotFoundError:
             pass  # built without a compiler: the reference runs
         except (ImportError, OSError) as err:  # present but unloadable (e.g. built against another torch)

@@ -19,6 +19,8 @@ namespace adaptwin {
 // The kept-call entry points (kept_calls.cpp), in python_calls.cpp's method table.
 PyObject* call_rank_linear_kept(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 PyObject* parse_rank_linear_kept(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+// The in-place GELU entry point (activation.cpp).
+PyObject* gelu_inplace_entry(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 
 namespace {
 

@@ -136,6 +136,8 @@ PyMethodDef kPythonMethods[] = {
      METH_FASTCALL, "a kept call's calls and layout read once, a capsule to end its kept tuple, else NotImplemented"},
     {"call_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&call_attention)), METH_FASTCALL,
      "adaptwin::attention for an inference call on plain tensors, else NotImplemented"},
+    {"gelu_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gelu_inplace_entry)), METH_FASTCALL,
+     "the exact GELU in place on a small plain CPU float32 / bfloat16 tensor, returned, else NotImplemented"},
     {"cpu_features", &cpu_features, METH_NOARGS, "the SIMD paths the CPU kernels take in this process"},
     {"dequantize", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&dequantize)), METH_FASTCALL,
      "the (k, n) float32 matrix one rank_linear factor stores, decoded on the CPU, else NotImplemented"},
