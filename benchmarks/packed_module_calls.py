@@ -3,13 +3,14 @@ from C++ (`adaptwin.compressors.packed_args.KeptCall`, the default) against the 
 the call in Python on each call (the entry point ``adaptwin._C.call_rank_linear_kept`` withheld).
 
     python -m benchmarks.packed_module_calls [--shape tiny] [--layer 0] [--calls 2000] [--repeats 11]
-        [--threads 2] [--out results/packed_module_calls.csv]
+        [--threads 2] [--aten-gelu] [--out results/packed_module_calls.csv]
 
 Model: `benchmarks.whisper_decode_speed`'s ``adaptwin_nf4`` (Whisper shapes with random weights, ratio 0.5,
 NF4 factors with their LoRA directions kept in fp, the token table in NF4), in `torch.inference_mode`, x of
 shape (1, 1, in): a decoding step. Every `QuantLinear` / `QuantLowRankLinear` of the decoder layer: the
 attention projections (their LoRA directions in fp: two calls per module, placed in each head or fed from
-each head's columns) and the FFN matrices (two calls added; fc1 also runs its fused GELU in Python); and a
+each head's columns) and the FFN matrices (two calls added; fc1 also runs its fused GELU, ``adaptwin._C.gelu_``
+in place, or with ``--aten-gelu`` ATen's ``gelu_``, rows written as benchmark ``packed_module_calls_aten_gelu``); and a
 PQM `NF4LoRALinear` of the model's width (``pqm``: an NF4 base plus its rank-4 fp LoRA update scaled by 2,
 from a random d x d `nn.Linear`, B drawn non-zero). Each timed sample is ``--calls`` calls; the median of
 ``--repeats`` samples, the two paths alternating. Their outputs are compared first: the kept call must give
@@ -57,7 +58,7 @@ def _sample(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def run(shape_name: str, layer: int, calls: int, repeats: int) -> list[dict]:
+def run(shape_name: str, layer: int, calls: int, repeats: int, benchmark: str = BENCHMARK) -> list[dict]:
     from adaptwin.compressors.pqm import PQMConfig
     from adaptwin.compressors.pqm.layer import NF4LoRALinear
     from adaptwin.compressors.quantized import QuantLinear, QuantLowRankLinear
@@ -95,7 +96,7 @@ def run(shape_name: str, layer: int, calls: int, repeats: int) -> list[dict]:
             us = {p: statistics.median(s) for p, s in samples.items()}
             kind = getattr(m, "role", None) or ("pqm" if m is pqm else "low_rank")
             for p in PROVIDERS:
-                rows.append(dict(benchmark=BENCHMARK, shape=shape_name, module=name, kind=kind, provider=p,
+                rows.append(dict(benchmark=benchmark, shape=shape_name, module=name, kind=kind, provider=p,
                                  us_per_call=us[p], ratio=us[p] / us["general"], calls=calls, repeats=repeats,
                                  **stamp))
     return rows
@@ -110,17 +111,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000, help="calls per timed sample")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--aten-gelu", action="store_true",
+                    help="fc1's GELU by ATen's gelu_ (oneDNN) instead of the native in-place one")
     ap.add_argument("--out", default="results/packed_module_calls.csv")
     args = ap.parse_args(argv)
     if args.calls < 1 or args.repeats < 1 or args.threads < 1 or args.layer < 0:
         ap.error(f"--calls, --repeats and --threads must be >= 1 and --layer >= 0, got {args.calls}, "
                  f"{args.repeats}, {args.threads} and {args.layer}")
     torch.set_num_threads(args.threads)
+    from adaptwin.ops.backends import FAST
+
+    gelu = FAST.pop("gelu_", None) if args.aten_gelu else None
     try:
-        rows = run(args.shape, args.layer, args.calls, args.repeats)
+        rows = run(args.shape, args.layer, args.calls, args.repeats,
+                   f"{BENCHMARK}_aten_gelu" if args.aten_gelu else BENCHMARK)
     except (RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if gelu is not None:
+            FAST["gelu_"] = gelu
     us = {(r["module"], r["provider"]): r["us_per_call"] for r in rows}
     names = list(dict.fromkeys(r["module"] for r in rows))
     kinds = {r["module"]: r["kind"] for r in rows}

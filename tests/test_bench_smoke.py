@@ -438,6 +438,12 @@ def test_packed_module_calls_benchmark_writes_csv(tmp_path, monkeypatch, capsys)
     assert sorted(r["provider"] for r in rows) == sorted(pmc.PROVIDERS * len(kinds))
     assert all(float(r["us_per_call"]) > 0 for r in rows) and "FAST" not in capsys.readouterr().err
     assert "rank_linear_kept" in FAST  # put back after the general path's timings
+    gelu = FAST.get("gelu_")
+    assert pmc.main(["--shape", "toy", "--layer", "1", "--calls", "5", "--repeats", "2", "--threads", "1",
+                     "--aten-gelu", "--out", str(out)]) == 0
+    _, rows = _csv(out)
+    assert {r["benchmark"] for r in rows} == {pmc.BENCHMARK, f"{pmc.BENCHMARK}_aten_gelu"}
+    assert FAST.get("gelu_") is gelu  # put back after ATen's GELU was timed
     with pytest.raises(SystemExit):
         pmc.main(["--layer", "-1"])
     assert "--layer >= 0, got 2000, 11, 2 and -1" in capsys.readouterr().err
