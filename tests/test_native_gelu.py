@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaptwin.ops import activation
 from adaptwin.ops.backends import FAST, cpu_features
+from tests.test_fast_calls import OpLog
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 1 << 15  # kGeluMaxElems (csrc/cpu/activation.cpp)
@@ -120,17 +120,8 @@ def test_refuses_what_it_leaves_to_aten():
 
 
 def test_modes_see_aten():
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
-
     y = _inputs(32)
-    with Seen() as mode:
+    with OpLog() as mode:
         assert FAST["gelu_"](y) is NotImplemented
         activation.activate(y, "gelu")
     assert torch.ops.aten.gelu_.default in mode.ops
@@ -168,6 +159,7 @@ def test_activate_takes_it_for_small_outputs_only(monkeypatch):
 CAPPED = """
 import torch
 from adaptwin.ops.backends import FAST, cpu_features
+from tests.test_fast_calls import OpLog
 x = torch.randn(1000) * 3
 y = x.clone()
 out = FAST["gelu_"](y)

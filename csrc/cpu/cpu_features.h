@@ -156,6 +156,25 @@ ADAPTWIN_AVX512 inline __m512 exp2_512_nonpos(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 2^x for 8 floats x <= 0 (-inf gives 0): 2^n · p(f), n = round(x), f = x - n, the polynomial of
+// exp2_512_nonpos; 2^n assembled in the exponent bits. x is clamped at -127, whose n gives exponent bits 0:
+// a zero factor, so x below -126.5 (2^x < 1.2e-38, beside the row maximum's 1 in every softmax sum) gives
+// exactly 0 without a compare and mask.
+ADAPTWIN_AVX2 inline __m256 exp2_256_nonpos(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);  // NaN stays NaN (max returns its second operand there)
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 ADAPTWIN_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }

@@ -104,29 +104,13 @@ ADAPTWIN_AVX512 inline void gelu_bf16_avx512(uint16_t* y, int64_t n) {
   }
 }
 
-// 2^x for 8 floats x <= 0 (-inf gives 0), as exp2_256_nonpos of attention_avx2.h.
-ADAPTWIN_AVX2 inline __m256 gelu_exp2_256(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-127.0f), x);
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 ADAPTWIN_AVX2 inline __m256 gelu256(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(kSqrtHalf));
   const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(kGeluP), z, one));
   __m256 p = _mm256_set1_ps(kGeluA[4]);
   for (int i = 3; i >= 0; --i) p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(kGeluA[i]));
-  const __m256 e = gelu_exp2_256(_mm256_mul_ps(_mm256_mul_ps(z, z), _mm256_set1_ps(-kGeluLog2e)));
+  const __m256 e = exp2_256_nonpos(_mm256_mul_ps(_mm256_mul_ps(z, z), _mm256_set1_ps(-kGeluLog2e)));
   const __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(p, t), e);
   const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
   const __m256 w = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), erfc), erfc, neg);
