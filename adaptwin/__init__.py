@@ -17,6 +17,7 @@ from adaptwin.finetune.select import select_layers
 from adaptwin.fusion import (
     contiguous_layer_inputs,
     fuse_activations,
+    gemv_linears,
     gemv_output_head,
     prepare_inference,
     unfuse_activations,
@@ -49,6 +50,7 @@ __all__ = [
     "contiguous_layer_inputs",
     "finetune",
     "fuse_activations",
+    "gemv_linears",
     "gemv_output_head",
     "plan",
     "Plan",

@@ -127,20 +127,39 @@ def contiguous_layer_inputs(model: nn.Module, enable: bool = True) -> list[str]:
     return changed
 
 
-GEMV_MAX_ROWS = 8  # rows of x up to which rank_linear's decoding path (streaming GEMV) runs the head
+GEMV_MAX_ROWS = 8  # rows of x up to which rank_linear's decoding path (streaming GEMV) runs a large float32 weight
+GEMV_MAX_ROWS_SMALL = 2  # the same for weights under GEMV_LARGE elements, and for bfloat16 ones
+GEMV_LARGE = 1 << 22
+
+
+def gemv_rows(weight: torch.Tensor) -> int:
+    """Rows of x up to which `GemvLinear` takes the GEMV path for this weight (0: never)."""
+    if weight.dtype == torch.float32:
+        return GEMV_MAX_ROWS if weight.numel() >= GEMV_LARGE else GEMV_MAX_ROWS_SMALL
+    return GEMV_MAX_ROWS_SMALL if weight.dtype == torch.bfloat16 else 0
 
 
 class GemvLinear(nn.Linear):
-    """An `nn.Linear` (the same parameters and state dict) whose float32 CPU calls with at most `GEMV_MAX_ROWS`
-    rows of x and no gradient to record go through ``torch.ops.adaptwin.rank_linear`` with the weight as its
-    one fp factor: the CPU kernels' decoding path, a streaming GEMV. Whisper-tiny's 51865 x 384 output head,
-    one row: 2.5 ms (30 GB/s) against `F.linear`'s 7.9 ms (MKL's sgemv at 10 GB/s) on the 2-core CPU; 2-8
-    rows (beam search) 2.1-6x. Every other call is `F.linear` (bf16 too: there oneDNN's GEMV is faster)."""
+    """An `nn.Linear` (the same parameters and state dict) whose CPU calls with few rows of x (`gemv_rows`) and no
+    gradient to record go through ``torch.ops.adaptwin.rank_linear`` with the weight as its one fp factor: the
+    CPU kernels' decoding path, a streaming GEMV. x, weight and bias must share the dtype (float32 or bfloat16).
+    Every other call is `F.linear`. On the 2-core CPU (2 threads, medians):
+
+    * Whisper-tiny's 51865 x 384 output head, one row: 2.5 ms (30 GB/s) against `F.linear`'s 7.9 ms (MKL's sgemv
+      at 10 GB/s) in float32, 2-8 rows (beam search) 2.1-6x; in bfloat16 (oneDNN's GEMV, which builds its
+      primitive per call) one row 1.84 against 2.58 ms and 2.61 against 5.02 ms (two runs), two rows 3.06
+      against 4.40, four 5.27 against 4.30; the same error against float64 (1.66e-3, the output's rounding).
+    * Small weights (a compressed model's rank-space projections and factors), one / two / four / eight rows, us:
+      384 -> 240 float32 6.0 / 8.1 / 12.1 / 20.9 against 9.1 / 15.9 / 20.8 / 20.9, bfloat16 12.6 / 17.3 / 27.1
+      / 39.4 against 35.3 / 36.7 / 38.2 / 40.4; 136 -> 1536 float32 15.4 / 24.1 / 41.6 / 70.9 against 28.3 /
+      46.2 / 49.3 / 50.5. Hence eight rows for float32 weights of `GEMV_LARGE` elements or more, else two.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 1
-                and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and not _is_compiling()
+        dtype = x.dtype
+        if (w.dtype == dtype and x.device.type == "cpu" and x.dim() >= 1 and x.numel() <= gemv_rows(w) * x.shape[-1]
+                and not _is_compiling() and (self.bias is None or self.bias.dtype == dtype)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                                       or (self.bias is not None and self.bias.requires_grad)))):
             return run_rank_linear(x, w, None, "fp", 0, list(w.shape), *ABSENT, self.bias)
@@ -170,11 +189,28 @@ def gemv_output_head(model: nn.Module, enable: bool = True) -> str | None:
     return None
 
 
+def gemv_linears(model: nn.Module, enable: bool = True) -> list[str]:
+    """Make every plain `nn.Linear` of the model a `GemvLinear`, or back (``enable=False``); returns the paths
+    that changed. `gemv_output_head` for every linear layer: a decoding step's one row then takes the CPU
+    kernels' GEMV in each of them (a compressed model's rank-space projections, a dense model's projections and
+    FFN matrices), the rest `F.linear`. Not saved either."""
+    changed = []
+    for path, m in model.named_modules():
+        if enable and type(m) is nn.Linear:
+            m.__class__ = GemvLinear
+            changed.append(path)
+        elif not enable and type(m) is GemvLinear:
+            m.__class__ = nn.Linear
+            changed.append(path)
+    return changed
+
+
 def prepare_inference(model: nn.Module, enable: bool = True) -> dict[str, object]:
-    """`fuse_activations`, `contiguous_layer_inputs` and `gemv_output_head` at once (``enable=False``: all three
-    undone); returns what each changed: ``{"fused": [...], "contiguous": [...], "gemv_head": path or None}``.
-    None of it is saved; the model computes the same function (fusion and the GEMV change only the rounding,
-    the contiguous inputs not even that)."""
+    """`fuse_activations`, `contiguous_layer_inputs`, `gemv_output_head` and `gemv_linears` at once
+    (``enable=False``: all undone); returns what each changed: ``{"fused": [...], "contiguous": [...],
+    "gemv_head": path or None, "gemv": [...]}`` ("gemv": the other linear layers made `GemvLinear`). None of it
+    is saved; the model computes the same function (fusion and the GEMV change only the rounding, the
+    contiguous inputs not even that)."""
     fused = fuse_activations(model) if enable else unfuse_activations(model)
     return {"fused": fused, "contiguous": contiguous_layer_inputs(model, enable),
-            "gemv_head": gemv_output_head(model, enable)}
+            "gemv_head": gemv_output_head(model, enable), "gemv": gemv_linears(model, enable)}

@@ -15,11 +15,13 @@ Per-token time = (generate with 8 + N new tokens - generate with 8) / N, so the 
 pass and the first steps cancel; each generate call is timed interleaved with the other providers'.
 
 * ``dense``: the Hugging Face model, ``attn_implementation="sdpa"``.
-* ``dense_gemv``: the same with ``adaptwin.gemv_output_head``: its float32 output head's decoding steps run
-  as the CPU kernels' streaming GEMV (``torch.ops.adaptwin.rank_linear`` with the weight as its one factor)
-  instead of MKL's sgemv, the same function; the like-for-like baseline of ``adaptwin``'s float32 rows.
+* ``dense_gemv``: the same with ``adaptwin.gemv_output_head`` and ``adaptwin.gemv_linears``: its decoding
+  steps' linear layers, the output head included, run as the CPU kernels' streaming GEMV
+  (``torch.ops.adaptwin.rank_linear`` with the weight as its one factor) instead of MKL's sgemv or oneDNN's
+  bf16 GEMV, the same function; the like-for-like baseline of ``adaptwin``.
 * ``adaptwin``: ``adaptwin.compress(model, CompressionConfig(ratio=0.5, width_multiple=8))`` (encoder and
-  decoder) and ``adaptwin.prepare_inference`` (fused activations, contiguous layer inputs, the GEMV head).
+  decoder) and ``adaptwin.prepare_inference`` (fused activations, contiguous layer inputs, the GEMV head and
+  linear layers; the FFN factors of `LowRankLinear` take the GEMV on their own).
   Decoder self- and cross-attention run in rank space with the cache in rank space, through
   ``torch.ops.adaptwin.attention``: the CPU C++ kernel's row path, one query against the cache, read in
   place.
@@ -106,6 +108,7 @@ def build_models(shape: EncoderShape, seed: int = 0, ratio: float = 0.5, int8: b
         adaptwin.prepare_inference(m)
     dense_gemv = copy.deepcopy(dense)
     adaptwin.gemv_output_head(dense_gemv)
+    adaptwin.gemv_linears(dense_gemv)
     models = {"dense": dense, "dense_gemv": dense_gemv, "adaptwin": small, "adaptwin_sdpa": small,
               "adaptwin_nf4": packed}
     return {**models, "dense_int8": int8_dynamic(dense)} if int8 else models
