@@ -29,8 +29,7 @@ from torch import nn
 
 from adaptwin.architectures import model_type_of
 from adaptwin.compress import _submodule_setter
-from adaptwin.ops.backends import _is_compiling
-from adaptwin.ops.rank_linear import ABSENT, run_rank_linear
+from adaptwin.ops.rank_linear import ABSENT, run_rank_linear, takes_gemv
 from adaptwin.registry import get_architecture
 
 
@@ -157,11 +156,7 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        dtype = x.dtype
-        if (w.dtype == dtype and x.device.type == "cpu" and x.dim() >= 1 and x.numel() <= gemv_rows(w) * x.shape[-1]
-                and not _is_compiling() and (self.bias is None or self.bias.dtype == dtype)
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                                      or (self.bias is not None and self.bias.requires_grad)))):
+        if takes_gemv(x, (w, self.bias), gemv_rows(w)):
             return run_rank_linear(x, w, None, "fp", 0, list(w.shape), *ABSENT, self.bias)
         return F.linear(x, w, self.bias)
 

@@ -228,6 +228,24 @@ def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: i
     return out
 
 
+def takes_gemv(x: Tensor, params: Sequence[Tensor | None], max_rows: int) -> bool:
+    """Whether a linear layer's call of ``x`` on ``params`` (its weights and bias; None skipped) takes the CPU
+    kernels' GEMV through `run_rank_linear` (`adaptwin.fusion.GemvLinear`, `LowRankLinear`): float32 / bfloat16
+    x on the CPU with at most ``max_rows`` rows, every parameter of x's dtype, no gradient to record, not traced
+    by torch.compile."""
+    dtype = x.dtype
+    if (dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or x.dim() == 0
+            or x.numel() > max_rows * x.shape[-1] or _is_compiling()):
+        return False
+    grad = torch.is_grad_enabled() and x.requires_grad
+    for p in params:
+        if p is not None:
+            if p.dtype != dtype:
+                return False
+            grad = grad or (torch.is_grad_enabled() and p.requires_grad)
+    return not grad
+
+
 def run_rank_linear(
     x: Tensor,
     a: Tensor | None, a_scale: Tensor | None, a_format: str, a_blocksize: int, a_shape: Sequence[int],

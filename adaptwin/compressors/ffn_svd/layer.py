@@ -7,8 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
-from adaptwin.ops.backends import _is_compiling
-from adaptwin.ops.rank_linear import ABSENT, run_rank_linear
+from adaptwin.ops.rank_linear import ABSENT, run_rank_linear, takes_gemv
 
 # Rows of x up to which a CPU inference call takes rank_linear's GEMV path for each factor (as
 # `adaptwin.fusion.GemvLinear` does for small weights; the measurements are there).
@@ -39,7 +38,7 @@ class LowRankLinear(nn.Module):
         self.activation: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemv(x):  # a decoding step on the CPU: each factor by the CPU kernels' GEMV
+        if takes_gemv(x, (self.in_factor, self.out_factor, self.bias), GEMV_ROWS):  # a decoding step on the CPU
             u, v = self.in_factor, self.out_factor
             h = run_rank_linear(x, u, None, "fp", 0, list(u.shape), *ABSENT, None)
             y = run_rank_linear(h, v, None, "fp", 0, list(v.shape), *ABSENT, self.bias)
@@ -49,17 +48,6 @@ class LowRankLinear(nn.Module):
         if self.activation is None:
             return F.linear(h, self.out_factor, self.bias)
         return linear_act(h, self.out_factor, self.bias, self.activation)
-
-    def _gemv(self, x: torch.Tensor) -> bool:
-        """Whether the call takes the GEMV path: float32 / bfloat16 CPU inference (no gradient to record, not
-        traced) of at most `GEMV_ROWS` rows, x, factors and bias of one dtype."""
-        u, v, b = self.in_factor, self.out_factor, self.bias
-        dtype = x.dtype
-        return (dtype in (torch.float32, torch.bfloat16) and u.dtype == dtype and v.dtype == dtype
-                and (b is None or b.dtype == dtype) and x.device.type == "cpu" and x.dim() >= 1
-                and x.numel() <= GEMV_ROWS * x.shape[-1] and not _is_compiling()
-                and not (torch.is_grad_enabled() and (x.requires_grad or u.requires_grad or v.requires_grad
-                                                      or (b is not None and b.requires_grad))))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
