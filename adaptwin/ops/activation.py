@@ -61,7 +61,7 @@ def activate(y: Tensor, activation: str) -> Tensor:
     recorded through it and ``torch.compile`` is not tracing (no second (rows, out) tensor to allocate and
     fault in: 9.2 MB for 1500 x 1536 float32). A small CPU output (a decoding step's FFN row) takes the native
     library's GELU (``adaptwin._C.gelu_``) where it is built: ATen's goes through oneDNN, which builds a
-    primitive descriptor per call (9.5 against 0.7 us for a 1536-wide float32 row, 31 us inside Whisper
+    primitive descriptor per call (9.5 against 0.7 us for a 1536-wide float32 row, 28-48 us inside Whisper
     decoding); it answers NotImplemented for what it does not take, and ATen's runs."""
     fn, _, _, in_place = ACTIVATIONS[activation]
     if y.requires_grad or torch.compiler.is_compiling():
