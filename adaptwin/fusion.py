@@ -29,7 +29,7 @@ from torch import nn
 
 from adaptwin.architectures import model_type_of
 from adaptwin.compress import _submodule_setter
-from adaptwin.ops.rank_linear import ABSENT, run_rank_linear, takes_gemv
+from adaptwin.ops.rank_linear import ABSENT, gemv_rows, run_rank_linear, takes_gemv
 from adaptwin.registry import get_architecture
 
 
@@ -126,32 +126,16 @@ def contiguous_layer_inputs(model: nn.Module, enable: bool = True) -> list[str]:
     return changed
 
 
-GEMV_MAX_ROWS = 8  # rows of x up to which rank_linear's decoding path (streaming GEMV) runs a large float32 weight
-GEMV_MAX_ROWS_SMALL = 2  # the same for weights under GEMV_LARGE elements, and for bfloat16 ones
-GEMV_LARGE = 1 << 22
-
-
-def gemv_rows(weight: torch.Tensor) -> int:
-    """Rows of x up to which `GemvLinear` takes the GEMV path for this weight (0: never)."""
-    if weight.dtype == torch.float32:
-        return GEMV_MAX_ROWS if weight.numel() >= GEMV_LARGE else GEMV_MAX_ROWS_SMALL
-    return GEMV_MAX_ROWS_SMALL if weight.dtype == torch.bfloat16 else 0
-
-
 class GemvLinear(nn.Linear):
     """An `nn.Linear` (the same parameters and state dict) whose CPU calls with few rows of x (`gemv_rows`) and no
     gradient to record go through ``torch.ops.adaptwin.rank_linear`` with the weight as its one fp factor: the
-    CPU kernels' decoding path, a streaming GEMV. x, weight and bias must share the dtype (float32 or bfloat16).
-    Every other call is `F.linear`. On the 2-core CPU (2 threads, medians):
-
-    * Whisper-tiny's 51865 x 384 output head, one row: 2.5 ms (30 GB/s) against `F.linear`'s 7.9 ms (MKL's sgemv
-      at 10 GB/s) in float32, 2-8 rows (beam search) 2.1-6x; in bfloat16 (oneDNN's GEMV, which builds its
-      primitive per call) one row 1.84 against 2.58 ms and 2.61 against 5.02 ms (two runs), two rows 3.06
-      against 4.40, four 5.27 against 4.30; the same error against float64 (1.66e-3, the output's rounding).
-    * Small weights (a compressed model's rank-space projections and factors), one / two / four / eight rows, us:
-      384 -> 240 float32 6.0 / 8.1 / 12.1 / 20.9 against 9.1 / 15.9 / 20.8 / 20.9, bfloat16 12.6 / 17.3 / 27.1
-      / 39.4 against 35.3 / 36.7 / 38.2 / 40.4; 136 -> 1536 float32 15.4 / 24.1 / 41.6 / 70.9 against 28.3 /
-      46.2 / 49.3 / 50.5. Hence eight rows for float32 weights of `GEMV_LARGE` elements or more, else two.
+    CPU kernels' decoding path, a streaming GEMV (csrc/cpu/fp_gemv.h). x, weight and bias must share the dtype
+    (float32 or bfloat16); rows up to `adaptwin.ops.rank_linear.gemv_rows` (4 for small weights, 8 / 6 for a
+    float32 / bfloat16 weight of `GEMV_LARGE` elements or more, such as an output head: the timings are
+    beside it). Every other call is `F.linear`. On the 2-core CPU (2 threads, medians), Whisper-tiny's 51865 x
+    384 output head, one row: 1.1 ms in bfloat16 (36 GB/s) against oneDNN's 2.8 ms (its GEMV builds its
+    primitive per call), 2.8 ms in float32 against MKL's sgemv 8.5 ms (10 GB/s); the same error against
+    float64 as `F.linear` (1.66e-3 in bfloat16, the output's rounding).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,12 @@ def test_gemv_output_head_on_whisper(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(head(x[:1, :1]), one, rtol=1e-5, atol=1e-5)  # another summation order
         torch.testing.assert_close(head(x[:, :1]), many[:, :1], rtol=1e-5, atol=1e-5)  # 2 rows: still the GEMV
-        assert torch.equal(head(x), many)  # 6 rows of this small weight: F.linear (8 for GEMV_LARGE weights)
+        assert torch.equal(head(x), many)  # 6 rows of this small weight: F.linear (up to 4 take the GEMV)
         assert torch.equal(head(big), F.linear(big, head.weight, head.bias))
         half = torch.nn.Linear(head.in_features, head.out_features).bfloat16()
         half.__class__ = type(head)
         xh = x.bfloat16()
-        for part in (xh[:1, :1], xh[:2, :1], xh):  # bf16: the GEMV up to 2 rows, F.linear beyond
+        for part in (xh[:1, :1], xh[:2, :1], xh):  # bf16: the GEMV up to 4 rows, F.linear beyond
             want = F.linear(part.double(), half.weight.double(), half.bias.double())
             got = half(part)
             assert got.dtype == torch.bfloat16
@@ -91,12 +91,13 @@ def test_gemv_output_head_leaves_packed_heads_and_prepare_inference_does_all_thr
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_linear_rows_by_weight_size_and_dtype(dtype, monkeypatch):
-    """`GemvLinear` takes the GEMV for up to 8 rows of a float32 weight of GEMV_LARGE elements or more, up to 2
-    rows of smaller or bfloat16 ones, and matches F.linear to rounding; `LowRankLinear` takes it per factor for
-    up to 2 rows."""
+    """`GemvLinear` takes the GEMV for up to 8 rows of a float32 weight of GEMV_LARGE elements or more (6 in
+    bfloat16), up to 4 rows of smaller ones, and matches F.linear to rounding; `LowRankLinear` takes it per
+    factor for up to 4 rows."""
     from adaptwin.compressors.ffn_svd.layer import LowRankLinear
-    from adaptwin.fusion import GEMV_LARGE, GemvLinear
+    from adaptwin.fusion import GemvLinear
     from adaptwin.ops import backends
+    from adaptwin.ops.rank_linear import GEMV_LARGE
 
     calls = []
     fast = backends.FAST.get("rank_linear")
@@ -108,8 +109,8 @@ def test_gemv_linear_rows_by_weight_size_and_dtype(dtype, monkeypatch):
     for out_features, large in ((GEMV_LARGE // 256, True), (96, False)):
         lin = torch.nn.Linear(256, out_features).to(dtype)
         lin.__class__ = GemvLinear
-        want_rows = 8 if large and dtype == torch.float32 else 2
-        for rows in (1, 2, 3, 8, 9):
+        want_rows = (8 if dtype == torch.float32 else 6) if large else 4
+        for rows in (1, 2, 4, 5, 6, 7, 8, 9):
             x = torch.randn(rows, 256, generator=gen).to(dtype)
             calls.clear()
             with torch.no_grad():
@@ -121,11 +122,11 @@ def test_gemv_linear_rows_by_weight_size_and_dtype(dtype, monkeypatch):
     with torch.no_grad():
         for p in low.parameters():
             p.normal_(generator=gen)
-        for rows in (1, 2, 3):
+        for rows in (1, 4, 5):
             x = torch.randn(1, rows, 48, generator=gen).to(dtype)
             calls.clear()
             got = low(x)
-            assert calls == ([1, 1] if rows <= 2 else []), (rows, calls)
+            assert calls == ([1, 1] if rows <= 4 else []), (rows, calls)
             h = F.linear(x.double(), low.in_factor.double()).to(dtype).double()  # h in the factors' dtype, as F.linear
             ref = F.linear(h, low.out_factor.double(), low.bias.double())
             torch.testing.assert_close(got.double(), ref, **tol)

@@ -456,6 +456,43 @@ def test_rank_linear_bf16_fp_factors_widen_exactly(k, n, rows):
                            op(x, a.float(), None, "fp", 0, [k, n], *wide, None))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(1, 1), (15, 17), (16, 16), (17, 33), (40, 15), (33, 136)])
+def test_rank_linear_fp_factor_edges(k, n, dtype):
+    """The fp-factor GEMV kernels (csrc/cpu/fp_gemv.h) at their edges: factor rows in blocks of 16 and a rest,
+    row widths with short tails (a bf16 tail is read past the row where the matrix goes on, copied at its
+    end), 1-8 rows of x, each factor alone and both: within twice the reference's error."""
+    gen = torch.Generator().manual_seed(seed((k, n, str(dtype))))
+    a, b = torch.randn(k, n, generator=gen).to(dtype), torch.randn(k, n + 3, generator=gen).to(dtype)
+    fa, fb = (a, None, "fp", 0, [k, n]), (b, None, "fp", 0, [k, n + 3])
+    for rows in (1, 2, 5, 8):
+        for args in ((torch.randn(rows, n, generator=gen), fa, NONE, k),
+                     (torch.randn(rows, k, generator=gen), NONE, fb, n + 3),
+                     (torch.randn(rows, n, generator=gen), fa, fb, n + 3)):
+            x, f1, f2, width = args
+            x, bias = x.to(dtype), torch.randn(width, generator=gen).to(dtype)
+            out = torch.ops.adaptwin.rank_linear(x, *f1, *f2, bias)
+            f64 = [tuple(t.double() if i == 0 and t is not None else t for i, t in enumerate(f)) for f in (f1, f2)]
+            ref64 = rank_linear_reference(x.double(), *f64[0], *f64[1], bias.double())
+            assert out.shape == (rows, width) and out.dtype == dtype
+            assert_within_twice(out, rank_linear_reference(x, *f1, *f2, bias), ref64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_linear_fp_factor_tail_leaves_next_row_out(dtype):
+    """A row's short tail read past its end (bf16) must not bring the next row's values in: with inf at the
+    start of every other row, the rows before them stay finite and match the reference."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 17, generator=gen)
+    a[1::2, 0] = float("inf")
+    a = a.to(dtype)
+    x = torch.randn(2, 17, generator=gen).to(dtype)
+    out = torch.ops.adaptwin.rank_linear(x, a, None, "fp", 0, [6, 17], *NONE, None)
+    ref = rank_linear_reference(x, a, None, "fp", 0, [6, 17], *NONE, None)
+    assert torch.isfinite(out[:, 0::2]).all() and not torch.isfinite(out[:, 1::2]).any()
+    torch.testing.assert_close(out[:, 0::2].float(), ref[:, 0::2].float(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_rank_linear_leaves_inputs_alone(rows):
     """No input is written (the decode path starts its output from the bias: it must copy it)."""

@@ -228,6 +228,35 @@ def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: i
     return out
 
 
+# Rows of x up to which a linear layer's CPU inference call takes the GEMV (`takes_gemv`): float32 weights of
+# GEMV_LARGE elements or more (an output head) up to GEMV_ROWS_LARGE, bfloat16 ones up to GEMV_ROWS_LARGE_BF16,
+# smaller weights and the factors of `LowRankLinear` up to GEMV_ROWS. On the 2-core Zen 4 (2 threads, p50 us,
+# GEMV / F.linear; csrc/cpu/fp_gemv.h's kernels):
+#   bfloat16, rows 1 / 2 / 3 / 4 / 6 / 8:
+#     51865 x 384   1081/2821 1345/2828 1520/2602 2056/3413 3025/3550 3744/3163
+#     240 x 384     5.5/25.3 6.7/25.4 8.6/25.6 10.6/26.0 14.5/27.0 18.9/26.7
+#     1536 x 136    13.8/32.4 14.9/34.2 20.9/34.3 27.0/35.6 40.0/37.3 52.6/40.7
+#     136 x 1536    7.4/35.9 11.7/36.5 18.7/38.7 24.6/39.5 36.3/43.0 47.3/46.7
+#   float32:
+#     51865 x 384   2778/8517 2506/20373 2434/30142 2789/13622 3252/13068 4488/12322
+#     240 x 384     6.0/9.1 6.8/16.2 8.7/36.6 13.3/21.6 16.8/22.8 20.6/23.3
+#     1536 x 136    10.6/24.5 16.7/44.1 24.2/60.3 29.6/46.9 46.8/47.9 58.5/49.0
+#     136 x 1536    9.0/17.1 12.8/32.3 21.1/44.3 23.7/44.8 33.5/46.0 41.9/48.0
+GEMV_ROWS = 4
+GEMV_ROWS_LARGE = 8
+GEMV_ROWS_LARGE_BF16 = 6
+GEMV_LARGE = 1 << 22
+
+
+def gemv_rows(weight: Tensor) -> int:
+    """Rows of x up to which a call on ``weight`` takes the GEMV path (0: never, for other dtypes)."""
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return 0
+    if weight.numel() < GEMV_LARGE:
+        return GEMV_ROWS
+    return GEMV_ROWS_LARGE if weight.dtype == torch.float32 else GEMV_ROWS_LARGE_BF16
+
+
 def takes_gemv(x: Tensor, params: Sequence[Tensor | None], max_rows: int) -> bool:
     """Whether a linear layer's call of ``x`` on ``params`` (its weights and bias; None skipped) takes the CPU
     kernels' GEMV through `run_rank_linear` (`adaptwin.fusion.GemvLinear`, `LowRankLinear`): float32 / bfloat16

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "cpu_features.h"
 
 namespace adaptwin {
@@ -338,11 +339,7 @@ const float* row_chunk(const Codes& f, int64_t r, int64_t c0, int64_t len, float
   const int64_t e0 = r * f.n + c0;
   if (f.format == Format::kFp) {
     if (!f.bf16) return static_cast<const float*>(f.data) + e0;  // float32 values (gemv_path)
-    const uint16_t* src = static_cast<const uint16_t*>(f.data) + e0;
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
-      std::memcpy(buf + i, &bits, sizeof(float));
-    }
+    widen_bf16(static_cast<const uint16_t*>(f.data) + e0, buf, len);
     return buf;
   }
   decode_any(f, e0, len, buf);

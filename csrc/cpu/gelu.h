@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "cpu_features.h"
 
 namespace adaptwin {
@@ -39,21 +40,6 @@ inline float gelu_scalar(float x) {
   return 0.5f * x * (x < 0.0f ? erfc : 2.0f - erfc);
 }
 
-// bfloat16 <-> float32 bits: widening is exact; narrowing rounds to nearest even, NaN kept quiet.
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 #if ADAPTWIN_X86
 ADAPTWIN_AVX512 inline __m512 gelu512(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -73,20 +59,6 @@ ADAPTWIN_AVX512 inline void gelu_f32_avx512(float* y, int64_t n) {
     const __mmask16 m = tail_mask(n - i);
     _mm512_mask_storeu_ps(y + i, m, gelu512(_mm512_maskz_loadu_ps(m, y + i)));
   }
-}
-
-// 16 float32 -> bfloat16 bits, rounded to nearest even, NaN kept quiet.
-ADAPTWIN_AVX512 inline __m256i bf16_round512(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-ADAPTWIN_AVX512 inline __m512 widen_bf16_512(__m256i b) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
 ADAPTWIN_AVX512 inline void gelu_bf16_avx512(uint16_t* y, int64_t n) {

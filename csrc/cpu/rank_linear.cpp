@@ -153,8 +153,7 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_
   }
   const int64_t n = rows * width;
   if (out.scalar_type() == at::kBFloat16) {
-    at::BFloat16* dst = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::BFloat16>(y[i]);
+    narrow_bf16(y, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), n);
   } else if (out.scalar_type() == at::kHalf) {
     at::Half* dst = out.data_ptr<at::Half>();
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(y[i]);

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bf16.h"
 #include "codes.h"
 #include "dot_axpy.h"
 #include "cpu_features.h"
@@ -46,8 +47,7 @@ const float* float_values(const at::Tensor& t, std::vector<float>& buf) {
   if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
   buf.resize(static_cast<size_t>(t.numel()));
   if (t.scalar_type() == at::kBFloat16) {
-    const at::BFloat16* src = t.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < t.numel(); ++i) buf[i] = static_cast<float>(src[i]);
+    widen_bf16(reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()), buf.data(), t.numel());
   } else {
     TORCH_CHECK(t.scalar_type() == at::kHalf, "rank_linear: float32, bf16 or fp16 expected, got ", t.scalar_type());
     const at::Half* src = t.data_ptr<at::Half>();

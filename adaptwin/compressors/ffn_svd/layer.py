@@ -7,11 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
-from adaptwin.ops.rank_linear import ABSENT, run_rank_linear, takes_gemv
-
-# Rows of x up to which a CPU inference call takes rank_linear's GEMV path for each factor (as
-# `adaptwin.fusion.GemvLinear` does for small weights; the measurements are there).
-GEMV_ROWS = 2
+from adaptwin.ops.rank_linear import ABSENT, GEMV_ROWS, run_rank_linear, takes_gemv
 
 
 class LowRankLinear(nn.Module):

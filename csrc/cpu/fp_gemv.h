@@ -1,0 +1,159 @@
+// The decode path's products with an fp factor (float32 or bfloat16 values: a GemvLinear's weight, the output
+// head, an unquantised low-rank factor, the float32 LoRA directions of a quantised module), in SIMD registers:
+// h = x·Aᵀ over a range of A's rows and y += h·B over a range of B's columns, bfloat16 values widened in
+// registers (exact: a bfloat16 is the upper half of a float32). Free of torch (tests/simd_decode.cpp builds
+// it for other CPUs); rank_linear_products.h calls it.
+//
+// Before, each row of the factor went through codes.h's row_chunk (bfloat16 widened by a scalar loop into a
+// buffer) and dot_axpy.h's dot, one horizontal sum per row and one x row at a time: Whisper-tiny's 51865 x 384
+// bfloat16 head took 1.64-2.0 ms a decoding step, about half what its 40 MB take to read.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "bf16.h"
+#include "cpu_features.h"
+
+namespace adaptwin {
+namespace {
+
+// A row-major (k, n) matrix of float32 or bfloat16 values.
+struct FpRows {
+  const void* data = nullptr;
+  bool bf16 = false;
+  int64_t k = 0, n = 0;
+};
+
+#if ADAPTWIN_X86
+// 16 values of the factor from element e as float32; `left` < 16 keeps only that many (the rest 0). A short
+// bfloat16 tail inside the matrix is read whole and masked (AVX-512F has no 16-bit masked load); only the
+// matrix's last values go through a zeroed copy: a 136-wide row's 8-value tail copied on every row cost a
+// 136 -> 1536 bfloat16 call twice float32's time.
+template <bool BF16>
+ADAPTWIN_AVX512 inline __m512 fp_load16(const FpRows& f, int64_t e, int64_t left) {
+  if (!BF16) {
+    const float* p = static_cast<const float*>(f.data) + e;
+    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail_mask(left), p);
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(f.data) + e;
+  if (left >= 16) return widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  if (e + 16 <= f.k * f.n)
+    return _mm512_maskz_mov_ps(tail_mask(left), widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  uint16_t tmp[16] = {};
+  std::memcpy(tmp, p, static_cast<size_t>(left) * sizeof(uint16_t));
+  return widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp)));
+}
+
+// Σ_c A[r][c] · x[c] as the 16 lanes of a vector: row r of A front to back in two chains of FMAs, so that
+// their latency does not pace the row's stream.
+template <bool BF16>
+ADAPTWIN_AVX512 inline __m512 fp_dot_lanes(const FpRows& a, int64_t r, const float* x) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  const int64_t e = r * a.n;
+  int64_t c = 0;
+  for (; c + 32 <= a.n; c += 32) {
+    s0 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c, 16), _mm512_loadu_ps(x + c), s0);
+    s1 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c + 16, 16), _mm512_loadu_ps(x + c + 16), s1);
+  }
+  for (; c < a.n; c += 16) {  // the last n % 32 columns
+    const int64_t left = a.n - c;
+    s0 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c, left), _mm512_maskz_loadu_ps(tail_mask(left), x + c), s0);
+  }
+  return _mm512_add_ps(s0, s1);
+}
+
+// The 16 lane sums of v[0..15] as one vector: lane l holds the sum of v[4 (l % 4) + l / 4] (a 4 x 4
+// transpose, its own inverse: put row j's lanes in v[4 (j % 4) + j / 4] to get row j's sum in lane j). 15
+// shuffle pairs where 16 horizontal sums take 64: a row of 136 columns is five FMAs, and one horizontal sum per
+// row made a 136 -> 1536 bfloat16 call scale with the rows of x as if compute-bound.
+ADAPTWIN_AVX512 inline __m512 sum_lanes16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves added: row 2i in the low half, 2i + 1 in the high
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit quarters added: one row per quarter
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // pairs within quarters: two rows per quarter
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+
+// h (rows of x, ldh apart) columns [r0, r1) = x · A[r0:r1]ᵀ: a row of A at a time, front to back, read from
+// memory for the first row of x and from L1 for the others, sixteen rows' sums reduced together. (On the
+// 2-core Zen 4, Whisper-tiny's 51865 x 384 head: four rows of A a step, each load of x shared by four sums, ran
+// 1.5x (float32) to 3x (bf16) slower, four streams 1.5 or 0.75 KB apart defeating the prefetchers that one
+// stream keeps busy; and for four rows of x, their four sums in one pass over a row took 3.35 against 2.7-2.9
+// ms for four passes.)
+template <bool BF16>
+ADAPTWIN_AVX512 void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+                                     int64_t r1) {
+  constexpr int64_t kMaxRows = 8;  // rows of x at a time: their lane sums wait in v (8 KB of the stack)
+  int64_t r = r0;
+  for (; r + 16 <= r1; r += 16)
+    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+      const int64_t mm = std::min(kMaxRows, rows - m0);
+      __m512 v[kMaxRows][16];
+      for (int j = 0; j < 16; ++j)
+        for (int64_t m = 0; m < mm; ++m) v[m][4 * (j % 4) + j / 4] = fp_dot_lanes<BF16>(a, r + j, x + (m0 + m) * a.n);
+      for (int64_t m = 0; m < mm; ++m) _mm512_storeu_ps(h + (m0 + m) * ldh + r, sum_lanes16(v[m]));
+    }
+  for (; r < r1; ++r)
+    for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = _mm512_reduce_add_ps(fp_dot_lanes<BF16>(a, r, x + m * a.n));
+}
+
+inline void fp_gemv_in_avx512(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+                              int64_t r1) {
+  if (a.bf16)
+    fp_gemv_in_rows<true>(a, x, rows, h, ldh, r0, r1);
+  else
+    fp_gemv_in_rows<false>(a, x, rows, h, ldh, r0, r1);
+}
+
+// y[m * ldy + c] += Σ_r h[m * k + r] · B[r][c] for columns [c0, min(c0 + 16 C, end)), x's rows m < M.
+template <bool BF16, int M, int C>
+ADAPTWIN_AVX512 inline void fp_out_block(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0,
+                                         int64_t end) {
+  __m512 acc[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < C; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < b.k; ++r) {
+    __m512 w[C];
+    for (int j = 0; j < C; ++j) w[j] = fp_load16<BF16>(b, r * b.n + c0 + 16 * j, end - c0 - 16 * j);
+    for (int m = 0; m < M; ++m) {
+      const __m512 hv = _mm512_set1_ps(h[m * b.k + r]);
+      for (int j = 0; j < C; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], hv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < C; ++j) {
+      float* p = y + m * ldy + c0 + 16 * j;
+      const __mmask16 mask = tail_mask(end - c0 - 16 * j);
+      _mm512_mask_storeu_ps(p, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), acc[m][j]));
+    }
+}
+
+// y (M rows, ldy apart) columns [c0, c1) += h (M rows, k apart) · B[:, c0:c1], M <= 8: 64 columns a step (32
+// for M > 4), each row of B read once per step for every row of h; the last columns 16 at a time.
+template <bool BF16, int M>
+ADAPTWIN_AVX512 void fp_gemv_out_cols(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0,
+                                      int64_t c1) {
+  constexpr int C = M <= 4 ? 4 : 2;
+  int64_t c = c0;
+  for (; c + 16 * C <= c1; c += 16 * C) fp_out_block<BF16, M, C>(b, h, y, ldy, c, c1);
+  for (; c < c1; c += 16) fp_out_block<BF16, M, 1>(b, h, y, ldy, c, c1);
+}
+
+template <int M>
+void fp_gemv_out_avx512(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+  if (b.bf16)
+    fp_gemv_out_cols<true, M>(b, h, y, ldy, c0, c1);
+  else
+    fp_gemv_out_cols<false, M>(b, h, y, ldy, c0, c1);
+}
+#endif
+
+}  // namespace
+}  // namespace adaptwin
