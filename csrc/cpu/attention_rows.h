@@ -72,6 +72,9 @@ ADAPTWIN_AVX512_ROWS void run_row(const Problem& p, const Elem* k, const Elem* v
       for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
       for (int64_t r = 0; r < n; ++r) {
         const Elem* kr = kb + (j0 + jj + r) * p.ks[2];
+        // the key kPrefetchKeys ahead, and this key's value row for the p·v pass below (attention_problem.h)
+        if (j0 + jj + r + kPrefetchKeys < s_end) prefetch_row(kr + kPrefetchKeys * p.ks[2], p.Dq);
+        prefetch_row(vb + (j0 + jj + r) * p.vs[2], p.Dv);
         __m512 a = _mm512_setzero_ps();
         for (int64_t c = 0; c < p.Dq; c += 16) a = _mm512_fmadd_ps(load16(kr + c, tail_mask(p.Dq - c)), _mm512_loadu_ps(q + c), a);
         acc[r] = a;

@@ -96,6 +96,10 @@ ADAPTWIN_AVX2 void run_row_avx2(const Problem& p, const Elem* k, const Elem* v, 
     for (int64_t jj = 0; jj < nk; jj += 8) {  // scores of 8 keys (a short group's other lanes: -inf)
       const int64_t n = std::min<int64_t>(8, nk - jj);
       __m256 acc[8];
+      for (int64_t r = 0; r < n; ++r) {  // the key kPrefetchKeys ahead, this key's value row (attention_problem.h)
+        if (j0 + jj + r + kPrefetchKeys < s_end) prefetch_row(kb + (j0 + jj + r + kPrefetchKeys) * p.ks[2], p.Dq);
+        prefetch_row(vb + (j0 + jj + r) * p.vs[2], p.Dv);
+      }
       for (int64_t r = 0; r < 8; ++r)
         acc[r] = r < n ? dot8(kb + (j0 + jj + r) * p.ks[2], q, qwhole, qwhole < p.Dq, qt) : _mm256_setzero_ps();
       const __m256 sc = hsum8(acc);
