@@ -41,19 +41,6 @@ ADAPTWIN_AVX2 inline __m256 load8(const uint16_t* src, __m256i t) {
   return widen8(_mm_maskload_epi32(reinterpret_cast<const int*>(src), _mm256_castsi256_si128(t)));
 }
 
-// Lane r of the result = the sum of the 8 lanes of v[r].
-ADAPTWIN_AVX2 inline __m256 hsum8(const __m256* v) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
-ADAPTWIN_AVX2 inline float sum_lanes8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
 // A value row's 8 columns from c: whole, or the row's tail under vt.
 template <typename Elem>
 ADAPTWIN_AVX2 inline __m256 value8(const Elem* src, bool whole, __m256i vt) {

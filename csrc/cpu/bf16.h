@@ -41,6 +41,11 @@ ADAPTWIN_AVX512 inline __m512 widen_bf16_512(__m256i b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
+// 8 bfloat16 values (as bits) -> float32.
+ADAPTWIN_AVX2 inline __m256 widen_bf16_256(__m128i b) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+}
+
 // n bfloat16 values (as bits) -> float32.
 ADAPTWIN_AVX512 inline void widen_bf16_avx512(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;

@@ -1,12 +1,15 @@
 // The decode path's products with an fp factor (float32 or bfloat16 values: a GemvLinear's weight, the output
 // head, an unquantised low-rank factor, the float32 LoRA directions of a quantised module), in SIMD registers:
-// h = x·Aᵀ over a range of A's rows and y += h·B over a range of B's columns, bfloat16 values widened in
-// registers (exact: a bfloat16 is the upper half of a float32). Free of torch (tests/simd_decode.cpp builds
-// it for other CPUs); rank_linear_products.h calls it.
+// h = x·Aᵀ over a range of A's rows (AVX-512 and AVX2 + FMA) and y += h·B over a range of B's columns
+// (AVX-512), bfloat16 values widened in registers (exact: a bfloat16 is the upper half of a float32). Free of
+// torch; rank_linear_products.h calls it. Other CPUs take the buffered loops (codes.h's row_chunk, dot_axpy.h).
 //
-// Before, each row of the factor went through codes.h's row_chunk (bfloat16 widened by a scalar loop into a
-// buffer) and dot_axpy.h's dot, one horizontal sum per row and one x row at a time: Whisper-tiny's 51865 x 384
-// bfloat16 head took 1.64-2.0 ms a decoding step, about half what its 40 MB take to read.
+// Before, each row of the factor went through row_chunk (bfloat16 widened by a scalar loop into a buffer) and
+// dot_axpy.h's dot, one horizontal sum per row: Whisper-tiny's 51865 x 384 bfloat16 head took 1.64-2.0 ms a
+// decoding step (2 threads), about half what its 40 MB take to read, and 0.85-1.1 ms here; under the AVX2
+// caps (ADAPTWIN_CPU_CAP, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) 2.66 ms before,
+// slower than oneDNN's 2.27, and 0.96 ms here; 136 -> 1536 in bfloat16 27.7 -> 10.8 us (AVX2), 29-33 -> 13.8
+// (AVX-512).
 #pragma once
 
 #include <algorithm>
@@ -64,25 +67,10 @@ ADAPTWIN_AVX512 inline __m512 fp_dot_lanes(const FpRows& a, int64_t r, const flo
   return _mm512_add_ps(s0, s1);
 }
 
-// The 16 lane sums of v[0..15] as one vector: lane l holds the sum of v[4 (l % 4) + l / 4] (a 4 x 4
-// transpose, its own inverse: put row j's lanes in v[4 (j % 4) + j / 4] to get row j's sum in lane j). 15
-// shuffle pairs where 16 horizontal sums take 64: a row of 136 columns is five FMAs, and one horizontal sum per
-// row made a 136 -> 1536 bfloat16 call scale with the rows of x as if compute-bound.
-ADAPTWIN_AVX512 inline __m512 sum_lanes16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)  // 256-bit halves added: row 2i in the low half, 2i + 1 in the high
-    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // 128-bit quarters added: one row per quarter
-    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)  // pairs within quarters: two rows per quarter
-    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
-}
-
 // h (rows of x, ldh apart) columns [r0, r1) = x · A[r0:r1]ᵀ: a row of A at a time, front to back, read from
-// memory for the first row of x and from L1 for the others, sixteen rows' sums reduced together. (On the
+// memory for the first row of x and from L1 for the others, sixteen rows' sums reduced together (hsum16: a
+// row of 136 columns is five FMAs, and a horizontal sum per row made a 136 -> 1536 bfloat16 call scale with the
+// rows of x as if compute-bound). (On the
 // 2-core Zen 4, Whisper-tiny's 51865 x 384 head: four rows of A a step, each load of x shared by four sums, ran
 // 1.5x (float32) to 3x (bf16) slower, four streams 1.5 or 0.75 KB apart defeating the prefetchers that one
 // stream keeps busy; and for four rows of x, their four sums in one pass over a row took 3.35 against 2.7-2.9
@@ -97,8 +85,8 @@ ADAPTWIN_AVX512 void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t ro
       const int64_t mm = std::min(kMaxRows, rows - m0);
       __m512 v[kMaxRows][16];
       for (int j = 0; j < 16; ++j)
-        for (int64_t m = 0; m < mm; ++m) v[m][4 * (j % 4) + j / 4] = fp_dot_lanes<BF16>(a, r + j, x + (m0 + m) * a.n);
-      for (int64_t m = 0; m < mm; ++m) _mm512_storeu_ps(h + (m0 + m) * ldh + r, sum_lanes16(v[m]));
+        for (int64_t m = 0; m < mm; ++m) v[m][j] = fp_dot_lanes<BF16>(a, r + j, x + (m0 + m) * a.n);
+      for (int64_t m = 0; m < mm; ++m) _mm512_storeu_ps(h + (m0 + m) * ldh + r, hsum16(v[m]));
     }
   for (; r < r1; ++r)
     for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = _mm512_reduce_add_ps(fp_dot_lanes<BF16>(a, r, x + m * a.n));
@@ -152,6 +140,68 @@ void fp_gemv_out_avx512(const FpRows& b, const float* h, float* y, int64_t ldy, 
     fp_gemv_out_cols<true, M>(b, h, y, ldy, c0, c1);
   else
     fp_gemv_out_cols<false, M>(b, h, y, ldy, c0, c1);
+}
+// The same in AVX2 + FMA (x86 CPUs without AVX-512), 8 lanes: 8 values from element e, `left` < 8 keeping
+// that many.
+template <bool BF16>
+ADAPTWIN_AVX2 inline __m256 fp_load8(const FpRows& f, int64_t e, int64_t left) {
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (!BF16) {
+    const float* p = static_cast<const float*>(f.data) + e;
+    return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, keep);
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(f.data) + e;
+  if (left >= 8) return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if (e + 8 <= f.k * f.n)
+    return _mm256_and_ps(widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), _mm256_castsi256_ps(keep));
+  uint16_t tmp[8] = {};
+  std::memcpy(tmp, p, static_cast<size_t>(left) * sizeof(uint16_t));
+  return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+
+template <bool BF16>
+ADAPTWIN_AVX2 inline __m256 fp_dot_lanes8(const FpRows& a, int64_t r, const float* x) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  const int64_t e = r * a.n;
+  int64_t c = 0;
+  for (; c + 16 <= a.n; c += 16) {
+    s0 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c, 8), _mm256_loadu_ps(x + c), s0);
+    s1 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c + 8, 8), _mm256_loadu_ps(x + c + 8), s1);
+  }
+  for (; c < a.n; c += 8) {  // the last n % 16 columns (x's tail loaded under the same mask)
+    const int64_t left = a.n - c;
+    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    s0 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c, left), _mm256_maskload_ps(x + c, keep), s0);
+  }
+  return _mm256_add_ps(s0, s1);
+}
+
+// fp_gemv_in_rows in 8 lanes, eight rows' sums reduced together (hsum8).
+template <bool BF16>
+ADAPTWIN_AVX2 void fp_gemv_in_rows_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh,
+                                        int64_t r0, int64_t r1) {
+  constexpr int64_t kMaxRows = 8;
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8)
+    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
+      const int64_t mm = std::min(kMaxRows, rows - m0);
+      __m256 v[kMaxRows][8];
+      for (int j = 0; j < 8; ++j)
+        for (int64_t m = 0; m < mm; ++m) v[m][j] = fp_dot_lanes8<BF16>(a, r + j, x + (m0 + m) * a.n);
+      for (int64_t m = 0; m < mm; ++m) _mm256_storeu_ps(h + (m0 + m) * ldh + r, hsum8(v[m]));
+    }
+  for (; r < r1; ++r)
+    for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = sum_lanes8(fp_dot_lanes8<BF16>(a, r, x + m * a.n));
+}
+
+inline void fp_gemv_in_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+                            int64_t r1) {
+  if (a.bf16)
+    fp_gemv_in_rows_avx2<true>(a, x, rows, h, ldh, r0, r1);
+  else
+    fp_gemv_in_rows_avx2<false>(a, x, rows, h, ldh, r0, r1);
 }
 #endif
 

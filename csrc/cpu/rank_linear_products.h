@@ -126,6 +126,12 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
                      [&](int64_t r0, int64_t r1) { fp_gemv_in_avx512(f, x, rows, h, a.k, r0, r1); });
     return;
   }
+  if (has_avx2() && a.format == Format::kFp) {  // the same in 8 lanes
+    const FpRows f{a.data, a.bf16, a.k, a.n};
+    at::parallel_for(0, a.k, grain_for(a.k, rows * a.k * a.n),
+                     [&](int64_t r0, int64_t r1) { fp_gemv_in_avx2(f, x, rows, h, a.k, r0, r1); });
+    return;
+  }
 #endif
   const OneRowKernels one = one_row_kernels();
   if (rows == 1 && one.in != nullptr && fused_ok(a)) {
