@@ -30,74 +30,127 @@ struct FpRows {
 };
 
 #if ADAPTWIN_X86
-// 16 values of the factor from element e as float32; `left` < 16 keeps only that many (the rest 0). A short
+// The two ISAs' vector primitives for the loops below (which are written once, always inlined into the
+// per-ISA entry points that carry the target attributes): L float32 lanes; loads of float32 (whole, or the
+// first `left` < L with the rest 0), of L bfloat16 values widened, a mask keeping the first `left` lanes;
+// the lane sums of L vectors as one vector (hsum16 / hsum8) and of one vector.
+struct Avx512Rows {
+  static constexpr int L = 16;
+  using Vec = __m512;
+  ADAPTWIN_AVX512 static Vec zero() { return _mm512_setzero_ps(); }
+  ADAPTWIN_AVX512 static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  ADAPTWIN_AVX512 static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+  ADAPTWIN_AVX512 static Vec loadf(const float* p) { return _mm512_loadu_ps(p); }
+  ADAPTWIN_AVX512 static Vec loadf(const float* p, int64_t left) { return _mm512_maskz_loadu_ps(tail_mask(left), p); }
+  ADAPTWIN_AVX512 static Vec load_bf16(const uint16_t* p) {
+    return widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  ADAPTWIN_AVX512 static Vec keep(Vec v, int64_t left) { return _mm512_maskz_mov_ps(tail_mask(left), v); }
+  ADAPTWIN_AVX512 static Vec sums(const Vec* v) { return hsum16(v); }
+  ADAPTWIN_AVX512 static float sum(Vec v) { return _mm512_reduce_add_ps(v); }
+  ADAPTWIN_AVX512 static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+};
+
+struct Avx2Rows {
+  static constexpr int L = 8;
+  using Vec = __m256;
+  ADAPTWIN_AVX2 static __m256i first(int64_t left) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  ADAPTWIN_AVX2 static Vec zero() { return _mm256_setzero_ps(); }
+  ADAPTWIN_AVX2 static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  ADAPTWIN_AVX2 static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  ADAPTWIN_AVX2 static Vec loadf(const float* p) { return _mm256_loadu_ps(p); }
+  ADAPTWIN_AVX2 static Vec loadf(const float* p, int64_t left) { return _mm256_maskload_ps(p, first(left)); }
+  ADAPTWIN_AVX2 static Vec load_bf16(const uint16_t* p) {
+    return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  ADAPTWIN_AVX2 static Vec keep(Vec v, int64_t left) { return _mm256_and_ps(v, _mm256_castsi256_ps(first(left))); }
+  ADAPTWIN_AVX2 static Vec sums(const Vec* v) { return hsum8(v); }
+  ADAPTWIN_AVX2 static float sum(Vec v) { return sum_lanes8(v); }
+  ADAPTWIN_AVX2 static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+};
+
+#define ADAPTWIN_INLINE __attribute__((always_inline)) inline
+
+// L values of the factor from element e as float32; `left` < L keeps only that many (the rest 0). A short
 // bfloat16 tail inside the matrix is read whole and masked (AVX-512F has no 16-bit masked load); only the
 // matrix's last values go through a zeroed copy: a 136-wide row's 8-value tail copied on every row cost a
 // 136 -> 1536 bfloat16 call twice float32's time.
-template <bool BF16>
-ADAPTWIN_AVX512 inline __m512 fp_load16(const FpRows& f, int64_t e, int64_t left) {
+template <class Isa, bool BF16>
+ADAPTWIN_INLINE typename Isa::Vec fp_load(const FpRows& f, int64_t e, int64_t left) {
+  constexpr int L = Isa::L;
   if (!BF16) {
     const float* p = static_cast<const float*>(f.data) + e;
-    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail_mask(left), p);
+    return left >= L ? Isa::loadf(p) : Isa::loadf(p, left);
   }
   const uint16_t* p = static_cast<const uint16_t*>(f.data) + e;
-  if (left >= 16) return widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  if (e + 16 <= f.k * f.n)
-    return _mm512_maskz_mov_ps(tail_mask(left), widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-  uint16_t tmp[16] = {};
+  if (left >= L) return Isa::load_bf16(p);
+  if (e + L <= f.k * f.n) return Isa::keep(Isa::load_bf16(p), left);
+  uint16_t tmp[L] = {};
   std::memcpy(tmp, p, static_cast<size_t>(left) * sizeof(uint16_t));
-  return widen_bf16_512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp)));
+  return Isa::load_bf16(tmp);
 }
 
-// Σ_c A[r][c] · x[c] as the 16 lanes of a vector: row r of A front to back in two chains of FMAs, so that
+// Σ_c A[r][c] · x[c] as the L lanes of a vector: row r of A front to back in two chains of FMAs, so that
 // their latency does not pace the row's stream.
-template <bool BF16>
-ADAPTWIN_AVX512 inline __m512 fp_dot_lanes(const FpRows& a, int64_t r, const float* x) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+template <class Isa, bool BF16>
+ADAPTWIN_INLINE typename Isa::Vec fp_dot_lanes(const FpRows& a, int64_t r, const float* x) {
+  constexpr int L = Isa::L;
+  typename Isa::Vec s0 = Isa::zero(), s1 = Isa::zero();
   const int64_t e = r * a.n;
   int64_t c = 0;
-  for (; c + 32 <= a.n; c += 32) {
-    s0 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c, 16), _mm512_loadu_ps(x + c), s0);
-    s1 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c + 16, 16), _mm512_loadu_ps(x + c + 16), s1);
+  for (; c + 2 * L <= a.n; c += 2 * L) {
+    s0 = Isa::fma(fp_load<Isa, BF16>(a, e + c, L), Isa::loadf(x + c), s0);
+    s1 = Isa::fma(fp_load<Isa, BF16>(a, e + c + L, L), Isa::loadf(x + c + L), s1);
   }
-  for (; c < a.n; c += 16) {  // the last n % 32 columns
+  for (; c < a.n; c += L) {  // the last n % 2L columns (x's tail loaded under the same mask)
     const int64_t left = a.n - c;
-    s0 = _mm512_fmadd_ps(fp_load16<BF16>(a, e + c, left), _mm512_maskz_loadu_ps(tail_mask(left), x + c), s0);
+    s0 = Isa::fma(fp_load<Isa, BF16>(a, e + c, left), Isa::loadf(x + c, left), s0);
   }
-  return _mm512_add_ps(s0, s1);
+  return Isa::add(s0, s1);
 }
 
 // h (rows of x, ldh apart) columns [r0, r1) = x · A[r0:r1]ᵀ: a row of A at a time, front to back, read from
-// memory for the first row of x and from L1 for the others, sixteen rows' sums reduced together (hsum16: a
-// row of 136 columns is five FMAs, and a horizontal sum per row made a 136 -> 1536 bfloat16 call scale with the
-// rows of x as if compute-bound). (On the
-// 2-core Zen 4, Whisper-tiny's 51865 x 384 head: four rows of A a step, each load of x shared by four sums, ran
-// 1.5x (float32) to 3x (bf16) slower, four streams 1.5 or 0.75 KB apart defeating the prefetchers that one
-// stream keeps busy; and for four rows of x, their four sums in one pass over a row took 3.35 against 2.7-2.9
-// ms for four passes.)
-template <bool BF16>
-ADAPTWIN_AVX512 void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+// memory for the first row of x and from L1 for the others, L rows' sums reduced together (hsum16 / hsum8: a
+// row of 136 columns is five FMAs, and a horizontal sum per row made a 136 -> 1536 bfloat16 call scale with
+// the rows of x as if compute-bound). On the 2-core Zen 4, Whisper-tiny's 51865 x 384 head: four rows of A a
+// step, each load of x shared by four sums, ran 1.5x (float32) to 3x (bf16) slower, four streams 1.5 or 0.75
+// KB apart defeating the prefetchers that one stream keeps busy; and for four rows of x, their four sums in
+// one pass over a row took 3.35 against 2.7-2.9 ms for four passes.
+template <class Isa, bool BF16>
+ADAPTWIN_INLINE void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
                                      int64_t r1) {
   constexpr int64_t kMaxRows = 8;  // rows of x at a time: their lane sums wait in v (8 KB of the stack)
+  constexpr int L = Isa::L;
   int64_t r = r0;
-  for (; r + 16 <= r1; r += 16)
+  for (; r + L <= r1; r += L)
     for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
       const int64_t mm = std::min(kMaxRows, rows - m0);
-      __m512 v[kMaxRows][16];
-      for (int j = 0; j < 16; ++j)
-        for (int64_t m = 0; m < mm; ++m) v[m][j] = fp_dot_lanes<BF16>(a, r + j, x + (m0 + m) * a.n);
-      for (int64_t m = 0; m < mm; ++m) _mm512_storeu_ps(h + (m0 + m) * ldh + r, hsum16(v[m]));
+      typename Isa::Vec v[kMaxRows][L];
+      for (int j = 0; j < L; ++j)
+        for (int64_t m = 0; m < mm; ++m) v[m][j] = fp_dot_lanes<Isa, BF16>(a, r + j, x + (m0 + m) * a.n);
+      for (int64_t m = 0; m < mm; ++m) Isa::store(h + (m0 + m) * ldh + r, Isa::sums(v[m]));
     }
   for (; r < r1; ++r)
-    for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = _mm512_reduce_add_ps(fp_dot_lanes<BF16>(a, r, x + m * a.n));
+    for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = Isa::sum(fp_dot_lanes<Isa, BF16>(a, r, x + m * a.n));
 }
 
-inline void fp_gemv_in_avx512(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
-                              int64_t r1) {
+ADAPTWIN_AVX512 void fp_gemv_in_avx512(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh,
+                                       int64_t r0, int64_t r1) {
   if (a.bf16)
-    fp_gemv_in_rows<true>(a, x, rows, h, ldh, r0, r1);
+    fp_gemv_in_rows<Avx512Rows, true>(a, x, rows, h, ldh, r0, r1);
   else
-    fp_gemv_in_rows<false>(a, x, rows, h, ldh, r0, r1);
+    fp_gemv_in_rows<Avx512Rows, false>(a, x, rows, h, ldh, r0, r1);
+}
+
+ADAPTWIN_AVX2 void fp_gemv_in_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+                                   int64_t r1) {
+  if (a.bf16)
+    fp_gemv_in_rows<Avx2Rows, true>(a, x, rows, h, ldh, r0, r1);
+  else
+    fp_gemv_in_rows<Avx2Rows, false>(a, x, rows, h, ldh, r0, r1);
 }
 
 // y[m * ldy + c] += Σ_r h[m * k + r] · B[r][c] for columns [c0, min(c0 + 16 C, end)), x's rows m < M.
@@ -109,7 +162,7 @@ ADAPTWIN_AVX512 inline void fp_out_block(const FpRows& b, const float* h, float*
     for (int j = 0; j < C; ++j) acc[m][j] = _mm512_setzero_ps();
   for (int64_t r = 0; r < b.k; ++r) {
     __m512 w[C];
-    for (int j = 0; j < C; ++j) w[j] = fp_load16<BF16>(b, r * b.n + c0 + 16 * j, end - c0 - 16 * j);
+    for (int j = 0; j < C; ++j) w[j] = fp_load<Avx512Rows, BF16>(b, r * b.n + c0 + 16 * j, end - c0 - 16 * j);
     for (int m = 0; m < M; ++m) {
       const __m512 hv = _mm512_set1_ps(h[m * b.k + r]);
       for (int j = 0; j < C; ++j) acc[m][j] = _mm512_fmadd_ps(w[j], hv, acc[m][j]);
@@ -140,68 +193,6 @@ void fp_gemv_out_avx512(const FpRows& b, const float* h, float* y, int64_t ldy, 
     fp_gemv_out_cols<true, M>(b, h, y, ldy, c0, c1);
   else
     fp_gemv_out_cols<false, M>(b, h, y, ldy, c0, c1);
-}
-// The same in AVX2 + FMA (x86 CPUs without AVX-512), 8 lanes: 8 values from element e, `left` < 8 keeping
-// that many.
-template <bool BF16>
-ADAPTWIN_AVX2 inline __m256 fp_load8(const FpRows& f, int64_t e, int64_t left) {
-  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  if (!BF16) {
-    const float* p = static_cast<const float*>(f.data) + e;
-    return left >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, keep);
-  }
-  const uint16_t* p = static_cast<const uint16_t*>(f.data) + e;
-  if (left >= 8) return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  if (e + 8 <= f.k * f.n)
-    return _mm256_and_ps(widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), _mm256_castsi256_ps(keep));
-  uint16_t tmp[8] = {};
-  std::memcpy(tmp, p, static_cast<size_t>(left) * sizeof(uint16_t));
-  return widen_bf16_256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tmp)));
-}
-
-template <bool BF16>
-ADAPTWIN_AVX2 inline __m256 fp_dot_lanes8(const FpRows& a, int64_t r, const float* x) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  const int64_t e = r * a.n;
-  int64_t c = 0;
-  for (; c + 16 <= a.n; c += 16) {
-    s0 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c, 8), _mm256_loadu_ps(x + c), s0);
-    s1 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c + 8, 8), _mm256_loadu_ps(x + c + 8), s1);
-  }
-  for (; c < a.n; c += 8) {  // the last n % 16 columns (x's tail loaded under the same mask)
-    const int64_t left = a.n - c;
-    const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    s0 = _mm256_fmadd_ps(fp_load8<BF16>(a, e + c, left), _mm256_maskload_ps(x + c, keep), s0);
-  }
-  return _mm256_add_ps(s0, s1);
-}
-
-// fp_gemv_in_rows in 8 lanes, eight rows' sums reduced together (hsum8).
-template <bool BF16>
-ADAPTWIN_AVX2 void fp_gemv_in_rows_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh,
-                                        int64_t r0, int64_t r1) {
-  constexpr int64_t kMaxRows = 8;
-  int64_t r = r0;
-  for (; r + 8 <= r1; r += 8)
-    for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-      const int64_t mm = std::min(kMaxRows, rows - m0);
-      __m256 v[kMaxRows][8];
-      for (int j = 0; j < 8; ++j)
-        for (int64_t m = 0; m < mm; ++m) v[m][j] = fp_dot_lanes8<BF16>(a, r + j, x + (m0 + m) * a.n);
-      for (int64_t m = 0; m < mm; ++m) _mm256_storeu_ps(h + (m0 + m) * ldh + r, hsum8(v[m]));
-    }
-  for (; r < r1; ++r)
-    for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = sum_lanes8(fp_dot_lanes8<BF16>(a, r, x + m * a.n));
-}
-
-inline void fp_gemv_in_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
-                            int64_t r1) {
-  if (a.bf16)
-    fp_gemv_in_rows_avx2<true>(a, x, rows, h, ldh, r0, r1);
-  else
-    fp_gemv_in_rows_avx2<false>(a, x, rows, h, ldh, r0, r1);
 }
 #endif
 
