@@ -448,3 +448,24 @@ def test_packed_module_calls_benchmark_writes_csv(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit):
         pmc.main(["--layer", "-1"])
     assert "--layer >= 0, got 2000, 11, 2 and -1" in capsys.readouterr().err
+
+
+def test_gemv_rows_benchmark_writes_csv(tmp_path, capsys):
+    """benchmarks/gemv_rows.py at toy sizes: both providers per dtype, shape and row count, errors at rounding."""
+    from benchmarks import gemv_rows
+
+    out = tmp_path / "gemv.csv"
+    argv = ["--shapes", "40x24,17x33", "--dtypes", "fp32,bf16", "--rows", "1,3", "--calls", "3", "--repeats", "1",
+            "--threads", "1", "--out", str(out)]
+    assert gemv_rows.main(argv) == 0
+    fields, rows = _csv(out)
+    assert fields == gemv_rows.FIELDS and len(rows) == 2 * 2 * 2 * 2
+    for r in rows:
+        assert float(r["us_per_call"]) > 0 and r["provider"] in gemv_rows.PROVIDERS
+        assert float(r["rel_err"]) < (1e-5 if r["dtype"] == "fp32" else 1e-2)
+    assert {float(r["ratio"]) for r in rows if r["provider"] == "f_linear"} == {1.0}
+    assert "gemv/F.linear" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gemv_rows.main(["--shapes", "40by24"])
+    with pytest.raises(SystemExit):
+        gemv_rows.main(["--dtypes", "fp16"])

@@ -231,7 +231,7 @@ def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: i
 # Rows of x up to which a linear layer's CPU inference call takes the GEMV (`takes_gemv`): float32 weights of
 # GEMV_LARGE elements or more (an output head) up to GEMV_ROWS_LARGE, bfloat16 ones up to GEMV_ROWS_LARGE_BF16,
 # smaller weights and the factors of `LowRankLinear` up to GEMV_ROWS. On the 2-core Zen 4 (2 threads, p50 us,
-# GEMV / F.linear; csrc/cpu/fp_gemv.h's kernels):
+# GEMV / F.linear; csrc/cpu/fp_gemv.h's kernels; `python -m benchmarks.gemv_rows` measures it):
 #   bfloat16, rows 1 / 2 / 3 / 4 / 6 / 8:
 #     51865 x 384   1081/2821 1345/2828 1520/2602 2056/3413 3025/3550 3744/3163
 #     240 x 384     5.5/25.3 6.7/25.4 8.6/25.6 10.6/26.0 14.5/27.0 18.9/26.7
