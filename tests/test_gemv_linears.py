@@ -134,3 +134,33 @@ def test_gemv_linear_rows_by_weight_size_and_dtype(dtype, monkeypatch):
     calls.clear()
     low(x).sum().backward()  # a gradient to record: the GEMMs, with autograd
     assert calls == [] and x.grad is not None
+
+
+def test_gemv_modules_read_parametrized_weights():
+    """`GemvLinear` and `LowRankLinear` read their parameters from ``_parameters`` (cheaper than attribute access
+    per decoding call), except where a parametrization (`torch.nn.utils.parametrize`) makes them properties:
+    there the parametrized values are used, on the GEMV path and off it."""
+    from torch.nn.utils import parametrize
+
+    from adaptwin.compressors.ffn_svd.layer import LowRankLinear
+    from adaptwin.fusion import GemvLinear
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    gen = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(24, 10)
+    lin.__class__ = GemvLinear
+    low = LowRankLinear(24, 10, 3, 1)
+    with torch.no_grad():
+        for p in low.parameters():
+            p.normal_(generator=gen)
+    parametrize.register_parametrization(lin, "weight", Double())
+    parametrize.register_parametrization(low, "in_factor", Double())
+    for rows in (1, 6):  # the GEMV path, then F.linear
+        x = torch.randn(rows, 24, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, 2 * lin.parametrizations.weight.original, lin.bias))
+            h = F.linear(x, 2 * low.parametrizations.in_factor.original)
+            torch.testing.assert_close(low(x), F.linear(h, low.out_factor, low.bias))

@@ -34,16 +34,20 @@ class LowRankLinear(nn.Module):
         self.activation: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_gemv(x, (self.in_factor, self.out_factor, self.bias), GEMV_ROWS):  # a decoding step on the CPU
-            u, v = self.in_factor, self.out_factor
+        params = self._parameters  # (each attribute read through nn.Module.__getattr__ costs 0.6 us a decoding call)
+        if "in_factor" in params and "out_factor" in params and "bias" in params:
+            u, v, bias = params["in_factor"], params["out_factor"], params["bias"]
+        else:  # parametrized (torch.nn.utils.parametrize): the properties
+            u, v, bias = self.in_factor, self.out_factor, self.bias
+        if takes_gemv(x, (u, v, bias), GEMV_ROWS):  # a decoding step on the CPU
             h = run_rank_linear(x, u, None, "fp", 0, list(u.shape), *ABSENT, None)
-            y = run_rank_linear(h, v, None, "fp", 0, list(v.shape), *ABSENT, self.bias)
+            y = run_rank_linear(h, v, None, "fp", 0, list(v.shape), *ABSENT, bias)
             return y if self.activation is None else activate(y, self.activation)
         # (..., in) -> (..., k) -> (..., out); two GEMMs, never the dense out×in weight
-        h = F.linear(x, self.in_factor)
+        h = F.linear(x, u)
         if self.activation is None:
-            return F.linear(h, self.out_factor, self.bias)
-        return linear_act(h, self.out_factor, self.bias, self.activation)
+            return F.linear(h, v, bias)
+        return linear_act(h, v, bias, self.activation)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
