@@ -21,7 +21,7 @@ struct Codes {
   const void* data = nullptr;  // nf4: uint8 codes; int8: int8 codes; fp: float32 values (where set)
   const float* scale = nullptr;
   Format format = Format::kFp;
-  bool bf16 = false;  // fp only: data holds bfloat16 values, widened a chunk at a time by row_chunk
+  bool bf16 = false;  // fp only: data holds bfloat16 values (widened in registers by fp_gemv.h, else by row_chunk)
   int64_t blocksize = 0;
   int64_t k = 0, n = 0;
 };

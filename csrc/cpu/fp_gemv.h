@@ -17,17 +17,11 @@
 #include <cstring>
 
 #include "bf16.h"
+#include "codes.h"
 #include "cpu_features.h"
 
 namespace adaptwin {
 namespace {
-
-// A row-major (k, n) matrix of float32 or bfloat16 values.
-struct FpRows {
-  const void* data = nullptr;
-  bool bf16 = false;
-  int64_t k = 0, n = 0;
-};
 
 #if ADAPTWIN_X86
 // The two ISAs' vector primitives for the loops below (which are written once, always inlined into the
@@ -79,7 +73,7 @@ struct Avx2Rows {
 // matrix's last values go through a zeroed copy: a 136-wide row's 8-value tail copied on every row cost a
 // 136 -> 1536 bfloat16 call twice float32's time.
 template <class Isa, bool BF16>
-ADAPTWIN_INLINE typename Isa::Vec fp_load(const FpRows& f, int64_t e, int64_t left) {
+ADAPTWIN_INLINE typename Isa::Vec fp_load(const Codes& f, int64_t e, int64_t left) {
   constexpr int L = Isa::L;
   if (!BF16) {
     const float* p = static_cast<const float*>(f.data) + e;
@@ -96,7 +90,7 @@ ADAPTWIN_INLINE typename Isa::Vec fp_load(const FpRows& f, int64_t e, int64_t le
 // Σ_c A[r][c] · x[c] as the L lanes of a vector: row r of A front to back in two chains of FMAs, so that
 // their latency does not pace the row's stream.
 template <class Isa, bool BF16>
-ADAPTWIN_INLINE typename Isa::Vec fp_dot_lanes(const FpRows& a, int64_t r, const float* x) {
+ADAPTWIN_INLINE typename Isa::Vec fp_dot_lanes(const Codes& a, int64_t r, const float* x) {
   constexpr int L = Isa::L;
   typename Isa::Vec s0 = Isa::zero(), s1 = Isa::zero();
   const int64_t e = r * a.n;
@@ -120,7 +114,7 @@ ADAPTWIN_INLINE typename Isa::Vec fp_dot_lanes(const FpRows& a, int64_t r, const
 // KB apart defeating the prefetchers that one stream keeps busy; and for four rows of x, their four sums in
 // one pass over a row took 3.35 against 2.7-2.9 ms for four passes.
 template <class Isa, bool BF16>
-ADAPTWIN_INLINE void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+ADAPTWIN_INLINE void fp_gemv_in_rows(const Codes& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
                                      int64_t r1) {
   constexpr int64_t kMaxRows = 8;  // rows of x at a time: their lane sums wait in v (8 KB of the stack)
   constexpr int L = Isa::L;
@@ -137,7 +131,7 @@ ADAPTWIN_INLINE void fp_gemv_in_rows(const FpRows& a, const float* x, int64_t ro
     for (int64_t m = 0; m < rows; ++m) h[m * ldh + r] = Isa::sum(fp_dot_lanes<Isa, BF16>(a, r, x + m * a.n));
 }
 
-ADAPTWIN_AVX512 void fp_gemv_in_avx512(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh,
+ADAPTWIN_AVX512 void fp_gemv_in_avx512(const Codes& a, const float* x, int64_t rows, float* h, int64_t ldh,
                                        int64_t r0, int64_t r1) {
   if (a.bf16)
     fp_gemv_in_rows<Avx512Rows, true>(a, x, rows, h, ldh, r0, r1);
@@ -145,7 +139,7 @@ ADAPTWIN_AVX512 void fp_gemv_in_avx512(const FpRows& a, const float* x, int64_t 
     fp_gemv_in_rows<Avx512Rows, false>(a, x, rows, h, ldh, r0, r1);
 }
 
-ADAPTWIN_AVX2 void fp_gemv_in_avx2(const FpRows& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
+ADAPTWIN_AVX2 void fp_gemv_in_avx2(const Codes& a, const float* x, int64_t rows, float* h, int64_t ldh, int64_t r0,
                                    int64_t r1) {
   if (a.bf16)
     fp_gemv_in_rows<Avx2Rows, true>(a, x, rows, h, ldh, r0, r1);
@@ -155,7 +149,7 @@ ADAPTWIN_AVX2 void fp_gemv_in_avx2(const FpRows& a, const float* x, int64_t rows
 
 // y[m * ldy + c] += Σ_r h[m * k + r] · B[r][c] for columns [c0, min(c0 + 16 C, end)), x's rows m < M.
 template <bool BF16, int M, int C>
-ADAPTWIN_AVX512 inline void fp_out_block(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0,
+ADAPTWIN_AVX512 inline void fp_out_block(const Codes& b, const float* h, float* y, int64_t ldy, int64_t c0,
                                          int64_t end) {
   __m512 acc[M][C];
   for (int m = 0; m < M; ++m)
@@ -179,7 +173,7 @@ ADAPTWIN_AVX512 inline void fp_out_block(const FpRows& b, const float* h, float*
 // y (M rows, ldy apart) columns [c0, c1) += h (M rows, k apart) · B[:, c0:c1], M <= 8: 64 columns a step (32
 // for M > 4), each row of B read once per step for every row of h; the last columns 16 at a time.
 template <bool BF16, int M>
-ADAPTWIN_AVX512 void fp_gemv_out_cols(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0,
+ADAPTWIN_AVX512 void fp_gemv_out_cols(const Codes& b, const float* h, float* y, int64_t ldy, int64_t c0,
                                       int64_t c1) {
   constexpr int C = M <= 4 ? 4 : 2;
   int64_t c = c0;
@@ -188,7 +182,7 @@ ADAPTWIN_AVX512 void fp_gemv_out_cols(const FpRows& b, const float* h, float* y,
 }
 
 template <int M>
-void fp_gemv_out_avx512(const FpRows& b, const float* h, float* y, int64_t ldy, int64_t c0, int64_t c1) {
+void fp_gemv_out_avx512(const Codes& b, const float* h, float* y, int64_t ldy, int64_t c0, int64_t c1) {
   if (b.bf16)
     fp_gemv_out_cols<true, M>(b, h, y, ldy, c0, c1);
   else

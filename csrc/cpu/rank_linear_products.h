@@ -120,16 +120,10 @@ void gemv_in(const Factor& a, const float* x, int64_t rows, float* h) {
                      [&](int64_t r0, int64_t r1) { fused_in(a, xf, rows, h, r0, r1); });
     return;
   }
-  if (has_avx512() && a.format == Format::kFp) {  // float32 / bf16 values (fp_gemv.h)
-    const FpRows f{a.data, a.bf16, a.k, a.n};
+  if (a.format == Format::kFp && (has_avx512() || has_avx2())) {  // float32 / bf16 values (fp_gemv.h)
+    const auto kernel = has_avx512() ? fp_gemv_in_avx512 : fp_gemv_in_avx2;
     at::parallel_for(0, a.k, grain_for(a.k, rows * a.k * a.n),
-                     [&](int64_t r0, int64_t r1) { fp_gemv_in_avx512(f, x, rows, h, a.k, r0, r1); });
-    return;
-  }
-  if (has_avx2() && a.format == Format::kFp) {  // the same in 8 lanes
-    const FpRows f{a.data, a.bf16, a.k, a.n};
-    at::parallel_for(0, a.k, grain_for(a.k, rows * a.k * a.n),
-                     [&](int64_t r0, int64_t r1) { fp_gemv_in_avx2(f, x, rows, h, a.k, r0, r1); });
+                     [&](int64_t r0, int64_t r1) { kernel(a, x, rows, h, a.k, r0, r1); });
     return;
   }
 #endif
@@ -164,13 +158,12 @@ void gemv_out(const Factor& b, const float* h, int64_t rows, float* y) {
     return;
   }
   if (has_avx512() && b.format == Format::kFp) {  // float32 / bf16 values (fp_gemv.h)
-    const FpRows f{b.data, b.bf16, b.k, b.n};
     const int64_t groups = (b.n + 15) / 16;  // tasks own whole groups of 16 columns
     at::parallel_for(0, groups, grain_for(groups, rows * b.k * b.n), [&](int64_t g0, int64_t g1) {
       const int64_t c0 = 16 * g0, c1 = std::min(b.n, 16 * g1);
       for (int64_t m0 = 0; m0 < rows; m0 += kFusedRows)
         for_rows(std::min(kFusedRows, rows - m0),
-                 [&](auto m) { fp_gemv_out_avx512<m()>(f, h + m0 * b.k, y + m0 * b.n, b.n, c0, c1); });
+                 [&](auto m) { fp_gemv_out_avx512<m()>(b, h + m0 * b.k, y + m0 * b.n, b.n, c0, c1); });
     });
     return;
   }
