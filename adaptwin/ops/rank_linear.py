@@ -251,16 +251,29 @@ GEMV_ROWS_LARGE_BF16 = 6
 GEMV_LARGE = 1 << 22
 
 
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def gemv_rows(weight: Tensor) -> int:
     """Rows of x up to which a call on ``weight`` takes the GEMV path (0: never, for other dtypes)."""
-    if weight.dtype not in (torch.float32, torch.bfloat16):
+    if weight.dtype not in _GEMV_DTYPES:
         return 0
     if weight.numel() < GEMV_LARGE:
         return GEMV_ROWS
     return GEMV_ROWS_LARGE if weight.dtype == torch.float32 else GEMV_ROWS_LARGE_BF16
 
 
-_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+def parameters_of(module: torch.nn.Module, names: tuple[str, ...]) -> tuple[Tensor | None, ...]:
+    """The module's parameters ``names`` (None where registered as None), read from ``module._parameters``: 0.1 us
+    where each attribute takes 0.6 us through `nn.Module.__getattr__`, and a decoding step calls a linear layer's
+    forward tens of times (with `takes_gemv`'s checks as they are now, a one-row 384 -> 240 float32 `GemvLinear`
+    call went from 12.4-15.5 to 9.6-11.5 us). A parametrized one (`torch.nn.utils.parametrize`: a property,
+    no longer in ``_parameters``) is read as an attribute."""
+    params = module._parameters
+    try:
+        return tuple(params[name] for name in names)
+    except KeyError:
+        return tuple(getattr(module, name) for name in names)
 
 
 def takes_gemv(x: Tensor, params: Sequence[Tensor | None], max_rows: int) -> bool:

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptwin.ops.activation import ACTIVATIONS, activate, linear_act
-from adaptwin.ops.rank_linear import ABSENT, GEMV_ROWS, run_rank_linear, takes_gemv
+from adaptwin.ops.rank_linear import ABSENT, GEMV_ROWS, parameters_of, run_rank_linear, takes_gemv
+
+_FACTORS_AND_BIAS = ("in_factor", "out_factor", "bias")
 
 
 class LowRankLinear(nn.Module):
@@ -34,11 +36,7 @@ class LowRankLinear(nn.Module):
         self.activation: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self._parameters  # (each attribute read through nn.Module.__getattr__ costs 0.6 us a decoding call)
-        if "in_factor" in params and "out_factor" in params and "bias" in params:
-            u, v, bias = params["in_factor"], params["out_factor"], params["bias"]
-        else:  # parametrized (torch.nn.utils.parametrize): the properties
-            u, v, bias = self.in_factor, self.out_factor, self.bias
+        u, v, bias = parameters_of(self, _FACTORS_AND_BIAS)
         if takes_gemv(x, (u, v, bias), GEMV_ROWS):  # a decoding step on the CPU
             h = run_rank_linear(x, u, None, "fp", 0, list(u.shape), *ABSENT, None)
             y = run_rank_linear(h, v, None, "fp", 0, list(v.shape), *ABSENT, bias)
