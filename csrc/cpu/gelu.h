@@ -121,13 +121,8 @@ inline float32x4_t gelu_exp2_neon(float32x4_t x) {
   x = vmaxq_f32(vdupq_n_f32(-127.0f), x);  // vmaxq_f32 gives NaN where x is NaN
   const float32x4_t n = vrndnq_f32(x);
   const float32x4_t f = vsubq_f32(x, n);
-  float32x4_t p = vdupq_n_f32(1.535336188319500e-4f);
-  p = vfmaq_f32(vdupq_n_f32(1.339887440266574e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(9.618437357674640e-3f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(5.550332471162809e-2f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(2.402264791363012e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(6.931472028550421e-1f), p, f);
-  p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
+  float32x4_t p = vdupq_n_f32(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = vfmaq_f32(vdupq_n_f32(kExp2Poly[i]), p, f);
   const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
   return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
