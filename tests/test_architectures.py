@@ -324,3 +324,26 @@ def test_qk_twin_on_rotary_model_is_refused(inplace: bool) -> None:
     assert not twin_modules(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert getattr(model, "adaptwin_record", None) is None
+
+
+def test_llama_rotary_is_llamas_own_imported_on_first_use() -> None:
+    """`import adaptwin` leaves transformers' Llama modeling module (and the modeling stack it pulls in,
+    1.5 s of a 4.3 s import) unimported; the adapter's rotary is Llama's, fetched on the first call."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adaptwin; import adaptwin.architectures.llama as L; "
+            "print('transformers.models.llama.modeling_llama' in sys.modules, L._llama_rotary is None)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"], proc.stdout
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rotary
+
+    from adaptwin.architectures import llama
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 5, 8, generator=gen), torch.randn(1, 1, 5, 8, generator=gen)
+    cos, sin = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 5, 8, generator=gen)
+    for got, want in zip(llama.apply_rotary_pos_emb(q, k, cos, sin), llama_rotary(q, k, cos, sin)):
+        assert torch.equal(got, want)
+    assert llama._llama_rotary is llama_rotary
