@@ -8,30 +8,39 @@ The call signature, cache handling and return value follow the family's own atte
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import EncoderDecoderCache
 
 from adaptwin.ops import attend
 from adaptwin.registry import get_architecture
 
-try:  # transformers >= 5 gathers `output_attentions` with forward hooks keyed by the original class
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # older releases return weights through the call chain instead
-    _active_collector = None
+# Read from transformers' own modules where they are loaded, never imported here: `import adaptwin` stays free
+# of `import transformers` (0.6 of its 1.9 s, `python -X importtime`), and a module can only be handed what
+# these modules built after they were imported (a model's cache, an active collector).
+_CACHE_MODULE = "transformers.cache_utils"
+_CAPTURE_MODULE = "transformers.utils.output_capturing"  # transformers >= 5; older releases have none
+
+
+def _encoder_decoder_cache(cache: Any) -> bool:
+    """Whether ``cache`` is a transformers ``EncoderDecoderCache``."""
+    module = sys.modules.get(_CACHE_MODULE)
+    return module is not None and isinstance(cache, module.EncoderDecoderCache)
 
 
 def _weights_sink(cross: bool) -> list[torch.Tensor] | None:
     """The list HF is collecting attention probabilities into for this call, or None when none is wanted.
 
-    HF installs its capture hooks only on instances of the family's own attention class (e.g.
-    ``WhisperAttention``), so a replaced module is invisible to them and ``output_attentions=True``
-    would silently return an empty tuple; the module appends its own probabilities instead.
+    HF (>= 5) gathers ``output_attentions`` with forward hooks that it installs only on instances of the
+    family's own attention class (e.g. ``WhisperAttention``), so a replaced module is invisible to them and
+    ``output_attentions=True`` would silently return an empty tuple; the module appends its own probabilities
+    instead. Older releases return weights through the call chain instead (no collector).
     """
-    collected = _active_collector.get() if _active_collector is not None else None
+    collector = getattr(sys.modules.get(_CAPTURE_MODULE), "_active_collector", None)
+    collected = collector.get() if collector is not None else None
     if not collected:
         return None
     return collected.get("cross_attentions" if cross else "attentions")
@@ -117,7 +126,7 @@ class TwinAttention(nn.Module):
         q = q.view(batch, length, self.num_heads, self.qk_width).transpose(1, 2)  # (B, H, T, w)
 
         is_updated = False
-        if isinstance(cache, EncoderDecoderCache):
+        if _encoder_decoder_cache(cache):
             is_updated = bool(cache.is_updated.get(self.layer_idx))
             if cross:
                 cache.is_updated[self.layer_idx] = True
