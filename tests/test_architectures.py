@@ -202,6 +202,31 @@ def test_rank_space_cache_matches_no_cache(row: Row) -> None:
     assert_same_generation(ref, out)
 
 
+@pytest.mark.parametrize("row", [r for r in ROWS if r.generate is not None], ids=lambda r: r.name)
+def test_static_cache_matches_the_dynamic_one(row: Row) -> None:
+    """A preallocated cache (``StaticCache``, what ``cache_implementation="static"`` and compiled decoding use):
+    its layers are allocated at the maximum length on their first update, written in place, and hand attention
+    the unwritten positions too, which the attention mask hides. The compressed model's cache must come out
+    rank-space wide and decode as the dynamic cache does."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+    r, lora, length = row.head_dim // 2, 1, 32
+    small = adaptwin.compress(original(row.name), adaptwin.CompressionConfig(
+        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
+    gen = torch.Generator().manual_seed(15)
+    static = StaticCache(config=small.config, max_cache_len=length)
+    cache = EncoderDecoderCache(static, DynamicCache()) if row.name == "whisper" else static
+    with torch.no_grad():
+        for tw in twin_modules(small).values():
+            for p in tw.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        ref, out = row.generate(small), row.generate(small, past_key_values=cache)
+    layer = static.layers[0]
+    assert type(layer).__name__ == "StaticLayer" and layer.values.shape[-2:] == (length, r + lora)
+    assert layer.keys.shape[-1] == (r + lora if "qk" in row.twins else row.head_dim)
+    assert_same_generation(ref, out)
+
+
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_twin_attention_takes_the_cache_under_either_name(keyword: str) -> None:
     """transformers >= 5.2x passes the cache to attention modules as ``cache``, 5.17-5.1x as
