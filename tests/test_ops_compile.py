@@ -132,3 +132,28 @@ def test_a_kept_call_traces_as_the_op():
         assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
         assert "adaptwin.rank_linear" in explained.graphs[0].code
         assert torch.equal(torch.compile(m, fullgraph=True)(x), eager)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_gemv_linears_trace_as_the_op_for_few_rows(rows):
+    """Under torch.compile a `GemvLinear` call and a `LowRankLinear` (fp factors) call of few rows trace as the
+    op (the GEMV that eager calls run, so the compiled results are the eager ones bit for bit); many rows
+    trace as ATen GEMMs, as in eager mode."""
+    from adaptwin.compressors.ffn_svd.layer import LowRankLinear
+    from adaptwin.fusion import GemvLinear
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(rows)
+    head = torch.nn.Linear(48, 200)
+    head.__class__ = GemvLinear
+    low = LowRankLinear(48, 96, 12, 4, True)
+    with torch.no_grad():
+        for p in [*head.parameters(), *low.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen))
+        x = torch.randn(1, rows, 48, generator=gen)
+        for m in (head, low):
+            explained = torch._dynamo.explain(m)(x)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+            assert ("adaptwin.rank_linear" in explained.graphs[0].code) == (rows <= 4), explained.graphs[0].code
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
