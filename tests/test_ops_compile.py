@@ -157,3 +157,38 @@ def test_gemv_linears_trace_as_the_op_for_few_rows(rows):
             assert ("adaptwin.rank_linear" in explained.graphs[0].code) == (rows <= 4), explained.graphs[0].code
             torch._dynamo.reset()
             assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_a_decoding_step_with_a_static_cache_is_one_graph(quantization):
+    """A compressed Whisper decoding step (prepare_inference, a static self-attention cache in rank space, as
+    compiled decoding runs it): one graph, no break, the attention and rank-r ops in it; two compiled steps
+    match the eager ones."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
+
+    torch._dynamo.reset()
+    small = adaptwin.compress(tiny_models.whisper(), adaptwin.CompressionConfig(ratio=0.5, quantization=quantization))
+    adaptwin.prepare_inference(small)
+    dec, proj = small.model.decoder, small.proj_out
+    enc = torch.randn(1, 25, small.config.d_model, generator=torch.Generator().manual_seed(5))
+
+    def step(ids, cache, pos):
+        h = dec(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache, use_cache=True,
+                cache_position=pos).last_hidden_state
+        return proj(h[:, -1])
+
+    def steps(fn):
+        cache = EncoderDecoderCache(StaticCache(config=small.config, max_cache_len=16), DynamicCache())
+        return [fn(torch.tensor([[t + 3]]), cache, torch.tensor([t])) for t in range(2)]
+
+    with torch.inference_mode():
+        eager = steps(step)
+        cache = EncoderDecoderCache(StaticCache(config=small.config, max_cache_len=16), DynamicCache())
+        explained = torch._dynamo.explain(step)(torch.tensor([[3]]), cache, torch.tensor([0]))
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        code = explained.graphs[0].code
+        assert "adaptwin.attention" in code and "adaptwin.rank_linear" in code
+        torch._dynamo.reset()
+        compiled = steps(torch.compile(step, fullgraph=True, backend="eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
