@@ -227,6 +227,32 @@ def test_static_cache_matches_the_dynamic_one(row: Row) -> None:
     assert_same_generation(ref, out)
 
 
+@pytest.mark.parametrize("row", [r for r in ROWS if r.generate is not None], ids=lambda r: r.name)
+def test_beam_search_reorders_the_rank_space_cache(row: Row) -> None:
+    """Beam search (3 beams) reorders the cache's rows at every step: at full rank it gives the dense model's
+    sequences, and with a rank-space cache (r + l = 5 < 8, LoRA moved off zero) the same as without a cache."""
+    from tiny_models import lm_inputs, whisper_inputs
+
+    def beams(model, **kwargs):
+        inputs = ({"input_features": whisper_inputs()["input_features"]} if row.name == "whisper" else
+                  {**lm_inputs(), "min_new_tokens": 10})
+        return model.generate(**inputs, max_new_tokens=10, do_sample=False, num_beams=3, **kwargs)
+
+    model = original(row.name)
+    r, lora = row.head_dim // 2, 1
+    small = adaptwin.compress(model, adaptwin.CompressionConfig(
+        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tw in twin_modules(small).values():
+            for p in tw.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        dense = beams(model)
+        assert len(set(dense[:, -10:].flatten().tolist())) >= 4, f"degenerate tiny model: {dense.tolist()}"
+        assert torch.equal(beams(adaptwin.compress(model, full_rank(row))), dense)
+        assert torch.equal(beams(small), beams(small, use_cache=False))
+
+
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_twin_attention_takes_the_cache_under_either_name(keyword: str) -> None:
     """transformers >= 5.2x passes the cache to attention modules as ``cache``, 5.17-5.1x as
