@@ -281,8 +281,8 @@ def takes_gemv(x: Tensor, params: Sequence[Tensor | None], max_rows: int) -> boo
     kernels' GEMV through `run_rank_linear` (`adaptwin.fusion.GemvLinear`, `LowRankLinear`): float32 / bfloat16
     x on the CPU with at most ``max_rows`` rows, every parameter of x's dtype, no gradient to record. Under
     ``torch.compile`` such a call traces as the op, one graph node (Inductor would otherwise run the few-row
-    product as MKL's sgemv: a compiled Whisper-tiny decoding step, static cache, took 12.25 ms that way against
-    5.28 ms with the op; eager 4.33-5.59)."""
+    product as MKL's sgemv: a compiled float32 Whisper-tiny decoding step, static cache, took 12.4-13.5 ms that
+    way against 5.6-6.0 ms with the op; eager 5.8-7.3)."""
     dtype = x.dtype  # (x.is_cpu: 0.08 us where x.device.type took 0.36; this runs on every decoding call)
     if dtype not in _GEMV_DTYPES or not x.is_cpu or x.dim() == 0 or x.numel() > max_rows * x.shape[-1]:
         return False

@@ -37,7 +37,7 @@ def _weights_sink(cross: bool) -> list[torch.Tensor] | None:
     HF (>= 5) gathers ``output_attentions`` with forward hooks that it installs only on instances of the
     family's own attention class (e.g. ``WhisperAttention``), so a replaced module is invisible to them and
     ``output_attentions=True`` would silently return an empty tuple; the module appends its own probabilities
-    instead. Older releases return weights through the call chain instead (no collector).
+    instead. Older releases (without that module) return the weights through the call chain.
     """
     collector = getattr(sys.modules.get(_CAPTURE_MODULE), "_active_collector", None)
     collected = collector.get() if collector is not None else None
