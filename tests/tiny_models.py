@@ -81,8 +81,9 @@ def whisper_inputs() -> dict[str, Any]:
 
 
 def whisper_generate(model: nn.Module, **kwargs: Any) -> Any:
+    kwargs.setdefault("num_beams", 1)
     return model.generate(
-        whisper_inputs()["input_features"], max_new_tokens=10, do_sample=False, num_beams=1,
+        whisper_inputs()["input_features"], max_new_tokens=10, do_sample=False,
         output_scores=True, return_dict_in_generate=True, **kwargs,
     )
 
@@ -190,8 +191,9 @@ def lm_output(out: Any) -> torch.Tensor:
 
 def lm_generate(model: nn.Module, **kwargs: Any) -> Any:
     kwargs.setdefault("use_cache", True)
+    kwargs.setdefault("num_beams", 1)
     return model.generate(
-        **lm_inputs(), max_new_tokens=10, min_new_tokens=10, do_sample=False, num_beams=1,
+        **lm_inputs(), max_new_tokens=10, min_new_tokens=10, do_sample=False,
         output_scores=True, return_dict_in_generate=True, **kwargs,
     )
 
