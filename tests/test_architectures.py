@@ -177,18 +177,28 @@ def test_generate_matches_at_full_rank(row: Row) -> None:
     assert_same_generation(ref, out)
 
 
+NARROW = (4, 1)  # rank, LoRA rank of `narrow_twins`: r + l = 5 < head_dim 8
+
+
+def narrow_twins(row: Row, seed: int) -> torch.nn.Module:
+    """The row's model with every twin at r + l = 5 (narrower than d_h = 8, so a rank-space cache shows) and
+    its factors moved off the SVD (as after fine-tuning: the LoRA factors no longer cancel)."""
+    small = adaptwin.compress(original(row.name), adaptwin.CompressionConfig(
+        attention_rank=NARROW[0], attention_lora_rank=NARROW[1], twins=row.twins))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tw in twin_modules(small).values():
+            for p in tw.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return small
+
+
 @pytest.mark.parametrize("row", [r for r in ROWS if r.generate is not None], ids=lambda r: r.name)
 def test_rank_space_cache_matches_no_cache(row: Row) -> None:
     # At full rank the cache is d_h wide either way; only a narrower width (r + l = 5 < 8) shows that the
     # cache really holds rank-space keys/values and that cached decoding reads them back correctly.
-    r, lora = row.head_dim // 2, 1
-    small = adaptwin.compress(original(row.name), adaptwin.CompressionConfig(
-        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
-    gen = torch.Generator().manual_seed(14)
-    with torch.no_grad():  # as after fine-tuning: the LoRA factors no longer cancel
-        for tw in twin_modules(small).values():
-            for p in tw.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    (r, lora), small = NARROW, narrow_twins(row, 14)
+    with torch.no_grad():
         cache = small(**row.inputs(), use_cache=True).past_key_values
     self_cache = getattr(cache, "self_attention_cache", cache)
     keys, values = self_cache.layers[0].keys, self_cache.layers[0].values
@@ -210,16 +220,10 @@ def test_static_cache_matches_the_dynamic_one(row: Row) -> None:
     rank-space wide and decode as the dynamic cache does."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticCache
 
-    r, lora, length = row.head_dim // 2, 1, 32
-    small = adaptwin.compress(original(row.name), adaptwin.CompressionConfig(
-        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
-    gen = torch.Generator().manual_seed(15)
+    (r, lora), length, small = NARROW, 32, narrow_twins(row, 15)
     static = StaticCache(config=small.config, max_cache_len=length)
     cache = EncoderDecoderCache(static, DynamicCache()) if row.name == "whisper" else static
     with torch.no_grad():
-        for tw in twin_modules(small).values():
-            for p in tw.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
         ref, out = row.generate(small), row.generate(small, past_key_values=cache)
     layer = static.layers[0]
     assert type(layer).__name__ == "StaticLayer" and layer.values.shape[-2:] == (length, r + lora)
@@ -234,15 +238,8 @@ def test_beam_search_reorders_the_rank_space_cache(row: Row) -> None:
     def beams(model, **kwargs):
         return row.generate(model, num_beams=3, **kwargs).sequences
 
-    model = original(row.name)
-    r, lora = row.head_dim // 2, 1
-    small = adaptwin.compress(model, adaptwin.CompressionConfig(
-        attention_rank=r, attention_lora_rank=lora, twins=row.twins))
-    gen = torch.Generator().manual_seed(3)
+    model, small = original(row.name), narrow_twins(row, 3)
     with torch.no_grad():
-        for tw in twin_modules(small).values():
-            for p in tw.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
         dense = beams(model)
         assert len(set(dense[:, -10:].flatten().tolist())) >= 4, f"degenerate tiny model: {dense.tolist()}"
         assert torch.equal(beams(adaptwin.compress(model, full_rank(row))), dense)
