@@ -3,8 +3,8 @@ batched rank-r linear.
 
     python -m benchmarks.gpu_kernels [--out results/gpu_kernels.csv] [--quick] [--tune]
 
-Made to fit a short device lease (one command: checks, then timings, then a table; see the README's
-"GPU figures"). Every kernel timing is the median of CUDA graph replays (`triton.testing.do_bench_cudagraph`),
+Made to fit a short device lease (one command: checks, then timings, then a table; see docs/kernels.md,
+"GPU (H100, H200)"). Every kernel timing is the median of CUDA graph replays (`triton.testing.do_bench_cudagraph`),
 so that Python and launch overheads do not swamp microsecond kernels: on an H100 an eager Triton attention
 call cost 65-160 us at batch 1 whatever its kernel's work, so the prefill rows also note each call's eager
 time (`do_bench`, CUDA events). On random data, after a correctness check of the same call against a

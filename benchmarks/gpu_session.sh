@@ -48,7 +48,7 @@ if [ "${CPP:-0}" = 1 ]; then
     fi
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-    # bitsandbytes' CUDA 13 library, staged in .device/site (see the README), is the peer in the GEMV rows
+    # bitsandbytes' CUDA 13 library, staged in .device/site (see docs/kernels.md), is the peer in the GEMV rows
     PYTHONPATH=.device/site timeout "${BENCH_S:-300}" python3 -m benchmarks.gpu_kernels ${BENCH_ARGS:-} \
         --out "$out/gpu_kernels.csv" 2>"$out/progress.log" >"$out/gpu_kernels.log"
     rc=$?

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # torch.compile's on-disk kernel cache (/tmp/torchinductor_$USER) is not keyed on ATEN_CPU_CAPABILITY: kernels
-# compiled under a cap that emulates another CPU (ATEN_CPU_CAPABILITY=avx2, README: "CPUs without AVX-512")
+# compiled under a cap that emulates another CPU (ATEN_CPU_CAPABILITY=avx2, docs/kernels.md: "CPUs without AVX-512")
 # are loaded again without it, and the other way round. Seen on torch 2.13: NaN outputs one way, a corrupted
 # heap ("corrupted size vs. prev_size") the other. A capped run compiles into a cache of its own.
 if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

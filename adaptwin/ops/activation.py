@@ -13,7 +13,7 @@ in-place GELU (3.99 ms without the GELU; torch, oneDNN and MKL capped to AVX2 on
 threads, p20 of 40), while with AVX-512 the fused form wins (4.21 against 4.71 ms).
 
 Measured on the 2-core CPU (``benchmarks/whisper_encoder_speed.py``, providers ``adaptwin`` vs
-``adaptwin_nofuse``), see the README. float32 results equal the two-step form's to rounding (0 to
+``adaptwin_nofuse``), see docs/results.md. float32 results equal the two-step form's to rounding (0 to
 4e-6 absolute in the 1500 x 153 -> 1536 case); in bfloat16 the fused form rounds once, after the
 activation, where the two-step form rounds the pre-activation to bfloat16 first.
 """
