@@ -8,6 +8,7 @@ rebuild it later without the original weights, and the per-module parameter acco
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,11 @@ def _prepare(model: nn.Module, config: CompressionConfig):
     unknown = [c for c in components if c not in adapter.components]
     if unknown:
         raise ValueError(f"unknown components {unknown} for {model_type}; allowed: {list(adapter.components)}")
+    from adaptwin.registry import list_compressors
+
+    unknown = sorted(set(config.method_options) - set(list_compressors()))
+    if unknown:
+        raise ValueError(f"method_options names unknown compressors {unknown}; registered: {list_compressors()}")
     methods = {"attention": get_compressor(config.attention_method), "ffn": get_compressor(config.ffn_method)}
     for kind, comp in methods.items():
         kinds = comp.site_kind if isinstance(comp.site_kind, tuple) else (comp.site_kind,)  # a tuple: several
@@ -132,6 +138,11 @@ def _plan(model: nn.Module, config: CompressionConfig):
         })
     if not rows:
         raise ValueError("the plan leaves every module uncompressed (all ranks None); nothing to do")
+    reducing = [r for r in rows if get_compressor(r["compressor"]).reduces_parameters]
+    before, after = sum(r["params_before"] for r in reducing), sum(r["params_after"] for r in reducing)
+    if after > before:
+        warnings.warn(f"these ranks add parameters instead of removing them ({before:,} -> {after:,} at the "
+                      f"{len(reducing)} compressed sites): lower the ranks or raise ratio", stacklevel=3)
     return Plan(model_type, rows, skipped), adapter, components, methods
 
 

@@ -272,9 +272,20 @@ def _compress(args: argparse.Namespace) -> int:
     summary = record.summary()  # before any selection: what compressing every planned site achieved
     selection = None
     if finetune is not None and (args.keep_size is not None or args.max_error is not None):
-        from adaptwin.finetune.select import select_layers
+        from adaptwin.finetune.select import BudgetConflictError, select_layers
 
-        small = select_layers(small, model, keep_size=args.keep_size, max_error=args.max_error, inplace=True)
+        try:
+            small = select_layers(small, model, keep_size=args.keep_size, max_error=args.max_error, inplace=True)
+        except BudgetConflictError as e:  # known only now: keep the fine-tuning's work rather than lose it
+            kept = out.with_name(out.name + "-unselected")
+            hint = (" rerun with other budgets and the same --run-dir to select again in seconds" if args.run_dir
+                    else f" the fine-tuned model, every layer compressed, is saved to {kept} instead; "
+                         f"select_layers(adaptwin.load({str(kept)!r}), original, ...) selects from it without training")
+            if args.run_dir is None:
+                adaptwin.save(small, kept, extra_files=extra_files(local) if local is not None
+                              else hub_extra_files(args.model))
+            errors = ", ".join(f"{row['path']} {float(row['error_after']):.3f}" for row in record.finetune["layers"])
+            raise UsageError(f"{e} (layer errors after fine-tuning: {errors});{hint}") from None
         selection = small.adaptwin_selection
     t2 = time.perf_counter()
     extras = extra_files(local) if local is not None else hub_extra_files(args.model)

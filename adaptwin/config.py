@@ -137,6 +137,12 @@ class CompressionConfig:
             raise ValueError(f"width_multiple must be a whole number in 1..256, got {self.width_multiple!r}")
         if self.width_multiple != 1 and self.ratio is None:
             raise ValueError("width_multiple applies to ranks planned from ratio; explicit ranks are used as given")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        for name in ("attention_factor", "attention_lora_fraction", "ffn_lora_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0.0 < self.attention_factor <= 2.0:
             raise ValueError(f"attention_factor must be in (0, 2], got {self.attention_factor}")
         for name in ("attention_lora_fraction", "ffn_lora_fraction"):

@@ -15,6 +15,7 @@ or mismatched is refused with an error that names the problem; nothing is unpick
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from torch import nn
 
 from adaptwin._files import fsync_dir, give_default_mode
 from adaptwin.compress import RECORD_ATTR, CompressionRecord, _submodule_setter, compression_record
+from adaptwin.config import CompressionConfig
 from adaptwin.registry import get_architecture, get_compressor
 
 FORMAT = "adaptwin"
@@ -132,6 +134,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
     return target
 
 
+@contextlib.contextmanager
+def _rebuilding(root: Path, what: str):
+    """Turn the errors an edited or foreign adaptwin.json raises while a part is rebuilt into one ValueError."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, ArithmeticError, IndexError) as e:
+        detail = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{root / CONFIG_NAME}: {what} cannot be rebuilt ({detail}); edited, or written by another "
+                         f"adaptwin version?") from e
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.dtype):
         return str(obj).removeprefix("torch.")
@@ -162,6 +175,18 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("model", "compression", "weights", "aliases"):
         if key not in meta:
             raise ValueError(f"{cfg} lacks the {key!r} section")
+        if not isinstance(meta[key], dict):
+            raise ValueError(f"{cfg}: the {key!r} section must be a JSON object, got {type(meta[key]).__name__}")
+    weights = meta["weights"]
+    file = weights.get("file", WEIGHTS_NAME)
+    if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        raise ValueError(f"{cfg}: weights.file must be a file name inside the save directory, got {file!r}")
+    for key, kind in (("bytes", int), ("sha256", str)):
+        if key in weights and (not isinstance(weights[key], kind) or isinstance(weights[key], bool)):
+            raise ValueError(f"{cfg}: weights.{key} must be a JSON {'integer' if kind is int else 'string'}, got "
+                             f"{weights[key]!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta["aliases"].items()):
+        raise ValueError(f"{cfg}: aliases must map tensor names to tensor names (strings)")
     return meta
 
 
@@ -196,7 +221,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify:
     """
     root = Path(path)
     meta = read_meta(root)
-    record = CompressionRecord.from_dict(meta["compression"])
+    with _rebuilding(root, "the 'compression' section"):
+        record = CompressionRecord.from_dict(meta["compression"])
+        CompressionConfig.from_dict(record.config)  # validates the stored settings
     adapter = get_architecture(record.architecture)
     weights = root / meta["weights"].get("file", WEIGHTS_NAME)
     if not weights.is_file():
@@ -208,13 +235,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify:
     if verify and _sha256(weights) != meta["weights"].get("sha256"):
         raise ValueError(f"{weights} does not match the SHA-256 recorded in adaptwin.json (modified or corrupt)")
 
-    model = adapter.build_empty(meta["model"])
+    with _rebuilding(root, "the 'model' section"):
+        model = adapter.build_empty(meta["model"])
     for mpath, entry in record.modules.items():
         try:
             model.get_submodule(mpath)
         except AttributeError:
             raise ValueError(f"saved module path {mpath!r} does not exist in the rebuilt model") from None
-        module = get_compressor(entry["compressor"]).build(entry["spec"])
+        with _rebuilding(root, f"module {mpath!r}"):
+            module = get_compressor(entry["compressor"]).build(entry["spec"])
         _submodule_setter(model, mpath, module)
 
     expected = model.state_dict(keep_vars=True)
@@ -237,6 +266,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify:
     bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape]
     if bad:
         raise ValueError(f"{root}: tensor shapes do not match the model (name, stored, expected): {bad[:5]}")
+    # packed codes keep their integer dtype and every other tensor is floating (its precision is the saved model's)
+    bad = [(k, str(state[k].dtype), str(v.dtype)) for k, v in expected.items()
+           if state[k].dtype != v.dtype and not (v.is_floating_point() and state[k].is_floating_point())]
+    if bad:
+        raise ValueError(f"{root}: tensor dtypes do not match the model (name, stored, expected): {bad[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
     for name, alias_of in meta["aliases"].items():  # re-tie shared tensors to one Parameter
         parent, _, leaf = name.rpartition(".")

@@ -37,6 +37,9 @@ inline void check_rank_linear_factor(const char* name, const at::Tensor& w, cons
   TORCH_CHECK_VALUE(scale.has_value(), "rank_linear: ", format, " factor ", name, " needs ", name, "_scale");
   TORCH_CHECK_VALUE(at::isFloatingType(scale->scalar_type()), "rank_linear: ", name, "_scale must be floating, got ",
                     scale->scalar_type());
+  // the sizes below are computed in int64: a logical shape past 2^62 values would wrap them around
+  TORCH_CHECK_VALUE(n == 0 || k <= (int64_t{1} << 62) / n, "rank_linear: ", name,
+                    "_shape must hold at most 2^62 values, got [", k, ", ", n, "]");
   const int64_t numel = k * n;
   if (format == "nf4") {
     TORCH_CHECK_VALUE(blocksize >= 2 && blocksize % 2 == 0,
@@ -44,7 +47,7 @@ inline void check_rank_linear_factor(const char* name, const at::Tensor& w, cons
     TORCH_CHECK_VALUE(w.scalar_type() == at::kByte && w.dim() == 1 && w.numel() == (numel + 1) / 2,
                       "rank_linear: NF4 data must be uint8 of shape (", (numel + 1) / 2, ",) for ", numel,
                       " values, got ", w.scalar_type(), " ", w.sizes());
-    const int64_t blocks = (numel + blocksize - 1) / blocksize;
+    const int64_t blocks = numel / blocksize + (numel % blocksize != 0);
     TORCH_CHECK_VALUE(scale->dim() == 1 && scale->numel() == blocks, "rank_linear: NF4 absmax must have shape (",
                       blocks, ",) for ", numel, " values in blocks of ", blocksize, ", got ", scale->sizes());
   } else {
@@ -52,9 +55,9 @@ inline void check_rank_linear_factor(const char* name, const at::Tensor& w, cons
     TORCH_CHECK_VALUE(w.scalar_type() == at::kChar && w.dim() == 2 && w.size(0) == k && w.size(1) == n,
                       "rank_linear: int8 data must be int8 of shape (", k, ", ", n, "), got ", w.scalar_type(), " ",
                       w.sizes());
-    const int64_t groups = blocksize == 0 ? k : (numel + blocksize - 1) / blocksize;
-    TORCH_CHECK_VALUE(scale->numel() == groups, "rank_linear: int8 scale must have ", groups, " values, got ",
-                      scale->numel());
+    const int64_t groups = blocksize == 0 ? k : numel / blocksize + (numel % blocksize != 0);
+    TORCH_CHECK_VALUE(scale->dim() == 1 && scale->numel() == groups, "rank_linear: int8 scale must have shape (", groups,
+                      ",), got ", scale->sizes());
   }
 }
 

@@ -134,6 +134,22 @@ def test_mismatched_config_refused(saved):
         (lambda m: (m.clear(), m.update(x=[1, 2])), "format field None"),
         (lambda m: m["compression"].update(architecture="nope"), "unsupported model type 'nope'"),
         (lambda m: m["model"].update({"class": "os.system"}), "not a transformers model class"),
+        # the audit of 2026-11-26: each of these raised a bare KeyError / TypeError / AttributeError, or loaded
+        (lambda m: m.update(weights="model.safetensors"), "the 'weights' section must be a JSON object"),
+        (lambda m: m.update(aliases=[]), "the 'aliases' section must be a JSON object"),
+        (lambda m: m["weights"].update(file=None), "weights.file must be a file name inside the save directory"),
+        (lambda m: m["weights"].update(file="../model.safetensors"), "weights.file must be a file name inside"),
+        (lambda m: m["weights"].update(file="/etc/hostname"), "weights.file must be a file name inside"),
+        (lambda m: m["weights"].update(bytes=str(m["weights"]["bytes"])), "weights.bytes must be a JSON integer"),
+        (lambda m: next(iter(m["compression"]["modules"].values())).pop("spec"),
+         "module .* cannot be rebuilt \\(missing key 'spec'\\)"),
+        (lambda m: m["compression"]["modules"].update({next(iter(m["compression"]["modules"])): "svd"}),
+         "module .* cannot be rebuilt"),
+        (lambda m: m["model"].pop("config"), "the 'model' section cannot be rebuilt \\(missing key 'config'\\)"),
+        (lambda m: m["compression"]["config"].update(ratio=5), "ratio must lie strictly between 0 and 1"),
+        (lambda m: m["compression"]["config"].update(colour="red"), "unknown CompressionConfig fields \\['colour'\\]"),
+        (lambda m: next(e for e in m["compression"]["modules"].values() if e["compressor"] == "svd")["spec"]
+         .update(rank=-1), "module .* cannot be rebuilt"),
     ],
 )
 def test_damaged_config_refused(saved, edit, message):
@@ -145,6 +161,24 @@ def test_damaged_config_refused(saved, edit, message):
         edit(meta)
         cfg.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=message):
+        adaptwin.load(saved)
+
+
+def test_stored_dtypes_checked(saved):
+    """Packed codes must keep their integer dtype and every other tensor must be floating: an edited file
+    (re-hashed) with other dtypes is refused by name instead of loading and failing at the first forward."""
+    from safetensors.torch import load_file, save_file
+
+    w = saved / "model.safetensors"
+    tensors = load_file(str(w))
+    name = next(k for k in tensors if k.endswith("bias"))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, str(w))
+    cfg = saved / "adaptwin.json"
+    meta = json.loads(cfg.read_text())
+    meta["weights"].update(bytes=w.stat().st_size, sha256=aio._sha256(w))
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"tensor dtypes do not match the model .*{name}.*torch.int32"):
         adaptwin.load(saved)
 
 

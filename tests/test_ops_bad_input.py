@@ -111,6 +111,7 @@ def _bad_rank_linear_calls():
         "b rank": ((x, *a, *_factor("nf4", 32, torch.randn(23, 32)), None), "factor b has rank 23, its input has 24"),
         "shape length": ((x, *a[:4], [24, 64, 1], *b, None), "a_shape must be \\(k, features\\)"),
         "negative shape": ((x, *a[:4], [-24, 64], *b, None), "two sizes >= 0"),
+        "huge shape": ((x, *a[:4], [2 ** 62, 64], *b, None), "a_shape must hold at most 2\\^62 values"),
         "no scale": ((x, a[0], None, *a[2:], *b, None), "nf4 factor a needs a_scale"),
         "integer scale": ((x, a[0], a[1].int(), *a[2:], *b, None), "a_scale must be floating"),
         "odd blocksize": ((x, *a[:3], 63, a[4], *b, None), "NF4 blocksize must be an even whole number >= 2, got 63"),
@@ -118,7 +119,8 @@ def _bad_rank_linear_calls():
         "code dtype": ((x, a[0].int(), *a[1:], *b, None), "NF4 data must be uint8"),
         "short absmax": ((x, a[0], a[1][:-1], *a[2:], *b, None), "NF4 absmax must have shape \\(24,\\)"),
         "int8 codes": ((x, a[0], i8[1], "int8", 0, a[4], *b, None), "int8 data must be int8 of shape \\(24, 64\\)"),
-        "int8 scales": ((x, i8[0], i8[1][:-1], *i8[2:], *b, None), "int8 scale must have 24 values, got 23"),
+        "int8 scales": ((x, i8[0], i8[1][:-1], *i8[2:], *b, None), "int8 scale must have shape \\(24,\\), got"),
+        "int8 scales 2-D": ((x, i8[0], i8[1][:, None], *i8[2:], *b, None), "int8 scale must have shape \\(24,\\)"),
         "int8 blocksize": ((x, *i8[:3], -1, i8[4], *b, None), "int8 blocksize must be 0"),
         "fp shape": ((x, torch.randn(24, 63), None, "fp", 0, [24, 64], *b, None), "fp factor a must be a floating"),
         "fp integer": ((x, torch.ones(24, 64, dtype=torch.int32), None, "fp", 0, [24, 64], *b, None),
@@ -152,3 +154,72 @@ def test_rank_linear_bias_of_another_dtype():
         tol = 1e-2 if other.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(rank_linear_reference(x, *a, *b, other), want, rtol=tol, atol=tol)
         torch.testing.assert_close(torch.ops.adaptwin.rank_linear(x, *a, *b, other), want, rtol=tol, atol=tol)
+
+
+# Found by a fuzzing pass on 2026-11-26: each of these crashed, read freed memory or differed between backends.
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("fmt", ["fp", "nf4", "int8"])
+@pytest.mark.parametrize("layout", ["strided", "expanded", "bf16 strided"])
+def test_rank_linear_non_contiguous_bias(fmt, rows, layout):
+    """A bias that is not contiguous: the few-rows path once read a float32 one from a copy freed before use
+    (outputs of 1e32 and up)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, 64, generator=gen)
+    a = _factor(fmt, 64, torch.randn(16, 64, generator=gen))
+    b = _factor(fmt, 32, torch.randn(16, 32, generator=gen))
+    bias = {"strided": torch.randn(64, generator=gen)[::2], "expanded": torch.randn(1, generator=gen).expand(32),
+            "bf16 strided": torch.randn(64, generator=gen).to(torch.bfloat16)[::2]}[layout]
+    assert not bias.is_contiguous()
+    want = rank_linear_reference(x, *a, *b, bias.contiguous())
+    for _ in range(3):  # the freed copy's memory is reused by the next allocations
+        torch.testing.assert_close(torch.ops.adaptwin.rank_linear(x, *a, *b, bias), want, rtol=1e-4, atol=1e-4)
+
+
+def test_dequantize_into_refuses_a_stride_that_overflows():
+    """(k / group)·stride·n computed in int64 wrapped around past 2^63 and passed the size check: rows were then
+    written far outside ``out`` (a crash), or at 2^62 silently over its start."""
+    from adaptwin.ops.rank_linear import dequantize_factor
+
+    data, scale = torch.randint(-127, 127, (3, 2), dtype=torch.int8), torch.ones(3)
+    out = torch.zeros(64)
+    for stride in (3074457345618258603, 2 ** 62):
+        with pytest.raises(ValueError, match="overflows int64|at least"):
+            dequantize_factor(data, scale, "int8", 0, [3, 2], out, 1, stride)
+    assert out.abs().sum() == 0
+    short = torch.zeros(5)
+    with pytest.raises(ValueError, match="at least 6 elements"):
+        dequantize_factor(data, scale, "int8", 0, [3, 2], short, 1, 1)
+
+
+def test_attention_masks_of_fewer_than_two_dims():
+    """A 0-d or 1-D mask broadcasts to (B, H, T, S) as any other: every backend and dtype takes it (float64 (as
+    the portable path) goes through SDPA, which indexes a mask's last two dimensions)."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 4, 8, generator=gen), torch.randn(1, 2, 6, 8, generator=gen),
+               torch.randn(1, 2, 6, 8, generator=gen))
+    for mask in (torch.rand(6, generator=gen) > 0.3, torch.randn(6, generator=gen), torch.tensor(True)):
+        want = attention_reference(q, k, v, mask.expand(1, 1, 4, 6), 0.3, False)
+        torch.testing.assert_close(attention_reference(q, k, v, mask, 0.3, False), want)
+        for dt in (torch.float32, torch.float64):
+            got = torch.ops.adaptwin.attention(q.to(dt), k.to(dt), v.to(dt), mask, 0.3, False)
+            torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rank_linear_with_no_input_features(dtype):
+    """x of shape (3, 0): a product over nothing, so the bias alone (the C++ path took 0 rows for 3 in float64)."""
+    x, a, bias = torch.randn(3, 0, dtype=dtype), torch.randn(4, 0, dtype=dtype), torch.randn(4, dtype=dtype)
+    for b in (None, bias):
+        y = torch.ops.adaptwin.rank_linear(x, a, None, "fp", 0, [4, 0], *NONE, b)
+        assert y.shape == (3, 4) and y.dtype == dtype
+        torch.testing.assert_close(y, torch.zeros(3, 4, dtype=dtype) + (0 if b is None else b))
+
+
+def test_attend_with_no_key_heads_names_the_problem():
+    from adaptwin.ops.attention import attend
+
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 0, 3, 4)
+    for need_weights in (False, True):
+        with pytest.raises(ValueError, match="must be a multiple of key heads \\(0\\)"):
+            attend(q, k, k, None, 0.5, need_weights=need_weights)

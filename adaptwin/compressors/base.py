@@ -19,6 +19,9 @@ class Compressor(ABC):
 
     name: ClassVar[str]
     site_kind: ClassVar[str]
+    # whether the method exists to remove parameters: `plan` warns when its ranks add some instead (a method
+    # that trades parameters for bytes, as PQM's NF4 base + LoRA, sets False)
+    reduces_parameters: ClassVar[bool] = True
 
     @abstractmethod
     def full_rank(self, site: Any) -> int:

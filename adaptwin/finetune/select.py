@@ -97,6 +97,10 @@ class Selection:
                 "params_kept": self.params_kept, "keep_fraction": self.keep_fraction}
 
 
+class BudgetConflictError(ValueError):
+    """keep_size and max_error cannot both hold: known only once fine-tuning has measured the layers' errors."""
+
+
 def check_budget(keep_size: float | None, max_error: float | None) -> None:
     """Refuse budgets that are not numbers in range (``keep_size`` in (0, 1], ``max_error`` >= 0)."""
     if keep_size is None and max_error is None:
@@ -192,7 +196,7 @@ def plan_selection(compressed: nn.Module, original: nn.Module, *, keep_size: flo
         if kept > budget:
             if not sel.reverted:
                 check_keep_size(keep_size, kept / original_params)
-            raise ValueError(
+            raise BudgetConflictError(
                 f"the budgets conflict: reverting the {len(sel.reverted)} layer(s) whose error exceeds max_error "
                 f"{max_error:g} keeps {kept / original_params:.4f} of the targeted parameters, above keep_size "
                 f"{keep_size:g}; raise one of them")

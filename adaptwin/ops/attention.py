@@ -118,11 +118,12 @@ def attend(
             f"compressed attention needs a tensor mask or None, got {type(mask).__name__}; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-    groups = q.shape[1] // k.shape[1]
+    groups = q.shape[1] // k.shape[1] if k.dim() == 4 and k.shape[1] else 0  # the op refuses 0 key heads
     causal = is_causal and mask is None and q.shape[2] > 1
     if causal and k.shape[2] > q.shape[2]:  # as HF's SDPA path: keep the first T keys (top-left alignment)
         k, v = k[:, :, : q.shape[2]], v[:, :, : q.shape[2]]
     if need_weights:
+        _check_attention(q, k, v, mask, scale)
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
@@ -149,6 +150,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, ca
           dropout: float = 0.0) -> Tensor:
     """SDPA on (B, H, T, D) heads, zero-padded to a fast width on CPU; returns (B, H, T, Dv)."""
     dv = v.shape[-1]
+    if mask is not None and mask.dim() < 2:  # broadcasts like any other mask, but SDPA indexes its last two dims
+        mask = mask.reshape(1, mask.shape[0] if mask.dim() else 1)
     if causal and mask is not None:  # CUDA's SDPA refuses both: the causal rule folded into the mask
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()  # top-left aligned
         mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))

@@ -76,6 +76,8 @@ def _check_factor(name: str, t: Tensor, scale: Tensor | None, fmt: str, blocksiz
         raise ValueError(f"rank_linear: {fmt} factor {name} needs {name}_scale")
     if not scale.is_floating_point():
         raise ValueError(f"rank_linear: {name}_scale must be floating, got {scale.dtype}")
+    if k * n > 2 ** 62:  # the C++ kernels compute sizes in int64
+        raise ValueError(f"rank_linear: {name}_shape must hold at most 2^62 values, got {list(shape)}")
     numel = k * n
     if fmt == "nf4":
         if blocksize < 2 or blocksize % 2:
@@ -94,8 +96,8 @@ def _check_factor(name: str, t: Tensor, scale: Tensor | None, fmt: str, blocksiz
             raise ValueError(f"rank_linear: int8 data must be int8 of shape ({k}, {n}), got {t.dtype} "
                              f"{tuple(t.shape)}")
         groups = k if blocksize == 0 else -(-numel // blocksize)
-        if scale.numel() != groups:
-            raise ValueError(f"rank_linear: int8 scale must have {groups} values, got {scale.numel()}")
+        if scale.dim() != 1 or scale.numel() != groups:
+            raise ValueError(f"rank_linear: int8 scale must have shape ({groups},), got {tuple(scale.shape)}")
 
 
 def _check(x: Tensor, a: Tensor | None, a_scale: Tensor | None, a_format: str, a_blocksize: int,
@@ -224,6 +226,10 @@ def dequantize_factor(data: Tensor, scale: Tensor | None, fmt: str, blocksize: i
     if group < 1 or stride < group or k % group:
         raise ValueError(f"dequantize: group must be >= 1 and divide {k} rows, stride >= group; got group {group}, "
                          f"stride {stride}")
+    need = k // group * stride * n
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < need:
+        raise ValueError(f"dequantize: out must be a contiguous float32 tensor of at least {need} elements, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     out.view(-1)[: k // group * stride * n].view(k // group, stride, n)[:, :group] = w.view(k // group, group, n)
     return out
 

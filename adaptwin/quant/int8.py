@@ -32,6 +32,8 @@ def _grouped(w: torch.Tensor, blocksize: int) -> torch.Tensor:
     if blocksize == 0:
         return w
     flat = w.reshape(-1)
+    if 0 < flat.numel() <= blocksize:  # one block, however large its nominal size: no padding to allocate
+        return flat.view(1, -1)
     pad = -flat.numel() % blocksize
     return torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize) if pad else flat.view(-1, blocksize)
 

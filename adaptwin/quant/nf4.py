@@ -136,6 +136,8 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...
         raise ValueError(f"NF4 absmax must have shape ({blocks},) for {n} values in blocks of {blocksize}, "
                          f"got {tuple(absmax.shape)}")
     values = _code(packed.device)[unpack(packed, n)]  # (n,) float32
+    if blocks == 1:  # one block, however large its nominal size: no padding to allocate
+        return (values * absmax.float()).view(*shape).to(dtype)
     pad = blocks * blocksize - n
     if pad:
         values = torch.cat([values, values.new_zeros(pad)])

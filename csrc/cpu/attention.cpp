@@ -308,6 +308,8 @@ at::Tensor attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   const int64_t T = q.size(2), S = k.size(2), dq = q.size(3), dv = v.size(3);
   std::optional<at::Tensor> m = mask;
+  // a 0-d or 1-D mask broadcasts like any other, but SDPA indexes its last two dimensions: made (1, S) / (1, 1)
+  if (m.has_value() && m->dim() < 2) m = m->reshape({1, m->dim() == 1 ? m->size(0) : 1});
   bool causal = is_causal;
   if (causal && m.has_value()) {
     const at::Tensor keep = at::ones({T, S}, q.options().dtype(at::kBool)).tril();

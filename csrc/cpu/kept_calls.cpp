@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <memory>
@@ -202,7 +203,7 @@ bool raw_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.is
 // (NF4 directions and fp LoRA ones: two op calls each; benchmarks.packed_module_calls, three runs before and
 // after): in-role 7.8-9.3 us a call against 10.2-11.8 with the ATen ops, out-role 8.2-9.7 against 12.0-13.4.
 at::Tensor run_kept(const at::Tensor& x, const RankLinearArgs* r, Py_ssize_t n, const KeptLayout& l) {
-  const int64_t rows = x.numel() / x.size(-1);
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // x.size(-1) may be 0
   std::vector<int64_t> shape = x.sizes().vec();
   at::Tensor out;
   auto add_into = [](at::Tensor& sum, const at::Tensor& part) {  // sum += part, the sum's own storage

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
+#include <c10/util/safe_numerics.h>
 
 #include <algorithm>
 #include <cstring>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+
 #include "../rank_linear_checks.h"
 #include "rank_linear_decode.h"
 #include "rank_linear_fused.h"
@@ -109,7 +112,7 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_
   const Factor* fa = with_values(fa_in, fa_fp, abuf);
   const Factor* fb = with_values(fb_in, fb_fp, bbuf_f);
   const int64_t in = x.size(-1);
-  const int64_t rows = x.numel() / in;
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // in may be 0
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = width;
   at::Tensor out = at::empty(shape, x.options());
@@ -130,8 +133,11 @@ at::Tensor gemv_path(const at::Tensor& x, const Factor* fa_in, const Factor* fb_
     hbuf.resize(static_cast<size_t>(rows * fa->k));
     h = hbuf.data();
   }
+  // a strided bias is copied into biascopy, which must outlive bp (a float32 bias's values are read in place:
+  // float_values of a temporary copy would point into freed memory)
+  at::Tensor biascopy;
   const float* bp = nullptr;
-  if (bias.has_value()) bp = float_values(bias->is_contiguous() ? *bias : bias->contiguous(), bbuf);
+  if (bias.has_value()) bp = float_values(bias->is_contiguous() ? *bias : (biascopy = bias->contiguous()), bbuf);
   if (fb == nullptr) {
     gemv_in(*fa, xf, rows, h);
     if (bp != nullptr)
@@ -168,7 +174,7 @@ at::Tensor rank_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                            c10::SymIntArrayRef b_shape, const std::optional<at::Tensor>& bias) {
   check_rank_linear_x(x, {&a, &a_scale, &b, &b_scale, &bias}, a.has_value(), b.has_value());
   const int64_t in = x.size(-1);
-  const int64_t rows = in == 0 ? 0 : x.numel() / in;
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);  // in may be 0
   int64_t width = in;
   Factor fa, fb;
   if (a.has_value()) {
@@ -265,13 +271,18 @@ at::Tensor dequantize_factor(const at::Tensor& data, const std::optional<at::Ten
   if (!out.has_value()) return f.format == Format::kFp ? f.keep.to(at::kFloat) : dequantize(f);
   TORCH_CHECK_VALUE(group >= 1 && stride >= group && f.k % group == 0, "dequantize: group must be >= 1 and divide ",
                     f.k, " rows, stride >= group; got group ", group, ", stride ", stride);
+  // (k / group)·stride·n in int64 without wrapping around: a stride near 2^63 would otherwise pass the size check
+  // and write rows far outside out
+  int64_t need = 0;
+  TORCH_CHECK_VALUE(!c10::mul_overflows(f.k / group, stride, &need) && !c10::mul_overflows(need, f.n, &need),
+                    "dequantize: (k / group)·stride·n overflows int64: k ", f.k, ", group ", group, ", stride ", stride,
+                    ", n ", f.n);
   TORCH_CHECK_VALUE(out->scalar_type() == at::kFloat && out->is_contiguous() && out->device().is_cpu() &&
-                        out->numel() >= (f.k / group) * stride * f.n,
-                    "dequantize: out must be a contiguous float32 CPU tensor of at least ", (f.k / group) * stride * f.n,
-                    " elements");
+                        out->numel() >= need,
+                    "dequantize: out must be a contiguous float32 CPU tensor of at least ", need, " elements");
   if (f.format == Format::kFp) {
     out->view({-1})
-        .narrow(0, 0, (f.k / group) * stride * f.n)
+        .narrow(0, 0, need)
         .view({f.k / group, stride, f.n})
         .narrow(1, 0, group)
         .copy_(f.keep.reshape({f.k / group, group, f.n}));

@@ -74,6 +74,7 @@ class PQMCompressor(Compressor):
     """NF4 base + LoRA per linear (see the module docstring); options in `PQMConfig`."""
 
     name = "pqm"
+    reduces_parameters = False  # the NF4 base keeps every weight; LoRA adds a few
     site_kind = ("attention", "ffn")  # type: ignore[assignment]  # one method for both kinds of site
 
     def options(self, config: Any) -> PQMConfig:

@@ -270,7 +270,8 @@ class QuantLinear(_QuantModule):
             lora_h = rank_linear(x, *lora_args, *ABSENT, None)  # (..., H·l)
             parts.append(lora_h.unflatten(-1, (f.blocks, f.lora)))
             y = torch.cat(parts, -1).flatten(-2)  # (..., H·width), each head's spectral then LoRA directions
-            y = y + bias if bias is not None else y
+            if bias is not None:  # in x's dtype, as the op and the batched path return it
+                y = y + bias if bias.dtype == y.dtype else (y + bias).to(y.dtype)
             if q is not None:  # kept: the two calls' outputs side by side in each head, then the bias
                 self._keep_call([(f, q)], ["bias", f.lora_name], [(*q, *ABSENT, None), (*lora_args, *ABSENT, None)],
                                 ("in", f.blocks, (f.rank, f.lora), bias))
