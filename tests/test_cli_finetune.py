@@ -123,6 +123,25 @@ def test_finetune_max_error_and_disk_storage(bert_dir, calib_file, tmp_path, mon
     assert_same_outputs(adaptwin.load(tmp_path / "err"), load_dense(bert_dir), bert_inputs())
 
 
+def test_budget_conflict_after_fine_tuning_keeps_the_model(bert_dir, calib_file, tmp_path):
+    """keep_size and max_error can only be found to conflict once the layers' errors are measured: the fine-tuned
+    model (every layer compressed) is saved beside OUT rather than lost, and the error lists the layers' errors."""
+    out = tmp_path / "conflict"
+    rc, _, err = run_cli("compress", bert_dir, "--out", out, "--calib", calib_file, *FT_FLAGS,
+                         "--keep-size", "0.6", "--max-error", "0")
+    kept = tmp_path / "conflict-unselected"
+    assert rc == 2 and not out.exists() and kept.is_dir()
+    line = err.strip().splitlines()[-1]
+    assert "the budgets conflict" in line and "layer errors after fine-tuning: encoder.layer.0 " in line
+    assert f"saved to {kept}" in line
+    rows = adaptwin.read_meta(kept)["compression"]["finetune"]["layers"]
+    assert [r["path"] for r in rows] == ["encoder.layer.0", "encoder.layer.1"]
+    from adaptwin.finetune.select import select_layers
+
+    variant = select_layers(adaptwin.load(kept), load_dense(bert_dir), keep_size=0.8)  # no training needed
+    assert len(variant.adaptwin_selection.reverted) == 1
+
+
 def test_finetune_resumes_from_run_dir(bert_dir, calib_file, tmp_path):
     run_dir = tmp_path / "run"
     first, _, _ = finetune_cli(bert_dir, calib_file, tmp_path / "a", "--run-dir", run_dir)

@@ -33,6 +33,10 @@ from adaptwin.config import CompressionConfig, PlanItem, plan_ranks
         ({"ratio": 0.4, "width_multiple": True}, "width_multiple must be a whole number"),
         ({"ratio": 0.4, "width_multiple": 512}, "width_multiple must be a whole number"),
         ({"ffn_rank": 8, "width_multiple": 8}, "width_multiple applies to ranks planned from ratio"),
+        ({"ratio": 0.4, "seed": "a"}, r"seed must be a whole number in \[0, 2\*\*63\), got 'a'"),
+        ({"ratio": 0.4, "seed": 1.5}, "seed must be a whole number"),
+        ({"ratio": 0.4, "seed": -1}, "seed must be a whole number"),
+        ({"ratio": 0.4, "attention_factor": "x"}, "attention_factor must be a number, got 'x'"),
     ],
 )
 def test_bad_config_names_the_problem(kwargs, message):
@@ -124,3 +128,17 @@ def test_override_matching_nothing_is_an_error():
 def test_unreachable_ratio_is_an_error():
     with pytest.raises(ValueError, match="not reachable"):
         plan_ranks(CompressionConfig(ratio=0.99, attention_factor=0.1), _items(n_layers=1))
+
+
+def test_unknown_method_options_and_growing_ranks():
+    """method_options naming no registered compressor is refused (a typo was silently ignored), and ranks that
+    add parameters instead of removing them warn."""
+    import adaptwin
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="method_options names unknown compressors \\['residul'\\]; registered: "):
+        adaptwin.plan(model, CompressionConfig(ratio=0.4, method_options={"residul": {}}))
+    with pytest.warns(UserWarning, match="these ranks add parameters instead of removing them"):
+        adaptwin.plan(model, CompressionConfig(attention_rank=8, attention_lora_rank=8, ffn_rank=32, ffn_lora_rank=8))
