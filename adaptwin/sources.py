@@ -6,6 +6,7 @@ Shared by the CLI commands (compress, eval) and the demo. Problems with what the
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -65,10 +66,39 @@ def hub_extra_files(repo_id: str) -> list[Path]:
     try:
         from huggingface_hub import snapshot_download
 
-        return extra_files(Path(snapshot_download(repo_id, allow_patterns=list(EXTRA_FILE_PATTERNS))))
+        return extra_files(Path(snapshot_download(repo_id, allow_patterns=list(EXTRA_FILE_PATTERNS),
+                                                  local_files_only=not _hub_reachable())))
     except Exception as e:  # the model loaded; missing tokenizer files are worth a warning, not a failure
         note(f"warning: could not fetch tokenizer files of {repo_id}: {one_line(e)}")
         return []
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host name resolves (within ``timeout`` s), unless HF_HUB_OFFLINE says not to try."""
+    import socket
+    import threading
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    found: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(_hub_host(), 443)
+            found.append(True)
+        except OSError:
+            found.append(False)
+
+    t = threading.Thread(target=resolve, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(found and found[0])
 
 
 def load_model(source: str):
@@ -79,9 +109,15 @@ def load_model(source: str):
 
     from adaptwin import get_architecture
 
+    hub = not Path(source).expanduser().exists()
+    offline = hub and not _hub_reachable()  # then only the local cache: no minute of retries ending the same way
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError, KeyError) as e:
+        if offline:
+            raise UsageError(f"{source} is no local folder, and the hub ({_hub_host()}) cannot be reached to fetch "
+                             "it (nor is it in the local cache); pass a model folder written by save_pretrained"
+                             ) from None
         raise UsageError(f"cannot read the model config of {source}: {one_line(e)}") from None
     get_architecture(config.model_type)  # unsupported model types stop here, before any weights are read
     names = getattr(config, "architectures", None) or []
@@ -89,7 +125,7 @@ def load_model(source: str):
     if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
         cls = AutoModel
     try:
-        model = cls.from_pretrained(source, dtype=torch.float32)
+        model = cls.from_pretrained(source, dtype=torch.float32, **({"local_files_only": True} if offline else {}))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model weights of {source}: {one_line(e)}") from None
     return model.float().eval()

@@ -229,6 +229,24 @@ def test_bad_model_dirs(tmp_path, distilbert_dir):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unresolvable host"])
+def test_a_name_that_is_no_folder_without_the_hub_fails_at_once(tmp_path, monkeypatch, offline):
+    """A mistyped folder name looks like a hub id: with no hub to reach, one line at once, not a minute of
+    retries (26 s here, 13 lines of stderr, before 2026-11-26)."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    start = time.perf_counter()
+    rc, _, err = run_cli("compress", "no-such-model", "--out", tmp_path / "out", "--ratio", "0.4")
+    assert_user_error(rc, err, "no-such-model is no local folder, and the hub")
+    assert time.perf_counter() - start < 15
+
+
 def test_out_dir_that_is_not_a_save_is_refused(bert_dir, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()

@@ -133,8 +133,9 @@ def test_unreachable_ratio_is_an_error():
 def test_unknown_method_options_and_growing_ranks():
     """method_options naming no registered compressor is refused (a typo was silently ignored), and ranks that
     add parameters instead of removing them warn."""
-    import adaptwin
     from transformers import BertConfig, BertModel
+
+    import adaptwin
 
     model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                  intermediate_size=64, max_position_embeddings=16))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_speech import WORDS, run_cli, save_model_dir, tokenizer
+from tiny_speech import WORDS, run_cli, save_ctc_dir, save_model_dir, tokenizer
 
 from adaptwin.speech.audio import write_wav
 from adaptwin.speech.datasets import Utterance
@@ -99,6 +99,31 @@ def test_eval_dense_and_compressed(model_dir, manifest, table, tmp_path):
     assert f"WER {100 * runs[0]['wer']:.2f} %" in out and "95 % CI" in out
     assert "1 clip(s) are longer than the feature extractor's 1 s window" in out
     assert any(line.split()[:2] == ["ann", "3"] for line in out.splitlines())  # speaker, utterances
+
+
+def test_eval_ctc_dense_and_compressed(manifest, tmp_path):
+    """A wav2vec2 CTC recogniser: greedy CTC decoding (repeats merged, blanks dropped, batch padding blanked), the
+    same words in batches of 6 as one clip at a time, on the dense folder and on a compressed save. `adapt`, which
+    trains sequence-to-sequence models, refuses it by name."""
+    model = save_ctc_dir(tmp_path / "ctc")
+    runs = {}
+    for folder in (model, tmp_path / "small"):
+        if folder.name == "small":
+            rc, _, err = run_cli("compress", model, "--out", folder, "--ratio", "0.3")
+            assert rc == 0, err
+        for batch in ("1", "6"):
+            rc, out, err = run_cli("eval", folder, "--data", manifest, "--json", "--batch-size", batch,
+                                   "--normalizer", "basic")
+            assert rc == 0, err
+            assert f"with Wav2Vec2ForCTC (batch {batch}, greedy)" in err
+            runs[folder.name, batch] = json.loads(out.strip().splitlines()[-1])
+            check_report(runs[folder.name, batch], 6)
+        assert runs[folder.name, "1"]["per_utterance"] == runs[folder.name, "6"]["per_utterance"]
+    hyps = [r["hypothesis"] for r in runs["ctc", "1"]["per_utterance"]]
+    assert any(hyps) and all(set(h) <= set("abcdefghijklmnopqrstuvwxyz ") for h in hyps)
+    assert not any("<pad>" in h or "  " in h for h in hyps)
+    rc, _, err = run_cli("adapt", model, "--data", manifest, "--out", tmp_path / "adapted")
+    assert rc == 2 and "is a CTC model: adapt trains sequence-to-sequence recognisers" in err
 
 
 def test_eval_selects_speaker_and_limit(model_dir, manifest):

@@ -162,6 +162,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     try:
         t0 = time.perf_counter()
         model, feature_extractor, tokenizer = load_speech_model(args.model)
+        from adaptwin.speech.evaluate import is_ctc
+
+        if is_ctc(model):
+            raise UsageError(f"{type(model).__name__} in {args.model} is a CTC model: adapt trains "
+                             "sequence-to-sequence recognisers (a model whose generate() takes input_features, "
+                             "e.g. Whisper); `adaptwin eval` scores CTC models")
         if is_pqm(model):
             ranks = sorted({m.rank for m in model.modules() if isinstance(m, NF4LoRALinear)})
             if args.lora_rank is not None and ranks != [args.lora_rank]:

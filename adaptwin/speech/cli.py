@@ -78,10 +78,13 @@ def load_speech_model(model_dir: str):
             raise UsageError(f"MODEL_DIR {model_dir} has no tokenizer (none of {', '.join(_VOCABULARY_FILES)}); "
                              "save it there with tokenizer.save_pretrained(MODEL_DIR)")
     model = adaptwin.load(folder) if saved else load_model(model_dir)
-    if getattr(model, "main_input_name", None) != "input_features" or not hasattr(model, "generate"):
-        raise UsageError(f"{type(model).__name__} in {model_dir} is not a speech-to-text generator "
-                         f"(it takes {getattr(model, 'main_input_name', '?')}; eval needs a model whose generate() "
-                         "takes input_features, e.g. WhisperForConditionalGeneration)")
+    from adaptwin.speech.evaluate import is_ctc
+
+    if not (is_ctc(model) or (getattr(model, "main_input_name", None) == "input_features"
+                              and hasattr(model, "generate"))):
+        raise UsageError(f"{type(model).__name__} in {model_dir} is not a speech recogniser (it takes "
+                         f"{getattr(model, 'main_input_name', '?')}): a model whose generate() takes input_features "
+                         "(e.g. WhisperForConditionalGeneration) or a CTC one (Wav2Vec2ForCTC, HubertForCTC) is needed")
     try:
         feature_extractor = AutoFeatureExtractor.from_pretrained(str(local or model_dir))
     except (OSError, ValueError, KeyError) as e:

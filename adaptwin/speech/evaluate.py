@@ -1,4 +1,5 @@
-"""Transcribe a test set with a sequence-to-sequence speech model and score it.
+"""Transcribe a test set with a speech model and score it: a sequence-to-sequence one (Whisper) through
+``generate``, or a CTC one (wav2vec2 / HuBERT ``...ForCTC``) by greedy CTC decoding.
 
     result = evaluate(model, feature_extractor, tokenizer, load_dataset("dev-clean"), batch_size=8)
     result.report.wer, result.utterances[0]["hypothesis"]
@@ -19,7 +20,7 @@ from adaptwin.speech.audio import load_audio
 from adaptwin.speech.datasets import Utterance
 from adaptwin.speech.wer import TextNormalizer, WERReport, utterance_errors, wer_report
 
-__all__ = ["EvalResult", "evaluate", "generate_kwargs", "transcribe"]
+__all__ = ["EvalResult", "evaluate", "generate_kwargs", "is_ctc", "transcribe"]
 
 
 def generate_kwargs(model, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -59,7 +60,8 @@ def _transcribe(model, feature_extractor, tokenizer, utterances, batch_size, max
     rate = int(feature_extractor.sampling_rate)
     window = getattr(feature_extractor, "n_samples", None)  # Whisper: chunk_length * sampling_rate
     param = next(model.parameters())
-    kwargs = generate_kwargs(model, max_new_tokens)
+    ctc = is_ctc(model)
+    kwargs = {} if ctc else generate_kwargs(model, max_new_tokens)
     model.eval()
     texts: list[str] = []
     seconds: list[float] = []
@@ -67,6 +69,11 @@ def _transcribe(model, feature_extractor, tokenizer, utterances, batch_size, max
         batch = utterances[start:start + batch_size]
         clips = [load_audio(u.audio, rate) for u in batch]
         seconds += [len(c) / rate for c in clips]
+        if ctc:
+            texts += _ctc_batch(model, feature_extractor, tokenizer, clips, rate, param)
+            if progress is not None:
+                progress(len(texts), len(utterances))
+            continue
         feats = feature_extractor(clips, sampling_rate=rate, return_tensors="pt")
         features = feats["input_features"].to(device=param.device, dtype=param.dtype)  # (B, mels, frames)
         with torch.inference_mode():
@@ -77,6 +84,30 @@ def _transcribe(model, feature_extractor, tokenizer, utterances, batch_size, max
             progress(len(texts), len(utterances))
     truncated = sum(1 for s in seconds if window is not None and s * rate > window)
     return texts, seconds, truncated
+
+
+def is_ctc(model) -> bool:
+    """A CTC recogniser (wav2vec2 / HuBERT ``...ForCTC``): raw audio in, one token distribution per frame out."""
+    return getattr(model, "main_input_name", None) == "input_values" and type(model).__name__.endswith("ForCTC")
+
+
+def _ctc_batch(model, feature_extractor, tokenizer, clips, rate: int, param) -> list[str]:
+    """Greedy CTC decoding: the best token of each frame, repeats merged and blanks dropped by the tokenizer.
+    Frames past a clip's own length (batch padding) are blanked before decoding."""
+    import torch
+
+    feats = feature_extractor(clips, sampling_rate=rate, return_tensors="pt", padding=True)
+    inputs = feats["input_values"].to(device=param.device, dtype=param.dtype)  # (B, samples)
+    mask = feats.get("attention_mask")
+    with torch.inference_mode():
+        logits = model(input_values=inputs, **({"attention_mask": mask.to(param.device)} if mask is not None
+                                                else {})).logits  # (B, frames, vocab)
+    ids = logits.argmax(-1).cpu()
+    lengths = model._get_feat_extract_output_lengths(torch.tensor([len(c) for c in clips]))
+    frames = torch.arange(ids.shape[1])[None, :]
+    blank = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.pad_token_id
+    ids = ids.masked_fill(frames >= lengths[:, None], int(blank))
+    return [t.strip() for t in tokenizer.batch_decode(ids)]
 
 
 @dataclass
