@@ -146,6 +146,23 @@ def _plan(model: nn.Module, config: CompressionConfig):
     return Plan(model_type, rows, skipped), adapter, components, methods
 
 
+def layer_checksums(model: nn.Module, adapter: Any) -> dict[str, list[float]]:
+    """Per layer of the stack: [values, sum, sum of squares] of its weights in float64. `select_layers` copies
+    reverted layers from the original it is given; these tell it whether that is the model compressed."""
+    import torch
+
+    out = {}
+    with torch.no_grad():
+        for path, _ in adapter.layer_paths(model):
+            values = total = squares = 0.0
+            for t in model.get_submodule(path).state_dict().values():
+                if t.is_floating_point() and t.numel() and t.device.type != "meta":
+                    v = t.detach().double()
+                    values, total, squares = values + t.numel(), total + float(v.sum()), squares + float((v * v).sum())
+            out[path] = [values, total, squares]
+    return out
+
+
 # The fine-tuning ablations that change how the factors start (paper, Table 3), as (r, l) -> (r', l').
 _MODE_RANKS = {
     "all": lambda r, lora: (r, lora),
@@ -232,7 +249,8 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
     small.eval()
     if calibration is not None:
         report = run_finetune(model, small, calibration, finetune, progress=progress)
-        record.finetune = {"config": finetune.to_dict(), **report.to_dict()}
+        record.finetune = {"config": finetune.to_dict(), **report.to_dict(),
+                           "original_layers": layer_checksums(model, adapter)}
         small.adaptwin_finetune = report
     if fmt is not None:
         pack_modules(small, record.modules)

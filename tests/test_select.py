@@ -264,3 +264,17 @@ def test_needs_fine_tuning_results_and_the_original(tuned, dense):
         select_layers(plain, dense, keep_size=0.8)
     with pytest.raises(ValueError, match="original must be the uncompressed model"):
         select_layers(tuned, plain, keep_size=0.8)
+
+
+def test_an_original_with_other_weights_is_refused(tuned, dense, tmp_path):
+    """Reverted layers are copied from ``original``: one of the same architecture with other weights (a user
+    passing the wrong checkpoint) was taken silently. Also after save / load, where the checksums travel in the
+    record; one re-read bit for bit passes."""
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other.encoder.layer[1].output.dense.weight[0, 0] += 1e-3
+    for model in (tuned, adaptwin.load(adaptwin.save(tuned, tmp_path / "t"))):
+        with pytest.raises(ValueError, match="original's layer encoder.layer.1 is not the one this model was "
+                                             "compressed from"):
+            select_layers(model, other, keep_size=0.9)
+        assert select_layers(model, copy.deepcopy(dense), keep_size=0.9).adaptwin_selection.reverted

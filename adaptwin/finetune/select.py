@@ -124,6 +124,23 @@ def check_keep_size(keep_size: float, kept_fraction_all: float) -> None:
             f"(compress with a larger ratio, or use keep_size >= {kept_fraction_all:.4f})")
 
 
+def _check_original(record: Any, original: nn.Module, adapter: Any) -> None:
+    """Refuse an original whose layers are not those the model was compressed from (reverted layers are copied
+    from it). Records written before 2026-11-26 hold no checksums and are not checked."""
+    saved = record.finetune.get("original_layers")
+    if not saved:
+        return
+    from adaptwin.compress import layer_checksums
+
+    now = layer_checksums(original, adapter)
+    for path, (count, total, squares) in saved.items():
+        got = now.get(path)
+        tol = 1e-9 * max(1.0, squares)  # float64 sums in another order differ by far less
+        if got is None or got[0] != count or abs(got[1] - total) > tol or abs(got[2] - squares) > tol:
+            raise ValueError(f"original's layer {path} is not the one this model was compressed from (its weights "
+                             "differ); pass the very model given to compress, whose layers are copied back")
+
+
 def _layer_choices(compressed: nn.Module, original: nn.Module) -> tuple[list[LayerChoice], dict[str, list[str]]]:
     from adaptwin.architectures import model_type_of
 
@@ -139,6 +156,7 @@ def _layer_choices(compressed: nn.Module, original: nn.Module) -> tuple[list[Lay
     errors = {row["path"]: float(row["error_after"]) for row in record.finetune["layers"]}
     unit_of = {layer: unit for unit in errors for layer in unit.split("+")}  # a joint unit: "a+b" (shared weights)
     adapter = get_architecture(record.architecture)
+    _check_original(record, original, adapter)
     choices: list[LayerChoice] = []
     modules: dict[str, list[str]] = {}
     for path, _ in adapter.layer_paths(original):
