@@ -163,7 +163,7 @@ def _config_from_args(args: argparse.Namespace):
 
 def _check_out_dir(out: Path, model_dir: Path | None) -> None:
     """Refuse a target `save` would refuse, before spending minutes on compression."""
-    from adaptwin.io import CONFIG_NAME
+    from adaptwin.io import CONFIG_NAME, check_replaceable
 
     if model_dir is not None and out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} is the model folder itself; choose a new directory")
@@ -173,6 +173,10 @@ def _check_out_dir(out: Path, model_dir: Path | None) -> None:
         if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
             raise UsageError(f"--out {out} is a non-empty directory that is not an adaptwin save; "
                              "choose a new or empty directory")
+    try:
+        check_replaceable(out)
+    except ValueError as e:
+        raise UsageError(f"--out {e}") from None
 
 
 def _finetune_from_args(args: argparse.Namespace, world: int):
@@ -302,6 +306,9 @@ def _compress(args: argparse.Namespace) -> int:
               f"(of attention + FFN parameters in {', '.join(n for n in summary if n != 'total')})")
     else:
         print("explicit ranks (no target ratio)")
+    if selection is not None:
+        print(f"(every planned layer compressed, before the selection below: {100 * selection.keep_fraction:.1f} % "
+              "of the targeted parameters kept after it)")
     if finetune is not None:
         print()
         print(_finetune_summary(finetune, small.adaptwin_finetune, len(batches), selection))
@@ -335,7 +342,8 @@ def _finetune_summary(cfg, report, n_batches: int, selection) -> str:
     if report.layers:
         before = sum(r.error_before for r in report.layers) / len(report.layers)
         after = sum(r.error_after for r in report.layers) / len(report.layers)
-        lines.append(f"mean relative output error {before:.4f} -> {after:.4f} (held-out batches, per layer alone)")
+        lines.append(f"mean relative output error {before:.4f} -> {after:.4f} "
+                     f"({'held-out' if n_val else 'training'} batches, per layer alone)")
     where = f"on disk ({cfg.storage_dtype})" if cfg.storage == "disk" else f"in memory ({cfg.storage_dtype})"
     lines.append(f"captured activations: peak {_fmt_bytes(report.capture_bytes)} {where}"
                  + (f"; {len(report.resumed)} layer(s) resumed from {cfg.run_dir}" if report.resumed else ""))

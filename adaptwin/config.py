@@ -192,6 +192,15 @@ class CompressionConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def from_json(cls, text: str) -> CompressionConfig:
+        """Inverse of `to_json`."""
+        try:
+            d = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"a CompressionConfig is stored as a JSON object; could not parse it: {e}") from None
+        return cls.from_dict(d)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressionConfig:
         if not isinstance(d, dict):
             raise ValueError(f"a CompressionConfig is stored as a JSON object, got {type(d).__name__}")

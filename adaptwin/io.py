@@ -70,27 +70,48 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     return unique, aliases
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse a target `save` must not replace: a file, a non-empty folder that is no adaptwin save, or a save
+    holding files that no save wrote (a replacement swaps the whole folder: they would be lost). Saves written
+    before 2026-11-26 do not list their files, so only their weights and config are known."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory")
+    names = sorted(p.name for p in target.iterdir())
+    if not names:
+        return
+    if CONFIG_NAME not in names:
+        raise ValueError(f"{target} is a non-empty directory that is not an adaptwin save; choose another path")
+    try:
+        listed = json.loads((target / CONFIG_NAME).read_text(encoding="utf-8")).get("files")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        listed = None
+    if isinstance(listed, list):
+        foreign = [n for n in names if n not in listed]
+        if foreign:
+            raise ValueError(f"{target} holds files its adaptwin save did not write ({', '.join(foreign[:5])}"
+                             f"{', ...' if len(foreign) > 5 else ''}); replacing the save would delete them: move "
+                             "them, or choose another path")
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str | os.PathLike] = (),
          overwrite: bool = True) -> Path:
     """Write a compressed model to directory ``path`` atomically (a temporary folder, then a rename).
 
     Args:
         model: a model returned by `adaptwin.compress`.
-        path: target directory; an existing adaptwin save there is replaced, any other non-empty
-            directory is refused.
+        path: target directory; an existing adaptwin save there is replaced (the whole folder), any other
+            non-empty directory is refused, and so is a save holding files it did not write.
         extra_files: files copied beside the weights (tokenizer, preprocessor config, ...).
         overwrite: allow replacing an existing adaptwin save directory.
     """
     record = compression_record(model)
     adapter = get_architecture(record.architecture)
     target = Path(path)
-    if target.exists():
-        if not target.is_dir():
-            raise ValueError(f"{target} exists and is not a directory")
-        if any(target.iterdir()) and not (target / CONFIG_NAME).exists():
-            raise ValueError(f"{target} is a non-empty directory that is not an adaptwin save; choose another path")
-        if (target / CONFIG_NAME).exists() and not overwrite:
-            raise ValueError(f"{target} already holds an adaptwin save; pass overwrite=True to replace it")
+    check_replaceable(target)
+    if target.exists() and (target / CONFIG_NAME).exists() and not overwrite:
+        raise ValueError(f"{target} already holds an adaptwin save; pass overwrite=True to replace it")
     extras = [Path(p) for p in extra_files]
     for p in extras:
         if not p.is_file():
@@ -116,6 +137,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
             "weights": {"file": WEIGHTS_NAME, "bytes": (tmp / WEIGHTS_NAME).stat().st_size,
                         "sha256": _sha256(tmp / WEIGHTS_NAME), "tensors": len(tensors)},
             "summary": record.summary(),
+            "files": sorted([CONFIG_NAME, WEIGHTS_NAME, *(p.name for p in extras)]),
         }
         _fsync_write(tmp / CONFIG_NAME, json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
         give_default_mode(tmp / WEIGHTS_NAME)  # safetensors writes it 0600
@@ -224,7 +246,11 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify:
     with _rebuilding(root, "the 'compression' section"):
         record = CompressionRecord.from_dict(meta["compression"])
         CompressionConfig.from_dict(record.config)  # validates the stored settings
-    adapter = get_architecture(record.architecture)
+    try:
+        adapter = get_architecture(record.architecture)
+    except ValueError as e:
+        raise ValueError(f"{e}; a save made with an architecture adapter registered by your own code loads once "
+                         "that adapter is registered in this process too") from None
     weights = root / meta["weights"].get("file", WEIGHTS_NAME)
     if not weights.is_file():
         raise ValueError(f"{root}: weights file {weights.name} is missing")

@@ -247,6 +247,16 @@ def test_a_name_that_is_no_folder_without_the_hub_fails_at_once(tmp_path, monkey
     assert time.perf_counter() - start < 15
 
 
+def test_out_save_with_a_file_of_the_user_is_refused_before_work(bert_dir, tmp_path):
+    out = tmp_path / "out"
+    rc, _, err = run_cli("compress", bert_dir, "--out", out, "--ratio", "0.4")
+    assert rc == 0, err
+    (out / "my_notes.txt").write_text("mine")
+    rc, stdout, err = run_cli("compress", bert_dir, "--out", out, "--ratio", "0.3")
+    assert_user_error(rc, err, "holds files its adaptwin save did not write (my_notes.txt)")
+    assert (out / "my_notes.txt").read_text() == "mine" and stdout == ""
+
+
 def test_out_dir_that_is_not_a_save_is_refused(bert_dir, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()

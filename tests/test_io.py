@@ -79,6 +79,18 @@ def test_save_refuses_foreign_dir_and_dense_model(small, bert, tmp_path):
     assert not (tmp_path / "dense").exists()
 
 
+def test_a_save_holding_files_it_did_not_write_is_not_replaced(small, tmp_path):
+    """Replacing a save swaps the whole folder: a file the user put there would be deleted with it, so such a
+    folder is refused (the save lists its files in adaptwin.json); the save's own files are replaced as before."""
+    target = adaptwin.save(small, tmp_path / "m")
+    assert sorted(os.listdir(target)) == adaptwin.read_meta(target)["files"]
+    adaptwin.save(small, target)  # its own files only: replaced
+    (target / "my_notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files its adaptwin save did not write \\(my_notes.txt\\)"):
+        adaptwin.save(small, target)
+    assert (target / "my_notes.txt").read_text() == "mine"
+
+
 def test_failed_save_leaves_previous_save_intact(small, tmp_path, monkeypatch):
     target = adaptwin.save(small, tmp_path / "m")
     before = {p: (target / p).read_bytes() for p in os.listdir(target)}

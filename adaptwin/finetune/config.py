@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,18 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FinetuneConfig:
+        """Inverse of `to_json`."""
+        try:
+            d = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"a FinetuneConfig is stored as a JSON object; could not parse it: {e}") from None
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:

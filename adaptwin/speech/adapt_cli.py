@@ -126,12 +126,16 @@ def speech_batches(model, feature_extractor, tokenizer, utterances: Sequence, ba
 
 
 def _check_out(out: Path, model_dir: Path) -> None:
-    from adaptwin.io import CONFIG_NAME
+    from adaptwin.io import CONFIG_NAME, check_replaceable
 
     if out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} is MODEL_DIR itself; choose a new directory")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
         raise UsageError(f"--out {out} exists and is not an empty folder or an adaptwin save; choose another")
+    try:
+        check_replaceable(out)
+    except ValueError as e:
+        raise UsageError(f"--out {e}") from None
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
