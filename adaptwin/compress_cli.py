@@ -27,6 +27,7 @@ from adaptwin.sources import (
     hub_extra_files,
     load_model,
     note,
+    one_line,
     read_calibration_text,
     resolve_model,
 )
@@ -34,7 +35,7 @@ from adaptwin.sources import (
 # Flags that are FinetuneConfig fields of the same name; None (not given) keeps the config's default.
 _FINETUNE_FIELDS = ("epochs", "lr", "mode", "init", "sequential", "holdout", "patience", "storage",
                     "storage_dtype", "run_dir")
-_CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_error")
+_CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_error", "calib_speaker")
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 128
 
@@ -110,9 +111,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "kept in the model's dtype)")
 
     f = c.add_argument_group("layer-wise fine-tuning (Eq. 9; needs --calib)")
-    f.add_argument("--calib", metavar="DATA", help="calibration text: a UTF-8 file, one example per line, "
-                   "tokenised with MODEL_DIR's tokenizer; every compressed layer is then trained to reproduce "
-                   "the original layer's outputs")
+    f.add_argument("--calib", metavar="DATA", help="calibration data; every compressed layer is then trained to "
+                   "reproduce the original layer's outputs on it. Text models: a UTF-8 file, one example per line, "
+                   "tokenised with MODEL_DIR's tokenizer. Speech models (Whisper, wav2vec2, HuBERT): a speech set as "
+                   "`adaptwin eval --data` takes (a JSONL manifest, or an LJ Speech, LibriSpeech or FSDD folder); "
+                   "Whisper's decoder is fed each transcript")
+    f.add_argument("--calib-speaker", metavar="NAME", help="speech sets: calibrate on this speaker's utterances "
+                   "only (the target speaker)")
     f.add_argument("--epochs", type=int, metavar="N",
                    help=f"passes over the calibration batches per layer (default {d.epochs})")
     f.add_argument("--lr", type=float, metavar="LR", help=f"Adam learning rate (default {d.lr:g})")
@@ -184,7 +189,7 @@ def _finetune_from_args(args: argparse.Namespace, world: int):
     given = [k for k in _CALIB_ONLY if getattr(args, k) is not None]
     if args.calib is None:
         if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} needs --calib DATA (the text to fine-tune on)")
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --calib DATA (the data to fine-tune on)")
         return None
     from adaptwin import FinetuneConfig
     from adaptwin.finetune.select import check_budget
@@ -231,7 +236,12 @@ def _compress(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad ratios, ranks, twins and overrides fail here, in milliseconds
     rank, world = _rank_world()
     finetune = _finetune_from_args(args, world)  # and bad fine-tuning flags
-    lines = read_calibration_text(args.calib) if finetune is not None else None
+    speech_set = finetune is not None and _is_speech_set(args.calib)
+    if args.calib_speaker is not None and not speech_set:
+        raise UsageError(f"--calib-speaker needs a speech set as --calib (a JSONL manifest or a speech folder), got "
+                         f"{args.calib}")
+    lines = read_calibration_text(args.calib) if finetune is not None and not speech_set else None
+    utterances = _read_speech_set(args.calib, args.calib_speaker) if speech_set else None
     local = resolve_model(args.model)
     out = Path(args.out).expanduser()
     _check_out_dir(out, local)
@@ -254,8 +264,7 @@ def _compress(args: argparse.Namespace) -> int:
 
                 total = planned.summary()["total"]
                 check_keep_size(args.keep_size, total["params_after"] / total["params_before"])
-            batches = calibration_batches(model, source, lines, args.batch_size or DEFAULT_BATCH_SIZE,
-                                          args.max_length or DEFAULT_MAX_LENGTH)
+            batches = _calibration(model, source, lines, utterances, args)
             if finetune.storage == "disk" and finetune.run_dir is None:
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptwin-activations-"))
                 finetune = dataclasses.replace(finetune, storage_dir=tmp)
@@ -264,7 +273,8 @@ def _compress(args: argparse.Namespace) -> int:
                       if any(r["path"].startswith(p + ".") for r in planned.rows)]
             progress = EpochProgress(layers, rank, world)
             say(f"compressing {type(model).__name__} ({model.config.model_type}) and fine-tuning {len(layers)} "
-                f"layers on {len(lines)} examples in {len(batches)} batches"
+                f"layers on {len(lines or utterances)} {'utterances' if utterances else 'examples'} in "
+                f"{len(batches)} batches"
                 + (f", spread over {world} ranks" if world > 1 else "") + " ...")
             try:
                 small = adaptwin.compress(model, config, calibration=batches, finetune=finetune, progress=progress)
@@ -318,6 +328,62 @@ def _compress(args: argparse.Namespace) -> int:
     step = "compress + fine-tune" if finetune is not None else "compress"
     print(f"time: load {t1 - t0:.1f} s, {step} {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
     return 0
+
+
+def _is_speech_set(path: str) -> bool:
+    """A folder (LJ Speech, LibriSpeech, FSDD) or a JSONL manifest; anything else is read as text."""
+    p = Path(path).expanduser()
+    return p.is_dir() or p.suffix.lower() == ".jsonl"
+
+
+def _read_speech_set(path: str, speaker: str | None) -> list:
+    from adaptwin.speech.cli import select
+    from adaptwin.speech.datasets import load_dataset
+
+    try:
+        utterances = load_dataset(path)
+    except ValueError as e:
+        raise UsageError(f"--calib {e}") from None
+    return select(utterances, speaker, None, path)
+
+
+def _calibration(model, source: str, lines: list[str] | None, utterances: list | None,
+                 args: argparse.Namespace) -> list:
+    """The calibration batches: tokenised text for text models, audio (and transcripts) for speech models."""
+    from adaptwin.speech.calibration import calibration_batches as speech_batches
+    from adaptwin.speech.calibration import speech_input
+
+    kind = speech_input(model)
+    if kind is None:
+        if utterances is not None:
+            raise UsageError(f"{type(model).__name__} takes {model.main_input_name}, not audio: --calib must be a "
+                             f"UTF-8 text file, one example per line, got the speech set {args.calib}")
+        return calibration_batches(model, source, lines, args.batch_size or DEFAULT_BATCH_SIZE,
+                                   args.max_length or DEFAULT_MAX_LENGTH)
+    if utterances is None:
+        raise UsageError(f"{type(model).__name__} takes audio ({kind}): --calib must be a speech set (a JSONL "
+                         "manifest of {\"audio\", \"text\", \"speaker\"}, or an LJ Speech, LibriSpeech or FSDD "
+                         f"folder), got the text file {args.calib}")
+    if args.max_length is not None:
+        raise UsageError("--max-length truncates text; a speech set's clips are taken whole")
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    try:
+        feature_extractor = AutoFeatureExtractor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"MODEL_DIR {source} has no usable feature extractor to read --calib audio with "
+                         f"({one_line(e)}); save it there with feature_extractor.save_pretrained") from None
+    tokenizer = None
+    if kind == "input_features":  # the transcripts become the decoder's inputs
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"MODEL_DIR {source} has no usable tokenizer for the --calib transcripts "
+                             f"({one_line(e)}); save it there with tokenizer.save_pretrained") from None
+    try:
+        return speech_batches(model, feature_extractor, tokenizer, utterances, args.batch_size or DEFAULT_BATCH_SIZE)
+    except ValueError as e:
+        raise UsageError(f"--calib {args.calib}: {e}") from None
 
 
 def _finetune_summary(cfg, report, n_batches: int, selection) -> str:

@@ -153,7 +153,7 @@ def calibration_batches(model, source: str, lines: list[str], batch_size: int, m
 
     from transformers import AutoTokenizer
 
-    speech = "calibration data for speech models arrives with the speech issue"
+    speech = "speech models calibrate on a speech set (a JSONL manifest or a speech folder) as --calib"
     takes = getattr(model, "main_input_name", "input_ids")
     if takes != "input_ids":
         raise UsageError(f"{type(model).__name__} takes {takes}, not text, and --calib reads text; {speech}")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from tiny_speech import WORDS, run_cli, save_ctc_dir, save_model_dir, tokenizer
 
+import adaptwin
 from adaptwin.speech.audio import write_wav
 from adaptwin.speech.datasets import Utterance
 from adaptwin.speech.evaluate import generate_kwargs, transcribe
@@ -223,3 +224,30 @@ def test_english_multilingual_whisper_transcribes(tmp_path):
     texts = transcribe(model, fe, tokenizer(), utts, batch_size=2, max_new_tokens=4)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert transcribe(model, fe, tokenizer(), utts, batch_size=3, max_new_tokens=4) == texts  # batching-invariant
+
+
+def test_compress_fine_tunes_speech_models_on_a_speech_set(model_dir, manifest, tmp_path):
+    """`compress --calib` takes a speech set for speech models: Whisper's decoder is fed the transcripts (its
+    decoder layer is fine-tuned on real positions), a wav2vec2 CTC model the raw audio; --calib-speaker keeps one
+    speaker's clips. A text file for a speech model, or a speech set for a text model, is refused by name."""
+    ctc = save_ctc_dir(tmp_path / "ctc")
+    for model, extra, speakers in ((model_dir, (), 6), (model_dir, ("--calib-speaker", "ann"), 3), (ctc, (), 6)):
+        out = tmp_path / f"out-{model.name}-{len(extra)}"
+        rc, stdout, err = run_cli("compress", model, "--out", out, "--ratio", "0.4", "--calib", manifest,
+                                  "--epochs", "2", "--batch-size", "2", *extra)
+        assert rc == 0, err
+        assert f"on {speakers} utterances in {-(-speakers // 2)} batches" in err
+        layers = adaptwin.read_meta(out)["compression"]["finetune"]["layers"]
+        assert layers and all(r["error_after"] <= r["error_before"] for r in layers)
+        if model is model_dir:
+            assert any(r["path"].startswith("model.decoder.") for r in layers)
+        rc, _, err = run_cli("eval", out, "--data", manifest, "--json", "--max-new-tokens", "4")
+        assert rc == 0, err
+    rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "x", "--ratio", "0.4", "--calib", manifest,
+                         "--calib-speaker", "nobody")
+    assert rc == 2 and "--speaker 'nobody' has no utterances" in err
+    text = tmp_path / "calib.txt"
+    text.write_text("one two three\n")
+    rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "x", "--ratio", "0.4", "--calib", text)
+    assert rc == 2 and "takes audio (input_features): --calib must be a speech set" in err
+    assert not (tmp_path / "x").exists()
