@@ -194,11 +194,7 @@ class CompressionConfig:
     @classmethod
     def from_json(cls, text: str) -> CompressionConfig:
         """Inverse of `to_json`."""
-        try:
-            d = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"a CompressionConfig is stored as a JSON object; could not parse it: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(parse_json(text, cls.__name__))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressionConfig:
@@ -213,6 +209,14 @@ class CompressionConfig:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``json.loads(text)``, a parse error raised as ValueError naming ``what`` was being read."""
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"a {what} is stored as a JSON object; could not parse it: {e}") from None
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -48,7 +48,14 @@ def test_config_round_trips_through_json():
     cfg = CompressionConfig(attention_rank=16, attention_lora_rank=4, ffn_rank=160, ffn_lora_rank=16,
                             components=("encoder",), overrides={"*.layers.0.*": {"ffn_rank": None}})
     again = CompressionConfig.from_dict(json.loads(cfg.to_json()))
-    assert again == cfg
+    assert again == cfg and CompressionConfig.from_json(cfg.to_json()) == cfg
+    from adaptwin import FinetuneConfig
+
+    ft = FinetuneConfig(epochs=3, mode="spectral", init="whiten")
+    assert FinetuneConfig.from_json(ft.to_json()) == ft
+    for cls in (CompressionConfig, FinetuneConfig):
+        with pytest.raises(ValueError, match=f"a {cls.__name__} is stored as a JSON object; could not parse it"):
+            cls.from_json("{ratio: 0.4")
     with pytest.raises(ValueError, match="unknown CompressionConfig fields"):
         CompressionConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 

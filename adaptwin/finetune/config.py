@@ -83,11 +83,9 @@ class FinetuneConfig:
     @classmethod
     def from_json(cls, text: str) -> FinetuneConfig:
         """Inverse of `to_json`."""
-        try:
-            d = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"a FinetuneConfig is stored as a JSON object; could not parse it: {e}") from None
-        return cls.from_dict(d)
+        from adaptwin.config import parse_json
+
+        return cls.from_dict(parse_json(text, cls.__name__))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
