@@ -220,7 +220,7 @@ def test_bad_finetune_input(bert_dir, whisper_dir, calib_file, tmp_path, monkeyp
     for name in ("config.json", "model.safetensors"):
         shutil.copy(bert_dir / name, no_tokenizer / name)
     fails(no_tokenizer, "--calib", calib_file, expected="bare has no tokenizer")
-    fails(whisper_dir, "--calib", calib_file, expected="calibration data for speech models arrives with the speech")
+    fails(whisper_dir, "--calib", calib_file, expected="takes audio (input_features): --calib must be a speech set")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     fails(bert_dir, "--calib", calib_file, "--sequential", expected="run it in one process, not torchrun")
 
