@@ -21,14 +21,16 @@ from adaptwin.inspection import RANK_FLAGS as _RANK_FLAGS
 from adaptwin.inspection import _fmt_bytes, _fmt_int, _table
 from adaptwin.progress import EpochProgress
 from adaptwin.sources import (
+    DEFAULT_MAX_LENGTH,
     UsageError,
-    calibration_batches,
+    calibration_for,
     extra_files,
     hub_extra_files,
+    is_speech_set,
     load_model,
     note,
-    one_line,
     read_calibration_text,
+    read_speech_set,
     resolve_model,
 )
 
@@ -37,7 +39,6 @@ _FINETUNE_FIELDS = ("epochs", "lr", "mode", "init", "sequential", "holdout", "pa
                     "storage_dtype", "run_dir")
 _CALIB_ONLY = (*_FINETUNE_FIELDS, "batch_size", "max_length", "keep_size", "max_error", "calib_speaker")
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_LENGTH = 128
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -236,12 +237,12 @@ def _compress(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad ratios, ranks, twins and overrides fail here, in milliseconds
     rank, world = _rank_world()
     finetune = _finetune_from_args(args, world)  # and bad fine-tuning flags
-    speech_set = finetune is not None and _is_speech_set(args.calib)
+    speech_set = finetune is not None and is_speech_set(args.calib)
     if args.calib_speaker is not None and not speech_set:
         raise UsageError(f"--calib-speaker needs a speech set as --calib (a JSONL manifest or a speech folder), got "
                          f"{args.calib}")
     lines = read_calibration_text(args.calib) if finetune is not None and not speech_set else None
-    utterances = _read_speech_set(args.calib, args.calib_speaker) if speech_set else None
+    utterances = read_speech_set(args.calib, args.calib_speaker) if speech_set else None
     local = resolve_model(args.model)
     out = Path(args.out).expanduser()
     _check_out_dir(out, local)
@@ -264,7 +265,8 @@ def _compress(args: argparse.Namespace) -> int:
 
                 total = planned.summary()["total"]
                 check_keep_size(args.keep_size, total["params_after"] / total["params_before"])
-            batches = _calibration(model, source, lines, utterances, args)
+            batches = calibration_for(model, source, args.calib, lines, utterances,
+                                      args.batch_size or DEFAULT_BATCH_SIZE, args.max_length)
             if finetune.storage == "disk" and finetune.run_dir is None:
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptwin-activations-"))
                 finetune = dataclasses.replace(finetune, storage_dir=tmp)
@@ -328,62 +330,6 @@ def _compress(args: argparse.Namespace) -> int:
     step = "compress + fine-tune" if finetune is not None else "compress"
     print(f"time: load {t1 - t0:.1f} s, {step} {t2 - t1:.1f} s, save {t3 - t2:.1f} s")
     return 0
-
-
-def _is_speech_set(path: str) -> bool:
-    """A folder (LJ Speech, LibriSpeech, FSDD) or a JSONL manifest; anything else is read as text."""
-    p = Path(path).expanduser()
-    return p.is_dir() or p.suffix.lower() == ".jsonl"
-
-
-def _read_speech_set(path: str, speaker: str | None) -> list:
-    from adaptwin.speech.cli import select
-    from adaptwin.speech.datasets import load_dataset
-
-    try:
-        utterances = load_dataset(path)
-    except ValueError as e:
-        raise UsageError(f"--calib {e}") from None
-    return select(utterances, speaker, None, path)
-
-
-def _calibration(model, source: str, lines: list[str] | None, utterances: list | None,
-                 args: argparse.Namespace) -> list:
-    """The calibration batches: tokenised text for text models, audio (and transcripts) for speech models."""
-    from adaptwin.speech.calibration import calibration_batches as speech_batches
-    from adaptwin.speech.calibration import speech_input
-
-    kind = speech_input(model)
-    if kind is None:
-        if utterances is not None:
-            raise UsageError(f"{type(model).__name__} takes {model.main_input_name}, not audio: --calib must be a "
-                             f"UTF-8 text file, one example per line, got the speech set {args.calib}")
-        return calibration_batches(model, source, lines, args.batch_size or DEFAULT_BATCH_SIZE,
-                                   args.max_length or DEFAULT_MAX_LENGTH)
-    if utterances is None:
-        raise UsageError(f"{type(model).__name__} takes audio ({kind}): --calib must be a speech set (a JSONL "
-                         "manifest of {\"audio\", \"text\", \"speaker\"}, or an LJ Speech, LibriSpeech or FSDD "
-                         f"folder), got the text file {args.calib}")
-    if args.max_length is not None:
-        raise UsageError("--max-length truncates text; a speech set's clips are taken whole")
-    from transformers import AutoFeatureExtractor, AutoTokenizer
-
-    try:
-        feature_extractor = AutoFeatureExtractor.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"MODEL_DIR {source} has no usable feature extractor to read --calib audio with "
-                         f"({one_line(e)}); save it there with feature_extractor.save_pretrained") from None
-    tokenizer = None
-    if kind == "input_features":  # the transcripts become the decoder's inputs
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"MODEL_DIR {source} has no usable tokenizer for the --calib transcripts "
-                             f"({one_line(e)}); save it there with tokenizer.save_pretrained") from None
-    try:
-        return speech_batches(model, feature_extractor, tokenizer, utterances, args.batch_size or DEFAULT_BATCH_SIZE)
-    except ValueError as e:
-        raise UsageError(f"--calib {args.calib}: {e}") from None
 
 
 def _finetune_summary(cfg, report, n_batches: int, selection) -> str:

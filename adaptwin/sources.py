@@ -28,6 +28,9 @@ class UsageError(ValueError):
     """A problem with what the user asked for (reported in one line, exit status 2)."""
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens per calibration example (--max-length)
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())
@@ -184,3 +187,59 @@ def calibration_batches(model, source: str, lines: list[str], batch_size: int, m
                              "into no tokens at all; is it the model's own tokenizer?")
         batches.append({k: v for k, v in enc.items() if k in accepted})
     return batches
+
+
+def is_speech_set(path: str) -> bool:
+    """A folder (LJ Speech, LibriSpeech, FSDD) or a JSONL manifest; anything else is read as text."""
+    p = Path(path).expanduser()
+    return p.is_dir() or p.suffix.lower() == ".jsonl"
+
+
+def read_speech_set(path: str, speaker: str | None) -> list:
+    """The utterances of speech set ``path`` (``--calib``), one speaker's where ``speaker`` is given."""
+    from adaptwin.speech.cli import select
+    from adaptwin.speech.datasets import load_dataset
+
+    try:
+        utterances = load_dataset(path)
+    except ValueError as e:
+        raise UsageError(f"--calib {e}") from None
+    return select(utterances, speaker, None, path)
+
+
+def calibration_for(model, source: str, calib: str, lines: list[str] | None, utterances: list | None,
+                    batch_size: int, max_length: int | None) -> list:
+    """The calibration batches: tokenised text for text models, audio (and transcripts) for speech models."""
+    from adaptwin.speech.calibration import calibration_batches as speech_batches
+    from adaptwin.speech.calibration import speech_input
+
+    kind = speech_input(model)
+    if kind is None:
+        if utterances is not None:
+            raise UsageError(f"{type(model).__name__} takes {model.main_input_name}, not audio: --calib must be a "
+                             f"UTF-8 text file, one example per line, got the speech set {calib}")
+        return calibration_batches(model, source, lines, batch_size, max_length or DEFAULT_MAX_LENGTH)
+    if utterances is None:
+        raise UsageError(f"{type(model).__name__} takes audio ({kind}): --calib must be a speech set (a JSONL "
+                         "manifest of {\"audio\", \"text\", \"speaker\"}, or an LJ Speech, LibriSpeech or FSDD "
+                         f"folder), got the text file {calib}")
+    if max_length is not None:
+        raise UsageError("--max-length truncates text; a speech set's clips are taken whole")
+    from transformers import AutoFeatureExtractor, AutoTokenizer
+
+    try:
+        feature_extractor = AutoFeatureExtractor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"MODEL_DIR {source} has no usable feature extractor to read --calib audio with "
+                         f"({one_line(e)}); save it there with feature_extractor.save_pretrained") from None
+    tokenizer = None
+    if kind == "input_features":  # the transcripts become the decoder's inputs
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"MODEL_DIR {source} has no usable tokenizer for the --calib transcripts "
+                             f"({one_line(e)}); save it there with tokenizer.save_pretrained") from None
+    try:
+        return speech_batches(model, feature_extractor, tokenizer, utterances, batch_size)
+    except ValueError as e:
+        raise UsageError(f"--calib {calib}: {e}") from None
