@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adaptwin.sources import UsageError, extra_files, note
+from adaptwin.speech.calibration import decoder_tokens, transcript_ids
 from adaptwin.speech.cli import _positive, load_speech_model, select
 
 DEFAULT_EPOCHS = 10
@@ -81,21 +82,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return a
 
 
-def transcript_ids(tokenizer, text: str, eos_id: int, start_id: int | None) -> list[int]:
-    """Label ids of one transcript: the tokenizer's ids (prefix tokens kept, a leading decoder start token
-    dropped since the model prepends it when shifting the labels right), ending in ``eos_id``."""
-    ids = list(tokenizer(text)["input_ids"])
-    if ids and start_id is not None and ids[0] == start_id:
-        ids = ids[1:]
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None and unk in ids:
-        raise ValueError(f"transcript {text!r} has words the tokenizer does not know (mapped to "
-                         f"{tokenizer.unk_token!r}); the adapted model could only learn to say {tokenizer.unk_token!r}")
-    if not ids or ids[-1] != eos_id:
-        ids.append(eos_id)
-    return ids
-
-
 def speech_batches(model, feature_extractor, tokenizer, utterances: Sequence, batch_size: int) -> list[dict]:
     """``[{"input_features": (B, mels, frames), "labels": (B, L) with -100 padding}, ...]`` in the given order."""
     import torch
@@ -104,12 +90,7 @@ def speech_batches(model, feature_extractor, tokenizer, utterances: Sequence, ba
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    eos = eos if isinstance(eos, int) else getattr(model.config, "eos_token_id", None)
-    if not isinstance(eos, int):
-        raise ValueError(f"{type(model).__name__} has no single end token id (eos_token_id) to end the labels with")
-    start = getattr(model.config, "decoder_start_token_id", None)
+    start, eos = decoder_tokens(model)
     rate = int(feature_extractor.sampling_rate)
     param = next(model.parameters())
     batches = []

@@ -22,7 +22,7 @@ from typing import Any
 
 from adaptwin.speech.audio import load_audio
 
-__all__ = ["calibration_batches", "speech_input"]
+__all__ = ["calibration_batches", "decoder_tokens", "speech_input", "transcript_ids"]
 
 
 def speech_input(model) -> str | None:
@@ -32,6 +32,35 @@ def speech_input(model) -> str | None:
     if name == "input_features" and hasattr(model, "generate"):
         return name
     return name if name == "input_values" else None
+
+
+def decoder_tokens(model) -> tuple[int | None, int]:
+    """``(decoder start token id or None, end token id)`` of a sequence-to-sequence model, from its generation
+    config, else its config; a model without one end token id is refused."""
+    gc = getattr(model, "generation_config", None)
+    ids = []
+    for name in ("decoder_start_token_id", "eos_token_id"):
+        value = getattr(gc, name, None)
+        ids.append(value if isinstance(value, int) else getattr(model.config, name, None))
+    start, eos = ids
+    if not isinstance(eos, int):
+        raise ValueError(f"{type(model).__name__} has no single end token id (eos_token_id) to end the labels with")
+    return (start if isinstance(start, int) else None), eos
+
+
+def transcript_ids(tokenizer, text: str, eos_id: int, start_id: int | None) -> list[int]:
+    """Label ids of one transcript: the tokenizer's ids (prefix tokens kept, a leading decoder start token
+    dropped since the model prepends it when shifting the labels right), ending in ``eos_id``."""
+    ids = list(tokenizer(text)["input_ids"])
+    if ids and start_id is not None and ids[0] == start_id:
+        ids = ids[1:]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk in ids:
+        raise ValueError(f"transcript {text!r} has words the tokenizer does not know (mapped to "
+                         f"{tokenizer.unk_token!r}); the adapted model could only learn to say {tokenizer.unk_token!r}")
+    if not ids or ids[-1] != eos_id:
+        ids.append(eos_id)
+    return ids
 
 
 def calibration_batches(model, feature_extractor, tokenizer, utterances: Sequence, batch_size: int = 16
@@ -54,16 +83,10 @@ def calibration_batches(model, feature_extractor, tokenizer, utterances: Sequenc
     if kind == "input_features":
         if tokenizer is None:
             raise ValueError(f"{type(model).__name__} needs its tokenizer: the transcripts are its decoder inputs")
-        from adaptwin.speech.adapt_cli import transcript_ids
-
-        gc = getattr(model, "generation_config", None)
-        eos = getattr(gc, "eos_token_id", None)
-        eos = eos if isinstance(eos, int) else getattr(model.config, "eos_token_id", None)
-        start = getattr(gc, "decoder_start_token_id", None)
-        start = start if isinstance(start, int) else getattr(model.config, "decoder_start_token_id", None)
-        if not isinstance(eos, int) or not isinstance(start, int):
-            raise ValueError(f"{type(model).__name__} needs one decoder start and one end token id to teacher-force "
-                             f"transcripts, got {start!r} and {eos!r}")
+        start, eos = decoder_tokens(model)
+        if start is None:
+            raise ValueError(f"{type(model).__name__} has no decoder start token id (decoder_start_token_id) to "
+                             "teacher-force the transcripts from")
         pad = getattr(model.config, "pad_token_id", None)
         pad = pad if isinstance(pad, int) else eos
     batches = []
