@@ -76,6 +76,7 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "components": components,
             "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
             "modules": modules,
+            "original_dtype": _dense_dtype(directory, comp["modules"]),
             "shared": _shared_data(meta["aliases"]),
             "finetune": _finetune_data(comp.get("finetune")),
         }
@@ -100,13 +101,80 @@ def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> li
         params = entry["spec"].get("params") if packed else None
         if params is None:
             params = sum(math.prod(shape) for _, shape, _ in mine)
-        rows.append({"path": path, "compressor": entry["compressor"],
+        rows.append({"path": path, "compressor": entry["compressor"], "layout": _describe(entry),
                      "format": entry["spec"]["format"].get("kind", "") + (" (tied)" if entry["spec"].get("tied_to")
                                                                           else "") if packed
                      else ",".join(sorted({dtype for dtype, _, _ in mine})),
                      "params": int(params), "bytes": int(nbytes),
                      "bits_per_param": 8 * nbytes / params if params else 0.0})
     return rows
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    """The compressor's own short description of a module's spec ("" for a compressor not registered here)."""
+    from adaptwin.registry import get_compressor
+
+    try:
+        return get_compressor(entry["compressor"]).describe(entry["spec"])
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return ""
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
+
+
+def _dense_dtype(directory: str | os.PathLike, modules: dict[str, Any]) -> str | None:
+    """The floating dtype the save's uncompressed tensors (norms, embeddings) are stored in: the dtype the
+    compressed modules' original weights had, for the size comparison. None if no such tensor is stored."""
+    from adaptwin.io import read_tensor_layout
+
+    counts: dict[str, int] = {}
+    for name, (dtype, shape, _) in read_tensor_layout(directory).items():
+        if dtype in _ELEMENT_BYTES and not any(name.startswith(p + ".") for p in modules):
+            counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _site_rank(site: dict[str, Any]) -> str:
+    """"r+l" for a compressor that removes parameters; "LoRA r" for one that trades them for bytes (PQM)."""
+    from adaptwin.registry import get_compressor
+
+    try:
+        reduces = get_compressor(site["compressor"]).reduces_parameters
+    except (KeyError, ValueError):
+        reduces = True
+    return f"{site['rank']}+{site['lora_rank']}" if reduces else f"LoRA {site['rank']}"
+
+
+def _plan(cfg: dict[str, Any], sites: list[dict[str, Any]]) -> str:
+    """One line on how the save was compressed: the ratio or ranks, and the product twins only where a
+    product-twin site exists (PQM: its NF4 base and LoRA rank instead)."""
+    from adaptwin.registry import get_compressor
+
+    def reduces(name: str) -> bool:
+        try:
+            return get_compressor(name).reduces_parameters
+        except (KeyError, ValueError):
+            return True
+
+    parts = []
+    if any(reduces(s["compressor"]) for s in sites):
+        parts.append(f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else
+                     "ranks " + ", ".join(f"{k}={cfg.get(k)}" for k in RANK_FLAGS if cfg.get(k) is not None))
+    if any(s["compressor"] == "pqm" for s in sites):
+        pqm = (cfg.get("method_options") or {}).get("pqm") or {}
+        ranks = sorted({s["rank"] for s in sites if s["compressor"] == "pqm"})
+        kinds = sorted({s["kind"] for s in sites if s["compressor"] == "pqm"})
+        parts.append(f"pqm: NF4 base (block {pqm.get('blocksize', 64)}"
+                     f"{', double quant' if pqm.get('double_quant') else ''}) + LoRA rank "
+                     f"{'/'.join(map(str, ranks))} on {', '.join(kinds)}")
+    if cfg.get("overrides"):
+        parts.append(f"{len(cfg['overrides'])} override(s)")
+    if any(s["compressor"] == "product_twin" for s in sites):
+        parts.append(f"twins {','.join(cfg.get('twins') or [])}")
+    if cfg.get("quantization"):
+        parts.append(f"{cfg['quantization']}-quantised")
+    return ", ".join(parts)
 
 
 def _shared_data(aliases: dict[str, str]) -> list[dict[str, Any]]:
@@ -132,28 +200,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=1))
         return 0
-    cfg = data["config"]
-    plan = (f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else
-            "ranks " + ", ".join(f"{k}={cfg.get(k)}" for k in RANK_FLAGS if cfg.get(k) is not None))
-    if cfg.get("overrides"):
-        plan += f", {len(cfg['overrides'])} override(s)"
-    print(f"{data['path']}: {data['model_class']} ({data['architecture']}), {plan}, "
-          f"twins {','.join(cfg.get('twins') or [])}")
-    rows = [(s["path"], s["compressor"], f"{s['rank']}+{s['lora_rank']}", _fmt_int(s["params_before"]),
+    print(f"{data['path']}: {data['model_class']} ({data['architecture']}), {_plan(data['config'], data['sites'])}")
+    rows = [(s["path"], s["compressor"], _site_rank(s), _fmt_int(s["params_before"]),
              _fmt_int(s["params_after"]), f"{100 * s['compression']:.1f} %") for s in data["sites"]]
-    print(_table(("module", "compressor", "r+l", "params before", "params after", "removed"), rows, right=(2, 3, 4, 5)))
+    print(_table(("module", "compressor", "rank", "params before", "params after", "removed"), rows,
+                 right=(2, 3, 4, 5)))
     print()
     rows = [(name, str(c["sites"]), _fmt_int(c["params_before"]), _fmt_int(c["params_after"]),
              f"{100 * c['compression']:.1f} %") for name, c in data["components"].items()]
     print(_table(("component", "sites", "params before", "params after", "removed"), rows, right=(1, 2, 3, 4)))
     print()
     mods = data["modules"]
-    rows = [(m["path"], m["format"], _fmt_int(m["params"]), _fmt_int(m["bytes"]),
+    rows = [(m["path"], m["format"], m["layout"], _fmt_int(m["params"]), _fmt_int(m["bytes"]),
              f"{m['bits_per_param']:.2f}" if m["params"] else "-") for m in mods]
     params, nbytes = sum(m["params"] for m in mods), sum(m["bytes"] for m in mods)
-    rows.append(("total (compressed modules)", "", _fmt_int(params), _fmt_int(nbytes),
+    rows.append(("total (compressed modules)", "", "", _fmt_int(params), _fmt_int(nbytes),
                  f"{8 * nbytes / params:.2f}" if params else "-"))
-    print(_table(("module", "stored as", "params", "bytes", "bits/param"), rows, right=(2, 3, 4)))
+    print(_table(("module", "stored as", "layout", "params", "bytes", "bits/param"), rows, right=(3, 4, 5)))
+    dense = data["original_dtype"]
+    before = data["components"]["total"]["params_before"]
+    if dense and before and nbytes:
+        size = before * _ELEMENT_BYTES[dense]
+        print(f"size: their original {_fmt_int(before)} parameters in {dense} {_fmt_bytes(size)}, stored now "
+              f"{_fmt_bytes(nbytes)} ({size / nbytes:.2f}x smaller)")
     if data["shared"]:
         print("\nshared tensors (stored once, used by every module listed; counted in the first):")
         print(_table(("stored as", "also used as"), [(s["stored"], ", ".join(s["also"])) for s in data["shared"]],
