@@ -109,7 +109,7 @@ class CompressionConfig:
             if not 0.0 < float(self.ratio) < 1.0:
                 raise ValueError(f"ratio must lie strictly between 0 and 1 (fraction removed), got {self.ratio}")
             self.ratio = float(self.ratio)
-            given = [k for k, v in ranks.items() if v is not None]
+            given = ", ".join(f"{k}={v}" for k, v in ranks.items() if v is not None)
             if given:
                 raise ValueError(f"give either ratio or explicit ranks, not both (ratio={self.ratio}, {given})")
         elif self.attention_rank is None and self.ffn_rank is None and not self.overrides:

@@ -201,12 +201,38 @@ BAD_COMPRESS = [
     (["--ratio", "0.4", "--override", "decoder.*=ffn_rank:3"], "matches no compressible module"),
     (["--ratio", "0.4", "--components", "decoder"], "unknown components ['decoder'] for bert; allowed: ['encoder']"),
     (["--attention-rank", "99"], "exceeds the head dimension 12"),
-    (["--ffn-rank", "0"], "ffn_rank must be >= 1"),
-    (["--ratio", "0.4", "--width-multiple", "0"], "width_multiple must be a whole number in 1..256, got 0"),
-    (["--ffn-rank", "8", "--width-multiple", "8"], "width_multiple applies to ranks planned from ratio"),
+    (["--ffn-rank", "0"], "--ffn-rank must be >= 1"),
+    (["--ratio", "0.4", "--width-multiple", "0"], "--width-multiple must be a whole number in 1..256, got 0"),
+    (["--ffn-rank", "8", "--width-multiple", "8"], "--width-multiple applies to ranks planned from ratio"),
+    (["--ratio", "0.4", "--double-quant"], "--quant-blocksize and --double-quant need --quantization nf4 or int8"),
+    (["--ratio", "0.4", "--quantization", "int8", "--double-quant"],
+     "--double-quant applies to NF4 block scales only; use --quantization nf4 or no --double-quant"),
+    (["--ratio", "0.4", "--attention-rank", "3"], "not both (--ratio 0.4, --attention-rank 3)"),
 ]
 
 
+
+@pytest.mark.parametrize("api,cli", [
+    ("double_quant applies to NF4 block scales only; use kind='nf4' or double_quant=False",
+     "--double-quant applies to NF4 block scales only; use --quantization nf4 or no --double-quant"),
+    ("compress only the VO twin with twins=('vo',)", "compress only the VO twin with --twins vo"),
+    ("needs explicit ranks (attention_rank=..., ffn_rank=...), not ratio=0.4",
+     "needs explicit ranks (--attention-rank N, --ffn-rank N), not --ratio 0.4"),
+    ("quantize_lora=True needs quantization='nf4' or 'int8'", "--quantize-lora needs --quantization nf4 or int8"),
+    ("ffn_rank must be >= 1, got 0", "--ffn-rank must be >= 1, got 0"),
+    # not flags of `compress`, or prose: unchanged
+    ("use method_options={'pqm': {...}} and lora_rank=2", "use method_options={'pqm': {...}} and lora_rank=2"),
+    ("give either ratio or explicit ranks", "give either ratio or explicit ranks"),
+    ("model.encoder.layers.0.fc1: bad", "model.encoder.layers.0.fc1: bad"),
+    # --override's syntax uses the field names themselves
+    ("--override 'x=bogus:3': key one of ['attention_rank']", "--override 'x=bogus:3': key one of ['attention_rank']"),
+])
+def test_errors_name_flags_not_keywords(api, cli):
+    from adaptwin.cli import _command_flags, build_parser, in_flag_words
+
+    flags = _command_flags(build_parser(), "compress")
+    assert {"ratio", "double_quant", "twins", "attention_rank", "quantization"} <= flags and "lora_rank" not in flags
+    assert in_flag_words(api, flags) == cli
 
 @pytest.mark.parametrize("extra,expected", BAD_COMPRESS, ids=[e for _, e in BAD_COMPRESS])
 def test_bad_compress_options(bert_dir, tmp_path, extra, expected):
