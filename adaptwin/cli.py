@@ -130,11 +130,11 @@ def in_flag_words(message: str, flags: set[str]) -> str:
             return f"{f} " + ",".join(re.findall(r"'([^']*)'", value))
         return f"{f} {value.strip(chr(39))}"
 
-    message = re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=(\([^)]*\)|'[^']*'|\.\.\.|[\w.+-]+)", keyword, message)
+    message = re.sub(r"(?<![\w.'-])([a-z][a-z0-9_]*)=(\([^)]*\)|'[^']*'|\.\.\.|[\w.+-]+)", keyword, message)
     # a value list after a flag: --quantization nf4 or 'int8' -> --quantization nf4 or int8
     message = re.sub(r"(--[a-z][\w-]* [\w.]+ or )'([^']*)'", r"\1\2", message)
     # bare field names with an underscore (quant_blocksize, double_quant): plain words like "ratio" stay prose
-    return re.sub(r"(?<![\w.-])([a-z][a-z0-9]*_[a-z0-9_]+)\b(?![=(])",
+    return re.sub(r"(?<![\w.'-])([a-z][a-z0-9]*_[a-z0-9_]+)\b(?![=(])",
                   lambda m: flag(m.group(1)) or m.group(0), message)
 
 

@@ -223,6 +223,8 @@ BAD_COMPRESS = [
     # not flags of `compress`, or prose: unchanged
     ("use method_options={'pqm': {...}} and lora_rank=2", "use method_options={'pqm': {...}} and lora_rank=2"),
     ("give either ratio or explicit ranks", "give either ratio or explicit ranks"),
+    ("use method_options={'pqm': {'quantize_embeddings': True}}",
+     "use method_options={'pqm': {'quantize_embeddings': True}}"),
     ("model.encoder.layers.0.fc1: bad", "model.encoder.layers.0.fc1: bad"),
     # --override's syntax uses the field names themselves
     ("--override 'x=bogus:3': key one of ['attention_rank']", "--override 'x=bogus:3': key one of ['attention_rank']"),
