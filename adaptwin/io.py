@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from adaptwin._files import fsync_dir, give_default_mode
+from adaptwin._files import give_default_mode, remove_dead_temps, replace_dir, temp_prefix
 from adaptwin.compress import RECORD_ATTR, CompressionRecord, _submodule_setter, compression_record
 from adaptwin.config import CompressionConfig
 from adaptwin.registry import get_architecture, get_compressor
@@ -109,6 +109,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
     record = compression_record(model)
     adapter = get_architecture(record.architecture)
     target = Path(path)
+    remove_dead_temps(target.parent, target.name)  # what a save killed mid-write (kill -9) left beside it
     check_replaceable(target)
     if target.exists() and (target / CONFIG_NAME).exists() and not overwrite:
         raise ValueError(f"{target} already holds an adaptwin save; pass overwrite=True to replace it")
@@ -121,7 +122,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
 
     tensors, aliases = _dedup_tied(model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), dir=target.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         with open(tmp / WEIGHTS_NAME, "rb+") as f:
@@ -142,14 +143,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
         _fsync_write(tmp / CONFIG_NAME, json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
         give_default_mode(tmp / WEIGHTS_NAME)  # safetensors writes it 0600
         give_default_mode(tmp, directory=True)  # mkdtemp makes it 0700
-        if target.exists():  # swap: old -> trash, new -> target, drop trash
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, trash / "old")
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

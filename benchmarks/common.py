@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adaptwin._files import give_default_mode
+from adaptwin._files import give_default_mode, remove_dead_temps, temp_prefix
 
 # One header for every benchmark's CSV; a benchmark leaves the fields it has no use for empty.
 CSV_FIELDS = (
@@ -274,7 +274,8 @@ def write_rows(path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]
             reader = csv.DictReader(f)
             if tuple(reader.fieldnames or ()) == fields:
                 old = [r for r in reader if tuple(r[k] for k in key) not in keys]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path.parent, path.name)  # what a write killed mid-way left
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)

@@ -105,6 +105,97 @@ def test_failed_save_leaves_previous_save_intact(small, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left behind
 
 
+_KILLED_SAVE = """
+import os, signal, sys, torch
+import adaptwin
+from adaptwin import io as aio
+from transformers import BertConfig, BertModel
+
+torch.manual_seed(0)
+bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=16)).eval()
+small = adaptwin.compress(bert, adaptwin.CompressionConfig(attention_rank=4, ffn_rank=8))
+real = aio.save_file
+def save_then_die(tensors, path, **kw):
+    real(tensors, path, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with the weights half-way to their folder
+aio.save_file = save_then_die
+adaptwin.save(small, sys.argv[1])
+"""
+
+
+def test_a_save_killed_mid_write_is_cleaned_up_by_the_next(small, tmp_path):
+    """kill -9 during a save leaves its temporary folder (nothing can run then); the next save to the same
+    path removes it, because the process that wrote it is gone. A live writer's folder is left alone."""
+    import subprocess
+    import sys
+
+    from adaptwin._files import remove_dead_temps, temp_prefix
+
+    target = adaptwin.save(small, tmp_path / "m")
+    before = {p: (target / p).read_bytes() for p in os.listdir(target)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(target)], stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, err.decode()
+    left = [p for p in os.listdir(tmp_path) if p != "m"]
+    assert len(left) == 1 and left[0].startswith(f".m.tmp-{proc.pid}@")
+    assert (tmp_path / left[0] / "model.safetensors").is_file()  # the killed writer's half-built save
+    assert {p: (target / p).read_bytes() for p in os.listdir(target)} == before  # the old save is whole
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a temporary named after a process that still runs: another save in flight
+        live = tmp_path / f"{temp_prefix('m').replace(str(os.getpid()), str(alive.pid))}abc"
+        live.mkdir()
+        other_host = tmp_path / f".m.tmp-{proc.pid}@elsewhere-abc"  # another machine on a shared filesystem
+        other_host.mkdir()
+        adaptwin.save(small, target)
+        assert sorted(os.listdir(tmp_path)) == sorted(["m", live.name, other_host.name])
+        assert adaptwin.load(target) is not None
+    finally:
+        alive.kill()
+        alive.wait()
+    assert remove_dead_temps(tmp_path, "m") == [live]  # its writer is gone now
+
+
+def test_a_replace_killed_between_its_renames_is_undone(small, tmp_path, monkeypatch):
+    """Where no atomic swap exists, replacing moves the old save aside, then renames the new one in. A writer
+    killed between the two leaves no save at `path`; the next write to it puts the old one back first."""
+    import subprocess
+    import sys
+
+    from adaptwin import _files
+
+    target = adaptwin.save(small, tmp_path / "m")
+    before = {p: (target / p).read_bytes() for p in os.listdir(target)}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".m.old-{int(dead.stdout)}@{_files._host()}-xyz"
+    aside.mkdir()
+    os.rename(target, aside / "old")  # the state a kill between the renames leaves
+    assert _files.remove_dead_temps(tmp_path, "m") == [aside]
+    assert {p: (target / p).read_bytes() for p in os.listdir(target)} == before
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    # and the two-rename path itself (what runs where renameat2 cannot swap) replaces cleanly
+    monkeypatch.setattr(_files, "exchange", lambda a, b: False)
+    adaptwin.save(small, target, extra_files=[])
+    assert sorted(os.listdir(tmp_path)) == ["m"] and adaptwin.load(target) is not None
+
+
+def test_exchange_swaps_two_folders_atomically(tmp_path):
+    import sys
+
+    from adaptwin._files import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("b")
+    if not exchange(tmp_path / "a", tmp_path / "b"):
+        assert not sys.platform.startswith("linux"), "renameat2(RENAME_EXCHANGE) should work on Linux tmpfs/ext4"
+        pytest.skip("no atomic exchange on this platform (replace_dir falls back to two renames)")
+    assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        exchange(tmp_path / "a", tmp_path / "missing")
+
+
 @pytest.fixture
 def saved(small, tmp_path):
     return adaptwin.save(small, tmp_path / "m")

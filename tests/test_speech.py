@@ -7,6 +7,7 @@ Synthetic files are written in tmp_path; the real recordings in ../shared/data a
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -151,6 +152,11 @@ def test_write_wav_is_16_bit_and_atomic(tmp_path):
     write_wav(path, np.stack([x, x], axis=1) * 2, 8000)  # replaces; stereo; clipped to full scale
     assert sf.info(str(path)).channels == 2 and np.abs(load_audio(path, 8000)).max() == 1.0
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.wav"]  # no temp file left behind
+    from adaptwin._files import _host  # a write killed mid-way (kill -9) left its temp file: the next write drops it
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (path.parent / f".x.wav.tmp-{int(gone.stdout)}@{_host()}-q1w2").write_bytes(b"RIFF")
+    write_wav(path, x, 16000)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.wav"]
     for bad, why in ((np.zeros(0), "must have shape"), (np.array([0.1, np.inf]), "non-finite"),
                      (np.zeros(4, np.int32), "must be float")):
         with pytest.raises(ValueError, match=why):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptwin._files import give_default_mode
+from adaptwin._files import give_default_mode, remove_dead_temps, temp_prefix
 
 __all__ = ["load_audio", "resample", "write_wav"]
 
@@ -89,7 +89,8 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sampling_rate: int) ->
     else:
         raise ValueError(f"audio for {path} must be float (in [-1, 1]) or int16, got {a.dtype}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path.parent, path.name)  # what a write killed mid-way left
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             with wave.open(f, "wb") as w:

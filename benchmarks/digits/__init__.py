@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adaptwin._files import give_default_modes
+from adaptwin._files import give_default_modes, remove_dead_temps, replace_dir, temp_prefix
 
 __all__ = ["atomic_dir"]
 
@@ -31,7 +31,8 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out) a
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        remove_dead_temps(self.target.parent, self.target.name)  # what a run killed mid-write left
+        self.tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(self.target.name), dir=self.target.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -39,10 +40,4 @@ class atomic_dir:  # noqa: N801 - used like a function: ``with atomic_dir(out) a
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         give_default_modes(self.tmp)  # mkdtemp makes it 0700, save_pretrained's safetensors 0600
-        if self.target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.old-", dir=self.target.parent))
-            os.rename(self.target, trash / "old")
-            os.rename(self.tmp, self.target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.target)
+        replace_dir(self.tmp, self.target)
