@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -150,6 +151,24 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
     return target
 
 
+def _check_model_size(root: Path, probe: nn.Module, record: CompressionRecord) -> None:
+    """Refuse a model config that describes a far larger model than the save holds (an edited ``vocab_size``
+    of 10^12), before building it: that build allocates the original parameters before they become meta.
+
+    The bound: what the weights file stores plus the original size of every compressed site, twice over.
+    """
+    stored = sum(math.prod(shape) for _, shape, _ in read_tensor_layout(root).values())
+    original = sum(int(row.get("params_before", 0)) for row in record.sites)
+    described = {id(p): p for p in probe.parameters()}
+    total = sum(p.numel() for p in described.values())
+    if total > 2 * (stored + original) + (1 << 20):
+        names = {id(p): n for n, p in probe.named_parameters()}
+        big = sorted(described.values(), key=lambda p: -p.numel())[:3]
+        raise ValueError(f"its config describes a model of {total:,} parameters, but the save holds {stored:,} "
+                         f"values for a model of about {stored + original:,} (largest: "
+                         + ", ".join(f"{names[id(p)]} {tuple(p.shape)}" for p in big) + ")")
+
+
 @contextlib.contextmanager
 def _rebuilding(root: Path, what: str):
     """Turn the errors an edited or foreign adaptwin.json raises while a part is rebuilt into one ValueError."""
@@ -256,6 +275,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", verify:
         raise ValueError(f"{weights} does not match the SHA-256 recorded in adaptwin.json (modified or corrupt)")
 
     with _rebuilding(root, "the 'model' section"):
+        with torch.device("meta"):  # no memory at all: sizes are checked before anything is allocated
+            _check_model_size(root, adapter.build_empty(meta["model"]), record)
         model = adapter.build_empty(meta["model"])
     for mpath, entry in record.modules.items():
         try:

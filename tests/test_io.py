@@ -253,6 +253,10 @@ def test_mismatched_config_refused(saved):
         (lambda m: m["compression"]["config"].update(colour="red"), "unknown CompressionConfig fields \\['colour'\\]"),
         (lambda m: next(e for e in m["compression"]["modules"].values() if e["compressor"] == "svd")["spec"]
          .update(rank=-1), "module .* cannot be rebuilt"),
+        # a config far larger than the save: refused from a meta-device build, before any allocation
+        (lambda m: m["model"]["config"].update(vocab_size=10 ** 12),
+         "describes a model of 32,000,000,0.*embeddings.word_embeddings.weight \\(1000000000000, 32\\)"),
+        (lambda m: m["model"]["config"].update(intermediate_size=10 ** 9), "describes a model of"),
     ],
 )
 def test_damaged_config_refused(saved, edit, message):
