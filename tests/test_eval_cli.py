@@ -226,6 +226,43 @@ def test_english_multilingual_whisper_transcribes(tmp_path):
     assert transcribe(model, fe, tokenizer(), utts, batch_size=3, max_new_tokens=4) == texts  # batching-invariant
 
 
+def test_wav2vec2_calibration_counts_real_frames_only(manifest, tmp_path, monkeypatch):
+    """wav2vec2's attention_mask marks samples, its layers see frames: the fine-tuning loss, its errors and the
+    whitening statistics count the real frames only, so they do not depend on how clips are padded together."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2ForCTC
+
+    from adaptwin import CompressionConfig, FinetuneConfig
+    from adaptwin.finetune import stats, trainer
+    from adaptwin.finetune.capture import frame_mask
+    from adaptwin.speech.calibration import calibration_batches
+    from adaptwin.speech.datasets import load_dataset
+
+    ctc = save_ctc_dir(tmp_path / "ctc")
+    model, fe = Wav2Vec2ForCTC.from_pretrained(ctc).eval(), AutoFeatureExtractor.from_pretrained(ctc)
+    utts = load_dataset(manifest)[1:3]  # 0.7 s and 1.4 s: the first is half padding when batched together
+    padded = calibration_batches(model, fe, None, utts, batch_size=2)
+    alone = calibration_batches(model, fe, None, utts, batch_size=1)
+    with torch.no_grad():
+        lengths = [model(**b, output_hidden_states=True).hidden_states[1].shape[1] for b in alone]
+        width = model(**padded[0], output_hidden_states=True).hidden_states[1].shape[1]
+    (masks,) = trainer.token_masks(padded, "encoder", model)
+    frames = masks[-1]
+    assert tuple(frames.shape) == (2, width) and frames.sum(1).tolist() == lengths and lengths[0] < width
+
+    def errors(batches, init="svd"):
+        small = adaptwin.compress(model, CompressionConfig(ratio=0.4), calibration=batches,
+                                  finetune=FinetuneConfig(epochs=1, lr=1e-4, init=init, holdout=0.0))
+        return [r["error_before"] for r in small.adaptwin_record.finetune["layers"]]
+
+    for init in ("svd", "whiten"):
+        assert errors(padded, init) == pytest.approx(errors(alone, init), rel=1e-4)
+    # the check can fail: counting the padded frames (what happened before) changes the errors
+    monkeypatch.setattr(trainer, "frame_mask", lambda model, batch: None)
+    monkeypatch.setattr(stats, "frame_mask", lambda model, batch: None)
+    assert frame_mask(model, padded[0]) is not None
+    assert errors(padded) != pytest.approx(errors(alone), rel=1e-2)
+
+
 def test_compress_fine_tunes_speech_models_on_a_speech_set(model_dir, manifest, tmp_path):
     """`compress --calib` takes a speech set for speech models: Whisper's decoder is fed the transcripts (its
     decoder layer is fine-tuned on real positions), a wav2vec2 CTC model the raw audio; --calib-speaker keeps one

@@ -284,6 +284,25 @@ def run_model(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def frame_mask(model: nn.Module, batch: Any) -> torch.Tensor | None:
+    """(B, T) mask of an audio encoder's real frames, or None.
+
+    A wav2vec2 / HuBERT batch's ``attention_mask`` marks samples (B, S), but its layers see frames, S / 320
+    of them; the model maps sample lengths to frame lengths itself (``_get_feature_vector_attention_mask``,
+    as its encoder does), so padded frames can be left out of the fine-tuning loss and the statistics.
+    """
+    if not isinstance(batch, dict):
+        return None
+    mask, values = batch.get("attention_mask"), batch.get("input_values")
+    to_frames = getattr(model, "_get_feature_vector_attention_mask", None)
+    lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    if (to_frames is None or lengths is None or not isinstance(mask, torch.Tensor)
+            or not isinstance(values, torch.Tensor) or mask.ndim != 2 or tuple(mask.shape) != tuple(values.shape[:2])):
+        return None
+    frames = int(lengths(torch.tensor(values.shape[1])))
+    return to_frames(frames, mask).to(torch.long)
+
+
 def capture(model: nn.Module, layers: Iterable[str], batches: Iterable[Any], store: ActivationStore,
             *, record_outputs: bool = True, run: Callable[[nn.Module, Any], Any] = run_model) -> int:
     """Run ``model`` over ``batches`` and record every listed layer's calls into ``store``.

@@ -281,7 +281,7 @@ def finetune(
             del inputs
         layer, masks = unit(path)
         members = units[path]
-        source, marks = store, token_masks(batches, components[members[0]])
+        source, marks = store, token_masks(batches, components[members[0]], original)
         if len(members) > 1:  # each member on its own call; the padding masks repeat along the stacked batch
             source = _GroupStore(store, members)
             marks = [[torch.cat([m] * len(members), 0) for m in ms] for ms in marks]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptwin.finetune.capture import run_model
+from adaptwin.finetune.capture import frame_mask, run_model
 
 
 def _gram(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,12 +35,13 @@ def _gram(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     return flat.T @ flat
 
 
-def _token_mask(batch: Any, x: torch.Tensor, keys: tuple[str, ...]) -> torch.Tensor | None:
-    """The first of the batch's masks named ``keys`` shaped like ``x``'s tokens (B, T), else None."""
+def _token_mask(batch: Any, x: torch.Tensor, keys: tuple[str, ...], frames: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+    """The first of the batch's masks named ``keys``, then ``frames`` (an audio encoder's `frame_mask`), shaped
+    like ``x``'s tokens (B, T), else None."""
     if not isinstance(batch, dict) or x.dim() != 3:
         return None
-    for key in keys:
-        mask = batch.get(key)
+    for mask in [batch.get(key) for key in keys] + [frames]:
         if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:2]):
             return mask
     return None  # no mask, or one of another sequence (raw audio samples, the other stack's tokens)
@@ -70,7 +71,7 @@ def collect_stats(model: nn.Module, sites: list[Any], batches: Iterable[Any],
     """
     stats: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
-    current: dict[str, Any] = {"batch": None}
+    current: dict[str, Any] = {"batch": None, "frames": None}
 
     def add(path: str, key: str, g: torch.Tensor) -> None:
         entry = stats.setdefault(path, {})
@@ -83,7 +84,7 @@ def collect_stats(model: nn.Module, sites: list[Any], batches: Iterable[Any],
 
         def hook(mod, args, kwargs, path=site.path, attention=is_attention, own=own):
             x = args[0] if args else kwargs["hidden_states"]
-            g = _gram(x, _token_mask(current["batch"], x, own))
+            g = _gram(x, _token_mask(current["batch"], x, own, current["frames"]))
             add(path, "x", g)
             if attention:
                 kv = next((v for k, v in kwargs.items() if k in ("key_value_states", "encoder_hidden_states")
@@ -93,13 +94,13 @@ def collect_stats(model: nn.Module, sites: list[Any], batches: Iterable[Any],
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         if is_attention:
             def out_hook(mod, args, path=site.path, own=own):
-                add(path, "o", _gram(args[0], _token_mask(current["batch"], args[0], own)))
+                add(path, "o", _gram(args[0], _token_mask(current["batch"], args[0], own, current["frames"])))
 
             handles.append(output_module(model, site).register_forward_pre_hook(out_hook))
     try:
         with torch.no_grad():
             for batch in batches:
-                current["batch"] = batch
+                current["batch"], current["frames"] = batch, frame_mask(model, batch)
                 run(model, batch)
     finally:
         for h in handles:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import adaptwin.ops  # noqa: F401 - declares torch.ops.adaptwin.* (counted below)
-from adaptwin.finetune.capture import ActivationStore, first_output
+from adaptwin.finetune.capture import ActivationStore, first_output, frame_mask
 
 
 @dataclass
@@ -105,16 +105,22 @@ class _FlopCounter:
         return self.cache[key]
 
 
-def token_masks(batches: list[Any], component: str) -> list[list[torch.Tensor]]:
+def token_masks(batches: list[Any], component: str, model: nn.Module | None = None) -> list[list[torch.Tensor]]:
     """Per calibration batch, the masks that may say which of a layer's positions are real tokens.
 
     From a dict batch: ``attention_mask``, and first ``decoder_attention_mask`` for a decoder layer of an
-    encoder-decoder model. `train_layer` uses the first one shaped like the layer output's (B, T); none
-    matches for inputs that are not tokens (Whisper's mel frames), and then every position counts.
+    encoder-decoder model; with ``model`` an audio encoder, also its frame mask (`frame_mask`: wav2vec2's
+    ``attention_mask`` marks samples, its layers see frames). `train_layer` uses the first one shaped like
+    the layer output's (B, T); none matches for inputs that are not tokens (Whisper's mel frames), and then
+    every position counts.
     """
     keys = ("decoder_attention_mask", "attention_mask") if component == "decoder" else ("attention_mask",)
-    return [[b[k] for k in keys if isinstance(b, dict) and isinstance(b.get(k), torch.Tensor) and b[k].ndim == 2]
-            for b in batches]
+    out = []
+    for b in batches:
+        masks = [b[k] for k in keys if isinstance(b, dict) and isinstance(b.get(k), torch.Tensor) and b[k].ndim == 2]
+        frames = frame_mask(model, b) if model is not None else None
+        out.append(masks + ([frames] if frames is not None else []))
+    return out
 
 
 def _weights(target: torch.Tensor, candidates: list[torch.Tensor] | None) -> torch.Tensor | None:
