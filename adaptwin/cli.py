@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 
 from adaptwin.compress_cli import add_parser as add_compress_parser
-from adaptwin.compress_cli import cmd_compress, parse_override  # noqa: F401 - parse_override: public here too
+from adaptwin.compress_cli import cmd_compress
+from adaptwin.flags import _command_flags, in_flag_words, parse_method_option, parse_override  # noqa: F401 - public here too
 from adaptwin.inspection import _table, cmd_inspect, inspect_data  # noqa: F401 - inspect_data: public here too
 from adaptwin.sources import one_line
 from adaptwin.speech.adapt_cli import add_parser as add_adapt_parser
@@ -85,57 +85,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                  [(a["model_type"], ",".join(a["components"]), a["adapter"]) for a in architectures], indent=2))
     return 0
 
-
-
-# ---------------------------------------------------------------------------------------------- errors
-
-# Config fields named differently on the command line (`QuantFormat(kind=...)` is `--quantization`).
-_FLAG_ALIASES = {"kind": "quantization"}
-
-
-def _command_flags(parser: argparse.ArgumentParser, command: str) -> set[str]:
-    """The option names (``dest``) one subcommand takes, e.g. {"ratio", "double_quant", ...}."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            return {a.dest for a in action.choices[command]._actions if a.option_strings}
-    return set()
-
-
-def in_flag_words(message: str, flags: set[str]) -> str:
-    """An API error reworded for the command line, for the fields that are flags of this command.
-
-    The library's errors name Python keywords (``double_quant=False``, ``twins=('vo',)``,
-    ``quantization='nf4'``, ``attention_rank=...``); on the command line they read ``no --double-quant``,
-    ``--twins vo``, ``--quantization nf4``, ``--attention-rank N``. Fields that are not flags stay as they are.
-    """
-    if "override" in message:  # --override PATTERN=key:val uses the field names themselves
-        return message
-
-    def flag(name: str) -> str | None:
-        name = _FLAG_ALIASES.get(name, name)
-        return "--" + name.replace("_", "-") if name in flags else None
-
-    def keyword(m: re.Match) -> str:
-        f = flag(m.group(1))
-        if f is None:
-            return m.group(0)
-        value = m.group(2)
-        if value == "True":
-            return f
-        if value == "False":
-            return f"no {f}"
-        if value == "...":
-            return f"{f} N"
-        if value.startswith("("):  # a tuple: twins=('qk', 'vo') -> --twins qk,vo
-            return f"{f} " + ",".join(re.findall(r"'([^']*)'", value))
-        return f"{f} {value.strip(chr(39))}"
-
-    message = re.sub(r"(?<![\w.'-])([a-z][a-z0-9_]*)=(\([^)]*\)|'[^']*'|\.\.\.|[\w.+-]+)", keyword, message)
-    # a value list after a flag: --quantization nf4 or 'int8' -> --quantization nf4 or int8
-    message = re.sub(r"(--[a-z][\w-]* [\w.]+ or )'([^']*)'", r"\1\2", message)
-    # bare field names with an underscore (quant_blocksize, double_quant): plain words like "ratio" stay prose
-    return re.sub(r"(?<![\w.'-])([a-z][a-z0-9]*_[a-z0-9_]+)\b(?![=(])",
-                  lambda m: flag(m.group(1)) or m.group(0), message)
 
 
 _COMMANDS = {"compress": cmd_compress, "inspect": cmd_inspect, "list": cmd_list, "eval": cmd_eval, "adapt": cmd_adapt}

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
+from adaptwin.flags import _csv, _site_kinds, parse_method_option, parse_override
 from adaptwin.inspection import RANK_FLAGS as _RANK_FLAGS
 from adaptwin.inspection import _fmt_bytes, _fmt_int, _table
 from adaptwin.progress import EpochProgress
@@ -42,34 +42,6 @@ DEFAULT_BATCH_SIZE = 16
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-
-
-def _csv(text: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("expected a comma-separated list, e.g. encoder,decoder")
-    return items
-
-
-def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
-    """``"PATTERN=key:val,key:val"`` → ``(PATTERN, {key: int or None})``; ``none`` leaves a module alone."""
-    pattern, sep, body = text.rpartition("=")
-    if not sep or not pattern or not body:
-        raise UsageError(f"--override {text!r} must look like PATTERN=key:val[,key:val...], "
-                         f"e.g. 'encoder.layer.0.*=attention_rank:8,attention_lora_rank:2'")
-    values: dict[str, int | None] = {}
-    for item in body.split(","):
-        key, sep, val = (s.strip() for s in item.partition(":"))
-        key = key.replace("-", "_")
-        if not sep or key not in _RANK_FLAGS:
-            raise UsageError(f"--override {text!r}: {item!r} is not key:val with key one of {list(_RANK_FLAGS)}")
-        if val.lower() == "none":
-            values[key] = None
-        elif re.fullmatch(r"\d+", val):
-            values[key] = int(val)
-        else:
-            raise UsageError(f"--override {text!r}: {key} must be a whole number or 'none', got {val!r}")
-    return pattern, values
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -100,6 +72,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    f"(keys: {', '.join(_RANK_FLAGS)}; repeatable)")
     c.add_argument("--seed", type=int, default=0, help="seed of the LoRA factors' initialisation and of "
                    "fine-tuning's shuffling (default 0)")
+    m = c.add_argument_group("compressors (`adaptwin list` names the registered ones)")
+    m.add_argument("--attention-method", metavar="NAME", help="compressor of the attention sites: product_twin "
+                   "(default, AdaPTwin), residual (ResidualTransformer: shared across layers + low rank + "
+                   "diagonal; explicit ranks) or pqm (NF4 + LoRA; --attention-rank is the LoRA rank, 1-4)")
+    m.add_argument("--ffn-method", metavar="NAME", help="compressor of the FFN matrices: svd (default), "
+                   "residual or pqm")
+    m.add_argument("--method-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="an option of one compressor, VALUE in JSON (a bare word is a string), e.g. "
+                   "residual.group_size=2, 'residual.group_size={\"attention\": 2, \"ffn\": 3}', "
+                   "pqm.double_quant=true; repeatable")
     q = c.add_argument_group("quantisation of the low-rank factors (with --calib: trained fake-quantised)")
     q.add_argument("--quantization", choices=("nf4", "int8"), help="store the factors packed: nf4 (4-bit "
                    "NormalFloat, bitsandbytes' layout) or int8 (absmax); default: not quantised")
@@ -155,11 +137,29 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace):
     from adaptwin import CompressionConfig
+    from adaptwin.registry import list_compressors
 
     overrides = dict(parse_override(text) for text in args.override)
     kwargs: dict[str, Any] = {k: getattr(args, k) for k in _RANK_FLAGS if getattr(args, k) is not None}
     if args.twins is not None:
         kwargs["twins"] = args.twins
+    used = {"attention": "product_twin", "ffn": "svd"}
+    for kind in used:  # a wrong name or site kind fails here, before the model is loaded
+        name = getattr(args, f"{kind}_method")
+        if name is not None:
+            allowed = [n for n in list_compressors() if kind in _site_kinds(n)]
+            if name not in allowed:
+                raise UsageError(f"--{kind}-method {name!r} is not a compressor of {kind} sites; allowed: {allowed}")
+            kwargs[f"{kind}_method"] = used[kind] = name
+    options: dict[str, dict[str, Any]] = {}
+    for text in args.method_option:
+        name, key, value = parse_method_option(text)
+        if name not in used.values():
+            raise UsageError(f"--method-option {text!r}: {name!r} compresses nothing here (--attention-method "
+                             f"{used['attention']}, --ffn-method {used['ffn']})")
+        options.setdefault(name, {})[key] = value
+    if options:
+        kwargs["method_options"] = options
     return CompressionConfig(ratio=args.ratio, components=args.components, overrides=overrides,
                              seed=args.seed, quantization=args.quantization, quant_blocksize=args.quant_blocksize,
                              double_quant=args.double_quant, quantize_lora=args.quantize_lora,

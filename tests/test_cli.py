@@ -85,6 +85,45 @@ def test_explicit_ranks_override_and_seed(bert_dir, tmp_path):
     assert_same_outputs(adaptwin.load(out), reference, bert_inputs())
 
 
+@pytest.mark.parametrize("method, options, python", [
+    ("residual", ["--method-option", "residual.group_size=2", "--method-option", "residual.init=mean"],
+     {"residual": {"group_size": 2, "init": "mean"}}),
+    ("pqm", ["--method-option", "pqm.double_quant=true", "--method-option", "pqm.blocksize=32"],
+     {"pqm": {"double_quant": True, "blocksize": 32}}),
+])
+def test_compress_with_another_compressor(bert_dir, tmp_path, method, options, python):
+    """--attention-method / --ffn-method pick any registered compressor of that site kind, and
+    --method-option NAME.KEY=VALUE (JSON, or a bare word as a string) sets its options: the save is the one
+    the Python API makes with the same CompressionConfig."""
+    out = tmp_path / method
+    rc, _, err = run_cli("compress", bert_dir, "--out", out, "--attention-rank", "2", "--ffn-rank", "3",
+                         "--attention-method", method, "--ffn-method", method, *options)
+    assert rc == 0, err
+    data = json.loads(run_cli("inspect", out, "--json")[1])
+    assert {s["compressor"] for s in data["sites"]} == {method}
+    assert data["config"]["method_options"] == python
+    config = adaptwin.CompressionConfig(attention_rank=2, ffn_rank=3, attention_method=method, ffn_method=method,
+                                        method_options=python)
+    assert_same_outputs(adaptwin.load(out), adaptwin.compress(load_dense(bert_dir), config), bert_inputs())
+    if method == "pqm":
+        head = run_cli("inspect", out)[1].splitlines()[0]
+        assert head.endswith("pqm: NF4 base (block 32, double quant) + LoRA rank 2/3 on attention, ffn")
+
+
+def test_parse_method_option():
+    from adaptwin.cli import parse_method_option
+
+    assert parse_method_option("residual.group_size=2") == ("residual", "group_size", 2)
+    assert parse_method_option('residual.group_size={"attention": 2, "ffn": 3}') == (
+        "residual", "group_size", {"attention": 2, "ffn": 3})
+    assert parse_method_option("pqm.alpha=0.5") == ("pqm", "alpha", 0.5)
+    assert parse_method_option("pqm.double_quant=false") == ("pqm", "double_quant", False)
+    assert parse_method_option("residual.init=mean") == ("residual", "init", "mean")  # not JSON: a string
+    for bad in ("residual", "residual.group_size", "group_size=2", ".x=1", "residual.=1", "residual.x= "):
+        with pytest.raises(ValueError, match="must look like NAME.KEY=VALUE"):
+            parse_method_option(bad)
+
+
 def test_whisper_encoder_only_vo_twin(tmp_path):
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
@@ -208,6 +247,19 @@ BAD_COMPRESS = [
     (["--ratio", "0.4", "--quantization", "int8", "--double-quant"],
      "--double-quant applies to NF4 block scales only; use --quantization nf4 or no --double-quant"),
     (["--ratio", "0.4", "--attention-rank", "3"], "not both (--ratio 0.4, --attention-rank 3)"),
+    (["--attention-rank", "2", "--attention-method", "svd"],
+     "--attention-method 'svd' is not a compressor of attention sites; allowed: ['pqm', 'product_twin', 'residual']"),
+    (["--ffn-rank", "2", "--ffn-method", "quantized"], "--ffn-method 'quantized' is not a compressor of ffn sites"),
+    (["--ffn-rank", "2", "--method-option", "pqm.double_quant=true"],
+     "'pqm' compresses nothing here (--attention-method product_twin, --ffn-method svd)"),
+    (["--ffn-rank", "2", "--ffn-method", "residual", "--method-option", "residual.colour=1"],
+     "unknown residual options ['colour']; allowed:"),
+    (["--ffn-rank", "2", "--ffn-method", "residual", "--method-option", "residual.group_size"],
+     "must look like NAME.KEY=VALUE"),
+    (["--ratio", "0.4", "--ffn-method", "pqm"], "there is no ratio to plan (got --ratio 0.4)"),
+    (["--attention-rank", "2", "--attention-method", "pqm", "--quantization", "nf4"],
+     "so it takes no --quantization (got 'nf4'); its format is set as --method-option pqm.blocksize=64 "
+     "--method-option pqm.double_quant=true"),
 ]
 
 
@@ -223,8 +275,11 @@ BAD_COMPRESS = [
     # not flags of `compress`, or prose: unchanged
     ("use method_options={'pqm': {...}} and lora_rank=2", "use method_options={'pqm': {...}} and lora_rank=2"),
     ("give either ratio or explicit ranks", "give either ratio or explicit ranks"),
-    ("use method_options={'pqm': {'quantize_embeddings': True}}",
-     "use method_options={'pqm': {'quantize_embeddings': True}}"),
+    ("use method_options={'pqm': {'quantize_embeddings': True, 'blocksize': 32}}",
+     "use --method-option pqm.quantize_embeddings=true --method-option pqm.blocksize=32"),
+    ("the pqm compressor quantises its base to NF4 itself, so it takes quantization=None (got 'nf4')",
+     "the pqm compressor quantises its base to NF4 itself, so it takes no --quantization (got 'nf4')"),
+    ("give {'quantize_embeddings': True}", "give {'quantize_embeddings': True}"),  # quoted: left alone
     ("model.encoder.layers.0.fc1: bad", "model.encoder.layers.0.fc1: bad"),
     # --override's syntax uses the field names themselves
     ("--override 'x=bogus:3': key one of ['attention_rank']", "--override 'x=bogus:3': key one of ['attention_rank']"),

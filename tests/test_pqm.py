@@ -199,7 +199,7 @@ def test_bad_settings_are_refused():
         adaptwin.compress(model, adaptwin.CompressionConfig(ratio=0.5, attention_method="pqm", ffn_method="pqm"))
     with pytest.raises(ValueError, match="leave attention_lora_rank/ffn_lora_rank unset"):
         adaptwin.compress(model, adaptwin.CompressionConfig(ffn_rank=2, ffn_lora_rank=1, ffn_method="pqm"))
-    with pytest.raises(ValueError, match="leave quantization=None"):
+    with pytest.raises(ValueError, match="so it takes quantization=None"):
         adaptwin.compress(model, adaptwin.CompressionConfig(ffn_rank=2, ffn_method="pqm", quantization="nf4"))
     with pytest.raises(ValueError, match="must be one of"):
         adaptwin.compress(model, adaptwin.CompressionConfig(ffn_rank=8, ffn_method="pqm"))

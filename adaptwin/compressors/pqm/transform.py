@@ -89,8 +89,9 @@ class PQMCompressor(Compressor):
             raise ValueError(f"the pqm compressor keeps every weight (NF4) and adds LoRA, so there is no ratio to "
                              f"plan (got ratio={config.ratio}); give the LoRA rank as attention_rank/ffn_rank (1-4)")
         if getattr(config, "quantization", None) is not None:
-            raise ValueError(f"the pqm compressor quantises its base to NF4 itself; leave quantization=None (got "
-                             f"{config.quantization!r}) and set blocksize/double_quant in method_options['pqm']")
+            raise ValueError(f"the pqm compressor quantises its base to NF4 itself, so it takes quantization=None (got "
+                             f"{config.quantization!r}); its format is set as method_options={{'pqm': {{'blocksize': "
+                             "64, 'double_quant': True}}")
         if lora_rank:
             raise ValueError(f"{site.path}: for pqm, attention_rank/ffn_rank is the LoRA rank; leave "
                              f"attention_lora_rank/ffn_lora_rank unset (got {lora_rank})")

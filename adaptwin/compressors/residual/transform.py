@@ -68,7 +68,7 @@ class ResidualCompressor(Compressor):
         if getattr(config, "quantization", None) is not None:
             raise ValueError(f"{site.path}: the residual compressor does not combine with quantization="
                              f"{config.quantization!r} (the packed formats store factors, not a shared dense "
-                             "matrix); use quantization=None, or quantise with the 'product_twin'/'svd' methods")
+                             "matrix); it takes quantization=None; quantise with the 'product_twin'/'svd' methods")
         for proj, lin in _matrices(site).items():
             full = min(lin.weight.shape)
             if rank > full:
