@@ -185,6 +185,12 @@ def calibration_batches(model, source: str, lines: list[str], batch_size: int, m
         if enc["input_ids"].shape[-1] == 0:
             raise UsageError(f"the tokenizer of {source} turns lines {i + 1}-{i + len(enc['input_ids'])} of --calib "
                              "into no tokens at all; is it the model's own tokenizer?")
+        vocab = getattr(model.config, "vocab_size", None)
+        top = int(enc["input_ids"].max())
+        if isinstance(vocab, int) and top >= vocab:
+            raise UsageError(f"the tokenizer of {source} gives token id {top} (lines {i + 1}-"
+                             f"{i + len(enc['input_ids'])} of --calib), but the model's vocab_size is {vocab}: the "
+                             "tokenizer files do not belong to this model")
         batches.append({k: v for k, v in enc.items() if k in accepted})
     return batches
 

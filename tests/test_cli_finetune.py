@@ -220,6 +220,13 @@ def test_bad_finetune_input(bert_dir, whisper_dir, calib_file, tmp_path, monkeyp
     for name in ("config.json", "model.safetensors"):
         shutil.copy(bert_dir / name, no_tokenizer / name)
     fails(no_tokenizer, "--calib", calib_file, expected="bare has no tokenizer")
+    other = tmp_path / "other-vocab"  # the tokenizer of another model: ids past the embedding (was an IndexError)
+    shutil.copytree(bert_dir, other)
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=6, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, max_position_embeddings=32)).save_pretrained(other)
+    fails(other, "--calib", calib_file, expected="but the model's vocab_size is 6: the tokenizer files do not belong")
     fails(whisper_dir, "--calib", calib_file, expected="takes audio (input_features): --calib must be a speech set")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     fails(bert_dir, "--calib", calib_file, "--sequential", expected="run it in one process, not torchrun")
