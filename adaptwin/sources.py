@@ -192,7 +192,30 @@ def calibration_batches(model, source: str, lines: list[str], batch_size: int, m
                              f"{i + len(enc['input_ids'])} of --calib), but the model's vocab_size is {vocab}: the "
                              "tokenizer files do not belong to this model")
         batches.append({k: v for k, v in enc.items() if k in accepted})
+    _check_known_words(tokenizer, source, batches)
     return batches
+
+
+def _check_known_words(tokenizer, source: str, batches: list[dict]) -> None:
+    """Refuse calibration text that the tokenizer reads as mostly [UNK]: a tokenizer built without its
+    vocabulary, or another language's, would calibrate every layer on one repeated token."""
+    import torch
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unk}
+    if unk is None or unk in {getattr(tokenizer, f"{t}_token_id", None) for t in ("eos", "bos", "pad", "cls", "sep")}:
+        return  # byte-level tokenizers (GPT-2) have no real unknown token
+    words = unknown = 0
+    for b in batches:
+        ids = b["input_ids"]
+        ids = ids[b["attention_mask"].bool()] if "attention_mask" in b else ids.flatten()
+        keep = ~torch.isin(ids, torch.tensor(sorted(special), dtype=ids.dtype))
+        words += int(keep.sum())
+        unknown += int((ids[keep] == unk).sum())
+    if words and unknown > words / 2:
+        raise UsageError(f"the tokenizer of {source} reads {unknown} of --calib's {words} tokens as "
+                         f"{tokenizer.unk_token!r} (unknown): calibration on them teaches nothing; is the text in the "
+                         "model's language, and are its tokenizer files complete?")
 
 
 def is_speech_set(path: str) -> bool:

@@ -227,6 +227,15 @@ def test_bad_finetune_input(bert_dir, whisper_dir, calib_file, tmp_path, monkeyp
     BertModel(BertConfig(vocab_size=6, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=96, max_position_embeddings=32)).save_pretrained(other)
     fails(other, "--calib", calib_file, expected="but the model's vocab_size is 6: the tokenizer files do not belong")
+    from transformers import BertTokenizer
+
+    specials = tmp_path / "specials-only"  # what `BertTokenizer(vocab_file=...)` builds on transformers 5
+    shutil.copytree(bert_dir, specials)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (specials / name).unlink()
+    BertTokenizer(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])}).save_pretrained(
+        specials)
+    fails(specials, "--calib", calib_file, expected="reads 153 of --calib's 153 tokens as '[UNK]' (unknown)")
     fails(whisper_dir, "--calib", calib_file, expected="takes audio (input_features): --calib must be a speech set")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     fails(bert_dir, "--calib", calib_file, "--sequential", expected="run it in one process, not torchrun")

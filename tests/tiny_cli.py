@@ -26,7 +26,11 @@ def save_bert_dir(d: Path) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    BertTokenizer(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    # transformers 5 takes the vocabulary itself (``vocab_file=`` is silently ignored there: a tokenizer of the
+    # five special tokens alone, which maps every word to [UNK])
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    assert tokenizer.convert_tokens_to_ids(["the", "z"]) == [VOCAB.index("the"), VOCAB.index("z")]
+    tokenizer.save_pretrained(d)
     (d / "README.md").write_text("not a tokenizer file; must not be copied\n")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
