@@ -73,13 +73,13 @@ def test_calibration_sentences_are_packaged_and_disjoint_from_evaluation():
 def test_calibration_batches_pad_per_batch(tmp_path):
     from transformers import BertTokenizerFast
 
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w"]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w"])})
     sentences = ["w " * n for n in (1, 2, 4, 3, 9)]
     batches = demo.calibration_batches(tok, sentences, batch=2, max_length=7)
     # each batch is padded to its own longest sentence (+ [CLS] and [SEP]); 9 words are cut to 7 tokens
     assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 4), (2, 6), (1, 7)]
     assert batches[0]["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batches[0]["input_ids"].tolist() == [[2, 4, 3, 0], [2, 4, 4, 3]]  # "w" is a word, not [UNK]
     assert all(set(b) >= {"input_ids", "attention_mask"} for b in batches)
 
 
