@@ -47,8 +47,6 @@ def parse_override(text: str) -> tuple[str, dict[str, int | None]]:
 def parse_method_option(text: str) -> tuple[str, str, Any]:
     """``"NAME.KEY=VALUE"`` → ``(NAME, KEY, value)``: VALUE is read as JSON (2, 0.5, true, {"ffn": 3}), and
     a bare word that is not JSON is taken as a string (``residual.init=mean``)."""
-    import json
-
     head, sep, raw = text.partition("=")
     name, dot, key = head.strip().partition(".")
     if not sep or not dot or not name or not key or not raw.strip():
