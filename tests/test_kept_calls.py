@@ -90,6 +90,17 @@ def test_kept_call_entry_refuses_what_it_does_not_take():
         assert entry(x.numpy(), (rows, sources, calls, layout)) is NotImplemented
         assert entry(x) is NotImplemented
 
+    # sizes whose products wrap around in int64 (found under the sanitizers, 2026-11-26): blocks 2^62 + 8 times
+    # width 4 wrapped to 32, the call's own width, and the kept loops then read past both buffers
+    a, b = torch.randn(8, 16), torch.randn(8, 32)
+    call = (a, None, "fp", 0, [8, 16], b, None, "fp", 0, [8, 32], None)
+    x = torch.randn(1, 16)
+    for kept in [(1, (), (call,), ("in", (1 << 62) + 8, (4,), None)),
+                 (1, (), (call,), ("in", 1 << 61, (16, 16), None)),
+                 (1, (), (call,), ("in", 2, ((1 << 63) - 1, 1 << 62), None))]:
+        assert entry(x, kept) is NotImplemented, kept
+    torch.testing.assert_close(entry(x, ((1 << 63) - 1, (), (call,), None)), x @ a.t() @ b)  # rows·width overflowed
+
 
 class _Subclass(torch.Tensor):
     pass

@@ -154,6 +154,19 @@ def test_attention_fully_masked_rows_are_zero():
     torch.testing.assert_close(out, attention_reference(q, k, v, keep, 0.2, False), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, t, s, dq, dv", [(2, 1, 5, 4, 0), (2, 1, 5, 0, 4), (2, 20, 5, 0, 4), (2, 3, 0, 4, 4),
+                                             (2, 20, 0, 4, 4), (0, 3, 5, 4, 4), (2, 0, 5, 4, 4)])
+def test_attention_without_elements_is_sdpa(b, t, s, dq, dv, dtype):
+    """q, k or v without elements have no storage (a null data pointer): the SIMD row and lane paths' pointers
+    into them were undefined (UBSan: "applying non-zero offset to null pointer", found under the sanitizers on
+    2026-11-26); now they give what the reference gives (zeros without keys, the mean of v at width 0)."""
+    gen = torch.Generator().manual_seed(b * 1000 + t * 100 + s * 10 + dq + dv)
+    q, k, v = (torch.randn(b, 2, n, d, generator=gen).to(dtype) for n, d in ((t, dq), (s, dq), (s, dv)))
+    out = torch.ops.adaptwin.attention(q, k, v, None, 0.5, False)
+    torch.testing.assert_close(out, attention_reference(q, k, v, None, 0.5, False), rtol=0, atol=0)
+
+
 def masked_throughout(kind: str, t: int, s: int, row: int, gen: torch.Generator) -> torch.Tensor:
     """A (1, 2, t, s) mask hiding about half the keys, and every key from query ``row``: False (``bool``),
     or added: -inf (``neg_inf``), or the float32 / bfloat16 finfo.min Hugging Face masks with (finite)."""

@@ -340,6 +340,11 @@ at::Tensor attention_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Te
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const std::optional<at::Tensor>& mask, double scale, bool is_causal) {
   check_attention(q, k, v, mask, scale);
+  // A q, k or v without elements (a width of 0, no keys, no batch) has no storage: its data pointer is null, and
+  // the SIMD paths' row pointers into it (b·stride + ...) and prefetches (row + bytes - 1) would be undefined
+  // (UBSan: "applying non-zero offset to null pointer"). SDPA, the reference, gives those results: zeros
+  // without keys, each row's mean of its values at Dq = 0, an empty output at Dv = 0.
+  if (q.numel() == 0 || k.numel() == 0 || v.numel() == 0) return attention_sdpa(q, k, v, mask, scale, is_causal);
 #if ADAPTWIN_X86
   if (q.scalar_type() != at::kDouble && !has_avx512() && has_avx2() && k.size(2) > 0 && q.size(0) > 0 &&
       q.size(1) > 0 && q.size(2) > 0)

@@ -6,6 +6,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
+#include <c10/util/safe_numerics.h>
 
 #include <algorithm>
 #include <memory>
@@ -90,17 +91,24 @@ bool read_layout(PyObject* layout, const RankLinearArgs* r, Py_ssize_t n, KeptLa
     return !l->bias && l->alphas[0] == 1.0;
   }
   l->kind = name == "in" ? KeptLayout::kIn : KeptLayout::kOut;
+  // (the sums and products of these sizes in int64 without wrapping around: with -fwrapv, blocks = 2^62 + 8 and
+  // widths (4,) made blocks·4 = 32, the call's width, and run_kept's loops over rows·blocks ran off its buffers)
+  int64_t width = 0;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_int(PyTuple_GET_ITEM(sizes, i), &l->widths[i]) || l->widths[i] < 1) return false;
-    l->block_width += l->widths[i];
+    if (!read_int(PyTuple_GET_ITEM(sizes, i), &l->widths[i]) || l->widths[i] < 1 ||
+        c10::add_overflows(l->block_width, l->widths[i], &l->block_width) ||
+        c10::mul_overflows(l->blocks, l->widths[i], &width))
+      return false;
     // the width call i gives ("in") or takes ("out"), from its factors' (k, n) shapes
     const RankLinearArgs& c = r[i];
     if (c.na != 2 || c.nb != 2) return false;
     const c10::SymInt& side =
         l->kind == KeptLayout::kIn ? (c.b ? c.b_shape[1] : c.a_shape[0]) : (c.a ? c.a_shape[1] : c.b_shape[0]);
-    if (side != l->blocks * l->widths[i]) return false;
+    if (side != width) return false;
   }
-  return !(l->bias && (l->bias->dim() != 1 || l->bias->size(0) != l->blocks * l->block_width));
+  int64_t total = 0;  // blocks·block_width, which layout_fits and run_kept compute as is
+  return !c10::mul_overflows(l->blocks, l->block_width, &total) &&
+         !(l->bias && (l->bias->dim() != 1 || l->bias->size(0) != total));
 }
 
 // Whether a layout read_layout took fits x: its bias a plain CPU tensor of x's dtype (another dtype would
@@ -292,7 +300,8 @@ PyObject* call_rank_linear_kept(PyObject* /*self*/, PyObject* const* args, Py_ss
     return not_implemented();
   int64_t max_rows;
   PyObject* calls = PyTuple_GET_ITEM(kept, 2);
-  if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || x->dim() == 0 || x->numel() > max_rows * x->size(-1) ||
+  if (!read_int(PyTuple_GET_ITEM(kept, 0), &max_rows) || x->dim() == 0 ||
+      (x->size(-1) > 0 && x->numel() / x->size(-1) > max_rows) ||  // (max_rows·size(-1) could overflow)
       !sources_hold(PyTuple_GET_ITEM(kept, 1)))
     return not_implemented();
   std::optional<KeptParsed> local;  // (made only for a tuple without its capsule: 2% of a 384-wide call)
