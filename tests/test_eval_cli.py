@@ -127,6 +127,68 @@ def test_eval_ctc_dense_and_compressed(manifest, tmp_path):
     assert rc == 2 and "is a CTC model: adapt trains sequence-to-sequence recognisers" in err
 
 
+def test_group_norm_ctc_models_never_see_padding(manifest, tmp_path):
+    """wav2vec2-base's kind (a GroupNorm feature encoder, no attention mask) is changed everywhere by padding:
+    eval runs each clip length on its own, so a batch gives the words each clip gives alone, and its calibration
+    batches hold clips of one length. Too short a clip for one frame is refused by name, in eval and in
+    calibration (the convolution failed with a traceback, and only when the clip was alone in its batch)."""
+    from transformers import AutoFeatureExtractor, Wav2Vec2ForCTC
+
+    from adaptwin.speech.audio import load_audio
+    from adaptwin.speech.calibration import calibration_batches, min_audio_samples
+    from adaptwin.speech.datasets import load_dataset
+
+    folder = save_ctc_dir(tmp_path / "ctc", group_norm=True)
+    model, fe = Wav2Vec2ForCTC.from_pretrained(folder).eval(), AutoFeatureExtractor.from_pretrained(folder)
+    utts = load_dataset(manifest)
+    clips = [load_audio(u.audio, 16000) for u in utts]
+    padded = fe(clips[:2], sampling_rate=16000, return_tensors="pt", padding=True)
+    assert "attention_mask" not in padded
+    with torch.no_grad():  # the check can fail: padding changes the shorter clip's every frame
+        alone = model(**fe(clips[:1], sampling_rate=16000, return_tensors="pt")).logits[0]
+        together = model(**padded).logits[0, :len(alone)]
+    assert (alone - together).abs().max() > 1e-3
+    runs = []
+    for batch in ("1", "6"):
+        rc, out, err = run_cli("eval", folder, "--data", manifest, "--json", "--batch-size", batch,
+                               "--normalizer", "basic")
+        assert rc == 0, err
+        runs.append(json.loads(out.strip().splitlines()[-1])["per_utterance"])
+    assert runs[0] == runs[1]
+    batches = calibration_batches(model, fe, None, utts + utts[:1] * 3, batch_size=2)
+    assert [tuple(b["input_values"].shape[:1]) for b in batches] == [(1,)] * 6 + [(2,), (1,)]
+    assert all("attention_mask" not in b for b in batches)
+    # a clip shorter than the convolutions' span (here 5·(3 - 1) + 10 = 20 samples; wav2vec2's is 400)
+    assert min_audio_samples(model) == 20
+    write_wav(tmp_path / "short.wav", np.full(19, 0.1), 16000)
+    (tmp_path / "short.jsonl").write_text(json.dumps({"audio": "short.wav", "text": "one"}) + "\n")
+    for batch in ("1", "2"):
+        rc, _, err = run_cli("eval", folder, "--data", tmp_path / "short.jsonl", "--batch-size", batch)
+        assert rc == 2 and "short.wav: 19 samples (1.2 ms at 16000 Hz) is shorter than Wav2Vec2ForCTC's first " \
+                           "frame, 20 samples (1.2 ms)" in err, err
+    rc, _, err = run_cli("compress", folder, "--out", tmp_path / "x", "--ratio", "0.4", "--calib",
+                         tmp_path / "short.jsonl")
+    assert rc == 2 and "short.wav: 19 samples" in err and not (tmp_path / "x").exists()
+
+
+def test_transcripts_longer_than_the_decoder_are_refused(model_dir, manifest, tmp_path):
+    """A transcript past Whisper's decoder positions (max_target_positions) is refused by name before any work,
+    by `compress --calib` (was an IndexError traceback from the position embedding) and by `adapt` (was
+    Hugging Face's error without the clip, after quantising)."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["text"] = " ".join(WORDS[4:8] * 5)  # 20 words, past the tiny decoder's 16 positions
+    for r in rows:
+        r["audio"] = str(manifest.parent / r["audio"])
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "x", "--ratio", "0.4", "--calib", long)
+    assert rc == 2 and "c1.wav: its transcript is 21 decoder tokens, more than WhisperForConditionalGeneration's " \
+                       "16 (max_target_positions)" in err, err
+    rc, _, err = run_cli("adapt", model_dir, "--data", long, "--out", tmp_path / "y", "--epochs", "1")
+    assert rc == 2 and "c1.wav: its transcript is 21 decoder tokens" in err, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_eval_selects_speaker_and_limit(model_dir, manifest):
     rc, out, err = run_cli("eval", model_dir, "--data", manifest, "--json", "--speaker", "ann", "--limit", "2",
                            "--max-new-tokens", "2", "--threads", "2")

@@ -257,6 +257,12 @@ def test_manifest(tmp_path):
     bad([good, '{"audio": "clips/b.wav"}'], r"line 2: 'text' must be a string \(required")
     bad([good, '{"audio": "clips/b.wav", "text": 7}'], r"line 2: 'text' must be a string")
     bad([good, '{"audio": "clips/b.wav", "text": "x", "speaker": 3}'], r"line 2: 'speaker' must be a string")
+    bad([good, '{"audio": "clips/b.wav", "text": "  "}'], r"line 2: 'text' is empty \(every clip needs its transcript")
+    bad([good, '{"audio": "", "text": "x"}'], r"line 2: 'audio' is empty")
+    # a null speaker or id is no speaker or id; a byte-order mark (Windows editors) is skipped
+    m.write_text("\ufeff" + good + '\n{"audio": "clips/b.wav", "text": "nine", "speaker": null, "id": null}\n',
+                 encoding="utf-8")
+    assert load_dataset(m) == [utts[0], Utterance("clips/b.wav", tmp_path / "clips" / "b.wav", "nine", "unknown")]
     bad([good, '{"audio": "clips/zzz.wav", "text": "x"}'], r"line 2: audio .*zzz.wav does not exist")
     bad([good, good], r"utterance id 'clips/a.wav' appears twice")
     bad(["", "  "], r"holds no utterances")

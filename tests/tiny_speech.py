@@ -54,9 +54,10 @@ def save_model_dir(d: Path, **kwargs) -> Path:
 CHARACTERS = ["<pad>", "<unk>", "|", *"abcdefghijklmnopqrstuvwxyz"]
 
 
-def save_ctc_dir(d: Path, std: float = 0.3) -> Path:
+def save_ctc_dir(d: Path, std: float = 0.3, group_norm: bool = False) -> Path:
     """A character-level Wav2Vec2ForCTC (2 layers, 32 wide, the layer-norm feature encoder that takes an
-    attention mask), its CTC tokenizer and raw-audio feature extractor, saved into ``d``."""
+    attention mask), its CTC tokenizer and raw-audio feature extractor, saved into ``d``. ``group_norm``: the
+    wav2vec2-base kind instead, a GroupNorm feature encoder whose feature extractor gives no attention mask."""
     import json
 
     from tiny_models import reinit
@@ -66,12 +67,13 @@ def save_ctc_dir(d: Path, std: float = 0.3) -> Path:
     (d / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(CHARACTERS)}))
     Wav2Vec2CTCTokenizer(str(d / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
                          word_delimiter_token="|").save_pretrained(d)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(d)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=not group_norm,
+                             return_attention_mask=not group_norm).save_pretrained(d)
     cfg = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                          conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), conv_bias=True,
-                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4, do_stable_layer_norm=True,
-                         feat_extract_norm="layer", mask_time_prob=0.0, vocab_size=len(CHARACTERS), pad_token_id=0)
+                         num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+                         do_stable_layer_norm=not group_norm, feat_extract_norm="group" if group_norm else "layer",
+                         mask_time_prob=0.0, vocab_size=len(CHARACTERS), pad_token_id=0)
     torch.manual_seed(0)
     reinit(Wav2Vec2ForCTC(cfg), seed=5, std=std).save_pretrained(d)
     return d

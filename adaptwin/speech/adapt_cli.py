@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adaptwin.sources import UsageError, extra_files, note
-from adaptwin.speech.calibration import decoder_tokens, transcript_ids
+from adaptwin.speech.calibration import check_decoder_length, decoder_tokens, transcript_ids
 from adaptwin.speech.cli import _positive, load_speech_model, select
 
 DEFAULT_EPOCHS = 10
@@ -99,6 +99,8 @@ def speech_batches(model, feature_extractor, tokenizer, utterances: Sequence, ba
         clips = [load_audio(u.audio, rate) for u in chunk]
         feats = feature_extractor(clips, sampling_rate=rate, return_tensors="pt")["input_features"]
         ids = [transcript_ids(tokenizer, u.text, eos, start) for u in chunk]
+        for u, i in zip(chunk, ids):
+            check_decoder_length(model, len(i), u)
         labels = torch.full((len(ids), max(len(i) for i in ids)), -100, dtype=torch.long)  # (B, L)
         for row, i in enumerate(ids):
             labels[row, :len(i)] = torch.tensor(i)

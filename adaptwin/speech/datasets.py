@@ -143,11 +143,14 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object with 'audio' and 'text', got {type(row).__name__}")
         for key, required in (("audio", True), ("text", True), ("speaker", False), ("id", False)):
-            if (required and key not in row) or (key in row and not isinstance(row[key], str)):
+            if (required and key not in row) or (row.get(key) is not None and not isinstance(row[key], str)):
                 raise ValueError(f"{where}: {key!r} must be a string"
-                                 + (" (required: 'audio' and 'text')" if required else ""))
-        if not row["audio"].strip():
-            raise ValueError(f"{where}: 'audio' is empty")
+                                 + (" (required: 'audio' and 'text')" if required else " or null"))
+        for key in ("audio", "text"):
+            if not row[key].strip():
+                raise ValueError(f"{where}: {key!r} is empty" + (" (every clip needs its transcript: the word error "
+                                                                 "rate and the decoder's training both read it)"
+                                                                 if key == "text" else ""))
         audio = Path(row["audio"]).expanduser()
         audio = audio if audio.is_absolute() else path.parent / audio
         if not audio.is_file():
@@ -162,7 +165,7 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
 
 def _read_lines(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()  # (skips a byte-order mark)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adaptwin.speech.audio import load_audio
+from adaptwin.speech.calibration import check_clip_lengths, takes_padding_mask
 from adaptwin.speech.datasets import Utterance
 from adaptwin.speech.wer import TextNormalizer, WERReport, utterance_errors, wer_report
 
@@ -70,6 +71,7 @@ def _transcribe(model, feature_extractor, tokenizer, utterances, batch_size, max
         clips = [load_audio(u.audio, rate) for u in batch]
         seconds += [len(c) / rate for c in clips]
         if ctc:
+            check_clip_lengths(model, clips, batch, rate)
             texts += _ctc_batch(model, feature_extractor, tokenizer, clips, rate, param)
             if progress is not None:
                 progress(len(texts), len(utterances))
@@ -93,7 +95,17 @@ def is_ctc(model) -> bool:
 
 def _ctc_batch(model, feature_extractor, tokenizer, clips, rate: int, param) -> list[str]:
     """Greedy CTC decoding: the best token of each frame, repeats merged and blanks dropped by the tokenizer.
-    Frames past a clip's own length (batch padding) are blanked before decoding."""
+    Frames past a clip's own length (batch padding) are blanked before decoding. A model whose feature
+    extractor gives no padding mask (GroupNorm feature encoders, wav2vec2-base) runs each length on its own:
+    padding would change every frame of the shorter clips."""
+    if not takes_padding_mask(feature_extractor) and len({len(c) for c in clips}) > 1:
+        texts: list[str] = [""] * len(clips)
+        for n in sorted({len(c) for c in clips}):
+            same = [i for i, c in enumerate(clips) if len(c) == n]
+            for i, t in zip(same, _ctc_batch(model, feature_extractor, tokenizer, [clips[i] for i in same], rate,
+                                             param)):
+                texts[i] = t
+        return texts
     import torch
 
     feats = feature_extractor(clips, sampling_rate=rate, return_tensors="pt", padding=True)
