@@ -155,3 +155,19 @@ def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     else:
         os.rename(tmp, target)
     fsync_dir(target.parent)
+
+
+def check_writable(target: str | os.PathLike[str]) -> None:
+    """Refuse a ``target`` that cannot be created or replaced: the nearest existing folder above it is a file,
+    or this process cannot write there (permissions, a read-only filesystem, /proc). Tested by creating and
+    removing an empty folder there, which is what the atomic writes need; ``ValueError`` names the folder."""
+    target = Path(target)
+    above = target.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"cannot create {target}: {above} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=temp_prefix(target.name, "probe"), dir=above))
+    except OSError as e:
+        raise ValueError(f"cannot write {target}: {above} does not take new folders ({e.strerror})") from None

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adaptwin._files import remove_dead_temps, temp_prefix
 from adaptwin.flags import _csv, _site_kinds, parse_method_option, parse_override
 from adaptwin.inspection import RANK_FLAGS as _RANK_FLAGS
 from adaptwin.inspection import _fmt_bytes, _fmt_int, _table
@@ -24,6 +25,8 @@ from adaptwin.sources import (
     DEFAULT_MAX_LENGTH,
     UsageError,
     calibration_for,
+    check_out_dir,
+    check_run_dir_flag,
     extra_files,
     hub_extra_files,
     is_speech_set,
@@ -167,24 +170,6 @@ def _config_from_args(args: argparse.Namespace):
                              **kwargs)
 
 
-def _check_out_dir(out: Path, model_dir: Path | None) -> None:
-    """Refuse a target `save` would refuse, before spending minutes on compression."""
-    from adaptwin.io import CONFIG_NAME, check_replaceable
-
-    if model_dir is not None and out.resolve() == model_dir.resolve():
-        raise UsageError(f"--out {out} is the model folder itself; choose a new directory")
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-            raise UsageError(f"--out {out} is a non-empty directory that is not an adaptwin save; "
-                             "choose a new or empty directory")
-    try:
-        check_replaceable(out)
-    except ValueError as e:
-        raise UsageError(f"--out {e}") from None
-
-
 def _finetune_from_args(args: argparse.Namespace, world: int):
     """The FinetuneConfig the flags ask for (None without --calib); bad values fail before any loading."""
     given = [k for k in _CALIB_ONLY if getattr(args, k) is not None]
@@ -245,7 +230,15 @@ def _compress(args: argparse.Namespace) -> int:
     utterances = read_speech_set(args.calib, args.calib_speaker) if speech_set else None
     local = resolve_model(args.model)
     out = Path(args.out).expanduser()
-    _check_out_dir(out, local)
+    check_out_dir(out, local)
+    if finetune is not None and args.run_dir is None and (args.keep_size is not None or args.max_error is not None):
+        try:  # where a budget conflict, known only after fine-tuning, saves the fine-tuned model
+            check_out_dir(out.with_name(out.name + "-unselected"), local)
+        except UsageError as e:
+            raise UsageError(f"{e} (with --keep-size / --max-error and no --run-dir, {out.name}-unselected beside "
+                             "--out receives the fine-tuned model if the budgets conflict)") from None
+    if args.run_dir is not None:
+        check_run_dir_flag(Path(args.run_dir).expanduser(), local, out)
     source = str(local) if local is not None else args.model
     say = note if rank == 0 else (lambda msg: None)
 
@@ -267,8 +260,9 @@ def _compress(args: argparse.Namespace) -> int:
                 check_keep_size(args.keep_size, total["params_after"] / total["params_before"])
             batches = calibration_for(model, source, args.calib, lines, utterances,
                                       args.batch_size or DEFAULT_BATCH_SIZE, args.max_length)
-            if finetune.storage == "disk" and finetune.run_dir is None:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="adaptwin-activations-"))
+            if finetune.storage == "disk" and finetune.run_dir is None:  # (named after this process, so that
+                remove_dead_temps(tempfile.gettempdir(), "adaptwin-activations")  # a later run removes it if killed)
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=temp_prefix("adaptwin-activations")))
                 finetune = dataclasses.replace(finetune, storage_dir=tmp)
             adapter = adaptwin.get_architecture(planned.architecture)
             layers = [p for p, _ in adapter.layer_paths(model)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from adaptwin._files import give_default_mode, remove_dead_temps, replace_dir, temp_prefix
+from adaptwin._files import check_writable, give_default_mode, remove_dead_temps, replace_dir, temp_prefix
 from adaptwin.compress import RECORD_ATTR, CompressionRecord, _submodule_setter, compression_record
 from adaptwin.config import CompressionConfig
 from adaptwin.registry import get_architecture, get_compressor
@@ -74,7 +74,9 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 def check_replaceable(target: Path) -> None:
     """Refuse a target `save` must not replace: a file, a non-empty folder that is no adaptwin save, or a save
     holding files that no save wrote (a replacement swaps the whole folder: they would be lost). Saves written
-    before 2026-11-26 do not list their files, so only their weights and config are known."""
+    before 2026-11-26 do not list their files, so only their weights and config are known. The folder it would be
+    created in must be one this process can write (`check_writable`)."""
+    check_writable(target)
     if not target.exists():
         return
     if not target.is_dir():

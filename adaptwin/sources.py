@@ -272,3 +272,37 @@ def calibration_for(model, source: str, calib: str, lines: list[str] | None, utt
         return speech_batches(model, feature_extractor, tokenizer, utterances, batch_size)
     except ValueError as e:
         raise UsageError(f"--calib {calib}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def check_out_dir(out: Path, model_dir: Path | None) -> None:
+    """Refuse a target `save` would refuse, before spending minutes on compression."""
+    from adaptwin.io import CONFIG_NAME, check_replaceable
+
+    if model_dir is not None and out.resolve() == model_dir.resolve():
+        raise UsageError(f"--out {out} is the model folder itself (MODEL_DIR itself); choose a new directory")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a directory")
+        if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
+            raise UsageError(f"--out {out} is a non-empty directory that is not an adaptwin save; "
+                             "choose a new or empty directory")
+    try:
+        check_replaceable(out)
+    except ValueError as e:
+        raise UsageError(f"--out {e}") from None
+
+
+def check_run_dir_flag(run_dir: Path, model_dir: Path | None, out: Path) -> None:
+    """--run-dir: new, empty or an earlier run's, and neither inside MODEL_DIR nor inside --out."""
+    from adaptwin.finetune.checkpoint import check_run_dir
+
+    for other, what in ((model_dir, "MODEL_DIR"), (out, "--out")):
+        if other is not None and run_dir.resolve().is_relative_to(other.resolve()):
+            raise UsageError(f"--run-dir {run_dir} is inside {what} {other}; give a folder of its own")
+    try:
+        check_run_dir(run_dir)
+    except ValueError as e:
+        raise UsageError(f"--{e}".replace("--run_dir", "--run-dir", 1)) from None

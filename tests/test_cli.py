@@ -349,6 +349,25 @@ def test_out_dir_that_is_not_a_save_is_refused(bert_dir, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     rc, _, err = run_cli("compress", bert_dir, "--out", bert_dir, "--ratio", "0.4")
     assert_user_error(rc, err, "is the model folder itself")
+    (tmp_path / "a-file").write_text("x")  # found before any work (was an OSError once everything was done)
+    rc, _, err = run_cli("compress", bert_dir, "--out", tmp_path / "a-file" / "sub" / "out", "--ratio", "0.4")
+    assert_user_error(rc, err, f"cannot create {tmp_path / 'a-file' / 'sub' / 'out'}: {tmp_path / 'a-file'} is a "
+                               "file, not a folder")
+
+
+def test_check_writable_probes_the_folder_it_would_create_in(tmp_path, monkeypatch):
+    from adaptwin import _files
+
+    _files.check_writable(tmp_path / "new" / "deeper" / "save")  # created later, under a writable folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_files.tempfile, "mkdtemp", refuse)  # (as root, a chmod 555 folder cannot show it)
+    with pytest.raises(ValueError, match=f"cannot write {tmp_path / 'x'}: {tmp_path} does not take new folders "
+                                         r"\(Permission denied\)"):
+        _files.check_writable(tmp_path / "x")
 
 
 def test_inspect_bad_dirs(tmp_path, bert_dir, bert_save):

@@ -237,6 +237,17 @@ def test_bad_finetune_input(bert_dir, whisper_dir, calib_file, tmp_path, monkeyp
         specials)
     fails(specials, "--calib", calib_file, expected="reads 153 of --calib's 153 tokens as '[UNK]' (unknown)")
     fails(whisper_dir, "--calib", calib_file, expected="takes audio (input_features): --calib must be a speech set")
+    # --run-dir: new, empty or an earlier run's (was: any folder, MODEL_DIR included, written into)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    fails(bert_dir, "--calib", calib_file, "--run-dir", tmp_path / "notes",
+          expected="--run-dir " + str(tmp_path / "notes") + " is a non-empty folder that holds no earlier run")
+    fails(bert_dir, "--calib", calib_file, "--run-dir", bert_dir / "run", expected="is inside MODEL_DIR")
+    fails(bert_dir, "--calib", calib_file, "--run-dir", out / "run", expected="is inside --out")
+    # with a budget and no --run-dir, DIR-unselected must be free too: a conflict saves the fine-tuned model there
+    (tmp_path / "out-unselected").mkdir()
+    (tmp_path / "out-unselected" / "x").write_text("mine")
+    fails(bert_dir, "--calib", calib_file, "--keep-size", "0.8", expected="out-unselected is a non-empty directory")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     fails(bert_dir, "--calib", calib_file, "--sequential", expected="run it in one process, not torchrun")
 

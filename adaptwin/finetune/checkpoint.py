@@ -94,6 +94,18 @@ def remove_stale(run_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a ``run_dir`` that is neither new, empty, nor an earlier run's (it holds ``run.json``): a run
+    writes ``run.json``, ``layers/`` and ``activations/`` there, beside whatever else the folder holds."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} exists and is not a directory")
+    if any(run_dir.iterdir()) and not (run_dir / "run.json").is_file():
+        raise ValueError(f"run_dir {run_dir} is a non-empty folder that holds no earlier run (no run.json); give a "
+                         "new or empty folder, or the run_dir of the run to resume")
+
+
 def check_run(run_file: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse a run directory whose ``run.json`` differs from ``fingerprint`` (another model, data or settings)."""
     try:

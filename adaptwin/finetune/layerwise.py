@@ -29,9 +29,18 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
+from adaptwin._files import remove_dead_temps, temp_prefix
 from adaptwin.compress import compression_record
 from adaptwin.finetune.capture import ActivationStore, capture, first_output, run_model
-from adaptwin.finetune.checkpoint import check_run, data_digest, remove_stale, safe_name, weights_digest, write_atomic
+from adaptwin.finetune.checkpoint import (
+    check_run,
+    check_run_dir,
+    data_digest,
+    remove_stale,
+    safe_name,
+    weights_digest,
+    write_atomic,
+)
 from adaptwin.finetune.config import FinetuneConfig
 from adaptwin.finetune.trainer import LayerResult, layer_seed, token_masks, train_layer
 from adaptwin.registry import get_architecture, get_compressor
@@ -202,10 +211,14 @@ def finetune(
     run_dir = Path(cfg.run_dir) if cfg.run_dir else None
     own_dir = world > 1 and run_dir is None
     if own_dir:  # ranks exchange layers through files: agree on a folder
-        box = [tempfile.mkdtemp(prefix="adaptwin-run-") if rank == 0 else None]
+        if rank == 0:  # (what ranks killed earlier left: their folders are named after their process)
+            remove_dead_temps(tempfile.gettempdir(), "adaptwin-run")
+        box = [tempfile.mkdtemp(prefix=temp_prefix("adaptwin-run")) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
     if run_dir is not None:
+        if rank == 0 and not own_dir:
+            check_run_dir(run_dir)
         (run_dir / "layers").mkdir(parents=True, exist_ok=True)
         fingerprint = {"architecture": record.architecture, "compression": record.config,
                        "finetune": cfg.fingerprint(), "layers": layers, "calibration": data_digest(batches),

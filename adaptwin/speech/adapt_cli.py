@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from adaptwin.sources import UsageError, extra_files, note
+from adaptwin.sources import UsageError, check_out_dir, extra_files, note
 from adaptwin.speech.calibration import check_decoder_length, decoder_tokens, transcript_ids
 from adaptwin.speech.cli import _positive, load_speech_model, select
 
@@ -108,19 +108,6 @@ def speech_batches(model, feature_extractor, tokenizer, utterances: Sequence, ba
     return batches
 
 
-def _check_out(out: Path, model_dir: Path) -> None:
-    from adaptwin.io import CONFIG_NAME, check_replaceable
-
-    if out.resolve() == model_dir.resolve():
-        raise UsageError(f"--out {out} is MODEL_DIR itself; choose a new directory")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_NAME).is_file())):
-        raise UsageError(f"--out {out} exists and is not an empty folder or an adaptwin save; choose another")
-    try:
-        check_replaceable(out)
-    except ValueError as e:
-        raise UsageError(f"--out {e}") from None
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
     import time
 
@@ -141,7 +128,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                              f"first {args.limit or len(pool)}; {args.data} has {len(pool)}"
                              f"{f' of speaker {args.speaker}' if args.speaker else ''}")
     folder, out = Path(args.model).expanduser(), Path(args.out).expanduser()
-    _check_out(out, folder)
+    check_out_dir(out, folder)
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()
     if args.threads is not None:
