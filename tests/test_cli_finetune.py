@@ -248,6 +248,11 @@ def test_bad_finetune_input(bert_dir, whisper_dir, calib_file, tmp_path, monkeyp
     (tmp_path / "out-unselected").mkdir()
     (tmp_path / "out-unselected" / "x").write_text("mine")
     fails(bert_dir, "--calib", calib_file, "--keep-size", "0.8", expected="out-unselected is a non-empty directory")
+    # PQM keeps every weight (NF4) and adds LoRA: no parameter budget can be met (the advice was to use a ratio,
+    # which pqm refuses, or a keep_size above 1)
+    rc, _, err = run_cli("compress", bert_dir, "--out", out, "--attention-method", "pqm", "--ffn-method", "pqm",
+                         "--attention-rank", "2", "--ffn-rank", "2", "--calib", calib_file, "--keep-size", "0.9")
+    assert_user_error(rc, err, "so no --keep-size can be met; select by error with --max-error instead")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     fails(bert_dir, "--calib", calib_file, "--sequential", expected="run it in one process, not torchrun")
 

@@ -117,6 +117,11 @@ def check_budget(keep_size: float | None, max_error: float | None) -> None:
 
 def check_keep_size(keep_size: float, kept_fraction_all: float) -> None:
     """Refuse a ``keep_size`` below what keeping every layer compressed already achieves."""
+    if kept_fraction_all >= 1.0 - _TOLERANCE:  # PQM: NF4 keeps every weight and LoRA adds some
+        raise ValueError(
+            f"keep_size budgets parameters, and compressing every layer keeps {kept_fraction_all:.4f} of them (the "
+            "method saves bytes, not parameters: PQM stores every weight in NF4 and adds LoRA), so no keep_size "
+            "can be met; select by error with max_error instead")
     if keep_size < kept_fraction_all - _TOLERANCE:
         raise ValueError(
             f"keep_size {keep_size:g} is below the {kept_fraction_all:.4f} of the targeted parameters kept "
