@@ -30,15 +30,20 @@ class CompressionRecord:
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {compressor, spec}
     sites: list[dict[str, Any]] = field(default_factory=list)  # one row per compressed site
     finetune: dict[str, Any] | None = None  # FinetuneConfig and per-layer results, when fine-tuned
+    adaptations: list[dict[str, Any]] = field(default_factory=list)  # PQM `adapt` runs since, oldest first
 
     def to_dict(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "config": self.config, "modules": self.modules,
-                "sites": self.sites, "finetune": self.finetune}
+                "sites": self.sites, "finetune": self.finetune, "adaptations": self.adaptations}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressionRecord:
         try:
-            return cls(d["architecture"], d["config"], dict(d["modules"]), list(d["sites"]), d.get("finetune"))
+            adaptations = d.get("adaptations") or []  # (saves before 2026-11-26 have none)
+            if not isinstance(adaptations, list) or not all(isinstance(a, dict) for a in adaptations):
+                raise TypeError("'adaptations' must be a list of objects")
+            return cls(d["architecture"], d["config"], dict(d["modules"]), list(d["sites"]), d.get("finetune"),
+                       list(adaptations))
         except (KeyError, TypeError) as e:
             raise ValueError(f"compression record is malformed: missing or bad field {e}") from None
 

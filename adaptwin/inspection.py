@@ -79,6 +79,7 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "original_dtype": _dense_dtype(directory, comp["modules"]),
             "shared": _shared_data(meta["aliases"]),
             "finetune": _finetune_data(comp.get("finetune")),
+            "adaptations": list(comp.get("adaptations") or []),
         }
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{directory}: adaptwin.json is malformed (bad or missing field {e})") from None
@@ -236,13 +237,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         span = (f"; relative output error per layer {min(b for b, _ in errors):.4f}-{max(b for b, _ in errors):.4f}"
                 f" -> {min(a for _, a in errors):.4f}-{max(a for _, a in errors):.4f}") if errors else ""
         print(f"fine-tuned {len(layers)} layers: mode {c.get('mode')}, init {c.get('init')}, lr {c.get('lr')}, "
-              f"up to {c.get('epochs')} epochs{span}")
+              f"up to {c.get('epochs')} epochs{span}"
+              + (" (measured before the adaptation below changed the LoRA factors)" if data["adaptations"] else ""))
         sel = ft["selection"]
         if sel:
             budget = ", ".join(f"{k} {sel[k]:g}" for k in ("keep_size", "max_error") if sel.get(k) is not None)
             print(f"selection ({budget}): {len(sel['reverted'])} layer(s) reverted to the original "
                   f"({', '.join(sel['reverted']) or 'none'}); targeted parameters kept {_fmt_int(sel['params_kept'])} "
                   f"of {_fmt_int(sel['params_original'])} ({100 * sel['keep_fraction']:.1f} %)")
+    for i, a in enumerate(data["adaptations"], 1):
+        who = (f"{a['utterances']} utterances ({', '.join(a.get('speakers') or [])}) of {a['data']}, "
+               if "utterances" in a and "data" in a else f"{a.get('batches')} batches, ")
+        kept = f", held-out loss kept epoch {a['best_epoch']}" if a.get("best_epoch") is not None else ""
+        print(f"adapted ({i} of {len(data['adaptations'])}, PQM LoRA, the model's own loss): {who}"
+              f"{a.get('epochs')} epochs, lr {a.get('lr'):g}, loss {a.get('loss_before', float('nan')):.4f} -> "
+              f"{a.get('loss_after', float('nan')):.4f}{kept}")
     return 0
 
 

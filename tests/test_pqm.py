@@ -282,8 +282,14 @@ def test_save_load_round_trip(manifest, tmp_path):
     assert fc1["params"] == 128 * 64 + 128 + 2 * (64 + 128)
     assert fc1["bytes"] == 4096 + 128 + 4 + 4 + 4 * (128 + 2 * (64 + 128))
     # Further adaptation of a loaded save works (e.g. after multi-speaker pre-training).
-    report = adaptwin.adapt(loaded, batches, epochs=1, lr=1e-2)
+    (first,) = loaded.adaptwin_record.adaptations  # the run before the save, as saved
+    assert first["loss_after"] == small.adaptwin_adapt.loss_after and first["epochs"] == 2 and first["lr"] == 1e-2
+    report = adaptwin.adapt(loaded, batches, epochs=1, lr=1e-2, about={"speaker": "ann"})
     assert report.steps == len(batches)
+    assert [a["epochs"] for a in loaded.adaptwin_record.adaptations] == [2, 1]
+    assert loaded.adaptwin_record.adaptations[1]["speaker"] == "ann"
+    with pytest.raises(ValueError, match="about must be a mapping"):
+        adaptwin.adapt(loaded, batches, epochs=1, about=["ann"])
 
 
 
@@ -324,6 +330,11 @@ def test_cli_adapt_end_to_end(model_dir, manifest, tmp_path):
         assert (out / name).is_file(), name
     loaded = adaptwin.load(out)
     assert {m.rank for m in loaded.modules() if isinstance(m, NF4LoRALinear)} == {2}
+    (run,) = loaded.adaptwin_record.adaptations  # what was adapted on is kept with the save, and inspect says it
+    assert run["speakers"] == ["ann"] and run["utterances"] == 6 and run["loss_after"] == data["loss_after"]
+    rc, text, _ = run_cli("inspect", out)
+    assert rc == 0 and f"adapted (1 of 1, PQM LoRA, the model's own loss): 6 utterances (ann) of {manifest}, 6 " \
+                       "epochs, lr 0.01, loss" in text
     assert any(m.lora_B.any() for m in loaded.modules() if isinstance(m, NF4LoRALinear))
     # The adapted save is a normal speech model folder: `adaptwin eval` reads it, `adapt` continues from it.
     rc, _, err = run_cli("eval", out, "--data", manifest, "--json", "--max-new-tokens", "3")

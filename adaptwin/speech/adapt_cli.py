@@ -161,8 +161,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         note(f"adapting on {len(utterances)} utterances from {args.data} in {len(batches)} batches, "
              f"{args.epochs} epochs, lr {args.lr:g} ...")
         held = speech_batches(model, feature_extractor, tokenizer, held_out, args.batch_size) if held_out else None
+        about = {"data": str(args.data), "speakers": sorted({u.speaker for u in utterances}),
+                 "utterances": len(utterances), "held_out_utterances": len(held_out)}
         report = adaptwin.adapt(model, batches, epochs=args.epochs, lr=args.lr, seed=args.seed, eval_batches=held,
-                                progress=lambda e, n, loss: note(f"  epoch {e}/{n}  loss {loss:.4f}"))
+                                progress=lambda e, n, loss: note(f"  epoch {e}/{n}  loss {loss:.4f}"), about=about)
         t2 = time.perf_counter()
         adaptwin.save(model, out, extra_files=extra_files(folder))
         t3 = time.perf_counter()

@@ -86,7 +86,8 @@ def _mean_loss(model: nn.Module, batches: list) -> float:
 def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int = 10, lr: float = 1e-3,
           seed: int = 0, shuffle: bool = True, max_grad_norm: float | None = 1.0,
           progress: Callable[[int, int, float], None] | None = None,
-          eval_batches: Iterable[Mapping[str, Any]] | None = None, patience: int | None = None) -> AdaptReport:
+          eval_batches: Iterable[Mapping[str, Any]] | None = None, patience: int | None = None,
+          about: Mapping[str, Any] | None = None) -> AdaptReport:
     """Train the LoRA factors of ``model``'s PQM modules on ``batches`` with Adam; everything else stays frozen.
 
     Args:
@@ -99,10 +100,14 @@ def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int
         eval_batches: held-out batches (same form); when given, the factors of the epoch with the lowest mean
             loss on them (epoch 0 = before training included) are restored at the end.
         patience: with ``eval_batches``, stop after this many epochs without a new best (None: run all).
+        about: JSON-able facts about the data (speaker, data set, utterances), recorded with the run.
 
     Returns:
-        An `AdaptReport`; it is also kept as ``model.adaptwin_adapt``.
+        An `AdaptReport`; it is also kept as ``model.adaptwin_adapt``, and a model compressed by adaptwin appends
+        the run (settings, losses, kept epoch, ``about``) to its record's ``adaptations``, which `save` writes.
     """
+    if about is not None and not isinstance(about, Mapping):
+        raise ValueError(f"about must be a mapping of JSON-able facts, got {type(about).__name__}")
     batches = list(batches)
     _check(epochs, lr, batches)
     held = list(eval_batches) if eval_batches is not None else None
@@ -165,4 +170,11 @@ def adapt(model: nn.Module, batches: Iterable[Mapping[str, Any]], *, epochs: int
     report = AdaptReport(before, after, epoch_losses, steps, sum(p.numel() for p in params),
                          time.perf_counter() - t0, eval_losses, best_epoch)
     model.adaptwin_adapt = report
+    record = getattr(model, "adaptwin_record", None)  # (the attribute compress and load set: RECORD_ATTR)
+    if record is not None and isinstance(getattr(record, "adaptations", None), list):
+        record.adaptations.append({
+            "epochs": epochs, "lr": float(lr), "seed": int(seed), "batches": len(batches),
+            "held_out_batches": len(held) if held is not None else 0, "steps": steps,
+            "loss_before": before, "loss_after": after, "eval_losses": eval_losses, "best_epoch": best_epoch,
+            **dict(about or {})})
     return report
