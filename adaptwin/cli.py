@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from adaptwin.compress_cli import add_parser as add_compress_parser
@@ -97,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed usage and the problem
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    flags = _command_flags(parser, args.command)
+    show = warnings.showwarning  # a warning is one line on stderr, not the library's source line
+
+    def one_line_warning(message, category, *rest, **kw) -> None:
+        print(f"adaptwin {args.command}: warning: {in_flag_words(' '.join(str(message).split()), flags)}",
+              file=sys.stderr)
+
+    warnings.showwarning = one_line_warning
     try:
         return _COMMANDS[args.command](args)
     except BrokenPipeError:  # `adaptwin list | head`: the reader left; not an error worth a message
@@ -104,12 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (ValueError, FileNotFoundError, OSError) as e:
-        message = in_flag_words(one_line(e), _command_flags(parser, args.command))
+        message = in_flag_words(one_line(e), flags)
         print(f"adaptwin {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("adaptwin: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

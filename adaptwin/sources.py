@@ -46,6 +46,9 @@ def resolve_model(name: str) -> Path | None:
     if path.exists():
         if not path.is_dir():
             raise UsageError(f"MODEL_DIR {name} is a file; pass the folder holding config.json")
+        if not (path / "config.json").is_file() and (path / "adaptwin.json").is_file():
+            raise UsageError(f"MODEL_DIR {name} is an adaptwin save, already compressed; compress takes the original "
+                             "Hugging Face folder (a save loads with adaptwin.load; eval and adapt take it)")
         if not (path / "config.json").is_file():
             raise UsageError(f"MODEL_DIR {name} has no config.json; pass a Hugging Face model folder "
                              "(written by save_pretrained)")
@@ -233,7 +236,7 @@ def read_speech_set(path: str, speaker: str | None) -> list:
         utterances = load_dataset(path)
     except ValueError as e:
         raise UsageError(f"--calib {e}") from None
-    return select(utterances, speaker, None, path)
+    return select(utterances, speaker, None, path, "--calib-speaker")
 
 
 def calibration_for(model, source: str, calib: str, lines: list[str] | None, utterances: list | None,

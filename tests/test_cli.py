@@ -110,6 +110,16 @@ def test_compress_with_another_compressor(bert_dir, tmp_path, method, options, p
         assert head.endswith("pqm: NF4 base (block 32, double quant) + LoRA rank 2/3 on attention, ffn")
 
 
+def test_warnings_are_one_line_in_flag_words(bert_dir, tmp_path):
+    """A library warning prints as one line naming the command, not as Python's file:line plus source line."""
+    rc, _, err = run_cli("compress", bert_dir, "--out", tmp_path / "r", "--attention-rank", "11", "--ffn-rank", "40",
+                         "--attention-method", "residual", "--ffn-method", "residual")
+    assert rc == 0, err
+    line = next(x for x in err.splitlines() if "warning" in x)
+    assert line.startswith("adaptwin compress: warning: these ranks add parameters instead of removing them")
+    assert "UserWarning" not in err and ".py:" not in err
+
+
 def test_parse_method_option():
     from adaptwin.cli import parse_method_option
 

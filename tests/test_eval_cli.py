@@ -189,6 +189,46 @@ def test_transcripts_longer_than_the_decoder_are_refused(model_dir, manifest, tm
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_eval_and_adapt_small_refusals_and_warnings(model_dir, manifest, tmp_path):
+    """Found by the speech audit of 2026-11-26: each was a late, silent or Python-worded outcome before."""
+    ctc = save_ctc_dir(tmp_path / "ctc")
+    rc, _, err = run_cli("eval", ctc, "--data", manifest, "--max-new-tokens", "4")  # was silently ignored
+    assert rc == 2 and "--max-new-tokens limits generate(); Wav2Vec2ForCTC is a CTC model" in err
+    rc, _, err = run_cli("adapt", model_dir, "--data", manifest, "--out", tmp_path / "a", "--seed", "-3")
+    assert rc == 2 and "--seed must be a whole number in [0, 2**63), got -3" in err  # before loading, by flag
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    punct = tmp_path / "punct.jsonl"
+    punct.write_text("".join(json.dumps({**r, "audio": str(manifest.parent / r["audio"]), "text": "?!"}) + "\n"
+                             for r in rows))
+    rc, _, err = run_cli("eval", model_dir, "--data", punct, "--normalizer", "basic")
+    assert rc == 2 and "every reference is empty after normalisation (e.g. " in err and "'?!' -> ''" in err
+    rc, _, err = run_cli("compress", ctc, "--out", tmp_path / "c", "--ratio", "0.3")
+    assert rc == 0
+    rc, _, err = run_cli("compress", tmp_path / "c", "--out", tmp_path / "d", "--ratio", "0.3")
+    assert rc == 2 and "is an adaptwin save, already compressed; compress takes the original" in err
+
+
+def test_eval_warns_when_normalisation_merges_words(tmp_path):
+    """Whisper's English normaliser writes spelled-out numbers as digits: a digit sequence becomes one word, and
+    the WER counts whole numbers; eval says so (and --normalizer basic keeps the words)."""
+    from adaptwin.speech.wer import english_normalizer
+
+    try:
+        norm = english_normalizer(tmp_path, None)
+    except (ValueError, FileNotFoundError, OSError):
+        pytest.skip("no Whisper English spelling table here (the shared data folder's whisper-assets)")
+    assert norm("seven three one") == "731"
+    folder = save_model_dir(tmp_path / "whisper")
+    write_wav(tmp_path / "a.wav", 0.1 * np.sin(np.arange(8000) / 5), 16000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "seven three one"}) + "\n")
+    rc, out, err = run_cli("eval", folder, "--data", tmp_path / "m.jsonl", "--max-new-tokens", "2")
+    assert rc == 0, err
+    assert "warning: normalisation turned the transcripts' 3 words into 1" in out
+    rc, out, err = run_cli("eval", folder, "--data", tmp_path / "m.jsonl", "--max-new-tokens", "2",
+                           "--normalizer", "basic")
+    assert rc == 0 and "normalisation turned" not in out
+
+
 def test_eval_selects_speaker_and_limit(model_dir, manifest):
     rc, out, err = run_cli("eval", model_dir, "--data", manifest, "--json", "--speaker", "ann", "--limit", "2",
                            "--max-new-tokens", "2", "--threads", "2")
@@ -340,11 +380,12 @@ def test_compress_fine_tunes_speech_models_on_a_speech_set(model_dir, manifest, 
         assert layers and all(r["error_after"] <= r["error_before"] for r in layers)
         if model is model_dir:
             assert any(r["path"].startswith("model.decoder.") for r in layers)
-        rc, _, err = run_cli("eval", out, "--data", manifest, "--json", "--max-new-tokens", "4")
+        rc, _, err = run_cli("eval", out, "--data", manifest, "--json",
+                             *(("--max-new-tokens", "4") if model is model_dir else ()))
         assert rc == 0, err
     rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "x", "--ratio", "0.4", "--calib", manifest,
                          "--calib-speaker", "nobody")
-    assert rc == 2 and "--speaker 'nobody' has no utterances" in err
+    assert rc == 2 and "--calib-speaker 'nobody' has no utterances" in err
     text = tmp_path / "calib.txt"
     text.write_text("one two three\n")
     rc, _, err = run_cli("compress", model_dir, "--out", tmp_path / "x", "--ratio", "0.4", "--calib", text)

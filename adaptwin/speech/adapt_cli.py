@@ -118,6 +118,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     from adaptwin.compressors.pqm import NF4LoRALinear, is_pqm, quantize
     from adaptwin.speech.datasets import load_dataset
 
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be a whole number in [0, 2**63), got {args.seed}")
     pool = select(load_dataset(args.data), args.speaker, None, args.data)  # cheap checks first
     utterances = pool[:args.limit] if args.limit else pool
     held_out = []

@@ -96,14 +96,15 @@ def load_speech_model(model_dir: str):
     return model, feature_extractor, tokenizer
 
 
-def select(utterances: list, speaker: str | None, limit: int | None, data: str) -> list:
-    """The utterances of ``speaker`` (all when None), the first ``limit`` of them."""
+def select(utterances: list, speaker: str | None, limit: int | None, data: str, flag: str = "--speaker") -> list:
+    """The utterances of ``speaker`` (all when None), the first ``limit`` of them; ``flag`` names the option
+    that gave the speaker in the error."""
     if speaker is not None:
         chosen = [u for u in utterances if u.speaker == speaker]
         if not chosen:
             names = sorted({u.speaker for u in utterances})
             shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-            raise UsageError(f"--speaker {speaker!r} has no utterances in {data}; speakers there: {shown}")
+            raise UsageError(f"{flag} {speaker!r} has no utterances in {data}; speakers there: {shown}")
         utterances = chosen
     return utterances[:limit] if limit is not None else utterances
 
@@ -126,6 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, feature_extractor, tokenizer = load_speech_model(args.model)
+        if args.max_new_tokens is not None and ev.is_ctc(model):
+            raise UsageError(f"--max-new-tokens limits generate(); {type(model).__name__} is a CTC model, which "
+                             "gives one token per audio frame: leave it out")
         note(f"transcribing {len(utterances)} utterances from {args.data} with {type(model).__name__} "
              f"(batch {args.batch_size}, greedy) ...")
         result = ev.evaluate(model, feature_extractor, tokenizer, utterances, batch_size=args.batch_size,
@@ -153,6 +157,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result.truncated:
         print(f"warning: {result.truncated} clip(s) are longer than the feature extractor's "
               f"{feature_extractor.n_samples / feature_extractor.sampling_rate:g} s window; only their start was heard")
+    written = sum(len(u.text.split()) for u in utterances)
+    if r.reference_words < written / 2:
+        print(f"warning: normalisation turned the transcripts' {written} words into {r.reference_words} (the Whisper "
+              "English normaliser writes spelled-out numbers as digits: 'one two' -> '12'), so this WER counts "
+              "whole numbers; --normalizer basic keeps every word")
     return 0
 
 

@@ -146,6 +146,10 @@ def evaluate(model, feature_extractor, tokenizer, utterances: Sequence[Utterance
     utterances = list(utterances)
     if not utterances:
         raise ValueError("no utterances to evaluate")
+    norm = normalizer or (lambda s: " ".join(s.split()))
+    if not any(norm(u.text) for u in utterances):  # found before transcribing, not after
+        raise ValueError(f"every reference is empty after normalisation (e.g. {utterances[0].audio}: "
+                         f"{utterances[0].text!r} -> ''): WER is undefined; try another normalizer")
     t0 = time.perf_counter()
     hyps, seconds, truncated = _transcribe(model, feature_extractor, tokenizer, utterances, batch_size,
                                            max_new_tokens, progress)
