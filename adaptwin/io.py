@@ -98,6 +98,23 @@ def check_replaceable(target: Path) -> None:
                              "them, or choose another path")
 
 
+def _canonical_header(f) -> None:
+    """Rewrite a safetensors header, in place and at its length, with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata from a hash map, in an order that changes from process to process, so
+    the same model saved twice gave files, and SHA-256s in adaptwin.json, that differed in those bytes alone.
+    """
+    f.seek(0)
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) <= size:  # (the same entries in another order: the same length; safetensors pads with spaces)
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str | os.PathLike] = (),
          overwrite: bool = True) -> Path:
     """Write a compressed model to directory ``path`` atomically (a temporary folder, then a rename).
@@ -129,6 +146,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, extra_files: Iterable[str
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT})
         with open(tmp / WEIGHTS_NAME, "rb+") as f:
+            _canonical_header(f)
             os.fsync(f.fileno())
         for p in extras:
             shutil.copyfile(p, tmp / p.name)

@@ -196,6 +196,29 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
         exchange(tmp_path / "a", tmp_path / "missing")
 
 
+def test_weights_file_bytes_do_not_depend_on_the_process(tmp_path):
+    """safetensors writes its metadata from a hash map, in an order that changes from process to process (two
+    saves of one model gave different files and SHA-256s); save rewrites the header with the keys sorted."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"a": torch.arange(3.0), "b": torch.ones(2, 2)}
+    files = []
+    for i, order in enumerate(((("producer", "x"), ("format", "pt")), (("format", "pt"), ("producer", "x")))):
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, str(path), metadata=dict(order))
+        raw = path.read_bytes()  # the order as written: force the one this case wants, at the same length
+        text = raw[8:8 + int.from_bytes(raw[:8], "little")].decode()
+        want = '{"__metadata__":{' + ",".join(f'"{k}":"{v}"' for k, v in order) + "}"
+        start = text.index('{"__metadata__":{')
+        end = text.index("}", start) + 1
+        path.write_bytes(raw[:8] + (text[:start] + want + text[end:]).encode() + raw[8 + len(text):])
+        with open(path, "rb+") as f:
+            aio._canonical_header(f)
+        files.append(path.read_bytes())
+        assert all(torch.equal(load_file(str(path))[k], v) for k, v in tensors.items())
+    assert files[0] == files[1]
+
+
 @pytest.fixture
 def saved(small, tmp_path):
     return adaptwin.save(small, tmp_path / "m")

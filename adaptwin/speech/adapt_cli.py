@@ -150,6 +150,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                 raise UsageError(f"MODEL_DIR {args.model} is a PQM save with LoRA rank {ranks}; --lora-rank "
                                  f"{args.lora_rank} cannot change it (leave it out, or start from the dense model)")
             note(f"adapting the PQM save {args.model} (LoRA rank {ranks}) ...")
+            others = sorted({e["compressor"] for e in model.adaptwin_record.modules.values()} - {"pqm"})
+            if others:
+                note(f"  only its PQM modules' LoRA factors train; the modules compressed with {', '.join(others)} "
+                     "stay as they are")
         elif getattr(model, "adaptwin_record", None) is not None:
             raise UsageError(f"MODEL_DIR {args.model} is an adaptwin save without PQM modules (compressed with "
                              f"{sorted({e['compressor'] for e in model.adaptwin_record.modules.values()})}); adapt "
