@@ -33,13 +33,19 @@ def _extensions():
     # No -march=native: the library must load on any x86-64 CPU. The AVX-512 loops carry their own
     # target attribute and are chosen at run time (csrc/cpu/cpu_features.h).
     cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("ADAPTWIN_SANITIZE") == "1"  # `make sanitize`: ASan + UBSan, never for an install
+    if sanitize:  # (-fno-wrapv: Python's flags carry -fwrapv, under which UBSan cannot see signed overflow)
+        cxx = ["-O2", "-g", "-fopenmp", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+               "-fno-sanitize-recover=undefined", "-fno-wrapv"]
+        link = ["-fopenmp", "-fsanitize=address,undefined"]
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     if cuda_sources and torch.version.cuda and CUDA_HOME and os.environ.get("ADAPTWIN_NO_CUDA") != "1":
         ext = CUDAExtension("adaptwin._C", sources + cuda_sources, extra_link_args=["-fopenmp"], optional=True,
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
     else:
-        ext = CppExtension("adaptwin._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"],
-                           optional=True)
+        ext = CppExtension("adaptwin._C", sources, extra_compile_args=cxx, extra_link_args=link,
+                           optional=not sanitize)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
