@@ -19,9 +19,9 @@ import torch
 import adaptwin
 import adaptwin.ops  # noqa: F401  (loads adaptwin._C)
 from adaptwin import quant
-from adaptwin.ops.backends import FAST, load, cpu_features
-from adaptwin.ops.rank_linear import rank_linear_reference, dequantize_factor
 from adaptwin.ops.attention import attention_reference
+from adaptwin.ops.backends import FAST, cpu_features, load
+from adaptwin.ops.rank_linear import dequantize_factor, rank_linear_reference
 
 N_RL = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 N_AT = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
@@ -141,7 +141,7 @@ def rank_linear_case(i):
         xlay = "expand"
     args = []
     desc = [f"x {tuple(x.shape)} {xdt} {xlay}"]
-    A = B = None
+    A = None
     if has_a:
         fmt = R.choice(["fp", "nf4", "int8"])
         a, sa, bsa, d = make_factor(k, in_f, fmt)
@@ -188,7 +188,8 @@ def rank_linear_case(i):
             outs["fast"] = y
     for name, y in outs.items():
         if y.shape != ref.shape or y.dtype != ref.dtype:
-            fail("rank_linear", desc, f"{name}: shape/dtype {tuple(y.shape)} {y.dtype} vs {tuple(ref.shape)} {ref.dtype}")
+            fail("rank_linear", desc,
+                 f"{name}: shape/dtype {tuple(y.shape)} {y.dtype} vs {tuple(ref.shape)} {ref.dtype}")
             continue
         err = (y.double() - ref.double()).abs()
         bad = err > tol
@@ -341,7 +342,6 @@ def kept_case(i):
     widths = [R.choice([1, 3, 8, 16, 32]) for _ in range(n)]
     xdt = R.choice([torch.float32, torch.float32, torch.bfloat16])
     calls = []
-    refs = []
     if kind == "out":
         x_width = blocks * sum(widths)
     else:
@@ -419,7 +419,8 @@ def kept_case(i):
             part = rank_linear_reference(xi, *args)
             ref = part if ref is None else ref + part
     tol = 5e-2 if xdt == torch.bfloat16 else 1e-3
-    if y.shape != ref.shape or not torch.allclose(y.double(), ref.double(), rtol=tol, atol=tol * (1 + ref.double().abs().max().item())):
+    atol = tol * (1 + ref.double().abs().max().item())
+    if y.shape != ref.shape or not torch.allclose(y.double(), ref.double(), rtol=tol, atol=atol):
         fail("kept", f"{kind} n{n} blocks{blocks} widths{widths} {xdt} x{tuple(x.shape)}",
              f"shape {tuple(y.shape)} vs {tuple(ref.shape)}; max err "
              f"{(y.double() - ref.double()).abs().max().item() if y.shape == ref.shape else 'n/a'}")
@@ -456,7 +457,6 @@ def main():
     for name, fn, n in cases:
         for i in range(n):
             torch.set_num_threads(threads[i % 2])
-            state = R.getstate()
             try:
                 fn(i)
             except Exception as e:  # the reference or the op refused: a mismatch only if one refused alone
