@@ -3,6 +3,7 @@
 // builds it for other CPUs).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cpu_features.h"
@@ -69,7 +70,9 @@ ADAPTWIN_AVX2 void axpy_avx2(float* y, float alpha, const float* x, int64_t n) {
   const __m256 a = _mm256_set1_ps(alpha);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  // fused as the vectors are, whatever the compiler contracts: an element rounds the same in the tail of one
+  // thread's columns as in the body of another's (at -O1, y += a·x unfused made results depend on the threads)
+  for (; i < n; ++i) y[i] = std::fma(alpha, x[i], y[i]);
 }
 #endif
 
@@ -93,7 +96,7 @@ void axpy_neon(float* y, float alpha, const float* x, int64_t n) {
   const float32x4_t a = vdupq_n_f32(alpha);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_f32(vld1q_f32(y + i), a, vld1q_f32(x + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
+  for (; i < n; ++i) y[i] = std::fma(alpha, x[i], y[i]);  // fused like the vectors (see axpy_avx2)
 }
 #endif
 
