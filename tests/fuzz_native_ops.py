@@ -141,24 +141,20 @@ def rank_linear_case(i):
         xlay = "expand"
     args = []
     desc = [f"x {tuple(x.shape)} {xdt} {xlay}"]
-    A = None
-    if has_a:
+
+    def factor(present: bool, name: str, n: int):
+        """Append one factor's five arguments (absent: None) and return it dense, or None."""
+        if not present:
+            args.extend([None, None, "fp", 0, [0, 0]])
+            return None
         fmt = R.choice(["fp", "nf4", "int8"])
-        a, sa, bsa, d = make_factor(k, in_f, fmt)
-        args += [a, sa, fmt, bsa, [k, in_f]]
-        desc.append(f"a ({k},{in_f}) {d}")
-        A = dense(a, sa, fmt, bsa, k, in_f)
-    else:
-        args += [None, None, "fp", 0, [0, 0]]
-    if has_b:
-        fmt = R.choice(["fp", "nf4", "int8"])
-        b, sb, bsb, d = make_factor(k, out_f, fmt)
-        args += [b, sb, fmt, bsb, [k, out_f]]
-        desc.append(f"b ({k},{out_f}) {d}")
-        Bm = dense(b, sb, fmt, bsb, k, out_f)
-    else:
-        args += [None, None, "fp", 0, [0, 0]]
-        Bm = None
+        data, scale, bs, d = make_factor(k, n, fmt)
+        args.extend([data, scale, fmt, bs, [k, n]])
+        desc.append(f"{name} ({k},{n}) {d}")
+        return dense(data, scale, fmt, bs, k, n)
+
+    A = factor(has_a, "a", in_f)
+    Bm = factor(has_b, "b", out_f)
     bias = None
     if R.random() < 0.5:
         bdt = R.choice(FP_DTYPES)
