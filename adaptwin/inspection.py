@@ -136,30 +136,26 @@ def _dense_dtype(directory: str | os.PathLike, modules: dict[str, Any]) -> str |
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def _site_rank(site: dict[str, Any]) -> str:
-    """"r+l" for a compressor that removes parameters; "LoRA r" for one that trades them for bytes (PQM)."""
+def _reduces(compressor: str) -> bool:
+    """Whether the compressor exists to remove parameters (a compressor not registered here: assumed so)."""
     from adaptwin.registry import get_compressor
 
     try:
-        reduces = get_compressor(site["compressor"]).reduces_parameters
+        return get_compressor(compressor).reduces_parameters
     except (KeyError, ValueError):
-        reduces = True
-    return f"{site['rank']}+{site['lora_rank']}" if reduces else f"LoRA {site['rank']}"
+        return True
+
+
+def _site_rank(site: dict[str, Any]) -> str:
+    """"r+l" for a compressor that removes parameters; "LoRA r" for one that trades them for bytes (PQM)."""
+    return f"{site['rank']}+{site['lora_rank']}" if _reduces(site["compressor"]) else f"LoRA {site['rank']}"
 
 
 def _plan(cfg: dict[str, Any], sites: list[dict[str, Any]]) -> str:
     """One line on how the save was compressed: the ratio or ranks, and the product twins only where a
     product-twin site exists (PQM: its NF4 base and LoRA rank instead)."""
-    from adaptwin.registry import get_compressor
-
-    def reduces(name: str) -> bool:
-        try:
-            return get_compressor(name).reduces_parameters
-        except (KeyError, ValueError):
-            return True
-
     parts = []
-    if any(reduces(s["compressor"]) for s in sites):
+    if any(_reduces(s["compressor"]) for s in sites):
         parts.append(f"ratio {cfg['ratio']}" if cfg.get("ratio") is not None else
                      "ranks " + ", ".join(f"{k}={cfg.get(k)}" for k in RANK_FLAGS if cfg.get(k) is not None))
     if any(s["compressor"] == "pqm" for s in sites):
