@@ -105,7 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     f.add_argument("--calib-speaker", metavar="NAME", help="speech sets: calibrate on this speaker's utterances "
                    "only (the target speaker)")
     f.add_argument("--epochs", type=int, metavar="N",
-                   help=f"passes over the calibration batches per layer (default {d.epochs})")
+                   help=f"passes over the calibration batches per layer (default {d.epochs}; 0 only measures "
+                        "each compressed layer's output error)")
     f.add_argument("--lr", type=float, metavar="LR", help=f"Adam learning rate (default {d.lr:g})")
     f.add_argument("--mode", choices=MODES, help="ablation: all (SVD + LoRA trainable, default), spectral "
                    "(rank r+l SVD, no LoRA), lora_scratch (rank r+l LoRA from scratch), lora_only (only LoRA trains)")
