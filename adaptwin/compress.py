@@ -97,6 +97,13 @@ def _prepare(model: nn.Module, config: CompressionConfig):
     unknown = sorted(set(config.method_options) - set(list_compressors()))
     if unknown:
         raise ValueError(f"method_options names unknown compressors {unknown}; registered: {list_compressors()}")
+    for name, options in config.method_options.items():  # a misspelt option is refused, never ignored
+        comp = get_compressor(name)
+        if hasattr(comp, "options"):
+            comp.options(config)  # raises naming the allowed options
+        elif options:
+            raise ValueError(f"method_options[{name!r}]: the {name} compressor takes no options, got "
+                             f"{sorted(options)}")
     methods = {"attention": get_compressor(config.attention_method), "ffn": get_compressor(config.ffn_method)}
     for kind, comp in methods.items():
         kinds = comp.site_kind if isinstance(comp.site_kind, tuple) else (comp.site_kind,)  # a tuple: several
@@ -211,6 +218,9 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
             raise TypeError(f"finetune must be an adaptwin.FinetuneConfig, got {type(finetune).__name__}")
         calibration = list(calibration)
     planned, adapter, components, methods = _plan(model, config)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has parameters on the meta device: compress needs its weights "
+                         "(load them first; adaptwin.plan(model, config) plans the ranks without them)")
     embedding_fmt = _embedding_format(config, methods)
     if embedding_fmt is not None:  # fail before any work, not after fine-tuning
         from adaptwin.compressors.quantized import input_embedding
@@ -235,12 +245,14 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
     for row in planned.rows:
         row["rank"], row["lora_rank"] = _MODE_RANKS[mode](row["rank"], row["lora_rank"])
     joint = _compress_joint(small, planned.rows, by_path, methods, config, adapter, stats)
+    built = []
     for row in planned.rows:
         kind, site = by_path[row["path"]]
         comp = methods[kind]
         extra = {"stats": stats[site.path]} if site.path in stats else {}
-        replacements = (joint[site.path] if site.path in joint
-                        else comp.compress(site, row["rank"], row["lora_rank"], config, adapter, **extra))
+        built.append((row, comp, joint[site.path] if site.path in joint
+                      else comp.compress(site, row["rank"], row["lora_rank"], config, adapter, **extra)))
+    for row, comp, replacements in built:  # swapped in once all are built: an error above leaves the model whole
         for path, (module, spec) in replacements.items():
             _submodule_setter(small, path, module)
             record.modules[path] = {"compressor": comp.name, "spec": spec}
@@ -252,11 +264,8 @@ def compress(model: nn.Module, config: CompressionConfig, *, calibration: Iterab
         quantize_modules(small, record.modules, fmt, config.quantize_lora)
     setattr(small, RECORD_ATTR, record)
     small.eval()
-    if calibration is not None:
-        report = run_finetune(model, small, calibration, finetune, progress=progress)
-        record.finetune = {"config": finetune.to_dict(), **report.to_dict(),
-                           "original_layers": layer_checksums(model, adapter)}
-        small.adaptwin_finetune = report
+    if calibration is not None:  # (records itself in record.finetune and small.adaptwin_finetune)
+        run_finetune(model, small, calibration, finetune, progress=progress)
     if fmt is not None:
         pack_modules(small, record.modules)
     if embedding_fmt is not None:  # after fine-tuning: the table is frozen, layers are trained on the original's

@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 _COMPRESSORS: dict[str, Any] = {}
+_SITE_KINDS = ("attention", "ffn", "wrapper")  # wrapper: wraps another compressor's modules (quantized)
 _ARCHITECTURES: dict[str, Any] = {}
 
 
 def _register(table: dict[str, Any], kind: str, name: str, obj: Any, overwrite: bool) -> Any:
     if not isinstance(name, str) or not name:
         raise ValueError(f"a {kind} needs a non-empty string name, got {name!r}")
-    if name in table and not overwrite and table[name] is not obj:
+    same = name in table and (table[name] is obj or type(table[name]) is type(obj))
+    if name in table and not overwrite and not same:  # (the same class again, as a re-run cell does: fine)
         raise ValueError(f"{kind} {name!r} is already registered; pass overwrite=True to replace it")
     table[name] = obj
     return obj
@@ -31,6 +33,10 @@ def register_compressor(compressor: Any, *, overwrite: bool = False) -> Any:
     for attr in ("name", "site_kind", "param_count", "compress", "build"):
         if not hasattr(instance, attr):
             raise ValueError(f"compressor {instance!r} lacks {attr!r}; see adaptwin.compressors.Compressor")
+    kinds = instance.site_kind if isinstance(instance.site_kind, tuple) else (instance.site_kind,)
+    if not kinds or any(k not in _SITE_KINDS for k in kinds):
+        raise ValueError(f"compressor {instance.name!r} has site_kind {instance.site_kind!r}; allowed: "
+                         f"{list(_SITE_KINDS)}, or a tuple of 'attention' and 'ffn'")
     _register(_COMPRESSORS, "compressor", instance.name, instance, overwrite)
     return compressor
 

@@ -153,9 +153,13 @@ def test_outside_compressor_selected_by_name(tmp_path):
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="already registered"):
-        adaptwin.register_compressor(TruncatedDense())
+    adaptwin.register_compressor(TruncatedDense())  # the same class again (a re-run notebook cell): fine
+    other = type("TruncatedDense", (TruncatedDense,), {})  # another class under the name: refused
+    with pytest.raises(ValueError, match="already registered; pass overwrite=True"):
+        adaptwin.register_compressor(other)
     adaptwin.register_compressor(TruncatedDense(), overwrite=True)
+    with pytest.raises(ValueError, match=r"has site_kind 'bogus'; allowed: \['attention', 'ffn', 'wrapper'\]"):
+        adaptwin.register_compressor(type("Bogus", (TruncatedDense,), {"name": "bogus-kind", "site_kind": "bogus"}))
     with pytest.raises(ValueError, match="lacks 'param_count'"):
         adaptwin.register_compressor(type("Half", (), {"name": "half", "site_kind": "ffn"})())
     with pytest.raises(ValueError, match="model_types"):

@@ -333,6 +333,8 @@ def capture(model: nn.Module, layers: Iterable[str], batches: Iterable[Any], sto
         module = model.get_submodule(path)
         handles.append(module.register_forward_pre_hook(pre_hook_for(path), with_kwargs=True))
         handles.append(module.register_forward_hook(hook_for(path), with_kwargs=True))
+    training = model.training
+    model.eval()  # the targets are the model as it runs in use: no dropout (a model just trained is in train mode)
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -344,4 +346,5 @@ def capture(model: nn.Module, layers: Iterable[str], batches: Iterable[Any], sto
     finally:
         for h in handles:
             h.remove()
+        model.train(training)
     return state["batch"] + 1

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from adaptwin._files import remove_dead_temps, temp_prefix
-from adaptwin.compress import compression_record
+from adaptwin.compress import compression_record, layer_checksums
 from adaptwin.finetune.capture import ActivationStore, capture, first_output, run_model
 from adaptwin.finetune.checkpoint import (
     check_run,
@@ -174,7 +174,8 @@ def finetune(
     run: Callable[[nn.Module, Any], Any] = run_model,
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> FinetuneReport:
-    """Train each compressed layer of ``compressed`` to reproduce ``original``'s layer (in place).
+    """Train each compressed layer of ``compressed`` to reproduce ``original``'s layer (in place), and record the
+    run in its ``adaptwin_record.finetune`` (replacing an earlier run's), as `compress` with calibration does.
 
     Args:
         original: the uncompressed model (not modified).
@@ -333,6 +334,10 @@ def finetune(
             if rank == 0:
                 shutil.rmtree(run_dir, ignore_errors=True)
     report.layers = [results[p] for p in units]
+    # what save writes and select_layers reads: this run's settings and errors, and the original's checksums
+    record.finetune = {"config": cfg.to_dict(), **report.to_dict(),
+                       "original_layers": layer_checksums(original, adapter)}
+    compressed.adaptwin_finetune = report
     return report
 
 

@@ -97,6 +97,8 @@ def collect_stats(model: nn.Module, sites: list[Any], batches: Iterable[Any],
                 add(path, "o", _gram(args[0], _token_mask(current["batch"], args[0], own, current["frames"])))
 
             handles.append(output_module(model, site).register_forward_pre_hook(out_hook))
+    training = model.training
+    model.eval()  # as capture: statistics of the model as it runs in use, without dropout
     try:
         with torch.no_grad():
             for batch in batches:
@@ -105,6 +107,7 @@ def collect_stats(model: nn.Module, sites: list[Any], batches: Iterable[Any],
     finally:
         for h in handles:
             h.remove()
+        model.train(training)
     missing = [s.path for s in sites if s.path not in stats or not stats[s.path]["x"][-1, -1] > 0]
     if missing:
         raise ValueError(f"calibration never reached {missing[:3]}; cannot whiten their factorisation")

@@ -134,7 +134,7 @@ class ProductTwinCompressor(Compressor):
 
         if "qk" in twins:
             wq, bq = site.q.weight.double(), site.q.bias
-            bq = torch.zeros(h * dh, dtype=torch.float64) if bq is None else bq.double()
+            bq = torch.zeros(h * dh, dtype=torch.float64, device=device) if bq is None else bq.double()
             q_heads = [torch.cat([w.T, b[None]], 0) for w, b in zip(_heads(wq, h), _heads(bq, h))]  # (d+1, dh)
             k_heads = _heads(site.k.weight.double(), hkv)  # (dh, d_kv)
             q_rows, k_rows = [], []
@@ -142,13 +142,13 @@ class ProductTwinCompressor(Compressor):
                 a, b = qk_factors(q_heads[g * group : (g + 1) * group], k_heads[g], rank)
                 b_rows = [b.T]  # (rank, d_kv)
                 if lora_rank:
-                    b_rows.append(torch.zeros(lora_rank, b.shape[0], dtype=torch.float64))
+                    b_rows.append(torch.zeros(lora_rank, b.shape[0], dtype=torch.float64, device=device))
                 k_rows.append(torch.cat(b_rows, 0))
                 for i, a_h in enumerate(a):  # a_h: (d+1, rank)
                     cols = [a_h]
                     if lora_rank:
                         lora = lora_init(a_h[:-1], lora_rank, seed, f"{site.path}.q.{g * group + i}")
-                        cols.append(torch.cat([lora, torch.zeros(1, lora_rank, dtype=torch.float64)], 0))
+                        cols.append(torch.cat([lora, torch.zeros(1, lora_rank, dtype=torch.float64, device=device)], 0))
                     q_rows.append(torch.cat(cols, 1).T)  # (width, d+1)
             q_full = torch.cat(q_rows, 0)  # (H·width, d+1)
             q_weight, q_bias = q_full[:, :-1], (q_full[:, -1] if site.q.bias is not None else None)
@@ -169,13 +169,14 @@ class ProductTwinCompressor(Compressor):
                     rows.append(lora_init(b, lora_rank, seed, f"{site.path}.v.{g}").T)
                 v_rows.append(torch.cat(rows, 0))
                 for i, a_h in enumerate(a):  # (d_out, rank): output factor of head g·group+i
-                    pad = [torch.zeros(a_h.shape[0], lora_rank, dtype=torch.float64)] if lora_rank else []
+                    pad = ([torch.zeros(a_h.shape[0], lora_rank, dtype=torch.float64, device=device)] if lora_rank
+                           else [])
                     o_cols[g * group + i] = torch.cat([a_h, *pad], 1)
             v_weight, v_bias, v_width = torch.cat(v_rows, 0), None, width
             o_weight = torch.cat(o_cols, 1)  # (d_out, H·width)
             o_bias = None
             if site.o.bias is not None or site.v.bias is not None:
-                o_bias = torch.zeros(site.out_size, dtype=torch.float64)
+                o_bias = torch.zeros(site.out_size, dtype=torch.float64, device=device)
                 if site.o.bias is not None:
                     o_bias += site.o.bias.double()
                 if site.v.bias is not None:
