@@ -8,6 +8,7 @@ rebuild it later without the original weights, and the per-module parameter acco
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -125,14 +126,24 @@ def plan(model: nn.Module, config: CompressionConfig) -> Plan:
     return _plan(model, config)[0]
 
 
+def _whole(comp: Any, method: str, value: Any, path: str) -> int:
+    """``value`` if it is a whole number >= 0, else a ValueError naming the compressor's method that gave it (a
+    custom compressor's stub returning None failed with a TypeError deep in planning)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"compressor {getattr(comp, 'name', comp)!r}: {method}() returned {value!r} for {path}; "
+                         "it must return a whole number >= 0 (see adaptwin.compressors.Compressor)")
+    return int(value)
+
+
 def _plan(model: nn.Module, config: CompressionConfig):
     model_type, adapter, components, methods = _prepare(model, config)
     sites = _sites(adapter, model, components)
     if not sites:
         raise ValueError(f"no compressible modules found in components {list(components)} of {model_type}")
     items = [
-        PlanItem(s.path, s.component, kind, methods[kind].full_rank(s), s.params(),
-                 (lambda r, lora, s=s, c=methods[kind]: c.param_count(s, r, lora, config)))
+        PlanItem(s.path, s.component, kind, _whole(methods[kind], "full_rank", methods[kind].full_rank(s), s.path),
+                 s.params(), (lambda r, lora, s=s, c=methods[kind]: _whole(c, "param_count",
+                                                                          c.param_count(s, r, lora, config), s.path)))
         for kind, s in sites
     ]
     ranks = plan_ranks(config, items)

@@ -158,6 +158,11 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="already registered; pass overwrite=True"):
         adaptwin.register_compressor(other)
     adaptwin.register_compressor(TruncatedDense(), overwrite=True)
+    stub = type("Stub", (TruncatedDense,), {"name": "stub-none", "param_count": lambda self, *a: None})
+    adaptwin.register_compressor(stub)  # a stub that returns None (the README's `...`): named, not a TypeError
+    with pytest.raises(ValueError, match=r"compressor 'stub-none': param_count\(\) returned None for .*fc1; it "
+                                         r"must return a whole number >= 0"):
+        adaptwin.compress(_toy(), adaptwin.CompressionConfig(ffn_rank=2, ffn_method="stub-none"))
     with pytest.raises(ValueError, match=r"has site_kind 'bogus'; allowed: \['attention', 'ffn', 'wrapper'\]"):
         adaptwin.register_compressor(type("Bogus", (TruncatedDense,), {"name": "bogus-kind", "site_kind": "bogus"}))
     with pytest.raises(ValueError, match="lacks 'param_count'"):
