@@ -217,9 +217,18 @@ def finetune(
         box = [tempfile.mkdtemp(prefix=temp_prefix("adaptwin-run")) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
+    if run_dir is not None and not own_dir:  # rank 0 looks before any rank writes there; every rank learns
+        problem: list[str | None] = [None]
+        if rank == 0:
+            try:
+                check_run_dir(run_dir)
+            except ValueError as e:
+                problem[0] = str(e)
+        if world > 1:
+            dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise ValueError(problem[0])
     if run_dir is not None:
-        if rank == 0 and not own_dir:
-            check_run_dir(run_dir)
         (run_dir / "layers").mkdir(parents=True, exist_ok=True)
         fingerprint = {"architecture": record.architecture, "compression": record.config,
                        "finetune": cfg.fingerprint(), "layers": layers, "calibration": data_digest(batches),
