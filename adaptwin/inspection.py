@@ -66,7 +66,10 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
         for c in components.values():
             c["compression"] = 1 - c["params_after"] / c["params_before"] if c["params_before"] else 0.0
         weights = meta["weights"]
-        modules = _module_storage(directory, comp["modules"])
+        from adaptwin.io import read_tensor_layout
+
+        layout = read_tensor_layout(directory)  # the weights header, read once
+        modules = _module_storage(layout, comp["modules"])
         return {
             "path": str(Path(directory)),
             "architecture": comp["architecture"],
@@ -76,7 +79,7 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
             "components": components,
             "weights": {k: weights.get(k) for k in ("file", "bytes", "tensors", "sha256")},
             "modules": modules,
-            "original_dtype": _dense_dtype(directory, comp["modules"]),
+            "original_dtype": _dense_dtype(layout, comp["modules"]),
             "shared": _shared_data(meta["aliases"]),
             "finetune": _finetune_data(comp.get("finetune")),
             "adaptations": list(comp.get("adaptations") or []),
@@ -85,15 +88,12 @@ def inspect_data(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{directory}: adaptwin.json is malformed (bad or missing field {e})") from None
 
 
-def _module_storage(directory: str | os.PathLike, modules: dict[str, Any]) -> list[dict[str, Any]]:
+def _module_storage(layout: dict[str, Any], modules: dict[str, Any]) -> list[dict[str, Any]]:
     """Per compressed module: parameters it represents, bytes stored and bits per parameter (weights header).
 
     A quantised module's parameters are its factors' logical count (recorded at packing); any other
     module's are the elements it stores.
     """
-    from adaptwin.io import read_tensor_layout
-
-    layout = read_tensor_layout(directory)
     rows = []
     for path, entry in modules.items():
         mine = [v for name, v in layout.items() if name.startswith(path + ".")]
@@ -124,13 +124,11 @@ def _describe(entry: dict[str, Any]) -> str:
 _ELEMENT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
-def _dense_dtype(directory: str | os.PathLike, modules: dict[str, Any]) -> str | None:
+def _dense_dtype(layout: dict[str, Any], modules: dict[str, Any]) -> str | None:
     """The floating dtype the save's uncompressed tensors (norms, embeddings) are stored in: the dtype the
     compressed modules' original weights had, for the size comparison. None if no such tensor is stored."""
-    from adaptwin.io import read_tensor_layout
-
     counts: dict[str, int] = {}
-    for name, (dtype, shape, _) in read_tensor_layout(directory).items():
+    for name, (dtype, shape, _) in layout.items():
         if dtype in _ELEMENT_BYTES and not any(name.startswith(p + ".") for p in modules):
             counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
     return max(counts, key=counts.__getitem__) if counts else None

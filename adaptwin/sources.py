@@ -282,17 +282,11 @@ def calibration_for(model, source: str, calib: str, lines: list[str] | None, utt
 
 def check_out_dir(out: Path, model_dir: Path | None) -> None:
     """Refuse a target `save` would refuse, before spending minutes on compression."""
-    from adaptwin.io import CONFIG_NAME, check_replaceable
+    from adaptwin.io import check_replaceable
 
     if model_dir is not None and out.resolve() == model_dir.resolve():
         raise UsageError(f"--out {out} is the model folder itself (MODEL_DIR itself); choose a new directory")
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out} exists and is not a directory")
-        if any(out.iterdir()) and not (out / CONFIG_NAME).is_file():
-            raise UsageError(f"--out {out} is a non-empty directory that is not an adaptwin save; "
-                             "choose a new or empty directory")
-    try:
+    try:  # (a file, a folder that is no save, foreign files in a save, a folder this process cannot write)
         check_replaceable(out)
     except ValueError as e:
         raise UsageError(f"--out {e}") from None
